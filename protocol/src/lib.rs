@@ -1,0 +1,68 @@
+//! Wire types and signature formats shared by the Sluice server and agent.
+//! Everything a device and the server must agree on byte for byte lives here:
+//! the resolution answer and how it is signed, the cosign payload, key ids.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+#![forbid(unused_must_use)]
+
+pub mod keys;
+pub mod simplesigning;
+pub mod wire;
+
+pub use keys::{KeyRole, KeySet, PublicKey, ResponseSigner, key_id};
+pub use simplesigning::SimpleSigning;
+pub use wire::*;
+
+/// What went wrong while checking a signature or a wire value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// A key could not be read.
+    #[error("bad key: {0}")]
+    BadKey(String),
+    /// No trusted key has this id, or it has another role.
+    #[error("no trusted {role} key with id {key_id}")]
+    UnknownKey {
+        /// The key id named by the signature.
+        key_id: String,
+        /// The role the key was needed for.
+        role: KeyRole,
+    },
+    /// The signature header or value could not be parsed.
+    #[error("malformed signature: {0}")]
+    MalformedSignature(String),
+    /// The signature does not match the signed bytes.
+    #[error("signature does not verify with key {0}")]
+    BadSignature(String),
+    /// The signed payload names something else than expected.
+    #[error("signed payload does not match: {0}")]
+    Mismatch(String),
+}
+
+/// `sha256:<64 lowercase hex>`, the only digest form Sluice accepts.
+pub fn is_sha256_digest(s: &str) -> bool {
+    s.len() == 71
+        && s.starts_with("sha256:")
+        && s[7..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The `sha256:<hex>` digest of some bytes.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_form_is_strict() {
+        let good = sha256_digest(b"x");
+        assert!(is_sha256_digest(&good));
+        assert!(!is_sha256_digest(&good.to_uppercase()));
+        assert!(!is_sha256_digest(&good[..70]));
+        assert!(!is_sha256_digest(&good.replace("sha256:", "sha512:")));
+    }
+}

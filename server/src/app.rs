@@ -1,0 +1,180 @@
+//! The application: shared state, the HTTP root that merges every resource's
+//! router, and `run(listener, shutdown)` so tests can bind port 0.
+
+use crate::config::Config;
+use crate::error::{Error, problem};
+use crate::{audit, auth, health, keys, products, registry, tokens};
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use sqlx::PgPool;
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Everything a handler needs, cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// The state behind [`AppState`].
+pub struct Inner {
+    /// The database pool.
+    pub db: PgPool,
+    /// The configuration the server started with.
+    pub config: Config,
+    /// Signing keys.
+    pub keys: keys::KeyStore,
+    /// JWT signing secret.
+    pub jwt: auth::JwtKeys,
+    /// The OCI registry client.
+    pub registry: registry::Registry,
+    /// Counters for `/metrics`.
+    pub metrics: health::Metrics,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Connects nothing: wraps ready parts.
+    pub fn new(inner: Inner) -> Self {
+        AppState(Arc::new(inner))
+    }
+}
+
+/// The OpenAPI document's frame; paths come from each module's router.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Sluice", description = "Image-based OS releases: publish, sign, roll out, resolve."),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "auth", description = "Logging in"),
+        (name = "tokens", description = "API tokens for CI"),
+        (name = "products", description = "Products"),
+        (name = "releases", description = "Published builds"),
+        (name = "channels", description = "Release channels and rollouts"),
+        (name = "devices", description = "Enrolled devices and their reports"),
+        (name = "audit", description = "Who changed what"),
+        (name = "keys", description = "Public keys"),
+        (name = "health", description = "Liveness, readiness, metrics"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every API route with its OpenAPI description.
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(auth::router())
+        .merge(tokens::router())
+        .merge(products::router())
+        .merge(keys::router())
+        .merge(audit::router())
+        .merge(health::router())
+}
+
+/// The OpenAPI document the server serves (and `openapi/openapi.json` holds).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let (api, doc) = api().split_for_parts();
+    let doc_json = doc.to_pretty_json().expect("OpenAPI serializes");
+    let mut app = api
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    doc_json,
+                )
+            }),
+        )
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", doc));
+    if let Some(dir) = state.config.web_dir.clone() {
+        let index = dir.join("index.html");
+        app = app.fallback_service(
+            tower_http::services::ServeDir::new(dir)
+                .fallback(tower_http::services::ServeFile::new(index)),
+        );
+    } else {
+        app = app
+            .fallback(|| async { Error::NotFound("no such route; see /docs for the API".into()) });
+    }
+    app.method_not_allowed_fallback(|| async {
+        problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this route; see /docs".into(),
+        )
+    })
+    .layer(DefaultBodyLimit::max(BODY_LIMIT))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        health::track,
+    ))
+    .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Connects to the database, runs migrations, loads keys: a ready state.
+pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+    let db = crate::db::connect(&config.database_url).await?;
+    crate::db::migrate(&db).await?;
+    let keys = {
+        let (dir, pass) = (config.data_dir.clone(), config.key_passphrase.clone());
+        tokio::task::spawn_blocking(move || keys::KeyStore::load_or_create(&dir, &pass)).await??
+    };
+    let jwt = auth::JwtKeys::load_or_create(&config.data_dir)?;
+    let registry = registry::Registry::new(&config)?;
+    Ok(AppState::new(Inner {
+        db,
+        config,
+        keys,
+        jwt,
+        registry,
+        metrics: Default::default(),
+    }))
+}

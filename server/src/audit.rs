@@ -1,0 +1,115 @@
+//! The audit log: every change by a person or token, written in the same
+//! transaction as the change itself, and `GET /v1/audit` to read it.
+
+use crate::app::AppState;
+use crate::auth::{Admin, Principal};
+use crate::error::{Json, Query, Result};
+use crate::paging::{Page, PageParams};
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+/// Records one change. Pass the transaction that makes the change.
+pub async fn record<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    who: &Principal,
+    action: &str,
+    target: &str,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> Result<()> {
+    record_as(db, &who.actor(), action, target, before, after).await
+}
+
+/// Records one change made by the server itself (`system`: the health gate, a ramp).
+pub async fn record_as<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    actor: &str,
+    action: &str,
+    target: &str,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> Result<()> {
+    sqlx::query!(
+        "INSERT INTO audit_log (actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5)",
+        actor,
+        action,
+        target,
+        before,
+        after
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// One audit entry.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    /// Increasing id; also the paging cursor.
+    pub id: i64,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Who: `user:<name>`, `token:<id>`, `device:<id>` or `system`.
+    pub actor: String,
+    /// What, as `resource.verb` (`release.publish`, `channel.promote`).
+    pub action: String,
+    /// Which: `product:acme-os`, `release:acme-os/1.2.0`, `channel:acme-os/stable`.
+    pub target: String,
+    /// The state before (absent on creation).
+    pub before: Option<serde_json::Value>,
+    /// The state after (absent on deletion).
+    pub after: Option<serde_json::Value>,
+}
+
+/// Filters of `GET /v1/audit`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditFilter {
+    /// Only entries by this actor.
+    pub actor: Option<String>,
+    /// Only this action.
+    pub action: Option<String>,
+    /// Only targets starting with this (`channel:acme-os/`).
+    pub target: Option<String>,
+}
+
+/// The routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_audit))
+}
+
+/// The audit log, newest first.
+#[utoipa::path(get, path = "/v1/audit", tag = "audit",
+    params(AuditFilter, PageParams), security(("bearer" = [])),
+    responses((status = 200, body = Page<AuditEntry>), (status = 401, body = crate::error::Problem),
+               (status = 403, body = crate::error::Problem)))]
+async fn list_audit(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(filter): Query<AuditFilter>,
+    Query(page): Query<PageParams>,
+) -> Result<Json<Page<AuditEntry>>> {
+    let limit = page.limit();
+    let cursor = page.cursor_i64()?;
+    let rows = sqlx::query_as!(
+        AuditEntry,
+        r#"SELECT id, at, actor, action, target, before, after FROM audit_log
+           WHERE ($1::bigint IS NULL OR id < $1)
+             AND ($2::text IS NULL OR actor = $2)
+             AND ($3::text IS NULL OR action = $3)
+             AND ($4::text IS NULL OR starts_with(target, $4))
+           ORDER BY id DESC LIMIT $5"#,
+        cursor,
+        filter.actor,
+        filter.action,
+        filter.target,
+        limit + 1
+    )
+    .fetch_all(&state.db)
+    .await?;
+    Ok(Json(Page::from_rows(rows, limit, |e| e.id.to_string())))
+}

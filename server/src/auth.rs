@@ -1,0 +1,524 @@
+//! Who is calling: JWTs for people (login), CI (API tokens) and devices, and
+//! the extractors (`Admin`, `Viewer`, `Publisher`, `DeviceAuth`) whose presence
+//! in a handler's signature says who may call it.
+
+use crate::app::AppState;
+use crate::error::{Error, Json, Result};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use axum::extract::FromRequestParts;
+use axum::http::header::{AUTHORIZATION, COOKIE, SET_COOKIE};
+use axum::http::request::Parts;
+use axum::response::{AppendHeaders, IntoResponse};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+/// The cookie the dashboard keeps its token in.
+pub const COOKIE_NAME: &str = "sluice_token";
+/// The audience every Sluice JWT carries.
+const AUDIENCE: &str = "sluice";
+/// How long a login lasts.
+const LOGIN_TTL_S: i64 = 12 * 3600;
+/// How long a device token lasts: long, a device re-enrolls if it expires.
+const DEVICE_TTL_S: i64 = 10 * 365 * 24 * 3600;
+
+/// What a token lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Changes anything.
+    Admin,
+    /// Reads everything, changes nothing.
+    Viewer,
+    /// Publishes and promotes releases of its products (CI).
+    Publisher,
+    /// One enrolled device.
+    Device,
+}
+
+impl Role {
+    /// The role's name in the database and in tokens.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Viewer => "viewer",
+            Role::Publisher => "publisher",
+            Role::Device => "device",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "viewer" => Some(Role::Viewer),
+            "publisher" => Some(Role::Publisher),
+            "device" => Some(Role::Device),
+            _ => None,
+        }
+    }
+}
+
+/// The claims of every Sluice JWT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// User name, API token id or device id.
+    pub sub: String,
+    /// What the holder may do.
+    pub role: Role,
+    /// `user`, `token` or `device`.
+    pub kind: String,
+    /// Products a publisher token is scoped to, or a device's product.
+    #[serde(default)]
+    pub products: Vec<String>,
+    /// Always `sluice`.
+    pub aud: String,
+    /// Issued at (seconds since the epoch).
+    pub iat: i64,
+    /// Not before.
+    pub nbf: i64,
+    /// Expires at.
+    pub exp: i64,
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// A person who logged in.
+    User {
+        /// User name.
+        name: String,
+        /// Admin or viewer.
+        role: Role,
+    },
+    /// An API token.
+    Token {
+        /// The token's id.
+        id: Uuid,
+        /// The token's role.
+        role: Role,
+        /// Products it may touch (publisher tokens).
+        products: Vec<String>,
+    },
+    /// An enrolled device.
+    Device {
+        /// The device id.
+        id: Uuid,
+        /// Its product's name.
+        product: String,
+    },
+}
+
+impl Principal {
+    /// The role the caller holds.
+    pub fn role(&self) -> Role {
+        match self {
+            Principal::User { role, .. } | Principal::Token { role, .. } => *role,
+            Principal::Device { .. } => Role::Device,
+        }
+    }
+
+    /// How the audit log and channel history name the caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::User { name, .. } => format!("user:{name}"),
+            Principal::Token { id, .. } => format!("token:{id}"),
+            Principal::Device { id, .. } => format!("device:{id}"),
+        }
+    }
+
+    /// Refuses a publisher token that is not scoped to `product`; admins pass.
+    pub fn check_product(&self, product: &str) -> Result<()> {
+        match self {
+            Principal::Token {
+                role: Role::Publisher,
+                products,
+                ..
+            } => {
+                if products.iter().any(|p| p == product) {
+                    Ok(())
+                } else {
+                    Err(Error::Forbidden(format!(
+                        "this token is not allowed to publish to product {product}"
+                    )))
+                }
+            }
+            p if p.role() == Role::Admin => Ok(()),
+            _ => Err(Error::Forbidden(format!(
+                "not allowed to change product {product}"
+            ))),
+        }
+    }
+}
+
+/// The secret that signs and checks JWTs (HS256), kept in the data folder.
+#[derive(Clone)]
+pub struct JwtKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl JwtKeys {
+    /// Loads `jwt.key` from the data folder, creating it on first start.
+    pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let path = data_dir.join("jwt.key");
+        let secret = match std::fs::read(&path) {
+            Ok(s) if s.len() >= 32 => s,
+            Ok(_) => anyhow::bail!(
+                "{} is shorter than 32 bytes; delete it to make a new one",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret: [u8; 32] = rand::random();
+                crate::keys::write_private(&path, &secret)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                secret.to_vec()
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Self::from_secret(&secret))
+    }
+
+    /// Keys from a raw secret.
+    pub fn from_secret(secret: &[u8]) -> Self {
+        JwtKeys {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+        }
+    }
+
+    /// Signs claims for `sub` valid for `ttl_s` seconds.
+    pub fn issue(
+        &self,
+        sub: &str,
+        kind: &str,
+        role: Role,
+        products: Vec<String>,
+        ttl_s: i64,
+    ) -> (String, OffsetDateTime) {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let claims = Claims {
+            sub: sub.to_string(),
+            role,
+            kind: kind.to_string(),
+            products,
+            aud: AUDIENCE.into(),
+            iat: now,
+            nbf: now - 1,
+            exp: now + ttl_s,
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 encoding cannot fail");
+        (
+            token,
+            OffsetDateTime::from_unix_timestamp(now + ttl_s).expect("valid timestamp"),
+        )
+    }
+
+    /// A device's token.
+    pub fn issue_device(&self, device_id: Uuid, product: &str) -> String {
+        self.issue(
+            &device_id.to_string(),
+            "device",
+            Role::Device,
+            vec![product.to_string()],
+            DEVICE_TTL_S,
+        )
+        .0
+    }
+
+    /// Checks signature, algorithm, audience, expiry and not-before.
+    pub fn verify(&self, token: &str) -> Result<Claims> {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.set_audience(&[AUDIENCE]);
+        v.validate_nbf = true;
+        v.leeway = 5;
+        v.set_required_spec_claims(&["exp", "nbf", "aud", "sub"]);
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
+            .map(|d| d.claims)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind::*;
+                Error::Unauthorized(match e.kind() {
+                    ExpiredSignature => {
+                        "the token has expired; log in again or create a new token".into()
+                    }
+                    ImmatureSignature => "the token is not valid yet".into(),
+                    InvalidAudience => "the token is not for Sluice".into(),
+                    InvalidAlgorithm => "the token's algorithm is not accepted".into(),
+                    _ => "the token is invalid".into(),
+                })
+            })
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    if let Some(h) = parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        return h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+            .map(str::trim);
+    }
+    parts
+        .headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(COOKIE_NAME)
+                .and_then(|r| r.strip_prefix('='))
+        })
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        let token = bearer(parts).ok_or_else(|| {
+            Error::Unauthorized("missing credentials: send `Authorization: Bearer <token>`".into())
+        })?;
+        let claims = state.jwt.verify(token)?;
+        let role = claims.role;
+        match claims.kind.as_str() {
+            "user" if matches!(role, Role::Admin | Role::Viewer) => Ok(Principal::User {
+                name: claims.sub,
+                role,
+            }),
+            "token" => {
+                let id: Uuid = claims
+                    .sub
+                    .parse()
+                    .map_err(|_| Error::Unauthorized("the token is invalid".into()))?;
+                let row = sqlx::query!("SELECT revoked_at FROM api_tokens WHERE id = $1", id)
+                    .fetch_optional(&state.db)
+                    .await?;
+                match row {
+                    Some(r) if r.revoked_at.is_none() => Ok(Principal::Token {
+                        id,
+                        role,
+                        products: claims.products,
+                    }),
+                    _ => Err(Error::Unauthorized("the token has been revoked".into())),
+                }
+            }
+            "device" if role == Role::Device => {
+                let id: Uuid = claims
+                    .sub
+                    .parse()
+                    .map_err(|_| Error::Unauthorized("the token is invalid".into()))?;
+                let product = claims.products.into_iter().next().unwrap_or_default();
+                Ok(Principal::Device { id, product })
+            }
+            _ => Err(Error::Unauthorized("the token is invalid".into())),
+        }
+    }
+}
+
+macro_rules! role_extractor {
+    ($(#[$doc:meta])* $name:ident, $allowed:pat, $msg:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $name(pub Principal);
+
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = Error;
+
+            async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+                let p = Principal::from_request_parts(parts, state).await?;
+                if matches!(p.role(), $allowed) { Ok($name(p)) } else { Err(Error::Forbidden($msg.into())) }
+            }
+        }
+    };
+}
+
+role_extractor!(
+    /// An admin (person or token).
+    Admin, Role::Admin, "this needs an admin"
+);
+role_extractor!(
+    /// Anyone who may read the fleet: admins and viewers.
+    Viewer, Role::Admin | Role::Viewer, "this needs a viewer or admin"
+);
+role_extractor!(
+    /// Someone who may publish: a publisher token (check its product) or an admin.
+    Publisher, Role::Admin | Role::Publisher, "this needs a publisher token or an admin"
+);
+
+/// An enrolled device.
+#[derive(Debug, Clone)]
+pub struct DeviceAuth {
+    /// The device id.
+    pub id: Uuid,
+    /// Its product's name.
+    pub product: String,
+}
+
+impl FromRequestParts<AppState> for DeviceAuth {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        match Principal::from_request_parts(parts, state).await? {
+            Principal::Device { id, product } => Ok(DeviceAuth { id, product }),
+            _ => Err(Error::Forbidden("this needs a device token".into())),
+        }
+    }
+}
+
+/// Argon2id hash of a password.
+pub fn hash_password(password: &str) -> String {
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 hashing with default parameters cannot fail")
+        .to_string()
+}
+
+/// Whether `password` matches an Argon2 hash.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// `POST /v1/auth/login`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+/// A login's token.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LoginResponse {
+    /// Bearer token (also set as an HttpOnly cookie).
+    pub token: String,
+    /// The user's role.
+    pub role: Role,
+    /// When the token stops working.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// The routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(logout))
+}
+
+/// Logs in a person and answers a JWT, also set as an HttpOnly cookie.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth",
+    request_body = LoginRequest,
+    responses((status = 200, body = LoginResponse), (status = 401, body = crate::error::Problem)))]
+async fn login(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    Json(req): Json<LoginRequest>,
+) -> Result<impl IntoResponse> {
+    let user = sqlx::query!(
+        "SELECT username, password_hash, role FROM users WHERE username = $1",
+        req.username
+    )
+    .fetch_optional(&state.db)
+    .await?;
+    // Hash even for an unknown user so timing does not tell which names exist.
+    let (hash, role) = match &user {
+        Some(u) => (u.password_hash.as_str(), Role::parse(&u.role)),
+        None => (DUMMY_HASH.as_str(), None),
+    };
+    let ok = verify_password(&req.password, hash);
+    let role = match (ok, role) {
+        (true, Some(role)) => role,
+        _ => return Err(Error::Unauthorized("wrong user name or password".into())),
+    };
+    let (token, expires_at) = state
+        .jwt
+        .issue(&req.username, "user", role, vec![], LOGIN_TTL_S);
+    let cookie =
+        format!("{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={LOGIN_TTL_S}");
+    Ok((
+        AppendHeaders([(SET_COOKIE, cookie)]),
+        Json(LoginResponse {
+            token,
+            role,
+            expires_at,
+        }),
+    ))
+}
+
+/// Clears the dashboard's cookie.
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "auth", responses((status = 204)))]
+async fn logout() -> impl IntoResponse {
+    let cookie = format!("{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    (
+        axum::http::StatusCode::NO_CONTENT,
+        AppendHeaders([(SET_COOKIE, cookie)]),
+    )
+}
+
+/// An Argon2id hash of a random password nobody knows.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| hash_password(&random_secret(18)));
+
+/// Makes user `admin` on first start with an empty user table; answers the
+/// generated password when none was configured, so it can be printed once.
+pub async fn bootstrap_admin(
+    db: &sqlx::PgPool,
+    configured: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    let count = sqlx::query_scalar!("SELECT count(*) FROM users")
+        .fetch_one(db)
+        .await?
+        .unwrap_or(0);
+    if count > 0 {
+        return Ok(None);
+    }
+    let (password, generated) = match configured {
+        Some(p) if !p.is_empty() => (p.to_string(), false),
+        _ => (random_secret(18), true),
+    };
+    sqlx::query!(
+        "INSERT INTO users (id, username, password_hash, role) VALUES ($1, 'admin', $2, 'admin') ON CONFLICT DO NOTHING",
+        Uuid::new_v4(),
+        hash_password(&password)
+    )
+    .execute(db)
+    .await?;
+    Ok(generated.then_some(password))
+}
+
+/// A random URL-safe secret of `bytes` random bytes.
+pub fn random_secret(bytes: usize) -> String {
+    use base64::Engine;
+    let buf: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
+
+/// SHA-256 of a high-entropy secret (enrollment secrets): enough for random
+/// secrets, and cheap on the enroll path.
+pub fn hash_secret(secret: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Compares two byte strings in constant time.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}

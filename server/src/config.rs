@@ -1,0 +1,53 @@
+//! Server configuration, from flags or the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// How `sluice serve` is configured.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Address to listen on.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Folder for keys and local state.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+    pub data_dir: PathBuf,
+    /// Password given to user `admin` on first start with an empty database.
+    #[arg(long, env = "SLUICE_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+    /// Passphrase that encrypts the private keys at rest.
+    #[arg(long, env = "SLUICE_KEY_PASSPHRASE", hide_env_values = true)]
+    pub key_passphrase: String,
+    /// Registries (`host:port`) reached over plain HTTP, comma-separated.
+    #[arg(
+        long,
+        env = "SLUICE_INSECURE_REGISTRIES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub insecure_registries: Vec<String>,
+    /// Docker `config.json` with registry credentials.
+    #[arg(long, env = "SLUICE_REGISTRY_AUTH")]
+    pub registry_auth: Option<PathBuf>,
+    /// How long devices wait between polls, in seconds.
+    #[arg(long, env = "SLUICE_POLL_AFTER_S", default_value_t = 300)]
+    pub poll_after_s: u64,
+    /// How long a signed resolution answer stays valid, in seconds.
+    #[arg(long, env = "SLUICE_RESPONSE_TTL_S", default_value_t = 3600)]
+    pub response_ttl_s: u64,
+    /// Folder with the built dashboard (`web/dist`), served at `/`.
+    #[arg(long, env = "SLUICE_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Whether `host` (`host:port`) is to be reached over plain HTTP.
+    pub fn is_insecure(&self, host: &str) -> bool {
+        self.insecure_registries
+            .iter()
+            .any(|h| !h.is_empty() && h == host)
+    }
+}

@@ -1,0 +1,113 @@
+//! Liveness, readiness and Prometheus metrics.
+
+use crate::app::AppState;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+/// Request counters by status class.
+#[derive(Default)]
+pub struct Metrics {
+    requests: [AtomicU64; 5],
+    /// Resolutions answered.
+    pub resolves: AtomicU64,
+    /// Releases published.
+    pub publishes: AtomicU64,
+}
+
+/// Counts every response by status class.
+pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let class = (response.status().as_u16() / 100).clamp(1, 5) as usize - 1;
+    state.metrics.requests[class].fetch_add(1, Ordering::Relaxed);
+    response
+}
+
+/// The routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+}
+
+/// Readiness of each dependency.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ok` or why not.
+    pub database: String,
+    /// `ok`.
+    pub keys: String,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "ok")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Whether the server can do its work: the database answers.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    let database = match tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&state.db),
+    )
+    .await
+    {
+        Ok(Ok(_)) => "ok".to_string(),
+        Ok(Err(e)) => format!("unavailable: {e}"),
+        Err(_) => "unavailable: no answer within 2 s".to_string(),
+    };
+    let status = if database == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(Readiness {
+            database,
+            keys: "ok".into(),
+        }),
+    )
+        .into_response()
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus metrics", content_type = "text/plain")))]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let m = &state.metrics;
+    let mut out = String::from(
+        "# HELP sluice_http_responses_total HTTP responses by status class.\n# TYPE sluice_http_responses_total counter\n",
+    );
+    for (i, c) in m.requests.iter().enumerate() {
+        out.push_str(&format!(
+            "sluice_http_responses_total{{class=\"{}xx\"}} {}\n",
+            i + 1,
+            c.load(Ordering::Relaxed)
+        ));
+    }
+    out.push_str(&format!(
+        "# HELP sluice_resolves_total Resolutions answered.\n# TYPE sluice_resolves_total counter\nsluice_resolves_total {}\n",
+        m.resolves.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!(
+        "# HELP sluice_publishes_total Releases published.\n# TYPE sluice_publishes_total counter\nsluice_publishes_total {}\n",
+        m.publishes.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!("# HELP sluice_db_pool_connections Open database connections.\n# TYPE sluice_db_pool_connections gauge\nsluice_db_pool_connections {}\n", state.db.size()));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+}

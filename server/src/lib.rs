@@ -1,0 +1,19 @@
+//! The Sluice server: publishes, signs and rolls out OS image releases, and
+//! answers devices which image to run.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+#![forbid(unused_must_use)]
+
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod health;
+pub mod keys;
+pub mod paging;
+pub mod products;
+pub mod registry;
+pub mod rollout;
+pub mod tokens;

@@ -1,0 +1,179 @@
+//! `sluice`: the server (`sluice serve`) and the CLI for CI and admins.
+#![deny(unsafe_code)]
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice_protocol::KeyRole;
+use sluice_server::{app, auth, config::Config, db, keys};
+use std::path::PathBuf;
+
+/// Sluice: image-based OS releases for fleets of devices.
+#[derive(Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(Config),
+    /// Apply database migrations and exit.
+    Migrate {
+        /// PostgreSQL connection URL.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+    },
+    /// Manage people who log in.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Manage signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create (or reset the password of) a user, directly in the database.
+    Create {
+        /// PostgreSQL connection URL.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// User name.
+        #[arg(long)]
+        username: String,
+        /// Password (read from SLUICE_NEW_PASSWORD if not given).
+        #[arg(long, env = "SLUICE_NEW_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// `admin` or `viewer`.
+        #[arg(long, default_value = "admin")]
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new current key in the data folder (before the server starts, or offline).
+    Generate {
+        /// Folder for keys and local state.
+        #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+        data_dir: PathBuf,
+        /// Passphrase that encrypts the private keys at rest.
+        #[arg(long, env = "SLUICE_KEY_PASSPHRASE", hide_env_values = true)]
+        key_passphrase: String,
+        /// `image` or `response`.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+fn parse_role(role: &str) -> anyhow::Result<KeyRole> {
+    match role {
+        "image" => Ok(KeyRole::Image),
+        "response" => Ok(KeyRole::Response),
+        _ => anyhow::bail!("unknown key role {role:?}: use `image` or `response`"),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(config) => serve(config).await,
+        Command::Migrate { database_url } => {
+            let pool = db::connect(&database_url).await?;
+            db::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Admin {
+            command:
+                AdminCommand::Create {
+                    database_url,
+                    username,
+                    password,
+                    role,
+                },
+        } => {
+            anyhow::ensure!(
+                matches!(role.as_str(), "admin" | "viewer"),
+                "role must be `admin` or `viewer`"
+            );
+            anyhow::ensure!(
+                password.len() >= 8,
+                "the password must have at least 8 characters"
+            );
+            let pool = db::connect(&database_url).await?;
+            db::migrate(&pool).await?;
+            sqlx::query(
+                "INSERT INTO users (id, username, password_hash, role) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (username) DO UPDATE SET password_hash = EXCLUDED.password_hash, role = EXCLUDED.role",
+            )
+            .bind(uuid::Uuid::new_v4())
+            .bind(&username)
+            .bind(auth::hash_password(&password))
+            .bind(&role)
+            .execute(&pool)
+            .await?;
+            println!("user {username} ({role}) saved");
+            Ok(())
+        }
+        Command::Keys {
+            command:
+                KeysCommand::Generate {
+                    data_dir,
+                    key_passphrase,
+                    role,
+                },
+        } => {
+            let public =
+                keys::generate(&data_dir.join("keys"), &key_passphrase, parse_role(&role)?)?;
+            println!("{}", serde_json::to_string_pretty(&public)?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    let listen = config.listen;
+    let admin_password = config.admin_password.clone();
+    let state = app::build_state(config).await?;
+    if let Some(pw) = auth::bootstrap_admin(&state.db, admin_password.as_deref()).await? {
+        println!(
+            "created user admin with password: {pw}\n(shown once; change it with `sluice admin create`)"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(%listen, "sluice serving");
+    app::run(listener, state, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: draining requests");
+}

@@ -1,0 +1,256 @@
+//! Products: one OS derivative each, with its OCI repository and the
+//! enrollment secret devices present once.
+
+use crate::app::AppState;
+use crate::auth::{Admin, Viewer, hash_secret, random_secret};
+use crate::error::{Error, Json, Path, Result, on_constraint};
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+/// `POST /v1/products`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    /// `[a-z0-9][a-z0-9-]{0,62}`.
+    pub name: String,
+    /// The OCI repository its images live in (`registry.example.com/acme/os`).
+    pub repository: String,
+    /// A line about it.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// A product.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Product {
+    /// Its name.
+    pub name: String,
+    /// Its OCI repository.
+    pub repository: String,
+    /// A line about it.
+    pub description: Option<String>,
+    /// When it was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Shown only when the product is made or the secret rotated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment_secret: Option<String>,
+}
+
+/// Products are named `[a-z0-9][a-z0-9-]{0,62}`.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// A repository is `host[:port]/path` with lowercase path components, no tag or digest.
+pub fn valid_repository(repo: &str) -> bool {
+    let Some((host, path)) = repo.split_once('/') else {
+        return false;
+    };
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':'))
+        && !path.is_empty()
+        && path.split('/').all(|part| {
+            !part.is_empty()
+                && part.bytes().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+                })
+        })
+}
+
+/// The row behind a product, for other modules.
+pub struct ProductRow {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its OCI repository.
+    pub repository: String,
+}
+
+/// Loads a product by name, or 404.
+pub async fn load<'e>(db: impl sqlx::PgExecutor<'e>, name: &str) -> Result<ProductRow> {
+    sqlx::query_as!(
+        ProductRow,
+        "SELECT id, name, repository FROM products WHERE name = $1",
+        name
+    )
+    .fetch_optional(db)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("product {name}")))
+}
+
+/// The routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_product, list_products))
+        .routes(routes!(get_product))
+        .routes(routes!(rotate_secret))
+}
+
+/// Makes a product; the answer holds its enrollment secret, shown this once.
+#[utoipa::path(post, path = "/v1/products", tag = "products", request_body = NewProduct,
+    security(("bearer" = [])),
+    responses((status = 201, body = Product), (status = 400, body = crate::error::Problem),
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 409, body = crate::error::Problem)))]
+async fn create_product(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    Json(req): Json<NewProduct>,
+) -> Result<(StatusCode, Json<Product>)> {
+    if !valid_name(&req.name) {
+        return Err(Error::BadRequest(format!(
+            "invalid product name {:?}: use 1–63 lowercase letters, digits and dashes, starting with a letter or digit",
+            req.name
+        )));
+    }
+    if !valid_repository(&req.repository) {
+        return Err(Error::BadRequest(format!(
+            "invalid repository {:?}: give `host[:port]/path` without a tag, e.g. `registry.example.com/acme/os`",
+            req.repository
+        )));
+    }
+    let secret = random_secret(24);
+    let mut tx = state.db.begin().await?;
+    let created_at = sqlx::query_scalar!(
+        "INSERT INTO products (id, name, repository, description, enrollment_secret_hash)
+         VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
+        Uuid::new_v4(),
+        req.name,
+        req.repository,
+        req.description,
+        hash_secret(&secret)
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(on_constraint(
+        "products_name_key",
+        format!("product {} already exists", req.name),
+    ))?;
+    let product = Product {
+        name: req.name,
+        repository: req.repository,
+        description: req.description,
+        created_at,
+        enrollment_secret: None,
+    };
+    crate::audit::record(
+        &mut *tx,
+        &who,
+        "product.create",
+        &format!("product:{}", product.name),
+        None,
+        Some(serde_json::to_value(&product).unwrap_or_default()),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Product {
+            enrollment_secret: Some(secret),
+            ..product
+        }),
+    ))
+}
+
+/// Every product.
+#[utoipa::path(get, path = "/v1/products", tag = "products", security(("bearer" = [])),
+    responses((status = 200, body = Vec<Product>), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem)))]
+async fn list_products(State(state): State<AppState>, _v: Viewer) -> Result<Json<Vec<Product>>> {
+    let rows = sqlx::query!(
+        "SELECT name, repository, description, created_at FROM products ORDER BY name"
+    )
+    .fetch_all(&state.db)
+    .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| Product {
+                name: r.name,
+                repository: r.repository,
+                description: r.description,
+                created_at: r.created_at,
+                enrollment_secret: None,
+            })
+            .collect(),
+    ))
+}
+
+/// One product.
+#[utoipa::path(get, path = "/v1/products/{product}", tag = "products", security(("bearer" = [])),
+    params(("product" = String, Path, description = "Product name")),
+    responses((status = 200, body = Product), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+async fn get_product(
+    State(state): State<AppState>,
+    _v: Viewer,
+    Path(product): Path<String>,
+) -> Result<Json<Product>> {
+    let r = sqlx::query!(
+        "SELECT name, repository, description, created_at FROM products WHERE name = $1",
+        product
+    )
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("product {product}")))?;
+    Ok(Json(Product {
+        name: r.name,
+        repository: r.repository,
+        description: r.description,
+        created_at: r.created_at,
+        enrollment_secret: None,
+    }))
+}
+
+/// Replaces the enrollment secret; enrolled devices keep their tokens.
+#[utoipa::path(post, path = "/v1/products/{product}/enrollment-secret", tag = "products", security(("bearer" = [])),
+    params(("product" = String, Path, description = "Product name")),
+    responses((status = 200, body = Product), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+async fn rotate_secret(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    Path(product): Path<String>,
+) -> Result<Json<Product>> {
+    let secret = random_secret(24);
+    let mut tx = state.db.begin().await?;
+    let r = sqlx::query!(
+        "UPDATE products SET enrollment_secret_hash = $2 WHERE name = $1
+         RETURNING name, repository, description, created_at",
+        product,
+        hash_secret(&secret)
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("product {product}")))?;
+    crate::audit::record(
+        &mut *tx,
+        &who,
+        "product.rotate_secret",
+        &format!("product:{product}"),
+        None,
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(Product {
+        name: r.name,
+        repository: r.repository,
+        description: r.description,
+        created_at: r.created_at,
+        enrollment_secret: Some(secret),
+    }))
+}
