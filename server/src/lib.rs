@@ -16,4 +16,5 @@ pub mod paging;
 pub mod products;
 pub mod registry;
 pub mod rollout;
+pub mod signing;
 pub mod tokens;
