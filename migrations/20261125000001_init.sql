@@ -119,9 +119,13 @@ CREATE TABLE devices (
     -- The version the last status report was about (what failed, what is being applied).
     status_version  text,
     last_seen       timestamptz NOT NULL DEFAULT now(),
+    -- A pin overrides the channel: a release version, or an image reference
+    -- resolved to a digest and signed when the pin was set.
     pin_version     text,
     pin_image       text,
     pin_digest      text,
+    -- For an image pin: [{os, architecture, variant?, digest, size, signature}].
+    pin_platforms   jsonb,
     created_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT devices_product_machine_key UNIQUE (product_id, machine_id)
 );

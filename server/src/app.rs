@@ -3,7 +3,9 @@
 
 use crate::config::Config;
 use crate::error::{Error, problem};
-use crate::{audit, auth, health, keys, products, registry, tokens};
+use crate::{
+    audit, auth, channels, devices, health, keys, products, registry, releases, resolve, tokens,
+};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -37,6 +39,10 @@ pub struct Inner {
     pub registry: registry::Registry,
     /// Counters for `/metrics`.
     pub metrics: health::Metrics,
+    /// Snapshots the resolve path answers from.
+    pub cache: resolve::Cache,
+    /// Check-ins waiting to be written.
+    pub checkins: resolve::Checkins,
 }
 
 impl Deref for AppState {
@@ -95,6 +101,10 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(auth::router())
         .merge(tokens::router())
         .merge(products::router())
+        .merge(releases::router())
+        .merge(channels::router())
+        .merge(resolve::router())
+        .merge(devices::router())
         .merge(keys::router())
         .merge(audit::router())
         .merge(health::router())
@@ -169,6 +179,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     };
     let jwt = auth::JwtKeys::load_or_create(&config.data_dir)?;
     let registry = registry::Registry::new(&config)?;
+    let checkins = resolve::Checkins::spawn(db.clone());
     Ok(AppState::new(Inner {
         db,
         config,
@@ -176,5 +187,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         jwt,
         registry,
         metrics: Default::default(),
+        cache: Default::default(),
+        checkins,
     }))
 }

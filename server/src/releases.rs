@@ -1,0 +1,450 @@
+//! Releases: publishing a build (resolve the reference to a digest in the
+//! registry, sign every platform digest, store), listing, and revoking.
+
+use crate::app::AppState;
+use crate::auth::{Admin, Principal, Publisher, Viewer};
+use crate::error::{Error, Json, Path, Query, Result};
+use crate::paging::{Page, PageParams};
+use crate::registry::{PlatformImage, parse_reference};
+use crate::signing::{SignedDigest, sign_digest};
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use sqlx::types::Json as SqlJson;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+/// A channel to promote a new release into as it is published.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelTarget {
+    /// The channel's name.
+    pub name: String,
+    /// Rollout percent for the new head (default 100).
+    #[serde(default)]
+    pub percent: Option<f64>,
+}
+
+/// `POST /v1/products/{product}/releases`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewRelease {
+    /// SemVer 2.0 version, unique in the product.
+    pub version: String,
+    /// `repo:tag` or `repo@sha256:...` in the product's repository.
+    pub image: String,
+    /// Build metadata: `git_commit`, `build_url`, `changelog`, `base_image`, `packages`, anything else.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+    /// Devices below this release must pass through it.
+    #[serde(default)]
+    pub floor: Option<bool>,
+    /// Channels to promote it into.
+    #[serde(default)]
+    pub channels: Option<Vec<ChannelTarget>>,
+}
+
+/// A platform manifest of a release, with its signature state.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReleasePlatform {
+    /// The platform.
+    #[serde(flatten)]
+    pub image: PlatformImage,
+    /// Ids of the image keys that signed this digest.
+    pub signed_by: Vec<String>,
+}
+
+/// A published release.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Release {
+    /// Its version.
+    pub version: String,
+    /// The digest the published reference resolved to (manifest or index).
+    pub digest: String,
+    /// `repository@digest`.
+    pub image: String,
+    /// Media type of what `digest` names.
+    pub media_type: String,
+    /// One entry per platform manifest.
+    pub platforms: Vec<ReleasePlatform>,
+    /// Build metadata as given.
+    pub metadata: serde_json::Value,
+    /// A mandatory step for devices below it.
+    pub floor: bool,
+    /// `active` or `revoked`.
+    pub state: String,
+    /// Who published it.
+    pub publisher: String,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it was revoked.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// The row behind a release.
+#[derive(Debug, Clone)]
+pub struct ReleaseRow {
+    /// Its id.
+    pub id: Uuid,
+    /// Its version.
+    pub version: String,
+    /// Its digest.
+    pub digest: String,
+    /// `active` or `revoked`.
+    pub state: String,
+}
+
+/// Loads a release by product id and version, or 404.
+pub async fn load<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    product_id: Uuid,
+    product: &str,
+    version: &str,
+) -> Result<ReleaseRow> {
+    sqlx::query_as!(
+        ReleaseRow,
+        "SELECT id, version, digest, state FROM releases WHERE product_id = $1 AND version = $2",
+        product_id,
+        version
+    )
+    .fetch_optional(db)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("release {version} of product {product}")))
+}
+
+/// Checks a version is SemVer 2.0.
+pub fn parse_version(v: &str) -> Result<semver::Version> {
+    semver::Version::parse(v).map_err(|e| {
+        Error::BadRequest(format!(
+            "invalid version {v:?}: {e}; use SemVer 2.0 such as 1.4.2 or 2.0.0-rc.1"
+        ))
+    })
+}
+
+/// The routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(publish, list_releases))
+        .routes(routes!(get_release))
+        .routes(routes!(revoke))
+}
+
+async fn fetch(
+    db: &sqlx::PgPool,
+    product: &str,
+    version: Option<&str>,
+    limit: i64,
+    offset: i64,
+) -> Result<Vec<Release>> {
+    let rows = sqlx::query!(
+        r#"SELECT r.id, r.version, r.digest, r.media_type, r.platforms AS "platforms: SqlJson<Vec<PlatformImage>>",
+                  r.metadata, r.floor, r.state, r.publisher, r.created_at, r.revoked_at, p.repository,
+                  coalesce((SELECT json_agg(json_build_array(s.digest, s.key_id)) FROM signatures s WHERE s.release_id = r.id), '[]')
+                    AS "sigs!: SqlJson<Vec<(String, String)>>"
+           FROM releases r JOIN products p ON p.id = r.product_id
+           WHERE p.name = $1 AND ($2::text IS NULL OR r.version = $2)
+           ORDER BY r.created_at DESC, r.id LIMIT $3 OFFSET $4"#,
+        product,
+        version,
+        limit,
+        offset
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let sigs = r.sigs.0;
+            Release {
+                image: format!("{}@{}", r.repository, r.digest),
+                platforms: r
+                    .platforms
+                    .0
+                    .into_iter()
+                    .map(|image| ReleasePlatform {
+                        signed_by: sigs
+                            .iter()
+                            .filter(|(d, _)| *d == image.digest)
+                            .map(|(_, k)| k.clone())
+                            .collect(),
+                        image,
+                    })
+                    .collect(),
+                version: r.version,
+                digest: r.digest,
+                media_type: r.media_type,
+                metadata: r.metadata,
+                floor: r.floor,
+                state: r.state,
+                publisher: r.publisher,
+                created_at: r.created_at,
+                revoked_at: r.revoked_at,
+            }
+        })
+        .collect())
+}
+
+async fn fetch_one(db: &sqlx::PgPool, product: &str, version: &str) -> Result<Release> {
+    fetch(db, product, Some(version), 1, 0)
+        .await?
+        .pop()
+        .ok_or_else(|| Error::not_found(format!("release {version} of product {product}")))
+}
+
+/// Publishes a release: resolves the image to a digest, signs it, stores it,
+/// and optionally promotes it. Publishing the same version and digest again
+/// answers 200 with the existing release.
+#[utoipa::path(post, path = "/v1/products/{product}/releases", tag = "releases", request_body = NewRelease,
+    params(("product" = String, Path, description = "Product name")), security(("bearer" = [])),
+    responses((status = 201, body = Release), (status = 200, description = "Already published with this digest", body = Release),
+              (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem),
+              (status = 409, body = crate::error::Problem), (status = 422, body = crate::error::Problem),
+              (status = 503, body = crate::error::Problem)))]
+async fn publish(
+    State(state): State<AppState>,
+    Publisher(who): Publisher,
+    Path(product): Path<String>,
+    Json(req): Json<NewRelease>,
+) -> Result<(StatusCode, Json<Release>)> {
+    who.check_product(&product)?;
+    let version = parse_version(&req.version)?;
+    let metadata = match req.metadata.clone() {
+        None => serde_json::json!({}),
+        Some(m @ serde_json::Value::Object(_)) => m,
+        Some(_) => return Err(Error::BadRequest("metadata must be a JSON object".into())),
+    };
+    let channels = req.channels.clone().unwrap_or_default();
+    for c in &channels {
+        crate::channels::check_percent(c.percent)?;
+    }
+    let p = crate::products::load(&state.db, &product).await?;
+    let image = parse_reference(&req.image)?;
+    if image.repository != p.repository {
+        return Err(Error::BadRequest(format!(
+            "image {} is outside product {product}'s repository {}: push it there and publish that reference",
+            req.image, p.repository
+        )));
+    }
+
+    let existing = sqlx::query!(
+        "SELECT digest FROM releases WHERE product_id = $1 AND version = $2",
+        p.id,
+        req.version
+    )
+    .fetch_optional(&state.db)
+    .await?;
+    let resolved = match (&existing, &image.digest) {
+        // Re-publishing by the same digest needs no registry round trip.
+        (Some(e), Some(d)) if &e.digest == d => {
+            return Ok((
+                StatusCode::OK,
+                Json(fetch_one(&state.db, &product, &req.version).await?),
+            ));
+        }
+        _ => state.registry.resolve(&image).await?,
+    };
+    if let Some(e) = existing {
+        if e.digest == resolved.digest {
+            return Ok((
+                StatusCode::OK,
+                Json(fetch_one(&state.db, &product, &req.version).await?),
+            ));
+        }
+        return Err(conflict(&req.version, &e.digest, &resolved.digest));
+    }
+
+    // Sign the index (if any) and every platform manifest.
+    let key = state.keys.image_key();
+    let mut digests: Vec<&str> = resolved
+        .platforms
+        .iter()
+        .map(|pl| pl.digest.as_str())
+        .collect();
+    if !digests.contains(&resolved.digest.as_str()) {
+        digests.push(&resolved.digest);
+    }
+    let sigs = digests
+        .into_iter()
+        .map(|d| {
+            Ok(SignedDigest {
+                digest: d.to_string(),
+                signature: sign_digest(&key, &p.repository, d, &product, &req.version)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let id = Uuid::new_v4();
+    let mut tx = state.db.begin().await?;
+    let inserted = sqlx::query!(
+        "INSERT INTO releases (id, product_id, version, digest, media_type, platforms, metadata, floor, publisher)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        id,
+        p.id,
+        req.version,
+        resolved.digest,
+        resolved.media_type,
+        serde_json::to_value(&resolved.platforms).map_err(anyhow::Error::from)?,
+        metadata,
+        req.floor.unwrap_or(false),
+        who.actor()
+    )
+    .execute(&mut *tx)
+    .await;
+    if let Err(sqlx::Error::Database(d)) = &inserted {
+        if d.constraint() == Some("releases_product_version_key") {
+            // A concurrent publish of the same version won the race.
+            drop(tx);
+            let winner = fetch_one(&state.db, &product, &req.version).await?;
+            if winner.digest == resolved.digest {
+                return Ok((StatusCode::OK, Json(winner)));
+            }
+            return Err(conflict(&req.version, &winner.digest, &resolved.digest));
+        }
+    }
+    inserted?;
+    for s in &sigs {
+        sqlx::query!(
+            "INSERT INTO signatures (release_id, digest, key_id, payload, signature) VALUES ($1, $2, $3, $4, $5)",
+            id,
+            s.digest,
+            s.signature.key_id,
+            s.signature.payload,
+            s.signature.signature
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    let after = serde_json::json!({
+        "version": req.version, "digest": resolved.digest, "floor": req.floor.unwrap_or(false),
+        "platforms": resolved.platforms, "metadata": metadata,
+    });
+    crate::audit::record(
+        &mut *tx,
+        &who,
+        "release.publish",
+        &format!("release:{product}/{}", req.version),
+        None,
+        Some(after),
+    )
+    .await?;
+    for c in &channels {
+        crate::channels::promote_in_tx(
+            &mut tx, &who, p.id, &product, &c.name, id, &version, c.percent, None, None,
+        )
+        .await?;
+    }
+    // Signatures reach the registry before the release is stored, so a stored
+    // release is always verifiable; a failed push stores nothing.
+    state.registry.push_signatures(&p.repository, &sigs).await?;
+    tx.commit().await?;
+    state
+        .metrics
+        .publishes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.cache.invalidate(&product);
+    Ok((
+        StatusCode::CREATED,
+        Json(fetch_one(&state.db, &product, &req.version).await?),
+    ))
+}
+
+fn conflict(version: &str, have: &str, got: &str) -> Error {
+    Error::Conflict(format!(
+        "version {version} is already published with digest {have}, and the image now resolves to {got}: publish it as a new version"
+    ))
+}
+
+/// Releases of a product, newest first.
+#[utoipa::path(get, path = "/v1/products/{product}/releases", tag = "releases",
+    params(("product" = String, Path, description = "Product name"), PageParams), security(("bearer" = [])),
+    responses((status = 200, body = Page<Release>), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+async fn list_releases(
+    State(state): State<AppState>,
+    _v: Viewer,
+    Path(product): Path<String>,
+    Query(page): Query<PageParams>,
+) -> Result<Json<Page<Release>>> {
+    crate::products::load(&state.db, &product).await?;
+    let limit = page.limit();
+    let offset = page.cursor_i64()?.unwrap_or(0).max(0);
+    let rows = fetch(&state.db, &product, None, limit + 1, offset).await?;
+    let mut page = Page::from_rows(rows, limit, |_| String::new());
+    if page.next_cursor.is_some() {
+        page.next_cursor = Some((offset + limit).to_string());
+    }
+    Ok(Json(page))
+}
+
+/// One release.
+#[utoipa::path(get, path = "/v1/products/{product}/releases/{version}", tag = "releases",
+    params(("product" = String, Path, description = "Product name"), ("version" = String, Path, description = "Release version")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Release), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+async fn get_release(
+    State(state): State<AppState>,
+    _v: Viewer,
+    Path((product, version)): Path<(String, String)>,
+) -> Result<Json<Release>> {
+    Ok(Json(fetch_one(&state.db, &product, &version).await?))
+}
+
+/// Revokes a release: it is never offered again; channels whose head it is fall back to their base.
+#[utoipa::path(post, path = "/v1/products/{product}/releases/{version}/revoke", tag = "releases",
+    params(("product" = String, Path, description = "Product name"), ("version" = String, Path, description = "Release version")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Release), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+async fn revoke(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    Path((product, version)): Path<(String, String)>,
+) -> Result<Json<Release>> {
+    revoke_release(&state, &who, &product, &version).await?;
+    Ok(Json(fetch_one(&state.db, &product, &version).await?))
+}
+
+async fn revoke_release(
+    state: &AppState,
+    who: &Principal,
+    product: &str,
+    version: &str,
+) -> Result<()> {
+    let p = crate::products::load(&state.db, product).await?;
+    let mut tx = state.db.begin().await?;
+    let r = load(&mut *tx, p.id, product, version).await?;
+    if r.state != "revoked" {
+        sqlx::query!(
+            "UPDATE releases SET state = 'revoked', revoked_at = now() WHERE id = $1",
+            r.id
+        )
+        .execute(&mut *tx)
+        .await?;
+        // Devices must see a new serial: their answer changes.
+        sqlx::query!(
+            "UPDATE channels SET serial = nextval('channel_serial'), updated_at = now()
+             WHERE head_release_id = $1 OR base_release_id = $1",
+            r.id
+        )
+        .execute(&mut *tx)
+        .await?;
+        crate::audit::record(
+            &mut *tx,
+            who,
+            "release.revoke",
+            &format!("release:{product}/{version}"),
+            Some(serde_json::json!({"state": "active"})),
+            Some(serde_json::json!({"state": "revoked"})),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    state.cache.invalidate(product);
+    Ok(())
+}

@@ -1,0 +1,494 @@
+//! The hot path: `GET .../resolve`. Answers from an in-memory snapshot of the
+//! product (releases, channels, pins) with no database round trip; check-ins
+//! are batched and written behind. Every answer is signed.
+
+use crate::app::AppState;
+use crate::auth::DeviceAuth;
+use crate::devices::PinPlatform;
+use crate::error::{Error, Path, Query, Result};
+use crate::registry::PlatformImage;
+use crate::rollout::{self, Rel, Rollout};
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use sluice_protocol::keys::SIGNATURE_HEADER;
+use sluice_protocol::{ImageSignature, Offer, ResolveResponse, is_sha256_digest};
+use sqlx::PgPool;
+use sqlx::types::Json as SqlJson;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use utoipa::IntoParams;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+/// How long a snapshot serves before it is reloaded, so changes made by
+/// another server instance show up even without an invalidation here.
+const SNAPSHOT_TTL: Duration = Duration::from_secs(5);
+
+/// A platform of a release, ready to offer.
+#[derive(Debug, Clone)]
+struct PlatformOffer {
+    architecture: String,
+    digest: String,
+    size: u64,
+    signature: Option<ImageSignature>,
+}
+
+#[derive(Debug)]
+struct ReleaseSnap {
+    version: String,
+    platforms: Vec<PlatformOffer>,
+}
+
+#[derive(Debug)]
+struct ChannelSnap {
+    head: Option<usize>,
+    base: Option<usize>,
+    rollout: Rollout,
+    rolled_back: bool,
+    serial: i64,
+}
+
+#[derive(Debug)]
+enum PinSnap {
+    Release(usize),
+    Image {
+        rel: Rel,
+        platforms: Vec<PlatformOffer>,
+    },
+}
+
+/// What resolution needs of one product, loaded at once.
+#[derive(Debug)]
+pub struct Snapshot {
+    loaded_at: Instant,
+    repository: String,
+    releases: Vec<ReleaseSnap>,
+    rels: Vec<Rel>,
+    by_digest: HashMap<String, usize>,
+    channels: HashMap<String, ChannelSnap>,
+    pins: HashMap<Uuid, PinSnap>,
+}
+
+/// Product snapshots, dropped whenever something they hold changes.
+#[derive(Default)]
+pub struct Cache {
+    products: RwLock<HashMap<String, Arc<Snapshot>>>,
+}
+
+impl Cache {
+    /// Drops a product's snapshot: the next resolution reloads it.
+    pub fn invalidate(&self, product: &str) {
+        self.products.write().expect("cache lock").remove(product);
+    }
+
+    async fn get(&self, db: &PgPool, product: &str) -> Result<Arc<Snapshot>> {
+        if let Some(s) = self.products.read().expect("cache lock").get(product) {
+            if s.loaded_at.elapsed() < SNAPSHOT_TTL {
+                return Ok(s.clone());
+            }
+        }
+        let s = Arc::new(load(db, product).await?);
+        self.products
+            .write()
+            .expect("cache lock")
+            .insert(product.to_string(), s.clone());
+        Ok(s)
+    }
+}
+
+async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
+    let mut conn = db.acquire().await?;
+    let p = crate::products::load(&mut *conn, product).await?;
+    let rows = sqlx::query!(
+        r#"SELECT r.id, r.version, r.digest, r.floor, r.state, r.platforms AS "platforms: SqlJson<Vec<PlatformImage>>",
+                  coalesce((SELECT json_agg(json_build_object('digest', s.digest, 'payload', s.payload,
+                       'signature', s.signature, 'key_id', s.key_id) ORDER BY s.created_at DESC)
+                     FROM signatures s WHERE s.release_id = r.id), '[]') AS "sigs!: SqlJson<Vec<SigRow>>"
+           FROM releases r WHERE r.product_id = $1"#,
+        p.id
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut releases = Vec::with_capacity(rows.len());
+    let mut rels = Vec::with_capacity(rows.len());
+    let mut by_id = HashMap::new();
+    let mut by_digest = HashMap::new();
+    for r in rows {
+        let Ok(version) = semver::Version::parse(&r.version) else {
+            continue;
+        };
+        let i = releases.len();
+        by_id.insert(r.id, i);
+        by_digest.insert(r.digest.clone(), i);
+        let platforms = r
+            .platforms
+            .0
+            .into_iter()
+            .map(|pl| {
+                by_digest.insert(pl.digest.clone(), i);
+                PlatformOffer {
+                    signature: r
+                        .sigs
+                        .0
+                        .iter()
+                        .find(|s| s.digest == pl.digest)
+                        .map(SigRow::to_signature),
+                    architecture: pl.architecture,
+                    digest: pl.digest,
+                    size: pl.size,
+                }
+            })
+            .collect();
+        releases.push(ReleaseSnap {
+            version: r.version,
+            platforms,
+        });
+        rels.push(Rel {
+            version,
+            floor: r.floor,
+            revoked: r.state == "revoked",
+        });
+    }
+    let channels = sqlx::query_as!(
+        crate::channels::ChannelRow,
+        r#"SELECT c.id, c.name, c.description, c.head_release_id, c.base_release_id,
+                  NULL::text AS "head?", NULL::text AS "base?", c.percent, c.ramp_from_percent, c.ramp_to_percent,
+                  c.ramp_over_minutes, c.ramp_started_at, c.paused, c.paused_reason, c.paused_at, c.downgrade,
+                  c.gate_max_failure_percent, c.gate_min_reports, c.serial, c.updated_at
+           FROM channels c WHERE c.product_id = $1"#,
+        p.id
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|c| {
+        let snap = ChannelSnap {
+            head: c.head_release_id.and_then(|id| by_id.get(&id).copied()),
+            base: c.base_release_id.and_then(|id| by_id.get(&id).copied()),
+            rollout: c.rollout(),
+            rolled_back: c.downgrade,
+            serial: c.serial,
+        };
+        (c.name, snap)
+    })
+    .collect();
+    let pins = sqlx::query!(
+        r#"SELECT d.id, r.id AS "release_id?", d.pin_digest, d.pin_platforms AS "pin_platforms: SqlJson<Vec<PinPlatform>>"
+           FROM devices d LEFT JOIN releases r ON r.product_id = d.product_id AND r.version = d.pin_version
+           WHERE d.product_id = $1 AND (d.pin_version IS NOT NULL OR d.pin_image IS NOT NULL)"#,
+        p.id
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .filter_map(|d| {
+        let pin = match (d.release_id, d.pin_platforms, d.pin_digest) {
+            (Some(rid), _, _) => PinSnap::Release(*by_id.get(&rid)?),
+            (None, Some(platforms), Some(digest)) => PinSnap::Image {
+                rel: Rel {
+                    version: semver::Version::parse(&crate::devices::pin_version_label(&digest)).ok()?,
+                    floor: false,
+                    revoked: false,
+                },
+                platforms: platforms
+                    .0
+                    .into_iter()
+                    .map(|pl| PlatformOffer {
+                        architecture: pl.image.architecture,
+                        digest: pl.image.digest,
+                        size: pl.image.size,
+                        signature: Some(pl.signature),
+                    })
+                    .collect(),
+            },
+            _ => return None,
+        };
+        Some((d.id, pin))
+    })
+    .collect();
+    Ok(Snapshot {
+        loaded_at: Instant::now(),
+        repository: p.repository,
+        releases,
+        rels,
+        by_digest,
+        channels,
+        pins,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct SigRow {
+    digest: String,
+    payload: String,
+    signature: String,
+    key_id: String,
+}
+
+impl SigRow {
+    fn to_signature(&self) -> ImageSignature {
+        ImageSignature {
+            payload: self.payload.clone(),
+            signature: self.signature.clone(),
+            key_id: self.key_id.clone(),
+        }
+    }
+}
+
+/// One device's poll, written behind in batches.
+#[derive(Debug, Clone)]
+struct Checkin {
+    at: OffsetDateTime,
+    channel: String,
+    arch: String,
+    digest: Option<String>,
+    version: Option<String>,
+}
+
+enum CheckinMsg {
+    Seen(Uuid, Checkin),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Batches check-ins (last seen, current digest) and writes them once a
+/// second in one statement; `flush` writes what is pending (on shutdown).
+#[derive(Clone)]
+pub struct Checkins {
+    tx: mpsc::UnboundedSender<CheckinMsg>,
+}
+
+impl Checkins {
+    /// Starts the writer task.
+    pub fn spawn(db: PgPool) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut pending: HashMap<Uuid, Checkin> = HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Some(CheckinMsg::Seen(id, c)) => { pending.insert(id, c); }
+                        Some(CheckinMsg::Flush(done)) => {
+                            write(&db, &mut pending).await;
+                            let _ = done.send(());
+                        }
+                        None => { write(&db, &mut pending).await; return; }
+                    },
+                    _ = tick.tick() => write(&db, &mut pending).await,
+                }
+            }
+        });
+        Checkins { tx }
+    }
+
+    fn seen(&self, id: Uuid, c: Checkin) {
+        let _ = self.tx.send(CheckinMsg::Seen(id, c));
+    }
+
+    /// Writes every pending check-in now.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(CheckinMsg::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn write(db: &PgPool, pending: &mut HashMap<Uuid, Checkin>) {
+    if pending.is_empty() {
+        return;
+    }
+    let batch: Vec<(Uuid, Checkin)> = pending.drain().collect();
+    let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+    let ats: Vec<OffsetDateTime> = batch.iter().map(|(_, c)| c.at).collect();
+    let channels: Vec<String> = batch.iter().map(|(_, c)| c.channel.clone()).collect();
+    let arches: Vec<String> = batch.iter().map(|(_, c)| c.arch.clone()).collect();
+    let digests: Vec<Option<String>> = batch.iter().map(|(_, c)| c.digest.clone()).collect();
+    let versions: Vec<Option<String>> = batch.iter().map(|(_, c)| c.version.clone()).collect();
+    // A report written after the poll (last_seen later) wins over the poll.
+    let r = sqlx::query!(
+        r#"UPDATE devices d SET last_seen = u.at, channel = u.channel, arch = u.arch,
+              current_digest = coalesce(u.digest, d.current_digest),
+              current_version = CASE WHEN u.digest IS NULL OR u.digest = d.current_digest THEN d.current_version
+                                     ELSE u.version END
+           FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[])
+                AS u(id, at, channel, arch, digest, version)
+           WHERE d.id = u.id AND d.last_seen <= u.at"#,
+        &ids,
+        &ats,
+        &channels,
+        &arches,
+        &digests as &[Option<String>],
+        &versions as &[Option<String>]
+    )
+    .execute(db)
+    .await;
+    if let Err(e) = r {
+        // Put them back: last-seen may lag, never be lost.
+        tracing::warn!(error = %e, n = batch.len(), "writing check-ins failed; will retry");
+        for (id, c) in batch {
+            pending.entry(id).or_insert(c);
+        }
+    }
+}
+
+/// Query of `GET .../resolve`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ResolveQuery {
+    /// The device's architecture (`amd64`); default: the one it enrolled with.
+    pub arch: Option<String>,
+    /// The digest the device runs.
+    pub current: Option<String>,
+    /// A fresh random value (8–128 of `[A-Za-z0-9_-]`), echoed in the signed answer.
+    pub nonce: String,
+}
+
+/// The routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(resolve))
+}
+
+/// Which image the device should run: a signed decision.
+#[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/resolve", tag = "channels",
+    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name"), ResolveQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = ResolveResponse, description = "Signed: the `Sluice-Signature` header holds `keyid=<id>; sig=<base64 Ed25519 over the body bytes>`",
+               headers(("Sluice-Signature" = String, description = "keyid and signature over the exact body"))),
+              (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+async fn resolve(
+    State(state): State<AppState>,
+    device: DeviceAuth,
+    Path((product, channel)): Path<(String, String)>,
+    Query(q): Query<ResolveQuery>,
+) -> Result<Response> {
+    if device.product != product {
+        return Err(Error::Forbidden(format!(
+            "this device belongs to product {}, not {product}",
+            device.product
+        )));
+    }
+    if !(8..=128).contains(&q.nonce.len())
+        || !q
+            .nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Error::BadRequest(
+            "nonce must be 8–128 characters of [A-Za-z0-9_-], fresh for each request".into(),
+        ));
+    }
+    if let Some(c) = &q.current {
+        if !is_sha256_digest(c) {
+            return Err(Error::BadRequest(
+                "current must be the running image's digest, `sha256:<64 hex>`".into(),
+            ));
+        }
+    }
+    let arch = q.arch.clone().unwrap_or_else(|| "amd64".into());
+    if arch.is_empty() || arch.len() > 32 {
+        return Err(Error::BadRequest("arch must be 1–32 characters".into()));
+    }
+    let snap = state.cache.get(&state.db, &product).await?;
+    let ch = snap
+        .channels
+        .get(&channel)
+        .ok_or_else(|| Error::not_found(format!("channel {channel} of product {product}")))?;
+    let now = OffsetDateTime::now_utc();
+    let current_idx = q
+        .current
+        .as_ref()
+        .and_then(|d| snap.by_digest.get(d).copied());
+    let device_id = device.id.to_string();
+
+    let pin = snap.pins.get(&device.id);
+    let pin_rel = match pin {
+        Some(PinSnap::Release(i)) => Some(&snap.rels[*i]),
+        Some(PinSnap::Image { rel, .. }) => Some(rel),
+        None => None,
+    };
+    let input = rollout::Input {
+        releases: &snap.rels,
+        head: ch.head.map(|i| &snap.rels[i]),
+        base: ch.base.map(|i| &snap.rels[i]),
+        rollout: &ch.rollout,
+        rolled_back: ch.rolled_back,
+        pin: pin_rel,
+        device_id: &device_id,
+        current: current_idx.map(|i| &snap.rels[i]),
+        now,
+    };
+    let decision = rollout::decide(&input);
+    let offer = decision.target.and_then(|t| {
+        let (version, platforms) = match pin {
+            Some(PinSnap::Image { rel, platforms }) if std::ptr::eq(t, rel) => {
+                (t.version.to_string(), platforms)
+            }
+            _ => {
+                let i = snap.rels.iter().position(|r| std::ptr::eq(r, t))?;
+                (
+                    snap.releases[i].version.clone(),
+                    &snap.releases[i].platforms,
+                )
+            }
+        };
+        let pl = platforms.iter().find(|p| p.architecture == arch)?;
+        Some(Offer {
+            version,
+            image: format!("{}@{}", snap.repository, pl.digest),
+            digest: pl.digest.clone(),
+            size: pl.size,
+            signature: pl.signature.clone()?,
+        })
+    });
+    // Rule 5: the device already runs the target's digest.
+    let running = offer
+        .as_ref()
+        .is_some_and(|o| q.current.as_deref() == Some(o.digest.as_str()));
+    let update = decision.update && offer.is_some() && !running;
+    let answer = ResolveResponse {
+        update,
+        downgrade: update && decision.downgrade,
+        release: offer,
+        poll_after_s: state.config.poll_after_s,
+        device_id,
+        nonce: q.nonce,
+        serial: ch.serial,
+        issued_at: now,
+        expires_at: now + time::Duration::seconds(state.config.response_ttl_s as i64),
+    };
+    state.checkins.seen(
+        device.id,
+        Checkin {
+            at: now,
+            channel,
+            arch,
+            version: current_idx.map(|i| snap.releases[i].version.clone()),
+            digest: q.current,
+        },
+    );
+    state
+        .metrics
+        .resolves
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let body = serde_json::to_vec(&answer).map_err(anyhow::Error::from)?;
+    let sig = state.keys.response_signer().sign_header(&body);
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        SIGNATURE_HEADER,
+        HeaderValue::from_str(&sig).map_err(anyhow::Error::from)?,
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
