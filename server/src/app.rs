@@ -173,6 +173,12 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let db = crate::db::connect(&config.database_url).await?;
     crate::db::migrate(&db).await?;
+    state_with_pool(config, db).await
+}
+
+/// A ready state over an existing, migrated pool (tests use their own database).
+pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppState> {
+    std::fs::create_dir_all(&config.data_dir)?;
     let keys = {
         let (dir, pass) = (config.data_dir.clone(), config.key_passphrase.clone());
         tokio::task::spawn_blocking(move || keys::KeyStore::load_or_create(&dir, &pass)).await??

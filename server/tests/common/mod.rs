@@ -1,0 +1,268 @@
+//! A real server for tests: its own database (from `#[sqlx::test]`), its own
+//! data folder, bound to port 0 on loopback, and a small JSON client.
+#![allow(dead_code)]
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sluice_server::app::{self, AppState};
+use sluice_server::config::Config;
+use sqlx::PgPool;
+use std::path::PathBuf;
+use tokio::sync::oneshot;
+
+/// The password of user `admin` in every test server.
+pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
+
+/// The registry tests push to, from `SLUICE_TEST_REGISTRY` (`scripts/test` sets it).
+pub fn registry() -> String {
+    std::env::var("SLUICE_TEST_REGISTRY").expect(
+        "SLUICE_TEST_REGISTRY is not set: run the tests with scripts/test, which starts a registry",
+    )
+}
+
+/// A running server.
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// The server's state (database pool, keys).
+    pub state: AppState,
+    /// The admin's token.
+    pub admin: String,
+    /// The data folder.
+    pub data_dir: PathBuf,
+    client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// A configuration for a test server on `pool`'s database.
+pub fn config(data_dir: PathBuf) -> Config {
+    Config {
+        database_url: String::new(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir,
+        admin_password: Some(ADMIN_PASSWORD.into()),
+        key_passphrase: "test passphrase".into(),
+        insecure_registries: std::env::var("SLUICE_TEST_REGISTRY")
+            .map(|r| vec![r])
+            .unwrap_or_default(),
+        registry_auth: None,
+        poll_after_s: 60,
+        response_ttl_s: 600,
+        web_dir: None,
+    }
+}
+
+impl TestApp {
+    /// Starts a server on the test's database.
+    pub async fn spawn(pool: PgPool) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        Self::spawn_with(pool, config(dir.path().join("data")), dir).await
+    }
+
+    /// Starts a server with a given configuration.
+    pub async fn spawn_with(pool: PgPool, config: Config, dir: tempfile::TempDir) -> TestApp {
+        let data_dir = config.data_dir.clone();
+        let state = app::state_with_pool(config, pool)
+            .await
+            .expect("server state");
+        sluice_server::auth::bootstrap_admin(&state.db, Some(ADMIN_PASSWORD))
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app::run(listener, state.clone(), async move {
+            let _ = rx.await;
+        }));
+        let mut t = TestApp {
+            url,
+            state,
+            admin: String::new(),
+            data_dir,
+            client: reqwest::Client::new(),
+            shutdown: Some(tx),
+            task: Some(task),
+            _dir: dir,
+        };
+        let (s, body) = t
+            .call(
+                Method::POST,
+                "/v1/auth/login",
+                None,
+                Some(json!({"username": "admin", "password": ADMIN_PASSWORD})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        t.admin = body["token"].as_str().unwrap().to_string();
+        t
+    }
+
+    /// Stops the server, draining requests and flushing check-ins.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Sends a request; answers the status and the JSON body (`Null` when empty).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let (s, _, v) = self.call_raw(method, path, token, body).await;
+        (s, v)
+    }
+
+    /// Like `call`, also answering the headers.
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut req = self.client.request(method, format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.unwrap();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        if !status.is_success() && !bytes.is_empty() {
+            assert_eq!(
+                headers.get("content-type").and_then(|v| v.to_str().ok()),
+                Some("application/problem+json"),
+                "an error must be problem+json: {method_path} {value}",
+                method_path = path
+            );
+            assert_eq!(
+                value["status"].as_u64(),
+                Some(status.as_u16() as u64),
+                "{value}"
+            );
+            assert!(
+                value["detail"].as_str().is_some_and(|d| !d.is_empty()),
+                "{value}"
+            );
+        }
+        (status, headers, value)
+    }
+
+    /// GET as `token`.
+    pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, Some(token), None).await
+    }
+
+    /// POST JSON as `token`.
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(token), Some(body)).await
+    }
+
+    /// Makes a product in `repository`; answers its enrollment secret.
+    pub async fn product(&self, name: &str, repository: &str) -> String {
+        let (s, b) = self
+            .post(
+                "/v1/products",
+                &self.admin,
+                json!({"name": name, "repository": repository}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b["enrollment_secret"].as_str().unwrap().to_string()
+    }
+
+    /// Makes a channel.
+    pub async fn channel(&self, product: &str, name: &str) {
+        let (s, b) = self
+            .post(
+                &format!("/v1/products/{product}/channels"),
+                &self.admin,
+                json!({"name": name}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+    }
+
+    /// A publisher token for `products`.
+    pub async fn publisher(&self, products: &[&str]) -> String {
+        let (s, b) = self
+            .post(
+                "/v1/tokens",
+                &self.admin,
+                json!({"name": "ci", "role": "publisher", "products": products}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b["token"].as_str().unwrap().to_string()
+    }
+
+    /// A viewer's token (a user made through the database, then logged in).
+    pub async fn viewer(&self) -> String {
+        sqlx::query("INSERT INTO users (id, username, password_hash, role) VALUES ($1, 'viewer', $2, 'viewer') ON CONFLICT DO NOTHING")
+            .bind(uuid::Uuid::new_v4())
+            .bind(sluice_server::auth::hash_password("viewer password"))
+            .execute(&self.state.db)
+            .await
+            .unwrap();
+        let (s, b) = self
+            .call(
+                Method::POST,
+                "/v1/auth/login",
+                None,
+                Some(json!({"username": "viewer", "password": "viewer password"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        b["token"].as_str().unwrap().to_string()
+    }
+
+    /// Enrolls a device; answers (device id, token).
+    pub async fn enroll(
+        &self,
+        product: &str,
+        secret: &str,
+        machine_id: &str,
+        channel: &str,
+    ) -> (String, String) {
+        let (s, b) = self
+            .call(
+                Method::POST,
+                "/v1/devices/enroll",
+                None,
+                Some(json!({"product": product, "enrollment_secret": secret, "machine_id": machine_id,
+                            "arch": "amd64", "channel": channel})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        (
+            b["device_id"].as_str().unwrap().to_string(),
+            b["token"].as_str().unwrap().to_string(),
+        )
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
