@@ -1,0 +1,123 @@
+//! The authorization matrix: every route × every role gets the expected
+//! status. Each allowed call is a valid request, so the role is the only thing
+//! that differs between a 2xx and a 401/403.
+
+mod common;
+#[path = "common/images.rs"]
+mod images;
+
+use common::{TestApp, registry};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+const ROLES: [&str; 7] = ["anonymous", "device", "device_other", "publisher", "publisher_other", "viewer", "admin"];
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug)]
+enum Who {
+    Anyone,
+    Admin,
+    Viewer,
+    Publisher,
+    OwnDevice,
+}
+
+fn expected(who: Who, role: &str, ok: StatusCode) -> StatusCode {
+    if role == "anonymous" && !matches!(who, Who::Anyone) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let allowed = match who {
+        Who::Anyone => true,
+        Who::Admin => role == "admin",
+        Who::Viewer => matches!(role, "viewer" | "admin"),
+        Who::Publisher => matches!(role, "publisher" | "admin"),
+        Who::OwnDevice => role == "device",
+    };
+    if allowed { ok } else { StatusCode::FORBIDDEN }
+}
+
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn every_route_for_every_role(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let reg = registry();
+    let repo_path = images::unique_repo("authz");
+    let repo = format!("{reg}/{repo_path}");
+    images::push_image(&reg, &repo_path, "base").await;
+    let secret = app.product("acme", &repo).await;
+    let other_secret = app.product("other", &format!("{reg}/{}", images::unique_repo("authz-other"))).await;
+    app.channel("acme", "stable").await;
+    app.channel("other", "stable").await;
+    for v in ["1.0.0", "0.9.0"] {
+        let (s, b) = app.post("/v1/products/acme/releases", &app.admin, json!({"version": v, "image": format!("{repo}:base")})).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+    }
+    let (device_id, device) = app.enroll("acme", &secret, "m-1", "stable").await;
+    let (_, device_other) = app.enroll("other", &other_secret, "m-1", "stable").await;
+    let publisher = app.publisher(&["acme"]).await;
+    let publisher_other = app.publisher(&["other"]).await;
+    let viewer = app.viewer().await;
+    let token_of = |role: &str| -> Option<String> {
+        match role {
+            "anonymous" => None,
+            "device" => Some(device.clone()),
+            "device_other" => Some(device_other.clone()),
+            "publisher" => Some(publisher.clone()),
+            "publisher_other" => Some(publisher_other.clone()),
+            "viewer" => Some(viewer.clone()),
+            "admin" => Some(app.admin.clone()),
+            _ => unreachable!(),
+        }
+    };
+    let digest = format!("sha256:{}", "cd".repeat(32));
+    let mut failures = Vec::new();
+    let mut checked = 0;
+
+    for (i, role) in ROLES.iter().enumerate() {
+        // Things an allowed call may consume: a token to revoke, a release to revoke.
+        let (_, t) = app.post("/v1/tokens", &app.admin, json!({"name": format!("doomed-{role}"), "role": "viewer"})).await;
+        let doomed = t["id"].as_str().unwrap().to_string();
+        let routes: Vec<(Method, String, Option<Value>, Who, StatusCode)> = vec![
+            (Method::GET, "/healthz".into(), None, Who::Anyone, StatusCode::OK),
+            (Method::GET, "/readyz".into(), None, Who::Anyone, StatusCode::OK),
+            (Method::GET, "/metrics".into(), None, Who::Anyone, StatusCode::OK),
+            (Method::GET, "/openapi.json".into(), None, Who::Anyone, StatusCode::OK),
+            (Method::GET, "/v1/keys".into(), None, Who::Anyone, StatusCode::OK),
+            (Method::POST, "/v1/tokens".into(), Some(json!({"name": "t", "role": "publisher", "products": ["acme"]})), Who::Admin, StatusCode::CREATED),
+            (Method::GET, "/v1/tokens".into(), None, Who::Admin, StatusCode::OK),
+            (Method::DELETE, format!("/v1/tokens/{doomed}"), None, Who::Admin, StatusCode::NO_CONTENT),
+            (Method::POST, "/v1/products".into(), Some(json!({"name": format!("p{i}"), "repository": "r.example/p"})), Who::Admin, StatusCode::CREATED),
+            (Method::GET, "/v1/products".into(), None, Who::Viewer, StatusCode::OK),
+            (Method::GET, "/v1/products/acme".into(), None, Who::Viewer, StatusCode::OK),
+            (Method::POST, "/v1/products/acme/enrollment-secret".into(), Some(json!({})), Who::Admin, StatusCode::OK),
+            (Method::POST, "/v1/products/acme/releases".into(), Some(json!({"version": format!("1.1.{i}"), "image": format!("{repo}:base")})), Who::Publisher, StatusCode::CREATED),
+            (Method::GET, "/v1/products/acme/releases".into(), None, Who::Viewer, StatusCode::OK),
+            (Method::GET, "/v1/products/acme/releases/1.0.0".into(), None, Who::Viewer, StatusCode::OK),
+            (Method::POST, "/v1/products/acme/releases/0.9.0/revoke".into(), Some(json!({})), Who::Admin, StatusCode::OK),
+            (Method::POST, "/v1/products/acme/channels".into(), Some(json!({"name": format!("c{i}")})), Who::Admin, StatusCode::CREATED),
+            (Method::GET, "/v1/products/acme/channels".into(), None, Who::Viewer, StatusCode::OK),
+            (Method::GET, "/v1/products/acme/channels/stable".into(), None, Who::Viewer, StatusCode::OK),
+            (Method::POST, "/v1/products/acme/channels/stable/promote".into(), Some(json!({"version": "1.0.0", "percent": 20})), Who::Publisher, StatusCode::OK),
+            (Method::PATCH, "/v1/products/acme/channels/stable/rollout".into(), Some(json!({"percent": 30})), Who::Admin, StatusCode::OK),
+            (Method::POST, "/v1/products/acme/channels/stable/rollback".into(), Some(json!({"version": "1.0.0"})), Who::Admin, StatusCode::OK),
+            (Method::GET, "/v1/products/acme/channels/stable/history".into(), None, Who::Viewer, StatusCode::OK),
+            (Method::GET, "/v1/products/acme/channels/stable/resolve?nonce=abcdefgh12".into(), None, Who::OwnDevice, StatusCode::OK),
+            (Method::POST, format!("/v1/devices/{device_id}/events"), Some(json!({"kind": "downloaded", "version": "1.0.0", "digest": digest})), Who::OwnDevice, StatusCode::NO_CONTENT),
+            (Method::GET, "/v1/devices".into(), None, Who::Viewer, StatusCode::OK),
+            (Method::GET, format!("/v1/devices/{device_id}"), None, Who::Viewer, StatusCode::OK),
+            (Method::PUT, format!("/v1/devices/{device_id}/pin"), Some(json!({"version": "1.0.0"})), Who::Admin, StatusCode::OK),
+            (Method::GET, "/v1/audit".into(), None, Who::Admin, StatusCode::OK),
+            (Method::POST, "/v1/keys/response/rotate".into(), Some(json!({})), Who::Admin, StatusCode::OK),
+        ];
+        for (method, path, body, who, ok) in routes {
+            let want = expected(who, role, ok);
+            let (got, b) = app.call(method.clone(), &path, token_of(role).as_deref(), body).await;
+            checked += 1;
+            if got != want {
+                failures.push(format!("{role:16} {method} {path}: expected {want}, got {got} {b}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {checked} checks failed:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(checked, 30 * ROLES.len());
+}
