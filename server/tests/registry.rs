@@ -495,3 +495,191 @@ fn docker_config_credentials_are_read() {
         "{err:#}"
     );
 }
+
+/// A signature made earlier by the cosign CLI itself (another key) is still
+/// there after Sluice pushes its own: both keys verify.
+#[tokio::test]
+async fn a_cosign_cli_signature_survives_our_push() {
+    let (addr, reg) = test_registry();
+    let repo = images::unique_repo("cosign-first");
+    let (digest, _) = images::push_image(&addr, &repo, "6.0.0").await;
+    let repository = format!("{addr}/{repo}");
+    let image = format!("{repository}@{digest}");
+    let dir = tempfile::tempdir().unwrap();
+
+    let generated = std::process::Command::new(cosign_bin())
+        .arg("generate-key-pair")
+        .current_dir(dir.path())
+        .env("COSIGN_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let signed = std::process::Command::new(cosign_bin())
+        .args([
+            "sign",
+            "--yes",
+            "--key",
+            "cosign.key",
+            "--tlog-upload=false",
+        ])
+        .arg("--allow-http-registry=true")
+        .arg(&image)
+        .current_dir(dir.path())
+        .env("COSIGN_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    let cosign_pub = dir.path().join("cosign.pub");
+    assert_verifies(&cosign_pub, &image, &[]);
+
+    let keys = KeyStore::load_or_create(&dir.path().join("sluice"), "passphrase").unwrap();
+    let pem = dir.path().join("sluice.pub");
+    write_pem(&keys, &pem);
+    let sig = sign_digest(&keys.image_key(), &repository, &digest, "acme-os", "6.0.0").unwrap();
+    reg.push_signatures(
+        &repository,
+        &[SignedDigest {
+            digest: digest.clone(),
+            signature: sig,
+        }],
+    )
+    .await
+    .unwrap();
+
+    assert_verifies(&cosign_pub, &image, &[]);
+    assert_verifies(&pem, &image, &["-a", "sluice.version=6.0.0"]);
+    assert_eq!(
+        reg.signature_layers(&repository, &digest)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+/// bcrypt (cost 4) of `s3cr3t`, for the password-protected registry below.
+const HTPASSWD: &str = "ci:$2b$04$cuuPR4xC.ijB4QGM6W0TIu07dzV/POiUCqyMGP7.X6MTJalNiqnZG\n";
+
+/// A registry process this test started; killed when dropped.
+struct OwnRegistry(std::process::Child);
+
+impl Drop for OwnRegistry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `docker-registry` (or `SLUICE_TEST_REGISTRY_BIN`) with htpasswd
+/// authentication on a free port; returns it with its `host:port`.
+async fn start_registry_with_password(dir: &Path) -> (OwnRegistry, String) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    std::fs::write(dir.join("htpasswd"), HTPASSWD).unwrap();
+    let config = format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {root}\n\
+         http:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: sluice-test\n    path: {htpasswd}\n",
+        root = dir.join("storage").display(),
+        htpasswd = dir.join("htpasswd").display(),
+    );
+    std::fs::write(dir.join("config.yml"), config).unwrap();
+    let bin =
+        std::env::var("SLUICE_TEST_REGISTRY_BIN").unwrap_or_else(|_| "docker-registry".into());
+    let child = std::process::Command::new(&bin)
+        .arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting {bin} (Debian's docker-registry; or set SLUICE_TEST_REGISTRY_BIN): {e}"
+            )
+        });
+    let guard = OwnRegistry(child);
+    // Readiness of a process we just started: poll its port, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = reqwest::get(format!("http://{addr}/v2/")).await;
+        if up.is_ok_and(|r| r.status() == 401) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{bin} did not come up on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (guard, addr)
+}
+
+/// Against a password-protected registry: credentials from the Docker
+/// config.json let Sluice push and resolve; without them, or with a wrong
+/// password, the answer is a 422 that names SLUICE_REGISTRY_AUTH.
+#[tokio::test]
+async fn registry_credentials_come_from_the_docker_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, addr) = start_registry_with_password(dir.path()).await;
+    let repository = format!("{addr}/acme/os");
+    let digest = images::digest(b"any manifest");
+    let keys = KeyStore::load_or_create(&dir.path().join("keys"), "passphrase").unwrap();
+    let sig = SignedDigest {
+        digest: digest.clone(),
+        signature: sign_digest(&keys.image_key(), &repository, &digest, "acme-os", "1.0.0")
+            .unwrap(),
+    };
+    let sig_tag = by_tag(&repository, &registry::signature_tag(&digest).unwrap());
+
+    let with_auth = |auth: &str| {
+        let path = dir.path().join(format!("auth-{}.json", auth.len()));
+        std::fs::write(&path, auth).unwrap();
+        let mut cfg = config(&[&addr], dir.path());
+        cfg.registry_auth = Some(path);
+        Registry::new(&cfg).unwrap()
+    };
+
+    // `auth` is base64 of `ci:s3cr3t`.
+    let good = with_auth(&format!(
+        r#"{{"auths": {{"{addr}": {{"auth": "Y2k6czNjcjN0"}}}}}}"#
+    ));
+    good.push_signatures(&repository, std::slice::from_ref(&sig))
+        .await
+        .unwrap();
+    let resolved = good.resolve(&sig_tag).await.unwrap();
+    assert_eq!(resolved.media_type, OCI_MANIFEST);
+    assert_eq!(
+        good.signature_layers(&repository, &digest)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let anonymous = Registry::new(&config(&[&addr], dir.path())).unwrap();
+    let err = anonymous.resolve(&sig_tag).await.unwrap_err();
+    assert_eq!(err.status(), 422, "{err}");
+    assert!(
+        err.to_string().contains("set SLUICE_REGISTRY_AUTH"),
+        "{err}"
+    );
+    let err = anonymous
+        .push_signatures(&repository, std::slice::from_ref(&sig))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), 422, "{err}");
+
+    let wrong = with_auth(&format!(
+        r#"{{"auths": {{"{addr}": {{"username": "ci", "password": "wrong"}}}}}}"#
+    ));
+    let err = wrong.resolve(&sig_tag).await.unwrap_err();
+    assert_eq!(err.status(), 422, "{err}");
+    assert!(err.to_string().contains("SLUICE_REGISTRY_AUTH"), "{err}");
+}
