@@ -1,0 +1,364 @@
+//! Builds small, real container images and pushes them to a plain-HTTP test
+//! registry through the distribution API: gzip tar layers with random files, an
+//! image config, and OCI or Docker schema 2 manifests, indexes and manifest
+//! lists. Shared by the integration tests (`#[path = "common/images.rs"] mod images;`).
+#![allow(dead_code)]
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// OCI image index.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker schema 2 manifest.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker manifest list.
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Which family of media types an image uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OCI image-spec media types.
+    Oci,
+    /// Docker schema 2 media types (what `docker push` writes).
+    Docker,
+}
+
+impl Format {
+    fn manifest(self) -> &'static str {
+        match self {
+            Format::Oci => OCI_MANIFEST,
+            Format::Docker => DOCKER_MANIFEST,
+        }
+    }
+    fn index(self) -> &'static str {
+        match self {
+            Format::Oci => OCI_INDEX,
+            Format::Docker => DOCKER_LIST,
+        }
+    }
+    fn config(self) -> &'static str {
+        match self {
+            Format::Oci => "application/vnd.oci.image.config.v1+json",
+            Format::Docker => "application/vnd.docker.container.image.v1+json",
+        }
+    }
+    fn layer(self) -> &'static str {
+        match self {
+            Format::Oci => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Format::Docker => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        }
+    }
+}
+
+/// One gzip-compressed tar layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// The compressed bytes, as pushed.
+    pub data: Vec<u8>,
+    /// `sha256:` of the uncompressed tar (the config's `diff_id`).
+    pub diff_id: String,
+}
+
+/// A pushed platform manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushedPlatform {
+    /// `amd64`, `arm64`, ...
+    pub arch: String,
+    /// The manifest's digest.
+    pub digest: String,
+    /// Sum of its compressed layer sizes.
+    pub size: u64,
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A unique repository name under `sluice-test/`, so runs never collide.
+pub fn unique_repo(prefix: &str) -> String {
+    let mut b = [0u8; 6];
+    rand::thread_rng().fill_bytes(&mut b);
+    format!("sluice-test/{prefix}-{}", hex::encode(b))
+}
+
+/// A gzip tar of regular files (mode 0644, owner 0:0), with the two zero
+/// blocks that end a tar archive. Parent directories are not added.
+pub fn layer(files: &[(&str, &[u8])]) -> Layer {
+    let mut tar = Vec::new();
+    for (name, content) in files {
+        tar.extend_from_slice(&ustar_header(name, content.len() as u64));
+        tar.extend_from_slice(content);
+        tar.resize(tar.len().next_multiple_of(512), 0);
+    }
+    tar.extend_from_slice(&[0u8; 1024]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).expect("gzip into memory");
+    Layer {
+        data: gz.finish().expect("gzip into memory"),
+        diff_id: digest(&tar),
+    }
+}
+
+/// A layer with one file of `len` random bytes at `etc/sluice-test/<random>`.
+pub fn random_layer(len: usize) -> Layer {
+    let mut content = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut content);
+    let name = format!(
+        "etc/sluice-test/{}",
+        hex::encode(&content[..content.len().min(8)])
+    );
+    layer(&[(&name, &content)])
+}
+
+fn ustar_header(name: &str, size: u64) -> [u8; 512] {
+    assert!(name.len() < 100, "test tar names stay under 100 bytes");
+    let mut h = [0u8; 512];
+    let mut put = |off: usize, bytes: &[u8]| h[off..off + bytes.len()].copy_from_slice(bytes);
+    put(0, name.as_bytes());
+    put(100, b"0000644\0");
+    put(108, b"0000000\0");
+    put(116, b"0000000\0");
+    put(124, format!("{size:011o}\0").as_bytes());
+    put(136, b"00000000000\0");
+    put(156, b"0");
+    put(257, b"ustar\0");
+    put(263, b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    h
+}
+
+/// Uploads a blob (monolithic POST + PUT) and returns its digest.
+pub async fn push_blob(registry: &str, repo: &str, data: &[u8]) -> String {
+    let d = digest(data);
+    let http = reqwest::Client::new();
+    let start = http
+        .post(format!("http://{registry}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("registry {registry} unreachable: {e}"));
+    assert_eq!(
+        start.status(),
+        202,
+        "starting a blob upload to {registry}/{repo}"
+    );
+    let location = start.headers()["location"].to_str().unwrap().to_string();
+    let url = if location.starts_with("http") {
+        location
+    } else {
+        format!("http://{registry}{location}")
+    };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let put = http
+        .put(format!("{url}{sep}digest={d}"))
+        .header("content-type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        put.status(),
+        201,
+        "uploading blob {d}: {}",
+        put.text().await.unwrap_or_default()
+    );
+    d
+}
+
+/// Puts a manifest under `reference` (a tag or its own digest) and returns its digest.
+pub async fn push_manifest(
+    registry: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> String {
+    let put = reqwest::Client::new()
+        .put(format!("http://{registry}/v2/{repo}/manifests/{reference}"))
+        .header("content-type", media_type)
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("registry {registry} unreachable: {e}"));
+    let status = put.status();
+    assert_eq!(
+        status,
+        201,
+        "pushing manifest {repo}:{reference}: {}",
+        put.text().await.unwrap_or_default()
+    );
+    digest(body)
+}
+
+/// Pushes layers, a config for `linux/<arch>` and a manifest; tagged with
+/// `tag` when given, else stored by digest only. Returns the manifest digest
+/// and the sum of the compressed layer sizes.
+pub async fn push_platform(
+    registry: &str,
+    repo: &str,
+    tag: Option<&str>,
+    format: Format,
+    arch: &str,
+    layers: &[Layer],
+) -> (String, u64) {
+    let (d, size, _) = push_platform_sized(registry, repo, tag, format, arch, layers).await;
+    (d, size)
+}
+
+/// [`push_platform`], also returning the manifest's own length (for index entries).
+async fn push_platform_sized(
+    registry: &str,
+    repo: &str,
+    tag: Option<&str>,
+    format: Format,
+    arch: &str,
+    layers: &[Layer],
+) -> (String, u64, usize) {
+    let mut descriptors = Vec::new();
+    for l in layers {
+        let d = push_blob(registry, repo, &l.data).await;
+        descriptors.push(serde_json::json!({
+            "mediaType": format.layer(), "digest": d, "size": l.data.len(),
+        }));
+    }
+    let config = serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()},
+    });
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_digest = push_blob(registry, repo, &config).await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": format.manifest(),
+        "config": {"mediaType": format.config(), "digest": config_digest, "size": config.len()},
+        "layers": descriptors,
+    }))
+    .unwrap();
+    let d = digest(&manifest);
+    push_manifest(
+        registry,
+        repo,
+        tag.unwrap_or(&d),
+        format.manifest(),
+        &manifest,
+    )
+    .await;
+    let size = layers.iter().map(|l| l.data.len() as u64).sum();
+    (d, size, manifest.len())
+}
+
+/// Pushes a `linux/amd64` OCI image of two small random layers under `tag`.
+/// Returns (manifest digest, total layer size).
+pub async fn push_image(registry: &str, repo: &str, tag: &str) -> (String, u64) {
+    let layers = [random_layer(2048), random_layer(700)];
+    push_platform(registry, repo, Some(tag), Format::Oci, "amd64", &layers).await
+}
+
+/// Like [`push_image`], with Docker schema 2 media types.
+pub async fn push_docker_image(registry: &str, repo: &str, tag: &str) -> (String, u64) {
+    let layers = [random_layer(1500), random_layer(300)];
+    push_platform(registry, repo, Some(tag), Format::Docker, "amd64", &layers).await
+}
+
+/// Pushes one image per architecture (by digest) and an index of them under
+/// `tag`, plus any `extra` index entries as given (e.g. an attestation).
+/// Returns the index digest and each platform pushed.
+pub async fn push_index_with(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    format: Format,
+    arches: &[&str],
+    extra: &[serde_json::Value],
+) -> (String, Vec<PushedPlatform>) {
+    let mut entries = Vec::new();
+    let mut pushed = Vec::new();
+    for arch in arches {
+        let layers = [random_layer(1024), random_layer(512)];
+        let (d, size, manifest_size) =
+            push_platform_sized(registry, repo, None, format, arch, &layers).await;
+        let mut platform = serde_json::json!({"os": "linux", "architecture": arch});
+        if *arch == "arm64" {
+            platform["variant"] = "v8".into();
+        }
+        entries.push(serde_json::json!({
+            "mediaType": format.manifest(), "digest": d, "size": manifest_size, "platform": platform,
+        }));
+        pushed.push(PushedPlatform {
+            arch: arch.to_string(),
+            digest: d,
+            size,
+        });
+    }
+    entries.extend(extra.iter().cloned());
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": format.index(),
+        "manifests": entries,
+    }))
+    .unwrap();
+    let d = push_manifest(registry, repo, tag, format.index(), &index).await;
+    (d, pushed)
+}
+
+/// Pushes a multi-arch OCI index of `arches` (arm64 gets variant `v8`).
+/// Returns the index digest and (arch, manifest digest, layer size) per platform.
+pub async fn push_index(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    arches: &[&str],
+) -> (String, Vec<(String, String, u64)>) {
+    let (d, p) = push_index_with(registry, repo, tag, Format::Oci, arches, &[]).await;
+    (
+        d,
+        p.into_iter().map(|p| (p.arch, p.digest, p.size)).collect(),
+    )
+}
+
+/// Like [`push_index`], as a Docker schema 2 manifest list.
+pub async fn push_docker_list(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    arches: &[&str],
+) -> (String, Vec<(String, String, u64)>) {
+    let (d, p) = push_index_with(registry, repo, tag, Format::Docker, arches, &[]).await;
+    (
+        d,
+        p.into_iter().map(|p| (p.arch, p.digest, p.size)).collect(),
+    )
+}
+
+/// Reads a manifest back as raw JSON (any of the four media types).
+pub async fn get_manifest(
+    registry: &str,
+    repo: &str,
+    reference: &str,
+) -> Option<serde_json::Value> {
+    let r = reqwest::Client::new()
+        .get(format!("http://{registry}/v2/{repo}/manifests/{reference}"))
+        .header(
+            "accept",
+            [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST].join(", "),
+        )
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 404 {
+        return None;
+    }
+    assert!(
+        r.status().is_success(),
+        "GET manifest {repo}:{reference}: {}",
+        r.status()
+    );
+    Some(r.json().await.unwrap())
+}
