@@ -41,8 +41,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct Readiness {
     /// `ok` or why not.
     pub database: String,
-    /// `ok`.
-    pub keys: String,
+    /// Each registry the products live in: `ok` or why not.
+    pub registries: std::collections::BTreeMap<String, String>,
 }
 
 /// The process is up.
@@ -51,20 +51,41 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Whether the server can do its work: the database answers.
+/// Whether the server can do its work. 503 when the database does not
+/// answer; a registry that is down is reported but keeps the server ready,
+/// since it only stops publishing, not devices' resolutions.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let database = match tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(&state.db),
+    let limit = std::time::Duration::from_secs(2);
+    let hosts = tokio::time::timeout(
+        limit,
+        sqlx::query_scalar!(
+            r#"SELECT DISTINCT split_part(repository, '/', 1) AS "host!" FROM products"#
+        )
+        .fetch_all(&state.db),
     )
-    .await
-    {
-        Ok(Ok(_)) => "ok".to_string(),
-        Ok(Err(e)) => format!("unavailable: {e}"),
-        Err(_) => "unavailable: no answer within 2 s".to_string(),
+    .await;
+    let (database, hosts) = match hosts {
+        Ok(Ok(hosts)) => ("ok".to_string(), hosts),
+        Ok(Err(e)) => (format!("unavailable: {e}"), vec![]),
+        Err(_) => ("unavailable: no answer within 2 s".to_string(), vec![]),
     };
+    let checks = hosts.into_iter().map(|host| {
+        let state = state.clone();
+        async move {
+            let r = match tokio::time::timeout(limit, state.registry.ping(&host)).await {
+                Ok(Ok(())) => "ok".to_string(),
+                Ok(Err(e)) => format!("unavailable: {e}"),
+                Err(_) => "unavailable: no answer within 2 s".to_string(),
+            };
+            (host, r)
+        }
+    });
+    let registries = futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .collect();
     let status = if database == "ok" {
         StatusCode::OK
     } else {
@@ -74,7 +95,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         status,
         axum::Json(Readiness {
             database,
-            keys: "ok".into(),
+            registries,
         }),
     )
         .into_response()

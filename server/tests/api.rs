@@ -456,6 +456,17 @@ async fn health_endpoints(pool: PgPool) {
     let (s, b) = app.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(b["database"], "ok");
+    // A registry that is down is named, and does not take the server out of rotation.
+    app.product("acme", "127.0.0.1:9/acme/os").await;
+    let (s, b) = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        b["registries"]["127.0.0.1:9"]
+            .as_str()
+            .unwrap()
+            .starts_with("unavailable"),
+        "{b}"
+    );
     let (s, b) = app.call(Method::GET, "/metrics", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(

@@ -11,7 +11,15 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-const ROLES: [&str; 7] = ["anonymous", "device", "device_other", "publisher", "publisher_other", "viewer", "admin"];
+const ROLES: [&str; 7] = [
+    "anonymous",
+    "device",
+    "device_other",
+    "publisher",
+    "publisher_other",
+    "viewer",
+    "admin",
+];
 
 /// Who may call a route.
 #[derive(Clone, Copy, Debug)]
@@ -45,11 +53,22 @@ async fn every_route_for_every_role(pool: PgPool) {
     let repo = format!("{reg}/{repo_path}");
     images::push_image(&reg, &repo_path, "base").await;
     let secret = app.product("acme", &repo).await;
-    let other_secret = app.product("other", &format!("{reg}/{}", images::unique_repo("authz-other"))).await;
+    let other_secret = app
+        .product(
+            "other",
+            &format!("{reg}/{}", images::unique_repo("authz-other")),
+        )
+        .await;
     app.channel("acme", "stable").await;
     app.channel("other", "stable").await;
     for v in ["1.0.0", "0.9.0"] {
-        let (s, b) = app.post("/v1/products/acme/releases", &app.admin, json!({"version": v, "image": format!("{repo}:base")})).await;
+        let (s, b) = app
+            .post(
+                "/v1/products/acme/releases",
+                &app.admin,
+                json!({"version": v, "image": format!("{repo}:base")}),
+            )
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{b}");
     }
     let (device_id, device) = app.enroll("acme", &secret, "m-1", "stable").await;
@@ -75,49 +94,244 @@ async fn every_route_for_every_role(pool: PgPool) {
 
     for (i, role) in ROLES.iter().enumerate() {
         // Things an allowed call may consume: a token to revoke, a release to revoke.
-        let (_, t) = app.post("/v1/tokens", &app.admin, json!({"name": format!("doomed-{role}"), "role": "viewer"})).await;
+        let (_, t) = app
+            .post(
+                "/v1/tokens",
+                &app.admin,
+                json!({"name": format!("doomed-{role}"), "role": "viewer"}),
+            )
+            .await;
         let doomed = t["id"].as_str().unwrap().to_string();
         let routes: Vec<(Method, String, Option<Value>, Who, StatusCode)> = vec![
-            (Method::GET, "/healthz".into(), None, Who::Anyone, StatusCode::OK),
-            (Method::GET, "/readyz".into(), None, Who::Anyone, StatusCode::OK),
-            (Method::GET, "/metrics".into(), None, Who::Anyone, StatusCode::OK),
-            (Method::GET, "/openapi.json".into(), None, Who::Anyone, StatusCode::OK),
-            (Method::GET, "/v1/keys".into(), None, Who::Anyone, StatusCode::OK),
-            (Method::POST, "/v1/tokens".into(), Some(json!({"name": "t", "role": "publisher", "products": ["acme"]})), Who::Admin, StatusCode::CREATED),
-            (Method::GET, "/v1/tokens".into(), None, Who::Admin, StatusCode::OK),
-            (Method::DELETE, format!("/v1/tokens/{doomed}"), None, Who::Admin, StatusCode::NO_CONTENT),
-            (Method::POST, "/v1/products".into(), Some(json!({"name": format!("p{i}"), "repository": "r.example/p"})), Who::Admin, StatusCode::CREATED),
-            (Method::GET, "/v1/products".into(), None, Who::Viewer, StatusCode::OK),
-            (Method::GET, "/v1/products/acme".into(), None, Who::Viewer, StatusCode::OK),
-            (Method::POST, "/v1/products/acme/enrollment-secret".into(), Some(json!({})), Who::Admin, StatusCode::OK),
-            (Method::POST, "/v1/products/acme/releases".into(), Some(json!({"version": format!("1.1.{i}"), "image": format!("{repo}:base")})), Who::Publisher, StatusCode::CREATED),
-            (Method::GET, "/v1/products/acme/releases".into(), None, Who::Viewer, StatusCode::OK),
-            (Method::GET, "/v1/products/acme/releases/1.0.0".into(), None, Who::Viewer, StatusCode::OK),
-            (Method::POST, "/v1/products/acme/releases/0.9.0/revoke".into(), Some(json!({})), Who::Admin, StatusCode::OK),
-            (Method::POST, "/v1/products/acme/channels".into(), Some(json!({"name": format!("c{i}")})), Who::Admin, StatusCode::CREATED),
-            (Method::GET, "/v1/products/acme/channels".into(), None, Who::Viewer, StatusCode::OK),
-            (Method::GET, "/v1/products/acme/channels/stable".into(), None, Who::Viewer, StatusCode::OK),
-            (Method::POST, "/v1/products/acme/channels/stable/promote".into(), Some(json!({"version": "1.0.0", "percent": 20})), Who::Publisher, StatusCode::OK),
-            (Method::PATCH, "/v1/products/acme/channels/stable/rollout".into(), Some(json!({"percent": 30})), Who::Admin, StatusCode::OK),
-            (Method::POST, "/v1/products/acme/channels/stable/rollback".into(), Some(json!({"version": "1.0.0"})), Who::Admin, StatusCode::OK),
-            (Method::GET, "/v1/products/acme/channels/stable/history".into(), None, Who::Viewer, StatusCode::OK),
-            (Method::GET, "/v1/products/acme/channels/stable/resolve?nonce=abcdefgh12".into(), None, Who::OwnDevice, StatusCode::OK),
-            (Method::POST, format!("/v1/devices/{device_id}/events"), Some(json!({"kind": "downloaded", "version": "1.0.0", "digest": digest})), Who::OwnDevice, StatusCode::NO_CONTENT),
-            (Method::GET, "/v1/devices".into(), None, Who::Viewer, StatusCode::OK),
-            (Method::GET, format!("/v1/devices/{device_id}"), None, Who::Viewer, StatusCode::OK),
-            (Method::PUT, format!("/v1/devices/{device_id}/pin"), Some(json!({"version": "1.0.0"})), Who::Admin, StatusCode::OK),
-            (Method::GET, "/v1/audit".into(), None, Who::Admin, StatusCode::OK),
-            (Method::POST, "/v1/keys/response/rotate".into(), Some(json!({})), Who::Admin, StatusCode::OK),
+            (
+                Method::GET,
+                "/healthz".into(),
+                None,
+                Who::Anyone,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/readyz".into(),
+                None,
+                Who::Anyone,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/metrics".into(),
+                None,
+                Who::Anyone,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/openapi.json".into(),
+                None,
+                Who::Anyone,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/keys".into(),
+                None,
+                Who::Anyone,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                "/v1/tokens".into(),
+                Some(json!({"name": "t", "role": "publisher", "products": ["acme"]})),
+                Who::Admin,
+                StatusCode::CREATED,
+            ),
+            (
+                Method::GET,
+                "/v1/tokens".into(),
+                None,
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::DELETE,
+                format!("/v1/tokens/{doomed}"),
+                None,
+                Who::Admin,
+                StatusCode::NO_CONTENT,
+            ),
+            (
+                Method::POST,
+                "/v1/products".into(),
+                Some(json!({"name": format!("p{i}"), "repository": "r.example/p"})),
+                Who::Admin,
+                StatusCode::CREATED,
+            ),
+            (
+                Method::GET,
+                "/v1/products".into(),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/products/acme".into(),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                "/v1/products/acme/enrollment-secret".into(),
+                Some(json!({})),
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                "/v1/products/acme/releases".into(),
+                Some(json!({"version": format!("1.1.{i}"), "image": format!("{repo}:base")})),
+                Who::Publisher,
+                StatusCode::CREATED,
+            ),
+            (
+                Method::GET,
+                "/v1/products/acme/releases".into(),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/products/acme/releases/1.0.0".into(),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                "/v1/products/acme/releases/0.9.0/revoke".into(),
+                Some(json!({})),
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                "/v1/products/acme/channels".into(),
+                Some(json!({"name": format!("c{i}")})),
+                Who::Admin,
+                StatusCode::CREATED,
+            ),
+            (
+                Method::GET,
+                "/v1/products/acme/channels".into(),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/products/acme/channels/stable".into(),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                "/v1/products/acme/channels/stable/promote".into(),
+                Some(json!({"version": "1.0.0", "percent": 20})),
+                Who::Publisher,
+                StatusCode::OK,
+            ),
+            (
+                Method::PATCH,
+                "/v1/products/acme/channels/stable/rollout".into(),
+                Some(json!({"percent": 30})),
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                "/v1/products/acme/channels/stable/rollback".into(),
+                Some(json!({"version": "1.0.0"})),
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/products/acme/channels/stable/history".into(),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/products/acme/channels/stable/resolve?nonce=abcdefgh12".into(),
+                None,
+                Who::OwnDevice,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                format!("/v1/devices/{device_id}/events"),
+                Some(json!({"kind": "downloaded", "version": "1.0.0", "digest": digest})),
+                Who::OwnDevice,
+                StatusCode::NO_CONTENT,
+            ),
+            (
+                Method::GET,
+                "/v1/devices".into(),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                format!("/v1/devices/{device_id}"),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::PUT,
+                format!("/v1/devices/{device_id}/pin"),
+                Some(json!({"version": "1.0.0"})),
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/audit".into(),
+                None,
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                "/v1/keys/response/rotate".into(),
+                Some(json!({})),
+                Who::Admin,
+                StatusCode::OK,
+            ),
         ];
         for (method, path, body, who, ok) in routes {
             let want = expected(who, role, ok);
-            let (got, b) = app.call(method.clone(), &path, token_of(role).as_deref(), body).await;
+            let (got, b) = app
+                .call(method.clone(), &path, token_of(role).as_deref(), body)
+                .await;
             checked += 1;
             if got != want {
-                failures.push(format!("{role:16} {method} {path}: expected {want}, got {got} {b}"));
+                failures.push(format!(
+                    "{role:16} {method} {path}: expected {want}, got {got} {b}"
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {checked} checks failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} checks failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert_eq!(checked, 30 * ROLES.len());
 }

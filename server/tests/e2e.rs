@@ -28,13 +28,17 @@ async fn resolve_all(app: &TestApp, keys: &KeySet, devices: &[Device]) -> Vec<Re
         let futs = chunk.iter().enumerate().map(|(i, d)| {
             let client = client.clone();
             let nonce = format!("nonce-{}-{i}", rand::random::<u64>());
-            let url = format!("{}/v1/products/acme/channels/stable/resolve?arch=amd64&current={}&nonce={nonce}", app.url, d.current);
+            let url = format!(
+                "{}/v1/products/acme/channels/stable/resolve?arch=amd64&current={}&nonce={nonce}",
+                app.url, d.current
+            );
             async move {
                 let r = client.get(url).bearer_auth(&d.token).send().await.unwrap();
                 assert_eq!(r.status(), StatusCode::OK);
                 let sig = r.headers()[SIGNATURE_HEADER].to_str().unwrap().to_string();
                 let body = r.bytes().await.unwrap();
-                keys.verify_response(&sig, &body).expect("every answer is signed by a trusted response key");
+                keys.verify_response(&sig, &body)
+                    .expect("every answer is signed by a trusted response key");
                 let answer: ResolveResponse = serde_json::from_slice(&body).unwrap();
                 assert_eq!(answer.nonce, nonce);
                 assert_eq!(answer.device_id, d.id);
@@ -47,7 +51,10 @@ async fn resolve_all(app: &TestApp, keys: &KeySet, devices: &[Device]) -> Vec<Re
 }
 
 fn offered(answers: &[ResolveResponse], version: &str) -> usize {
-    answers.iter().filter(|a| a.update && a.release.as_ref().is_some_and(|r| r.version == version)).count()
+    answers
+        .iter()
+        .filter(|a| a.update && a.release.as_ref().is_some_and(|r| r.version == version))
+        .count()
 }
 
 fn cli(app: &TestApp, token: &str, args: &[&str]) -> (i32, String, String) {
@@ -72,7 +79,11 @@ fn cosign_verify(pem: &str, image: &str) -> bool {
     let out = std::process::Command::new(cosign)
         .args(["verify", "--key"])
         .arg(&key)
-        .args(["--insecure-ignore-tlog=true", "--allow-http-registry=true", image])
+        .args([
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry=true",
+            image,
+        ])
         .output()
         .expect("cosign runs (scripts/test installs it)");
     out.status.success()
@@ -84,7 +95,12 @@ fn image_keys(keys: &Value) -> Vec<(String, String)> {
         .unwrap()
         .iter()
         .filter(|k| k["role"] == "image")
-        .map(|k| (k["key_id"].as_str().unwrap().to_string(), k["public_key_pem"].as_str().unwrap().to_string()))
+        .map(|k| {
+            (
+                k["key_id"].as_str().unwrap().to_string(),
+                k["public_key_pem"].as_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }
 
@@ -104,14 +120,55 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     let ci = app.publisher(&["acme"]).await;
 
     // The base, published with the CLI in one line and made head at 100 %.
-    let (code, out, err) = cli(&app, &ci, &["release", "publish", "--product", "acme", "--version", "1.0.0", "--image", &format!("{repo}:1.0.0"), "--channel", "stable:100"]);
+    let (code, out, err) = cli(
+        &app,
+        &ci,
+        &[
+            "release",
+            "publish",
+            "--product",
+            "acme",
+            "--version",
+            "1.0.0",
+            "--image",
+            &format!("{repo}:1.0.0"),
+            "--channel",
+            "stable:100",
+        ],
+    );
     assert_eq!(code, 0, "{out}{err}");
     let published: Value = serde_json::from_str(&out).expect("the CLI prints the release as JSON");
     assert_eq!(published["digest"], d1);
     // Publishing again is idempotent; another digest for the same version is refused.
-    let (code, _, err) = cli(&app, &ci, &["release", "publish", "--product", "acme", "--version", "1.0.0", "--image", &format!("{repo}:1.0.0")]);
+    let (code, _, err) = cli(
+        &app,
+        &ci,
+        &[
+            "release",
+            "publish",
+            "--product",
+            "acme",
+            "--version",
+            "1.0.0",
+            "--image",
+            &format!("{repo}:1.0.0"),
+        ],
+    );
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = cli(&app, &ci, &["release", "publish", "--product", "acme", "--version", "1.0.0", "--image", &format!("{repo}:1.1.0")]);
+    let (code, _, err) = cli(
+        &app,
+        &ci,
+        &[
+            "release",
+            "publish",
+            "--product",
+            "acme",
+            "--version",
+            "1.0.0",
+            "--image",
+            &format!("{repo}:1.1.0"),
+        ],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("already published"), "{err}");
 
@@ -121,43 +178,119 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     // 1 000 devices on the base.
     let mut devices = Vec::new();
     for i in 0..1000 {
-        let (id, token) = app.enroll("acme", &secret, &format!("machine-{i}"), "stable").await;
-        devices.push(Device { id, token, current: d1.clone() });
+        let (id, token) = app
+            .enroll("acme", &secret, &format!("machine-{i}"), "stable")
+            .await;
+        devices.push(Device {
+            id,
+            token,
+            current: d1.clone(),
+        });
     }
     let answers = resolve_all(&app, &keys, &devices).await;
-    assert_eq!(answers.iter().filter(|a| a.update).count(), 0, "everyone runs the head");
+    assert_eq!(
+        answers.iter().filter(|a| a.update).count(),
+        0,
+        "everyone runs the head"
+    );
 
     // 1.1.0 at 10 %: about a hundred devices are offered it, and the offer is signed for it.
-    let (code, _, err) = cli(&app, &ci, &["release", "publish", "--product", "acme", "--version", "1.1.0", "--image", &format!("{repo}:1.1.0"), "--channel", "stable:10"]);
+    let (code, _, err) = cli(
+        &app,
+        &ci,
+        &[
+            "release",
+            "publish",
+            "--product",
+            "acme",
+            "--version",
+            "1.1.0",
+            "--image",
+            &format!("{repo}:1.1.0"),
+            "--channel",
+            "stable:10",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     let answers = resolve_all(&app, &keys, &devices).await;
     let n = offered(&answers, "1.1.0");
     assert!((60..=140).contains(&n), "10 % of 1000 devices, got {n}");
-    let offer = answers.iter().find(|a| a.update).unwrap().release.clone().unwrap();
+    let offer = answers
+        .iter()
+        .find(|a| a.update)
+        .unwrap()
+        .release
+        .clone()
+        .unwrap();
     assert_eq!(offer.digest, d2);
     assert_eq!(offer.image, format!("{repo}@{d2}"));
-    sluice_protocol::simplesigning::verify_image_signature(&keys, &offer.signature, &d2, "acme", "1.1.0").unwrap();
+    sluice_protocol::simplesigning::verify_image_signature(
+        &keys,
+        &offer.signature,
+        &d2,
+        "acme",
+        "1.1.0",
+    )
+    .unwrap();
     // Polling again gives the same devices the same answer.
     let again = resolve_all(&app, &keys, &devices).await;
-    assert!(answers.iter().zip(&again).all(|(a, b)| a.update == b.update));
+    assert!(
+        answers
+            .iter()
+            .zip(&again)
+            .all(|(a, b)| a.update == b.update)
+    );
     assert!(again.iter().all(|a| a.serial == answers[0].serial));
 
     // 100 %: everyone.
-    let (code, _, err) = cli(&app, &app.admin, &["channel", "rollout", "--product", "acme", "--channel", "stable", "--percent", "100"]);
+    let (code, _, err) = cli(
+        &app,
+        &app.admin,
+        &[
+            "channel",
+            "rollout",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--percent",
+            "100",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     let answers100 = resolve_all(&app, &keys, &devices).await;
     assert_eq!(offered(&answers100, "1.1.0"), 1000);
-    assert!(answers100[0].serial > answers[0].serial, "every change raises the serial");
+    assert!(
+        answers100[0].serial > answers[0].serial,
+        "every change raises the serial"
+    );
 
     // Half the fleet upgrades.
     for d in devices.iter_mut().take(500) {
-        let (s, b) = app.post(&format!("/v1/devices/{}/events", d.id), &d.token, json!({"kind": "healthy", "version": "1.1.0", "digest": d2})).await;
+        let (s, b) = app
+            .post(
+                &format!("/v1/devices/{}/events", d.id),
+                &d.token,
+                json!({"kind": "healthy", "version": "1.1.0", "digest": d2}),
+            )
+            .await;
         assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
         d.current = d2.clone();
     }
 
     // Roll back: the upgraded devices are offered the base with `downgrade: true`.
-    let (code, _, err) = cli(&app, &app.admin, &["channel", "rollback", "--product", "acme", "--channel", "stable"]);
+    let (code, _, err) = cli(
+        &app,
+        &app.admin,
+        &[
+            "channel",
+            "rollback",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     let answers = resolve_all(&app, &keys, &devices).await;
     for (a, d) in answers.iter().zip(&devices) {
@@ -171,16 +304,37 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     }
 
     // 1.2.0 with a strict gate: failures above it halt the rollout by itself.
-    let (s, b) = app.post("/v1/products/acme/releases", &ci, json!({"version": "1.2.0", "image": format!("{repo}:1.2.0")})).await;
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &ci,
+            json!({"version": "1.2.0", "image": format!("{repo}:1.2.0")}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
-    let (s, b) = app.post("/v1/products/acme/channels/stable/promote", &ci, json!({"version": "1.2.0", "percent": 100})).await;
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/channels/stable/promote",
+            &ci,
+            json!({"version": "1.2.0", "percent": 100}),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let (s, b) = app
-        .call(Method::PATCH, "/v1/products/acme/channels/stable/rollout", Some(&app.admin), Some(json!({"gate": {"max_failure_percent": 20, "min_reports": 10}})))
+        .call(
+            Method::PATCH,
+            "/v1/products/acme/channels/stable/rollout",
+            Some(&app.admin),
+            Some(json!({"gate": {"max_failure_percent": 20, "min_reports": 10}})),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let report = |d: &Device, kind: &str| {
-        app.post(&format!("/v1/devices/{}/events", d.id), &d.token, json!({"kind": kind, "version": "1.2.0", "digest": d3}))
+        app.post(
+            &format!("/v1/devices/{}/events", d.id),
+            &d.token,
+            json!({"kind": kind, "version": "1.2.0", "digest": d3}),
+        )
     };
     for d in &devices[..7] {
         assert_eq!(report(d, "healthy").await.0, StatusCode::NO_CONTENT);
@@ -188,18 +342,36 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     for d in &devices[7..9] {
         assert_eq!(report(d, "failed").await.0, StatusCode::NO_CONTENT);
     }
-    let (_, ch) = app.get("/v1/products/acme/channels/stable", &app.admin).await;
-    assert_eq!(ch["rollout"]["paused"], false, "9 reports are below min_reports: {ch}");
-    assert_eq!(report(&devices[9], "rolled_back").await.0, StatusCode::NO_CONTENT);
-    let (_, ch) = app.get("/v1/products/acme/channels/stable", &app.admin).await;
-    assert_eq!(ch["rollout"]["paused"], true, "3 of 10 bad is above 20 %: {ch}");
+    let (_, ch) = app
+        .get("/v1/products/acme/channels/stable", &app.admin)
+        .await;
+    assert_eq!(
+        ch["rollout"]["paused"], false,
+        "9 reports are below min_reports: {ch}"
+    );
+    assert_eq!(
+        report(&devices[9], "rolled_back").await.0,
+        StatusCode::NO_CONTENT
+    );
+    let (_, ch) = app
+        .get("/v1/products/acme/channels/stable", &app.admin)
+        .await;
+    assert_eq!(
+        ch["rollout"]["paused"], true,
+        "3 of 10 bad is above 20 %: {ch}"
+    );
     assert_eq!(ch["gate"]["reports"], 10);
     assert_eq!(ch["gate"]["failures"], 3);
-    let (_, history) = app.get("/v1/products/acme/channels/stable/history", &app.admin).await;
+    let (_, history) = app
+        .get("/v1/products/acme/channels/stable/history", &app.admin)
+        .await;
     let last = &history["items"][0];
     assert_eq!(last["action"], "gate");
     assert_eq!(last["actor"], "system");
-    assert!(last["reason"].as_str().unwrap().contains("3 of 10 devices"), "{last}");
+    assert!(
+        last["reason"].as_str().unwrap().contains("3 of 10 devices"),
+        "{last}"
+    );
     let (_, audit) = app.get("/v1/audit?action=channel.gate", &app.admin).await;
     assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
     // Paused: devices not on the head are not offered it.
@@ -209,7 +381,11 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     // Check-ins reach the database (written behind, flushed on shutdown).
     let mut app = app;
     app.stop().await;
-    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE current_digest IS NOT NULL").fetch_one(&app.state.db).await.unwrap();
+    let seen: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM devices WHERE current_digest IS NOT NULL")
+            .fetch_one(&app.state.db)
+            .await
+            .unwrap();
     assert_eq!(seen, 1000);
 }
 
@@ -225,10 +401,23 @@ async fn cosign_verifies_our_signatures_across_rotation(pool: PgPool) {
     images::push_image(&reg, &repo_path, "2.0.0").await;
     app.product("acme", &repo).await;
 
-    let (s, b) = app.post("/v1/products/acme/releases", &app.admin, json!({"version": "1.0.0", "image": format!("{repo}:1.0.0")})).await;
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &app.admin,
+            json!({"version": "1.0.0", "image": format!("{repo}:1.0.0")}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
     assert_eq!(b["platforms"].as_array().unwrap().len(), 2);
-    assert!(b["platforms"].as_array().unwrap().iter().all(|p| p["signed_by"].as_array().unwrap().len() == 1), "{b}");
+    assert!(
+        b["platforms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["signed_by"].as_array().unwrap().len() == 1),
+        "{b}"
+    );
     let (_, keys) = app.call(Method::GET, "/v1/keys", None, None).await;
     let old = image_keys(&keys);
     assert_eq!(old.len(), 1);
@@ -241,19 +430,39 @@ async fn cosign_verifies_our_signatures_across_rotation(pool: PgPool) {
         .unwrap()
         .public_key_to_pem()
         .unwrap();
-    assert!(!cosign_verify(&other, &format!("{repo}:1.0.0")), "another key must not verify");
+    assert!(
+        !cosign_verify(&other, &format!("{repo}:1.0.0")),
+        "another key must not verify"
+    );
 
-    let (s, b) = app.post("/v1/keys/image/rotate", &app.admin, json!({})).await;
+    let (s, b) = app
+        .post("/v1/keys/image/rotate", &app.admin, json!({}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    let (s, b) = app.post("/v1/products/acme/releases", &app.admin, json!({"version": "2.0.0", "image": format!("{repo}:2.0.0")})).await;
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &app.admin,
+            json!({"version": "2.0.0", "image": format!("{repo}:2.0.0")}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
     let (_, keys) = app.call(Method::GET, "/v1/keys", None, None).await;
     let both = image_keys(&keys);
     assert_eq!(both.len(), 2, "the old key stays trusted");
     let new = both.iter().find(|k| k.0 != old[0].0).unwrap();
-    assert!(cosign_verify(&old[0].1, &format!("{repo}:1.0.0")), "signed before the rotation");
-    assert!(cosign_verify(&new.1, &format!("{repo}:2.0.0")), "signed after the rotation");
-    assert!(!cosign_verify(&new.1, &format!("{repo}:1.0.0")), "the new key did not sign the old image");
+    assert!(
+        cosign_verify(&old[0].1, &format!("{repo}:1.0.0")),
+        "signed before the rotation"
+    );
+    assert!(
+        cosign_verify(&new.1, &format!("{repo}:2.0.0")),
+        "signed after the rotation"
+    );
+    assert!(
+        !cosign_verify(&new.1, &format!("{repo}:1.0.0")),
+        "the new key did not sign the old image"
+    );
 }
 
 /// The registry down during publish: 503, nothing stored; a retry succeeds.
@@ -265,24 +474,61 @@ async fn publish_with_the_registry_down(pool: PgPool) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let (s, b) = app.post("/v1/products", &app.admin, json!({"name": "down", "repository": format!("{dead}/acme/os")})).await;
+    let (s, b) = app
+        .post(
+            "/v1/products",
+            &app.admin,
+            json!({"name": "down", "repository": format!("{dead}/acme/os")}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
-    let (s, b) = app.post("/v1/products/down/releases", &app.admin, json!({"version": "1.0.0", "image": format!("{dead}/acme/os:1.0.0")})).await;
+    let (s, b) = app
+        .post(
+            "/v1/products/down/releases",
+            &app.admin,
+            json!({"version": "1.0.0", "image": format!("{dead}/acme/os:1.0.0")}),
+        )
+        .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
     assert!(b["detail"].as_str().unwrap().contains("unreachable"), "{b}");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM releases").fetch_one(&app.state.db).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM releases")
+        .fetch_one(&app.state.db)
+        .await
+        .unwrap();
     assert_eq!(n, 0);
 
     // A tag that is not in the registry: 422 with what to do.
     let reg = registry();
     let repo_path = images::unique_repo("missing");
     app.product("acme", &format!("{reg}/{repo_path}")).await;
-    let (s, b) = app.post("/v1/products/acme/releases", &app.admin, json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:nope")})).await;
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &app.admin,
+            json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:nope")}),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
-    assert!(b["detail"].as_str().unwrap().contains("push it before publishing"), "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("push it before publishing"),
+        "{b}"
+    );
     images::push_image(&reg, &repo_path, "nope").await;
-    let (s, b) = app.post("/v1/products/acme/releases", &app.admin, json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:nope")})).await;
-    assert_eq!(s, StatusCode::CREATED, "a retry once the image is there succeeds: {b}");
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &app.admin,
+            json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:nope")}),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "a retry once the image is there succeeds: {b}"
+    );
 }
 
 /// Pins override the channel: a release pin, an image pin (resolved and signed
@@ -305,27 +551,69 @@ async fn pins_override_the_channel(pool: PgPool) {
     let (_, keys) = app.call(Method::GET, "/v1/keys", None, None).await;
     let keys: KeySet = serde_json::from_value(keys).unwrap();
     let (id, token) = app.enroll("acme", &secret, "pinned", "stable").await;
-    let dev = [Device { id: id.clone(), token, current: d2.clone() }];
+    let dev = [Device {
+        id: id.clone(),
+        token,
+        current: d2.clone(),
+    }];
     assert!(!resolve_all(&app, &keys, &dev).await[0].update);
 
-    let (s, b) = app.call(Method::PUT, &format!("/v1/devices/{id}/pin"), Some(&app.admin), Some(json!({"version": "1.0.0"}))).await;
+    let (s, b) = app
+        .call(
+            Method::PUT,
+            &format!("/v1/devices/{id}/pin"),
+            Some(&app.admin),
+            Some(json!({"version": "1.0.0"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let a = &resolve_all(&app, &keys, &dev).await[0];
     assert!(a.update && a.downgrade);
     assert_eq!(a.release.as_ref().unwrap().digest, d1);
 
-    let (s, b) = app.call(Method::PUT, &format!("/v1/devices/{id}/pin"), Some(&app.admin), Some(json!({"image": format!("{repo}:experimental")}))).await;
+    let (s, b) = app
+        .call(
+            Method::PUT,
+            &format!("/v1/devices/{id}/pin"),
+            Some(&app.admin),
+            Some(json!({"image": format!("{repo}:experimental")})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["pin"]["digest"], dx);
     let a = &resolve_all(&app, &keys, &dev).await[0];
     let offer = a.release.as_ref().unwrap();
     assert!(a.update);
     assert_eq!(offer.digest, dx);
-    sluice_protocol::simplesigning::verify_image_signature(&keys, &offer.signature, &dx, "acme", &offer.version).unwrap();
+    sluice_protocol::simplesigning::verify_image_signature(
+        &keys,
+        &offer.signature,
+        &dx,
+        "acme",
+        &offer.version,
+    )
+    .unwrap();
 
-    let (s, b) = app.call(Method::PUT, &format!("/v1/devices/{id}/pin"), Some(&app.admin), Some(json!({"image": "elsewhere.example/x:1"}))).await;
+    let (s, b) = app
+        .call(
+            Method::PUT,
+            &format!("/v1/devices/{id}/pin"),
+            Some(&app.admin),
+            Some(json!({"image": "elsewhere.example/x:1"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
-    let (s, _) = app.call(Method::PUT, &format!("/v1/devices/{id}/pin"), Some(&app.admin), Some(json!({}))).await;
+    let (s, _) = app
+        .call(
+            Method::PUT,
+            &format!("/v1/devices/{id}/pin"),
+            Some(&app.admin),
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
-    assert!(!resolve_all(&app, &keys, &dev).await[0].update, "unpinned, back on the channel's head");
+    assert!(
+        !resolve_all(&app, &keys, &dev).await[0].update,
+        "unpinned, back on the channel's head"
+    );
 }
