@@ -1,6 +1,8 @@
 # Sourced by scripts/run and scripts/test: installs what is missing and starts a
 # private PostgreSQL cluster and OCI registry on loopback, under a folder we own.
 # Needs: STATE (the folder), PG_PORT, REG_PORT. Exports DATABASE_URL and REGISTRY.
+# Also: port checks, the Rust toolchain and cosign checks, and the database the
+# sqlx macros check queries against at compile time (prepare_build_db).
 
 need_apt() {
   local missing=()
@@ -69,4 +71,95 @@ YML
 stop_registry() {
   [ -f "$STATE/registry.pid" ] && kill "$(cat "$STATE/registry.pid")" 2>/dev/null || true
   rm -f "$STATE/registry.pid"
+}
+
+# True when nothing accepts connections on 127.0.0.1:$1.
+port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Fails with a clear message when 127.0.0.1:$1 is taken; $2 names the env var to change it.
+require_port() {
+  port_free "$1" && return 0
+  echo "error: port 127.0.0.1:$1 is already in use; stop what listens there or set $2 to another port" >&2
+  return 1
+}
+
+# Prints a port nobody listens on (random, 20000-59999), other than any given as arguments.
+free_port() {
+  local p
+  for _ in $(seq 1 200); do
+    p=$((20000 + RANDOM % 40000))
+    case " $* " in *" $p "*) continue ;; esac
+    port_free "$p" && { echo "$p"; return 0; }
+  done
+  echo "error: no free port found on 127.0.0.1" >&2
+  return 1
+}
+
+# Rust >= 1.94 with rustfmt and clippy; Debian's own rustc is too old.
+need_rust() {
+  if ! command -v cargo >/dev/null; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  command -v cargo >/dev/null || {
+    echo "error: cargo not found. Install Rust >= 1.94 with rustup:" >&2
+    echo "  curl --proto '=https' -sSf https://sh.rustup.rs | sh -s -- -y --component rustfmt,clippy" >&2
+    return 1
+  }
+  local v
+  v=$(rustc --version | awk '{print $2}')
+  if [ "$(printf '%s\n1.94.0\n' "$v" | sort -V | head -n1)" != "1.94.0" ]; then
+    echo "error: rustc $v is too old: Sluice needs >= 1.94 (rustup update stable)" >&2
+    return 1
+  fi
+  for c in fmt clippy; do
+    cargo "$c" --version >/dev/null 2>&1 && continue
+    if command -v rustup >/dev/null; then
+      rustup component add "$( [ "$c" = fmt ] && echo rustfmt || echo clippy )"
+    else
+      echo "error: cargo $c is missing: install the rustfmt and clippy components" >&2
+      return 1
+    fi
+  done
+}
+
+# Sets COSIGN to a working cosign CLI: $COSIGN, one on PATH, or installed by the
+# sibling shared/tools/install-cosign (Debian 12 has no cosign package).
+need_cosign() {
+  if [ -n "${COSIGN:-}" ] && "$COSIGN" version >/dev/null 2>&1; then export COSIGN; return 0; fi
+  if command -v cosign >/dev/null && cosign version >/dev/null 2>&1; then
+    COSIGN=$(command -v cosign); export COSIGN; return 0
+  fi
+  local installer dest=/usr/local/bin
+  installer="$(cd "$ROOT/.." && pwd)/shared/tools/install-cosign"
+  [ "$(id -u)" = 0 ] || dest="$HOME/.local/bin"
+  if [ -f "$installer" ]; then
+    echo "==> installing cosign into $dest ($installer)"
+    bash "$installer" "$dest" >/dev/null
+    COSIGN="$dest/cosign"; export COSIGN
+    "$COSIGN" version >/dev/null 2>&1 && return 0
+  fi
+  echo "error: cosign is missing and $installer does not exist." >&2
+  echo "  Install cosign >= 2 on PATH, or set COSIGN=/path/to/cosign." >&2
+  return 1
+}
+
+# The database the sqlx query macros check against while compiling. With a
+# committed .sqlx/ folder builds are offline (SQLX_OFFLINE=true); otherwise a
+# fresh `sluice_build` database in our cluster gets every migration by psql,
+# so it always matches migrations/. Exports BUILD_DATABASE_URL.
+prepare_build_db() {
+  if [ -d "$ROOT/.sqlx" ]; then
+    export SQLX_OFFLINE=true
+    export BUILD_DATABASE_URL="${DATABASE_URL}"
+    return 0
+  fi
+  local psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres)
+  "${psql[@]}" -d postgres -c 'DROP DATABASE IF EXISTS sluice_build WITH (FORCE)' -c 'CREATE DATABASE sluice_build' >/dev/null
+  local f
+  for f in "$ROOT"/migrations/*.sql; do
+    "${psql[@]}" -d sluice_build -f "$f" >/dev/null || { echo "error: migration $f failed" >&2; return 1; }
+  done
+  export BUILD_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/sluice_build"
 }

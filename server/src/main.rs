@@ -1,6 +1,8 @@
 //! `sluice`: the server (`sluice serve`) and the CLI for CI and admins.
 #![deny(unsafe_code)]
 
+mod cli;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_protocol::KeyRole;
@@ -9,7 +11,7 @@ use std::path::PathBuf;
 
 /// Sluice: image-based OS releases for fleets of devices.
 #[derive(Parser)]
-#[command(name = "sluice", version, about)]
+#[command(name = "sluice", version, about, after_help = cli::EXIT_CODES_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,6 +37,45 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Publish releases (CI).
+    Release {
+        #[command(subcommand)]
+        command: ReleaseCommand,
+    },
+    /// Promote releases and steer rollouts.
+    Channel {
+        #[command(subcommand)]
+        command: ChannelCommand,
+    },
+    /// Manage API tokens for CI.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Log in as a person and print the token (for SLUICE_TOKEN).
+    Login(cli::Login),
+}
+
+#[derive(Subcommand)]
+enum ReleaseCommand {
+    /// Publish a build: the server resolves the image to a digest, signs it, stores it.
+    Publish(cli::Publish),
+}
+
+#[derive(Subcommand)]
+enum ChannelCommand {
+    /// Make a release the channel's head; the old head becomes its base.
+    Promote(cli::Promote),
+    /// Change the channel's rollout: percent, ramp, pause, health gate.
+    Rollout(cli::Rollout),
+    /// Go back to the base (or --version) for every device, downgrading them.
+    Rollback(cli::Rollback),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make an API token; its secret is printed this once.
+    Create(cli::TokenCreate),
 }
 
 #[derive(Subcommand)]
@@ -70,6 +111,30 @@ enum KeysCommand {
         #[arg(long)]
         role: String,
     },
+    /// Ask the running server for a new current key; the old one stays trusted.
+    Rotate(cli::KeysRotate),
+}
+
+/// The command as a client command (talks to a server), or back unchanged.
+fn client_command(command: Command) -> Result<Box<dyn cli::Command>, Box<Command>> {
+    Ok(match command {
+        Command::Release {
+            command: ReleaseCommand::Publish(c),
+        } => Box::new(c),
+        Command::Channel { command } => match command {
+            ChannelCommand::Promote(c) => Box::new(c),
+            ChannelCommand::Rollout(c) => Box::new(c),
+            ChannelCommand::Rollback(c) => Box::new(c),
+        },
+        Command::Token {
+            command: TokenCommand::Create(c),
+        } => Box::new(c),
+        Command::Keys {
+            command: KeysCommand::Rotate(c),
+        } => Box::new(c),
+        Command::Login(c) => Box::new(c),
+        other => return Err(Box::new(other)),
+    })
 }
 
 fn parse_role(role: &str) -> anyhow::Result<KeyRole> {
@@ -83,14 +148,22 @@ fn parse_role(role: &str) -> anyhow::Result<KeyRole> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli).await {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    let code = match client_command(cli.command) {
+        Ok(client) => cli::run(client.as_ref()).await,
+        Err(command) => match run(*command).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// Runs a server-side command (one that is not a client command).
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(config) => serve(config).await,
         Command::Migrate { database_url } => {
             let pool = db::connect(&database_url).await?;
@@ -143,6 +216,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&public)?);
             Ok(())
         }
+        Command::Keys {
+            command: KeysCommand::Rotate(_),
+        }
+        | Command::Release { .. }
+        | Command::Channel { .. }
+        | Command::Token { .. }
+        | Command::Login(_) => unreachable!("client commands run through cli::run"),
     }
 }
 

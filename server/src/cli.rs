@@ -1,0 +1,1039 @@
+//! The `sluice` client commands for CI and admins: each builds one REST call,
+//! sends it to a running server, prints the JSON answer and exits with a code
+//! per failure class, so a CI log and a script can both act on the outcome.
+
+use clap::Args;
+use reqwest::{Method, StatusCode, Url};
+use serde_json::{Value, json};
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Exit codes, as `sluice --help` shows them.
+pub const EXIT_CODES_HELP: &str = "\
+Client commands (release, channel, token, keys rotate, login) print the server's
+JSON answer on stdout; on failure they print `error: <detail> (HTTP <status>)` on
+stderr and exit with:
+  0  success
+  1  any other failure (server-side commands: serve, migrate, admin, keys generate)
+  2  usage: bad flags or values, unreadable --metadata file
+  3  authentication or permission: no token, HTTP 401 or 403
+  4  conflict: HTTP 409 (e.g. same version with another digest)
+  5  rejected: HTTP 400, 404, 422 and other 4xx (not found, invalid)
+  6  unavailable: server unreachable, HTTP 429 or 5xx (database or registry down); retry later";
+
+/// Why a client command failed; each class has its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 2: the command line or a local input is wrong.
+    Usage = 2,
+    /// 3: no token, or the server answered 401 or 403.
+    Auth = 3,
+    /// 4: the server answered 409.
+    Conflict = 4,
+    /// 5: the server answered another 4xx.
+    Rejected = 5,
+    /// 6: the server is unreachable or answered 429 or 5xx.
+    Unavailable = 6,
+    /// 1: anything else.
+    Other = 1,
+}
+
+/// A failed client command: what to print and how to exit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The exit class.
+    pub exit: Exit,
+    /// The one-line message (without the `error: ` prefix).
+    pub message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            exit: Exit::Usage,
+            message: message.into(),
+        }
+    }
+}
+
+/// The exit class for an HTTP error status.
+pub fn exit_for_status(status: u16) -> Exit {
+    match status {
+        401 | 403 => Exit::Auth,
+        409 => Exit::Conflict,
+        429 => Exit::Unavailable,
+        400..=499 => Exit::Rejected,
+        500..=599 => Exit::Unavailable,
+        _ => Exit::Other,
+    }
+}
+
+/// Turns an error answer (ideally `application/problem+json`) into a failure.
+pub fn failure_from_response(status: u16, body: &str) -> Failure {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let text = |key: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v.get(key))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let detail = text("detail").or_else(|| text("title")).unwrap_or_else(|| {
+        let body = body.trim();
+        if body.is_empty() {
+            StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("no detail")
+                .to_owned()
+        } else {
+            body.chars().take(300).collect()
+        }
+    });
+    Failure {
+        exit: exit_for_status(status),
+        message: format!("{detail} (HTTP {status})"),
+    }
+}
+
+/// Where the server is and who we are; on every client command.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// The server's base URL.
+    #[arg(
+        long,
+        env = "SLUICE_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub server: String,
+    /// Bearer token: an API token (`sluice token create`) or a login's (`sluice login`).
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+/// One REST call.
+#[derive(Debug, PartialEq)]
+pub struct Request {
+    /// The method.
+    pub method: Method,
+    /// Path segments below the server URL, each escaped when joined.
+    pub path: Vec<String>,
+    /// The JSON body.
+    pub body: Option<Value>,
+    /// Whether the call needs `--token`.
+    pub authenticated: bool,
+}
+
+impl Request {
+    fn new(method: Method, path: &[&str], body: Option<Value>) -> Self {
+        Request {
+            method,
+            path: path.iter().map(|s| s.to_string()).collect(),
+            body,
+            authenticated: true,
+        }
+    }
+}
+
+/// A client command: the call it makes, and how it prints the answer.
+pub trait Command {
+    /// Server and token.
+    fn remote(&self) -> &Remote;
+    /// The call to make, or why the command line is unusable.
+    fn request(&self) -> Result<Request, Failure>;
+    /// What goes to stdout on success.
+    fn output(&self, answer: Value) -> String {
+        serde_json::to_string_pretty(&answer).unwrap_or_else(|_| answer.to_string())
+    }
+}
+
+/// Runs a client command and answers the process exit code.
+pub async fn run(command: &dyn Command) -> i32 {
+    let outcome = match command.request() {
+        Ok(request) => send(command.remote(), request).await,
+        Err(f) => Err(f),
+    };
+    match outcome {
+        Ok(Some(answer)) => {
+            println!("{}", command.output(answer));
+            0
+        }
+        Ok(None) => 0,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            f.exit as i32
+        }
+    }
+}
+
+/// The URL of `path` below the server's base URL (which may have a path prefix).
+pub fn url(server: &str, path: &[String]) -> Result<Url, Failure> {
+    let mut url = Url::parse(server).map_err(|e| {
+        Failure::usage(format!(
+            "invalid server URL {server:?} (--server or SLUICE_SERVER): {e}"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Failure::usage(format!(
+            "server URL {server:?} must start with http:// or https://"
+        )));
+    }
+    url.path_segments_mut()
+        .map_err(|_| Failure::usage(format!("server URL {server:?} cannot have a path")))?
+        .pop_if_empty()
+        .extend(path);
+    Ok(url)
+}
+
+/// Sends the call; `Ok(None)` for an answer without a body.
+async fn send(remote: &Remote, request: Request) -> Result<Option<Value>, Failure> {
+    let url = url(&remote.server, &request.path)?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(300))
+        .user_agent(concat!("sluice-cli/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Failure {
+            exit: Exit::Other,
+            message: format!("cannot make an HTTP client: {e}"),
+        })?;
+    let mut builder = client.request(request.method.clone(), url.clone());
+    if request.authenticated {
+        let token = remote.token.as_deref().filter(|t| !t.is_empty()).ok_or_else(|| Failure {
+            exit: Exit::Auth,
+            message: "no token: set SLUICE_TOKEN or pass --token (an API token from `sluice token create`, or `sluice login`)".into(),
+        })?;
+        builder = builder.bearer_auth(token);
+    }
+    if let Some(body) = &request.body {
+        builder = builder.json(body);
+    }
+    let response = builder.send().await.map_err(|e| Failure {
+        exit: Exit::Unavailable,
+        message: unreachable_message(&remote.server, &e),
+    })?;
+    let status = response.status();
+    let text = response.text().await.map_err(|e| Failure {
+        exit: Exit::Unavailable,
+        message: format!(
+            "the answer from {} broke off: {e} (HTTP {})",
+            remote.server,
+            status.as_u16()
+        ),
+    })?;
+    if !status.is_success() {
+        return Err(failure_from_response(status.as_u16(), &text));
+    }
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+fn unreachable_message(server: &str, e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut cause = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        cause = format!("{cause}: {s}");
+        source = s.source();
+    }
+    let what = if e.is_timeout() {
+        "no answer in time from"
+    } else {
+        "cannot reach"
+    };
+    format!(
+        "{what} the Sluice server at {server} ({cause}); is it running? Set --server or SLUICE_SERVER to its URL"
+    )
+}
+
+/// A channel to publish into: `NAME` (100 %) or `NAME:PERCENT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelTarget {
+    /// The channel's name.
+    pub name: String,
+    /// Percent of its devices that get the release.
+    pub percent: u8,
+}
+
+/// Parses `--channel beta` or `--channel beta:10`.
+pub fn parse_channel_target(s: &str) -> Result<ChannelTarget, String> {
+    let (name, percent) = match s.split_once(':') {
+        Some((name, p)) => {
+            let percent =
+                p.parse::<u8>().ok().filter(|p| *p <= 100).ok_or_else(|| {
+                    format!("PERCENT in {s:?} must be a whole number from 0 to 100")
+                })?;
+            (name, percent)
+        }
+        None => (s, 100),
+    };
+    if name.is_empty() {
+        return Err(format!(
+            "{s:?} has no channel name: use NAME or NAME:PERCENT"
+        ));
+    }
+    Ok(ChannelTarget {
+        name: name.to_owned(),
+        percent,
+    })
+}
+
+fn parse_percent_f64(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|p| (0.0..=100.0).contains(p))
+        .ok_or_else(|| format!("{s:?} is not a percentage from 0 to 100"))
+}
+
+/// `sluice release publish`.
+#[derive(Debug, Args)]
+pub struct Publish {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    #[arg(long)]
+    product: String,
+    /// The release's SemVer version.
+    #[arg(long)]
+    version: String,
+    /// The image, a tag or digest reference in the product's repository.
+    #[arg(long)]
+    image: String,
+    /// A JSON file with build metadata (`git_commit`, `build_url`, `changelog`, ...); `-` reads stdin.
+    #[arg(long, value_name = "FILE")]
+    metadata: Option<PathBuf>,
+    /// Put the release at the head of this channel: `NAME` (100 %) or `NAME:PERCENT`; repeatable.
+    #[arg(long = "channel", value_name = "C[:PERCENT]", value_parser = parse_channel_target)]
+    channels: Vec<ChannelTarget>,
+    /// A mandatory step: devices below it upgrade to it before anything newer.
+    #[arg(long)]
+    floor: bool,
+}
+
+impl Publish {
+    fn metadata(&self) -> Result<Option<Value>, Failure> {
+        let Some(path) = &self.metadata else {
+            return Ok(None);
+        };
+        let mut text = String::new();
+        let read = if path.as_os_str() == "-" {
+            std::io::stdin().read_to_string(&mut text).map(|_| ())
+        } else {
+            std::fs::read_to_string(path).map(|t| text = t)
+        };
+        read.map_err(|e| {
+            Failure::usage(format!("cannot read --metadata {}: {e}", path.display()))
+        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| {
+            Failure::usage(format!(
+                "--metadata {} is not valid JSON: {e}",
+                path.display()
+            ))
+        })?;
+        if !value.is_object() {
+            return Err(Failure::usage(format!(
+                "--metadata {} must hold a JSON object",
+                path.display()
+            )));
+        }
+        Ok(Some(value))
+    }
+}
+
+impl Command for Publish {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let mut body = json!({"version": self.version, "image": self.image});
+        if let Some(metadata) = self.metadata()? {
+            body["metadata"] = metadata;
+        }
+        if self.floor {
+            body["floor"] = json!(true);
+        }
+        if !self.channels.is_empty() {
+            body["channels"] = self
+                .channels
+                .iter()
+                .map(|c| json!({"name": c.name, "percent": c.percent}))
+                .collect();
+        }
+        Ok(Request::new(
+            Method::POST,
+            &["v1", "products", &self.product, "releases"],
+            Some(body),
+        ))
+    }
+}
+
+/// `sluice channel promote`.
+#[derive(Debug, Args)]
+pub struct Promote {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    #[arg(long)]
+    product: String,
+    /// The channel.
+    #[arg(long)]
+    channel: String,
+    /// The release to make the channel's head.
+    #[arg(long)]
+    version: String,
+    /// Percent of the channel's devices that get it (server default if absent).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    percent: Option<u8>,
+}
+
+impl Command for Promote {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let mut body = json!({"version": self.version});
+        if let Some(p) = self.percent {
+            body["percent"] = json!(p);
+        }
+        Ok(Request::new(
+            Method::POST,
+            &[
+                "v1",
+                "products",
+                &self.product,
+                "channels",
+                &self.channel,
+                "promote",
+            ],
+            Some(body),
+        ))
+    }
+}
+
+/// `sluice channel rollout`: changes only what is given.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").multiple(true).required(true)
+    .args(["percent", "ramp_to", "pause", "resume", "gate_max_failure_percent"])))]
+pub struct Rollout {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    #[arg(long)]
+    product: String,
+    /// The channel.
+    #[arg(long)]
+    channel: String,
+    /// Percent of devices that get the head, now.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    percent: Option<u8>,
+    /// Raise the percent linearly to this ...
+    #[arg(long, requires = "ramp_over_minutes", value_parser = clap::value_parser!(u8).range(0..=100))]
+    ramp_to: Option<u8>,
+    /// ... over this many minutes.
+    #[arg(long, requires = "ramp_to", value_parser = clap::value_parser!(u32).range(1..))]
+    ramp_over_minutes: Option<u32>,
+    /// Admit no new device to the head.
+    #[arg(long, conflicts_with = "resume")]
+    pause: bool,
+    /// Undo --pause (or a pause by the health gate).
+    #[arg(long)]
+    resume: bool,
+    /// Health gate: pause when more than this percent of reporting devices failed ...
+    #[arg(long, requires = "gate_min_reports", value_parser = parse_percent_f64)]
+    gate_max_failure_percent: Option<f64>,
+    /// ... once at least this many devices reported on the head.
+    #[arg(long, requires = "gate_max_failure_percent")]
+    gate_min_reports: Option<u32>,
+}
+
+impl Command for Rollout {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let mut body = json!({});
+        if let Some(p) = self.percent {
+            body["percent"] = json!(p);
+        }
+        if let (Some(to), Some(over)) = (self.ramp_to, self.ramp_over_minutes) {
+            body["ramp"] = json!({"to_percent": to, "over_minutes": over});
+        }
+        if self.pause || self.resume {
+            body["paused"] = json!(self.pause);
+        }
+        if let (Some(max), Some(min)) = (self.gate_max_failure_percent, self.gate_min_reports) {
+            body["gate"] = json!({"max_failure_percent": max, "min_reports": min});
+        }
+        Ok(Request::new(
+            Method::PATCH,
+            &[
+                "v1",
+                "products",
+                &self.product,
+                "channels",
+                &self.channel,
+                "rollout",
+            ],
+            Some(body),
+        ))
+    }
+}
+
+/// `sluice channel rollback`.
+#[derive(Debug, Args)]
+pub struct Rollback {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    #[arg(long)]
+    product: String,
+    /// The channel.
+    #[arg(long)]
+    channel: String,
+    /// The release to go back to (default: the channel's base, the previous head).
+    #[arg(long)]
+    version: Option<String>,
+}
+
+impl Command for Rollback {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let body = match &self.version {
+            Some(v) => json!({"version": v}),
+            None => json!({}),
+        };
+        Ok(Request::new(
+            Method::POST,
+            &[
+                "v1",
+                "products",
+                &self.product,
+                "channels",
+                &self.channel,
+                "rollback",
+            ],
+            Some(body),
+        ))
+    }
+}
+
+/// `sluice token create`.
+#[derive(Debug, Args)]
+pub struct TokenCreate {
+    #[command(flatten)]
+    remote: Remote,
+    /// What it is for (`github-actions acme-os`).
+    #[arg(long)]
+    name: String,
+    /// `publisher` (CI), `viewer` or `admin`.
+    #[arg(long, default_value = "publisher", value_parser = ["publisher", "viewer", "admin"])]
+    role: String,
+    /// A product the token may publish to and promote in; repeatable.
+    #[arg(long = "product", value_name = "PRODUCT")]
+    products: Vec<String>,
+    /// Lifetime in days (server default: 365).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    expires_in_days: Option<i64>,
+}
+
+impl Command for TokenCreate {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        if self.role == "publisher" && self.products.is_empty() {
+            return Err(Failure::usage(
+                "a publisher token needs at least one --product",
+            ));
+        }
+        let mut body = json!({"name": self.name, "role": self.role, "products": self.products});
+        if let Some(d) = self.expires_in_days {
+            body["expires_in_days"] = json!(d);
+        }
+        Ok(Request::new(Method::POST, &["v1", "tokens"], Some(body)))
+    }
+}
+
+/// `sluice keys rotate`.
+#[derive(Debug, Args)]
+pub struct KeysRotate {
+    #[command(flatten)]
+    remote: Remote,
+    /// `image` or `response`.
+    #[arg(long, value_parser = ["image", "response"])]
+    role: String,
+}
+
+impl Command for KeysRotate {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        Ok(Request::new(
+            Method::POST,
+            &["v1", "keys", &self.role, "rotate"],
+            None,
+        ))
+    }
+}
+
+/// `sluice login`: prints only the token, for `export SLUICE_TOKEN=$(sluice login ...)`.
+#[derive(Debug, Args)]
+pub struct Login {
+    #[command(flatten)]
+    remote: Remote,
+    /// User name. The password comes from SLUICE_PASSWORD, else from the first
+    /// line of stdin (no prompt, so scripts can pipe it).
+    #[arg(long)]
+    username: String,
+}
+
+impl Command for Login {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let password = match std::env::var("SLUICE_PASSWORD") {
+            Ok(p) if !p.is_empty() => p,
+            _ => {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).map_err(|e| {
+                    Failure::usage(format!("cannot read the password from stdin: {e}"))
+                })?;
+                line.trim_end_matches(['\r', '\n']).to_owned()
+            }
+        };
+        if password.is_empty() {
+            return Err(Failure::usage(
+                "no password: set SLUICE_PASSWORD or write it on stdin",
+            ));
+        }
+        let mut request = Request::new(
+            Method::POST,
+            &["v1", "auth", "login"],
+            Some(json!({"username": self.username, "password": password})),
+        );
+        request.authenticated = false;
+        Ok(request)
+    }
+    fn output(&self, answer: Value) -> String {
+        match answer.get("token").and_then(Value::as_str) {
+            Some(token) => token.to_owned(),
+            None => answer.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cli, Command as Top};
+    use clap::Parser;
+
+    /// The leaf command parsed from a command line, or clap's error.
+    fn parse(args: &[&str]) -> Result<Box<dyn Command>, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("sluice").chain(args.iter().copied()))?;
+        Ok(crate::client_command(cli.command)
+            .unwrap_or_else(|_| panic!("{args:?} is not a client command")))
+    }
+
+    fn body(args: &[&str]) -> Value {
+        parse(args).unwrap().request().unwrap().body.unwrap()
+    }
+
+    #[test]
+    fn channel_without_percent_means_all_devices() {
+        assert_eq!(
+            parse_channel_target("stable"),
+            Ok(ChannelTarget {
+                name: "stable".into(),
+                percent: 100
+            })
+        );
+    }
+
+    #[test]
+    fn channel_with_percent() {
+        assert_eq!(
+            parse_channel_target("beta:10"),
+            Ok(ChannelTarget {
+                name: "beta".into(),
+                percent: 10
+            })
+        );
+        assert_eq!(parse_channel_target("beta:0").unwrap().percent, 0);
+        assert_eq!(parse_channel_target("beta:100").unwrap().percent, 100);
+    }
+
+    /// A bad percent or a missing name is refused before anything is sent.
+    #[test]
+    fn channel_refuses_bad_values() {
+        for bad in [
+            "beta:101", "beta:-1", "beta:ten", "beta:", ":10", "", "beta:1.5",
+        ] {
+            assert!(parse_channel_target(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(exit_for_status(401), Exit::Auth);
+        assert_eq!(exit_for_status(403), Exit::Auth);
+        assert_eq!(exit_for_status(409), Exit::Conflict);
+        assert_eq!(exit_for_status(400), Exit::Rejected);
+        assert_eq!(exit_for_status(404), Exit::Rejected);
+        assert_eq!(exit_for_status(422), Exit::Rejected);
+        assert_eq!(exit_for_status(429), Exit::Unavailable);
+        assert_eq!(exit_for_status(500), Exit::Unavailable);
+        assert_eq!(exit_for_status(502), Exit::Unavailable);
+        assert_eq!(exit_for_status(503), Exit::Unavailable);
+        assert_eq!(exit_for_status(302), Exit::Other);
+    }
+
+    /// The codes are the documented ones: scripts depend on the numbers.
+    #[test]
+    fn exit_code_numbers() {
+        let codes = [
+            Exit::Other,
+            Exit::Usage,
+            Exit::Auth,
+            Exit::Conflict,
+            Exit::Rejected,
+            Exit::Unavailable,
+        ]
+        .map(|e| e as i32);
+        assert_eq!(codes, [1, 2, 3, 4, 5, 6]);
+        for (code, line) in [
+            (2, "  2  usage"),
+            (3, "  3  authentication"),
+            (4, "  4  conflict: HTTP 409"),
+            (5, "  5  rejected"),
+            (6, "  6  unavailable"),
+        ] {
+            assert!(EXIT_CODES_HELP.contains(line), "code {code} undocumented");
+        }
+    }
+
+    #[test]
+    fn problem_detail_is_the_message() {
+        let body = r#"{"type":"about:blank","title":"Conflict","status":409,
+            "detail":"version 1.2.0 exists with another digest"}"#;
+        assert_eq!(
+            failure_from_response(409, body),
+            Failure {
+                exit: Exit::Conflict,
+                message: "version 1.2.0 exists with another digest (HTTP 409)".into()
+            }
+        );
+    }
+
+    /// A proxy's HTML page or an empty body still gives a useful line.
+    #[test]
+    fn non_problem_bodies() {
+        let f = failure_from_response(502, "<html>Bad Gateway</html>\n");
+        assert_eq!(f.exit, Exit::Unavailable);
+        assert_eq!(f.message, "<html>Bad Gateway</html> (HTTP 502)");
+        let f = failure_from_response(404, "");
+        assert_eq!(f.exit, Exit::Rejected);
+        assert_eq!(f.message, "Not Found (HTTP 404)");
+        let f = failure_from_response(401, r#"{"title":"Unauthorized","status":401}"#);
+        assert_eq!(f.message, "Unauthorized (HTTP 401)");
+    }
+
+    #[test]
+    fn urls_escape_segments_and_keep_a_prefix() {
+        let path: Vec<String> = ["v1", "products", "a b/c"].map(String::from).into();
+        assert_eq!(
+            url("http://h:8080", &path).unwrap().as_str(),
+            "http://h:8080/v1/products/a%20b%2Fc"
+        );
+        assert_eq!(
+            url("https://h/sluice/", &path[..2]).unwrap().as_str(),
+            "https://h/sluice/v1/products"
+        );
+        assert_eq!(url("h:8080", &path).unwrap_err().exit, Exit::Usage);
+        assert_eq!(url("not a url", &path).unwrap_err().exit, Exit::Usage);
+    }
+
+    #[test]
+    fn publish_body() {
+        let r = parse(&[
+            "release",
+            "publish",
+            "--product",
+            "acme-os",
+            "--version",
+            "1.2.0",
+            "--image",
+            "reg/acme/os:1.2.0",
+            "--channel",
+            "beta:10",
+            "--channel",
+            "dev",
+            "--floor",
+        ])
+        .unwrap()
+        .request()
+        .unwrap();
+        assert_eq!(r.method, Method::POST);
+        assert_eq!(r.path, ["v1", "products", "acme-os", "releases"]);
+        assert_eq!(
+            r.body.unwrap(),
+            json!({"version": "1.2.0", "image": "reg/acme/os:1.2.0", "floor": true,
+                   "channels": [{"name": "beta", "percent": 10}, {"name": "dev", "percent": 100}]})
+        );
+    }
+
+    #[test]
+    fn publish_reads_metadata_file() {
+        let dir = std::env::temp_dir().join(format!("sluice-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.json");
+        std::fs::write(&good, r#"{"git_commit": "abc", "x": [1]}"#).unwrap();
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, "[1, 2]").unwrap();
+        let args = |f: &std::path::Path| {
+            let f = f.to_str().unwrap().to_owned();
+            parse(&[
+                "release",
+                "publish",
+                "--product",
+                "p",
+                "--version",
+                "1.0.0",
+                "--image",
+                "r:t",
+                "--metadata",
+                &f,
+            ])
+            .unwrap()
+            .request()
+        };
+        let metadata = args(&good).unwrap().body.unwrap()["metadata"].clone();
+        assert_eq!(metadata, json!({"git_commit": "abc", "x": [1]}));
+        assert_eq!(args(&bad).unwrap_err().exit, Exit::Usage);
+        assert_eq!(
+            args(&dir.join("missing.json")).unwrap_err().exit,
+            Exit::Usage
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_channel_flag_is_a_usage_error() {
+        let e = parse(&[
+            "release",
+            "publish",
+            "--product",
+            "p",
+            "--version",
+            "1.0.0",
+            "--image",
+            "r:t",
+            "--channel",
+            "beta:150",
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(e.exit_code(), Exit::Usage as i32);
+    }
+
+    #[test]
+    fn rollout_sends_only_what_is_given() {
+        let base = [
+            "channel",
+            "rollout",
+            "--product",
+            "p",
+            "--channel",
+            "stable",
+        ];
+        let with = |extra: &[&str]| body(&[&base[..], extra].concat());
+        assert_eq!(with(&["--percent", "25"]), json!({"percent": 25}));
+        assert_eq!(with(&["--pause"]), json!({"paused": true}));
+        assert_eq!(with(&["--resume"]), json!({"paused": false}));
+        assert_eq!(
+            with(&["--ramp-to", "50", "--ramp-over-minutes", "120"]),
+            json!({"ramp": {"to_percent": 50, "over_minutes": 120}})
+        );
+        assert_eq!(
+            with(&[
+                "--gate-max-failure-percent",
+                "2.5",
+                "--gate-min-reports",
+                "20"
+            ]),
+            json!({"gate": {"max_failure_percent": 2.5, "min_reports": 20}})
+        );
+        let r = parse(&[&base[..], &["--percent", "5"]].concat())
+            .unwrap()
+            .request()
+            .unwrap();
+        assert_eq!(r.method, Method::PATCH);
+        assert_eq!(
+            r.path,
+            ["v1", "products", "p", "channels", "stable", "rollout"]
+        );
+    }
+
+    /// Half a ramp or gate, both pause and resume, or no change at all: refused.
+    #[test]
+    fn rollout_usage_errors() {
+        let base = [
+            "channel",
+            "rollout",
+            "--product",
+            "p",
+            "--channel",
+            "stable",
+        ];
+        for extra in [
+            &[][..],
+            &["--ramp-to", "50"],
+            &["--ramp-over-minutes", "5"],
+            &["--pause", "--resume"],
+            &["--gate-min-reports", "3"],
+            &[
+                "--gate-max-failure-percent",
+                "101",
+                "--gate-min-reports",
+                "3",
+            ],
+            &["--percent", "101"],
+        ] {
+            let e = parse(&[&base[..], extra].concat()).err();
+            assert_eq!(
+                e.map(|e| e.exit_code()),
+                Some(Exit::Usage as i32),
+                "{extra:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn promote_and_rollback_bodies() {
+        let promote = [
+            "channel",
+            "promote",
+            "--product",
+            "p",
+            "--channel",
+            "beta",
+            "--version",
+            "2.0.0",
+        ];
+        assert_eq!(body(&promote), json!({"version": "2.0.0"}));
+        assert_eq!(
+            body(&[&promote[..], &["--percent", "10"]].concat()),
+            json!({"version": "2.0.0", "percent": 10})
+        );
+        let rollback = ["channel", "rollback", "--product", "p", "--channel", "beta"];
+        assert_eq!(body(&rollback), json!({}));
+        assert_eq!(
+            body(&[&rollback[..], &["--version", "1.0.0"]].concat()),
+            json!({"version": "1.0.0"})
+        );
+    }
+
+    #[test]
+    fn token_create() {
+        assert_eq!(
+            body(&[
+                "token",
+                "create",
+                "--name",
+                "ci",
+                "--product",
+                "a",
+                "--product",
+                "b",
+                "--expires-in-days",
+                "30",
+            ]),
+            json!({"name": "ci", "role": "publisher", "products": ["a", "b"], "expires_in_days": 30})
+        );
+        let no_product = parse(&["token", "create", "--name", "ci"])
+            .unwrap()
+            .request();
+        assert_eq!(no_product.unwrap_err().exit, Exit::Usage);
+    }
+
+    #[test]
+    fn keys_rotate_needs_a_known_role() {
+        let r = parse(&["keys", "rotate", "--role", "image"])
+            .unwrap()
+            .request()
+            .unwrap();
+        assert_eq!(r.path, ["v1", "keys", "image", "rotate"]);
+        assert!(r.body.is_none());
+        assert!(parse(&["keys", "rotate", "--role", "root"]).is_err());
+    }
+
+    /// `--server`/`--token` work after the subcommand, and the server has a default.
+    #[test]
+    fn remote_flags() {
+        let cmd = parse(&[
+            "channel",
+            "rollback",
+            "--product",
+            "p",
+            "--channel",
+            "c",
+            "--server",
+            "http://sluice:9000",
+            "--token",
+            "t0k",
+        ])
+        .unwrap();
+        assert_eq!(cmd.remote().server, "http://sluice:9000");
+        assert_eq!(cmd.remote().token.as_deref(), Some("t0k"));
+    }
+
+    #[test]
+    fn login_prints_only_the_token() {
+        let cli = Cli::try_parse_from(["sluice", "login", "--username", "admin"]).unwrap();
+        let Top::Login(login) = cli.command else {
+            panic!("not login")
+        };
+        assert_eq!(
+            login.output(json!({"token": "abc", "role": "admin"})),
+            "abc"
+        );
+    }
+
+    /// Without a token nothing is sent and the exit class is auth; an unreachable
+    /// server names the URL and SLUICE_SERVER.
+    #[tokio::test]
+    async fn failures_before_and_at_the_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let server = format!("http://127.0.0.1:{port}");
+        let request = || Request::new(Method::POST, &["v1", "tokens"], Some(json!({})));
+        let no_token = Remote {
+            server: server.clone(),
+            token: None,
+        };
+        assert_eq!(
+            send(&no_token, request()).await.unwrap_err().exit,
+            Exit::Auth
+        );
+        let refused = Remote {
+            server: server.clone(),
+            token: Some("t".into()),
+        };
+        let f = send(&refused, request()).await.unwrap_err();
+        assert_eq!(f.exit, Exit::Unavailable);
+        assert!(f.message.contains(&server), "{}", f.message);
+        assert!(f.message.contains("SLUICE_SERVER"), "{}", f.message);
+    }
+}
