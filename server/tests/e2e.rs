@@ -50,6 +50,12 @@ async fn resolve_all(app: &TestApp, keys: &KeySet, devices: &[Device]) -> Vec<Re
     out
 }
 
+async fn report(app: &TestApp, d: &Device, kind: &str, digest: &str) -> (StatusCode, Value) {
+    let body = json!({"kind": kind, "version": "1.2.0", "digest": digest});
+    app.post(&format!("/v1/devices/{}/events", d.id), &d.token, body)
+        .await
+}
+
 fn offered(answers: &[ResolveResponse], version: &str) -> usize {
     answers
         .iter()
@@ -57,12 +63,14 @@ fn offered(answers: &[ResolveResponse], version: &str) -> usize {
         .count()
 }
 
-fn cli(app: &TestApp, token: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+/// Runs the `sluice` CLI; async, so the server in this test's runtime keeps serving.
+async fn cli(app: &TestApp, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
         .env("SLUICE_SERVER", &app.url)
         .env("SLUICE_TOKEN", token)
         .output()
+        .await
         .unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -135,7 +143,8 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
             "--channel",
             "stable:100",
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     let published: Value = serde_json::from_str(&out).expect("the CLI prints the release as JSON");
     assert_eq!(published["digest"], d1);
@@ -153,7 +162,8 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
             "--image",
             &format!("{repo}:1.0.0"),
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = cli(
         &app,
@@ -168,7 +178,8 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
             "--image",
             &format!("{repo}:1.1.0"),
         ],
-    );
+    )
+    .await;
     assert_ne!(code, 0);
     assert!(err.contains("already published"), "{err}");
 
@@ -210,7 +221,8 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
             "--channel",
             "stable:10",
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let answers = resolve_all(&app, &keys, &devices).await;
     let n = offered(&answers, "1.1.0");
@@ -256,7 +268,8 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
             "--percent",
             "100",
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let answers100 = resolve_all(&app, &keys, &devices).await;
     assert_eq!(offered(&answers100, "1.1.0"), 1000);
@@ -290,7 +303,8 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
             "--channel",
             "stable",
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let answers = resolve_all(&app, &keys, &devices).await;
     for (a, d) in answers.iter().zip(&devices) {
@@ -329,18 +343,17 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    let report = |d: &Device, kind: &str| {
-        app.post(
-            &format!("/v1/devices/{}/events", d.id),
-            &d.token,
-            json!({"kind": kind, "version": "1.2.0", "digest": d3}),
-        )
-    };
     for d in &devices[..7] {
-        assert_eq!(report(d, "healthy").await.0, StatusCode::NO_CONTENT);
+        assert_eq!(
+            report(&app, d, "healthy", &d3).await.0,
+            StatusCode::NO_CONTENT
+        );
     }
     for d in &devices[7..9] {
-        assert_eq!(report(d, "failed").await.0, StatusCode::NO_CONTENT);
+        assert_eq!(
+            report(&app, d, "failed", &d3).await.0,
+            StatusCode::NO_CONTENT
+        );
     }
     let (_, ch) = app
         .get("/v1/products/acme/channels/stable", &app.admin)
@@ -350,7 +363,7 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
         "9 reports are below min_reports: {ch}"
     );
     assert_eq!(
-        report(&devices[9], "rolled_back").await.0,
+        report(&app, &devices[9], "rolled_back", &d3).await.0,
         StatusCode::NO_CONTENT
     );
     let (_, ch) = app
