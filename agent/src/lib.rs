@@ -1,0 +1,9 @@
+//! The Sluice device agent: asks the server which image to run, verifies the
+//! signed answer and the image, writes it into the inactive A/B slot, switches
+//! GRUB and assesses the new slot after boot.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+#![forbid(unused_must_use)]
+
+pub mod bootloader;
+pub mod fsutil;
