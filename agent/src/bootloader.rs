@@ -209,8 +209,8 @@ impl Slot {
     pub fn from_cmdline(cmdline: &str) -> Option<Slot> {
         cmdline
             .split_ascii_whitespace()
-            .filter_map(|w| w.strip_prefix("sluice.slot="))
-            .last()
+            .rev()
+            .find_map(|w| w.strip_prefix("sluice.slot="))
             .and_then(Slot::parse)
     }
 }

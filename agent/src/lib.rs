@@ -7,3 +7,4 @@
 
 pub mod bootloader;
 pub mod fsutil;
+pub mod unpack;
