@@ -6,5 +6,7 @@
 #![forbid(unused_must_use)]
 
 pub mod bootloader;
+pub mod config;
 pub mod fsutil;
+pub mod registry;
 pub mod unpack;
