@@ -5,8 +5,17 @@
 #![warn(missing_docs)]
 #![forbid(unused_must_use)]
 
+pub mod agent;
 pub mod bootloader;
 pub mod config;
 pub mod fsutil;
 pub mod registry;
+pub mod server;
+pub mod slot;
+pub mod state;
 pub mod unpack;
+
+/// One log line on stderr (journald adds the time).
+pub fn log(msg: &str) {
+    eprintln!("sluice-agent: {msg}");
+}
