@@ -484,8 +484,8 @@ fn attacks_are_refused() {
     refused(&dev.run(&["apply"]), "does not say downgrade");
     assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
     assert!(
-        !ab(&dev).is_ok(Slot::A)
-            || tree(&dev.path("a")).contains_key(std::path::Path::new("factory"))
+        tree(&dev.path("a")).contains_key(std::path::Path::new("factory")),
+        "slot A was touched"
     );
     // With `downgrade: true` (a channel rollback) it goes through.
     set(Answer {
