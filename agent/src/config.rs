@@ -1,0 +1,207 @@
+//! `/etc/sluice/agent.toml`: the keys the spec names, every path configurable
+//! so a test can put a whole device in a temporary folder.
+
+use anyhow::Context;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Where the configuration is read when neither `--config` nor
+/// `SLUICE_AGENT_CONFIG` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/sluice/agent.toml";
+
+/// The agent's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The Sluice server's base URL.
+    pub server: String,
+    /// The product this device runs.
+    pub product: String,
+    /// The channel it follows.
+    pub channel: String,
+    /// Used once to enroll; the device token is then kept in `state_dir`.
+    #[serde(default)]
+    pub enrollment_secret: Option<String>,
+    /// Where the agent keeps its state and token.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// OCI architecture; default: this machine's.
+    #[serde(default = "default_arch")]
+    pub arch: String,
+    /// A saved copy of `GET /v1/keys`: the trusted image and response keys.
+    #[serde(default = "default_keys")]
+    pub keys: PathBuf,
+    /// The machine id sent at enrollment; default: `/etc/machine-id`.
+    #[serde(default)]
+    pub machine_id: Option<String>,
+    /// The A/B slots.
+    pub slots: Slots,
+    /// Bootloader, reboot and health checks.
+    pub boot: Boot,
+    /// Registry access.
+    #[serde(default)]
+    pub registry: Registry,
+}
+
+/// What a slot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotKind {
+    /// A directory tree.
+    Dir,
+    /// An ext4 image file, built without mounting.
+    Image,
+    /// An ext4 filesystem written to a partition device.
+    Block,
+}
+
+/// `[slots]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slots {
+    /// `dir`, `image` or `block`.
+    pub kind: SlotKind,
+    /// Slot A's path.
+    pub a: PathBuf,
+    /// Slot B's path.
+    pub b: PathBuf,
+    /// Create device nodes found in layers (refused otherwise).
+    #[serde(default)]
+    pub allow_devices: bool,
+    /// Most bytes an image may unpack to (tar stream after decompression).
+    #[serde(default = "default_max_bytes")]
+    pub max_unpacked_bytes: u64,
+}
+
+/// `[boot]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Boot {
+    /// The GRUB environment block.
+    #[serde(default = "default_grubenv")]
+    pub grubenv: PathBuf,
+    /// Where `sluice.slot=A|B` is read.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: PathBuf,
+    /// The reboot command.
+    #[serde(default = "default_reboot")]
+    pub reboot: Vec<String>,
+    /// Commands that must all exit 0 for a slot to be healthy.
+    #[serde(default = "default_health")]
+    pub health_checks: Vec<Vec<String>>,
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// `host:port` reached over plain HTTP.
+    #[serde(default)]
+    pub insecure: Vec<String>,
+    /// Docker `config.json` with credentials, optional.
+    #[serde(default)]
+    pub auth: Option<PathBuf>,
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/sluice".into()
+}
+fn default_keys() -> PathBuf {
+    "/etc/sluice/keys.json".into()
+}
+fn default_grubenv() -> PathBuf {
+    "/boot/grub/grubenv".into()
+}
+fn default_cmdline() -> PathBuf {
+    "/proc/cmdline".into()
+}
+fn default_reboot() -> Vec<String> {
+    vec!["systemctl".into(), "reboot".into()]
+}
+fn default_health() -> Vec<Vec<String>> {
+    vec![vec![
+        "systemctl".into(),
+        "is-system-running".into(),
+        "--wait".into(),
+    ]]
+}
+fn default_max_bytes() -> u64 {
+    64 << 30
+}
+
+/// This machine's architecture as OCI names it.
+pub fn default_arch() -> String {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "riscv64" => "riscv64",
+        "powerpc64" => "ppc64le",
+        "s390x" => "s390x",
+        other => other,
+    }
+    .to_string()
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        let cfg: Config = toml::from_str(&text)
+            .with_context(|| format!("parsing the configuration {}", path.display()))?;
+        if cfg.slots.a == cfg.slots.b {
+            anyhow::bail!("slots.a and slots.b are the same path: give each slot its own");
+        }
+        if cfg.boot.reboot.is_empty() {
+            anyhow::bail!("boot.reboot is empty: give the command that reboots this device");
+        }
+        Ok(cfg)
+    }
+
+    /// The path of a slot.
+    pub fn slot_path(&self, s: crate::bootloader::Slot) -> &Path {
+        match s {
+            crate::bootloader::Slot::A => &self.slots.a,
+            crate::bootloader::Slot::B => &self.slots.b,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_example_parses() {
+        let cfg: Config = toml::from_str(
+            r#"
+server = "https://updates.example.com"
+product = "acme-os"
+channel = "stable"
+enrollment_secret = "..."
+state_dir = "/var/lib/sluice"
+keys = "/etc/sluice/keys.json"
+
+[slots]
+kind = "dir"
+a = "/sluice/a"
+b = "/sluice/b"
+
+[boot]
+grubenv = "/boot/grub/grubenv"
+cmdline = "/proc/cmdline"
+reboot = ["systemctl", "reboot"]
+health_checks = [["systemctl", "is-system-running", "--wait"]]
+
+[registry]
+insecure = []
+auth = "/etc/sluice/registry-auth.json"
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.slots.kind, SlotKind::Dir);
+        assert_eq!(cfg.arch, default_arch());
+        assert!(toml::from_str::<Config>("server = 1").is_err());
+    }
+}

@@ -1,0 +1,411 @@
+//! Pulls a platform manifest and its layers from an OCI registry **by
+//! digest**, verifying every blob's digest and declared size while it streams
+//! (a blob longer than declared is cut off and refused).
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::time::Duration;
+
+/// Most bytes a manifest may have.
+const MAX_MANIFEST: u64 = 4 << 20;
+
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// `host[:port]/repository@sha256:<hex>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// Registry host and port.
+    pub host: String,
+    /// Repository path.
+    pub repository: String,
+    /// Manifest digest.
+    pub digest: String,
+}
+
+impl ImageRef {
+    /// Parses a digest reference; tags are refused (Sluice pulls by digest only).
+    pub fn parse(s: &str) -> anyhow::Result<ImageRef> {
+        let (name, digest) = s
+            .split_once('@')
+            .with_context(|| format!("image {s:?} is not a digest reference (repo@sha256:...)"))?;
+        if !sluice_protocol::is_sha256_digest(digest) {
+            bail!("image {s:?} does not name a sha256 digest");
+        }
+        let (host, repository) = name
+            .split_once('/')
+            .with_context(|| format!("image {s:?} names no registry host"))?;
+        if repository.is_empty() || host.is_empty() {
+            bail!("image {s:?} names no repository");
+        }
+        Ok(ImageRef {
+            host: host.into(),
+            repository: repository.into(),
+            digest: digest.into(),
+        })
+    }
+}
+
+/// One layer of a manifest.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Descriptor {
+    /// Media type (gzip or plain tar).
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    /// Blob digest.
+    pub digest: String,
+    /// Declared size in bytes.
+    pub size: u64,
+}
+
+/// An image manifest (OCI or Docker schema 2).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Manifest {
+    /// The manifest's media type, when it says.
+    #[serde(rename = "mediaType", default)]
+    pub media_type: Option<String>,
+    /// Layers, lowest first.
+    #[serde(default)]
+    pub layers: Vec<Descriptor>,
+    /// Present in an index: then this is not a platform manifest.
+    #[serde(default)]
+    pub manifests: Option<serde_json::Value>,
+}
+
+/// A registry client for one device.
+pub struct Registry {
+    agent: ureq::Agent,
+    insecure: Vec<String>,
+    auths: serde_json::Value,
+}
+
+impl Registry {
+    /// A client; `insecure` hosts are reached over plain HTTP, `auth` is a
+    /// Docker `config.json`.
+    pub fn new(insecure: &[String], auth: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let auths = match auth {
+            Some(p) if p.exists() => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading registry credentials {}", p.display()))?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("parsing registry credentials {}", p.display()))?;
+                v.get("auths").cloned().unwrap_or_default()
+            }
+            _ => serde_json::Value::Null,
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Ok(Registry {
+            agent,
+            insecure: insecure.to_vec(),
+            auths,
+        })
+    }
+
+    fn base(&self, r: &ImageRef) -> String {
+        let scheme = if self.insecure.iter().any(|h| h == &r.host) {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{}/v2/{}", r.host, r.repository)
+    }
+
+    fn basic(&self, host: &str) -> Option<String> {
+        let a = self.auths.get(host)?;
+        if let Some(s) = a.get("auth").and_then(|v| v.as_str()) {
+            return Some(s.to_string());
+        }
+        let u = a.get("username")?.as_str()?;
+        let p = a.get("password")?.as_str()?;
+        Some(base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")))
+    }
+
+    /// GET with the registry's auth dance: Basic from the credentials file, or
+    /// a Bearer token fetched from the realm a 401 names.
+    fn get(
+        &self,
+        r: &ImageRef,
+        url: &str,
+        accept: &str,
+    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        let mut auth = self.basic(&r.host).map(|b| format!("Basic {b}"));
+        for _ in 0..2 {
+            let mut req = self.agent.get(url).header("Accept", accept);
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            let resp = req
+                .call()
+                .with_context(|| format!("registry {} unreachable", r.host))?;
+            if resp.status() == 401 && auth.as_deref().is_none_or(|a| a.starts_with("Basic")) {
+                let challenge = resp
+                    .headers()
+                    .get("www-authenticate")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                if let Some(token) = self.token(r, &challenge)? {
+                    auth = Some(format!("Bearer {token}"));
+                    continue;
+                }
+            }
+            return Ok(resp);
+        }
+        bail!(
+            "registry {} refused the credentials for {}",
+            r.host,
+            r.repository
+        )
+    }
+
+    fn token(&self, r: &ImageRef, challenge: &str) -> anyhow::Result<Option<String>> {
+        let Some(params) = challenge.strip_prefix("Bearer ") else {
+            return Ok(None);
+        };
+        let mut realm = None;
+        let mut query = Vec::new();
+        for part in params.split(',') {
+            if let Some((k, v)) = part.trim().split_once('=') {
+                let v = v.trim_matches('"').to_string();
+                match k {
+                    "realm" => realm = Some(v),
+                    "service" | "scope" => query.push((k.to_string(), v)),
+                    _ => {}
+                }
+            }
+        }
+        let Some(realm) = realm else { return Ok(None) };
+        let mut req = self.agent.get(&realm);
+        for (k, v) in &query {
+            req = req.query(k, v);
+        }
+        if let Some(b) = self.basic(&r.host) {
+            req = req.header("Authorization", &format!("Basic {b}"));
+        }
+        let mut resp = req
+            .call()
+            .with_context(|| format!("token service {realm} unreachable"))?;
+        if resp.status() != 200 {
+            bail!("token service {realm} answered {}", resp.status());
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp.body_mut().with_config().limit(1 << 20).read_to_vec()?)?;
+        Ok(v.get("token")
+            .or_else(|| v.get("access_token"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string))
+    }
+
+    /// Fetches the platform manifest by digest and checks its bytes.
+    pub fn manifest(&self, r: &ImageRef) -> anyhow::Result<Manifest> {
+        let url = format!("{}/manifests/{}", self.base(r), r.digest);
+        let resp = self.get(r, &url, ACCEPT)?;
+        if resp.status() != 200 {
+            bail!(
+                "registry answered {} for manifest {}/{}@{}",
+                resp.status(),
+                r.host,
+                r.repository,
+                r.digest
+            );
+        }
+        let mut bytes = Vec::new();
+        resp.into_body()
+            .into_reader()
+            .take(MAX_MANIFEST + 1)
+            .read_to_end(&mut bytes)
+            .context("reading the manifest")?;
+        if bytes.len() as u64 > MAX_MANIFEST {
+            bail!(
+                "manifest {} is larger than {MAX_MANIFEST} bytes: refused",
+                r.digest
+            );
+        }
+        let got = sluice_protocol::sha256_digest(&bytes);
+        if got != r.digest {
+            bail!("manifest bytes hash to {got}, not {}: refused", r.digest);
+        }
+        let m: Manifest = serde_json::from_slice(&bytes).context("parsing the manifest")?;
+        if m.manifests.is_some() {
+            bail!(
+                "{} is an image index, not a platform manifest: refused",
+                r.digest
+            );
+        }
+        if m.layers.is_empty() {
+            bail!("manifest {} has no layers", r.digest);
+        }
+        for l in &m.layers {
+            if !sluice_protocol::is_sha256_digest(&l.digest) {
+                bail!("layer digest {:?} is not sha256: refused", l.digest);
+            }
+        }
+        Ok(m)
+    }
+
+    /// Opens a blob by digest; the reader verifies digest and size as it goes.
+    pub fn blob(
+        &self,
+        r: &ImageRef,
+        d: &Descriptor,
+    ) -> anyhow::Result<Verified<Box<dyn Read + Send>>> {
+        let url = format!("{}/blobs/{}", self.base(r), d.digest);
+        let resp = self.get(r, &url, "*/*")?;
+        if resp.status() != 200 {
+            bail!("registry answered {} for blob {}", resp.status(), d.digest);
+        }
+        let reader: Box<dyn Read + Send> = Box::new(resp.into_body().into_reader());
+        Ok(Verified::new(reader, &d.digest, d.size))
+    }
+}
+
+/// Why a blob failed verification.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// More bytes than the manifest declares.
+    #[error("blob {0} is longer than its declared {1} bytes: cut off and refused")]
+    TooLong(String, u64),
+    /// Fewer bytes than declared.
+    #[error("blob {0} ended after {1} of {2} declared bytes")]
+    TooShort(String, u64, u64),
+    /// The bytes hash to something else.
+    #[error("blob bytes hash to {got}, not {want}: refused")]
+    Digest {
+        /// Expected digest.
+        want: String,
+        /// What the bytes hash to.
+        got: String,
+    },
+}
+
+/// A reader that hashes and counts what passes, refuses a byte past the
+/// declared size, and at the end refuses a short blob or another digest.
+pub struct Verified<R> {
+    inner: R,
+    hasher: Sha256,
+    want: String,
+    size: u64,
+    read: u64,
+    done: bool,
+}
+
+impl<R: Read> Verified<R> {
+    /// Wraps `inner`, expecting `size` bytes hashing to `digest`.
+    pub fn new(inner: R, digest: &str, size: u64) -> Self {
+        Verified {
+            inner,
+            hasher: Sha256::new(),
+            want: digest.to_string(),
+            size,
+            read: 0,
+            done: false,
+        }
+    }
+
+    /// Reads whatever is left and checks it; call after the consumer is done.
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        std::io::copy(self, &mut std::io::sink()).map(|_| ())
+    }
+
+    fn check_end(&mut self) -> std::io::Result<()> {
+        if self.read < self.size {
+            return Err(std::io::Error::other(BlobError::TooShort(
+                self.want.clone(),
+                self.read,
+                self.size,
+            )));
+        }
+        let got = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+        if got != self.want {
+            return Err(std::io::Error::other(BlobError::Digest {
+                want: self.want.clone(),
+                got,
+            }));
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for Verified<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        // Ask for at most one byte past the declared size: enough to notice.
+        let room = (self.size - self.read).saturating_add(1);
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            self.check_end()?;
+            return Ok(0);
+        }
+        self.read += n as u64;
+        if self.read > self.size {
+            return Err(std::io::Error::other(BlobError::TooLong(
+                self.want.clone(),
+                self.size,
+            )));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(data: &[u8], digest: &str, size: u64) -> std::io::Result<Vec<u8>> {
+        let mut v = Verified::new(data, digest, size);
+        let mut out = Vec::new();
+        v.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn verified_reader_checks_digest_and_size() {
+        let data = b"layer bytes";
+        let d = sluice_protocol::sha256_digest(data);
+        assert_eq!(read_all(data, &d, data.len() as u64).unwrap(), data);
+        let e = read_all(data, &d, 4).unwrap_err();
+        assert!(
+            e.to_string().contains("longer than its declared 4 bytes"),
+            "{e}"
+        );
+        let e = read_all(data, &d, 100).unwrap_err();
+        assert!(e.to_string().contains("ended after 11 of 100"), "{e}");
+        let other = sluice_protocol::sha256_digest(b"other");
+        let e = read_all(data, &other, data.len() as u64).unwrap_err();
+        assert!(e.to_string().contains("hash to"), "{e}");
+    }
+
+    #[test]
+    fn a_longer_blob_is_cut_off_at_one_byte_past() {
+        // An endless source: the reader must stop by itself.
+        let endless = std::io::repeat(7);
+        let mut v = Verified::new(endless, "sha256:00", 1000);
+        let mut out = Vec::new();
+        assert!(v.read_to_end(&mut out).is_err());
+        assert!(out.len() <= 1000);
+    }
+
+    #[test]
+    fn image_refs_are_by_digest() {
+        let d = sluice_protocol::sha256_digest(b"x");
+        let r = ImageRef::parse(&format!("127.0.0.1:5000/acme/os@{d}")).unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str()),
+            ("127.0.0.1:5000", "acme/os")
+        );
+        assert!(ImageRef::parse("127.0.0.1:5000/acme/os:1.0").is_err());
+        assert!(ImageRef::parse(&format!("os@{d}")).is_err());
+    }
+}

@@ -1,0 +1,228 @@
+//! The Sluice server as the device sees it: enroll, resolve (signed answers,
+//! checked here before anything acts on them) and event reports.
+
+use anyhow::{Context, bail};
+use sluice_protocol::keys::SIGNATURE_HEADER;
+use sluice_protocol::{
+    EnrollRequest, EnrollResponse, EventRequest, KeySet, Offer, ResolveResponse,
+    simplesigning::verify_image_signature,
+};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// Most bytes a resolution answer may have.
+const MAX_ANSWER: u64 = 1 << 20;
+
+/// An HTTP client for one server.
+pub struct Server {
+    agent: ureq::Agent,
+    base: String,
+}
+
+fn problem(resp: &mut ureq::http::Response<ureq::Body>) -> String {
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 10)
+        .read_to_string()
+        .unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_string))
+        .unwrap_or(body)
+}
+
+impl Server {
+    /// A client for the server at `base` (`https://updates.example.com`).
+    pub fn new(base: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Server {
+            agent,
+            base: base.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// `POST /v1/devices/enroll`.
+    pub fn enroll(&self, req: &EnrollRequest) -> anyhow::Result<EnrollResponse> {
+        let url = format!("{}/v1/devices/enroll", self.base);
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .send(serde_json::to_vec(req)?)
+            .with_context(|| format!("server {} unreachable", self.base))?;
+        if resp.status() != 200 {
+            bail!(
+                "enrollment refused ({}): {}",
+                resp.status(),
+                problem(&mut resp)
+            );
+        }
+        Ok(serde_json::from_slice(
+            &resp
+                .body_mut()
+                .with_config()
+                .limit(MAX_ANSWER)
+                .read_to_vec()?,
+        )?)
+    }
+
+    /// `GET .../resolve`: the body bytes and the signature header, unchecked.
+    pub fn resolve(
+        &self,
+        product: &str,
+        channel: &str,
+        token: &str,
+        arch: &str,
+        current: Option<&str>,
+        nonce: &str,
+    ) -> anyhow::Result<(Vec<u8>, String)> {
+        let url = format!(
+            "{}/v1/products/{product}/channels/{channel}/resolve",
+            self.base
+        );
+        let mut req = self
+            .agent
+            .get(&url)
+            .query("arch", arch)
+            .query("nonce", nonce)
+            .header("Authorization", &format!("Bearer {token}"));
+        if let Some(c) = current {
+            req = req.query("current", c);
+        }
+        let mut resp = req
+            .call()
+            .with_context(|| format!("server {} unreachable", self.base))?;
+        if resp.status() != 200 {
+            bail!(
+                "resolve refused ({}): {}",
+                resp.status(),
+                problem(&mut resp)
+            );
+        }
+        let sig = resp
+            .headers()
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .context("resolution answer is not signed (no sluice-signature header): refused")?;
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER)
+            .read_to_vec()?;
+        Ok((body, sig))
+    }
+
+    /// `POST /v1/devices/{id}/events`.
+    pub fn event(&self, device_id: &str, token: &str, ev: &EventRequest) -> anyhow::Result<()> {
+        let url = format!("{}/v1/devices/{device_id}/events", self.base);
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("Content-Type", "application/json")
+            .send(serde_json::to_vec(ev)?)
+            .with_context(|| format!("server {} unreachable", self.base))?;
+        if !resp.status().is_success() {
+            bail!("event refused ({}): {}", resp.status(), problem(&mut resp));
+        }
+        Ok(())
+    }
+}
+
+/// What the agent expects of a resolution answer.
+pub struct Expect<'a> {
+    /// This device's id.
+    pub device_id: &'a str,
+    /// The nonce sent with the request.
+    pub nonce: &'a str,
+    /// Now.
+    pub now: OffsetDateTime,
+    /// The highest serial accepted so far.
+    pub last_serial: Option<i64>,
+}
+
+/// Checks a resolution answer: signature by a trusted response key over the
+/// exact bytes, device id, nonce, expiry and serial. Every refusal is one line.
+pub fn verify_answer(
+    keys: &KeySet,
+    header: &str,
+    body: &[u8],
+    expect: &Expect<'_>,
+) -> anyhow::Result<ResolveResponse> {
+    keys.verify_response(header, body)
+        .context("resolution answer signature refused")?;
+    let r: ResolveResponse =
+        serde_json::from_slice(body).context("resolution answer is not valid JSON")?;
+    if r.device_id != expect.device_id {
+        bail!(
+            "resolution answer is for device {}, not this device {}: refused",
+            r.device_id,
+            expect.device_id
+        );
+    }
+    if r.nonce != expect.nonce {
+        bail!("resolution answer echoes another nonce (a replayed answer): refused");
+    }
+    if r.expires_at <= expect.now {
+        bail!("resolution answer expired at {}: refused", r.expires_at);
+    }
+    if let Some(last) = expect.last_serial
+        && r.serial < last
+    {
+        bail!(
+            "resolution answer has serial {} below the {last} already accepted (a replay or freeze): refused",
+            r.serial
+        );
+    }
+    Ok(r)
+}
+
+/// The offer to act on, if any: it must be signed by a trusted image key for
+/// this product, version and digest, name the same digest in its image
+/// reference, and not go back in version unless the answer says `downgrade`.
+pub fn check_offer(
+    keys: &KeySet,
+    answer: &ResolveResponse,
+    product: &str,
+    current_version: Option<&str>,
+) -> anyhow::Result<Option<Offer>> {
+    if !answer.update {
+        return Ok(None);
+    }
+    let offer = answer
+        .release
+        .clone()
+        .context("resolution answer says update but names no release: refused")?;
+    verify_image_signature(
+        keys,
+        &offer.signature,
+        &offer.digest,
+        product,
+        &offer.version,
+    )
+    .context("image signature refused")?;
+    if !offer.image.ends_with(&format!("@{}", offer.digest)) {
+        bail!(
+            "offered image {} is not the signed digest {}: refused",
+            offer.image,
+            offer.digest
+        );
+    }
+    let target = semver::Version::parse(&offer.version)
+        .with_context(|| format!("offered version {:?} is not SemVer: refused", offer.version))?;
+    if let Some(cur) = current_version.and_then(|c| semver::Version::parse(c).ok())
+        && target < cur
+        && !answer.downgrade
+    {
+        bail!(
+            "offered version {target} is older than the running {cur} and the answer does not say downgrade: refused"
+        );
+    }
+    Ok(Some(offer))
+}

@@ -1,0 +1,698 @@
+//! Applies OCI layers (tar streams) to a slot directory: whiteouts, modes,
+//! ownership, xattrs, hard links, and no way out of the slot. Every parent
+//! directory is resolved with `openat2(RESOLVE_IN_ROOT)` from the slot's root,
+//! so a symlink in the tree (absolute or with `..`) resolves as it will once
+//! the slot is `/`, and can never reach outside it; the final component is
+//! never followed.
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+/// Why a layer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// An entry tried to leave the slot.
+    #[error("layer entry {path:?} refused: {why}")]
+    Escape {
+        /// The entry's path as written in the layer.
+        path: String,
+        /// What was wrong with it.
+        why: &'static str,
+    },
+    /// A device node, and the configuration does not allow them.
+    #[error(
+        "layer entry {0:?} is a device node: refused (set slots.allow_devices = true to keep them)"
+    )]
+    Device(String),
+    /// A whiteout that names nothing valid.
+    #[error("layer entry {0:?} is a malformed whiteout")]
+    BadWhiteout(String),
+    /// An entry type Sluice does not unpack.
+    #[error("layer entry {path:?} has unsupported type {kind}")]
+    Unsupported {
+        /// The entry's path.
+        path: String,
+        /// The tar type byte.
+        kind: u8,
+    },
+    /// The image unpacks to more than the configured cap (a gzip bomb, or a slot too small).
+    #[error("image unpacks to more than {0} bytes: refused")]
+    TooLarge(u64),
+    /// A layer media type Sluice does not unpack.
+    #[error("layer media type {0:?} is not supported: publish gzip or plain tar layers")]
+    UnsupportedMedia(String),
+    /// The tar stream or the slot failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl UnpackError {
+    fn io(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+        UnpackError::Io {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// `tar+gzip`.
+    Gzip,
+    /// Plain `tar`.
+    None,
+}
+
+/// The compression of a layer media type; unknown and zstd layers are refused.
+pub fn layer_compression(media_type: &str) -> Result<Compression, UnpackError> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Compression::None),
+        other => Err(UnpackError::UnsupportedMedia(other.to_string())),
+    }
+}
+
+/// How layers are applied.
+#[derive(Debug, Clone)]
+pub struct UnpackOptions {
+    /// Create device nodes (char and block) found in layers; otherwise refuse them.
+    pub allow_devices: bool,
+    /// Keep uid/gid from the layer (needs root); otherwise files belong to the agent.
+    pub preserve_owner: bool,
+    /// Most bytes of tar stream (headers and data, after decompression) all
+    /// layers of one image may produce.
+    pub max_bytes: u64,
+}
+
+impl Default for UnpackOptions {
+    fn default() -> Self {
+        UnpackOptions {
+            allow_devices: false,
+            preserve_owner: rustix::process::geteuid().is_root(),
+            max_bytes: 64 << 30,
+        }
+    }
+}
+
+/// What one layer did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LayerStats {
+    /// Entries created or replaced.
+    pub entries: u64,
+    /// Whiteouts applied.
+    pub whiteouts: u64,
+    /// Bytes of tar stream read.
+    pub bytes: u64,
+}
+
+/// Applies layers, in order, to one slot root.
+pub struct Unpacker {
+    root: OwnedFd,
+    opts: UnpackOptions,
+    /// Bytes of tar stream still allowed.
+    budget: u64,
+    /// The last parent directory opened, reused while entries stay in it.
+    cached: Option<(PathBuf, OwnedFd)>,
+}
+
+/// Counts and caps the bytes of a decompressed layer.
+struct Capped<'a, R> {
+    inner: R,
+    budget: &'a mut u64,
+    read: u64,
+    cap: u64,
+}
+
+impl<R: Read> Read for Capped<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > *self.budget {
+            return Err(std::io::Error::other(CapExceeded(self.cap)));
+        }
+        *self.budget -= n as u64;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+#[derive(Debug)]
+struct CapExceeded(u64);
+impl std::fmt::Display for CapExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "more than {} bytes", self.0)
+    }
+}
+impl std::error::Error for CapExceeded {}
+
+fn map_cap(e: std::io::Error, what: &str) -> UnpackError {
+    match e.get_ref().and_then(|i| i.downcast_ref::<CapExceeded>()) {
+        Some(c) => UnpackError::TooLarge(c.0),
+        None => UnpackError::io(what, e),
+    }
+}
+
+/// Splits an entry path into normal components; `..` and absolute paths are refused.
+fn components(raw: &Path) -> Result<Vec<OsString>, UnpackError> {
+    let mut out = Vec::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(n) => out.push(n.to_os_string()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(UnpackError::Escape {
+                    path: raw.display().to_string(),
+                    why: "`..` in path",
+                });
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(UnpackError::Escape {
+                    path: raw.display().to_string(),
+                    why: "absolute path",
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NOFOLLOW);
+
+fn join(parts: &[OsString]) -> PathBuf {
+    let mut p = PathBuf::new();
+    for c in parts {
+        p.push(c);
+    }
+    p
+}
+
+impl Unpacker {
+    /// An unpacker writing into the directory `root`.
+    pub fn new(root: &Path, opts: UnpackOptions) -> Result<Self, UnpackError> {
+        let root = rustix::fs::open(root, DIR_FLAGS, Mode::empty())
+            .map_err(|e| UnpackError::io(format!("opening slot {}", root.display()), e))?;
+        Ok(Unpacker {
+            root,
+            budget: opts.max_bytes,
+            opts,
+            cached: None,
+        })
+    }
+
+    /// Applies one uncompressed layer (a tar stream). On error the slot holds
+    /// a partial layer: the caller must not boot it.
+    pub fn apply<R: Read>(&mut self, layer: R) -> Result<LayerStats, UnpackError> {
+        let mut stats = LayerStats::default();
+        let mut capped = Capped {
+            inner: layer,
+            budget: &mut self.budget,
+            read: 0,
+            cap: self.opts.max_bytes,
+        };
+        // Paths this layer created: whiteouts only hide what lower layers made.
+        let mut ours: HashSet<PathBuf> = HashSet::new();
+        let mut archive = tar::Archive::new(&mut capped);
+        let entries = archive.entries().map_err(|e| map_cap(e, "reading layer"))?;
+        let root = &self.root;
+        let cached = &mut self.cached;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| map_cap(e, "reading layer"))?;
+            let raw = entry
+                .path()
+                .map_err(|e| map_cap(e, "reading entry path"))?
+                .into_owned();
+            let shown = raw.display().to_string();
+            let parts = components(&raw)?;
+            let Some((name, parent)) = parts.split_last() else {
+                // The root itself (`./`): only a directory may stand there.
+                if entry.header().entry_type().is_dir() {
+                    let dir = rustix::fs::openat(root, ".", DIR_FLAGS, Mode::empty())
+                        .map_err(|e| UnpackError::io("opening slot root", e))?;
+                    set_meta(dir.as_fd(), &mut entry, &self.opts, &shown, false)?;
+                    continue;
+                }
+                return Err(UnpackError::Escape {
+                    path: shown,
+                    why: "a non-directory entry may not replace the slot root",
+                });
+            };
+            let name_bytes = name.as_bytes();
+            if let Some(target) = name_bytes.strip_prefix(b".wh.") {
+                if target != b".wh..opq"
+                    && (target.is_empty()
+                        || target == b"."
+                        || target == b".."
+                        || target.starts_with(b".wh."))
+                {
+                    return Err(UnpackError::BadWhiteout(shown));
+                }
+                *cached = None;
+                let pfd = match resolve_dir(root, parent, false) {
+                    Ok(fd) => fd,
+                    // Nothing below to hide.
+                    Err(e) if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => {
+                        stats.whiteouts += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(UnpackError::io(format!("whiteout {shown}"), e));
+                    }
+                };
+                if target == b".wh..opq" {
+                    clear_dir(pfd.as_fd(), parent, &ours)
+                        .map_err(|e| UnpackError::io(format!("opaque whiteout {shown}"), e))?;
+                } else {
+                    let t = OsStr::from_bytes(target);
+                    let mut tp = join(parent);
+                    tp.push(t);
+                    if !ours.contains(&tp) {
+                        remove_at(pfd.as_fd(), t)
+                            .map_err(|e| UnpackError::io(format!("whiteout {shown}"), e))?;
+                    }
+                }
+                stats.whiteouts += 1;
+                continue;
+            }
+            let kind = entry.header().entry_type();
+            let (key, parent_fd) = take_parent(root, cached.take(), parent, &shown)?;
+            let pfd = parent_fd.as_fd();
+            // Whether a directory or symlink changed, so the cached parent may be stale.
+            let mut stale = false;
+            match kind {
+                tar::EntryType::Directory => {
+                    match rustix::fs::statat(pfd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
+                        Ok(_) => {
+                            remove_at(pfd, name)
+                                .map_err(|e| UnpackError::io(format!("replacing {shown}"), e))?;
+                            stale = true;
+                            mkdir(pfd, name, &shown)?;
+                        }
+                        Err(Errno::NOENT) => mkdir(pfd, name, &shown)?,
+                        Err(e) => return Err(UnpackError::io(format!("examining {shown}"), e)),
+                    }
+                    let dir = rustix::fs::openat(pfd, name.as_os_str(), DIR_FLAGS, Mode::empty())
+                        .map_err(|e| UnpackError::io(format!("opening {shown}"), e))?;
+                    set_meta(dir.as_fd(), &mut entry, &self.opts, &shown, false)?;
+                }
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse => {
+                    stale |= replace(pfd, name, &shown)?;
+                    let fd = rustix::fs::openat(
+                        pfd,
+                        name.as_os_str(),
+                        OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(0o600),
+                    )
+                    .map_err(|e| UnpackError::io(format!("creating {shown}"), e))?;
+                    let mut file = std::fs::File::from(fd);
+                    copy(&mut entry, &mut file).map_err(|e| map_cap(e, &shown))?;
+                    set_meta(file.as_fd(), &mut entry, &self.opts, &shown, true)?;
+                }
+                tar::EntryType::Symlink => {
+                    let target = entry
+                        .link_name()
+                        .map_err(|e| map_cap(e, &shown))?
+                        .ok_or_else(|| UnpackError::Escape {
+                            path: shown.clone(),
+                            why: "symlink without a target",
+                        })?
+                        .into_owned();
+                    replace(pfd, name, &shown)?;
+                    rustix::fs::symlinkat(target.as_os_str(), pfd, name.as_os_str())
+                        .map_err(|e| UnpackError::io(format!("creating symlink {shown}"), e))?;
+                    if self.opts.preserve_owner {
+                        let h = entry.header();
+                        rustix::fs::chownat(
+                            pfd,
+                            name.as_os_str(),
+                            Some(uid(h)),
+                            Some(gid(h)),
+                            AtFlags::SYMLINK_NOFOLLOW,
+                        )
+                        .map_err(|e| UnpackError::io(format!("chown {shown}"), e))?;
+                    }
+                    let t = mtime(entry.header());
+                    rustix::fs::utimensat(pfd, name.as_os_str(), &t, AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| UnpackError::io(format!("times of {shown}"), e))?;
+                    // A symlink may now stand where a cached directory path went through.
+                    stale = true;
+                }
+                tar::EntryType::Link => {
+                    let target = entry
+                        .link_name()
+                        .map_err(|e| map_cap(e, &shown))?
+                        .ok_or_else(|| UnpackError::Escape {
+                            path: shown.clone(),
+                            why: "hard link without a target",
+                        })?
+                        .into_owned();
+                    let tparts = components(&target).map_err(|_| UnpackError::Escape {
+                        path: shown.clone(),
+                        why: "hard link target outside the slot",
+                    })?;
+                    let Some((tname, tparent)) = tparts.split_last() else {
+                        return Err(UnpackError::Escape {
+                            path: shown,
+                            why: "hard link to the slot root",
+                        });
+                    };
+                    if tparts == parts {
+                        return Err(UnpackError::Escape {
+                            path: shown,
+                            why: "hard link to itself",
+                        });
+                    }
+                    let tfd = resolve_dir(root, tparent, false)
+                        .map_err(|e| UnpackError::io(format!("hard link target of {shown}"), e))?;
+                    // The target must exist and not be a directory before the old entry goes.
+                    match rustix::fs::statat(&tfd, tname.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::Directory => {}
+                        Ok(_) => {
+                            return Err(UnpackError::Escape {
+                                path: shown,
+                                why: "hard link to a directory",
+                            });
+                        }
+                        Err(e) => {
+                            return Err(UnpackError::io(
+                                format!("hard link {shown} -> {}", target.display()),
+                                e,
+                            ));
+                        }
+                    }
+                    stale |= replace(pfd, name, &shown)?;
+                    rustix::fs::linkat(
+                        &tfd,
+                        tname.as_os_str(),
+                        pfd,
+                        name.as_os_str(),
+                        AtFlags::empty(),
+                    )
+                    .map_err(|e| UnpackError::io(format!("hard link {shown}"), e))?;
+                }
+                tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
+                    let ft = match kind {
+                        tar::EntryType::Fifo => FileType::Fifo,
+                        tar::EntryType::Char => FileType::CharacterDevice,
+                        _ => FileType::BlockDevice,
+                    };
+                    if ft != FileType::Fifo && !self.opts.allow_devices {
+                        return Err(UnpackError::Device(shown));
+                    }
+                    let h = entry.header();
+                    let dev = rustix::fs::makedev(
+                        h.device_major().ok().flatten().unwrap_or(0),
+                        h.device_minor().ok().flatten().unwrap_or(0),
+                    );
+                    stale |= replace(pfd, name, &shown)?;
+                    rustix::fs::mknodat(pfd, name.as_os_str(), ft, Mode::from_raw_mode(0o600), dev)
+                        .map_err(|e| UnpackError::io(format!("creating node {shown}"), e))?;
+                    if self.opts.preserve_owner {
+                        rustix::fs::chownat(
+                            pfd,
+                            name.as_os_str(),
+                            Some(uid(h)),
+                            Some(gid(h)),
+                            AtFlags::SYMLINK_NOFOLLOW,
+                        )
+                        .map_err(|e| UnpackError::io(format!("chown {shown}"), e))?;
+                    }
+                    rustix::fs::chmodat(
+                        pfd,
+                        name.as_os_str(),
+                        Mode::from_raw_mode(h.mode().unwrap_or(0o600) & 0o7777),
+                        AtFlags::empty(),
+                    )
+                    .map_err(|e| UnpackError::io(format!("chmod {shown}"), e))?;
+                }
+                other => {
+                    return Err(UnpackError::Unsupported {
+                        path: shown,
+                        kind: other.as_byte(),
+                    });
+                }
+            }
+            if !stale {
+                *cached = Some((key, parent_fd));
+            }
+            ours.insert(join(&parts));
+            stats.entries += 1;
+        }
+        let _ = archive.into_inner();
+        // Read to the end of the stream, past the end-of-archive blocks, so a
+        // truncated or corrupt gzip member is noticed (and its bytes capped).
+        std::io::copy(&mut capped, &mut std::io::sink())
+            .map_err(|e| map_cap(e, "reading the end of the layer"))?;
+        stats.bytes = capped.read;
+        Ok(stats)
+    }
+
+    /// Applies one layer as stored in a registry, by media type: gzip (also
+    /// multi-member) or plain tar; zstd and other encodings are refused.
+    pub fn apply_blob<R: Read>(
+        &mut self,
+        media_type: &str,
+        blob: R,
+    ) -> Result<LayerStats, UnpackError> {
+        match layer_compression(media_type)? {
+            Compression::Gzip => self.apply(flate2::read::MultiGzDecoder::new(blob)),
+            Compression::None => self.apply(blob),
+        }
+    }
+
+    /// Flushes everything written to the slot's filesystem to disk.
+    pub fn sync(&self) -> Result<(), UnpackError> {
+        rustix::fs::syncfs(&self.root).map_err(|e| UnpackError::io("syncing the slot", e))
+    }
+}
+
+fn mkdir(pfd: BorrowedFd<'_>, name: &OsStr, shown: &str) -> Result<(), UnpackError> {
+    rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(0o700))
+        .map_err(|e| UnpackError::io(format!("creating directory {shown}"), e))
+}
+
+/// Removes whatever stands at `name` so a new entry can take its place.
+/// True when it removed a directory (cached parents may be stale).
+fn replace(pfd: BorrowedFd<'_>, name: &OsStr, shown: &str) -> Result<bool, UnpackError> {
+    match rustix::fs::statat(pfd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(UnpackError::io(format!("examining {shown}"), e)),
+        Ok(st) => {
+            remove_at(pfd, name).map_err(|e| UnpackError::io(format!("replacing {shown}"), e))?;
+            Ok(FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+        }
+    }
+}
+
+/// Opens a directory below the slot root, creating missing ones (0755, as
+/// other unpackers do); symlinks on the way resolve inside the slot.
+fn resolve_dir(root: &OwnedFd, parts: &[OsString], create: bool) -> std::io::Result<OwnedFd> {
+    let path = join(parts);
+    let path = if parts.is_empty() {
+        Path::new(".")
+    } else {
+        path.as_path()
+    };
+    match rustix::fs::openat2(
+        root,
+        path,
+        DIR_FLAGS.difference(OFlags::NOFOLLOW),
+        Mode::empty(),
+        RESOLVE,
+    ) {
+        Ok(fd) => return Ok(fd),
+        Err(Errno::NOENT) if create => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut fd = rustix::fs::openat(root, ".", DIR_FLAGS, Mode::empty())?;
+    for i in 0..parts.len() {
+        match rustix::fs::mkdirat(&fd, parts[i].as_os_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Re-resolve from the root, so a symlink component keeps root semantics.
+        fd = rustix::fs::openat2(
+            root,
+            join(&parts[..=i]),
+            DIR_FLAGS.difference(OFlags::NOFOLLOW),
+            Mode::empty(),
+            RESOLVE,
+        )?;
+    }
+    Ok(fd)
+}
+
+/// The parent directory of an entry: the cached one if it is the same path.
+fn take_parent(
+    root: &OwnedFd,
+    cached: Option<(PathBuf, OwnedFd)>,
+    parent: &[OsString],
+    shown: &str,
+) -> Result<(PathBuf, OwnedFd), UnpackError> {
+    let key = join(parent);
+    if let Some((p, fd)) = cached
+        && p == key
+    {
+        return Ok((p, fd));
+    }
+    let fd = resolve_dir(root, parent, true)
+        .map_err(|e| UnpackError::io(format!("opening the parent directory of {shown}"), e))?;
+    Ok((key, fd))
+}
+
+/// Removes `name` in `dir`, recursively for a directory, never following symlinks.
+pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<()> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+            let sub = rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty())?;
+            empty_dir(sub.as_fd())?;
+            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
+            Ok(())
+        }
+        Ok(_) => Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?),
+    }
+}
+
+fn children(dir: BorrowedFd<'_>) -> std::io::Result<Vec<OsString>> {
+    let mut names = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(OsStr::from_bytes(n).to_os_string());
+        }
+    }
+    Ok(names)
+}
+
+/// Removes everything inside a directory.
+pub fn empty_dir(dir: BorrowedFd<'_>) -> std::io::Result<()> {
+    for n in children(dir)? {
+        remove_at(dir, &n)?;
+    }
+    Ok(())
+}
+
+/// An opaque whiteout: removes what lower layers put in the directory.
+fn clear_dir(dir: BorrowedFd<'_>, at: &[OsString], ours: &HashSet<PathBuf>) -> std::io::Result<()> {
+    let base = join(at);
+    for n in children(dir)? {
+        if !ours.contains(&base.join(&n)) {
+            remove_at(dir, &n)?;
+        }
+    }
+    Ok(())
+}
+
+fn copy(from: &mut impl Read, to: &mut std::fs::File) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut n = 0;
+    loop {
+        let r = match from.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..r])?;
+        n += r as u64;
+    }
+}
+
+fn pax_num(entry: &mut tar::Entry<'_, impl Read>, key: &str) -> Option<u64> {
+    let exts = entry.pax_extensions().ok()??;
+    for e in exts.flatten() {
+        if e.key().ok() == Some(key) {
+            return e.value().ok()?.parse().ok();
+        }
+    }
+    None
+}
+
+fn uid(h: &tar::Header) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(h.uid().unwrap_or(0) as u32)
+}
+
+fn gid(h: &tar::Header) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(h.gid().unwrap_or(0) as u32)
+}
+
+fn mtime(h: &tar::Header) -> Timestamps {
+    let t = Timespec {
+        tv_sec: h.mtime().unwrap_or(0) as i64,
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// Owner, mode, xattrs and times of a file or directory, through its descriptor.
+fn set_meta<R: Read>(
+    fd: BorrowedFd<'_>,
+    entry: &mut tar::Entry<'_, R>,
+    opts: &UnpackOptions,
+    shown: &str,
+    times: bool,
+) -> Result<(), UnpackError> {
+    let h = entry.header().clone();
+    if opts.preserve_owner {
+        // PAX records override the ustar fields (ids above 2^21).
+        let u = pax_num(entry, "uid")
+            .map(|u| rustix::fs::Uid::from_raw(u as u32))
+            .unwrap_or_else(|| uid(&h));
+        let g = pax_num(entry, "gid")
+            .map(|g| rustix::fs::Gid::from_raw(g as u32))
+            .unwrap_or_else(|| gid(&h));
+        rustix::fs::fchown(fd, Some(u), Some(g))
+            .map_err(|e| UnpackError::io(format!("chown {shown}"), e))?;
+    }
+    // After chown, which clears set-id bits.
+    let mode = h.mode().map_err(|e| UnpackError::io(shown, e))? & 0o7777;
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
+        .map_err(|e| UnpackError::io(format!("chmod {shown}"), e))?;
+    if let Ok(Some(exts)) = entry.pax_extensions() {
+        for ext in exts.flatten() {
+            let Ok(key) = ext.key() else { continue };
+            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                rustix::fs::fsetxattr(fd, name, ext.value_bytes(), rustix::fs::XattrFlags::empty())
+                    .map_err(|e| UnpackError::io(format!("xattr {name} of {shown}"), e))?;
+            }
+        }
+    }
+    if times {
+        rustix::fs::futimens(fd, &mtime(&h))
+            .map_err(|e| UnpackError::io(format!("times of {shown}"), e))?;
+    }
+    Ok(())
+}

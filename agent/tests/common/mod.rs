@@ -1,0 +1,490 @@
+//! Test helpers: push images to the real registry (`SLUICE_TEST_REGISTRY`),
+//! sign like the server does, a device in a temporary folder, and the tiny
+//! responder that stands in for the server **only** where the real server
+//! refuses to produce the answer under test (forged, replayed, expired
+//! answers; broken blobs).
+#![allow(dead_code)]
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use p256::ecdsa::signature::Signer;
+use p256::pkcs8::EncodePublicKey;
+use sluice_protocol::keys::ALG_ECDSA_P256;
+use sluice_protocol::simplesigning::{COSIGN_TYPE, OPT_PRODUCT, OPT_VERSION};
+use sluice_protocol::{ImageSignature, KeyRole, KeySet, PublicKey, ResponseSigner, key_id};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+
+/// The registry under test, `host:port`; the tests refuse to run without it.
+pub fn registry() -> String {
+    std::env::var("SLUICE_TEST_REGISTRY").expect(
+        "SLUICE_TEST_REGISTRY must name a plain-HTTP OCI registry (host:port), e.g. 127.0.0.1:55000",
+    )
+}
+
+fn rand_hex() -> String {
+    let mut b = [0u8; 6];
+    rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).unwrap();
+    hex::encode(b)
+}
+
+/// A layer: its uncompressed tar and gzip bytes.
+pub struct Layer {
+    pub tar: Vec<u8>,
+    pub gz: Vec<u8>,
+}
+
+impl Layer {
+    pub fn from_tar(tar: Vec<u8>) -> Self {
+        use flate2::write::GzEncoder;
+        let mut e = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&tar).unwrap();
+        Layer {
+            gz: e.finish().unwrap(),
+            tar,
+        }
+    }
+    pub fn digest(&self) -> String {
+        sluice_protocol::sha256_digest(&self.gz)
+    }
+}
+
+/// A pushed image.
+#[derive(Clone, Debug)]
+pub struct Pushed {
+    pub repository: String,
+    pub digest: String,
+    /// `host/repo@digest`.
+    pub image: String,
+    pub size: u64,
+    pub manifest: Vec<u8>,
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn push_blob(reg: &str, repo: &str, bytes: &[u8]) -> String {
+    let digest = sluice_protocol::sha256_digest(bytes);
+    let a = http();
+    let r = a
+        .post(&format!("http://{reg}/v2/{repo}/blobs/uploads/"))
+        .send_empty()
+        .unwrap();
+    assert_eq!(r.status(), 202, "upload start");
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let loc = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("http://{reg}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = a
+        .put(&format!("{loc}{sep}digest={digest}"))
+        .header("Content-Type", "application/octet-stream")
+        .send(bytes)
+        .unwrap();
+    assert_eq!(r.status(), 201, "blob upload");
+    digest
+}
+
+/// Pushes an OCI image of gzip layers to the real registry under a fresh repository.
+pub fn push_image(layers: &[Layer], sizes: Option<&[u64]>) -> Pushed {
+    let reg = registry();
+    let repo = format!("sluice-agent-test/img-{}", rand_hex());
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| sluice_protocol::sha256_digest(&l.tar))
+        .collect();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "config": {}
+    })
+    .to_string();
+    let cdigest = push_blob(&reg, &repo, config.as_bytes());
+    let mut descs = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let d = push_blob(&reg, &repo, &l.gz);
+        let size = sizes.map(|s| s[i]).unwrap_or(l.gz.len() as u64);
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": d, "size": size}));
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": cdigest, "size": config.len()},
+        "layers": descs
+    }))
+    .unwrap();
+    let digest = sluice_protocol::sha256_digest(&manifest);
+    let r = http()
+        .put(&format!("http://{reg}/v2/{repo}/manifests/v1"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .send(&manifest[..])
+        .unwrap();
+    assert_eq!(r.status(), 201, "manifest push");
+    Pushed {
+        image: format!("{reg}/{repo}@{digest}"),
+        repository: repo,
+        digest,
+        size: layers.iter().map(|l| l.gz.len() as u64).sum(),
+        manifest,
+    }
+}
+
+/// The server's keys: an Ed25519 response key and an ECDSA P-256 image key.
+pub struct Keys {
+    pub response: ResponseSigner,
+    pub image: p256::ecdsa::SigningKey,
+}
+
+impl Keys {
+    pub fn new(seed: u8) -> Self {
+        Keys {
+            response: ResponseSigner::from_seed(&[seed; 32]),
+            image: p256::ecdsa::SigningKey::from_slice(&[seed.wrapping_add(100); 32]).unwrap(),
+        }
+    }
+
+    pub fn image_public(&self) -> PublicKey {
+        let vk = self.image.verifying_key();
+        PublicKey {
+            key_id: key_id(vk.to_public_key_der().unwrap().as_bytes()),
+            role: KeyRole::Image,
+            algorithm: ALG_ECDSA_P256.into(),
+            public_key_pem: vk.to_public_key_pem(Default::default()).unwrap(),
+        }
+    }
+
+    pub fn key_set(&self) -> KeySet {
+        KeySet {
+            keys: vec![self.response.public_key(), self.image_public()],
+        }
+    }
+
+    /// A cosign simple-signing signature binding digest, product and version.
+    pub fn sign_image(&self, digest: &str, product: &str, version: &str) -> ImageSignature {
+        let payload = serde_json::json!({
+            "critical": {"identity": {"docker-reference": "registry/acme/os"},
+                         "image": {"docker-manifest-digest": digest},
+                         "type": COSIGN_TYPE},
+            "optional": {OPT_PRODUCT: product, OPT_VERSION: version}
+        })
+        .to_string();
+        let sig: p256::ecdsa::Signature = self.image.sign(payload.as_bytes());
+        ImageSignature {
+            payload: B64.encode(payload),
+            signature: B64.encode(sig.to_der().as_bytes()),
+            key_id: self.image_public().key_id,
+        }
+    }
+}
+
+/// A simulated device in a temporary folder: two slots, a grubenv, a file
+/// standing in for `/proc/cmdline`, a reboot command that records it.
+pub struct TestDevice {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+/// Options of a test device.
+pub struct DeviceOpts<'a> {
+    pub server: &'a str,
+    pub product: &'a str,
+    pub channel: &'a str,
+    pub enrollment_secret: &'a str,
+    /// The trusted keys file contents (`GET /v1/keys`).
+    pub keys: &'a KeySet,
+    /// Extra `insecure` registry hosts.
+    pub insecure: Vec<String>,
+    /// Whether the health check passes.
+    pub healthy: bool,
+    pub kind: &'a str,
+}
+
+impl TestDevice {
+    /// Builds the device; slot A is booted and holds a small factory tree.
+    pub fn new(o: DeviceOpts<'_>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for s in ["a", "b", "state"] {
+            std::fs::create_dir_all(p.join(s)).unwrap();
+        }
+        std::fs::write(p.join("a/factory"), b"factory image").unwrap();
+        std::fs::write(p.join("cmdline"), "root=/dev/vda2 sluice.slot=A quiet\n").unwrap();
+        std::fs::write(p.join("keys.json"), serde_json::to_vec(o.keys).unwrap()).unwrap();
+        let mut insecure = o.insecure.clone();
+        if let Ok(r) = std::env::var("SLUICE_TEST_REGISTRY") {
+            insecure.push(r);
+        }
+        let (slot_a, slot_b) = match o.kind {
+            "dir" => (p.join("a"), p.join("b")),
+            _ => (p.join("a.img"), p.join("b.img")),
+        };
+        let health = if o.healthy { "true" } else { "false" };
+        let cfg = format!(
+            r#"server = {server:?}
+product = {product:?}
+channel = {channel:?}
+enrollment_secret = {secret:?}
+state_dir = {state:?}
+arch = "amd64"
+keys = {keys:?}
+machine_id = "machine-{rand}"
+
+[slots]
+kind = {kind:?}
+a = {a:?}
+b = {b:?}
+
+[boot]
+grubenv = {grubenv:?}
+cmdline = {cmdline:?}
+reboot = ["sh", "-c", "echo reboot >> {reboots}"]
+health_checks = [["{health}"]]
+
+[registry]
+insecure = {insecure:?}
+"#,
+            server = o.server,
+            product = o.product,
+            channel = o.channel,
+            secret = o.enrollment_secret,
+            state = p.join("state"),
+            keys = p.join("keys.json"),
+            rand = rand_hex(),
+            kind = o.kind,
+            a = slot_a,
+            b = slot_b,
+            grubenv = p.join("grubenv"),
+            cmdline = p.join("cmdline"),
+            reboots = p.join("reboots").display(),
+            health = health,
+            insecure = insecure,
+        );
+        let config = p.join("agent.toml");
+        std::fs::write(&config, cfg).unwrap();
+        TestDevice { dir, config }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice-agent"));
+        c.arg("--config").arg(&self.config).args(args);
+        c
+    }
+
+    /// Runs the agent to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    pub fn reboots(&self) -> usize {
+        std::fs::read_to_string(self.path("reboots"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    pub fn grubenv(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.path("grubenv")).ok()
+    }
+
+    /// Plays GRUB (the shipped snippet's rules) and "boots" the chosen slot.
+    pub fn reboot(&self) -> sluice_agent::bootloader::Slot {
+        let s = sluice_agent::bootloader::boot(&self.path("grubenv"))
+            .unwrap()
+            .expect("GRUB found a bootable slot");
+        std::fs::write(
+            self.path("cmdline"),
+            format!("root=/dev/vda sluice.slot={s}\n"),
+        )
+        .unwrap();
+        s
+    }
+}
+
+/// Asserts an agent run succeeded.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "agent failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts an agent run failed with a one-line reason containing `want`.
+pub fn refused(out: &Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "agent accepted: {err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("sluice-agent: error: ") && last.contains(want),
+        "last line {last:?} lacks {want:?}; stderr: {err}"
+    );
+}
+
+/// One request the responder saw.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn q(&self, k: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A response: status, headers, body.
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+type Handler = dyn Fn(&Request) -> Response + Send + Sync;
+
+/// The stand-in for the server in the attack cases: a plain-HTTP listener on
+/// loopback with a handler; it records every request.
+pub struct Responder {
+    pub url: String,
+    pub host: String,
+    pub seen: Arc<Mutex<Vec<Request>>>,
+}
+
+impl Responder {
+    pub fn start(handler: Arc<Handler>) -> Responder {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = l.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(conn) = conn else { continue };
+                let h = handler.clone();
+                let s = s2.clone();
+                std::thread::spawn(move || serve(conn, &*h, &s));
+            }
+        });
+        Responder {
+            url: format!("http://{host}"),
+            host,
+            seen,
+        }
+    }
+
+    pub fn events(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path.ends_with("/events"))
+            .map(|r| {
+                serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+fn serve(conn: TcpStream, h: &Handler, seen: &Mutex<Vec<Request>>) {
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let mut len = 0usize;
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).unwrap();
+    let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
+    let query = qs
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").to_string()))
+        .collect();
+    let req = Request {
+        method,
+        path: path.to_string(),
+        query,
+        body,
+    };
+    seen.lock().unwrap().push(req.clone());
+    let resp = h(&req);
+    let mut out = conn;
+    let mut head = format!(
+        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        resp.status,
+        resp.body.len()
+    );
+    for (k, v) in &resp.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = out.write_all(head.as_bytes());
+    let _ = out.write_all(&resp.body);
+}
+
+/// Every file under a folder: kind, mode, owner, content or link target.
+pub fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, (u32, u32, u32, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let content = if m.is_file() {
+                std::fs::read(&p).unwrap()
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else {
+                stack.push(p.clone());
+                Vec::new()
+            };
+            out.insert(
+                p.strip_prefix(dir).unwrap().to_path_buf(),
+                (m.mode(), m.uid(), m.gid(), content),
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,658 @@
+//! The agent against the real registry (`SLUICE_TEST_REGISTRY`): an upgrade
+//! into a dir slot compared with `umoci raw unpack`, boot assessment and
+//! rollback, the attack cases, and upgrades killed at random moments.
+//! The server is played by the small responder in `common` (signing with
+//! the protocol crate) because the attack answers are ones the real server
+//! never produces; `common::TestDevice` takes any server URL, so the same
+//! flow runs against the real server once it can publish.
+
+mod common;
+
+use common::*;
+use sluice_agent::bootloader::{AbState, GrubEnv, Slot};
+use sluice_protocol::{Offer, ResolveResponse};
+use std::sync::{Arc, Mutex};
+use time::OffsetDateTime;
+
+const PRODUCT: &str = "acme-os";
+
+/// How the stand-in server shapes its resolution answers.
+#[derive(Clone, Default)]
+struct Answer {
+    offer: Option<Offer>,
+    downgrade: bool,
+    serial: i64,
+    /// Sign with these keys instead of the trusted ones.
+    foreign_signer: bool,
+    /// Echo this nonce instead of the device's.
+    nonce: Option<String>,
+    /// Seconds until expiry (negative: already expired).
+    ttl: i64,
+}
+
+struct Fake {
+    keys: Keys,
+    other: Keys,
+    answer: Mutex<Answer>,
+    /// Registry blobs served by the responder itself (broken-blob cases).
+    blobs: Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+fn start(fake: Arc<Fake>) -> Responder {
+    let f = fake.clone();
+    Responder::start(Arc::new(move |req: &Request| {
+        let json = |v: serde_json::Value| Response {
+            status: 200,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: serde_json::to_vec(&v).unwrap(),
+        };
+        if req.path == "/v1/devices/enroll" {
+            return json(serde_json::json!({"device_id": "dev-1", "token": "tok-1"}));
+        }
+        if req.path.ends_with("/events") {
+            return Response {
+                status: 204,
+                headers: vec![],
+                body: vec![],
+            };
+        }
+        if req.path.ends_with("/resolve") {
+            let a = f.answer.lock().unwrap().clone();
+            let now = OffsetDateTime::now_utc();
+            let update = a
+                .offer
+                .as_ref()
+                .is_some_and(|o| req.q("current") != Some(o.digest.as_str()));
+            let r = ResolveResponse {
+                update,
+                downgrade: a.downgrade,
+                release: a.offer.clone(),
+                poll_after_s: 60,
+                device_id: "dev-1".into(),
+                nonce: a
+                    .nonce
+                    .clone()
+                    .unwrap_or_else(|| req.q("nonce").unwrap().to_string()),
+                serial: a.serial,
+                issued_at: now,
+                expires_at: now + time::Duration::seconds(if a.ttl == 0 { 60 } else { a.ttl }),
+            };
+            let body = serde_json::to_vec(&r).unwrap();
+            let signer = if a.foreign_signer {
+                &f.other.response
+            } else {
+                &f.keys.response
+            };
+            return Response {
+                status: 200,
+                headers: vec![("sluice-signature".into(), signer.sign_header(&body))],
+                body,
+            };
+        }
+        for (d, b) in f.blobs.lock().unwrap().iter() {
+            if req.path.ends_with(d.as_str()) {
+                return Response {
+                    status: 200,
+                    headers: vec![],
+                    body: b.clone(),
+                };
+            }
+        }
+        Response {
+            status: 404,
+            headers: vec![],
+            body: b"not found".to_vec(),
+        }
+    }))
+}
+
+fn fake() -> Arc<Fake> {
+    Arc::new(Fake {
+        keys: Keys::new(1),
+        other: Keys::new(2),
+        answer: Mutex::new(Answer {
+            serial: 1,
+            ..Answer::default()
+        }),
+        blobs: Mutex::new(Vec::new()),
+    })
+}
+
+fn device(f: &Fake, r: &Responder, healthy: bool, kind: &str) -> TestDevice {
+    TestDevice::new(DeviceOpts {
+        server: &r.url,
+        product: PRODUCT,
+        channel: "stable",
+        enrollment_secret: "secret",
+        keys: &f.keys.key_set(),
+        insecure: vec![r.host.clone()],
+        healthy,
+        kind,
+    })
+}
+
+fn offer(f: &Fake, p: &Pushed, version: &str) -> Offer {
+    Offer {
+        version: version.into(),
+        digest: p.digest.clone(),
+        image: p.image.clone(),
+        size: p.size,
+        signature: f.keys.sign_image(&p.digest, PRODUCT, version),
+    }
+}
+
+/// An OS-like image: a base layer, and an upper layer with a whiteout, an
+/// opaque directory, a replaced file and owners.
+fn os_layers() -> Vec<Layer> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add =
+        |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(uid);
+            h.set_gid(uid);
+            h.set_mtime(1_700_000_000);
+            h.set_size(data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            b.append_data(&mut h, path, data).unwrap();
+        };
+    use tar::EntryType::*;
+    add("etc/", Directory, 0o755, 0, b"", None);
+    add(
+        "etc/os-release",
+        Regular,
+        0o644,
+        0,
+        b"ID=acme\nVERSION_ID=1\n",
+        None,
+    );
+    add("etc/old.conf", Regular, 0o600, 0, b"old", None);
+    add("usr/", Directory, 0o755, 0, b"", None);
+    add("usr/bin/", Directory, 0o755, 0, b"", None);
+    add("usr/bin/su", Regular, 0o4755, 0, b"\x7fELF su", None);
+    add("usr/bin/sudo", Link, 0o4755, 0, b"", Some("usr/bin/su"));
+    add("bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
+    add("var/", Directory, 0o755, 0, b"", None);
+    add("var/cache/", Directory, 0o755, 0, b"", None);
+    add("var/cache/junk", Regular, 0o644, 0, b"junk", None);
+    add("home/", Directory, 0o755, 0, b"", None);
+    add("home/user/", Directory, 0o700, 1000, b"", None);
+    add(
+        "home/user/.profile",
+        Regular,
+        0o644,
+        1000,
+        b"export A=1\n",
+        None,
+    );
+    for i in 0..200 {
+        add(
+            &format!("usr/share/doc/f{i}"),
+            Regular,
+            0o644,
+            0,
+            format!("doc {i}\n").as_bytes(),
+            None,
+        );
+    }
+    let base = Layer::from_tar(b.into_inner().unwrap());
+
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_mtime(1_700_000_100);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    add("etc/.wh.old.conf", Regular, 0o644, b"");
+    add("etc/os-release", Regular, 0o644, b"ID=acme\nVERSION_ID=2\n");
+    add("var/cache/", Directory, 0o755, b"");
+    add("var/cache/.wh..wh..opq", Regular, 0o644, b"");
+    add("var/cache/fresh", Regular, 0o644, b"fresh");
+    let upper = Layer::from_tar(b.into_inner().unwrap());
+    vec![base, upper]
+}
+
+/// A big image for the kill test: many files and a few MB of noise.
+fn big_layers() -> Vec<Layer> {
+    let mut layers = os_layers();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut seed = 0x1234_5678u64;
+    for i in 0..3000 {
+        let mut h = tar::Header::new_ustar();
+        let mut data = vec![0u8; 1024 + (i % 7) * 512];
+        for x in data.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *x = seed as u8;
+        }
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(
+            &mut h,
+            format!("usr/lib/mod{}/lib{i}.so", i % 50),
+            &data[..],
+        )
+        .unwrap();
+    }
+    layers.insert(1, Layer::from_tar(b.into_inner().unwrap()));
+    layers
+}
+
+/// What `umoci raw unpack` makes of the same image in the same registry.
+fn umoci_tree(
+    p: &Pushed,
+) -> std::collections::BTreeMap<std::path::PathBuf, (u32, u32, u32, Vec<u8>)> {
+    let d = tempfile::tempdir().unwrap();
+    let layout = d.path().join("layout");
+    let st = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{}", p.image))
+        .arg(format!("oci:{}:t", layout.display()))
+        .status()
+        .unwrap();
+    assert!(st.success(), "skopeo copy");
+    let rootfs = d.path().join("rootfs");
+    let mut c = std::process::Command::new("umoci");
+    c.args(["raw", "unpack"]);
+    if !rustix::process::geteuid().is_root() {
+        c.arg("--rootless");
+    }
+    let st = c
+        .arg("--image")
+        .arg(format!("{}:t", layout.display()))
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(st.success(), "umoci raw unpack");
+    tree(&rootfs)
+}
+
+fn ab(dev: &TestDevice) -> AbState {
+    AbState::from_env(&GrubEnv::load(&dev.path("grubenv")).unwrap())
+}
+
+/// enroll → update offered → pulled, verified, written to slot B (equal to
+/// umoci's unpack of the same image) → grubenv boots B → reboot (GRUB played
+/// by the snippet's rules) → healthy → marked good.
+#[test]
+fn upgrade_into_dir_slot_then_healthy() {
+    let f = fake();
+    let r = start(f.clone());
+    let pushed = push_image(&os_layers(), None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
+    let dev = device(&f, &r, true, "dir");
+
+    ok(&dev.run(&["enroll"]));
+    let out = ok(&dev.run(&["check"]));
+    assert!(out.contains("update available: 2.0.0"), "{out}");
+    let out = ok(&dev.run(&["apply"]));
+    assert!(out.contains("applied 2.0.0"), "{out}");
+    assert_eq!(dev.reboots(), 1);
+    assert_eq!(
+        r.events(),
+        ["download_started", "downloaded", "applied", "rebooting"]
+    );
+    assert_eq!(
+        tree(&dev.path("b")),
+        umoci_tree(&pushed),
+        "slot B differs from umoci's unpack"
+    );
+    assert_eq!(
+        std::fs::read(dev.path("a/factory")).unwrap(),
+        b"factory image"
+    );
+    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+
+    assert_eq!(dev.reboot(), Slot::B);
+    ok(&dev.run(&["mark-good"]));
+    assert_eq!(r.events().last().unwrap(), "healthy");
+    let ab = ab(&dev);
+    assert!(ab.is_ok(Slot::B) && !ab.is_tried(Slot::B));
+    assert_eq!(ab.next_boot(), Some(Slot::B));
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&dev.run(&["status", "--json"]))).unwrap();
+    assert_eq!(status["booted"]["slot"], "B");
+    assert_eq!(status["booted"]["image"]["version"], "2.0.0");
+    assert_eq!(status["state"], "idle");
+    // Nothing more to do: the device runs the target.
+    assert!(ok(&dev.run(&["apply"])).contains("up to date"));
+    // A later boot without an update still lands in B.
+    assert_eq!(dev.reboot(), Slot::B);
+}
+
+/// A failing health check: `failed` reported, B marked bad, reboot; GRUB
+/// falls back to A, where the agent reports `rolled_back`.
+#[test]
+fn failing_health_check_rolls_back() {
+    let f = fake();
+    let r = start(f.clone());
+    let pushed = push_image(&os_layers(), None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
+    let dev = device(&f, &r, false, "dir");
+    ok(&dev.run(&["apply"]));
+    assert_eq!(dev.reboot(), Slot::B);
+    refused(&dev.run(&["mark-good"]), "unhealthy");
+    assert_eq!(dev.reboots(), 2, "the agent reboots after marking B bad");
+    assert_eq!(r.events().last().unwrap(), "failed");
+    assert_eq!(dev.reboot(), Slot::A);
+    // `run` starts with the boot assessment: A is healthy... but this device's
+    // health check always fails, so use the assessment only for the report.
+    let _ = dev.run(&["mark-good"]);
+    assert!(
+        r.events().contains(&"rolled_back".to_string()),
+        "{:?}",
+        r.events()
+    );
+    assert!(!ab(&dev).is_ok(Slot::B));
+    assert_eq!(ab(&dev).next_boot(), Some(Slot::A));
+}
+
+/// Nothing was made bootable: GRUB still boots A and B is not OK.
+fn assert_not_switched(dev: &TestDevice) {
+    let ab = ab(dev);
+    assert_eq!(ab.next_boot(), Some(Slot::A));
+    assert!(!ab.is_ok(Slot::B));
+    assert_eq!(dev.reboots(), 0);
+}
+
+/// Each attack is refused with a one-line reason and nothing switched.
+#[test]
+fn attacks_are_refused() {
+    let f = fake();
+    let r = start(f.clone());
+    let pushed = push_image(&os_layers(), None);
+    let good = offer(&f, &pushed, "2.0.0");
+    let set = |a: Answer| *f.answer.lock().unwrap() = a;
+    let base = Answer {
+        offer: Some(good.clone()),
+        serial: 5,
+        ..Answer::default()
+    };
+
+    let cases: Vec<(&str, Answer, &str)> = vec![
+        (
+            "response signed by another key",
+            Answer {
+                foreign_signer: true,
+                ..base.clone()
+            },
+            "signature refused",
+        ),
+        (
+            "replayed answer (old nonce)",
+            Answer {
+                nonce: Some("an-old-nonce-1234".into()),
+                ..base.clone()
+            },
+            "another nonce",
+        ),
+        (
+            "expired answer",
+            Answer {
+                ttl: -5,
+                ..base.clone()
+            },
+            "expired",
+        ),
+        (
+            "image signed by another key",
+            Answer {
+                offer: Some(Offer {
+                    signature: f.other.sign_image(&pushed.digest, PRODUCT, "2.0.0"),
+                    ..good.clone()
+                }),
+                ..base.clone()
+            },
+            "image signature refused",
+        ),
+        (
+            "signature for another digest",
+            Answer {
+                offer: Some(Offer {
+                    signature: f.keys.sign_image(
+                        &sluice_protocol::sha256_digest(b"other"),
+                        PRODUCT,
+                        "2.0.0",
+                    ),
+                    ..good.clone()
+                }),
+                ..base.clone()
+            },
+            "image signature refused",
+        ),
+        (
+            "signature for another version",
+            Answer {
+                offer: Some(Offer {
+                    version: "3.0.0".into(),
+                    ..good.clone()
+                }),
+                ..base.clone()
+            },
+            "image signature refused",
+        ),
+    ];
+    for (what, answer, want) in cases {
+        let dev = device(&f, &r, true, "dir");
+        set(answer);
+        let out = dev.run(&["apply"]);
+        refused(&out, want);
+        assert_not_switched(&dev);
+        assert!(
+            tree(&dev.path("b")).is_empty(),
+            "{what}: slot B was written"
+        );
+    }
+
+    // A lower serial than one already accepted.
+    let dev = device(&f, &r, true, "dir");
+    set(Answer {
+        offer: None,
+        serial: 10,
+        ..base.clone()
+    });
+    ok(&dev.run(&["apply"]));
+    set(Answer {
+        serial: 9,
+        ..base.clone()
+    });
+    refused(&dev.run(&["apply"]), "serial 9 below the 10");
+    assert_not_switched(&dev);
+
+    // A downgrade without `downgrade: true`: first move to 2.0.0, then be offered 1.0.0.
+    set(Answer {
+        serial: 11,
+        ..base.clone()
+    });
+    ok(&dev.run(&["apply"]));
+    assert_eq!(dev.reboot(), Slot::B);
+    ok(&dev.run(&["mark-good"]));
+    let old = push_image(&os_layers()[..1], None);
+    set(Answer {
+        offer: Some(offer(&f, &old, "1.0.0")),
+        serial: 12,
+        ..base.clone()
+    });
+    refused(&dev.run(&["apply"]), "does not say downgrade");
+    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert!(
+        tree(&dev.path("a")).contains_key(std::path::Path::new("factory")),
+        "slot A was touched"
+    );
+    // With `downgrade: true` (a channel rollback) it goes through.
+    set(Answer {
+        offer: Some(offer(&f, &old, "1.0.0")),
+        serial: 12,
+        downgrade: true,
+        ..base.clone()
+    });
+    ok(&dev.run(&["apply"]));
+    assert_eq!(ab(&dev).next_boot(), Some(Slot::A));
+}
+
+/// Blobs that lie: bytes that do not hash to the digest, a blob longer than
+/// its manifest declares. The responder plays the registry for these.
+#[test]
+fn broken_blobs_are_refused() {
+    let f = fake();
+    let r = start(f.clone());
+    let layers = os_layers();
+    for (what, tamper) in [("digest", 0), ("longer", 1)] {
+        let gz = layers[0].gz.clone();
+        let digest = sluice_protocol::sha256_digest(&gz);
+        let (served, declared) = match tamper {
+            0 => {
+                let mut b = gz.clone();
+                let n = b.len();
+                b[n - 10] ^= 0xff;
+                (b, gz.len())
+            }
+            _ => {
+                let mut b = gz.clone();
+                b.extend_from_slice(&[0u8; 4096]);
+                (b, gz.len())
+            }
+        };
+        // When longer: the digest is of the declared prefix, the extra bytes follow.
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": sluice_protocol::sha256_digest(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": digest, "size": declared}]
+        }))
+        .unwrap();
+        let mdigest = sluice_protocol::sha256_digest(&manifest);
+        *f.blobs.lock().unwrap() = vec![(mdigest.clone(), manifest), (digest.clone(), served)];
+        let pushed = Pushed {
+            repository: "acme/os".into(),
+            image: format!("{}/acme/os@{mdigest}", r.host),
+            digest: mdigest,
+            size: declared as u64,
+            manifest: vec![],
+        };
+        *f.answer.lock().unwrap() = Answer {
+            offer: Some(offer(&f, &pushed, "2.0.0")),
+            serial: 1,
+            ..Answer::default()
+        };
+        let dev = device(&f, &r, true, "dir");
+        let out = dev.run(&["apply"]);
+        refused(
+            &out,
+            if tamper == 0 {
+                "hash to"
+            } else {
+                "longer than its declared"
+            },
+        );
+        assert_not_switched(&dev);
+        assert!(r.events().contains(&"failed".to_string()), "{what}");
+    }
+}
+
+/// The agent is killed with SIGKILL at random moments of pull, unpack and
+/// the grubenv write. Every time: slot A untouched, the grubenv whole, and
+/// GRUB boots either A or a complete B. The next `apply` finishes.
+#[test]
+fn interrupted_upgrades_never_tear_anything() {
+    let f = fake();
+    let r = start(f.clone());
+    let pushed = push_image(&big_layers(), None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
+    let expected = umoci_tree(&pushed);
+
+    // How long one apply takes here.
+    let probe = device(&f, &r, true, "dir");
+    let t0 = std::time::Instant::now();
+    ok(&probe.run(&["apply"]));
+    let full = t0.elapsed();
+    assert_eq!(tree(&probe.path("b")), expected);
+
+    let dev = device(&f, &r, true, "dir");
+    let a_before = tree(&dev.path("a"));
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut kills = 0;
+    for _ in 0..25 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let at = full.mul_f64((seed % 1000) as f64 / 1000.0);
+        let mut child = dev
+            .command(&["apply"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(at);
+        if child.try_wait().unwrap().is_none() {
+            rustix::process::kill_process(
+                rustix::process::Pid::from_child(&child),
+                rustix::process::Signal::KILL,
+            )
+            .unwrap();
+            kills += 1;
+        }
+        let _ = child.wait();
+        assert_eq!(tree(&dev.path("a")), a_before, "the active slot changed");
+        let env = dev.grubenv();
+        if let Some(env) = env {
+            assert_eq!(env.len(), 1024);
+            let ab = AbState::from_env(&GrubEnv::parse(&env).expect("grubenv torn"));
+            match ab.next_boot() {
+                Some(Slot::A) => {}
+                Some(Slot::B) => assert_eq!(
+                    tree(&dev.path("b")),
+                    expected,
+                    "GRUB would boot a half-written B"
+                ),
+                None => panic!("no bootable slot"),
+            }
+        }
+    }
+    assert!(kills >= 10, "only {kills} runs were killed");
+    // The next apply finishes the upgrade.
+    let _ = dev.run(&["apply"]);
+    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(tree(&dev.path("b")), expected);
+}
+
+/// The `image` slot kind: an ext4 image built with `mkfs.ext4 -d`, no mount.
+#[test]
+fn upgrade_into_image_slot() {
+    let f = fake();
+    let r = start(f.clone());
+    let pushed = push_image(&os_layers(), None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
+    let dev = device(&f, &r, true, "image");
+    ok(&dev.run(&["apply"]));
+    let img = dev.path("b.img");
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /etc/os-release"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ID=acme\nVERSION_ID=2\n"
+    );
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "stat /usr/bin/su"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Mode:  04755"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+}
