@@ -69,7 +69,13 @@ YML
 }
 
 stop_registry() {
-  [ -f "$STATE/registry.pid" ] && kill "$(cat "$STATE/registry.pid")" 2>/dev/null || true
+  local pid
+  pid=$(cat "$STATE/registry.pid" 2>/dev/null || true)
+  # Only our own registry: a stale pid file may name some other process by now.
+  if [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$STATE/registry.yml"; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
   rm -f "$STATE/registry.pid"
 }
 
@@ -155,7 +161,7 @@ prepare_build_db() {
     export BUILD_DATABASE_URL="${DATABASE_URL}"
     return 0
   fi
-  local psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres)
+  local psql=(env PGOPTIONS='-c client_min_messages=warning' psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres)
   "${psql[@]}" -d postgres -c 'DROP DATABASE IF EXISTS sluice_build WITH (FORCE)' -c 'CREATE DATABASE sluice_build' >/dev/null
   local f
   for f in "$ROOT"/migrations/*.sql; do

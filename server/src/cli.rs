@@ -1010,6 +1010,120 @@ mod tests {
         );
     }
 
+    /// A real server (the whole router, a real Postgres) on a free port, with
+    /// user `admin` / `correct horse battery`; answers its URL.
+    async fn start_server(db: &sqlx::PgPool) -> String {
+        use sqlx::ConnectOptions;
+        #[derive(clap::Parser)]
+        struct ServeArgs {
+            #[command(flatten)]
+            config: sluice_server::config::Config,
+        }
+        let dir = std::env::temp_dir().join(format!("sluice-cli-e2e-{}", uuid::Uuid::new_v4()));
+        let url = db.connect_options().to_url_lossy().to_string();
+        let args = ServeArgs::try_parse_from([
+            "serve",
+            "--database-url",
+            &url,
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--key-passphrase",
+            "test passphrase",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let state = sluice_server::app::build_state(args.config).await.unwrap();
+        sluice_server::auth::bootstrap_admin(&state.db, Some("correct horse battery"))
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(sluice_server::app::run(
+            listener,
+            state,
+            std::future::pending(),
+        ));
+        server
+    }
+
+    /// Against the real server: answers come back as JSON, and 401, 404 and
+    /// 409 problems come back as their exit classes with the server's detail.
+    #[sqlx::test(migrations = false)]
+    async fn against_a_real_server(db: sqlx::PgPool) {
+        let server = start_server(&db).await;
+        let login = |password: &str| {
+            let mut r = Request::new(
+                Method::POST,
+                &["v1", "auth", "login"],
+                Some(json!({"username": "admin", "password": password})),
+            );
+            r.authenticated = false;
+            r
+        };
+        let anonymous = Remote {
+            server: server.clone(),
+            token: None,
+        };
+        let f = send(&anonymous, login("wrong password")).await.unwrap_err();
+        assert_eq!(f.exit, Exit::Auth);
+        assert!(f.message.ends_with("(HTTP 401)"), "{}", f.message);
+        let answer = send(&anonymous, login("correct horse battery"))
+            .await
+            .unwrap()
+            .unwrap();
+        let token = answer["token"].as_str().unwrap().to_owned();
+
+        let run = |args: &[&str]| {
+            let args = [args, &["--server", &server, "--token", &token]].concat();
+            let cmd = parse(&args).unwrap();
+            async move { send(cmd.remote(), cmd.request()?).await }
+        };
+        let key = run(&["keys", "rotate", "--role", "image"])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(key["role"], "image");
+        let f = run(&["token", "create", "--name", "ci", "--product", "nope"])
+            .await
+            .unwrap_err();
+        assert_eq!(f.exit, Exit::Rejected);
+        assert!(f.message.contains("nope"), "{}", f.message);
+
+        let admin = Remote {
+            server: server.clone(),
+            token: Some(token.clone()),
+        };
+        let product = || {
+            Request::new(
+                Method::POST,
+                &["v1", "products"],
+                Some(json!({"name": "acme-os", "repository": "127.0.0.1:5000/acme/os"})),
+            )
+        };
+        send(&admin, product()).await.unwrap();
+        let created = run(&["token", "create", "--name", "ci", "--product", "acme-os"])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(created["token"].as_str().is_some_and(|t| !t.is_empty()));
+        let f = send(&admin, product()).await.unwrap_err();
+        assert_eq!(f.exit, Exit::Conflict);
+        assert!(f.message.ends_with("(HTTP 409)"), "{}", f.message);
+
+        // A publisher token may not rotate keys.
+        let publisher = Remote {
+            server: server.clone(),
+            token: created["token"].as_str().map(str::to_owned),
+        };
+        let rotate = parse(&["keys", "rotate", "--role", "image"]).unwrap();
+        let f = send(&publisher, rotate.request().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(f.exit, Exit::Auth);
+        assert!(f.message.ends_with("(HTTP 403)"), "{}", f.message);
+    }
+
     /// Without a token nothing is sent and the exit class is auth; an unreachable
     /// server names the URL and SLUICE_SERVER.
     #[tokio::test]
