@@ -167,17 +167,16 @@ pub fn decide<'a>(i: &Input<'a>) -> Decision<'a> {
     };
 
     // 3. Floors: step through the lowest mandatory release between here and there.
-    if let Some(cur) = i.current {
-        if let Some(floor) = i
+    if let Some(cur) = i.current
+        && let Some(floor) = i
             .releases
             .iter()
             .filter(|f| {
                 f.floor && !f.revoked && f.version > cur.version && f.version < target.version
             })
             .min_by(|a, b| a.version.cmp(&b.version))
-        {
-            target = floor;
-        }
+    {
+        target = floor;
     }
 
     // 5. Nothing to do on the target; never down unless the channel was rolled back.
