@@ -755,15 +755,14 @@ async fn patch_rollout(
         ));
     }
     check_percent(req.percent)?;
-    if let Some(g) = &req.gate {
-        if !(0.0..=100.0).contains(&g.max_failure_percent)
+    if let Some(g) = &req.gate
+        && (!(0.0..=100.0).contains(&g.max_failure_percent)
             || g.min_reports < 1
-            || g.min_reports > i32::MAX as i64
-        {
-            return Err(Error::BadRequest(
-                "gate: max_failure_percent must be 0–100 and min_reports at least 1".into(),
-            ));
-        }
+            || g.min_reports > i32::MAX as i64)
+    {
+        return Err(Error::BadRequest(
+            "gate: max_failure_percent must be 0–100 and min_reports at least 1".into(),
+        ));
     }
     let p = crate::products::load(&state.db, &product).await?;
     let mut tx = state.db.begin().await?;

@@ -165,12 +165,12 @@ async fn enroll(
     check_text("machine_id", &req.machine_id, 256)?;
     check_text("arch", &req.arch, 32)?;
     check_text("channel", &req.channel, 63)?;
-    if let Some(d) = &req.current_digest {
-        if !is_sha256_digest(d) {
-            return Err(Error::BadRequest(
-                "current_digest must be `sha256:<64 hex>`".into(),
-            ));
-        }
+    if let Some(d) = &req.current_digest
+        && !is_sha256_digest(d)
+    {
+        return Err(Error::BadRequest(
+            "current_digest must be `sha256:<64 hex>`".into(),
+        ));
     }
     let row = sqlx::query!(
         "SELECT id, enrollment_secret_hash FROM products WHERE name = $1",
@@ -250,17 +250,18 @@ async fn report_event(
     if !is_sha256_digest(&req.digest) {
         return Err(Error::BadRequest("digest must be `sha256:<64 hex>`".into()));
     }
-    if let Some(m) = &req.message {
-        if m.len() > 4096 {
-            return Err(Error::BadRequest(
-                "message must be at most 4096 bytes".into(),
-            ));
-        }
+    if let Some(m) = &req.message
+        && m.len() > 4096
+    {
+        return Err(Error::BadRequest(
+            "message must be at most 4096 bytes".into(),
+        ));
     }
-    if let Some(s) = &req.booted_slot {
-        if s != "A" && s != "B" {
-            return Err(Error::BadRequest("booted_slot must be `A` or `B`".into()));
-        }
+    if let Some(s) = &req.booted_slot
+        && s != "A"
+        && s != "B"
+    {
+        return Err(Error::BadRequest("booted_slot must be `A` or `B`".into()));
     }
     let mut tx = state.db.begin().await?;
     let healthy = req.kind == EventKind::Healthy;
@@ -321,7 +322,7 @@ struct DeviceRow {
 
 impl From<DeviceRow> for Device {
     fn from(r: DeviceRow) -> Self {
-        let pin = (r.pin_version.is_some() || r.pin_image.is_some()).then(|| Pin {
+        let pin = (r.pin_version.is_some() || r.pin_image.is_some()).then_some(Pin {
             version: r.pin_version,
             image: r.pin_image,
             digest: r.pin_digest,

@@ -295,16 +295,16 @@ async fn publish(
     )
     .execute(&mut *tx)
     .await;
-    if let Err(sqlx::Error::Database(d)) = &inserted {
-        if d.constraint() == Some("releases_product_version_key") {
-            // A concurrent publish of the same version won the race.
-            drop(tx);
-            let winner = fetch_one(&state.db, &product, &req.version).await?;
-            if winner.digest == resolved.digest {
-                return Ok((StatusCode::OK, Json(winner)));
-            }
-            return Err(conflict(&req.version, &winner.digest, &resolved.digest));
+    if let Err(sqlx::Error::Database(d)) = &inserted
+        && d.constraint() == Some("releases_product_version_key")
+    {
+        // A concurrent publish of the same version won the race.
+        drop(tx);
+        let winner = fetch_one(&state.db, &product, &req.version).await?;
+        if winner.digest == resolved.digest {
+            return Ok((StatusCode::OK, Json(winner)));
         }
+        return Err(conflict(&req.version, &winner.digest, &resolved.digest));
     }
     inserted?;
     for s in &sigs {

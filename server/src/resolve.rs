@@ -87,10 +87,10 @@ impl Cache {
     }
 
     async fn get(&self, db: &PgPool, product: &str) -> Result<Arc<Snapshot>> {
-        if let Some(s) = self.products.read().expect("cache lock").get(product) {
-            if s.loaded_at.elapsed() < SNAPSHOT_TTL {
-                return Ok(s.clone());
-            }
+        if let Some(s) = self.products.read().expect("cache lock").get(product)
+            && s.loaded_at.elapsed() < SNAPSHOT_TTL
+        {
+            return Ok(s.clone());
         }
         let s = Arc::new(load(db, product).await?);
         self.products
@@ -384,12 +384,12 @@ async fn resolve(
             "nonce must be 8–128 characters of [A-Za-z0-9_-], fresh for each request".into(),
         ));
     }
-    if let Some(c) = &q.current {
-        if !is_sha256_digest(c) {
-            return Err(Error::BadRequest(
-                "current must be the running image's digest, `sha256:<64 hex>`".into(),
-            ));
-        }
+    if let Some(c) = &q.current
+        && !is_sha256_digest(c)
+    {
+        return Err(Error::BadRequest(
+            "current must be the running image's digest, `sha256:<64 hex>`".into(),
+        ));
     }
     let arch = q.arch.clone().unwrap_or_else(|| "amd64".into());
     if arch.is_empty() || arch.len() > 32 {
