@@ -43,6 +43,8 @@ pub struct Inner {
     pub cache: resolve::Cache,
     /// Check-ins waiting to be written.
     pub checkins: resolve::Checkins,
+    /// Rate limits on logins and devices.
+    pub limits: crate::ratelimit::Limits,
 }
 
 impl Deref for AppState {
@@ -147,11 +149,32 @@ pub fn router(state: AppState) -> Router {
         )
     })
     .layer(DefaultBodyLimit::max(BODY_LIMIT))
+    .layer(axum::middleware::from_fn(deadline))
     .layer(axum::middleware::from_fn_with_state(
         state.clone(),
         health::track,
     ))
     .with_state(state)
+}
+
+/// Longest a request may take (publishing talks to the registry with 15 s limits).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Answers 503 when a request takes longer than [`REQUEST_TIMEOUT`], instead of hanging.
+async fn deadline(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the request took longer than {} s; retry later",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        ),
+    }
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight requests.
@@ -195,5 +218,6 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         metrics: Default::default(),
         cache: Default::default(),
         checkins,
+        limits: Default::default(),
     }))
 }

@@ -316,6 +316,7 @@ impl FromRequestParts<AppState> for Principal {
                     .sub
                     .parse()
                     .map_err(|_| Error::Unauthorized("the token is invalid".into()))?;
+                state.limits.device.check(&id)?;
                 let product = claims.products.into_iter().next().unwrap_or_default();
                 Ok(Principal::Device { id, product })
             }
@@ -426,11 +427,19 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Logs in a person and answers a JWT, also set as an HttpOnly cookie.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth",
     request_body = LoginRequest,
-    responses((status = 200, body = LoginResponse), (status = 401, body = crate::error::Problem)))]
+    responses((status = 200, body = LoginResponse), (status = 401, body = crate::error::Problem),
+        (status = 429, body = crate::error::Problem)))]
 async fn login(
     axum::extract::State(state): axum::extract::State<AppState>,
+    extensions: axum::http::Extensions,
     Json(req): Json<LoginRequest>,
 ) -> Result<impl IntoResponse> {
+    if let Some(axum::extract::ConnectInfo(addr)) =
+        extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+    {
+        state.limits.login_addr.check(&addr.ip())?;
+    }
+    state.limits.login_user.check(&req.username)?;
     let user = sqlx::query!(
         "SELECT username, password_hash, role FROM users WHERE username = $1",
         req.username

@@ -16,6 +16,7 @@ pub mod health;
 pub mod keys;
 pub mod paging;
 pub mod products;
+pub mod ratelimit;
 pub mod registry;
 pub mod releases;
 pub mod resolve;

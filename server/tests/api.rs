@@ -493,3 +493,49 @@ async fn health_endpoints(pool: PgPool) {
         "docs page is served"
     );
 }
+
+/// Logins are rate limited per user name: 429 with `Retry-After`, and the
+/// right password does not get through while limited.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn login_is_rate_limited(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let attempt = |password: &'static str| {
+        app.call_raw(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            Some(json!({"username": "admin", "password": password})),
+        )
+    };
+    // TestApp::spawn already logged in once; the burst is 10.
+    for _ in 0..9 {
+        assert_eq!(attempt("wrong").await.0, StatusCode::UNAUTHORIZED);
+    }
+    let (s, headers, b) = attempt(common::ADMIN_PASSWORD).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{b}");
+    assert!(
+        headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("too many login attempts"),
+        "{b}"
+    );
+    // Another user is not affected.
+    let (s, _, _) = app
+        .call_raw(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            Some(json!({"username": "viewer", "password": "x"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
