@@ -6,7 +6,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 ENV SQLX_OFFLINE=true CARGO_TERM_COLOR=never
 COPY . .
-RUN test -d .sqlx || { echo "error: .sqlx/ is missing: run 'cargo sqlx prepare --workspace' against a migrated database and commit it" >&2; exit 1; }
+RUN test -d .sqlx || { echo "error: .sqlx/ is missing: run scripts/prepare-sqlx and commit it" >&2; exit 1; }
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p sluice-server \
