@@ -114,12 +114,59 @@ fn api() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document the server serves (and `openapi/openapi.json` holds).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().into_openapi()
+    let mut doc = api().into_openapi();
+    problem_responses(&mut doc);
+    doc
+}
+
+/// Every error answer is `application/problem+json`, and any status an
+/// operation does not list (413, 415, 429, 503, ...) is covered by a
+/// `default` problem response.
+fn problem_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
+    const PROBLEM: &str = "application/problem+json";
+    let problem = || {
+        ContentBuilder::new()
+            .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                "Problem",
+            ))))
+            .build()
+    };
+    for item in doc.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            for (code, response) in op.responses.responses.iter_mut() {
+                if let (true, RefOr::T(r)) = (code.as_str() >= "400", response) {
+                    if let Some(content) = r.content.shift_remove("application/json") {
+                        r.content.insert(PROBLEM.into(), content);
+                    }
+                }
+            }
+            op.responses
+                .responses
+                .entry("default".into())
+                .or_insert_with(|| {
+                    RefOr::T(
+                        ResponseBuilder::new()
+                            .description("An error, as RFC 9457 problem details")
+                            .content(PROBLEM, problem())
+                            .build(),
+                    )
+                });
+        }
+    }
 }
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    let (api, doc) = api().split_for_parts();
+    let (api, mut doc) = api().split_for_parts();
+    problem_responses(&mut doc);
     let doc_json = doc.to_pretty_json().expect("OpenAPI serializes");
     let mut app = api
         .route(

@@ -368,6 +368,13 @@ async fn list_devices(
             })
         })
         .transpose()?;
+    if f.not_seen_for_s
+        .is_some_and(|s| !(0..=10 * 365 * 86_400).contains(&s))
+    {
+        return Err(Error::BadRequest(
+            "not_seen_for_s must be between 0 and ten years in seconds".into(),
+        ));
+    }
     let (label_key, label_value) = match f.label.as_deref() {
         None => (None, None),
         Some(l) => match l.split_once('=') {

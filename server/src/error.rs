@@ -85,6 +85,7 @@ impl Error {
             Error::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Database(e) if is_unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Database(e) if is_bad_value(e) => StatusCode::BAD_REQUEST,
             Error::Database(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -93,6 +94,12 @@ impl Error {
     pub fn not_found(what: impl std::fmt::Display) -> Self {
         Error::NotFound(format!("{what} not found"))
     }
+}
+
+/// The database refused a value the client sent (SQLSTATE class 22: NUL bytes
+/// in text, numbers or times out of range), not a fault of the server.
+fn is_bad_value(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("22")))
 }
 
 /// The database is down or overloaded rather than the query being wrong.
@@ -126,6 +133,12 @@ impl IntoResponse for Error {
             Error::Database(e) if status == StatusCode::SERVICE_UNAVAILABLE => {
                 tracing::warn!(error = %e, "database unavailable");
                 "the database is unavailable; retry in a few seconds".to_string()
+            }
+            Error::Database(sqlx::Error::Database(d)) if status == StatusCode::BAD_REQUEST => {
+                format!(
+                    "a value in the request is invalid or out of range: {}",
+                    d.message()
+                )
             }
             Error::Database(_) | Error::Internal(_) => {
                 tracing::error!(error = %self, "internal error");

@@ -445,6 +445,31 @@ async fn unknown_routes(pool: PgPool) {
         app.get("/v1/devices?cursor=zzz", &app.admin).await.0,
         StatusCode::BAD_REQUEST
     );
+    // Found by schemathesis: values Postgres refuses are the client's mistake, not a 500.
+    let (s, b) = app
+        .get(
+            "/v1/devices?not_seen_for_s=-9223372036854775808",
+            &app.admin,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, b) = app.get("/v1/devices?q=a%00b", &app.admin).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, b) = app
+        .post(
+            "/v1/products",
+            &app.admin,
+            json!({"name": "nul", "repository": "r.example/nul", "description": "a\u{0}b"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("invalid or out of range"),
+        "{b}"
+    );
 }
 
 /// Health endpoints answer, and `/readyz` names the database.
