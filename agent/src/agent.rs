@@ -368,21 +368,34 @@ impl Device {
         }
     }
 
-    /// Makes the other slot primary, if it holds a complete image.
+    /// Makes the other slot primary, if it holds a complete image, and
+    /// reboots into it. The slot boots on trial like a fresh update: the
+    /// boot assessment then reports `healthy` for its release (so the server
+    /// learns what the device runs) or falls back.
     pub fn rollback(&mut self) -> anyhow::Result<Slot> {
         let booted = self.booted()?;
         let other = booted.other();
-        if self.store.data.slot(other).is_none() {
-            bail!("slot {other} holds no complete image: nothing to roll back to");
-        }
         if matches!(self.store.data.update, UpdateState::Writing { .. }) {
             bail!("slot {other} is being written: nothing to roll back to");
         }
+        let Some(target) = self.store.data.slot(other).cloned() else {
+            bail!("slot {other} holds no complete image: nothing to roll back to");
+        };
         let (env, mut ab) = self.ab()?;
-        ab.mark_good(other);
+        ab.switch_to(other);
         self.store_ab(env, &ab)?;
-        self.store.data.last_result = Some(format!("rollback to slot {other}"));
-        self.store.transition_to(UpdateState::Idle)?;
+        self.store.data.last_result =
+            Some(format!("rollback to slot {other} ({})", target.version));
+        self.store.transition_to(UpdateState::Staged {
+            target: target.clone(),
+            slot: other,
+            failed: false,
+        })?;
+        self.report(
+            EventKind::Rebooting,
+            &target,
+            Some(format!("rollback to slot {other}")),
+        );
         run_cmd(&self.cfg.boot.reboot).context("running the reboot command")?;
         Ok(other)
     }
