@@ -20,6 +20,9 @@ pub enum Outcome {
     UpToDate,
     /// A new slot was written and the device is rebooting into it.
     Rebooting(Target),
+    /// The offered release already failed its boot assessment here: not
+    /// applied again (a release with another digest is).
+    Skipped(Target),
 }
 
 /// A device: configuration, trusted keys, state, and its two outside systems.
@@ -219,6 +222,13 @@ impl Device {
             digest: offer.digest.clone(),
             image: offer.image.clone(),
         };
+        if self.store.data.failed_digests.contains(&target.digest) {
+            crate::log(&format!(
+                "not applying {} ({}): it failed its boot assessment on this device",
+                target.version, target.digest
+            ));
+            return Ok(Outcome::Skipped(target));
+        }
         let slot = booted.other();
         crate::log(&format!(
             "update to {} ({}) into slot {slot}",
@@ -312,6 +322,7 @@ impl Device {
                 ab.mark_bad(slot);
                 ab.mark_good(booted);
                 self.store_ab(env, &ab)?;
+                self.store.data.record_failure(&target.digest);
                 self.report(
                     EventKind::RolledBack,
                     &target,
@@ -339,6 +350,7 @@ impl Device {
                     Err(e) => {
                         ab.mark_bad(booted);
                         self.store_ab(env, &ab)?;
+                        self.store.data.record_failure(&target.digest);
                         let msg = format!("{e:#}");
                         self.report(EventKind::Failed, &target, Some(msg.clone()));
                         self.store.data.last_result =

@@ -68,6 +68,10 @@ fn real_main() -> anyhow::Result<()> {
         "apply" => match dev.apply()? {
             Outcome::UpToDate => println!("up to date"),
             Outcome::Rebooting(t) => println!("applied {} ({}); rebooting", t.version, t.digest),
+            Outcome::Skipped(t) => println!(
+                "not applying {} ({}): it failed its boot assessment on this device",
+                t.version, t.digest
+            ),
         },
         "status" => {
             let s = dev.status()?;
@@ -148,7 +152,7 @@ fn run(dev: &mut Device) -> anyhow::Result<()> {
     while !stop.load(Ordering::Relaxed) {
         let wait = match dev.apply() {
             Ok(Outcome::Rebooting(_)) => return Ok(()),
-            Ok(Outcome::UpToDate) => {
+            Ok(Outcome::UpToDate | Outcome::Skipped(_)) => {
                 backoff = Duration::from_secs(10);
                 // The server paces the fleet; 0 would mean a busy loop.
                 let poll = dev

@@ -314,6 +314,27 @@ async fn failing_health_check_falls_back_and_trips_the_gate(pool: PgPool) {
     // Paused: a device that does not run the head is offered the base instead.
     let out = ok(&dev.run(&["check"]).await);
     assert!(out.contains("update available: 1.0.0"), "{out}");
+
+    // Resumed by an operator, the channel offers 1.1.0 again; the agent does
+    // not go round the same failure: nothing written, no reboot, no event.
+    let (s, b) = f
+        .app
+        .call(
+            Method::PATCH,
+            "/v1/products/acme/channels/stable/rollout",
+            Some(&f.app.admin),
+            Some(json!({"paused": false})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let out = ok(&dev.run(&["check"]).await);
+    assert!(out.contains("update available: 1.1.0"), "{out}");
+    let grubenv = std::fs::read(dev.path("grubenv")).unwrap();
+    let out = ok(&dev.run(&["apply"]).await);
+    assert!(out.contains("not applying 1.1.0"), "{out}");
+    assert_eq!(std::fs::read(dev.path("grubenv")).unwrap(), grubenv);
+    assert_eq!(dev.reboots(), 2, "none since the failure");
+    assert_eq!(f.server_view(&dev).await.1.len(), events.len());
 }
 
 /// After the server's rollback the head is the old release with
