@@ -20,6 +20,9 @@ pub enum Outcome {
     UpToDate,
     /// A new slot was written and the device is rebooting into it.
     Rebooting(Target),
+    /// The offered release already failed its boot assessment here: not
+    /// applied again (a release with another digest is).
+    Skipped(Target),
 }
 
 /// A device: configuration, trusted keys, state, and its two outside systems.
@@ -219,6 +222,13 @@ impl Device {
             digest: offer.digest.clone(),
             image: offer.image.clone(),
         };
+        if self.store.data.failed_digests.contains(&target.digest) {
+            crate::log(&format!(
+                "not applying {} ({}): it failed its boot assessment on this device",
+                target.version, target.digest
+            ));
+            return Ok(Outcome::Skipped(target));
+        }
         let slot = booted.other();
         crate::log(&format!(
             "update to {} ({}) into slot {slot}",
@@ -312,6 +322,7 @@ impl Device {
                 ab.mark_bad(slot);
                 ab.mark_good(booted);
                 self.store_ab(env, &ab)?;
+                self.store.data.record_failure(&target.digest);
                 self.report(
                     EventKind::RolledBack,
                     &target,
@@ -339,6 +350,7 @@ impl Device {
                     Err(e) => {
                         ab.mark_bad(booted);
                         self.store_ab(env, &ab)?;
+                        self.store.data.record_failure(&target.digest);
                         let msg = format!("{e:#}");
                         self.report(EventKind::Failed, &target, Some(msg.clone()));
                         self.store.data.last_result =
@@ -368,21 +380,34 @@ impl Device {
         }
     }
 
-    /// Makes the other slot primary, if it holds a complete image.
+    /// Makes the other slot primary, if it holds a complete image, and
+    /// reboots into it. The slot boots on trial like a fresh update: the
+    /// boot assessment then reports `healthy` for its release (so the server
+    /// learns what the device runs) or falls back.
     pub fn rollback(&mut self) -> anyhow::Result<Slot> {
         let booted = self.booted()?;
         let other = booted.other();
-        if self.store.data.slot(other).is_none() {
-            bail!("slot {other} holds no complete image: nothing to roll back to");
-        }
         if matches!(self.store.data.update, UpdateState::Writing { .. }) {
             bail!("slot {other} is being written: nothing to roll back to");
         }
+        let Some(target) = self.store.data.slot(other).cloned() else {
+            bail!("slot {other} holds no complete image: nothing to roll back to");
+        };
         let (env, mut ab) = self.ab()?;
-        ab.mark_good(other);
+        ab.switch_to(other);
         self.store_ab(env, &ab)?;
-        self.store.data.last_result = Some(format!("rollback to slot {other}"));
-        self.store.transition_to(UpdateState::Idle)?;
+        self.store.data.last_result =
+            Some(format!("rollback to slot {other} ({})", target.version));
+        self.store.transition_to(UpdateState::Staged {
+            target: target.clone(),
+            slot: other,
+            failed: false,
+        })?;
+        self.report(
+            EventKind::Rebooting,
+            &target,
+            Some(format!("rollback to slot {other}")),
+        );
         run_cmd(&self.cfg.boot.reboot).context("running the reboot command")?;
         Ok(other)
     }

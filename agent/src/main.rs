@@ -6,7 +6,9 @@ use sluice_agent::agent::{Device, Outcome};
 use sluice_agent::config::{Config, DEFAULT_PATH};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: sluice-agent [--config PATH] <run|check|apply|status [--json]|mark-good|rollback|enroll>";
 
@@ -66,6 +68,10 @@ fn real_main() -> anyhow::Result<()> {
         "apply" => match dev.apply()? {
             Outcome::UpToDate => println!("up to date"),
             Outcome::Rebooting(t) => println!("applied {} ({}); rebooting", t.version, t.digest),
+            Outcome::Skipped(t) => println!(
+                "not applying {} ({}): it failed its boot assessment on this device",
+                t.version, t.digest
+            ),
         },
         "status" => {
             let s = dev.status()?;
@@ -112,23 +118,49 @@ fn jitter(base: Duration) -> Duration {
     base.mul_f64(0.9 + 0.2 * r)
 }
 
+/// Set by SIGTERM or SIGINT: the daemon stops at its next wait.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing a signal handler")?;
+    }
+    Ok(stop)
+}
+
+/// Sleeps `d`, waking early when `stop` is set; answers whether it was.
+fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= until {
+            return false;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(100)));
+    }
+    true
+}
+
 fn run(dev: &mut Device) -> anyhow::Result<()> {
+    // A stop request lands between steps: an upgrade in progress finishes
+    // (it is safe to kill anyway), a wait ends at once.
+    let stop = stop_flag()?;
     // First the boot assessment of a slot on trial.
     if let Err(e) = dev.assess(false) {
         sluice_agent::log(&format!("boot assessment: {e:#}"));
     }
     let mut backoff = Duration::from_secs(10);
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         let wait = match dev.apply() {
             Ok(Outcome::Rebooting(_)) => return Ok(()),
-            Ok(Outcome::UpToDate) => {
+            Ok(Outcome::UpToDate | Outcome::Skipped(_)) => {
                 backoff = Duration::from_secs(10);
+                // The server paces the fleet; 0 would mean a busy loop.
                 let poll = dev
                     .store
                     .data
                     .last_poll_after_s
                     .unwrap_or(300)
-                    .clamp(5, 86_400);
+                    .clamp(1, 86_400);
                 Duration::from_secs(poll)
             }
             Err(e) => {
@@ -141,6 +173,10 @@ fn run(dev: &mut Device) -> anyhow::Result<()> {
                 w
             }
         };
-        std::thread::sleep(jitter(wait));
+        if sleep_unless_stopped(jitter(wait), &stop) {
+            break;
+        }
     }
+    sluice_agent::log("stopping on request");
+    Ok(())
 }

@@ -80,7 +80,16 @@ pub struct Persisted {
     /// The server's last `poll_after_s`.
     #[serde(default)]
     pub last_poll_after_s: Option<u64>,
+    /// Digests that failed their boot assessment here (newest last, at most
+    /// [`MAX_FAILED`]): never applied again by themselves, so a bad release
+    /// does not put the device in a reboot loop while the gate waits for
+    /// enough reports.
+    #[serde(default)]
+    pub failed_digests: Vec<String>,
 }
+
+/// How many failed digests are remembered.
+pub const MAX_FAILED: usize = 16;
 
 impl Default for Persisted {
     fn default() -> Self {
@@ -91,6 +100,7 @@ impl Default for Persisted {
             slot_b: None,
             last_result: None,
             last_poll_after_s: None,
+            failed_digests: Vec::new(),
         }
     }
 }
@@ -102,6 +112,14 @@ impl Persisted {
             Slot::A => self.slot_a.as_ref(),
             Slot::B => self.slot_b.as_ref(),
         }
+    }
+
+    /// Remembers that `digest` failed on this device.
+    pub fn record_failure(&mut self, digest: &str) {
+        self.failed_digests.retain(|d| d != digest);
+        self.failed_digests.push(digest.to_string());
+        let extra = self.failed_digests.len().saturating_sub(MAX_FAILED);
+        self.failed_digests.drain(..extra);
     }
 
     /// Records what a slot holds.
@@ -157,6 +175,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_digests_are_bounded_and_unique() {
+        let mut p = Persisted::default();
+        for i in 0..MAX_FAILED + 3 {
+            p.record_failure(&format!("sha256:{i}"));
+        }
+        p.record_failure("sha256:5");
+        assert_eq!(p.failed_digests.len(), MAX_FAILED);
+        assert_eq!(p.failed_digests.last().unwrap(), "sha256:5");
+        assert!(!p.failed_digests.contains(&"sha256:0".to_string()));
+        assert_eq!(
+            p.failed_digests.iter().filter(|d| *d == "sha256:5").count(),
+            1
+        );
+    }
 
     #[test]
     fn state_survives_a_restart() {

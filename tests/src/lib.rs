@@ -1,0 +1,483 @@
+//! Harness for the end-to-end tests: the real `sluice-agent` binary (built on
+//! demand, see [`agent_bin`]), a simulated device in a temporary folder that
+//! it drives, OS-like image layers, and the trees the tests compare.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+#![forbid(unused_must_use)]
+
+use sluice_agent::bootloader::{AbState, GrubEnv, Slot};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The `sluice-agent` executable the tests run: `SLUICE_AGENT_BIN` when set
+/// (e.g. a release build), else the workspace's own, built once per test
+/// process with `cargo build -p sluice-agent`.
+///
+/// `CARGO_BIN_EXE_*` only names binaries of the package under test, and
+/// artifact dependencies are unstable, so the test asks cargo itself: the
+/// same cargo (`$CARGO`), target folder and profile as the test binary, so
+/// under `cargo test --workspace` this is a no-op and under
+/// `cargo test -p sluice-tests` it builds only the agent. Cargo releases its
+/// build lock before it runs tests, so the nested build cannot deadlock.
+/// Call it before starting a server: it blocks the calling thread.
+pub fn agent_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("SLUICE_AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => build_agent(),
+    })
+}
+
+fn build_agent() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-p",
+        "sluice-agent",
+        "--bin",
+        "sluice-agent",
+        "--message-format=json-render-diagnostics",
+        "--manifest-path",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"),
+    ]);
+    // The test runs as <target>/<profile>/deps/<name>-<hash>.
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(other) => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        // Only a folder cargo made (it tags its target roots) is taken as one.
+        if let Some(target) = profile_dir.parent()
+            && target.join("CACHEDIR.TAG").exists()
+        {
+            cmd.arg("--target-dir").arg(target);
+        }
+    }
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("running cargo to build sluice-agent");
+    assert!(out.status.success(), "cargo build -p sluice-agent failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "sluice-agent")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported no sluice-agent executable")
+}
+
+/// What a slot is on the simulated device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotKind {
+    /// Two directories, `a/` and `b/`.
+    Dir,
+    /// Two regular files standing in for partitions, `a.part` and `b.part`.
+    Block,
+}
+
+/// The device's health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Always passes.
+    Passes,
+    /// Passes only when slot A is booted: the new image is "broken".
+    OnlyInSlotA,
+}
+
+/// How to build a [`Device`].
+#[derive(Debug, Clone)]
+pub struct DeviceOpts {
+    /// The server's base URL.
+    pub server: String,
+    /// Product name.
+    pub product: String,
+    /// Channel name.
+    pub channel: String,
+    /// The product's enrollment secret.
+    pub enrollment_secret: String,
+    /// The body of `GET /v1/keys`: the keys the device trusts.
+    pub keys: serde_json::Value,
+    /// `host:port` of the plain-HTTP registry.
+    pub registry: String,
+    /// Slot kind.
+    pub kind: SlotKind,
+    /// Health check.
+    pub health: Health,
+}
+
+/// Size of each stand-in partition of a [`SlotKind::Block`] device.
+pub const PARTITION_BYTES: u64 = 64 << 20;
+
+/// A simulated device in a temporary folder: two slots, a grubenv, a file
+/// standing in for `/proc/cmdline` (it starts booted from slot A, which holds
+/// a factory image the server knows nothing about), and a reboot command that
+/// records each reboot in a file.
+pub struct Device {
+    dir: tempfile::TempDir,
+    /// The agent's configuration file.
+    pub config: PathBuf,
+    /// The machine id it enrolls with.
+    pub machine_id: String,
+}
+
+impl Device {
+    /// Builds the device and writes its `agent.toml`.
+    pub fn new(o: &DeviceOpts) -> Device {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let (a, b) = match o.kind {
+            SlotKind::Dir => {
+                std::fs::create_dir_all(p.join("a")).unwrap();
+                std::fs::create_dir_all(p.join("b")).unwrap();
+                std::fs::write(p.join("a/factory"), b"factory image").unwrap();
+                (p.join("a"), p.join("b"))
+            }
+            SlotKind::Block => {
+                for part in ["a.part", "b.part"] {
+                    std::fs::File::create(p.join(part))
+                        .unwrap()
+                        .set_len(PARTITION_BYTES)
+                        .unwrap();
+                }
+                (p.join("a.part"), p.join("b.part"))
+            }
+        };
+        std::fs::write(p.join("cmdline"), "root=/dev/vda2 sluice.slot=A quiet\n").unwrap();
+        std::fs::write(p.join("keys.json"), o.keys.to_string()).unwrap();
+        let health = match o.health {
+            Health::Passes => r#"[["true"]]"#.to_string(),
+            Health::OnlyInSlotA => format!(
+                r#"[["grep", "-q", "sluice.slot=A", {:?}]]"#,
+                p.join("cmdline")
+            ),
+        };
+        let machine_id = format!("machine-{}", rand_hex());
+        let cfg = format!(
+            r#"server = {server:?}
+product = {product:?}
+channel = {channel:?}
+enrollment_secret = {secret:?}
+state_dir = {state:?}
+arch = "amd64"
+keys = {keys:?}
+machine_id = {machine_id:?}
+
+[slots]
+kind = {kind:?}
+a = {a:?}
+b = {b:?}
+
+[boot]
+grubenv = {grubenv:?}
+cmdline = {cmdline:?}
+reboot = ["sh", "-c", "echo reboot >> \"$0\"", {reboots:?}]
+health_checks = {health}
+
+[registry]
+insecure = [{registry:?}]
+"#,
+            server = o.server,
+            product = o.product,
+            channel = o.channel,
+            secret = o.enrollment_secret,
+            state = p.join("state"),
+            keys = p.join("keys.json"),
+            kind = match o.kind {
+                SlotKind::Dir => "dir",
+                SlotKind::Block => "block",
+            },
+            grubenv = p.join("grubenv"),
+            cmdline = p.join("cmdline"),
+            reboots = p.join("reboots"),
+            registry = o.registry,
+        );
+        let config = p.join("agent.toml");
+        std::fs::write(&config, cfg).unwrap();
+        Device {
+            dir,
+            config,
+            machine_id,
+        }
+    }
+
+    /// A path inside the device's folder.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `sluice-agent --config <this device> args...`, not yet started. Async,
+    /// so a server in the test's own runtime keeps serving meanwhile.
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(agent_bin());
+        c.arg("--config").arg(&self.config).args(args);
+        c.kill_on_drop(true);
+        c
+    }
+
+    /// Runs the agent to completion.
+    pub async fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().await.unwrap()
+    }
+
+    /// How many times the reboot command ran.
+    pub fn reboots(&self) -> usize {
+        std::fs::read_to_string(self.path("reboots"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// The A/B variables in the grubenv.
+    pub fn ab(&self) -> AbState {
+        AbState::from_env(&GrubEnv::load(&self.path("grubenv")).unwrap())
+    }
+
+    /// Plays GRUB by the shipped snippet's rules and "boots" the slot it picks.
+    pub fn reboot(&self) -> Slot {
+        let s = sluice_agent::bootloader::boot(&self.path("grubenv"))
+            .unwrap()
+            .expect("GRUB found a bootable slot");
+        std::fs::write(
+            self.path("cmdline"),
+            format!("root=/dev/vda sluice.slot={s}\n"),
+        )
+        .unwrap();
+        s
+    }
+}
+
+fn rand_hex() -> String {
+    let mut b = [0u8; 6];
+    rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).unwrap();
+    hex::encode(b)
+}
+
+/// Asserts an agent run succeeded; answers its stdout.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "agent failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts an agent run failed with a one-line reason containing `want`.
+pub fn refused(out: &Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "agent succeeded: {err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("sluice-agent: error: ") && last.contains(want),
+        "last line {last:?} lacks {want:?}; stderr: {err}"
+    );
+}
+
+/// A file in a tree: mode, uid, gid, and content (or link target).
+pub type Entry = (u32, u32, u32, Vec<u8>);
+
+/// Every entry under a folder, by relative path.
+pub fn tree(dir: &Path) -> BTreeMap<PathBuf, Entry> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let content = if m.is_file() {
+                std::fs::read(&p).unwrap()
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else {
+                stack.push(p.clone());
+                Vec::new()
+            };
+            out.insert(
+                p.strip_prefix(dir).unwrap().to_path_buf(),
+                (m.mode(), m.uid(), m.gid(), content),
+            );
+        }
+    }
+    out
+}
+
+/// What `umoci raw unpack` makes of `image` (`host:port/repo@digest`), copied
+/// out of the plain-HTTP registry with `skopeo copy`: the reference result of
+/// applying the image's layers in order.
+pub async fn umoci_tree(image: &str) -> BTreeMap<PathBuf, Entry> {
+    let d = tempfile::tempdir().unwrap();
+    let layout = d.path().join("layout");
+    let st = tokio::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .arg(format!("oci:{}:t", layout.display()))
+        .status()
+        .await
+        .expect("skopeo is installed");
+    assert!(st.success(), "skopeo copy {image}");
+    let rootfs = d.path().join("rootfs");
+    let mut c = tokio::process::Command::new("umoci");
+    c.args(["raw", "unpack"]);
+    if !rustix::process::geteuid().is_root() {
+        c.arg("--rootless");
+    }
+    let st = c
+        .arg("--image")
+        .arg(format!("{}:t", layout.display()))
+        .arg(&rootfs)
+        .status()
+        .await
+        .expect("umoci is installed");
+    assert!(st.success(), "umoci raw unpack");
+    tree(&rootfs)
+}
+
+/// A layer as pushed: the uncompressed tar and its gzip.
+pub struct TarLayer {
+    /// The uncompressed tar (its digest is the config's `diff_id`).
+    pub tar: Vec<u8>,
+    /// The gzip bytes pushed to the registry.
+    pub gz: Vec<u8>,
+}
+
+impl TarLayer {
+    fn new(b: tar::Builder<Vec<u8>>) -> TarLayer {
+        let tar = b.into_inner().unwrap();
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&tar).unwrap();
+        TarLayer {
+            gz: e.finish().unwrap(),
+            tar,
+        }
+    }
+}
+
+fn add(
+    b: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    uid: u64,
+    data: &[u8],
+    link: Option<&str>,
+) {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(uid);
+    h.set_mtime(1_700_000_000);
+    h.set_size(data.len() as u64);
+    if let Some(l) = link {
+        h.set_link_name(l).unwrap();
+    }
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+/// An OS-like image of `version` in two layers: a base with directories,
+/// a setuid file and a hard link to it, a symlink, files of another owner;
+/// and an upper layer with a whiteout, an opaque directory and a replaced
+/// `etc/os-release` naming the version.
+pub fn os_layers(version: &str) -> Vec<TarLayer> {
+    use tar::EntryType::*;
+    let mut b = tar::Builder::new(Vec::new());
+    add(&mut b, "etc/", Directory, 0o755, 0, b"", None);
+    add(
+        &mut b,
+        "etc/os-release",
+        Regular,
+        0o644,
+        0,
+        b"ID=acme\n",
+        None,
+    );
+    add(&mut b, "etc/old.conf", Regular, 0o600, 0, b"old", None);
+    add(&mut b, "usr/", Directory, 0o755, 0, b"", None);
+    add(&mut b, "usr/bin/", Directory, 0o755, 0, b"", None);
+    add(
+        &mut b,
+        "usr/bin/su",
+        Regular,
+        0o4755,
+        0,
+        b"\x7fELF su",
+        None,
+    );
+    add(
+        &mut b,
+        "usr/bin/sudo",
+        Link,
+        0o4755,
+        0,
+        b"",
+        Some("usr/bin/su"),
+    );
+    add(&mut b, "bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
+    add(&mut b, "var/", Directory, 0o755, 0, b"", None);
+    add(&mut b, "var/cache/", Directory, 0o755, 0, b"", None);
+    add(&mut b, "var/cache/junk", Regular, 0o644, 0, b"junk", None);
+    add(&mut b, "home/", Directory, 0o755, 0, b"", None);
+    add(&mut b, "home/user/", Directory, 0o700, 1000, b"", None);
+    add(
+        &mut b,
+        "home/user/.profile",
+        Regular,
+        0o644,
+        1000,
+        b"A=1\n",
+        None,
+    );
+    for i in 0..50 {
+        let doc = format!("doc {i} of {version}\n");
+        add(
+            &mut b,
+            &format!("usr/share/doc/f{i}"),
+            Regular,
+            0o644,
+            0,
+            doc.as_bytes(),
+            None,
+        );
+    }
+    let base = TarLayer::new(b);
+
+    let mut b = tar::Builder::new(Vec::new());
+    add(&mut b, "etc/.wh.old.conf", Regular, 0o644, 0, b"", None);
+    let release = format!("ID=acme\nVERSION_ID={version}\n");
+    add(
+        &mut b,
+        "etc/os-release",
+        Regular,
+        0o644,
+        0,
+        release.as_bytes(),
+        None,
+    );
+    add(&mut b, "var/cache/", Directory, 0o755, 0, b"", None);
+    add(
+        &mut b,
+        "var/cache/.wh..wh..opq",
+        Regular,
+        0o644,
+        0,
+        b"",
+        None,
+    );
+    add(&mut b, "var/cache/fresh", Regular, 0o644, 0, b"fresh", None);
+    vec![base, TarLayer::new(b)]
+}

@@ -1,0 +1,595 @@
+//! The real `sluice-agent` binary against a real server (started in-process
+//! on its own test database), the real registry and real files: enroll,
+//! upgrade, boot assessment, health gate, downgrade after a rollback, the
+//! rollback command, the daemon, and the `block` slot kind.
+
+#[path = "../../server/tests/common/mod.rs"]
+mod common;
+#[path = "../../server/tests/common/images.rs"]
+mod images;
+
+use common::{TestApp, registry};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sluice_agent::bootloader::Slot;
+use sluice_tests::*;
+use sqlx::PgPool;
+use std::time::{Duration, Instant};
+
+/// A server with product `acme`, channel `stable`, 1.0.0 published as its
+/// head at 100 %, and 1.1.0 pushed (and published, unless `publish_head` is
+/// false, then promoted at 100 % so 1.0.0 becomes the base).
+struct Fleet {
+    app: TestApp,
+    ci: String,
+    secret: String,
+    keys: Value,
+    /// `host/repo@digest` of 1.0.0 and 1.1.0.
+    image_1_0: String,
+    image_1_1: String,
+    digest_1_0: String,
+    digest_1_1: String,
+}
+
+async fn fleet(pool: PgPool, poll_after_s: u64, promote: bool) -> Fleet {
+    // Built before the server starts: locating the binary may block this thread.
+    agent_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path().join("data"));
+    config.poll_after_s = poll_after_s;
+    let app = TestApp::spawn_with(pool, config, dir).await;
+    let reg = registry();
+    let repo_path = images::unique_repo("agent-e2e");
+    let repo = format!("{reg}/{repo_path}");
+    let mut digests = Vec::new();
+    for v in ["1.0.0", "1.1.0"] {
+        let layers: Vec<images::Layer> = os_layers(v)
+            .into_iter()
+            .map(|l| images::Layer {
+                diff_id: images::digest(&l.tar),
+                data: l.gz,
+            })
+            .collect();
+        let (d, _) = images::push_platform(
+            &reg,
+            &repo_path,
+            Some(v),
+            images::Format::Oci,
+            "amd64",
+            &layers,
+        )
+        .await;
+        digests.push(d);
+    }
+    let secret = app.product("acme", &repo).await;
+    app.channel("acme", "stable").await;
+    let ci = app.publisher(&["acme"]).await;
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &ci,
+            json!({"version": "1.0.0", "image": format!("{repo}:1.0.0"),
+                   "channels": [{"name": "stable", "percent": 100}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &ci,
+            json!({"version": "1.1.0", "image": format!("{repo}:1.1.0")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (_, keys) = app.call(Method::GET, "/v1/keys", None, None).await;
+    let f = Fleet {
+        image_1_0: format!("{repo}@{}", digests[0]),
+        image_1_1: format!("{repo}@{}", digests[1]),
+        digest_1_0: digests[0].clone(),
+        digest_1_1: digests[1].clone(),
+        app,
+        ci,
+        secret,
+        keys,
+    };
+    if promote {
+        f.promote("1.1.0").await;
+    }
+    f
+}
+
+impl Fleet {
+    fn opts(&self, kind: SlotKind, health: Health) -> DeviceOpts {
+        DeviceOpts {
+            server: self.app.url.clone(),
+            product: "acme".into(),
+            channel: "stable".into(),
+            enrollment_secret: self.secret.clone(),
+            keys: self.keys.clone(),
+            registry: registry(),
+            kind,
+            health,
+        }
+    }
+
+    fn device(&self, kind: SlotKind, health: Health) -> Device {
+        Device::new(&self.opts(kind, health))
+    }
+
+    /// Makes `version` the head at 100 % (the old head becomes the base).
+    async fn promote(&self, version: &str) {
+        let (s, b) = self
+            .app
+            .post(
+                "/v1/products/acme/channels/stable/promote",
+                &self.ci,
+                json!({"version": version, "percent": 100}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+
+    /// The server's view of a device, with its events oldest first.
+    async fn server_view(&self, dev: &Device) -> (Value, Vec<String>) {
+        let id = device_id(dev).await;
+        let (s, b) = self
+            .app
+            .get(&format!("/v1/devices/{id}"), &self.app.admin)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let mut events: Vec<String> = b["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect();
+        events.reverse();
+        (b, events)
+    }
+
+    async fn channel(&self) -> Value {
+        let (s, b) = self
+            .app
+            .get("/v1/products/acme/channels/stable", &self.app.admin)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        b
+    }
+}
+
+/// The device id the agent stored at enrollment (`status --json`).
+async fn device_id(dev: &Device) -> String {
+    let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
+    status["device_id"]
+        .as_str()
+        .expect("the device is enrolled")
+        .to_string()
+}
+
+/// enroll → 1.1.0 offered → pulled, verified, written to slot B (equal to
+/// umoci's unpack of the same image) → grubenv boots B → reboot (GRUB played
+/// by the snippet's rules) → health check passes → `mark-good` → the server
+/// shows the device on 1.1.0, `healthy`, with its events in order.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn upgrade_to_the_promoted_release_and_report_healthy(pool: PgPool) {
+    let f = fleet(pool, 60, true).await;
+    let dev = f.device(SlotKind::Dir, Health::Passes);
+
+    let out = ok(&dev.run(&["enroll"]).await);
+    let id = device_id(&dev).await;
+    assert!(out.contains(&id), "{out}");
+    let (view, events) = f.server_view(&dev).await;
+    assert_eq!(view["machine_id"], dev.machine_id.as_str());
+    assert_eq!(view["channel"], "stable");
+    assert_eq!(view["arch"], "amd64");
+    assert!(events.is_empty(), "{events:?}");
+
+    let out = ok(&dev.run(&["check"]).await);
+    assert!(
+        out.contains(&format!("update available: 1.1.0 {}", f.digest_1_1)),
+        "{out}"
+    );
+    assert_eq!(dev.reboots(), 0, "check only looks");
+
+    let out = ok(&dev.run(&["apply"]).await);
+    assert!(out.contains("applied 1.1.0"), "{out}");
+    assert_eq!(dev.reboots(), 1);
+    assert_eq!(
+        tree(&dev.path("b")),
+        umoci_tree(&f.image_1_1).await,
+        "slot B differs from umoci's unpack of the same image"
+    );
+    assert_eq!(
+        std::fs::read(dev.path("a/factory")).unwrap(),
+        b"factory image",
+        "the booted slot is untouched"
+    );
+    assert_eq!(dev.ab().next_boot(), Some(Slot::B));
+    let (view, _) = f.server_view(&dev).await;
+    assert_eq!(view["status"], "rebooting");
+    assert_eq!(view["status_version"], "1.1.0");
+
+    assert_eq!(dev.reboot(), Slot::B);
+    ok(&dev.run(&["mark-good"]).await);
+    let ab = dev.ab();
+    assert!(ab.is_ok(Slot::B) && !ab.is_tried(Slot::B), "{ab:?}");
+
+    let (view, events) = f.server_view(&dev).await;
+    assert_eq!(view["current_version"], "1.1.0", "{view}");
+    assert_eq!(view["current_digest"], f.digest_1_1.as_str());
+    assert_eq!(view["status"], "healthy");
+    assert_eq!(view["booted_slot"], "B");
+    assert_eq!(
+        events,
+        [
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "healthy"
+        ]
+    );
+    let ch = f.channel().await;
+    assert_eq!(ch["gate"]["reports"], 1, "{ch}");
+    assert_eq!(ch["gate"]["failures"], 0, "{ch}");
+
+    // Up to date now: nothing written, no reboot; a later boot stays in B.
+    assert!(ok(&dev.run(&["apply"]).await).contains("up to date"));
+    assert_eq!(dev.reboots(), 1);
+    assert_eq!(dev.reboot(), Slot::B);
+}
+
+/// Applies the offered release, reboots into it and marks it good; answers
+/// the slot it now runs from.
+async fn upgrade(dev: &Device, version: &str) -> Slot {
+    let out = ok(&dev.run(&["apply"]).await);
+    assert!(out.contains(&format!("applied {version}")), "{out}");
+    let slot = dev.reboot();
+    ok(&dev.run(&["mark-good"]).await);
+    slot
+}
+
+/// A health check that fails in the new slot: `failed` reported, the slot
+/// marked bad, a reboot; GRUB falls back to A, where the agent reports
+/// `rolled_back`. The channel's gate counts the device once, and with
+/// `min_reports: 1` the rollout halts by itself.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn failing_health_check_falls_back_and_trips_the_gate(pool: PgPool) {
+    let f = fleet(pool, 60, true).await;
+    let (s, b) = f
+        .app
+        .call(
+            Method::PATCH,
+            "/v1/products/acme/channels/stable/rollout",
+            Some(&f.app.admin),
+            Some(json!({"gate": {"max_failure_percent": 20, "min_reports": 1}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let dev = f.device(SlotKind::Dir, Health::OnlyInSlotA);
+
+    ok(&dev.run(&["apply"]).await);
+    assert_eq!(dev.reboot(), Slot::B);
+    refused(&dev.run(&["mark-good"]).await, "unhealthy");
+    assert_eq!(dev.reboots(), 2, "the agent reboots after marking B bad");
+    assert!(!dev.ab().is_ok(Slot::B));
+    let (view, _) = f.server_view(&dev).await;
+    assert_eq!(view["status"], "failed", "{view}");
+
+    assert_eq!(dev.reboot(), Slot::A, "GRUB falls back to A");
+    ok(&dev.run(&["mark-good"]).await);
+    assert_eq!(dev.ab().next_boot(), Some(Slot::A));
+    assert_eq!(
+        std::fs::read(dev.path("a/factory")).unwrap(),
+        b"factory image"
+    );
+    let (view, events) = f.server_view(&dev).await;
+    assert_eq!(view["status"], "rolled_back", "{view}");
+    assert_eq!(view["status_version"], "1.1.0");
+    assert_eq!(view["booted_slot"], "A");
+    assert!(view["current_version"].is_null(), "never ran 1.1.0: {view}");
+    assert_eq!(
+        events,
+        [
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "failed",
+            "rolled_back"
+        ]
+    );
+
+    let ch = f.channel().await;
+    assert_eq!(ch["gate"]["reports"], 1, "one device, counted once: {ch}");
+    assert_eq!(ch["gate"]["failures"], 1, "{ch}");
+    assert_eq!(ch["rollout"]["paused"], true, "{ch}");
+    let (_, history) = f
+        .app
+        .get("/v1/products/acme/channels/stable/history", &f.app.admin)
+        .await;
+    assert_eq!(history["items"][0]["action"], "gate", "{history}");
+    assert_eq!(history["items"][0]["actor"], "system");
+
+    // Paused: a device that does not run the head is offered the base instead.
+    let out = ok(&dev.run(&["check"]).await);
+    assert!(out.contains("update available: 1.0.0"), "{out}");
+
+    // Resumed by an operator, the channel offers 1.1.0 again; the agent does
+    // not go round the same failure: nothing written, no reboot, no event.
+    let (s, b) = f
+        .app
+        .call(
+            Method::PATCH,
+            "/v1/products/acme/channels/stable/rollout",
+            Some(&f.app.admin),
+            Some(json!({"paused": false})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let out = ok(&dev.run(&["check"]).await);
+    assert!(out.contains("update available: 1.1.0"), "{out}");
+    let grubenv = std::fs::read(dev.path("grubenv")).unwrap();
+    let out = ok(&dev.run(&["apply"]).await);
+    assert!(out.contains("not applying 1.1.0"), "{out}");
+    assert_eq!(std::fs::read(dev.path("grubenv")).unwrap(), grubenv);
+    assert_eq!(dev.reboots(), 2, "none since the failure");
+    assert_eq!(f.server_view(&dev).await.1.len(), events.len());
+}
+
+/// After the server's rollback the head is the old release with
+/// `downgrade: true`: the agent writes it into the other slot, and the server
+/// shows the device back on the base.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn server_rollback_downgrades_the_device(pool: PgPool) {
+    let f = fleet(pool, 60, true).await;
+    let dev = f.device(SlotKind::Dir, Health::Passes);
+    assert_eq!(upgrade(&dev, "1.1.0").await, Slot::B);
+
+    let (s, b) = f
+        .app
+        .post(
+            "/v1/products/acme/channels/stable/rollback",
+            &f.app.admin,
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let out = ok(&dev.run(&["check"]).await);
+    assert!(
+        out.contains(&format!(
+            "update available: 1.0.0 {} (downgrade)",
+            f.digest_1_0
+        )),
+        "{out}"
+    );
+    assert_eq!(upgrade(&dev, "1.0.0").await, Slot::A);
+    assert_eq!(
+        tree(&dev.path("a")),
+        umoci_tree(&f.image_1_0).await,
+        "slot A holds exactly 1.0.0 (the factory files are gone)"
+    );
+    assert_eq!(
+        tree(&dev.path("b")),
+        umoci_tree(&f.image_1_1).await,
+        "slot B still holds 1.1.0"
+    );
+    let (view, events) = f.server_view(&dev).await;
+    assert_eq!(view["current_version"], "1.0.0", "{view}");
+    assert_eq!(view["current_digest"], f.digest_1_0.as_str());
+    assert_eq!(view["status"], "healthy");
+    assert_eq!(view["booted_slot"], "A");
+    assert_eq!(events.iter().filter(|e| *e == "healthy").count(), 2);
+    assert!(ok(&dev.run(&["apply"]).await).contains("up to date"));
+}
+
+/// `rollback` is refused while the other slot holds no complete image, with
+/// nothing changed; once both slots hold releases it makes the other slot
+/// primary and reboots, the slot boots on trial, and the boot assessment
+/// tells the server which release the device runs again.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn rollback_command_switches_to_the_other_slot(pool: PgPool) {
+    let f = fleet(pool, 60, false).await;
+    let dev = f.device(SlotKind::Dir, Health::Passes);
+    ok(&dev.run(&["enroll"]).await);
+    let before = std::fs::read(dev.path("grubenv")).ok();
+    refused(
+        &dev.run(&["rollback"]).await,
+        "slot B holds no complete image",
+    );
+    assert_eq!(std::fs::read(dev.path("grubenv")).ok(), before);
+    assert_eq!(dev.reboots(), 0);
+
+    assert_eq!(upgrade(&dev, "1.0.0").await, Slot::B);
+    f.promote("1.1.0").await;
+    assert_eq!(upgrade(&dev, "1.1.0").await, Slot::A);
+    assert_eq!(dev.reboots(), 2);
+
+    let out = ok(&dev.run(&["rollback"]).await);
+    assert!(out.contains("rolling back to slot B"), "{out}");
+    assert_eq!(dev.reboots(), 3);
+    assert_eq!(dev.ab().next_boot(), Some(Slot::B));
+    assert_eq!(dev.reboot(), Slot::B);
+    ok(&dev.run(&["mark-good"]).await);
+    let ab = dev.ab();
+    assert!(ab.is_ok(Slot::B) && !ab.is_tried(Slot::B), "{ab:?}");
+    assert!(ab.is_ok(Slot::A), "A stays a fallback: {ab:?}");
+    let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
+    assert_eq!(status["booted"]["slot"], "B");
+    assert_eq!(status["booted"]["image"]["version"], "1.0.0");
+    assert_eq!(status["rollback"]["image"]["version"], "1.1.0");
+    assert_eq!(status["state"], "idle");
+    let (view, _) = f.server_view(&dev).await;
+    assert_eq!(view["current_version"], "1.0.0", "{view}");
+    assert_eq!(view["status"], "healthy");
+    assert_eq!(view["booted_slot"], "B");
+    // The server still wants 1.1.0 for this device and says so.
+    let out = ok(&dev.run(&["check"]).await);
+    assert!(out.contains("update available: 1.1.0"), "{out}");
+}
+
+/// Waits until the server shows the device with `status` on `version`.
+async fn wait_for(f: &Fleet, dev: &Device, status: &str, version: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (view, _) = f.server_view(dev).await;
+        if view["status"] == status && view["status_version"] == version {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "device never reached {status} on {version}: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits for a daemon to exit by itself; answers its exit code.
+async fn exits(child: &mut tokio::process::Child) -> i32 {
+    let st = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("the daemon exits after running the reboot command")
+        .unwrap();
+    st.code().expect("exited, not killed")
+}
+
+/// `sluice-agent run` with the server's `poll_after_s` at 1: it installs the
+/// head, assesses the new slot after the "reboot", picks up a promotion
+/// without being asked, and stops cleanly on SIGTERM.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn daemon_follows_promotions_and_stops_on_sigterm(pool: PgPool) {
+    let f = fleet(pool, 1, false).await;
+    let dev = f.device(SlotKind::Dir, Health::Passes);
+
+    let mut daemon = dev.command(&["run"]).spawn().unwrap();
+    assert_eq!(exits(&mut daemon).await, 0);
+    assert_eq!(dev.reboots(), 1);
+    assert_eq!(dev.reboot(), Slot::B);
+
+    let mut daemon = dev.command(&["run"]).spawn().unwrap();
+    wait_for(&f, &dev, "healthy", "1.0.0").await;
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "up to date: it keeps polling"
+    );
+    f.promote("1.1.0").await;
+    assert_eq!(exits(&mut daemon).await, 0);
+    assert_eq!(dev.reboots(), 2);
+    assert_eq!(dev.ab().next_boot(), Some(Slot::A));
+
+    assert_eq!(dev.reboot(), Slot::A);
+    let mut daemon = dev.command(&["run"]).spawn().unwrap();
+    wait_for(&f, &dev, "healthy", "1.1.0").await;
+    // Let it reach its wait between polls, then ask it to stop.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = rustix::process::Pid::from_raw(daemon.id().unwrap() as i32).unwrap();
+    let asked = Instant::now();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(5), daemon.wait())
+        .await
+        .expect("the daemon stops within 5 s of SIGTERM")
+        .unwrap();
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "a clean stop, not death by signal: {st}"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(3));
+    assert_eq!(dev.reboots(), 2);
+    let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
+    assert_eq!(status["state"], "idle", "{status}");
+    assert_eq!(status["booted"]["image"]["version"], "1.1.0");
+}
+
+/// The `block` slot kind, with regular files standing in for partitions:
+/// the release becomes an ext4 filesystem in partition B (read back with
+/// `debugfs`, equal to umoci's unpack), the partition keeps its size and
+/// partition A is not touched.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn block_slot_gets_an_ext4_filesystem(pool: PgPool) {
+    let f = fleet(pool, 60, true).await;
+    let dev = f.device(SlotKind::Block, Health::Passes);
+    assert_eq!(upgrade(&dev, "1.1.0").await, Slot::B);
+
+    let part = dev.path("b.part");
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), PARTITION_BYTES);
+    let a = std::fs::read(dev.path("a.part")).unwrap();
+    assert!(a.iter().all(|&b| b == 0), "partition A was written");
+    let out = tokio::process::Command::new("debugfs")
+        .args(["-R", "cat /etc/os-release"])
+        .arg(&part)
+        .output()
+        .await
+        .expect("debugfs (e2fsprogs) is installed");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ID=acme\nVERSION_ID=1.1.0\n"
+    );
+    // The whole tree, dumped with owners and modes, against umoci's unpack.
+    let dump = tempfile::tempdir().unwrap();
+    let st = tokio::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dump.path().display()))
+        .arg(&part)
+        .output()
+        .await
+        .unwrap();
+    assert!(st.status.success(), "{st:?}");
+    // `rdump /` writes the root's entries straight into the folder.
+    let root = dump.path();
+    std::fs::remove_dir(root.join("lost+found")).unwrap();
+    // rdump chowns after chmod, which clears set-id bits: compare without
+    // them here and check them in the filesystem itself.
+    let strip = |t: std::collections::BTreeMap<_, Entry>| {
+        t.into_iter()
+            .map(|(p, (mode, u, g, c))| (p, (mode & !0o6000, u, g, c)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert!(
+        strip(tree(root)) == strip(umoci_tree(&f.image_1_1).await),
+        "partition B differs from umoci's unpack of the same image"
+    );
+    let out = tokio::process::Command::new("debugfs")
+        .args(["-R", "stat /usr/bin/su"])
+        .arg(&part)
+        .output()
+        .await
+        .unwrap();
+    let stat = String::from_utf8_lossy(&out.stdout);
+    assert!(stat.contains("Mode:  04755"), "{stat}");
+
+    let (view, _) = f.server_view(&dev).await;
+    assert_eq!(view["current_version"], "1.1.0", "{view}");
+    assert_eq!(view["status"], "healthy");
+}
+
+/// `enroll` against the real server: a wrong secret is refused with a
+/// one-line reason and nothing stored; the right one makes the device
+/// visible in the fleet; enrolling again with the same machine id (state
+/// lost) gets the same device back.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn enroll_with_the_product_secret(pool: PgPool) {
+    let f = fleet(pool, 60, false).await;
+    let mut opts = f.opts(SlotKind::Dir, Health::Passes);
+    opts.enrollment_secret = "not-the-secret".into();
+    let bad = Device::new(&opts);
+    refused(&bad.run(&["enroll"]).await, "enrollment refused");
+    assert!(!bad.path("state/device.json").exists());
+    let (_, list) = f.app.get("/v1/devices?product=acme", &f.app.admin).await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 0, "{list}");
+
+    let dev = f.device(SlotKind::Dir, Health::Passes);
+    ok(&dev.run(&["enroll"]).await);
+    let id = device_id(&dev).await;
+    let (_, list) = f.app.get("/v1/devices?product=acme", &f.app.admin).await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert_eq!(items[0]["id"], id.as_str());
+    assert_eq!(items[0]["machine_id"], dev.machine_id.as_str());
+
+    std::fs::remove_file(dev.path("state/device.json")).unwrap();
+    ok(&dev.run(&["enroll"]).await);
+    assert_eq!(device_id(&dev).await, id, "same machine, same device");
+    // The token works: a check is answered and signed for this device.
+    assert!(ok(&dev.run(&["check"]).await).contains("update available: 1.0.0"));
+}
