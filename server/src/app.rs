@@ -142,10 +142,10 @@ fn problem_responses(doc: &mut utoipa::openapi::OpenApi) {
         ];
         for op in ops.into_iter().flatten() {
             for (code, response) in op.responses.responses.iter_mut() {
-                if let (true, RefOr::T(r)) = (code.as_str() >= "400", response) {
-                    if let Some(content) = r.content.shift_remove("application/json") {
-                        r.content.insert(PROBLEM.into(), content);
-                    }
+                if let (true, RefOr::T(r)) = (code.as_str() >= "400", response)
+                    && let Some(content) = r.content.shift_remove("application/json")
+                {
+                    r.content.insert(PROBLEM.into(), content);
                 }
             }
             op.responses
