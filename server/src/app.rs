@@ -132,7 +132,11 @@ fn problem_responses(doc: &mut utoipa::openapi::OpenApi) {
             ))))
             .build()
     };
-    for item in doc.paths.paths.values_mut() {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        // `/readyz` answers its own JSON body with 503, on purpose.
+        if path == "/readyz" {
+            continue;
+        }
         let ops = [
             &mut item.get,
             &mut item.put,
@@ -230,9 +234,12 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
+    let app = router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
+    // Check-ins are written behind: none may be lost on a clean shutdown.
+    state.checkins.flush().await;
     Ok(())
 }
 
@@ -255,7 +262,10 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
     };
     let jwt = auth::JwtKeys::load_or_create(&config.data_dir)?;
     let registry = registry::Registry::new(&config)?;
-    let checkins = resolve::Checkins::spawn(db.clone());
+    let checkins = resolve::Checkins::spawn(
+        db.clone(),
+        std::time::Duration::from_millis(config.checkin_flush_ms.max(10)),
+    );
     Ok(AppState::new(Inner {
         db,
         config,

@@ -38,6 +38,9 @@ pub struct Config {
     /// How long a signed resolution answer stays valid, in seconds.
     #[arg(long, env = "SLUICE_RESPONSE_TTL_S", default_value_t = 3600)]
     pub response_ttl_s: u64,
+    /// How often batched device check-ins are written, in milliseconds.
+    #[arg(long, env = "SLUICE_CHECKIN_FLUSH_MS", default_value_t = 1000)]
+    pub checkin_flush_ms: u64,
     /// Folder with the built dashboard (`web/dist`), served at `/`.
     #[arg(long, env = "SLUICE_WEB_DIR")]
     pub web_dir: Option<PathBuf>,

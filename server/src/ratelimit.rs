@@ -101,7 +101,7 @@ impl Default for Limits {
         Limits {
             // A person mistyping gets 10 tries, then one every 6 s.
             login_user: RateLimiter::new(10, 1.0 / 6.0, "login attempts for this user"),
-            login_addr: RateLimiter::new(30, 0.5, "login attempts from this address"),
+            login_addr: RateLimiter::new(100, 2.0, "login attempts from this address"),
             // Devices poll every few minutes and report a handful of events per upgrade.
             device: RateLimiter::new(60, 1.0, "requests from this device"),
         }

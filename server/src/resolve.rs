@@ -17,6 +17,7 @@ use sluice_protocol::{ImageSignature, Offer, ResolveResponse, is_sha256_digest};
 use sqlx::PgPool;
 use sqlx::types::Json as SqlJson;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -66,6 +67,8 @@ enum PinSnap {
 #[derive(Debug)]
 pub struct Snapshot {
     loaded_at: Instant,
+    /// A request is reloading this snapshot; others keep using it meanwhile.
+    refreshing: AtomicBool,
     repository: String,
     releases: Vec<ReleaseSnap>,
     rels: Vec<Rel>,
@@ -86,18 +89,44 @@ impl Cache {
         self.products.write().expect("cache lock").remove(product);
     }
 
+    /// The product's snapshot. When it is older than [`SNAPSHOT_TTL`], one
+    /// request reloads it while the others keep answering from the old one;
+    /// if the database is down, the old one keeps serving devices (an
+    /// invalidated snapshot is never served: it was dropped).
     async fn get(&self, db: &PgPool, product: &str) -> Result<Arc<Snapshot>> {
-        if let Some(s) = self.products.read().expect("cache lock").get(product)
-            && s.loaded_at.elapsed() < SNAPSHOT_TTL
-        {
-            return Ok(s.clone());
-        }
-        let s = Arc::new(load(db, product).await?);
-        self.products
-            .write()
+        let current = self
+            .products
+            .read()
             .expect("cache lock")
-            .insert(product.to_string(), s.clone());
-        Ok(s)
+            .get(product)
+            .cloned();
+        if let Some(s) = &current {
+            if s.loaded_at.elapsed() < SNAPSHOT_TTL || s.refreshing.swap(true, Ordering::AcqRel) {
+                return Ok(s.clone());
+            }
+        }
+        match load(db, product).await {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                self.products
+                    .write()
+                    .expect("cache lock")
+                    .insert(product.to_string(), fresh.clone());
+                Ok(fresh)
+            }
+            Err(e) => match current {
+                Some(stale) if e.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE => {
+                    tracing::warn!(product, error = %e, "database unavailable: answering from the last snapshot");
+                    stale.refreshing.store(false, Ordering::Release);
+                    Ok(stale)
+                }
+                Some(stale) => {
+                    stale.refreshing.store(false, Ordering::Release);
+                    Err(e)
+                }
+                None => Err(e),
+            },
+        }
     }
 }
 
@@ -213,6 +242,7 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
     .collect();
     Ok(Snapshot {
         loaded_at: Instant::now(),
+        refreshing: AtomicBool::new(false),
         repository: p.repository,
         releases,
         rels,
@@ -255,8 +285,8 @@ enum CheckinMsg {
     Flush(oneshot::Sender<()>),
 }
 
-/// Batches check-ins (last seen, current digest) and writes them once a
-/// second in one statement; `flush` writes what is pending (on shutdown).
+/// Batches check-ins (last seen, current digest) and writes them every
+/// `SLUICE_CHECKIN_FLUSH_MS` (default a second) in one statement; `flush` writes what is pending (on shutdown).
 #[derive(Clone)]
 pub struct Checkins {
     tx: mpsc::UnboundedSender<CheckinMsg>,
@@ -264,11 +294,11 @@ pub struct Checkins {
 
 impl Checkins {
     /// Starts the writer task.
-    pub fn spawn(db: PgPool) -> Self {
+    pub fn spawn(db: PgPool, every: Duration) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut pending: HashMap<Uuid, Checkin> = HashMap::new();
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
                     msg = rx.recv() => match msg {

@@ -45,6 +45,7 @@ fn config(insecure: &[&str], data_dir: &Path) -> Config {
         registry_auth: None,
         poll_after_s: 300,
         response_ttl_s: 3600,
+        checkin_flush_ms: 1000,
         web_dir: None,
     }
 }

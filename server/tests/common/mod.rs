@@ -50,6 +50,7 @@ pub fn config(data_dir: PathBuf) -> Config {
         registry_auth: None,
         poll_after_s: 60,
         response_ttl_s: 600,
+        checkin_flush_ms: 1000,
         web_dir: None,
     }
 }
