@@ -234,11 +234,27 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = router(state.clone()).into_make_service_with_connect_info::<crate::tls::ClientAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
     // Check-ins are written behind: none may be lost on a clean shutdown.
+    state.checkins.flush().await;
+    Ok(())
+}
+
+/// Like [`run`], over HTTPS with the given rustls configuration.
+pub async fn run_tls(
+    listener: TcpListener,
+    tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = crate::tls::TlsListener::new(listener, tls)?;
+    let app = router(state.clone()).into_make_service_with_connect_info::<crate::tls::ClientAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     state.checkins.flush().await;
     Ok(())
 }

@@ -434,8 +434,8 @@ async fn login(
     extensions: axum::http::Extensions,
     Json(req): Json<LoginRequest>,
 ) -> Result<impl IntoResponse> {
-    if let Some(axum::extract::ConnectInfo(addr)) =
-        extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+    if let Some(axum::extract::ConnectInfo(crate::tls::ClientAddr(addr))) =
+        extensions.get::<axum::extract::ConnectInfo<crate::tls::ClientAddr>>()
     {
         state.limits.login_addr.check(&addr.ip())?;
     }

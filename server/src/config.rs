@@ -38,6 +38,12 @@ pub struct Config {
     /// How long a signed resolution answer stays valid, in seconds.
     #[arg(long, env = "SLUICE_RESPONSE_TTL_S", default_value_t = 3600)]
     pub response_ttl_s: u64,
+    /// PEM certificate chain: when set (with the key), the server speaks HTTPS.
+    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// How often batched device check-ins are written, in milliseconds.
     #[arg(long, env = "SLUICE_CHECKIN_FLUSH_MS", default_value_t = 1000)]
     pub checkin_flush_ms: u64,

@@ -22,4 +22,5 @@ pub mod releases;
 pub mod resolve;
 pub mod rollout;
 pub mod signing;
+pub mod tls;
 pub mod tokens;

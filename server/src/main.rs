@@ -235,6 +235,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .init();
     let listen = config.listen;
     let admin_password = config.admin_password.clone();
+    let (tls_cert, tls_key) = (config.tls_cert.clone(), config.tls_key.clone());
     let state = app::build_state(config).await?;
     if let Some(pw) = auth::bootstrap_admin(&state.db, admin_password.as_deref()).await? {
         println!(
@@ -244,8 +245,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
-    tracing::info!(%listen, "sluice serving");
-    app::run(listener, state, shutdown_signal()).await
+    match (&tls_cert, &tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = sluice_server::tls::server_config(cert, key)?;
+            tracing::info!(%listen, "sluice serving HTTPS");
+            app::run_tls(listener, tls, state, shutdown_signal()).await
+        }
+        _ => {
+            tracing::info!(%listen, "sluice serving");
+            app::run(listener, state, shutdown_signal()).await
+        }
+    }
 }
 
 async fn shutdown_signal() {

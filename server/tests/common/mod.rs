@@ -51,6 +51,8 @@ pub fn config(data_dir: PathBuf) -> Config {
         poll_after_s: 60,
         response_ttl_s: 600,
         checkin_flush_ms: 1000,
+        tls_cert: None,
+        tls_key: None,
         web_dir: None,
     }
 }
