@@ -100,10 +100,10 @@ impl Cache {
             .expect("cache lock")
             .get(product)
             .cloned();
-        if let Some(s) = &current {
-            if s.loaded_at.elapsed() < SNAPSHOT_TTL || s.refreshing.swap(true, Ordering::AcqRel) {
-                return Ok(s.clone());
-            }
+        if let Some(s) = &current
+            && (s.loaded_at.elapsed() < SNAPSHOT_TTL || s.refreshing.swap(true, Ordering::AcqRel))
+        {
+            return Ok(s.clone());
         }
         match load(db, product).await {
             Ok(fresh) => {

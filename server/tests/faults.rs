@@ -225,7 +225,8 @@ async fn setup_product(s: &Server, admin: &str, repo: &str) -> String {
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{b}");
-    let secret = {
+
+    {
         let (st, b) = s
             .call(
                 reqwest::Method::POST,
@@ -236,8 +237,7 @@ async fn setup_product(s: &Server, admin: &str, repo: &str) -> String {
             .await;
         assert_eq!(st, StatusCode::OK, "{b}");
         b["enrollment_secret"].as_str().unwrap().to_string()
-    };
-    secret
+    }
 }
 
 async fn enroll(s: &Server, secret: &str, machine: &str) -> (String, String) {
