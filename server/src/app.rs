@@ -4,7 +4,8 @@
 use crate::config::Config;
 use crate::error::{Error, problem};
 use crate::{
-    audit, auth, channels, devices, health, keys, products, registry, releases, resolve, tokens,
+    audit, auth, channels, devices, health, keys, products, registry, releases, resolve, stats,
+    tokens,
 };
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -103,6 +104,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(products::router())
         .merge(releases::router())
         .merge(channels::router())
+        .merge(stats::router())
         .merge(resolve::router())
         .merge(devices::router())
         .merge(keys::router())

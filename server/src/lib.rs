@@ -21,4 +21,5 @@ pub mod releases;
 pub mod resolve;
 pub mod rollout;
 pub mod signing;
+pub mod stats;
 pub mod tokens;
