@@ -34,7 +34,24 @@ function tar(files) {
   return Buffer.concat(blocks);
 }
 
-async function pushBlob(registry, repo, data) {
+/** Runs `f` again (up to 3 times) when the connection fails: pushes are idempotent. */
+async function retrying(what, f) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await f();
+    } catch (e) {
+      if (attempt >= 3 || !(e instanceof TypeError)) throw e;
+      console.warn(`[registry] ${what}: ${e.cause?.code ?? e.message}; trying again`);
+      await new Promise((r) => setTimeout(r, 300 * attempt));
+    }
+  }
+}
+
+function pushBlob(registry, repo, data) {
+  return retrying(`pushing a blob to ${repo}`, () => pushBlobOnce(registry, repo, data));
+}
+
+async function pushBlobOnce(registry, repo, data) {
   const digest = sha256(data);
   const start = await fetch(`http://${registry}/v2/${repo}/blobs/uploads/`, { method: "POST" });
   if (start.status !== 202) throw new Error(`registry ${registry}: starting an upload to ${repo} answered ${start.status}`);
@@ -47,20 +64,31 @@ async function pushBlob(registry, repo, data) {
 }
 
 async function pushManifest(registry, repo, reference, mediaType, body) {
-  const r = await fetch(`http://${registry}/v2/${repo}/manifests/${reference}`, {
+  const r = await retrying(`pushing ${repo}:${reference}`, () => fetch(`http://${registry}/v2/${repo}/manifests/${reference}`, {
     method: "PUT",
     headers: { "content-type": mediaType },
     body,
-  });
+  }));
   if (r.status !== 201) throw new Error(`registry ${registry}: pushing ${repo}:${reference} answered ${r.status}: ${await r.text()}`);
   return sha256(body);
 }
 
+/** `n` bytes that depend only on `seed`, so the same image gets the same digest. */
+function seededBytes(seed, n) {
+  const out = [];
+  let block = createHash("sha256").update(seed).digest();
+  for (let len = 0; len < n; len += block.length) {
+    out.push(block);
+    block = createHash("sha256").update(block).digest();
+  }
+  return Buffer.concat(out).subarray(0, n);
+}
+
 /** One platform image; answers {digest, size, manifestSize}. */
-async function pushPlatform(registry, repo, reference, arch, version, extraBytes) {
+async function pushPlatform(registry, repo, reference, arch, version, extraBytes, reproducible) {
   const files = [
     ["etc/os-release", Buffer.from(`NAME="Sluice demo OS"\nVERSION_ID=${version}\nID=sluice-demo\n`)],
-    [`usr/share/sluice-demo/${arch}.bin`, randomBytes(extraBytes)],
+    [`usr/share/sluice-demo/${arch}.bin`, reproducible ? seededBytes(`${repo} ${version} ${arch}`, extraBytes) : randomBytes(extraBytes)],
   ];
   const raw = tar(files);
   const layer = gzipSync(raw);
@@ -83,17 +111,24 @@ async function pushPlatform(registry, repo, reference, arch, version, extraBytes
 
 /**
  * Pushes `repo:tag` for each of `arches` (an index when there are several).
- * Answers {digest (what the tag names), platforms: {arch: digest}}.
+ * `reproducible` makes the content depend only on repo, version and arch, so
+ * pushing again gives the same digests. Answers {digest (what the tag names),
+ * platforms: {arch: digest}}.
  */
-export async function pushImage(registry, repo, tag, { arches = ["amd64"], version = tag, extraBytes = 4096 } = {}) {
+export async function pushImage(
+  registry,
+  repo,
+  tag,
+  { arches = ["amd64"], version = tag, extraBytes = 4096, reproducible = false } = {},
+) {
   if (arches.length === 1) {
-    const p = await pushPlatform(registry, repo, tag, arches[0], version, extraBytes);
+    const p = await pushPlatform(registry, repo, tag, arches[0], version, extraBytes, reproducible);
     return { digest: p.digest, platforms: { [arches[0]]: p.digest } };
   }
   const manifests = [];
   const platforms = {};
   for (const arch of arches) {
-    const p = await pushPlatform(registry, repo, null, arch, version, extraBytes);
+    const p = await pushPlatform(registry, repo, null, arch, version, extraBytes, reproducible);
     platforms[arch] = p.digest;
     manifests.push({
       mediaType: OCI_MANIFEST,

@@ -47,11 +47,12 @@ export class Sluice {
 /**
  * A simulated device: enrolls once, then on each `step()` resolves and walks an
  * offered update through download, apply, reboot and a health report, the
- * way the agent reports it. `fail` makes its next update fail instead.
+ * way the agent reports it. `fail` makes its next update roll back instead.
  */
 export class SimDevice {
-  constructor(sluice, { product, secret, channel, machineId, arch = "amd64", labels = {}, version, digest }) {
+  constructor(sluice, { product, secret, channel, machineId, arch = "amd64", labels = {}, version, digest, failOn = [] }) {
     Object.assign(this, { sluice, product, secret, channel, machineId, arch, labels, version, digest });
+    this.failOn = new Set(failOn);
     this.slot = "A";
     this.fail = false;
   }
@@ -94,24 +95,34 @@ export class SimDevice {
     });
   }
 
-  /** One poll: answers the decision; applies an offered update (or fails it). */
+  /** One poll: answers the decision, after applying an offered update. */
   async step() {
     const d = await this.resolve();
-    if (!d.update) return d;
-    const { version, digest } = d.release;
+    if (d.update) await this.apply(d);
+    return d;
+  }
+
+  /**
+   * Walks an offered release through download, apply and reboot, then reports
+   * `healthy`, or `rolled_back` when `fail` is set (once) or the version is in
+   * `failOn`. Like an agent, it does not retry a version that rolled back.
+   */
+  async apply(decision) {
+    const { version, digest } = decision.release;
+    if (this.refused?.has(version)) return;
     await this.report("download_started", version, digest);
     await this.report("downloaded", version, digest);
     await this.report("applied", version, digest, `written to slot ${this.slot === "A" ? "B" : "A"}`);
     await this.report("rebooting", version, digest);
-    if (this.fail) {
+    if (this.fail || this.failOn?.has(version)) {
       this.fail = false;
+      (this.refused ??= new Set()).add(version);
       await this.report("rolled_back", version, digest, "health check failed: systemctl is-system-running: degraded; booted the old slot");
-      return d;
+      return;
     }
     this.slot = this.slot === "A" ? "B" : "A";
     this.version = version;
     this.digest = digest;
     await this.report("healthy", version, digest, `slot ${this.slot} marked good`);
-    return d;
   }
 }

@@ -8,6 +8,7 @@ import { useSession } from "../session";
 import { ActionButton, ErrorBox, Show, Spinner, ago, message, pct, useApi, when } from "../ui";
 
 const WINDOWS: [string, number][] = [
+  ["5 minutes", 300],
   ["1 hour", 3600],
   ["6 hours", 6 * 3600],
   ["24 hours", 86400],
