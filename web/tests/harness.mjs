@@ -127,7 +127,7 @@ export function launchBrowser() {
 }
 
 /** Polls `f` until it answers truthy; fails naming `what` after `ms`. */
-export async function eventually(what, f, ms = 15_000) {
+export async function eventually(what, f, ms = 30_000) {
   const end = Date.now() + ms;
   let last;
   for (;;) {
