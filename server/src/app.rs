@@ -4,7 +4,8 @@
 use crate::config::Config;
 use crate::error::{Error, problem};
 use crate::{
-    audit, auth, channels, devices, health, keys, products, registry, releases, resolve, tokens,
+    audit, auth, channels, devices, health, keys, products, registry, releases, resolve, stats,
+    tokens,
 };
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -105,6 +106,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(products::router())
         .merge(releases::router())
         .merge(channels::router())
+        .merge(stats::router())
         .merge(resolve::router())
         .merge(devices::router())
         .merge(keys::router())
@@ -184,11 +186,7 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", doc));
     if let Some(dir) = state.config.web_dir.clone() {
-        let index = dir.join("index.html");
-        app = app.fallback_service(
-            tower_http::services::ServeDir::new(dir)
-                .fallback(tower_http::services::ServeFile::new(index)),
-        );
+        app = dashboard(app, dir);
     } else {
         app = app
             .fallback(|| async { Error::NotFound("no such route; see /docs for the API".into()) });
@@ -226,6 +224,39 @@ async fn deadline(
             ),
         ),
     }
+}
+
+/// Serves the built dashboard (`web/dist`) at `/`: hashed assets cached for
+/// good, `index.html` for every other path so the app's own routes load. Paths
+/// under `/v1/` never fall through to the page: an unknown one is a problem+json 404.
+fn dashboard(app: Router<AppState>, dir: std::path::PathBuf) -> Router<AppState> {
+    use axum::http::{HeaderValue, header::CACHE_CONTROL};
+    use tower::Layer;
+    use tower_http::services::{ServeDir, ServeFile};
+    use tower_http::set_header::SetResponseHeaderLayer;
+    let index = dir.join("index.html");
+    if !index.is_file() {
+        tracing::warn!(
+            "SLUICE_WEB_DIR {} has no index.html: build the dashboard with `npm ci && npm run build` in web/",
+            dir.display()
+        );
+    }
+    let assets = SetResponseHeaderLayer::overriding(
+        CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    )
+    .layer(ServeDir::new(dir.join("assets")));
+    let pages =
+        SetResponseHeaderLayer::overriding(CACHE_CONTROL, HeaderValue::from_static("no-cache"))
+            .layer(ServeDir::new(&dir).fallback(ServeFile::new(index)));
+    app.route(
+        "/v1/{*rest}",
+        axum::routing::any(|| async {
+            Error::NotFound("no such route; see /docs for the API".into())
+        }),
+    )
+    .nest_service("/assets", assets)
+    .fallback_service(pages)
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight requests.

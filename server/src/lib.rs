@@ -22,5 +22,6 @@ pub mod releases;
 pub mod resolve;
 pub mod rollout;
 pub mod signing;
+pub mod stats;
 pub mod tls;
 pub mod tokens;

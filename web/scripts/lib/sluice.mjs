@@ -1,0 +1,128 @@
+// A small client of the Sluice REST API, and simulated devices that enroll,
+// resolve and report over HTTP the way the agent does (without writing slots).
+// Used by the browser tests and the demo seed.
+import { randomBytes } from "node:crypto";
+
+export class Sluice {
+  constructor(url, token) {
+    this.url = url.replace(/\/$/, "");
+    this.token = token;
+  }
+
+  static async login(url, username, password) {
+    const s = new Sluice(url);
+    const r = await s.call("POST", "/v1/auth/login", { username, password });
+    s.token = r.token;
+    return s;
+  }
+
+  /** Sends a request; answers the JSON body, or throws with the problem's detail. */
+  async call(method, path, body, { token = this.token, ok = [200, 201, 204] } = {}) {
+    const r = await this.raw(method, path, body, { token });
+    if (!ok.includes(r.status)) {
+      const err = new Error(`${method} ${path}: ${r.status} ${r.body?.detail ?? JSON.stringify(r.body)}`);
+      err.status = r.status;
+      err.body = r.body;
+      throw err;
+    }
+    return r.body;
+  }
+
+  async raw(method, path, body, { token = this.token } = {}) {
+    const headers = {};
+    if (token) headers.authorization = `Bearer ${token}`;
+    if (body !== undefined) headers["content-type"] = "application/json";
+    const r = await fetch(this.url + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    const text = await r.text();
+    let parsed = null;
+    try {
+      parsed = text ? JSON.parse(text) : null;
+    } catch {
+      parsed = text;
+    }
+    return { status: r.status, body: parsed, headers: r.headers };
+  }
+}
+
+/**
+ * A simulated device: enrolls once, then on each `step()` resolves and walks an
+ * offered update through download, apply, reboot and a health report, the
+ * way the agent reports it. `fail` makes its next update roll back instead.
+ */
+export class SimDevice {
+  constructor(sluice, { product, secret, channel, machineId, arch = "amd64", labels = {}, version, digest, failOn = [] }) {
+    Object.assign(this, { sluice, product, secret, channel, machineId, arch, labels, version, digest });
+    this.failOn = new Set(failOn);
+    this.slot = "A";
+    this.fail = false;
+  }
+
+  async enroll() {
+    const r = await this.sluice.call(
+      "POST",
+      "/v1/devices/enroll",
+      {
+        product: this.product,
+        enrollment_secret: this.secret,
+        machine_id: this.machineId,
+        arch: this.arch,
+        channel: this.channel,
+        labels: this.labels,
+        current_version: this.version ?? null,
+        current_digest: this.digest ?? null,
+      },
+      { token: null },
+    );
+    this.id = r.device_id;
+    this.token = r.token;
+    return this;
+  }
+
+  async report(kind, version, digest, message) {
+    await this.sluice.call(
+      "POST",
+      `/v1/devices/${this.id}/events`,
+      { kind, version, digest, booted_slot: this.slot, ...(message ? { message } : {}) },
+      { token: this.token },
+    );
+  }
+
+  async resolve() {
+    const q = new URLSearchParams({ arch: this.arch, nonce: randomBytes(12).toString("hex") });
+    if (this.digest) q.set("current", this.digest);
+    return this.sluice.call("GET", `/v1/products/${this.product}/channels/${this.channel}/resolve?${q}`, undefined, {
+      token: this.token,
+    });
+  }
+
+  /** One poll: answers the decision, after applying an offered update. */
+  async step() {
+    const d = await this.resolve();
+    if (d.update) await this.apply(d);
+    return d;
+  }
+
+  /**
+   * Walks an offered release through download, apply and reboot, then reports
+   * `healthy`, or `rolled_back` when `fail` is set (once) or the version is in
+   * `failOn`. Like an agent, it does not retry a version that rolled back.
+   */
+  async apply(decision) {
+    const { version, digest } = decision.release;
+    if (this.refused?.has(version)) return;
+    await this.report("download_started", version, digest);
+    await this.report("downloaded", version, digest);
+    await this.report("applied", version, digest, `written to slot ${this.slot === "A" ? "B" : "A"}`);
+    await this.report("rebooting", version, digest);
+    if (this.fail || this.failOn?.has(version)) {
+      this.fail = false;
+      (this.refused ??= new Set()).add(version);
+      await this.report("rolled_back", version, digest, "health check failed: systemctl is-system-running: degraded; booted the old slot");
+      return;
+    }
+    this.slot = this.slot === "A" ? "B" : "A";
+    this.version = version;
+    this.digest = digest;
+    await this.report("healthy", version, digest, `slot ${this.slot} marked good`);
+  }
+}

@@ -1,0 +1,438 @@
+// One channel: head and base, the rollout and its gate, the controls that
+// change them (each confirmed), the head's adoption over time and the history.
+import { useState } from "react";
+import { Link, useParams } from "react-router";
+import { api, unwrap, type Channel, type HistoryEntry } from "../api/client";
+import { AdoptionChart, VersionStatusChart } from "../charts";
+import { useSession } from "../session";
+import { ActionButton, ErrorBox, Show, Spinner, ago, message, pct, useApi, when } from "../ui";
+
+const WINDOWS: [string, number][] = [
+  ["5 minutes", 300],
+  ["1 hour", 3600],
+  ["6 hours", 6 * 3600],
+  ["24 hours", 86400],
+  ["7 days", 7 * 86400],
+];
+
+export function ChannelPage() {
+  const { product = "", channel = "" } = useParams();
+  const { isAdmin } = useSession();
+  const path = { product, channel };
+  const ch = useApi(() => unwrap(api.GET("/v1/products/{product}/channels/{channel}", { params: { path } })), [product, channel], 5000);
+  const [windowS, setWindowS] = useState(3600);
+  const stats = useApi(
+    () =>
+      unwrap(
+        api.GET("/v1/products/{product}/channels/{channel}/stats", {
+          params: { path, query: { since: new Date(Date.now() - windowS * 1000).toISOString() } },
+        }),
+      ),
+    [product, channel, windowS],
+    5000,
+  );
+  const [historyKey, setHistoryKey] = useState(0);
+  const changed = () => {
+    ch.reload();
+    stats.reload();
+    setHistoryKey((k) => k + 1);
+  };
+  return (
+    <>
+      <p className="crumbs">
+        <Link to="/">Fleet</Link> / {product} / channel
+      </p>
+      <h1>{channel}</h1>
+      <Show state={ch}>
+        {(c) => (
+          <>
+            {c.description && <p className="muted">{c.description}</p>}
+            <div className="grid2">
+              <section className="card">
+                <h2>Release</h2>
+                <dl className="facts">
+                  <dt>Head</dt>
+                  <dd data-testid="head">
+                    {c.head ? <Link to={`/releases/${product}/${c.head}`}>{c.head}</Link> : "—"}
+                    {c.rolled_back && <span className="badge s-rolled_back">rolled back</span>}
+                  </dd>
+                  <dt>Base</dt>
+                  <dd data-testid="base">{c.base ? <Link to={`/releases/${product}/${c.base}`}>{c.base}</Link> : "—"}</dd>
+                  <dt>Serial</dt>
+                  <dd>{c.serial}</dd>
+                  <dt>Changed</dt>
+                  <dd>{ago(c.updated_at)}</dd>
+                </dl>
+                {isAdmin && (
+                  <div className="buttons">
+                    <Promote product={product} channel={c} done={changed} />
+                    <Rollback product={product} channel={c} done={changed} />
+                  </div>
+                )}
+              </section>
+              <section className="card">
+                <h2>Rollout</h2>
+                <RolloutFacts c={c} />
+                {isAdmin && (
+                  <div className="buttons">
+                    <SetPercent product={product} channel={c} done={changed} />
+                    <PauseResume product={product} channel={c} done={changed} />
+                    <GateSettings product={product} channel={c} done={changed} />
+                  </div>
+                )}
+              </section>
+            </div>
+            <div className="grid2">
+              <section className="card">
+                <h2>Devices by version and status</h2>
+                <VersionStatusChart counts={c.devices} head={c.head} />
+                <p>
+                  <Link to={`/devices?product=${product}&channel=${channel}`}>Devices on this channel →</Link>
+                </p>
+              </section>
+              <section className="card">
+                <div className="row">
+                  <h2>Adoption of the head</h2>
+                  <select aria-label="Window" value={windowS} onChange={(e) => setWindowS(Number(e.target.value))}>
+                    {WINDOWS.map(([l, s]) => (
+                      <option key={s} value={s}>
+                        last {l}
+                      </option>
+                    ))}
+                  </select>
+                </div>
+                <Show state={stats}>{(s) => <AdoptionChart stats={s} />}</Show>
+              </section>
+            </div>
+          </>
+        )}
+      </Show>
+      <History key={historyKey} product={product} channel={channel} />
+    </>
+  );
+}
+
+function RolloutFacts({ c }: { c: Channel }) {
+  const r = c.rollout;
+  const g = c.gate;
+  return (
+    <dl className="facts">
+      <dt>Percent</dt>
+      <dd data-testid="percent">
+        {pct(r.effective_percent)}
+        {r.ramp && r.effective_percent !== r.percent && <span className="muted"> (set {pct(r.percent)})</span>}
+      </dd>
+      <dt>Ramp</dt>
+      <dd>
+        {r.ramp
+          ? `${pct(r.ramp.from_percent)} → ${pct(r.ramp.to_percent)} over ${r.ramp.over_minutes} min, since ${when(r.ramp.started_at)}`
+          : "none"}
+      </dd>
+      <dt>State</dt>
+      <dd data-testid="state">
+        {r.paused ? (
+          <>
+            <span className="badge s-failed">paused</span> {r.paused_reason}
+          </>
+        ) : c.head ? (
+          <span className="badge s-healthy">rolling out</span>
+        ) : (
+          "no head yet"
+        )}
+      </dd>
+      <dt>Health gate</dt>
+      <dd>
+        halts above {pct(g.max_failure_percent)} failures once {g.min_reports} devices reported
+      </dd>
+      <dt>Gate now</dt>
+      <dd data-testid="gate">
+        {g.failures} of {g.reports} failed{" "}
+        {g.tripped ? <span className="badge s-failed">tripped</span> : <span className="badge s-healthy">ok</span>}
+      </dd>
+    </dl>
+  );
+}
+
+interface ControlProps {
+  product: string;
+  channel: Channel;
+  done: () => void;
+}
+
+/** A number input that keeps what was typed, so out-of-range values reach the API and its message. */
+function num(s: string): number | undefined {
+  return s.trim() === "" ? undefined : Number(s);
+}
+
+function Promote({ product, channel, done }: ControlProps) {
+  const [version, setVersion] = useState("");
+  const [percent, setPercent] = useState("100");
+  const [rampTo, setRampTo] = useState("");
+  const [rampMin, setRampMin] = useState("");
+  const releases = useApi(
+    () => unwrap(api.GET("/v1/products/{product}/releases", { params: { path: { product }, query: { limit: 100 } } })),
+    [product],
+  );
+  const options = (releases.data?.items ?? []).filter((r) => r.state === "active" && r.version !== channel.head);
+  return (
+    <ActionButton
+      label="Promote…"
+      title={`Promote a release in ${channel.name}`}
+      confirmLabel="Promote"
+      run={async () => {
+        const v = version || options[0]?.version;
+        if (!v) throw new Error("no release to promote: publish one first");
+        const ramp = rampTo || rampMin ? { to_percent: Number(rampTo), over_minutes: Number(rampMin) } : undefined;
+        const c = await unwrap(
+          api.POST("/v1/products/{product}/channels/{channel}/promote", {
+            params: { path: { product, channel: channel.name } },
+            body: { version: v, percent: num(percent), ramp },
+          }),
+        );
+        return `Promoted ${c.head} in ${c.name} to ${pct(c.rollout.percent)} of devices (base ${c.base ?? "none"}).`;
+      }}
+      done={done}
+    >
+      <p>The release becomes the head; the current head ({channel.head ?? "none"}) becomes the base.</p>
+      {releases.error && <ErrorBox error={releases.error} />}
+      {releases.loading && !releases.data ? (
+        <Spinner />
+      ) : (
+        <label>
+          Release
+          <select name="version" value={version || options[0]?.version || ""} onChange={(e) => setVersion(e.target.value)}>
+            {options.map((r) => (
+              <option key={r.version} value={r.version}>
+                {r.version}
+                {r.floor ? " (floor)" : ""}
+              </option>
+            ))}
+          </select>
+        </label>
+      )}
+      <label>
+        Percent of devices
+        <input name="percent" type="number" inputMode="decimal" value={percent} onChange={(e) => setPercent(e.target.value)} />
+      </label>
+      <fieldset>
+        <legend>Ramp (optional)</legend>
+        <label>
+          up to %
+          <input name="ramp_to" type="number" value={rampTo} onChange={(e) => setRampTo(e.target.value)} />
+        </label>
+        <label>
+          over minutes
+          <input name="ramp_minutes" type="number" value={rampMin} onChange={(e) => setRampMin(e.target.value)} />
+        </label>
+      </fieldset>
+    </ActionButton>
+  );
+}
+
+function SetPercent({ product, channel, done }: ControlProps) {
+  const [percent, setPercent] = useState(String(channel.rollout.percent));
+  const [rampTo, setRampTo] = useState("");
+  const [rampMin, setRampMin] = useState("");
+  return (
+    <ActionButton
+      label="Change percent…"
+      title={`Change the rollout of ${channel.head ?? "the head"}`}
+      confirmLabel="Apply"
+      disabled={!channel.head}
+      run={async () => {
+        const ramp = rampTo || rampMin ? { to_percent: Number(rampTo), over_minutes: Number(rampMin) } : undefined;
+        const c = await unwrap(
+          api.PATCH("/v1/products/{product}/channels/{channel}/rollout", {
+            params: { path: { product, channel: channel.name } },
+            body: { percent: num(percent), ramp },
+          }),
+        );
+        return `Rollout of ${c.head} in ${c.name} is now ${pct(c.rollout.effective_percent)}${c.rollout.ramp ? `, ramping to ${pct(c.rollout.ramp.to_percent)}` : ""}.`;
+      }}
+      done={done}
+    >
+      <label>
+        Percent of devices
+        <input name="percent" type="number" inputMode="decimal" value={percent} onChange={(e) => setPercent(e.target.value)} />
+      </label>
+      <fieldset>
+        <legend>Ramp from there (optional)</legend>
+        <label>
+          up to %
+          <input name="ramp_to" type="number" value={rampTo} onChange={(e) => setRampTo(e.target.value)} />
+        </label>
+        <label>
+          over minutes
+          <input name="ramp_minutes" type="number" value={rampMin} onChange={(e) => setRampMin(e.target.value)} />
+        </label>
+      </fieldset>
+    </ActionButton>
+  );
+}
+
+function PauseResume({ product, channel, done }: ControlProps) {
+  const paused = channel.rollout.paused;
+  return (
+    <ActionButton
+      label={paused ? "Resume" : "Pause"}
+      title={paused ? `Resume the rollout in ${channel.name}?` : `Pause the rollout in ${channel.name}?`}
+      confirmLabel={paused ? "Resume" : "Pause"}
+      danger={!paused}
+      disabled={!channel.head}
+      run={async () => {
+        const c = await unwrap(
+          api.PATCH("/v1/products/{product}/channels/{channel}/rollout", {
+            params: { path: { product, channel: channel.name } },
+            body: { paused: !paused },
+          }),
+        );
+        return c.rollout.paused ? `Paused the rollout of ${c.head} in ${c.name}.` : `Resumed the rollout of ${c.head} in ${c.name}.`;
+      }}
+      done={done}
+    >
+      <p>
+        {paused
+          ? `Devices will again be admitted to ${channel.head} up to ${pct(channel.rollout.percent)}.`
+          : `No new device will get ${channel.head}; devices already on it keep it.`}
+      </p>
+    </ActionButton>
+  );
+}
+
+function Rollback({ product, channel, done }: ControlProps) {
+  const [version, setVersion] = useState("");
+  return (
+    <ActionButton
+      label="Roll back…"
+      title={`Roll back ${channel.name}`}
+      confirmLabel="Roll back"
+      danger
+      disabled={!channel.head}
+      run={async () => {
+        const c = await unwrap(
+          api.POST("/v1/products/{product}/channels/{channel}/rollback", {
+            params: { path: { product, channel: channel.name } },
+            body: version.trim() ? { version: version.trim() } : {},
+          }),
+        );
+        return `Rolled back ${c.name} to ${c.head} at ${pct(c.rollout.percent)}; devices on newer versions will move down.`;
+      }}
+      done={done}
+    >
+      <p>
+        The head becomes {channel.base ? <b>{channel.base}</b> : "the release you name"} for every device, and devices on {channel.head} move
+        down to it.
+      </p>
+      <label>
+        Version (empty: the base, {channel.base ?? "none"})
+        <input name="version" value={version} onChange={(e) => setVersion(e.target.value)} placeholder={channel.base ?? ""} />
+      </label>
+    </ActionButton>
+  );
+}
+
+function GateSettings({ product, channel, done }: ControlProps) {
+  const [max, setMax] = useState(String(channel.gate.max_failure_percent));
+  const [min, setMin] = useState(String(channel.gate.min_reports));
+  return (
+    <ActionButton
+      label="Health gate…"
+      title={`Health gate of ${channel.name}`}
+      confirmLabel="Save"
+      run={async () => {
+        const c = await unwrap(
+          api.PATCH("/v1/products/{product}/channels/{channel}/rollout", {
+            params: { path: { product, channel: channel.name } },
+            body: { gate: { max_failure_percent: Number(max), min_reports: Number(min) } },
+          }),
+        );
+        return `The gate of ${c.name} now halts above ${pct(c.gate.max_failure_percent)} failures once ${c.gate.min_reports} devices reported.`;
+      }}
+      done={done}
+    >
+      <label>
+        Halt above this % of failures
+        <input name="max_failure_percent" type="number" value={max} onChange={(e) => setMax(e.target.value)} />
+      </label>
+      <label>
+        once this many devices reported
+        <input name="min_reports" type="number" value={min} onChange={(e) => setMin(e.target.value)} />
+      </label>
+    </ActionButton>
+  );
+}
+
+function History({ product, channel }: { product: string; channel: string }) {
+  const [pages, setPages] = useState<HistoryEntry[][]>([]);
+  const [cursor, setCursor] = useState<string | null>();
+  const [error, setError] = useState<string>();
+  const first = useApi(
+    () =>
+      unwrap(
+        api.GET("/v1/products/{product}/channels/{channel}/history", { params: { path: { product, channel }, query: { limit: 20 } } }),
+      ),
+    [product, channel],
+  );
+  const more = async () => {
+    try {
+      const p = await unwrap(
+        api.GET("/v1/products/{product}/channels/{channel}/history", {
+          params: { path: { product, channel }, query: { limit: 20, cursor: cursor ?? first.data?.next_cursor ?? undefined } },
+        }),
+      );
+      setPages((x) => [...x, p.items]);
+      setCursor(p.next_cursor ?? null);
+    } catch (e) {
+      setError(message(e));
+    }
+  };
+  const next = cursor === undefined ? first.data?.next_cursor : cursor;
+  return (
+    <section className="card">
+      <h2>History</h2>
+      <Show state={first}>
+        {(p) => (
+          <div className="table-wrap">
+            <table className="history">
+              <thead>
+                <tr>
+                  <th>When</th>
+                  <th>Who</th>
+                  <th>What</th>
+                  <th>Why</th>
+                  <th>Head / percent after</th>
+                </tr>
+              </thead>
+              <tbody>
+                {[p.items, ...pages].flat().map((h) => {
+                  const after = (h.after ?? {}) as { head?: string; percent?: number; paused?: boolean };
+                  return (
+                    <tr key={h.id}>
+                      <td title={when(h.at)}>{ago(h.at)}</td>
+                      <td>{h.actor}</td>
+                      <td>
+                        <span className={`badge a-${h.action}`}>{h.action}</span>
+                      </td>
+                      <td>{h.reason ?? ""}</td>
+                      <td>
+                        {after.head ?? "—"}
+                        {after.percent !== undefined && ` · ${pct(after.percent)}`}
+                        {after.paused && " · paused"}
+                      </td>
+                    </tr>
+                  );
+                })}
+              </tbody>
+            </table>
+          </div>
+        )}
+      </Show>
+      <ErrorBox error={error} />
+      {next && (
+        <button className="link" onClick={() => void more()}>
+          Older changes…
+        </button>
+      )}
+    </section>
+  );
+}

@@ -1,0 +1,335 @@
+// The fleet as a table with search, filters and paging, and one device with
+// its event timeline, slot, versions and pin.
+import { useState, type FormEvent } from "react";
+import { Link, useParams, useSearchParams } from "react-router";
+import { api, unwrap } from "../api/client";
+import { STATUSES } from "../charts";
+import { useSession } from "../session";
+import { ActionButton, Show, StatusBadge, ago, short, useApi, when } from "../ui";
+
+const FILTERS = ["q", "product", "channel", "version", "status", "label", "not_seen_for_s"] as const;
+const QUIET: [string, string][] = [
+  ["any time", ""],
+  ["over 10 minutes ago", "600"],
+  ["over an hour ago", "3600"],
+  ["over a day ago", "86400"],
+  ["over a week ago", "604800"],
+];
+const PAGE = 50;
+
+export function Devices() {
+  const [params, setParams] = useSearchParams();
+  const products = useApi(() => unwrap(api.GET("/v1/products")), []);
+  const filter = Object.fromEntries(FILTERS.map((k) => [k, params.get(k) ?? ""])) as Record<(typeof FILTERS)[number], string>;
+  const [draft, setDraft] = useState(filter);
+  // Cursors of the pages before this one, for "Previous".
+  const [trail, setTrail] = useState<string[]>([]);
+  const cursor = params.get("cursor") ?? undefined;
+  const page = useApi(
+    () =>
+      unwrap(
+        api.GET("/v1/devices", {
+          params: {
+            query: {
+              q: filter.q || undefined,
+              product: filter.product || undefined,
+              channel: filter.channel || undefined,
+              version: filter.version || undefined,
+              status: filter.status || undefined,
+              label: filter.label || undefined,
+              not_seen_for_s: filter.not_seen_for_s ? Number(filter.not_seen_for_s) : undefined,
+              limit: PAGE,
+              cursor,
+            },
+          },
+        }),
+      ),
+    [params.toString()],
+    10000,
+  );
+  const apply = (e: FormEvent) => {
+    e.preventDefault();
+    setTrail([]);
+    setParams(Object.fromEntries(Object.entries(draft).filter(([, v]) => v !== "")));
+  };
+  const go = (c: string | undefined, back: boolean) => {
+    const p = new URLSearchParams(params);
+    if (c) p.set("cursor", c);
+    else p.delete("cursor");
+    setTrail((t) => (back ? t.slice(0, -1) : [...t, cursor ?? ""]));
+    setParams(p);
+  };
+  const set = (k: (typeof FILTERS)[number]) => (e: { target: { value: string } }) => setDraft((d) => ({ ...d, [k]: e.target.value }));
+  return (
+    <>
+      <h1>Devices</h1>
+      <form className="filters card" onSubmit={apply} role="search">
+        <label className="wide">
+          Search
+          <input name="q" placeholder="machine id or device id" value={draft.q} onChange={set("q")} />
+        </label>
+        <label>
+          Product
+          <select name="product" value={draft.product} onChange={set("product")}>
+            <option value="">all</option>
+            {(products.data ?? []).map((p) => (
+              <option key={p.name}>{p.name}</option>
+            ))}
+          </select>
+        </label>
+        <label>
+          Channel
+          <input name="channel" value={draft.channel} onChange={set("channel")} />
+        </label>
+        <label>
+          Version
+          <input name="version" value={draft.version} onChange={set("version")} />
+        </label>
+        <label>
+          Status
+          <select name="status" value={draft.status} onChange={set("status")}>
+            <option value="">any</option>
+            {STATUSES.map((s) => (
+              <option key={s} value={s}>
+                {s.replace("_", " ")}
+              </option>
+            ))}
+          </select>
+        </label>
+        <label>
+          Label
+          <input name="label" placeholder="key=value" value={draft.label} onChange={set("label")} />
+        </label>
+        <label>
+          Last seen
+          <select name="not_seen_for_s" value={draft.not_seen_for_s} onChange={set("not_seen_for_s")}>
+            {QUIET.map(([l, v]) => (
+              <option key={v} value={v}>
+                {l}
+              </option>
+            ))}
+          </select>
+        </label>
+        <div className="buttons">
+          <button type="submit" className="primary">
+            Filter
+          </button>
+          <button
+            type="button"
+            onClick={() => {
+              setDraft(Object.fromEntries(FILTERS.map((k) => [k, ""])) as typeof draft);
+              setTrail([]);
+              setParams({});
+            }}
+          >
+            Clear
+          </button>
+        </div>
+      </form>
+      <Show state={page}>
+        {(p) => (
+          <>
+            <div className="table-wrap">
+              <table className="devices">
+                <thead>
+                  <tr>
+                    <th>Machine</th>
+                    <th>Product / channel</th>
+                    <th>Version</th>
+                    <th>Status</th>
+                    <th>Slot</th>
+                    <th>Labels</th>
+                    <th>Last seen</th>
+                  </tr>
+                </thead>
+                <tbody>
+                  {p.items.map((d) => (
+                    <tr key={d.id}>
+                      <td>
+                        <Link to={`/devices/${d.id}`}>{d.machine_id}</Link>
+                        {d.pin && <span className="badge floor">pinned</span>}
+                      </td>
+                      <td>
+                        {d.product} / {d.channel}
+                      </td>
+                      <td>{d.current_version ?? "—"}</td>
+                      <td>
+                        <StatusBadge status={d.status} />
+                        {d.status_version && d.status_version !== d.current_version && <span className="muted"> {d.status_version}</span>}
+                      </td>
+                      <td>{d.booted_slot ?? "—"}</td>
+                      <td>
+                        <Labels labels={d.labels} />
+                      </td>
+                      <td title={when(d.last_seen)}>{ago(d.last_seen)}</td>
+                    </tr>
+                  ))}
+                </tbody>
+              </table>
+            </div>
+            {p.items.length === 0 && <p className="muted">No device matches.</p>}
+            <div className="pager">
+              <button disabled={!cursor} onClick={() => go(trail[trail.length - 1] || undefined, true)}>
+                ← Previous
+              </button>
+              <span className="muted">
+                page {trail.length + 1} · {p.items.length} shown
+              </span>
+              <button disabled={!p.next_cursor} onClick={() => go(p.next_cursor ?? undefined, false)}>
+                Next →
+              </button>
+            </div>
+          </>
+        )}
+      </Show>
+    </>
+  );
+}
+
+function Labels({ labels }: { labels: unknown }) {
+  const entries = Object.entries((labels ?? {}) as Record<string, string>);
+  return (
+    <>
+      {entries.map(([k, v]) => (
+        <span key={k} className="label">
+          {k}={v}
+        </span>
+      ))}
+    </>
+  );
+}
+
+export function DevicePage() {
+  const { id = "" } = useParams();
+  const { isAdmin } = useSession();
+  const d = useApi(() => unwrap(api.GET("/v1/devices/{id}", { params: { path: { id } } })), [id], 10000);
+  return (
+    <>
+      <p className="crumbs">
+        <Link to="/devices">Devices</Link>
+      </p>
+      <Show state={d}>
+        {(dev) => (
+          <>
+            <h1>
+              {dev.machine_id} <StatusBadge status={dev.status} />
+            </h1>
+            <div className="grid2">
+              <section className="card">
+                <h2>Device</h2>
+                <dl className="facts">
+                  <dt>Id</dt>
+                  <dd className="mono wrap">{dev.id}</dd>
+                  <dt>Product</dt>
+                  <dd>{dev.product}</dd>
+                  <dt>Channel</dt>
+                  <dd>
+                    <Link to={`/products/${dev.product}/channels/${dev.channel}`}>{dev.channel}</Link>
+                  </dd>
+                  <dt>Arch</dt>
+                  <dd>{dev.arch}</dd>
+                  <dt>Labels</dt>
+                  <dd>
+                    <Labels labels={dev.labels} />
+                  </dd>
+                  <dt>Enrolled</dt>
+                  <dd>{when(dev.created_at)}</dd>
+                  <dt>Last seen</dt>
+                  <dd title={when(dev.last_seen)}>{ago(dev.last_seen)}</dd>
+                </dl>
+              </section>
+              <section className="card">
+                <h2>Slots and versions</h2>
+                <dl className="facts">
+                  <dt>Booted slot</dt>
+                  <dd data-testid="slot">{dev.booted_slot ?? "—"}</dd>
+                  <dt>Running</dt>
+                  <dd>{dev.current_version ?? "—"}</dd>
+                  <dt>Digest</dt>
+                  <dd className="mono" title={dev.current_digest ?? ""}>
+                    {short(dev.current_digest)}
+                  </dd>
+                  <dt>Status</dt>
+                  <dd>
+                    <StatusBadge status={dev.status} /> {dev.status_version && `on ${dev.status_version}`}
+                  </dd>
+                  <dt>Pin</dt>
+                  <dd data-testid="pin">
+                    {dev.pin ? (dev.pin.version ? `release ${dev.pin.version}` : `image ${dev.pin.image} (${short(dev.pin.digest)})`) : "none: follows its channel"}
+                  </dd>
+                </dl>
+                {isAdmin && <PinControls id={dev.id} pinned={!!dev.pin} done={d.reload} />}
+              </section>
+            </div>
+            <section className="card">
+              <h2>Events</h2>
+              {dev.events.length === 0 ? (
+                <p className="muted">No reports yet.</p>
+              ) : (
+                <ol className="timeline">
+                  {dev.events.map((e) => (
+                    <li key={e.id} className={`t-${e.kind}`}>
+                      <span className="when" title={when(e.at)}>
+                        {when(e.at)}
+                      </span>
+                      <StatusBadge status={e.kind} /> <b>{e.version}</b> <span className="mono muted">{short(e.digest)}</span>
+                      {e.message && <div className="msg">{e.message}</div>}
+                    </li>
+                  ))}
+                </ol>
+              )}
+            </section>
+          </>
+        )}
+      </Show>
+    </>
+  );
+}
+
+function PinControls({ id, pinned, done }: { id: string; pinned: boolean; done: () => void }) {
+  const [version, setVersion] = useState("");
+  const [image, setImage] = useState("");
+  return (
+    <div className="buttons">
+      <ActionButton
+        label="Pin…"
+        title="Pin this device"
+        confirmLabel="Pin"
+        run={async () => {
+          const d = await unwrap(
+            api.PUT("/v1/devices/{id}/pin", {
+              params: { path: { id } },
+              body: { version: version.trim() || undefined, image: image.trim() || undefined },
+            }),
+          );
+          return `Pinned ${d.machine_id} to ${d.pin?.version ?? d.pin?.image}.`;
+        }}
+        done={done}
+      >
+        <p>A pin overrides the channel. Give a release version, or an image reference in the product's repository.</p>
+        <label>
+          Release version
+          <input name="pin_version" value={version} onChange={(e) => setVersion(e.target.value)} />
+        </label>
+        <label>
+          or image (repo:tag or repo@digest)
+          <input name="pin_image" value={image} onChange={(e) => setImage(e.target.value)} />
+        </label>
+      </ActionButton>
+      {pinned && (
+        <ActionButton
+          label="Unpin"
+          title="Unpin this device?"
+          confirmLabel="Unpin"
+          run={async () => {
+            const d = await unwrap(api.PUT("/v1/devices/{id}/pin", { params: { path: { id } }, body: {} }));
+            return `Unpinned ${d.machine_id}: it follows ${d.channel} again.`;
+          }}
+          done={done}
+        >
+          <p>The device will follow its channel again.</p>
+        </ActionButton>
+      )}
+    </div>
+  );
+}

@@ -1,0 +1,249 @@
+// Releases of a product: the list, and one release with its platform digests,
+// signatures, metadata and changelog; admins can revoke.
+import { useState } from "react";
+import { Link, useParams, useSearchParams } from "react-router";
+import { api, unwrap, type Release } from "../api/client";
+import { useSession } from "../session";
+import { ActionButton, ErrorBox, Show, ago, bytes, message, short, useApi, when } from "../ui";
+
+export function Releases() {
+  const [params, setParams] = useSearchParams();
+  const products = useApi(() => unwrap(api.GET("/v1/products")), []);
+  const product = params.get("product") ?? products.data?.[0]?.name;
+  return (
+    <>
+      <h1>Releases</h1>
+      <Show state={products}>
+        {(ps) =>
+          ps.length === 0 ? (
+            <p className="muted">No products yet.</p>
+          ) : (
+            <>
+              <div className="tabs" role="tablist">
+                {ps.map((p) => (
+                  <button
+                    key={p.name}
+                    role="tab"
+                    aria-selected={p.name === product}
+                    className={p.name === product ? "tab active" : "tab"}
+                    onClick={() => setParams({ product: p.name })}
+                  >
+                    {p.name}
+                  </button>
+                ))}
+              </div>
+              {product && <ReleaseList key={product} product={product} />}
+            </>
+          )
+        }
+      </Show>
+    </>
+  );
+}
+
+function ReleaseList({ product }: { product: string }) {
+  const first = useApi(
+    () => unwrap(api.GET("/v1/products/{product}/releases", { params: { path: { product }, query: { limit: 50 } } })),
+    [product],
+  );
+  const [more, setMore] = useState<Release[]>([]);
+  const [cursor, setCursor] = useState<string | null>();
+  const [error, setError] = useState<string>();
+  const next = cursor === undefined ? first.data?.next_cursor : cursor;
+  const loadMore = async () => {
+    try {
+      const p = await unwrap(
+        api.GET("/v1/products/{product}/releases", { params: { path: { product }, query: { limit: 50, cursor: next ?? undefined } } }),
+      );
+      setMore((m) => [...m, ...p.items]);
+      setCursor(p.next_cursor ?? null);
+    } catch (e) {
+      setError(message(e));
+    }
+  };
+  return (
+    <Show state={first}>
+      {(p) => (
+        <>
+          {p.items.length === 0 && <p className="muted">No releases yet: publish one with `sluice release publish`.</p>}
+          <div className="table-wrap">
+            <table className="releases">
+              <thead>
+                <tr>
+                  <th>Version</th>
+                  <th>Platforms</th>
+                  <th>Size</th>
+                  <th>Signed</th>
+                  <th>Flags</th>
+                  <th>Published</th>
+                </tr>
+              </thead>
+              <tbody>
+                {[...p.items, ...more].map((r) => (
+                  <tr key={r.version} className={r.state === "revoked" ? "revoked" : ""}>
+                    <td>
+                      <Link to={`/releases/${product}/${encodeURIComponent(r.version)}`}>{r.version}</Link>
+                    </td>
+                    <td>{r.platforms.map((x) => x.architecture + (x.variant ? `/${x.variant}` : "")).join(", ")}</td>
+                    <td>{bytes(Math.max(0, ...r.platforms.map((x) => x.size)))}</td>
+                    <td>{r.platforms.every((x) => x.signed_by.length > 0) ? "✓ signed" : <span className="badge s-failed">unsigned</span>}</td>
+                    <td>
+                      {r.floor && <span className="badge floor">floor</span>}
+                      {r.state === "revoked" && <span className="badge s-failed">revoked</span>}
+                    </td>
+                    <td title={when(r.created_at)}>
+                      {ago(r.created_at)} by {r.publisher}
+                    </td>
+                  </tr>
+                ))}
+              </tbody>
+            </table>
+          </div>
+          <ErrorBox error={error} />
+          {next && (
+            <button className="link" onClick={() => void loadMore()}>
+              Older releases…
+            </button>
+          )}
+        </>
+      )}
+    </Show>
+  );
+}
+
+const KNOWN = ["git_commit", "build_url", "changelog", "base_image", "packages"];
+
+export function ReleasePage() {
+  const { product = "", version = "" } = useParams();
+  const { isAdmin } = useSession();
+  const r = useApi(() => unwrap(api.GET("/v1/products/{product}/releases/{version}", { params: { path: { product, version } } })), [
+    product,
+    version,
+  ]);
+  return (
+    <>
+      <p className="crumbs">
+        <Link to={`/releases?product=${product}`}>Releases</Link> / {product}
+      </p>
+      <h1>
+        {version} {r.data?.state === "revoked" && <span className="badge s-failed">revoked</span>}
+        {r.data?.floor && <span className="badge floor">floor</span>}
+      </h1>
+      <Show state={r}>
+        {(rel) => {
+          const meta = (rel.metadata ?? {}) as Record<string, unknown>;
+          const extra = Object.fromEntries(Object.entries(meta).filter(([k]) => !KNOWN.includes(k)));
+          return (
+            <>
+              <div className="grid2">
+                <section className="card">
+                  <h2>Image</h2>
+                  <dl className="facts">
+                    <dt>Image</dt>
+                    <dd className="mono wrap">{rel.image}</dd>
+                    <dt>Digest</dt>
+                    <dd className="mono wrap">{rel.digest}</dd>
+                    <dt>Media type</dt>
+                    <dd className="mono wrap">{rel.media_type}</dd>
+                    <dt>Published</dt>
+                    <dd>
+                      {when(rel.created_at)} by {rel.publisher}
+                    </dd>
+                    <dt>Floor</dt>
+                    <dd>{rel.floor ? "yes: devices below it step through it" : "no"}</dd>
+                    <dt>State</dt>
+                    <dd data-testid="release-state">{rel.state}</dd>
+                  </dl>
+                  {isAdmin && rel.state === "active" && (
+                    <div className="buttons">
+                      <ActionButton
+                        label="Revoke…"
+                        title={`Revoke ${rel.version}?`}
+                        confirmLabel="Revoke"
+                        danger
+                        run={async () => {
+                          const x = await unwrap(
+                            api.POST("/v1/products/{product}/releases/{version}/revoke", { params: { path: { product, version } } }),
+                          );
+                          return `Revoked ${x.version}: no device will be sent to it again.`;
+                        }}
+                        done={r.reload}
+                      >
+                        <p>A revoked release is never a target again. This cannot be undone.</p>
+                      </ActionButton>
+                    </div>
+                  )}
+                </section>
+                <section className="card">
+                  <h2>Build</h2>
+                  <dl className="facts">
+                    <dt>Git commit</dt>
+                    <dd className="mono">{String(meta.git_commit ?? "—")}</dd>
+                    <dt>Build</dt>
+                    <dd className="wrap">
+                      {typeof meta.build_url === "string" && /^https?:\/\//.test(meta.build_url) ? (
+                        <a href={meta.build_url} rel="noreferrer noopener" target="_blank">
+                          {meta.build_url}
+                        </a>
+                      ) : (
+                        String(meta.build_url ?? "—")
+                      )}
+                    </dd>
+                    <dt>Base image</dt>
+                    <dd className="mono wrap">{String(meta.base_image ?? "—")}</dd>
+                    <dt>Packages</dt>
+                    <dd className="wrap">
+                      {Array.isArray(meta.packages)
+                        ? meta.packages.map(String).join(", ")
+                        : meta.packages
+                          ? JSON.stringify(meta.packages)
+                          : "—"}
+                    </dd>
+                  </dl>
+                  <h3>Changelog</h3>
+                  <pre className="changelog">{typeof meta.changelog === "string" ? meta.changelog : meta.changelog ? JSON.stringify(meta.changelog, null, 2) : "—"}</pre>
+                  {Object.keys(extra).length > 0 && (
+                    <>
+                      <h3>Other metadata</h3>
+                      <pre>{JSON.stringify(extra, null, 2)}</pre>
+                    </>
+                  )}
+                </section>
+              </div>
+              <section className="card">
+                <h2>Platforms</h2>
+                <div className="table-wrap">
+                  <table>
+                    <thead>
+                      <tr>
+                        <th>Platform</th>
+                        <th>Digest</th>
+                        <th>Size</th>
+                        <th>Signed by</th>
+                      </tr>
+                    </thead>
+                    <tbody>
+                      {rel.platforms.map((p) => (
+                        <tr key={p.digest}>
+                          <td>
+                            {p.os}/{p.architecture}
+                            {p.variant ? `/${p.variant}` : ""}
+                          </td>
+                          <td className="mono" title={p.digest}>
+                            {short(p.digest)}
+                          </td>
+                          <td>{bytes(p.size)}</td>
+                          <td className="mono">{p.signed_by.length ? p.signed_by.join(", ") : <span className="badge s-failed">unsigned</span>}</td>
+                        </tr>
+                      ))}
+                    </tbody>
+                  </table>
+                </div>
+              </section>
+            </>
+          );
+        }}
+      </Show>
+    </>
+  );
+}

@@ -1,0 +1,225 @@
+// Small shared pieces: loading data, showing API errors, confirming actions,
+// and formatting times, sizes and digests.
+import { createContext, useCallback, useContext, useEffect, useRef, useState, type FormEvent, type ReactNode } from "react";
+import { ApiError } from "./api/client";
+
+export function message(e: unknown): string {
+  return e instanceof ApiError ? e.detail : e instanceof Error ? e.message : String(e);
+}
+
+export interface Loaded<T> {
+  data: T | undefined;
+  error: string | undefined;
+  loading: boolean;
+  reload: () => void;
+}
+
+/**
+ * Loads data and keeps it fresh: reloads when `deps` change, on `reload()`, and
+ * every `refreshMs` if given. Old data stays on screen while new data loads.
+ */
+export function useApi<T>(load: () => Promise<T>, deps: unknown[], refreshMs?: number): Loaded<T> {
+  const [data, setData] = useState<T>();
+  const [error, setError] = useState<string>();
+  const [loading, setLoading] = useState(true);
+  const [tick, setTick] = useState(0);
+  const loadRef = useRef(load);
+  loadRef.current = load;
+  useEffect(() => {
+    let live = true;
+    setLoading(true);
+    loadRef.current().then(
+      (d) => {
+        if (!live) return;
+        setData(d);
+        setError(undefined);
+        setLoading(false);
+      },
+      (e) => {
+        if (!live) return;
+        setError(message(e));
+        setLoading(false);
+      },
+    );
+    return () => {
+      live = false;
+    };
+    // eslint-disable-next-line react-hooks/exhaustive-deps
+  }, [...deps, tick]);
+  useEffect(() => {
+    if (!refreshMs) return;
+    const t = setInterval(() => setTick((x) => x + 1), refreshMs);
+    return () => clearInterval(t);
+  }, [refreshMs]);
+  const reload = useCallback(() => setTick((x) => x + 1), []);
+  return { data, error, loading, reload };
+}
+
+export function Spinner({ label = "Loading…" }: { label?: string }) {
+  return (
+    <div className="loading" role="status" aria-live="polite">
+      <span className="spinner" aria-hidden="true" /> {label}
+    </div>
+  );
+}
+
+export function ErrorBox({ error }: { error: string | undefined }) {
+  if (!error) return null;
+  return (
+    <div className="error" role="alert">
+      {error}
+    </div>
+  );
+}
+
+/** Shows a load's error, a spinner the first time, or its content. */
+export function Show<T>({ state, children }: { state: Loaded<T>; children: (d: T) => ReactNode }) {
+  if (state.data === undefined) {
+    return state.error ? <ErrorBox error={state.error} /> : <Spinner />;
+  }
+  return (
+    <>
+      <ErrorBox error={state.error} />
+      {children(state.data)}
+    </>
+  );
+}
+
+// Results of actions, shown at the top of the page until dismissed or replaced.
+interface Notice {
+  id: number;
+  text: string;
+}
+const NoticeContext = createContext<(text: string) => void>(() => {});
+
+export function NoticeProvider({ children }: { children: ReactNode }) {
+  const [notices, setNotices] = useState<Notice[]>([]);
+  const push = useCallback((text: string) => {
+    const id = Date.now() + Math.random();
+    setNotices((n) => [...n.slice(-2), { id, text }]);
+    setTimeout(() => setNotices((n) => n.filter((x) => x.id !== id)), 8000);
+  }, []);
+  return (
+    <NoticeContext.Provider value={push}>
+      <div className="notices" role="status" aria-live="polite">
+        {notices.map((n) => (
+          <div className="notice" key={n.id}>
+            {n.text}
+            <button className="link" aria-label="Dismiss" onClick={() => setNotices((x) => x.filter((y) => y.id !== n.id))}>
+              ×
+            </button>
+          </div>
+        ))}
+      </div>
+      {children}
+    </NoticeContext.Provider>
+  );
+}
+
+export const useNotice = () => useContext(NoticeContext);
+
+/**
+ * A button that opens a confirmation dialog; confirming runs `run`, whose
+ * answer is shown as the result. A refusal shows the API's message in the
+ * dialog and keeps it open.
+ */
+export function ActionButton(props: {
+  label: string;
+  title: string;
+  confirmLabel?: string;
+  danger?: boolean;
+  disabled?: boolean;
+  children?: ReactNode;
+  run: () => Promise<string>;
+  done?: () => void;
+}) {
+  const [open, setOpen] = useState(false);
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string>();
+  const notice = useNotice();
+  const ref = useRef<HTMLDialogElement>(null);
+  useEffect(() => {
+    const d = ref.current;
+    if (!d) return;
+    if (open && !d.open) d.showModal();
+    if (!open && d.open) d.close();
+  }, [open]);
+  const submit = async (e: FormEvent) => {
+    e.preventDefault();
+    setBusy(true);
+    setError(undefined);
+    try {
+      const result = await props.run();
+      setOpen(false);
+      notice(result);
+      props.done?.();
+    } catch (err) {
+      setError(message(err));
+    } finally {
+      setBusy(false);
+    }
+  };
+  return (
+    <>
+      <button className={props.danger ? "danger" : ""} disabled={props.disabled} onClick={() => setOpen(true)}>
+        {props.label}
+      </button>
+      <dialog ref={ref} onClose={() => setOpen(false)} aria-label={props.title}>
+        {open && (
+          <form onSubmit={submit} noValidate>
+            <h3>{props.title}</h3>
+            {props.children}
+            <ErrorBox error={error} />
+            <div className="buttons">
+              <button type="button" onClick={() => setOpen(false)}>
+                Cancel
+              </button>
+              <button type="submit" className={props.danger ? "danger" : "primary"} disabled={busy}>
+                {busy ? "Working…" : (props.confirmLabel ?? "Confirm")}
+              </button>
+            </div>
+          </form>
+        )}
+      </dialog>
+    </>
+  );
+}
+
+export function ago(iso: string | null | undefined): string {
+  if (!iso) return "—";
+  const s = Math.round((Date.now() - new Date(iso).getTime()) / 1000);
+  if (s < 5) return "just now";
+  if (s < 60) return `${s}s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ago`;
+  return `${Math.floor(s / 86400)}d ago`;
+}
+
+export function when(iso: string | null | undefined): string {
+  return iso ? new Date(iso).toLocaleString() : "—";
+}
+
+export function bytes(n: number): string {
+  const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < u.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${i ? v.toFixed(1) : v} ${u[i]}`;
+}
+
+export function short(digest: string | null | undefined): string {
+  if (!digest) return "—";
+  const [alg, hex] = digest.split(":");
+  return hex ? `${alg}:${hex.slice(0, 12)}` : digest;
+}
+
+export function StatusBadge({ status }: { status: string }) {
+  return <span className={`badge s-${status}`}>{status.replace("_", " ")}</span>;
+}
+
+export function pct(n: number): string {
+  return `${Number.isInteger(n) ? n : n.toFixed(1)}%`;
+}

@@ -1,0 +1,322 @@
+// The dashboard in headless Chromium against a real `sluice serve`, real
+// PostgreSQL and a real registry. The steps build on each other, as an admin's
+// day would: sign in, publish through the API, promote from the UI, watch
+// simulated devices move, pause, roll back; then a viewer, who can change
+// nothing. Run with `node --test tests/` (tests/run.sh sets everything up).
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { after, before, describe, test } from "node:test";
+import { pushImage } from "../scripts/lib/registry.mjs";
+import { SimDevice, Sluice } from "../scripts/lib/sluice.mjs";
+import { ADMIN_PASSWORD, REGISTRY, VIEWER_PASSWORD, eventually, launchBrowser, startServer } from "./harness.mjs";
+
+const PRODUCT = "acme-os";
+const FLEET = 20;
+
+describe("dashboard", () => {
+  let server, browser, page, api, secret;
+  let images = {};
+  let devices = [];
+  const repoPath = `sluice-web-test/os-${randomBytes(5).toString("hex")}`;
+  const repo = `${REGISTRY}/${repoPath}`;
+  const channelUrl = () => `${server.url}/products/${PRODUCT}/channels/stable`;
+  /** The number the adoption chart shows for devices on the head, and how many failed. */
+  const chart = () =>
+    page.$eval("figure[aria-label='Adoption of the head over time']", (f) => ({
+      onHead: Number(f.dataset.onHead),
+      devices: Number(f.dataset.devices),
+      failed: Number(f.dataset.failed),
+    }));
+  /** Device counts per version in the version/status chart. */
+  const versionCounts = () =>
+    page.$$eval("figure[aria-label='Devices by version and status'] g[data-version]", (gs) =>
+      Object.fromEntries(gs.map((g) => [g.dataset.version, Number(g.dataset.count)])),
+    );
+  /** Clicks `label`, then the dialog's confirm button `confirm`. */
+  async function act(label, confirm, fill = async () => {}) {
+    await page.getByRole("button", { name: label, exact: true }).click();
+    const dialog = page.locator("dialog[open]");
+    await dialog.waitFor();
+    await fill(dialog);
+    await dialog.getByRole("button", { name: confirm, exact: true }).click();
+    return dialog;
+  }
+  const notice = (text) => page.locator(".notice", { hasText: text }).waitFor();
+
+  before(async () => {
+    server = await startServer();
+    browser = await launchBrowser();
+    page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    api = await Sluice.login(server.url, "admin", ADMIN_PASSWORD);
+  });
+
+  after(async () => {
+    await browser?.close();
+    await server?.stop();
+  });
+
+  test("signing in lands on the page asked for", async () => {
+    await page.goto(`${server.url}/devices`);
+    await page.waitForURL(/\/login\?next=%2Fdevices/);
+    await page.fill("input[name=username]", "admin");
+    await page.fill("input[name=password]", "not the password");
+    await page.click("button[type=submit]");
+    await page.getByRole("alert").filter({ hasText: "wrong user name or password" }).waitFor();
+
+    await page.fill("input[name=password]", ADMIN_PASSWORD);
+    await page.click("button[type=submit]");
+    await page.waitForURL(`${server.url}/devices`);
+    await page.getByRole("heading", { name: "Devices" }).waitFor();
+    assert.equal(await page.locator(".who .user").innerText(), "admin admin");
+    // The token is in an HttpOnly cookie, out of reach of the page's scripts.
+    assert.equal(await page.evaluate(() => document.cookie), "");
+    const cookies = await page.context().cookies();
+    assert.ok(cookies.some((c) => c.name === "sluice_token" && c.httpOnly && c.sameSite === "Strict"), JSON.stringify(cookies));
+  });
+
+  test("releases published through the API show with their digests and metadata", async () => {
+    for (const v of ["1.0.0", "1.1.0"]) images[v] = await pushImage(REGISTRY, repoPath, v);
+    const p = await api.call("POST", "/v1/products", { name: PRODUCT, repository: repo, description: "Acme's OS" });
+    secret = p.enrollment_secret;
+    await api.call("POST", `/v1/products/${PRODUCT}/channels`, { name: "stable" });
+    await api.call("POST", `/v1/products/${PRODUCT}/channels`, { name: "beta" });
+    await api.call("POST", `/v1/products/${PRODUCT}/releases`, {
+      version: "1.0.0",
+      image: `${repo}:1.0.0`,
+      metadata: { git_commit: "0a1b2c3", changelog: "First release." },
+      channels: [{ name: "stable", percent: 100 }],
+    });
+    await api.call("POST", `/v1/products/${PRODUCT}/releases`, {
+      version: "1.1.0",
+      image: `${repo}:1.1.0`,
+      metadata: { git_commit: "4d5e6f7", changelog: "- faster boot\n- new kernel", build_url: "https://ci.example.com/builds/42" },
+    });
+
+    await page.getByRole("link", { name: "Releases" }).click();
+    await page.getByRole("link", { name: "1.1.0" }).click();
+    await page.getByRole("heading", { name: "1.1.0" }).waitFor();
+    const body = await page.locator("main").innerText();
+    assert.match(body, new RegExp(images["1.1.0"].digest));
+    assert.match(body, /faster boot/);
+    assert.match(body, /4d5e6f7/);
+    assert.match(body, /linux\/amd64/);
+    assert.equal(await page.getByTestId("release-state").innerText(), "active");
+  });
+
+  test("an admin promotes a release from the channel page", async () => {
+    await page.goto(channelUrl());
+    await page.getByTestId("head").filter({ hasText: "1.0.0" }).waitFor();
+    for (let i = 0; i < FLEET; i++) {
+      const d = new SimDevice(api, {
+        product: PRODUCT,
+        secret,
+        channel: "stable",
+        machineId: `dev-${String(i).padStart(2, "0")}`,
+        labels: { site: i % 2 ? "berlin" : "lyon" },
+        version: "1.0.0",
+        digest: images["1.0.0"].digest,
+      });
+      await d.enroll();
+      await d.report("healthy", "1.0.0", d.digest);
+      devices.push(d);
+    }
+
+    await act("Promote…", "Promote", async (dialog) => {
+      await dialog.locator("select[name=version]").selectOption("1.1.0");
+      await dialog.locator("input[name=percent]").fill("50");
+    });
+    await notice("Promoted 1.1.0 in stable to 50% of devices (base 1.0.0)");
+    await page.getByTestId("head").filter({ hasText: "1.1.0" }).waitFor();
+    assert.equal(await page.getByTestId("base").innerText(), "1.0.0");
+    assert.equal(await page.getByTestId("percent").innerText(), "50%");
+    await page.locator("table.history td", { hasText: "promote" }).first().waitFor();
+
+    const ch = await api.call("GET", `/v1/products/${PRODUCT}/channels/stable`);
+    assert.equal(ch.head, "1.1.0");
+    assert.equal(ch.rollout.percent, 50);
+  });
+
+  test("device counts and the adoption chart follow the devices' reports", async () => {
+    await eventually("the chart to show 20 devices, none on 1.1.0", async () => {
+      const c = await chart();
+      return c.devices === FLEET && c.onHead === 0;
+    });
+    assert.deepEqual(await versionCounts(), { "1.0.0": FLEET });
+
+    // Every device polls once; those in the 50 % cohort update.
+    let updated = 0;
+    for (const d of devices) if ((await d.step()).update) updated++;
+    assert.ok(updated > 0 && updated < FLEET, `${updated} of ${FLEET} devices were admitted at 50 %`);
+
+    // The page refreshes itself: no reload.
+    await eventually(`the chart to show ${updated} devices on 1.1.0`, async () => (await chart()).onHead === updated);
+    await eventually("the version counts", async () => {
+      const v = await versionCounts();
+      return v["1.1.0"] === updated && v["1.0.0"] === FLEET - updated;
+    });
+    assert.match(await page.locator(".adoption-now").innerText(), new RegExp(`Now: ${updated} of ${FLEET} devices on 1.1.0, 0 failed`));
+
+    // A device on the old version is told to update once the percent allows,
+    // and fails: the chart counts the failure, the gate its report.
+    await act("Change percent…", "Apply", async (dialog) => {
+      await dialog.locator("input[name=percent]").fill("100");
+    });
+    await notice("Rollout of 1.1.0 in stable is now 100%");
+    const laggard = devices.find((d) => d.version === "1.0.0");
+    laggard.fail = true;
+    assert.equal((await laggard.step()).update, true);
+    await eventually("one failure in the chart", async () => (await chart()).failed === 1);
+    await eventually("the gate to count the failure", async () =>
+      /1 of \d+ failed/.test(await page.getByTestId("gate").innerText()),
+    );
+
+    // The fleet overview shows the same counts.
+    await page.getByRole("navigation").getByRole("link", { name: "Fleet" }).click();
+    const card = page.locator("article[data-channel=stable]");
+    await card.waitFor();
+    assert.equal(await card.locator(".device-total").innerText(), String(FLEET));
+    assert.equal(
+      await card.locator("g[data-version='1.1.0']").getAttribute("data-count"),
+      String(updated),
+    );
+  });
+
+  test("a refused action shows the API's message", async () => {
+    await page.goto(channelUrl());
+    const dialog = await act("Change percent…", "Apply", async (d) => {
+      await d.locator("input[name=percent]").fill("150");
+    });
+    await dialog.getByRole("alert").filter({ hasText: "percent 150 is out of range: use 0 to 100" }).waitFor();
+    await dialog.getByRole("button", { name: "Cancel" }).click();
+    assert.equal(await page.getByTestId("percent").innerText(), "100%");
+  });
+
+  test("an admin pauses, then rolls back, and devices are sent back down", async () => {
+    await act("Pause", "Pause");
+    await notice("Paused the rollout of 1.1.0 in stable");
+    await page.getByTestId("state").filter({ hasText: "paused" }).waitFor();
+    assert.equal(await page.getByRole("button", { name: "Resume" }).count(), 1);
+    assert.equal((await api.call("GET", `/v1/products/${PRODUCT}/channels/stable`)).rollout.paused, true);
+
+    await act("Roll back…", "Roll back");
+    await notice("Rolled back stable to 1.0.0 at 100%");
+    await page.getByTestId("head").filter({ hasText: "1.0.0" }).waitFor();
+    assert.match(await page.getByTestId("head").innerText(), /rolled back/);
+    await page.locator("table.history td", { hasText: "rollback" }).first().waitFor();
+
+    // Devices on 1.1.0 are told to downgrade; once they report, the chart
+    // counts the whole fleet on the (new) head.
+    const onNew = devices.filter((d) => d.version === "1.1.0");
+    for (const d of onNew) {
+      const r = await d.step();
+      assert.equal(r.update, true);
+      assert.equal(r.downgrade, true);
+      assert.equal(r.release.version, "1.0.0");
+    }
+    await eventually("every device back on 1.0.0", async () => (await chart()).onHead === FLEET);
+    assert.deepEqual(await versionCounts(), { "1.0.0": FLEET });
+  });
+
+  test("a device's page shows its timeline and can be pinned", async () => {
+    const d = devices[1];
+    await page.goto(`${server.url}/devices?label=site%3Dberlin`);
+    await page.locator("table.devices tbody tr").first().waitFor();
+    const rows = await page.locator("table.devices tbody tr").count();
+    assert.equal(rows, FLEET / 2, "the label filter keeps the berlin half");
+
+    await page.goto(`${server.url}/devices/${d.id}`);
+    await page.getByRole("heading", { name: d.machineId }).waitFor();
+    assert.ok((await page.locator("ol.timeline li").count()) >= 1);
+    await act("Pin…", "Pin", async (dialog) => {
+      await dialog.locator("input[name=pin_version]").fill("1.1.0");
+    });
+    await notice(`Pinned ${d.machineId} to 1.1.0`);
+    await page.getByTestId("pin").filter({ hasText: "release 1.1.0" }).waitFor();
+    await act("Unpin", "Unpin");
+    await page.getByTestId("pin").filter({ hasText: "none" }).waitFor();
+  });
+
+  test("an API token's secret is shown once, and it can be revoked", async () => {
+    await page.getByRole("link", { name: "API tokens" }).click();
+    await act("New token…", "Create", async (dialog) => {
+      await dialog.locator("input[name=token_name]").fill("ci acme");
+      await dialog.locator("input[name=products]").fill(PRODUCT);
+    });
+    const secretText = await page.getByTestId("token-secret").inputValue();
+    // The secret works for publishing scope checks: it reads as a publisher.
+    const ci = new Sluice(server.url, secretText);
+    const refused = await ci.raw("PATCH", `/v1/products/${PRODUCT}/channels/stable/rollout`, { percent: 10 });
+    assert.equal(refused.status, 403, JSON.stringify(refused.body));
+    const row = page.locator("tr[data-token='ci acme']");
+    await row.waitFor();
+    await row.getByRole("button", { name: "Revoke" }).click();
+    await page.locator("dialog[open]").getByRole("button", { name: "Revoke" }).click();
+    await row.locator(".badge", { hasText: "revoked" }).waitFor();
+    const after = await ci.raw("GET", `/v1/products/${PRODUCT}/releases`);
+    assert.equal(after.status, 401);
+  });
+
+  test("the audit log shows the UI's changes, filtered", async () => {
+    await page.getByRole("link", { name: "Audit log" }).click();
+    await page.fill("input[name=action]", "channel.rollback");
+    await page.getByRole("button", { name: "Filter" }).click();
+    await page.waitForURL(/action=channel.rollback/);
+    await eventually("one rollback entry", async () => {
+      const rows = await page.locator("table.audit tbody tr").allInnerTexts();
+      return rows.length === 1 && /user:admin/.test(rows[0]) && /channel:acme-os\/stable/.test(rows[0]);
+    });
+  });
+
+  test("the channel page fits a phone's width", async () => {
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.goto(channelUrl());
+    await page.getByTestId("head").waitFor();
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(overflow <= 0, `the page is ${overflow}px wider than the phone`);
+    await page.setViewportSize({ width: 1280, height: 900 });
+  });
+
+  test("a viewer sees everything and can change nothing", async () => {
+    const ctx = await browser.newContext();
+    const v = await ctx.newPage();
+    await v.goto(`${server.url}/login`);
+    await v.fill("input[name=username]", "viewer");
+    await v.fill("input[name=password]", VIEWER_PASSWORD);
+    await v.click("button[type=submit]");
+    await v.getByRole("heading", { name: "Fleet" }).waitFor();
+    assert.equal(await v.getByRole("link", { name: "API tokens" }).count(), 0);
+    assert.equal(await v.getByRole("link", { name: "Audit log" }).count(), 0);
+
+    await v.goto(channelUrl());
+    await v.getByTestId("head").filter({ hasText: "1.0.0" }).waitFor();
+    await v.locator("figure[aria-label='Adoption of the head over time']").waitFor();
+    await v.locator("table.history tbody tr").first().waitFor();
+    assert.equal(await v.locator("main button:not(.link)").count(), 0, "no control on the channel page");
+
+    await v.goto(`${server.url}/releases/${PRODUCT}/1.1.0`);
+    await v.getByRole("heading", { name: "1.1.0" }).waitFor();
+    assert.equal(await v.getByRole("button", { name: "Revoke…" }).count(), 0);
+
+    await v.goto(`${server.url}/devices/${devices[0].id}`);
+    await v.getByRole("heading", { name: devices[0].machineId }).waitFor();
+    assert.equal(await v.getByRole("button", { name: "Pin…" }).count(), 0);
+
+    // And the server refuses the viewer's cookie for a change anyway.
+    const status = await v.evaluate(async (url) => {
+      const r = await fetch(url, { method: "PATCH", headers: { "content-type": "application/json" }, body: '{"paused":true}' });
+      return [r.status, (await r.json()).detail];
+    }, `/v1/products/${PRODUCT}/channels/stable/rollout`);
+    assert.deepEqual(status, [403, "this needs an admin"]);
+    assert.equal((await api.call("GET", `/v1/products/${PRODUCT}/channels/stable`)).rollout.paused, false);
+    await ctx.close();
+  });
+
+  test("signing out ends the session", async () => {
+    await page.goto(`${server.url}/`);
+    await page.getByRole("button", { name: "Sign out" }).click();
+    await page.waitForURL(/\/login/);
+    assert.equal((await page.context().cookies()).filter((c) => c.name === "sluice_token").length, 0);
+    await page.goto(channelUrl());
+    await page.waitForURL(/\/login\?next=/);
+  });
+});
