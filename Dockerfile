@@ -2,6 +2,14 @@
 # Builds offline from the committed .sqlx/ query data (no database needed).
 #   docker build -t sluice .
 
+FROM node:20-bookworm-slim AS web
+WORKDIR /src/web
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY openapi/ /src/openapi/
+COPY web/ ./
+RUN npm run build
+
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 ENV SQLX_OFFLINE=true CARGO_TERM_COLOR=never
@@ -19,10 +27,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --home-dir /var/lib/sluice --create-home sluice
 COPY --from=build /usr/local/bin/sluice /usr/local/bin/sluice
+COPY --from=web /src/web/dist /usr/share/sluice/web
 USER sluice
 WORKDIR /var/lib/sluice
 ENV SLUICE_LISTEN=0.0.0.0:8080 \
-    SLUICE_DATA_DIR=/var/lib/sluice
+    SLUICE_DATA_DIR=/var/lib/sluice \
+    SLUICE_WEB_DIR=/usr/share/sluice/web
 VOLUME ["/var/lib/sluice"]
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
