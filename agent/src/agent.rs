@@ -65,7 +65,7 @@ impl Device {
         )
         .with_context(|| format!("parsing trusted keys {}", cfg.keys.display()))?;
         let store = Store::open(&cfg.state_dir)?;
-        let server = Server::new(&cfg.server);
+        let server = Server::new(&cfg.server, cfg.server_ca.as_deref())?;
         Ok(Device {
             cfg,
             keys,

@@ -15,6 +15,11 @@ pub const DEFAULT_PATH: &str = "/etc/sluice/agent.toml";
 pub struct Config {
     /// The Sluice server's base URL.
     pub server: String,
+    /// PEM file of the CA the server's HTTPS certificate must chain to. When
+    /// set, only this CA is trusted for the server (pinning); otherwise the
+    /// system's roots are.
+    #[serde(default)]
+    pub server_ca: Option<PathBuf>,
     /// The product this device runs.
     pub product: String,
     /// The channel it follows.

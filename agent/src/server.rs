@@ -33,17 +33,36 @@ fn problem(resp: &mut ureq::http::Response<ureq::Body>) -> String {
 }
 
 impl Server {
-    /// A client for the server at `base` (`https://updates.example.com`).
-    pub fn new(base: &str) -> Self {
-        let agent = ureq::Agent::config_builder()
+    /// A client for the server at `base` (`https://updates.example.com`),
+    /// trusting only the CA in `ca` (PEM) when given.
+    pub fn new(base: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
-        Server {
-            agent,
-            base: base.trim_end_matches('/').to_string(),
+            .timeout_global(Some(Duration::from_secs(60)));
+        if let Some(ca) = ca {
+            let pem =
+                std::fs::read(ca).with_context(|| format!("reading server_ca {}", ca.display()))?;
+            let certs = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("parsing server_ca {}", ca.display()))?;
+            if certs.is_empty() {
+                bail!("server_ca {} holds no certificate", ca.display());
+            }
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)))
+                    .build(),
+            );
         }
+        Ok(Server {
+            agent: config.build().into(),
+            base: base.trim_end_matches('/').to_string(),
+        })
     }
 
     /// `POST /v1/devices/enroll`.

@@ -2,6 +2,8 @@
 //! data folder, bound to port 0 on loopback, and a small JSON client.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sluice_server::app::{self, AppState};
@@ -66,6 +68,25 @@ impl TestApp {
 
     /// Starts a server with a given configuration.
     pub async fn spawn_with(pool: PgPool, config: Config, dir: tempfile::TempDir) -> TestApp {
+        Self::start(pool, config, dir, None).await
+    }
+
+    /// Starts a server speaking HTTPS with a certificate made by `certs::make`;
+    /// the test client trusts that CA only.
+    pub async fn spawn_tls(pool: PgPool) -> (TestApp, certs::Certs) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = certs::make(dir.path());
+        let config = config(dir.path().join("data"));
+        let app = Self::start(pool, config, dir, Some(&c)).await;
+        (app, c)
+    }
+
+    async fn start(
+        pool: PgPool,
+        config: Config,
+        dir: tempfile::TempDir,
+        tls: Option<&certs::Certs>,
+    ) -> TestApp {
         let data_dir = config.data_dir.clone();
         let state = app::state_with_pool(config, pool)
             .await
@@ -74,17 +95,37 @@ impl TestApp {
             .await
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(app::run(listener, state.clone(), async move {
+        let shutdown = async move {
             let _ = rx.await;
-        }));
+        };
+        let (url, client, task) = match tls {
+            None => (
+                format!("http://{addr}"),
+                reqwest::Client::new(),
+                tokio::spawn(app::run(listener, state.clone(), shutdown)),
+            ),
+            Some(c) => {
+                let server = sluice_server::tls::server_config(&c.cert, &c.key).unwrap();
+                let ca = reqwest::Certificate::from_pem(&std::fs::read(&c.ca).unwrap()).unwrap();
+                let client = reqwest::Client::builder()
+                    .tls_certs_only([ca])
+                    .build()
+                    .unwrap();
+                (
+                    format!("https://{addr}"),
+                    client,
+                    tokio::spawn(app::run_tls(listener, server, state.clone(), shutdown)),
+                )
+            }
+        };
         let mut t = TestApp {
             url,
             state,
             admin: String::new(),
             data_dir,
-            client: reqwest::Client::new(),
+            client,
             shutdown: Some(tx),
             task: Some(task),
             _dir: dir,
