@@ -14,7 +14,8 @@
 #                              writes its report to the temp folder, not BENCHMARKS.md
 #
 # Knobs (environment): BENCH_ROUNDS (5), BENCH_DURATION (10s), BENCH_FLEETS
-# ("10000 100000 1000000"), BENCH_TOKENS (10000), BENCH_PUBLISHES (7).
+# ("10000 100000 1000000"), BENCH_TOKENS (10000), BENCH_PUBLISHES (7),
+# BENCH_PERF=FILE (after the rounds, profile the server with perf into FILE).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -205,6 +206,17 @@ for r in $(seq 1 "$ROUNDS"); do
     log "  resolve $(printf '%-8s' "$n") $line"
   done
 done
+
+if [ -n "${BENCH_PERF:-}" ]; then
+  # A profile of the server under the resolve load, written to $BENCH_PERF.
+  log "perf: one more resolve run on fleet $MAIN, profiled"
+  perf record -q -F 499 -g -o "$STATE/perf.data" -p "${PID[$MAIN]}" -- sleep 8 2>/dev/null &
+  perf_pid=$!
+  run_wrk "$MAIN" "$RESOLVE" perf 10s >/dev/null
+  wait "$perf_pid" || true
+  perf report -i "$STATE/perf.data" --no-children --percent-limit 0.7 --stdio -g none >"$BENCH_PERF" 2>/dev/null
+  perf report -i "$STATE/perf.data" --children --percent-limit 3 --stdio -g none >"$BENCH_PERF.children" 2>/dev/null
+fi
 
 for n in "${FLEET[@]}"; do
   grep -E '^(VmHWM|VmRSS)' "/proc/${PID[$n]}/status" | awk -v n="$n" \
