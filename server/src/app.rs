@@ -185,6 +185,9 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", doc));
+    if let Some(ceiling) = crate::bench::ceiling_route() {
+        app = app.merge(ceiling);
+    }
     if let Some(dir) = state.config.web_dir.clone() {
         app = dashboard(app, dir);
     } else {

@@ -160,6 +160,8 @@ impl Principal {
 pub struct JwtKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// Built once: every request checks a token (the resolve path included).
+    validation: Validation,
 }
 
 impl JwtKeys {
@@ -186,9 +188,15 @@ impl JwtKeys {
 
     /// Keys from a raw secret.
     pub fn from_secret(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&[AUDIENCE]);
+        validation.validate_nbf = true;
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "nbf", "aud", "sub"]);
         JwtKeys {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
+            validation,
         }
     }
 
@@ -234,12 +242,7 @@ impl JwtKeys {
 
     /// Checks signature, algorithm, audience, expiry and not-before.
     pub fn verify(&self, token: &str) -> Result<Claims> {
-        let mut v = Validation::new(Algorithm::HS256);
-        v.set_audience(&[AUDIENCE]);
-        v.validate_nbf = true;
-        v.leeway = 5;
-        v.set_required_spec_claims(&["exp", "nbf", "aud", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map(|d| d.claims)
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind::*;

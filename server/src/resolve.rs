@@ -17,7 +17,6 @@ use sluice_protocol::{ImageSignature, Offer, ResolveResponse, is_sha256_digest};
 use sqlx::PgPool;
 use sqlx::types::Json as SqlJson;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -67,8 +66,6 @@ enum PinSnap {
 #[derive(Debug)]
 pub struct Snapshot {
     loaded_at: Instant,
-    /// A request is reloading this snapshot; others keep using it meanwhile.
-    refreshing: AtomicBool,
     repository: String,
     releases: Vec<ReleaseSnap>,
     rels: Vec<Rel>,
@@ -78,55 +75,99 @@ pub struct Snapshot {
 }
 
 /// Product snapshots, dropped whenever something they hold changes.
+///
+/// One request loads a missing snapshot while the others wait for it; an
+/// expired one keeps serving while a single background task reloads it, so
+/// the resolve path never waits on the database once warm, whatever the size
+/// of the fleet.
 #[derive(Default)]
 pub struct Cache {
-    products: RwLock<HashMap<String, Arc<Snapshot>>>,
+    products: RwLock<HashMap<String, Entry>>,
+}
+
+#[derive(Default)]
+struct Entry {
+    snapshot: Option<Arc<Snapshot>>,
+    /// Bumped by every invalidation: a load that began before it is not kept.
+    generation: u64,
+    /// Held by whoever loads this product's snapshot.
+    loading: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Cache {
     /// Drops a product's snapshot: the next resolution reloads it.
     pub fn invalidate(&self, product: &str) {
-        self.products.write().expect("cache lock").remove(product);
+        let mut products = self.products.write().expect("cache lock");
+        let e = products.entry(product.to_string()).or_default();
+        e.generation += 1;
+        e.snapshot = None;
     }
 
-    /// The product's snapshot. When it is older than [`SNAPSHOT_TTL`], one
-    /// request reloads it while the others keep answering from the old one;
-    /// if the database is down, the old one keeps serving devices (an
-    /// invalidated snapshot is never served: it was dropped).
-    async fn get(&self, db: &PgPool, product: &str) -> Result<Arc<Snapshot>> {
-        let current = self
+    async fn get(state: &AppState, product: &str) -> Result<Arc<Snapshot>> {
+        let cache = &state.cache;
+        let (stale, loading) = {
+            let products = cache.products.read().expect("cache lock");
+            match products.get(product) {
+                Some(e) => match &e.snapshot {
+                    Some(s) if s.loaded_at.elapsed() < SNAPSHOT_TTL => return Ok(s.clone()),
+                    s => (s.clone(), Some(e.loading.clone())),
+                },
+                None => (None, None),
+            }
+        };
+        let loading = match loading {
+            Some(l) => l,
+            None => cache
+                .products
+                .write()
+                .expect("cache lock")
+                .entry(product.to_string())
+                .or_default()
+                .loading
+                .clone(),
+        };
+        if let Some(stale) = stale {
+            // Expired: serve it while one task reloads.
+            if let Ok(guard) = loading.try_lock_owned() {
+                let (state, product) = (state.clone(), product.to_string());
+                tokio::spawn(async move {
+                    if let Err(e) = state.cache.load(&state.db, &product).await {
+                        tracing::warn!(error = %e, product, "reloading the resolve snapshot failed");
+                    }
+                    drop(guard);
+                });
+            }
+            return Ok(stale);
+        }
+        let _guard = loading.lock().await;
+        if let Some(s) = cache
             .products
             .read()
             .expect("cache lock")
             .get(product)
-            .cloned();
-        if let Some(s) = &current
-            && (s.loaded_at.elapsed() < SNAPSHOT_TTL || s.refreshing.swap(true, Ordering::AcqRel))
+            .and_then(|e| e.snapshot.clone())
+            .filter(|s| s.loaded_at.elapsed() < SNAPSHOT_TTL)
         {
-            return Ok(s.clone());
+            return Ok(s);
         }
-        match load(db, product).await {
-            Ok(fresh) => {
-                let fresh = Arc::new(fresh);
-                self.products
-                    .write()
-                    .expect("cache lock")
-                    .insert(product.to_string(), fresh.clone());
-                Ok(fresh)
-            }
-            Err(e) => match current {
-                Some(stale) if e.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE => {
-                    tracing::warn!(product, error = %e, "database unavailable: answering from the last snapshot");
-                    stale.refreshing.store(false, Ordering::Release);
-                    Ok(stale)
-                }
-                Some(stale) => {
-                    stale.refreshing.store(false, Ordering::Release);
-                    Err(e)
-                }
-                None => Err(e),
-            },
+        cache.load(&state.db, product).await
+    }
+
+    /// Loads a snapshot and keeps it, unless the product changed meanwhile.
+    async fn load(&self, db: &PgPool, product: &str) -> Result<Arc<Snapshot>> {
+        let generation = self
+            .products
+            .read()
+            .expect("cache lock")
+            .get(product)
+            .map_or(0, |e| e.generation);
+        let s = Arc::new(load(db, product).await?);
+        let mut products = self.products.write().expect("cache lock");
+        let e = products.entry(product.to_string()).or_default();
+        if e.generation == generation {
+            e.snapshot = Some(s.clone());
         }
+        Ok(s)
     }
 }
 
@@ -242,7 +283,6 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
     .collect();
     Ok(Snapshot {
         loaded_at: Instant::now(),
-        refreshing: AtomicBool::new(false),
         repository: p.repository,
         releases,
         rels,
@@ -425,7 +465,7 @@ async fn resolve(
     if arch.is_empty() || arch.len() > 32 {
         return Err(Error::BadRequest("arch must be 1–32 characters".into()));
     }
-    let snap = state.cache.get(&state.db, &product).await?;
+    let snap = Cache::get(&state, &product).await?;
     let ch = snap
         .channels
         .get(&channel)
