@@ -476,3 +476,138 @@ async fn vm_upgrade_boots_the_new_slot(pool: PgPool) {
     vm.kill().await;
     f.done();
 }
+
+/// Rollback: from 2.0.0 in slot B, 3.0.0 (whose health check fails) is
+/// written into slot A and booted; the agent marks A bad and reboots; GRUB
+/// boots B again; the server shows `rolled_back` on 3.0.0 with the device
+/// still on 2.0.0, and the health gate counts the failure and halts the
+/// rollout. The agent does not try 3.0.0 again.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn vm_failing_health_check_rolls_back(pool: PgPool) {
+    let f = fleet(pool, "rollback").await;
+    f.promote("2.0.0").await;
+    let mut vm = Vm::start(&f.disk(), "rollback");
+    boot_and_upgrade_to_2(&f, &mut vm).await;
+
+    let (s, b) = f
+        .app
+        .call(
+            Method::PATCH,
+            "/v1/products/acme/channels/stable/rollout",
+            Some(&f.app.admin),
+            Some(json!({"gate": {"max_failure_percent": 20, "min_reports": 1}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    f.promote("3.0.0").await;
+    vm.expect("sluice-agent: update to 3.0.0", BOOT).await;
+    vm.expect("into slot A", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", WRITE).await;
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 3.0.0", BOOT)
+        .await;
+    vm.expect("SLUICE-VM: health check fails", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", BOOT).await;
+    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot B version 2.0.0", BOOT)
+        .await;
+
+    let (view, events) = f.wait_status("rolled_back", "3.0.0", &vm).await;
+    assert_eq!(view["current_version"], "2.0.0", "{view}");
+    assert_eq!(view["current_digest"], f.digests[1].as_str());
+    assert_eq!(view["booted_slot"], "B", "{view}");
+    assert_eq!(
+        events[5..],
+        [
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "failed",
+            "rolled_back"
+        ],
+        "{events:?}"
+    );
+    let ch = f.channel().await;
+    assert_eq!(ch["gate"]["reports"], 1, "one device, counted once: {ch}");
+    assert_eq!(ch["gate"]["failures"], 1, "{ch}");
+    assert_eq!(ch["rollout"]["paused"], true, "{ch}");
+
+    // Resumed by an operator, the channel offers 3.0.0 again; the agent
+    // declines it without writing anything or rebooting.
+    vm.expect("SLUICE-VM: boot assessment exited 0", BOOT).await;
+    let (s, b) = f
+        .app
+        .call(
+            Method::PATCH,
+            "/v1/products/acme/channels/stable/rollout",
+            Some(&f.app.admin),
+            Some(json!({"paused": false})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    vm.expect("sluice-agent: not applying 3.0.0", BOOT).await;
+    let rest = vm.text();
+    let since_fallback = &rest[rest.rfind("booted slot B version 2.0.0").unwrap()..];
+    assert!(
+        !since_fallback.contains("update to") && !since_fallback.contains("rebooting"),
+        "{since_fallback}"
+    );
+    assert_eq!(f.device().await.1.len(), events.len(), "no new events");
+    vm.kill().await;
+    f.done();
+}
+
+/// Crash: 4.0.0's init panics the kernel before the boot assessment. GRUB
+/// already spent slot B's try, so the next boot falls back to slot A, where
+/// the agent reports `rolled_back`.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn vm_crash_before_assessment_falls_back(pool: PgPool) {
+    let f = fleet(pool, "crash").await;
+    f.promote("4.0.0").await;
+    let mut vm = Vm::start(&f.disk(), "crash");
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+    vm.expect("sluice-agent: update to 4.0.0", BOOT).await;
+    vm.expect("into slot B", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", WRITE).await;
+    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot B version 4.0.0", BOOT)
+        .await;
+    vm.expect("SLUICE-VM: crashing before the boot assessment", BOOT)
+        .await;
+    vm.expect("Kernel panic", BOOT).await;
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+
+    let (view, events) = f.wait_status("rolled_back", "4.0.0", &vm).await;
+    assert_eq!(view["booted_slot"], "A", "{view}");
+    assert!(view["current_version"].is_null(), "never ran 4.0.0: {view}");
+    assert_eq!(
+        events,
+        [
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "rolled_back"
+        ]
+    );
+    let ch = f.channel().await;
+    assert_eq!(ch["gate"]["failures"], 1, "{ch}");
+
+    // Still offered 4.0.0, the agent declines it: nothing written again.
+    vm.expect("SLUICE-VM: boot assessment exited 0", BOOT).await;
+    vm.expect("sluice-agent: not applying 4.0.0", BOOT).await;
+    let rest = vm.text();
+    let since_fallback = &rest[rest.rfind("booted slot A version 1.0.0").unwrap()..];
+    assert!(
+        !since_fallback.contains("update to") && !since_fallback.contains("rebooting"),
+        "4.0.0 is not retried: {since_fallback}"
+    );
+    assert_eq!(f.device().await.1.len(), events.len(), "no new events");
+    vm.kill().await;
+    f.done();
+}
