@@ -422,10 +422,32 @@ impl Vm {
         }
     }
 
-    /// Stops the machine (SIGKILL).
+    /// The console after the last match.
+    fn rest(&self) -> String {
+        self.text().get(self.seen..).unwrap_or_default().to_string()
+    }
+
+    /// Pulls the plug: SIGKILL, nothing flushed by the guest afterwards.
     async fn kill(mut self) {
         self.child.kill().await.unwrap();
     }
+}
+
+/// Byte range of MBR partition `n` (1-4) of a disk image.
+fn partition(disk: &Path, n: usize) -> (u64, u64) {
+    let mut mbr = [0u8; 512];
+    std::io::Read::read_exact(&mut std::fs::File::open(disk).unwrap(), &mut mbr).unwrap();
+    let e = &mbr[446 + 16 * (n - 1)..446 + 16 * n];
+    let start = u64::from(u32::from_le_bytes(e[8..12].try_into().unwrap()));
+    let len = u64::from(u32::from_le_bytes(e[12..16].try_into().unwrap()));
+    assert!(len > 0, "partition {n} is missing");
+    (start * 512, (start + len) * 512)
+}
+
+/// Whether the sparse disk file holds data (not a hole) in `start..end`.
+fn has_data(disk: &Path, start: u64, end: u64) -> bool {
+    let f = std::fs::File::open(disk).unwrap();
+    matches!(rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(start)), Ok(o) if o < end)
 }
 
 /// Boots slot A (1.0.0, the factory image) and follows the agent's upgrade
@@ -608,6 +630,70 @@ async fn vm_crash_before_assessment_falls_back(pool: PgPool) {
         "4.0.0 is not retried: {since_fallback}"
     );
     assert_eq!(f.device().await.1.len(), events.len(), "no new events");
+    vm.kill().await;
+    f.done();
+}
+
+/// Power cut: qemu is SIGKILLed while the agent writes slot B. The next
+/// start boots slot A (GRUB never saw B as bootable), and the agent's
+/// following attempt completes the upgrade.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn vm_power_cut_during_write_recovers(pool: PgPool) {
+    let f = fleet(pool, "power-cut").await;
+    f.promote("2.0.0").await;
+    let disk = f.disk();
+    let (b_start, b_end) = partition(&disk, 3);
+    assert!(!has_data(&disk, b_start, b_end), "slot B starts as a hole");
+    let mut vm = Vm::start(&disk, "power-cut-1");
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+    vm.expect("sluice-agent: update to 2.0.0", BOOT).await;
+    // The agent has reported `download_started` and pulls. Cut the power as
+    // soon as the first bytes of slot B reach the disk (the host's sparse
+    // file gets data in partition B), about a second before the write ends.
+    vm.expect("sluice-agent: pulling", BOOT).await;
+    let deadline = Instant::now() + WRITE;
+    while !has_data(&disk, b_start, b_end) {
+        let rest = vm.rest();
+        assert!(
+            !rest.contains("writing -> staged"),
+            "the write finished before any of it reached the disk: {rest}"
+        );
+        assert!(Instant::now() < deadline, "{}", vm.tail());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rest = vm.rest();
+    vm.kill().await;
+    assert!(
+        !rest.contains("writing -> staged") && !rest.contains("SLUICE-VM: rebooting"),
+        "the write finished before the cut: {rest}"
+    );
+    let (view, events) = f.device().await;
+    assert_eq!(events, ["download_started"], "{view}");
+
+    let mut vm = Vm::start(&disk, "power-cut-2");
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+    vm.expect("sluice-agent: update to 2.0.0", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", WRITE).await;
+    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot B version 2.0.0", BOOT)
+        .await;
+    let (view, events) = f.wait_status("healthy", "2.0.0", &vm).await;
+    assert_eq!(view["current_version"], "2.0.0", "{view}");
+    assert_eq!(view["booted_slot"], "B", "{view}");
+    assert_eq!(
+        events,
+        [
+            "download_started",
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "healthy"
+        ]
+    );
     vm.kill().await;
     f.done();
 }
