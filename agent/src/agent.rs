@@ -275,7 +275,12 @@ impl Device {
     }
 
     fn write_slot(&self, target: &Target, slot: Slot) -> anyhow::Result<()> {
-        let image = ImageRef::parse(&target.image)?;
+        let mut image = ImageRef::parse(&target.image)?;
+        let pull_host = self.cfg.registry.pull_host(&image.host).to_string();
+        if pull_host != image.host {
+            crate::log(&format!("pulling {} from mirror {pull_host}", target.image));
+            image.host = pull_host;
+        }
         let registry = Registry::new(
             &self.cfg.registry.insecure,
             self.cfg.registry.auth.as_deref(),

@@ -106,6 +106,20 @@ pub struct Registry {
     /// Docker `config.json` with credentials, optional.
     #[serde(default)]
     pub auth: Option<PathBuf>,
+    /// `host:port` → `host:port`: pull images of the first registry from
+    /// the second (a mirror, or the same registry under the address this
+    /// device reaches it by), as `registries.conf` mirrors do. Safe: the
+    /// image is pulled by its signed digest and every blob is verified.
+    /// `insecure` and `auth` apply to the address actually reached.
+    #[serde(default)]
+    pub mirrors: std::collections::BTreeMap<String, String>,
+}
+
+impl Registry {
+    /// Where the images of registry `host` are pulled from.
+    pub fn pull_host<'a>(&'a self, host: &'a str) -> &'a str {
+        self.mirrors.get(host).map_or(host, String::as_str)
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -208,5 +222,29 @@ auth = "/etc/sluice/registry-auth.json"
         assert_eq!(cfg.slots.kind, SlotKind::Dir);
         assert_eq!(cfg.arch, default_arch());
         assert!(toml::from_str::<Config>("server = 1").is_err());
+        assert!(cfg.registry.mirrors.is_empty());
+        assert_eq!(cfg.registry.pull_host("ghcr.io"), "ghcr.io");
+    }
+
+    #[test]
+    fn mirrors_map_registry_hosts() {
+        let cfg: Config = toml::from_str(
+            r#"
+server = "http://10.0.2.2:8080"
+product = "acme-os"
+channel = "stable"
+[slots]
+kind = "block"
+a = "/dev/vda2"
+b = "/dev/vda3"
+[boot]
+[registry]
+insecure = ["10.0.2.2:5000"]
+mirrors = { "127.0.0.1:5000" = "10.0.2.2:5000" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.registry.pull_host("127.0.0.1:5000"), "10.0.2.2:5000");
+        assert_eq!(cfg.registry.pull_host("10.0.2.2:5000"), "10.0.2.2:5000");
     }
 }

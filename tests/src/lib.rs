@@ -27,11 +27,23 @@ pub fn agent_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| match std::env::var_os("SLUICE_AGENT_BIN") {
         Some(p) => PathBuf::from(p),
-        None => build_agent(),
+        None => build_agent(false),
     })
 }
 
-fn build_agent() -> PathBuf {
+/// A release build of `sluice-agent` (small and fast: it goes into the QEMU
+/// machines' initramfs): `SLUICE_VM_AGENT_BIN` when set, else built once per
+/// test process with `cargo build --release -p sluice-agent` in the test's
+/// target folder. Blocks the calling thread like [`agent_bin`].
+pub fn agent_release_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("SLUICE_VM_AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => build_agent(true),
+    })
+}
+
+fn build_agent(release: bool) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args([
@@ -48,6 +60,9 @@ fn build_agent() -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its own path");
     if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
         match profile_dir.file_name().and_then(|n| n.to_str()) {
+            _ if release => {
+                cmd.arg("--release");
+            }
             Some("debug") | None => {}
             Some("release") => {
                 cmd.arg("--release");

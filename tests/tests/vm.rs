@@ -1,0 +1,706 @@
+//! Real A/B boots: a QEMU machine (SeaBIOS, GRUB with the shipped
+//! `agent/grub/sluice.cfg`, a Debian kernel, an initramfs running the real
+//! `sluice-agent` release binary) upgrades itself from a real Sluice server
+//! (started in-process on its own test database) and the real registry,
+//! both on the host's loopback, reached through QEMU's user-mode network
+//! (the host is 10.0.2.2 from inside). The disk and the OS images are built
+//! by `tests/vm/mkvm.sh`. Each test asserts on the serial console (which slot
+//! GRUB picked, which version booted) and on the server's API.
+//!
+//! The machines run one at a time (software emulation takes a core);
+//! consoles are kept in `<target>/tmp/vm/*.log`.
+
+#[path = "../../server/tests/common/mod.rs"]
+mod common;
+#[path = "../../server/tests/common/images.rs"]
+mod images;
+
+use common::{TestApp, registry};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sluice_tests::agent_release_bin;
+use sqlx::PgPool;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The test OS's versions and how each behaves (see `tests/vm/init`).
+const VERSIONS: [(&str, &str); 4] = [
+    ("1.0.0", "ok"),
+    ("2.0.0", "ok"),
+    ("3.0.0", "unhealthy"),
+    ("4.0.0", "crash"),
+];
+
+/// One boot under TCG takes about 6 s; these leave room for a busy machine.
+const BOOT: Duration = Duration::from_secs(120);
+/// Download, unpack, mkfs.ext4 and reboot.
+const WRITE: Duration = Duration::from_secs(240);
+
+/// One machine at a time: software emulation is CPU-bound.
+static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A line on stderr that the test harness does not capture: the suite's
+/// timings show in every run.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+fn mkvm() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/mkvm.sh")
+}
+
+fn work_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn sh(cmd: &mut std::process::Command) {
+    let out = cmd.output().expect("running tests/vm/mkvm.sh");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The OS images' root filesystems and their one-layer OCI form, built once
+/// per test process.
+struct OsImages {
+    rootfs: Vec<PathBuf>,
+    layers: Vec<images::Layer>,
+}
+
+fn os_images() -> &'static OsImages {
+    static IMAGES: OnceLock<OsImages> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let started = Instant::now();
+        let agent = agent_release_bin();
+        let mut rootfs = Vec::new();
+        let mut layers = Vec::new();
+        for (version, behaviour) in VERSIONS {
+            let dir = work_dir().join(format!("rootfs-{version}"));
+            sh(std::process::Command::new(mkvm())
+                .arg("rootfs")
+                .arg(&dir)
+                .args([version, behaviour])
+                .arg(agent));
+            layers.push(layer_of(&dir));
+            rootfs.push(dir);
+        }
+        say(&format!("vm: OS images built in {:.1?}", started.elapsed()));
+        OsImages { rootfs, layers }
+    })
+}
+
+/// A folder as one gzip tar layer (owners 0:0, fixed times).
+fn layer_of(dir: &Path) -> images::Layer {
+    let mut b = tar::Builder::new(Vec::new());
+    b.mode(tar::HeaderMode::Deterministic);
+    b.follow_symlinks(false);
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    for name in names {
+        let p = dir.join(&name);
+        if p.is_dir() {
+            b.append_dir_all(&name, &p).unwrap();
+        } else {
+            b.append_path_with_name(&p, &name).unwrap();
+        }
+    }
+    let tar = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    images::Layer {
+        data: gz.finish().unwrap(),
+        diff_id: images::digest(&tar),
+    }
+}
+
+/// A server with product `acme` (its repository on the host's registry),
+/// channel `stable`, the four versions pushed and published, 1.0.0 the head.
+struct Fleet {
+    app: TestApp,
+    ci: String,
+    secret: String,
+    keys: Value,
+    digests: Vec<String>,
+    name: &'static str,
+    started: Instant,
+    _lock: tokio::sync::MutexGuard<'static, ()>,
+}
+
+async fn fleet(pool: PgPool, name: &'static str) -> Fleet {
+    let lock = VM_LOCK.lock().await;
+    let started = Instant::now();
+    // Built before the server starts: this blocks the thread.
+    let os = os_images();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path().join("data"));
+    // Devices pick up promotions within about 2 s.
+    config.poll_after_s = 2;
+    let app = TestApp::spawn_with(pool, config, dir).await;
+    let reg = registry();
+    let repo_path = images::unique_repo("vm");
+    let mut digests = Vec::new();
+    for ((version, _), layer) in VERSIONS.iter().zip(&os.layers) {
+        let (d, _) = images::push_platform(
+            &reg,
+            &repo_path,
+            Some(version),
+            images::Format::Oci,
+            "amd64",
+            std::slice::from_ref(layer),
+        )
+        .await;
+        digests.push(d);
+    }
+    let repo = format!("{reg}/{repo_path}");
+    let secret = app.product("acme", &repo).await;
+    app.channel("acme", "stable").await;
+    let ci = app.publisher(&["acme"]).await;
+    for (i, (version, _)) in VERSIONS.iter().enumerate() {
+        let mut body = json!({"version": version, "image": format!("{repo}:{version}")});
+        if i == 0 {
+            body["channels"] = json!([{"name": "stable", "percent": 100}]);
+        }
+        let (s, b) = app.post("/v1/products/acme/releases", &ci, body).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+    }
+    let (_, keys) = app.call(Method::GET, "/v1/keys", None, None).await;
+    Fleet {
+        app,
+        ci,
+        secret,
+        keys,
+        digests,
+        name,
+        started,
+        _lock: lock,
+    }
+}
+
+impl Fleet {
+    /// Makes `version` the head at 100 %.
+    async fn promote(&self, version: &str) {
+        let (s, b) = self
+            .app
+            .post(
+                "/v1/products/acme/channels/stable/promote",
+                &self.ci,
+                json!({"version": version, "percent": 100}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+
+    /// A fresh disk: slot A holds 1.0.0, slot B nothing, and the persistent
+    /// partition this device's agent.toml and trusted keys.
+    fn disk(&self) -> PathBuf {
+        let dir = work_dir();
+        let persist = dir.join(format!("{}-persistent", self.name));
+        let _ = std::fs::remove_dir_all(&persist);
+        std::fs::create_dir_all(persist.join("sluice/state")).unwrap();
+        let reg = registry();
+        let reg_port = reg.rsplit_once(':').expect("registry is host:port").1;
+        let server_port = self.app.url.rsplit_once(':').unwrap().1;
+        let mut id = [0u8; 8];
+        rustix::rand::getrandom(&mut id, rustix::rand::GetRandomFlags::empty()).unwrap();
+        let cfg = format!(
+            r#"# The QEMU machine's agent: the host's loopback is 10.0.2.2 from inside.
+server = "http://10.0.2.2:{server_port}"
+product = "acme"
+channel = "stable"
+enrollment_secret = "{secret}"
+state_dir = "/persistent/sluice/state"
+arch = "amd64"
+keys = "/persistent/sluice/keys.json"
+machine_id = "vm-{id}"
+
+[slots]
+kind = "block"
+a = "/dev/vda2"
+b = "/dev/vda3"
+
+[boot]
+grubenv = "/boot/grub/grubenv"
+cmdline = "/proc/cmdline"
+reboot = ["/sbin/sluice-reboot"]
+health_checks = [["/sbin/sluice-health"]]
+
+[registry]
+insecure = ["10.0.2.2:{reg_port}"]
+# The product's repository names the registry as the server reaches it.
+mirrors = {{ "{reg}" = "10.0.2.2:{reg_port}" }}
+"#,
+            secret = self.secret,
+            id = hex::encode(id),
+        );
+        std::fs::write(persist.join("sluice/agent.toml"), cfg).unwrap();
+        std::fs::write(persist.join("sluice/keys.json"), self.keys.to_string()).unwrap();
+        let disk = dir.join(format!("{}.img", self.name));
+        sh(std::process::Command::new(mkvm())
+            .arg("disk")
+            .arg(&disk)
+            .arg(&os_images().rootfs[0])
+            .arg(&persist));
+        disk
+    }
+
+    /// The server's view of the one device, with its events oldest first.
+    async fn device(&self) -> (Value, Vec<String>) {
+        let (s, list) = self
+            .app
+            .get("/v1/devices?product=acme", &self.app.admin)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{list}");
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "one machine, one device: {list}");
+        let id = items[0]["id"].as_str().unwrap();
+        let (s, b) = self
+            .app
+            .get(&format!("/v1/devices/{id}"), &self.app.admin)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let mut events: Vec<String> = b["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect();
+        events.reverse();
+        (b, events)
+    }
+
+    /// Waits until the server shows the device with `status` on `version`.
+    async fn wait_status(&self, status: &str, version: &str, vm: &Vm) -> (Value, Vec<String>) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, list) = self
+                .app
+                .get("/v1/devices?product=acme", &self.app.admin)
+                .await;
+            assert_eq!(s, StatusCode::OK);
+            if !list["items"].as_array().unwrap().is_empty() {
+                let (view, events) = self.device().await;
+                if view["status"] == status && view["status_version"] == version {
+                    return (view, events);
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the server never showed {status} on {version}: {view}\n{}",
+                    vm.tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn channel(&self) -> Value {
+        let (s, b) = self
+            .app
+            .get("/v1/products/acme/channels/stable", &self.app.admin)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        b
+    }
+
+    fn done(&self) {
+        say(&format!(
+            "vm: {} took {:.1?} (server, disk and machine)",
+            self.name,
+            self.started.elapsed()
+        ));
+    }
+}
+
+/// A running `qemu-system-x86_64` and what it printed on its serial port.
+struct Vm {
+    child: tokio::process::Child,
+    console: Arc<Mutex<Vec<u8>>>,
+    seen: usize,
+    log: PathBuf,
+}
+
+impl Vm {
+    /// Boots the disk (BIOS, virtio disk and network, user-mode networking).
+    fn start(disk: &Path, log: &str) -> Vm {
+        let log = work_dir().join(format!("{log}.log"));
+        let mut child = tokio::process::Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "pc,accel=tcg",
+                "-m",
+                "512",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-monitor",
+                "none",
+                "-drive",
+            ])
+            .arg(format!(
+                "file={},format=raw,if=virtio,cache=unsafe",
+                disk.display()
+            ))
+            .args([
+                "-netdev",
+                "user,id=n0",
+                "-device",
+                "virtio-net-pci,netdev=n0,romfile=",
+                "-device",
+                "virtio-rng-pci",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("qemu-system-x86_64 is installed (apt install qemu-system-x86)");
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let mut out = child.stdout.take().unwrap();
+        let buf = console.clone();
+        let log_path = log.clone();
+        tokio::spawn(async move {
+            let mut file = tokio::fs::File::create(&log_path).await.unwrap();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = out.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+                let _ = file.write_all(&chunk[..n]).await;
+            }
+        });
+        Vm {
+            child,
+            console,
+            seen: 0,
+            log,
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
+    }
+
+    /// The end of the console, for failure messages.
+    fn tail(&self) -> String {
+        let t = self.text();
+        let start = t.len().saturating_sub(3000);
+        let start = (start..t.len())
+            .find(|&i| t.is_char_boundary(i))
+            .unwrap_or(0);
+        format!(
+            "--- console ({}), last lines ---\n{}",
+            self.log.display(),
+            &t[start..]
+        )
+    }
+
+    /// Waits for `what` on the console after what was matched before.
+    async fn expect(&mut self, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let t = self.text();
+            if let Some(i) = t.get(self.seen..).and_then(|rest| rest.find(what)) {
+                self.seen += i + what.len();
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("qemu exited ({st}) before {what:?}\n{}", self.tail());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} on the console within {timeout:?}\n{}",
+                self.tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The console after the last match.
+    fn rest(&self) -> String {
+        self.text().get(self.seen..).unwrap_or_default().to_string()
+    }
+
+    /// Pulls the plug: SIGKILL, nothing flushed by the guest afterwards.
+    async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// Byte range of MBR partition `n` (1-4) of a disk image.
+fn partition(disk: &Path, n: usize) -> (u64, u64) {
+    let mut mbr = [0u8; 512];
+    std::io::Read::read_exact(&mut std::fs::File::open(disk).unwrap(), &mut mbr).unwrap();
+    let e = &mbr[446 + 16 * (n - 1)..446 + 16 * n];
+    let start = u64::from(u32::from_le_bytes(e[8..12].try_into().unwrap()));
+    let len = u64::from(u32::from_le_bytes(e[12..16].try_into().unwrap()));
+    assert!(len > 0, "partition {n} is missing");
+    (start * 512, (start + len) * 512)
+}
+
+/// Whether the sparse disk file holds data (not a hole) in `start..end`.
+fn has_data(disk: &Path, start: u64, end: u64) -> bool {
+    let f = std::fs::File::open(disk).unwrap();
+    matches!(rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(start)), Ok(o) if o < end)
+}
+
+/// Boots slot A (1.0.0, the factory image) and follows the agent's upgrade
+/// to 2.0.0 into slot B.
+async fn boot_and_upgrade_to_2(f: &Fleet, vm: &mut Vm) {
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+    vm.expect("SLUICE-VM: health check passes", BOOT).await;
+    vm.expect("sluice-agent: enrolled as device", BOOT).await;
+    vm.expect("sluice-agent: update to 2.0.0", BOOT).await;
+    vm.expect("into slot B", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", WRITE).await;
+    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot B version 2.0.0", BOOT)
+        .await;
+    vm.expect("SLUICE-VM: health check passes", BOOT).await;
+    let (view, _) = f.wait_status("healthy", "2.0.0", vm).await;
+    assert_eq!(view["current_version"], "2.0.0", "{view}");
+    assert_eq!(view["current_digest"], f.digests[1].as_str());
+    assert_eq!(view["booted_slot"], "B", "{view}");
+}
+
+/// Upgrade: slot A (1.0.0) enrolls, is offered 2.0.0, writes it into
+/// partition B, switches the grubenv and reboots; GRUB boots B; the boot
+/// assessment passes and the server shows the device healthy on 2.0.0.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn vm_upgrade_boots_the_new_slot(pool: PgPool) {
+    let f = fleet(pool, "upgrade").await;
+    f.promote("2.0.0").await;
+    let mut vm = Vm::start(&f.disk(), "upgrade");
+    boot_and_upgrade_to_2(&f, &mut vm).await;
+    let (view, events) = f.device().await;
+    assert_eq!(view["status"], "healthy", "{view}");
+    assert_eq!(
+        events,
+        [
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "healthy"
+        ]
+    );
+    let ch = f.channel().await;
+    assert_eq!(ch["gate"]["reports"], 1, "{ch}");
+    assert_eq!(ch["gate"]["failures"], 0, "{ch}");
+    vm.kill().await;
+    f.done();
+}
+
+/// Rollback: from 2.0.0 in slot B, 3.0.0 (whose health check fails) is
+/// written into slot A and booted; the agent marks A bad and reboots; GRUB
+/// boots B again; the server shows `rolled_back` on 3.0.0 with the device
+/// still on 2.0.0, and the health gate counts the failure and halts the
+/// rollout. The agent does not try 3.0.0 again.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn vm_failing_health_check_rolls_back(pool: PgPool) {
+    let f = fleet(pool, "rollback").await;
+    f.promote("2.0.0").await;
+    let mut vm = Vm::start(&f.disk(), "rollback");
+    boot_and_upgrade_to_2(&f, &mut vm).await;
+
+    let (s, b) = f
+        .app
+        .call(
+            Method::PATCH,
+            "/v1/products/acme/channels/stable/rollout",
+            Some(&f.app.admin),
+            Some(json!({"gate": {"max_failure_percent": 20, "min_reports": 1}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    f.promote("3.0.0").await;
+    vm.expect("sluice-agent: update to 3.0.0", BOOT).await;
+    vm.expect("into slot A", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", WRITE).await;
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 3.0.0", BOOT)
+        .await;
+    vm.expect("SLUICE-VM: health check fails", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", BOOT).await;
+    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot B version 2.0.0", BOOT)
+        .await;
+
+    let (view, events) = f.wait_status("rolled_back", "3.0.0", &vm).await;
+    assert_eq!(view["current_version"], "2.0.0", "{view}");
+    assert_eq!(view["current_digest"], f.digests[1].as_str());
+    assert_eq!(view["booted_slot"], "B", "{view}");
+    assert_eq!(
+        events[5..],
+        [
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "failed",
+            "rolled_back"
+        ],
+        "{events:?}"
+    );
+    let ch = f.channel().await;
+    assert_eq!(ch["gate"]["reports"], 1, "one device, counted once: {ch}");
+    assert_eq!(ch["gate"]["failures"], 1, "{ch}");
+    assert_eq!(ch["rollout"]["paused"], true, "{ch}");
+
+    // Resumed by an operator, the channel offers 3.0.0 again; the agent
+    // declines it without writing anything or rebooting.
+    vm.expect("SLUICE-VM: boot assessment exited 0", BOOT).await;
+    let (s, b) = f
+        .app
+        .call(
+            Method::PATCH,
+            "/v1/products/acme/channels/stable/rollout",
+            Some(&f.app.admin),
+            Some(json!({"paused": false})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    vm.expect("sluice-agent: not applying 3.0.0", BOOT).await;
+    let rest = vm.text();
+    let since_fallback = &rest[rest.rfind("booted slot B version 2.0.0").unwrap()..];
+    assert!(
+        !since_fallback.contains("update to") && !since_fallback.contains("rebooting"),
+        "{since_fallback}"
+    );
+    assert_eq!(f.device().await.1.len(), events.len(), "no new events");
+    vm.kill().await;
+    f.done();
+}
+
+/// Crash: 4.0.0's init panics the kernel before the boot assessment. GRUB
+/// already spent slot B's try, so the next boot falls back to slot A, where
+/// the agent reports `rolled_back`.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn vm_crash_before_assessment_falls_back(pool: PgPool) {
+    let f = fleet(pool, "crash").await;
+    f.promote("4.0.0").await;
+    let mut vm = Vm::start(&f.disk(), "crash");
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+    vm.expect("sluice-agent: update to 4.0.0", BOOT).await;
+    vm.expect("into slot B", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", WRITE).await;
+    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot B version 4.0.0", BOOT)
+        .await;
+    vm.expect("SLUICE-VM: crashing before the boot assessment", BOOT)
+        .await;
+    vm.expect("Kernel panic", BOOT).await;
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+
+    let (view, events) = f.wait_status("rolled_back", "4.0.0", &vm).await;
+    assert_eq!(view["booted_slot"], "A", "{view}");
+    assert!(view["current_version"].is_null(), "never ran 4.0.0: {view}");
+    assert_eq!(
+        events,
+        [
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "rolled_back"
+        ]
+    );
+    let ch = f.channel().await;
+    assert_eq!(ch["gate"]["failures"], 1, "{ch}");
+
+    // Still offered 4.0.0, the agent declines it: nothing written again.
+    vm.expect("SLUICE-VM: boot assessment exited 0", BOOT).await;
+    vm.expect("sluice-agent: not applying 4.0.0", BOOT).await;
+    let rest = vm.text();
+    let since_fallback = &rest[rest.rfind("booted slot A version 1.0.0").unwrap()..];
+    assert!(
+        !since_fallback.contains("update to") && !since_fallback.contains("rebooting"),
+        "4.0.0 is not retried: {since_fallback}"
+    );
+    assert_eq!(f.device().await.1.len(), events.len(), "no new events");
+    vm.kill().await;
+    f.done();
+}
+
+/// Power cut: qemu is SIGKILLed while the agent writes slot B. The next
+/// start boots slot A (GRUB never saw B as bootable), and the agent's
+/// following attempt completes the upgrade.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn vm_power_cut_during_write_recovers(pool: PgPool) {
+    let f = fleet(pool, "power-cut").await;
+    f.promote("2.0.0").await;
+    let disk = f.disk();
+    let (b_start, b_end) = partition(&disk, 3);
+    assert!(!has_data(&disk, b_start, b_end), "slot B starts as a hole");
+    let mut vm = Vm::start(&disk, "power-cut-1");
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+    vm.expect("sluice-agent: update to 2.0.0", BOOT).await;
+    // The agent has reported `download_started` and pulls. Cut the power as
+    // soon as the first bytes of slot B reach the disk (the host's sparse
+    // file gets data in partition B), about a second before the write ends.
+    vm.expect("sluice-agent: pulling", BOOT).await;
+    let deadline = Instant::now() + WRITE;
+    while !has_data(&disk, b_start, b_end) {
+        let rest = vm.rest();
+        assert!(
+            !rest.contains("writing -> staged"),
+            "the write finished before any of it reached the disk: {rest}"
+        );
+        assert!(Instant::now() < deadline, "{}", vm.tail());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rest = vm.rest();
+    vm.kill().await;
+    assert!(
+        !rest.contains("writing -> staged") && !rest.contains("SLUICE-VM: rebooting"),
+        "the write finished before the cut: {rest}"
+    );
+    let (view, events) = f.device().await;
+    assert_eq!(events, ["download_started"], "{view}");
+
+    let mut vm = Vm::start(&disk, "power-cut-2");
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+    vm.expect("sluice-agent: update to 2.0.0", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", WRITE).await;
+    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot B version 2.0.0", BOOT)
+        .await;
+    let (view, events) = f.wait_status("healthy", "2.0.0", &vm).await;
+    assert_eq!(view["current_version"], "2.0.0", "{view}");
+    assert_eq!(view["booted_slot"], "B", "{view}");
+    assert_eq!(
+        events,
+        [
+            "download_started",
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "healthy"
+        ]
+    );
+    vm.kill().await;
+    f.done();
+}
