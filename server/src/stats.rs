@@ -15,6 +15,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 pub const MAX_POINTS: i64 = 1000;
 /// Window when `since` is not given.
 pub const DEFAULT_WINDOW: Duration = Duration::hours(24);
+/// Longest bucket: a year.
+const MAX_BUCKET_S: i64 = 366 * 86_400;
 /// Points in the answer when `bucket_s` is not given.
 pub const DEFAULT_POINTS: i64 = 60;
 
@@ -79,13 +81,13 @@ pub fn bucket_ends(
             "`since` must be before `until` (RFC 3339 times, e.g. 2026-01-01T00:00:00Z)".into(),
         ));
     }
-    if bucket_s < 1 {
-        return Err(Error::BadRequest(
-            "`bucket_s` must be at least 1 second".into(),
-        ));
+    if !(1..=MAX_BUCKET_S).contains(&bucket_s) {
+        return Err(Error::BadRequest(format!(
+            "`bucket_s` must be between 1 second and {MAX_BUCKET_S} (a year)"
+        )));
     }
     let span = (until - since).whole_seconds().max(1);
-    let n = (span + bucket_s - 1) / bucket_s;
+    let n = span / bucket_s + i64::from(span % bucket_s != 0);
     if n > MAX_POINTS {
         return Err(Error::BadRequest(format!(
             "{n} points asked for, at most {MAX_POINTS}: use a larger `bucket_s` or a shorter window"
@@ -118,9 +120,15 @@ async fn channel_stats(
     Query(q): Query<StatsParams>,
 ) -> Result<Json<ChannelStats>> {
     let until = q.until.unwrap_or_else(OffsetDateTime::now_utc);
-    let since = q.since.unwrap_or(until - DEFAULT_WINDOW);
+    let since = match q.since {
+        Some(since) => since,
+        None => until.checked_sub(DEFAULT_WINDOW).ok_or_else(|| {
+            Error::BadRequest("`until` is too far in the past to have a default window".into())
+        })?,
+    };
     let bucket_s = q.bucket_s.unwrap_or_else(|| {
-        (((until - since).whole_seconds() + DEFAULT_POINTS - 1) / DEFAULT_POINTS).max(1)
+        let span = (until - since).whole_seconds();
+        (span / DEFAULT_POINTS + i64::from(span % DEFAULT_POINTS != 0)).clamp(1, MAX_BUCKET_S)
     });
     let ends = bucket_ends(since, until, bucket_s)?;
     let p = crate::products::load(&state.db, &product).await?;
@@ -190,6 +198,9 @@ mod tests {
         let s = datetime!(2026-01-01 00:00 UTC);
         assert!(bucket_ends(s, s, 10).is_err());
         assert!(bucket_ends(s, s + Duration::seconds(10), 0).is_err());
+        // Found by schemathesis: a huge bucket overflowed instead of being refused.
+        assert!(bucket_ends(s, s + Duration::seconds(10), 251_606_738_153).is_err());
+        assert!(bucket_ends(s, s + Duration::seconds(10), i64::MAX).is_err());
         assert!(bucket_ends(s, s + Duration::seconds(MAX_POINTS + 1), 1).is_err());
         assert_eq!(
             bucket_ends(s, s + Duration::seconds(MAX_POINTS), 1)

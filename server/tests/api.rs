@@ -129,7 +129,39 @@ async fn bad_tokens_are_refused(pool: PgPool) {
         &EncodingKey::from_secret(&secret),
     )
     .unwrap();
+    // HS/ES confusion: an ES256 token whose "signature" is made with the HMAC
+    // secret, and a genuinely EC-signed one; only HS256 is ever accepted.
+    let es_confused = {
+        use base64::Engine;
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let head = e.encode(br#"{"alg":"ES256","typ":"JWT"}"#);
+        let body = e.encode(claims("admin", "user", "admin", 600, "sluice").to_string());
+        let mac = {
+            use sha2::Digest;
+            sha2::Sha256::digest([&secret[..], head.as_bytes(), b".", body.as_bytes()].concat())
+        };
+        format!("{head}.{body}.{}", e.encode(mac))
+    };
+    let es256 = {
+        use p256::pkcs8::EncodePrivateKey;
+        let key = p256::SecretKey::from_slice(&[7u8; 32]).unwrap();
+        let pem = key.to_pkcs8_pem(Default::default()).unwrap();
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::ES256),
+            &claims("admin", "user", "admin", 600, "sluice"),
+            &EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    let not_yet = {
+        let mut c = claims("admin", "user", "admin", 1200, "sluice");
+        c["nbf"] = json!(time::OffsetDateTime::now_utc().unix_timestamp() + 600);
+        sign(&secret, &c)
+    };
     for (what, t) in [
+        ("es256 with the hmac secret", es_confused),
+        ("es256", es256),
+        ("not yet valid", not_yet),
         ("forged", forged),
         ("expired", expired),
         ("audience", other_aud),

@@ -226,6 +226,16 @@ async fn stats_refusals(pool: PgPool) {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
 
+    // Found by schemathesis: a huge bucket dropped the connection instead of a 400.
+    let (s, b) = app
+        .get(&format!("{base}?bucket_s=251606738153"), &app.admin)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, b) = app
+        .get(&format!("{base}?until=-9999-01-01T00:00:00Z"), &app.admin)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+
     // A channel without a head counts its devices, none on a head; the one
     // device enrolled a moment ago shows only in the last point.
     let (s, b) = app.get(base, &app.admin).await;

@@ -95,6 +95,8 @@ describe("dashboard", () => {
     await page.getByRole("link", { name: "Releases" }).click();
     await page.getByRole("link", { name: "1.1.0" }).click();
     await page.getByRole("heading", { name: "1.1.0" }).waitFor();
+    // The heading shows before the release has loaded: wait for its digest.
+    await page.locator("main", { hasText: images["1.1.0"].digest }).waitFor();
     const body = await page.locator("main").innerText();
     assert.match(body, new RegExp(images["1.1.0"].digest));
     assert.match(body, /faster boot/);
