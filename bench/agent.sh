@@ -11,7 +11,9 @@
 # only that everything runs and reports (writes to a temp file unless --out).
 # Env: SLUICE_BENCH_CACHE (default /var/tmp/sluice-bench-cache) keeps the
 # generated image between runs; SLUICE_BENCH_AGENT another sluice-agent binary
-# to measure (e.g. an older build); CARGO_TARGET_DIR as for the other scripts.
+# to measure; SLUICE_BENCH_COMPARE a second one run in the same loop (e.g. the
+# build before a change, reported beside it); SLUICE_BENCH_SKIP_BUILD=1 uses
+# the binaries already built; CARGO_TARGET_DIR as for the other scripts.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -50,9 +52,14 @@ need_apt skopeo umoci e2fsprogs time python3
 need_rust
 export SQLX_OFFLINE=true
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice-target}"
+# The smoke run takes the debug binaries `cargo test --workspace` left, if any.
+if [ "$SMOKE" = 1 ] && [ "$PROFILE" = debug ] && [ -x "$CARGO_TARGET_DIR/debug/sluice" ] && [ -x "$CARGO_TARGET_DIR/debug/sluice-agent" ]; then
+  SLUICE_BENCH_SKIP_BUILD=1
+fi
 echo "==> building sluice-agent and sluice-server ($PROFILE)"
 # One package at a time: the agent's binary gets only its own crate features.
 for p in sluice-agent sluice-server; do
+  [ -n "${SLUICE_BENCH_SKIP_BUILD:-}" ] && break
   cargo build -q --profile "$([ "$PROFILE" = debug ] && echo dev || echo release)" -p "$p"
 done
 AGENT="${SLUICE_BENCH_AGENT:-$CARGO_TARGET_DIR/$PROFILE/sluice-agent}"
@@ -191,19 +198,19 @@ fingerprint() {
 RESULTS="$STATE/results.tsv"
 : >"$RESULTS"
 run_agent() {
-  local fs=$1 i=$2 mnt="$STATE/mnt"
+  local fs=$1 i=$2 bin=${3:-$AGENT} label=${4:-agent} mnt="$STATE/mnt"
   fresh_fs "$fs" "$mnt"
   device_config "$mnt/dev"
   : >"$STATE/t.agent"
   local s e
   s=$(now)
-  timed "$STATE/t.agent" "$AGENT" --config "$mnt/dev/agent.toml" apply
+  timed "$STATE/t.agent" "$bin" --config "$mnt/dev/agent.toml" apply
   sync
   e=$(now)
-  grep -q "applied 1.0.0\|rebooting" "$STATE/cmd.log" || true
+  grep -q "applied 1.0.0" "$STATE/cmd.log" || { cat "$STATE/cmd.log" >&2; return 1; }
   read -r _ rss <"$STATE/t.agent"
-  echo -e "agent\t$fs\t$i\t$(echo "$e - $s" | bc)\t$rss" >>"$RESULTS"
-  [ "$i" = 1 ] && fingerprint "$mnt/dev/b" >"$STATE/fp.agent.$fs"
+  echo -e "$label\t$fs\t$i\t$(echo "$e - $s" | bc)\t$rss" >>"$RESULTS"
+  [ "$i" = 1 ] && fingerprint "$mnt/dev/b" >"$STATE/fp.$label.$fs"
   drop_fs "$mnt"
 }
 run_reference() {
@@ -231,10 +238,15 @@ if [ "$DO_UPGRADE" = 1 ]; then
     for fs in tmpfs ext4; do
       if [ $((i % 2)) = 1 ]; then run_agent "$fs" "$i"; run_reference "$fs" "$i"
       else run_reference "$fs" "$i"; run_agent "$fs" "$i"; fi
-      echo "    run $i $fs: $(tail -2 "$RESULTS" | cut -f1,4,5 | tr '\n\t' '; ')"
+      [ -n "${SLUICE_BENCH_COMPARE:-}" ] && run_agent "$fs" "$i" "$SLUICE_BENCH_COMPARE" other
+      echo "    run $i $fs: $(grep -P "\t$fs\t$i\t" "$RESULTS" | cut -f1,4,5 | tr '\n\t' '; ')"
     done
   done
   for fs in tmpfs ext4; do
+    if [ -n "${SLUICE_BENCH_COMPARE:-}" ] && ! cmp -s "$STATE/fp.other.$fs" "$STATE/fp.ref.$fs"; then
+      echo "error: on $fs the other agent's slot differs from umoci's rootfs" >&2
+      exit 1
+    fi
     if ! cmp -s "$STATE/fp.agent.$fs" "$STATE/fp.ref.$fs"; then
       echo "error: on $fs the agent's slot differs from umoci's rootfs: $(cat "$STATE/fp.agent.$fs") vs $(cat "$STATE/fp.ref.$fs")" >&2
       exit 1
@@ -288,6 +300,7 @@ fi
 
 # ---- the report ----
 echo "==> writing $OUT"
+export SLUICE_BENCH_COMPARE=${SLUICE_BENCH_COMPARE:-} SLUICE_BENCH_COMPARE_LABEL=${SLUICE_BENCH_COMPARE_LABEL:-}
 export RESULTS OUT PNG TAR_MB GZ_MB FILES RUNS DEVICES SMOKE PROFILE SCALE DIGEST
 export BIN_BYTES=${BIN_BYTES:-} STRIPPED_BYTES=${STRIPPED_BYTES:-} IDLE_KB=${IDLE_KB:-} IDLE2_KB=${IDLE2_KB:-} IDLE_HWM_KB=${IDLE_HWM_KB:-}
 export FLEET_JSON=$([ "$DO_FLEET" = 1 ] && echo "$STATE/fleet.json" || echo "")

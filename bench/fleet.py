@@ -403,7 +403,7 @@ def draw(r, path):
     ax.plot(
         t,
         [x["effective_percent"] * n / 100 if x["head"] else 0 for x in tl],
-        label="admitted by the rollout (effective % × N)",
+        label="admitted to the head (effective % × N)",
         color="grey",
         ls="--",
         lw=1,
@@ -411,7 +411,8 @@ def draw(r, path):
     for mt, what in r["marks"]:
         if what.startswith("promote") or what.startswith("health gate"):
             ax.axvline(mt, color="#d62728" if "gate" in what else "black", ls=":", lw=1)
-            ax.text(mt, n * 1.02, "gate halt" if "gate" in what else what.split(" at ")[0], fontsize=8, ha="left")
+            gate = "gate" in what
+            ax.text(mt, n * (0.96 if gate else 1.02), "gate halt" if gate else what.split(" at ")[0], fontsize=8, ha="left")
     ax.set_xlabel("seconds")
     ax.set_ylabel("devices")
     ax.set_ylim(0, n * 1.08)

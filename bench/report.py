@@ -64,7 +64,7 @@ def main():
         w("")
         w(
             f"Image: `bench/mkimage.py --scale {E.get('SCALE')}` (deterministic), {float(E['TAR_MB']):.0f} MB of tar in "
-            f"4 gzip layers ({float(E['GZ_MB']):.0f} MB compressed), {E['FILES']} regular files: ~36 000 small text "
+            f"4 gzip layers ({float(E['GZ_MB']):.0f} MB compressed), {E['FILES']} regular files; at scale 1: ~36 000 small text "
             "files in ~3 000 folders (with symlinks, hard links, a setuid file, another owner), ~1 300 library-like "
             "files (2:1), four big files (locale archive, initrd, kernel, dpkg status) and 60 MB of incompressible "
             "firmware with whiteouts. Pushed to a private `docker-registry` on loopback, published through the real "
@@ -97,10 +97,31 @@ def main():
                 f"{'✔' if max(r['rss_mb'] for r in a) <= 32 else '✘'} | {mmm([r['rss_mb'] for r in ref], '{:.1f}')} |"
             )
         w("")
+        O = [r for r in R if r["who"] == "other"]
+        if O:
+            w(
+                f"Also in the same loop, right after each agent run, another agent build "
+                f"(`{E.get('SLUICE_BENCH_COMPARE_LABEL') or E.get('SLUICE_BENCH_COMPARE')}`):"
+            )
+            w("")
+            w("| file system | that agent wall s | ratio to the reference | peak RSS MB |")
+            w("|---|---|---|---|")
+            for fs in ("tmpfs", "ext4"):
+                o = [r["wall"] for r in O if r["fs"] == fs]
+                rw = [r["wall"] for r in R if r["who"] == "reference" and r["fs"] == fs]
+                if o and rw:
+                    w(
+                        f"| {fs} | {mmm(o)} | {med(o) / med(rw):.2f} | "
+                        f"{mmm([r['rss_mb'] for r in O if r['fs'] == fs], '{:.1f}')} |"
+                    )
+            w("")
         w("Median (min–max). Every run, in order:")
         w("")
-        w("| run | fs | agent s | agent RSS MB | reference s | skopeo s | umoci s | reference RSS MB |")
-        w("|---|---|---|---|---|---|---|---|")
+        w(
+            "| run | fs | agent s | agent RSS MB | reference s | skopeo s | umoci s | reference RSS MB |"
+            + (" other agent s |" if O else "")
+        )
+        w("|---|---|---|---|---|---|---|---|" + ("---|" if O else ""))
         for run in sorted({r["run"] for r in R}):
             for fs in ("tmpfs", "ext4"):
                 a = [r for r in R if r["who"] == "agent" and r["fs"] == fs and r["run"] == run]
@@ -110,6 +131,9 @@ def main():
                     w(
                         f"| {run} | {fs} | {a['wall']:.2f} | {a['rss_mb']:.1f} | {ref['wall']:.2f} | "
                         f"{ref['skopeo']:.2f} | {ref['umoci']:.2f} | {ref['rss_mb']:.1f} |"
+                        + "".join(
+                            f" {o['wall']:.2f} |" for o in O if o["fs"] == fs and o["run"] == run
+                        )
                     )
         w("")
         w("Commands, per run (`$MNT` the fresh file system, `$DIGEST` the published platform digest):")
