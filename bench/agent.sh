@@ -48,7 +48,9 @@ else
 fi
 PNG="$(dirname "$OUT")/fleet.png"
 
-need_apt skopeo umoci e2fsprogs time python3
+need_apt skopeo umoci e2fsprogs time bc python3
+# The adoption curve's PNG; the smoke run does without.
+[ "$SMOKE" = 1 ] || need_apt python3-matplotlib
 need_rust
 export SQLX_OFFLINE=true
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice-target}"
