@@ -286,6 +286,11 @@ impl Device {
             self.cfg.registry.auth.as_deref(),
         )?;
         let manifest = registry.manifest(&image)?;
+        // Every layer's encoding is known before the slot is touched.
+        for layer in &manifest.layers {
+            crate::unpack::layer_compression(&layer.media_type)
+                .map_err(|e| blob_error(e, &layer.digest))?;
+        }
         let path = self.cfg.slot_path(slot);
         let root = crate::slot::prepare(self.cfg.slots.kind, path, &self.cfg.state_dir)?;
         let mut unpacker = Unpacker::new(
@@ -296,14 +301,17 @@ impl Device {
                 ..UnpackOptions::default()
             },
         )?;
-        for layer in &manifest.layers {
-            let mut blob = registry.blob(&image, layer)?;
-            unpacker
-                .apply_blob(&layer.media_type, &mut blob)
-                .map_err(|e| blob_error(e, &layer.digest))?;
-            blob.finish()
-                .map_err(|e| anyhow::anyhow!("layer {}: {e}", layer.digest))?;
-        }
+        // Download, digest and inflate on another thread, ahead of the
+        // writes; layers are applied here, in order.
+        crate::pipeline::with_layers(&registry, &image, &manifest.layers, |mut layers| {
+            for layer in &manifest.layers {
+                let mut stream = layers.next_layer()?;
+                unpacker
+                    .apply(&mut stream)
+                    .map_err(|e| blob_error(e, &layer.digest))?;
+            }
+            Ok(())
+        })?;
         crate::slot::finish(self.cfg.slots.kind, &root, path)?;
         Ok(())
     }

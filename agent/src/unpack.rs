@@ -129,6 +129,8 @@ pub struct Unpacker {
     budget: u64,
     /// The last parent directory opened, reused while entries stay in it.
     cached: Option<(PathBuf, OwnedFd)>,
+    /// The buffer file contents pass through, allocated once.
+    buf: Vec<u8>,
 }
 
 /// Counts and caps the bytes of a decompressed layer.
@@ -217,6 +219,7 @@ impl Unpacker {
             budget: opts.max_bytes,
             opts,
             cached: None,
+            buf: vec![0u8; COPY_BUF],
         })
     }
 
@@ -236,6 +239,7 @@ impl Unpacker {
         let entries = archive.entries().map_err(|e| map_cap(e, "reading layer"))?;
         let root = &self.root;
         let cached = &mut self.cached;
+        let buf = &mut self.buf;
         for entry in entries {
             let mut entry = entry.map_err(|e| map_cap(e, "reading layer"))?;
             let raw = entry
@@ -319,20 +323,30 @@ impl Unpacker {
                 tar::EntryType::Regular
                 | tar::EntryType::Continuous
                 | tar::EntryType::GNUSparse => {
-                    stale |= replace(pfd, name, &shown)?;
-                    let fd = rustix::fs::openat(
-                        pfd,
-                        name.as_os_str(),
-                        OFlags::WRONLY
-                            | OFlags::CREATE
-                            | OFlags::EXCL
-                            | OFlags::NOFOLLOW
-                            | OFlags::CLOEXEC,
-                        Mode::from_raw_mode(0o600),
-                    )
+                    let create = || {
+                        rustix::fs::openat(
+                            pfd,
+                            name.as_os_str(),
+                            OFlags::WRONLY
+                                | OFlags::CREATE
+                                | OFlags::EXCL
+                                | OFlags::NOFOLLOW
+                                | OFlags::CLOEXEC,
+                            Mode::from_raw_mode(0o600),
+                        )
+                    };
+                    // Most entries land where nothing stands: try that
+                    // first, and replace what is there only when needed.
+                    let fd = match create() {
+                        Err(Errno::EXIST) => {
+                            stale |= replace(pfd, name, &shown)?;
+                            create()
+                        }
+                        r => r,
+                    }
                     .map_err(|e| UnpackError::io(format!("creating {shown}"), e))?;
                     let mut file = std::fs::File::from(fd);
-                    copy(&mut entry, &mut file).map_err(|e| map_cap(e, &shown))?;
+                    copy(&mut entry, &mut file, buf).map_err(|e| map_cap(e, &shown))?;
                     set_meta(file.as_fd(), &mut entry, &self.opts, &shown, true)?;
                 }
                 tar::EntryType::Symlink => {
@@ -613,11 +627,13 @@ fn clear_dir(dir: BorrowedFd<'_>, at: &[OsString], ours: &HashSet<PathBuf>) -> s
     Ok(())
 }
 
-fn copy(from: &mut impl Read, to: &mut std::fs::File) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 128 * 1024];
+/// Bytes of the buffer file contents pass through.
+const COPY_BUF: usize = 128 * 1024;
+
+fn copy(from: &mut impl Read, to: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<u64> {
     let mut n = 0;
     loop {
-        let r = match from.read(&mut buf) {
+        let r = match from.read(buf) {
             Ok(0) => return Ok(n),
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

@@ -1,0 +1,317 @@
+#!/usr/bin/env bash
+# Issue 5, benchmarks 4-6: the agent's upgrade against the reference pipeline,
+# the agent's footprint, and a fleet simulation. Rewrites bench/AGENT.md (and
+# bench/fleet.png). Needs Debian 12 as root (installs what is missing, mounts
+# tmpfs and loop ext4 file systems under its own temp folder).
+#
+#   bench/agent.sh [--smoke] [--runs N] [--devices N] [--skip-upgrade]
+#                  [--skip-footprint] [--skip-fleet] [--out FILE]
+#
+# --smoke: seconds, debug builds, a ~20 MB image, one run, 150 devices; asserts
+# only that everything runs and reports (writes to a temp file unless --out).
+# Env: SLUICE_BENCH_CACHE (default /var/tmp/sluice-bench-cache) keeps the
+# generated image between runs; SLUICE_BENCH_AGENT another sluice-agent binary
+# to measure; SLUICE_BENCH_COMPARE a second one run in the same loop (e.g. the
+# build before a change, reported beside it); SLUICE_BENCH_SKIP_BUILD=1 uses
+# the binaries already built; CARGO_TARGET_DIR as for the other scripts.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+# shellcheck source=../scripts/services.sh
+. "$ROOT/scripts/services.sh"
+
+SMOKE=0 RUNS=5 DEVICES=10000 DO_UPGRADE=1 DO_FOOT=1 DO_FLEET=1 OUT=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --runs) RUNS=$2; shift ;;
+    --devices) DEVICES=$2; shift ;;
+    --skip-upgrade) DO_UPGRADE=0 ;;
+    --skip-footprint) DO_FOOT=0 ;;
+    --skip-fleet) DO_FLEET=0 ;;
+    --out) OUT=$2; shift ;;
+    -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ "$(id -u)" = 0 ] || { echo "error: bench/agent.sh needs root (mounts, loop devices)" >&2; exit 1; }
+
+if [ "$SMOKE" = 1 ]; then
+  RUNS=1 DEVICES=150 SCALE=0.04 PROFILE=${SLUICE_BENCH_PROFILE:-debug} POLL_S=2
+  FLEET_ARGS=(--ramp-minutes 0.25 --apply-s 1 3 --reboot-s 0.5 --gate-min-reports 10 --tail-s 3 --max-s 120)
+  OUT=${OUT:-$(mktemp "${TMPDIR:-/tmp}/sluice-agent-bench.XXXXXX.md")}
+else
+  SCALE=${SLUICE_BENCH_SCALE:-1} PROFILE=${SLUICE_BENCH_PROFILE:-release} POLL_S=10
+  FLEET_ARGS=(--ramp-minutes 2 --apply-s 8 25 --reboot-s 5 --gate-min-reports 100 --tail-s 20 --max-s 900)
+  OUT=${OUT:-$ROOT/bench/AGENT.md}
+fi
+PNG="$(dirname "$OUT")/fleet.png"
+
+need_apt skopeo umoci e2fsprogs time bc python3
+# The adoption curve's PNG; the smoke run does without.
+[ "$SMOKE" = 1 ] || need_apt python3-matplotlib
+need_rust
+export SQLX_OFFLINE=true
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice-target}"
+# The smoke run takes the debug binaries `cargo test --workspace` left, if any.
+if [ "$SMOKE" = 1 ] && [ "$PROFILE" = debug ] && [ -x "$CARGO_TARGET_DIR/debug/sluice" ] && [ -x "$CARGO_TARGET_DIR/debug/sluice-agent" ]; then
+  SLUICE_BENCH_SKIP_BUILD=1
+fi
+echo "==> building sluice-agent and sluice-server ($PROFILE)"
+# One package at a time: the agent's binary gets only its own crate features.
+for p in sluice-agent sluice-server; do
+  [ -n "${SLUICE_BENCH_SKIP_BUILD:-}" ] && break
+  cargo build -q --profile "$([ "$PROFILE" = debug ] && echo dev || echo release)" -p "$p"
+done
+AGENT="${SLUICE_BENCH_AGENT:-$CARGO_TARGET_DIR/$PROFILE/sluice-agent}"
+SLUICE="$CARGO_TARGET_DIR/$PROFILE/sluice"
+PY=/usr/bin/python3
+
+STATE=$(mktemp -d /var/tmp/sluice-bench.XXXXXX)
+SERVER_PID= DAEMON_PID=
+MOUNTS=()
+cleanup() {
+  set +e
+  [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null
+  if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; fi
+  for m in "${MOUNTS[@]}"; do mountpoint -q "$m" && umount "$m"; done
+  stop_registry
+  stop_postgres
+  rm -rf "$STATE" /dev/shm/"$(basename "$STATE")"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+SHM=/dev/shm/$(basename "$STATE")
+mkdir -p "$SHM"
+
+# ---- the image, generated once per generator version and scale ----
+CACHE=${SLUICE_BENCH_CACHE:-/var/tmp/sluice-bench-cache}
+KEY=$(cat bench/mkimage.py | sha256sum | cut -c1-12)-$SCALE
+IMG="$CACHE/image-$KEY"
+if [ ! -f "$IMG/summary.json" ]; then
+  echo "==> generating the OS-like image (scale $SCALE) into $IMG"
+  rm -rf "$IMG"
+  mkdir -p "$CACHE"
+  "$PY" bench/mkimage.py "$IMG.tmp" --scale "$SCALE" >"$IMG.summary"
+  mv "$IMG.tmp" "$IMG" && mv "$IMG.summary" "$IMG/summary.json"
+fi
+summary() { "$PY" -c "import json,sys; print(json.load(open('$IMG/summary.json'))$1)"; }
+TAR_MB=$(summary "['tar_bytes']/1e6")
+GZ_MB=$(summary "['gzip_bytes']/1e6")
+FILES=$(summary "['files']")
+
+# ---- services: PostgreSQL, registry, the server (this build) ----
+PG_PORT=$(free_port)
+REG_PORT=$(free_port "$PG_PORT")
+SRV_PORT=$(free_port "$PG_PORT" "$REG_PORT")
+PG_FSYNC=off PG_DB=sluice start_postgres
+start_registry
+export SLUICE_LISTEN="127.0.0.1:$SRV_PORT" SLUICE_DATA_DIR="$STATE/data" SLUICE_KEY_PASSPHRASE=bench-passphrase \
+  SLUICE_ADMIN_PASSWORD=bench-admin-password SLUICE_INSECURE_REGISTRIES="$REGISTRY" SLUICE_POLL_AFTER_S=$POLL_S
+API="http://$SLUICE_LISTEN"
+"$SLUICE" serve >"$STATE/server.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 1 300); do curl -fsS "$API/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fsS "$API/healthz" >/dev/null || { tail -20 "$STATE/server.log"; exit 1; }
+export SLUICE_SERVER=$API
+SLUICE_TOKEN=$(SLUICE_PASSWORD=bench-admin-password "$SLUICE" login --username admin)
+export SLUICE_TOKEN
+api() { curl -fsS -X "$1" -H "Authorization: Bearer $SLUICE_TOKEN" -H 'content-type: application/json' "$API$2" ${3:+-d "$3"}; }
+
+REPO="$REGISTRY/bench/os"
+echo "==> pushing the image to $REPO:1.0.0"
+skopeo copy -q --dest-tls-verify=false "oci:$IMG:1.0.0" "docker://$REPO:1.0.0"
+SECRET=$(api POST /v1/products "{\"name\":\"bench\",\"repository\":\"$REPO\"}" | jq -r .enrollment_secret)
+api POST /v1/products/bench/channels '{"name":"stable"}' >/dev/null
+api POST /v1/products/bench/channels '{"name":"idle"}' >/dev/null
+t0=$(date +%s.%N)
+"$SLUICE" release publish --product bench --version 1.0.0 --image "$REPO:1.0.0" --channel stable >"$STATE/publish.json"
+t1=$(date +%s.%N)
+DIGEST=$(jq -r '.platforms[0].digest // .digest' "$STATE/publish.json")
+curl -fsS "$API/v1/keys" >"$STATE/keys.json"
+echo "    published 1.0.0 ($DIGEST) in $(echo "$t1 - $t0" | bc) s"
+
+# A device whose slots live under $1 (a mounted file system).
+device_config() {
+  local d=$1 channel=${2:-stable}
+  mkdir -p "$d/a" "$d/b" "$d/state"
+  echo "root=/dev/vda sluice.slot=A" >"$d/cmdline"
+  cat >"$d/agent.toml" <<TOML
+server = "$API"
+product = "bench"
+channel = "$channel"
+enrollment_secret = "$SECRET"
+state_dir = "$d/state"
+arch = "amd64"
+keys = "$STATE/keys.json"
+machine_id = "bench-$(basename "$d")-$RANDOM$RANDOM"
+
+[slots]
+kind = "dir"
+a = "$d/a"
+b = "$d/b"
+
+[boot]
+grubenv = "$d/grubenv"
+cmdline = "$d/cmdline"
+reboot = ["true"]
+health_checks = [["true"]]
+
+[registry]
+insecure = ["$REGISTRY"]
+TOML
+}
+
+# Mounts a fresh file system of kind $1 (tmpfs | ext4) at $2.
+fresh_fs() {
+  local kind=$1 mnt=$2
+  mkdir -p "$mnt"
+  if [ "$kind" = tmpfs ]; then
+    mount -t tmpfs -o size=4g sluice-bench "$mnt"
+  else
+    rm -f "$SHM/ext4.img"
+    truncate -s 4G "$SHM/ext4.img"
+    mkfs.ext4 -q -F "$SHM/ext4.img"
+    mount -o loop "$SHM/ext4.img" "$mnt"
+  fi
+  MOUNTS+=("$mnt")
+}
+drop_fs() {
+  umount "$1"
+  rm -f "$SHM/ext4.img"
+}
+
+now() { date +%s.%N; }
+# Runs a command under /usr/bin/time; appends "seconds peak_kb" to $1.
+timed() {
+  local out=$1
+  shift
+  /usr/bin/time -f '%e %M' -o "$STATE/time.txt" "$@" >"$STATE/cmd.log" 2>&1 || { cat "$STATE/cmd.log" >&2; return 1; }
+  cat "$STATE/time.txt" >>"$out"
+}
+# What both results must share: every entry's type, mode and link target, and
+# every file's content. (Not sizes of folders: ext4's depend on their history.)
+fingerprint() {
+  (cd "$1" && { find . -mindepth 1 -printf '%P %y %m %l\n' | LC_ALL=C sort
+    find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-16)
+}
+
+RESULTS="$STATE/results.tsv"
+: >"$RESULTS"
+run_agent() {
+  local fs=$1 i=$2 bin=${3:-$AGENT} label=${4:-agent} mnt="$STATE/mnt"
+  fresh_fs "$fs" "$mnt"
+  device_config "$mnt/dev"
+  : >"$STATE/t.agent"
+  local s e
+  s=$(now)
+  timed "$STATE/t.agent" "$bin" --config "$mnt/dev/agent.toml" apply
+  sync
+  e=$(now)
+  grep -q "applied 1.0.0" "$STATE/cmd.log" || { cat "$STATE/cmd.log" >&2; return 1; }
+  read -r _ rss <"$STATE/t.agent"
+  echo -e "$label\t$fs\t$i\t$(echo "$e - $s" | bc)\t$rss" >>"$RESULTS"
+  [ "$i" = 1 ] && fingerprint "$mnt/dev/b" >"$STATE/fp.$label.$fs"
+  drop_fs "$mnt"
+}
+run_reference() {
+  local fs=$1 i=$2 mnt="$STATE/mnt"
+  fresh_fs "$fs" "$mnt"
+  : >"$STATE/t.ref"
+  local s e
+  s=$(now)
+  timed "$STATE/t.ref" skopeo copy -q --src-tls-verify=false "docker://$REPO@$DIGEST" "oci:$mnt/layout:t"
+  timed "$STATE/t.ref" umoci raw unpack --rootless --image "$mnt/layout:t" "$mnt/rootfs"
+  sync
+  e=$(now)
+  local rss
+  rss=$(awk '$2>m{m=$2} END{print m}' "$STATE/t.ref")
+  echo -e "reference\t$fs\t$i\t$(echo "$e - $s" | bc)\t$rss\t$(head -1 "$STATE/t.ref" | cut -d' ' -f1)\t$(tail -1 "$STATE/t.ref" | cut -d' ' -f1)" >>"$RESULTS"
+  [ "$i" = 1 ] && fingerprint "$mnt/rootfs" >"$STATE/fp.ref.$fs"
+  drop_fs "$mnt"
+}
+
+if [ "$DO_UPGRADE" = 1 ]; then
+  echo "==> benchmark 4: $RUNS runs each, agent and reference alternating, on tmpfs and ext4"
+  # Warm the page cache of the registry's blobs once, untimed.
+  cat "$STATE"/registry/docker/registry/v2/blobs/sha256/*/*/data >/dev/null
+  for i in $(seq 1 "$RUNS"); do
+    for fs in tmpfs ext4; do
+      if [ $((i % 2)) = 1 ]; then run_agent "$fs" "$i"; run_reference "$fs" "$i"
+      else run_reference "$fs" "$i"; run_agent "$fs" "$i"; fi
+      [ -n "${SLUICE_BENCH_COMPARE:-}" ] && run_agent "$fs" "$i" "$SLUICE_BENCH_COMPARE" other
+      echo "    run $i $fs: $(grep -P "\t$fs\t$i\t" "$RESULTS" | cut -f1,4,5 | tr '\n\t' '; ')"
+    done
+  done
+  for fs in tmpfs ext4; do
+    if [ -n "${SLUICE_BENCH_COMPARE:-}" ] && ! cmp -s "$STATE/fp.other.$fs" "$STATE/fp.ref.$fs"; then
+      echo "error: on $fs the other agent's slot differs from umoci's rootfs" >&2
+      exit 1
+    fi
+    if ! cmp -s "$STATE/fp.agent.$fs" "$STATE/fp.ref.$fs"; then
+      echo "error: on $fs the agent's slot differs from umoci's rootfs: $(cat "$STATE/fp.agent.$fs") vs $(cat "$STATE/fp.ref.$fs")" >&2
+      exit 1
+    fi
+  done
+  echo "    same tree as umoci's on both (types, modes, sizes, links, contents)"
+fi
+
+# ---- benchmark 5: footprint ----
+if [ "$DO_FOOT" = 1 ]; then
+  echo "==> benchmark 5: binary size and idle RSS"
+  BIN_BYTES=$(stat -c %s "$AGENT")
+  cp "$AGENT" "$STATE/agent.stripped" && strip "$STATE/agent.stripped"
+  STRIPPED_BYTES=$(stat -c %s "$STATE/agent.stripped")
+  d="$SHM/idle"
+  device_config "$d" stable
+  # Bring the device up to date (slot B holds 1.0.0, booted, marked good):
+  # then the daemon's polls all answer "nothing to do", as on an idle device.
+  "$AGENT" --config "$d/agent.toml" apply >/dev/null 2>&1
+  echo "root=/dev/vda sluice.slot=B" >"$d/cmdline"
+  "$AGENT" --config "$d/agent.toml" mark-good >/dev/null 2>&1
+  before=$(stat -c %Y.%y "$d/state/state.json")
+  "$AGENT" --config "$d/agent.toml" run >"$STATE/daemon.log" 2>&1 &
+  DAEMON_PID=$!
+  # Polled once: each poll saves the answer's serial in state.json.
+  for _ in $(seq 1 100); do [ "$(stat -c %Y.%y "$d/state/state.json")" != "$before" ] && break; sleep 0.1; done
+  [ "$(stat -c %Y.%y "$d/state/state.json")" != "$before" ] || { echo "error: the daemon did not poll" >&2; cat "$STATE/daemon.log" >&2; exit 1; }
+  sleep 1
+  IDLE_KB=$(awk '/VmRSS/{print $2}' "/proc/$DAEMON_PID/status")
+  IDLE_HWM_KB=$(awk '/VmHWM/{print $2}' "/proc/$DAEMON_PID/status")
+  # And after the next poll (the server says every $POLL_S s, ±10 %).
+  sleep $((POLL_S * 12 / 10 + 1))
+  IDLE2_KB=$(awk '/VmRSS/{print $2}' "/proc/$DAEMON_PID/status")
+  kill -TERM "$DAEMON_PID"
+  wait "$DAEMON_PID" || true
+  DAEMON_PID=
+  if grep -q "failed" "$STATE/daemon.log"; then cat "$STATE/daemon.log" >&2; exit 1; fi
+  echo "    binary $BIN_BYTES bytes (strip: $STRIPPED_BYTES), idle RSS $IDLE_KB kB, after another poll $IDLE2_KB kB (peak $IDLE_HWM_KB kB)"
+fi
+
+# ---- benchmark 6: fleet simulation ----
+if [ "$DO_FLEET" = 1 ]; then
+  echo "==> benchmark 6: fleet simulation with $DEVICES devices"
+  for v in 1.0.0 1.1.0 1.2.0; do
+    "$PY" bench/mkimage.py "$STATE/fleet-img" --scale 0.002 --version "$v" --seed 7 >/dev/null
+    skopeo copy -q --dest-tls-verify=false "oci:$STATE/fleet-img:$v" "docker://$REGISTRY/bench/fleet:$v"
+  done
+  "$PY" bench/fleet.py --server "$API" --token "$SLUICE_TOKEN" --repository "$REGISTRY/bench/fleet" \
+    --devices "$DEVICES" --poll-s "$POLL_S" --png "$PNG" --json "$STATE/fleet.json" "${FLEET_ARGS[@]}" | tee "$STATE/fleet.txt"
+fi
+
+# ---- the report ----
+echo "==> writing $OUT"
+export SLUICE_BENCH_COMPARE=${SLUICE_BENCH_COMPARE:-} SLUICE_BENCH_COMPARE_LABEL=${SLUICE_BENCH_COMPARE_LABEL:-}
+export RESULTS OUT PNG TAR_MB GZ_MB FILES RUNS DEVICES SMOKE PROFILE SCALE DIGEST
+export BIN_BYTES=${BIN_BYTES:-} STRIPPED_BYTES=${STRIPPED_BYTES:-} IDLE_KB=${IDLE_KB:-} IDLE2_KB=${IDLE2_KB:-} IDLE_HWM_KB=${IDLE_HWM_KB:-}
+export FLEET_JSON=$([ "$DO_FLEET" = 1 ] && echo "$STATE/fleet.json" || echo "")
+export DO_UPGRADE DO_FOOT DO_FLEET POLL_S
+export PUBLISH_S=$(echo "$t1 - $t0" | bc)
+export CPU_MODEL=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo) NPROC=$(nproc) MEM_GB=$(free -g | awk '/Mem:/{print $2}')
+export KERNEL=$(uname -r) LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+export SKOPEO_V=$(skopeo --version | awk '{print $3}') UMOCI_V=$(umoci --version | awk '{print $3}')
+export COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- agent bench || echo "+changes")
+export FLEET_ARGS_STR="${FLEET_ARGS[*]}"
+"$PY" bench/report.py
+echo "==> done: $OUT"

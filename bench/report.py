@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Writes bench/AGENT.md from what bench/agent.sh measured (its environment)."""
+
+import json
+import os
+import statistics
+import time
+
+E = os.environ
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def rows():
+    out = []
+    if not E.get("RESULTS") or not os.path.exists(E["RESULTS"]):
+        return out
+    for line in open(E["RESULTS"]):
+        f = line.rstrip("\n").split("\t")
+        out.append(
+            {
+                "who": f[0],
+                "fs": f[1],
+                "run": int(f[2]),
+                "wall": float(f[3]),
+                "rss_mb": int(f[4]) / 1024,
+                "skopeo": float(f[5]) if len(f) > 5 else None,
+                "umoci": float(f[6]) if len(f) > 6 else None,
+            }
+        )
+    return out
+
+
+def mmm(xs, fmt="{:.2f}"):
+    return f"{fmt.format(med(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})" if xs else "–"
+
+
+def main():
+    L = []
+    w = L.append
+    smoke = E.get("SMOKE") == "1"
+    w("# Agent benchmarks (issue 5, benchmarks 4–6)")
+    w("")
+    w(
+        f"Written by `bench/agent.sh` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit "
+        f"`{E.get('COMMIT', '?')}`{' (SMOKE RUN: tiny image, debug build, figures meaningless)' if smoke else ''}. "
+        "Rerun: `bench/agent.sh` (as root; `--runs N`, `--devices N`, `--skip-upgrade|--skip-footprint|--skip-fleet`)."
+    )
+    w("")
+    w(
+        f"Machine: {E.get('CPU_MODEL', '?')}, {E.get('NPROC', '?')} cores, {E.get('MEM_GB', '?')} GB RAM, "
+        f"Linux {E.get('KERNEL', '?')}; skopeo {E.get('SKOPEO_V', '?')}, umoci {E.get('UMOCI_V', '?')}; "
+        f"`{E.get('PROFILE', 'release')}` build. **The machine was shared** with other engineers' builds and tests "
+        f"and a CI run while this ran (load average at the end: {E.get('LOADAVG', '?')}): every figure is noisy, "
+        "which is why agent and reference ran alternately in the same loop and medians are given with min and max."
+    )
+    w("")
+
+    R = rows()
+    if E.get("DO_UPGRADE") == "1" and R:
+        w("## 4. Upgrade: `sluice-agent apply` against `skopeo copy` + `umoci raw unpack`")
+        w("")
+        w(
+            f"Image: `bench/mkimage.py --scale {E.get('SCALE')}` (deterministic), {float(E['TAR_MB']):.0f} MB of tar in "
+            f"4 gzip layers ({float(E['GZ_MB']):.0f} MB compressed), {E['FILES']} regular files; at scale 1: ~36 000 small text "
+            "files in ~3 000 folders (with symlinks, hard links, a setuid file, another owner), ~1 300 library-like "
+            "files (2:1), four big files (locale archive, initrd, kernel, dpkg status) and 60 MB of incompressible "
+            "firmware with whiteouts. Pushed to a private `docker-registry` on loopback, published through the real "
+            f"server (`sluice release publish`, {float(E.get('PUBLISH_S') or 0):.2f} s here) with its own PostgreSQL."
+        )
+        w("")
+        w(
+            "Each run gets a fresh file system: a `tmpfs`, or a fresh ext4 (`mkfs.ext4` defaults: journaled) "
+            "in a 4 GiB image file on /dev/shm, loop-mounted. The registry's blobs are in the page cache. "
+            f"{E.get('RUNS')} runs per file system; in odd runs the agent goes first, in even runs the reference. "
+            "Wall time includes the final `sync` (the agent already `syncfs`es the slot before switching GRUB; "
+            "neither skopeo nor umoci syncs anything)."
+        )
+        w("")
+        w("| file system | agent wall s | reference wall s (skopeo + umoci) | ratio agent/ref (target ≤ 0.35) | agent peak RSS MB (target ≤ 32) | reference peak RSS MB |")
+        w("|---|---|---|---|---|---|")
+        for fs in ("tmpfs", "ext4"):
+            a = [r for r in R if r["who"] == "agent" and r["fs"] == fs]
+            ref = [r for r in R if r["who"] == "reference" and r["fs"] == fs]
+            if not a or not ref:
+                continue
+            aw = [r["wall"] for r in a]
+            rw = [r["wall"] for r in ref]
+            ratio = med(aw) / med(rw)
+            pair = [x["wall"] / y["wall"] for x in a for y in ref if x["run"] == y["run"]]
+            w(
+                f"| {fs} | {mmm(aw)} | {mmm(rw)} (skopeo {med([r['skopeo'] for r in ref]):.2f} + umoci "
+                f"{med([r['umoci'] for r in ref]):.2f}) | **{ratio:.2f}** (per run {min(pair):.2f}–{max(pair):.2f}) "
+                f"{'✔' if ratio <= 0.35 else '✘'} | {mmm([r['rss_mb'] for r in a], '{:.1f}')} "
+                f"{'✔' if max(r['rss_mb'] for r in a) <= 32 else '✘'} | {mmm([r['rss_mb'] for r in ref], '{:.1f}')} |"
+            )
+        w("")
+        O = [r for r in R if r["who"] == "other"]
+        if O:
+            w(
+                f"Also in the same loop, right after each agent run, another agent build "
+                f"(`{E.get('SLUICE_BENCH_COMPARE_LABEL') or E.get('SLUICE_BENCH_COMPARE')}`):"
+            )
+            w("")
+            w("| file system | that agent wall s | ratio to the reference | peak RSS MB |")
+            w("|---|---|---|---|")
+            for fs in ("tmpfs", "ext4"):
+                o = [r["wall"] for r in O if r["fs"] == fs]
+                rw = [r["wall"] for r in R if r["who"] == "reference" and r["fs"] == fs]
+                if o and rw:
+                    w(
+                        f"| {fs} | {mmm(o)} | {med(o) / med(rw):.2f} | "
+                        f"{mmm([r['rss_mb'] for r in O if r['fs'] == fs], '{:.1f}')} |"
+                    )
+            w("")
+        w("Median (min–max). Every run, in order:")
+        w("")
+        w(
+            "| run | fs | agent s | agent RSS MB | reference s | skopeo s | umoci s | reference RSS MB |"
+            + (" other agent s |" if O else "")
+        )
+        w("|---|---|---|---|---|---|---|---|" + ("---|" if O else ""))
+        for run in sorted({r["run"] for r in R}):
+            for fs in ("tmpfs", "ext4"):
+                a = [r for r in R if r["who"] == "agent" and r["fs"] == fs and r["run"] == run]
+                ref = [r for r in R if r["who"] == "reference" and r["fs"] == fs and r["run"] == run]
+                if a and ref:
+                    a, ref = a[0], ref[0]
+                    w(
+                        f"| {run} | {fs} | {a['wall']:.2f} | {a['rss_mb']:.1f} | {ref['wall']:.2f} | "
+                        f"{ref['skopeo']:.2f} | {ref['umoci']:.2f} | {ref['rss_mb']:.1f} |"
+                        + "".join(
+                            f" {o['wall']:.2f} |" for o in O if o["fs"] == fs and o["run"] == run
+                        )
+                    )
+        w("")
+        w("Commands, per run (`$MNT` the fresh file system, `$DIGEST` the published platform digest):")
+        w("")
+        w("```sh")
+        w("# agent: a device whose slots a/ and b/, state, grubenv and cmdline (sluice.slot=A) are under $MNT")
+        w("/usr/bin/time -f '%e %M' sluice-agent --config $MNT/dev/agent.toml apply && sync")
+        w("# reference")
+        w("/usr/bin/time -f '%e %M' skopeo copy -q --src-tls-verify=false docker://$REGISTRY/bench/os@$DIGEST oci:$MNT/layout:t")
+        w("/usr/bin/time -f '%e %M' umoci raw unpack --rootless --image $MNT/layout:t $MNT/rootfs && sync")
+        w("```")
+        w("")
+        w(
+            "The agent's wall time is the whole upgrade as a device does it: enroll, resolve (signed answer "
+            "checked), image signature checked, manifest and layers pulled by digest and verified while "
+            "streaming, unpacked into slot B (as root: owners kept, which `umoci --rootless` does not do), "
+            "`syncfs`, grubenv switched and the events reported. After the first run on each file system the "
+            "script compares the agent's slot B with umoci's rootfs (types, modes, sizes, link targets, all "
+            "file contents) and fails if they differ."
+        )
+        w("")
+
+    if E.get("DO_FOOT") == "1" and E.get("BIN_BYTES"):
+        b = int(E["BIN_BYTES"])
+        s = int(E["STRIPPED_BYTES"])
+        idle = int(E["IDLE_KB"]) / 1024
+        idle2 = int(E["IDLE2_KB"]) / 1024
+        w("## 5. Agent footprint")
+        w("")
+        w("| what | figure | target |")
+        w("|---|---|---|")
+        w(
+            f"| release binary (`cargo build --release -p sluice-agent`; the workspace profile strips it, thin LTO) | "
+            f"{b / 1e6:.2f} MB ({b} bytes; `strip` again: {s} bytes) | ≤ 12 MB {'✔' if s <= 12e6 else '✘'} |"
+        )
+        w(
+            f"| idle RSS of `sluice-agent run`, 1 s after its first poll | {idle:.1f} MB ({E['IDLE_KB']} kB; "
+            f"VmHWM {int(E['IDLE_HWM_KB']) / 1024:.1f} MB) | ≤ 8 MB {'✔' if idle <= 8 else '✘'} |"
+        )
+        w(f"| the same after its next poll | {idle2:.1f} MB ({E['IDLE2_KB']} kB) | ≤ 8 MB {'✔' if idle2 <= 8 else '✘'} |")
+        w("")
+        w(
+            "The daemon runs on an up-to-date device (it applied 1.0.0 into slot B, booted B, `mark-good`), so "
+            f"every poll gets a signed answer offering the release it runs, verified, and waits the "
+            f"`poll_after_s` of {E.get('POLL_S')} s the server hands out. RSS read from `/proc/PID/status` (VmRSS)."
+        )
+        w("")
+
+    fj = E.get("FLEET_JSON")
+    if E.get("DO_FLEET") == "1" and fj and os.path.exists(fj):
+        r = json.load(open(fj))
+        p = r["params"]
+        n = r["devices"]
+        w("## 6. Fleet simulation")
+        w("")
+        w(
+            f"`bench/fleet.py` plays {n} devices (Python asyncio, {p['connections']} keep-alive connections over "
+            f"loopback) against the same server: enroll, `resolve` every `poll_after_s` ({E.get('POLL_S')} s, "
+            f"±10 %), events as the agent sends them, a simulated apply of {p['apply_s'][0]:g}–{p['apply_s'][1]:g} s "
+            f"and a reboot of {p['reboot_s']:g} s. Release 1.1.0 goes out by a ramp 0 → 100 % over "
+            f"{p['ramp_minutes']:g} min with {p['fail_good']:g} % of devices failing its health check (below the "
+            f"gate); once the fleet has settled, 1.2.0 goes out by the same ramp with {p['fail_bad']:g} % failing. "
+            f"Health gate: halt above {p['gate_max_failure_percent']:g} % failed or rolled back, judged from "
+            f"{p['gate_min_reports']} reports. The server's per-device rate limit (burst 60, 1/s) is never "
+            f"reached at these poll rates ({r['rate_limited']} answers were 429); its check-ins are batched "
+            "(last-seen lags by up to `SLUICE_CHECKIN_FLUSH_MS`), events are not, so the gate sees every outcome at once."
+        )
+        w("")
+        w(f"![adoption curve](fleet.png)")
+        w("")
+        w("| when (s) | what |")
+        w("|---|---|")
+        for t, what in r["marks"]:
+            w(f"| {t:.1f} | {what} |")
+        w("")
+        fin = r["final"]
+        w(
+            f"Result: {fin['on'].get('1.1.0', 0)} devices ended on 1.1.0, {fin['on'].get('1.2.0', 0)} on 1.2.0, "
+            f"{fin['on'].get('1.0.0', 0)} on 1.0.0; {fin['failed'].get('1.1.0', 0)} failed 1.1.0 and "
+            f"{fin['failed'].get('1.2.0', 0)} failed 1.2.0. "
+            + (
+                f"**The gate halted 1.2.0 {r['gate_halted_at_s'] - r['ramp2_started_at_s']:.1f} s after its promotion**, "
+                f"at {r['final_channel']['rollout']['effective_percent']:.1f} % of the ramp: "
+                f"\"{r['final_channel']['rollout'].get('paused_reason') or ''}\"."
+                if r.get("gate_halted_at_s")
+                else "The gate did not halt 1.2.0."
+            )
+        )
+        w("")
+        w(
+            f"Load: enrollment of {n} devices took {r['enroll_s']:.1f} s; {r['requests']} requests in "
+            f"{r['duration_s']:.0f} s ({r['requests_per_s']:.0f}/s on average), resolve seen by the Python client "
+            f"p50 {r['resolve_ms']['p50']} ms, p99 {r['resolve_ms']['p99']} ms, max {r['resolve_ms']['max']} ms "
+            "(client, server and PostgreSQL on the same 2 shared cores)."
+        )
+        w("")
+        w("Devices on each version over time (client's count; `effective %` is the server's):")
+        w("")
+        w("| t s | head | effective % | paused | on 1.0.0 | on 1.1.0 | on 1.2.0 | failed 1.1.0 | failed 1.2.0 | in flight | gate failures/reports |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|")
+        step = max(1, len(r["timeline"]) // 24)
+        tl = r["timeline"]
+        for x in tl[::step] + ([tl[-1]] if tl and (len(tl) - 1) % step else []):
+            w(
+                f"| {x['t']:.0f} | {x['head']} | {x['effective_percent']:.1f} | {'yes' if x['paused'] else ''} | "
+                f"{x['on']['1.0.0']} | {x['on']['1.1.0']} | {x['on']['1.2.0']} | {x['failed'].get('1.1.0', 0)} | "
+                f"{x['failed'].get('1.2.0', 0)} | {x['in_flight']} | {x['gate']['failures']}/{x['gate']['reports']} |"
+            )
+        w("")
+        w("Command (the script starts the server with `SLUICE_POLL_AFTER_S` set to the poll interval):")
+        w("")
+        w("```sh")
+        w(
+            f"bench/fleet.py --server $API --token $ADMIN_TOKEN --repository $REGISTRY/bench/fleet --devices {n} "
+            f"--poll-s {E.get('POLL_S')} {E.get('FLEET_ARGS_STR', '')} --png bench/fleet.png"
+        )
+        w("```")
+        w("")
+    with open(E["OUT"], "w") as f:
+        f.write("\n".join(L))
+
+
+if __name__ == "__main__":
+    main()
