@@ -112,6 +112,70 @@ impl Drop for Cluster {
     }
 }
 
+/// A `docker-registry` of this test's own, which it may stop and start again
+/// on the same port and storage.
+struct OwnRegistry {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRegistry {
+    async fn start() -> OwnRegistry {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-reg")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let port = free_port();
+        std::fs::write(
+            dir.path().join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut r = OwnRegistry {
+            dir,
+            port,
+            child: None,
+        };
+        r.up().await;
+        r
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn up(&mut self) {
+        self.child = Some(
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(self.dir.path().join("config.yml"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("docker-registry (Debian's package) is installed"),
+        );
+        let url = format!("http://{}/v2/", self.addr());
+        for _ in 0..200 {
+            if reqwest::get(&url).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("docker-registry did not start on {}", self.addr());
+    }
+
+    async fn down(&mut self) {
+        let mut c = self.child.take().expect("the registry is up");
+        c.kill().await.unwrap();
+        c.wait().await.unwrap();
+    }
+}
+
 /// The real `sluice serve` on a free port.
 struct Server {
     child: Child,
@@ -540,4 +604,56 @@ async fn sigterm_flushes_checkins(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(written, 20, "every check-in is flushed on SIGTERM");
+}
+
+/// The registry down during publish: 503 with a message, nothing stored; once
+/// the same registry is back, the same request succeeds and is signed.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn registry_outage_during_publish(pool: PgPool) {
+    let mut reg = OwnRegistry::start().await;
+    let addr = reg.addr();
+    let (digest, _) = images::push_image(&addr, "acme/os", "1.0.0").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path().join("data"));
+    config.insecure_registries.push(addr.clone());
+    let app = common::TestApp::spawn_with(pool.clone(), config, dir).await;
+    app.product("acme", &format!("{addr}/acme/os")).await;
+    let publish = json!({"version": "1.0.0", "image": format!("{addr}/acme/os:1.0.0")});
+
+    reg.down().await;
+    let (s, b) = app
+        .post("/v1/products/acme/releases", &app.admin, publish.clone())
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains(&addr),
+        "the message names the registry: {b}"
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM releases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "nothing stored while the registry is down");
+
+    reg.up().await;
+    let (s, b) = app
+        .post("/v1/products/acme/releases", &app.admin, publish)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "the retry succeeds: {b}");
+    assert_eq!(b["digest"], digest.as_str(), "{b}");
+    let sig_tag = format!("sha256-{}.sig", digest.trim_start_matches("sha256:"));
+    let tags: Value = reqwest::get(format!("http://{addr}/v2/acme/os/tags/list"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        tags["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == sig_tag.as_str()),
+        "the signature is in the registry: {tags}"
+    );
 }
