@@ -305,15 +305,16 @@ impl Unpacker {
             let mut stale = false;
             match kind {
                 tar::EntryType::Directory => {
+                    let dir_mode = entry.header().mode().unwrap_or(0o755);
                     match rustix::fs::statat(pfd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
                         Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
                         Ok(_) => {
                             remove_at(pfd, name)
                                 .map_err(|e| UnpackError::io(format!("replacing {shown}"), e))?;
                             stale = true;
-                            mkdir(pfd, name, &shown)?;
+                            mkdir(pfd, name, dir_mode, &shown)?;
                         }
-                        Err(Errno::NOENT) => mkdir(pfd, name, &shown)?,
+                        Err(Errno::NOENT) => mkdir(pfd, name, dir_mode, &shown)?,
                         Err(e) => return Err(UnpackError::io(format!("examining {shown}"), e)),
                     }
                     let dir = rustix::fs::openat(pfd, name.as_os_str(), DIR_FLAGS, Mode::empty())
@@ -323,6 +324,10 @@ impl Unpacker {
                 tar::EntryType::Regular
                 | tar::EntryType::Continuous
                 | tar::EntryType::GNUSparse => {
+                    // Made with its mode where the umask leaves that
+                    // alone (set-id and sticky bits wait for the owner), so
+                    // `set_meta` has nothing to change.
+                    let mode = entry.header().mode().unwrap_or(0o600) & 0o777;
                     let create = || {
                         rustix::fs::openat(
                             pfd,
@@ -332,7 +337,7 @@ impl Unpacker {
                                 | OFlags::EXCL
                                 | OFlags::NOFOLLOW
                                 | OFlags::CLOEXEC,
-                            Mode::from_raw_mode(0o600),
+                            Mode::from_raw_mode(mode),
                         )
                     };
                     // Most entries land where nothing stands: try that
@@ -507,8 +512,8 @@ impl Unpacker {
     }
 }
 
-fn mkdir(pfd: BorrowedFd<'_>, name: &OsStr, shown: &str) -> Result<(), UnpackError> {
-    rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(0o700))
+fn mkdir(pfd: BorrowedFd<'_>, name: &OsStr, mode: u32, shown: &str) -> Result<(), UnpackError> {
+    rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(mode & 0o777))
         .map_err(|e| UnpackError::io(format!("creating directory {shown}"), e))
 }
 
@@ -682,6 +687,12 @@ fn set_meta<R: Read>(
     times: bool,
 ) -> Result<(), UnpackError> {
     let h = entry.header().clone();
+    // Owner and mode are changed only where they differ from what the entry
+    // got when it was made: on a journaled file system each change is an
+    // inode update of its own, and most entries already have the owner
+    // (root) and mode (created with it) they need. fstat costs no journal.
+    let st = rustix::fs::fstat(fd).map_err(|e| UnpackError::io(format!("stat {shown}"), e))?;
+    let mut cur_mode = st.st_mode & 0o7777;
     if opts.preserve_owner {
         // PAX records override the ustar fields (ids above 2^21).
         let u = pax_num(entry, "uid")
@@ -690,13 +701,18 @@ fn set_meta<R: Read>(
         let g = pax_num(entry, "gid")
             .map(|g| rustix::fs::Gid::from_raw(g as u32))
             .unwrap_or_else(|| gid(&h));
-        rustix::fs::fchown(fd, Some(u), Some(g))
-            .map_err(|e| UnpackError::io(format!("chown {shown}"), e))?;
+        if (u.as_raw(), g.as_raw()) != (st.st_uid, st.st_gid) {
+            rustix::fs::fchown(fd, Some(u), Some(g))
+                .map_err(|e| UnpackError::io(format!("chown {shown}"), e))?;
+            // chown may have cleared set-id bits.
+            cur_mode = u32::MAX;
+        }
     }
-    // After chown, which clears set-id bits.
     let mode = h.mode().map_err(|e| UnpackError::io(shown, e))? & 0o7777;
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
-        .map_err(|e| UnpackError::io(format!("chmod {shown}"), e))?;
+    if mode != cur_mode {
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
+            .map_err(|e| UnpackError::io(format!("chmod {shown}"), e))?;
+    }
     if let Ok(Some(exts)) = entry.pax_extensions() {
         for ext in exts.flatten() {
             let Ok(key) = ext.key() else { continue };
