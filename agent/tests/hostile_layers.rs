@@ -10,6 +10,9 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::tree;
+
 /// A tar built by hand, so names the `tar` builder would refuse can be written.
 #[derive(Default)]
 struct Tar {
@@ -80,36 +83,11 @@ impl Tar {
     }
 }
 
-/// Every file under a folder with its kind, mode and content.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let content = if m.is_file() {
-                std::fs::read(&p).unwrap()
-            } else if m.file_type().is_symlink() {
-                std::fs::read_link(&p)
-                    .unwrap()
-                    .into_os_string()
-                    .into_encoded_bytes()
-            } else {
-                stack.push(p.clone());
-                Vec::new()
-            };
-            out.insert(p, (m.mode(), content));
-        }
-    }
-    out
-}
-
 struct Device {
     _tmp: tempfile::TempDir,
     slot: PathBuf,
     outside: PathBuf,
-    before: BTreeMap<PathBuf, (u32, Vec<u8>)>,
+    before: BTreeMap<PathBuf, common::Entry>,
 }
 
 impl Device {
@@ -121,11 +99,10 @@ impl Device {
         std::fs::create_dir_all(outside.join("etc")).unwrap();
         std::fs::write(outside.join("secret"), b"keep me").unwrap();
         std::fs::write(outside.join("etc/passwd"), b"root:x:0:0").unwrap();
-        let before = snapshot(tmp.path());
         Device {
-            before: before
+            before: tree(tmp.path())
                 .into_iter()
-                .filter(|(p, _)| !p.starts_with(&slot))
+                .filter(|(p, _)| !p.starts_with("slot"))
                 .collect(),
             _tmp: tmp,
             slot,
@@ -151,9 +128,9 @@ impl Device {
     /// Nothing outside the slot changed.
     fn assert_outside_untouched(&self) {
         let root = self.slot.parent().unwrap();
-        let now: BTreeMap<_, _> = snapshot(root)
+        let now: BTreeMap<_, _> = tree(root)
             .into_iter()
-            .filter(|(p, _)| !p.starts_with(&self.slot))
+            .filter(|(p, _)| !p.starts_with("slot"))
             .collect();
         assert_eq!(now, self.before, "something outside the slot changed");
     }

@@ -247,32 +247,8 @@ fn big_layers() -> Vec<Layer> {
 }
 
 /// What `umoci raw unpack` makes of the same image in the same registry.
-fn umoci_tree(
-    p: &Pushed,
-) -> std::collections::BTreeMap<std::path::PathBuf, (u32, u32, u32, Vec<u8>)> {
-    let d = tempfile::tempdir().unwrap();
-    let layout = d.path().join("layout");
-    let st = std::process::Command::new("skopeo")
-        .args(["copy", "--quiet", "--src-tls-verify=false"])
-        .arg(format!("docker://{}", p.image))
-        .arg(format!("oci:{}:t", layout.display()))
-        .status()
-        .unwrap();
-    assert!(st.success(), "skopeo copy");
-    let rootfs = d.path().join("rootfs");
-    let mut c = std::process::Command::new("umoci");
-    c.args(["raw", "unpack"]);
-    if !rustix::process::geteuid().is_root() {
-        c.arg("--rootless");
-    }
-    let st = c
-        .arg("--image")
-        .arg(format!("{}:t", layout.display()))
-        .arg(&rootfs)
-        .status()
-        .unwrap();
-    assert!(st.success(), "umoci raw unpack");
-    tree(&rootfs)
+fn umoci_tree(p: &Pushed) -> std::collections::BTreeMap<std::path::PathBuf, common::Entry> {
+    common::umoci_tree(&p.image)
 }
 
 fn ab(dev: &TestDevice) -> AbState {

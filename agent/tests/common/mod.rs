@@ -5,6 +5,10 @@
 //! answers; broken blobs).
 #![allow(dead_code)]
 
+mod tree;
+#[allow(unused_imports)] // each test file uses its own share
+pub use tree::{Entry, tree, umoci_tree};
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use p256::ecdsa::signature::Signer;
@@ -14,7 +18,7 @@ use sluice_protocol::simplesigning::{COSIGN_TYPE, OPT_PRODUCT, OPT_VERSION};
 use sluice_protocol::{ImageSignature, KeyRole, KeySet, PublicKey, ResponseSigner, key_id};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
@@ -458,33 +462,4 @@ fn serve(conn: TcpStream, h: &Handler, seen: &Mutex<Vec<Request>>) {
     head.push_str("\r\n");
     let _ = out.write_all(head.as_bytes());
     let _ = out.write_all(&resp.body);
-}
-
-/// Every file under a folder: kind, mode, owner, content or link target.
-pub fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, (u32, u32, u32, Vec<u8>)> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let content = if m.is_file() {
-                std::fs::read(&p).unwrap()
-            } else if m.file_type().is_symlink() {
-                std::fs::read_link(&p)
-                    .unwrap()
-                    .into_os_string()
-                    .into_encoded_bytes()
-            } else {
-                stack.push(p.clone());
-                Vec::new()
-            };
-            out.insert(
-                p.strip_prefix(dir).unwrap().to_path_buf(),
-                (m.mode(), m.uid(), m.gid(), content),
-            );
-        }
-    }
-    out
 }
