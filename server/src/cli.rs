@@ -374,17 +374,42 @@ impl Command for Publish {
     }
 }
 
-/// `sluice channel promote`.
+/// `--product` and `--channel`: the channel a command acts on.
 #[derive(Debug, Args)]
-pub struct Promote {
-    #[command(flatten)]
-    remote: Remote,
+pub struct ChannelRef {
     /// The product.
     #[arg(long)]
     product: String,
     /// The channel.
     #[arg(long)]
     channel: String,
+}
+
+impl ChannelRef {
+    /// `method /v1/products/{product}/channels/{channel}/{action}` with `body`.
+    fn request(&self, method: Method, action: &str, body: Value) -> Request {
+        Request::new(
+            method,
+            &[
+                "v1",
+                "products",
+                &self.product,
+                "channels",
+                &self.channel,
+                action,
+            ],
+            Some(body),
+        )
+    }
+}
+
+/// `sluice channel promote`.
+#[derive(Debug, Args)]
+pub struct Promote {
+    #[command(flatten)]
+    remote: Remote,
+    #[command(flatten)]
+    at: ChannelRef,
     /// The release to make the channel's head.
     #[arg(long)]
     version: String,
@@ -402,18 +427,7 @@ impl Command for Promote {
         if let Some(p) = self.percent {
             body["percent"] = json!(p);
         }
-        Ok(Request::new(
-            Method::POST,
-            &[
-                "v1",
-                "products",
-                &self.product,
-                "channels",
-                &self.channel,
-                "promote",
-            ],
-            Some(body),
-        ))
+        Ok(self.at.request(Method::POST, "promote", body))
     }
 }
 
@@ -424,12 +438,8 @@ impl Command for Promote {
 pub struct Rollout {
     #[command(flatten)]
     remote: Remote,
-    /// The product.
-    #[arg(long)]
-    product: String,
-    /// The channel.
-    #[arg(long)]
-    channel: String,
+    #[command(flatten)]
+    at: ChannelRef,
     /// Percent of devices that get the head, now.
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
     percent: Option<u8>,
@@ -471,18 +481,7 @@ impl Command for Rollout {
         if let (Some(max), Some(min)) = (self.gate_max_failure_percent, self.gate_min_reports) {
             body["gate"] = json!({"max_failure_percent": max, "min_reports": min});
         }
-        Ok(Request::new(
-            Method::PATCH,
-            &[
-                "v1",
-                "products",
-                &self.product,
-                "channels",
-                &self.channel,
-                "rollout",
-            ],
-            Some(body),
-        ))
+        Ok(self.at.request(Method::PATCH, "rollout", body))
     }
 }
 
@@ -491,12 +490,8 @@ impl Command for Rollout {
 pub struct Rollback {
     #[command(flatten)]
     remote: Remote,
-    /// The product.
-    #[arg(long)]
-    product: String,
-    /// The channel.
-    #[arg(long)]
-    channel: String,
+    #[command(flatten)]
+    at: ChannelRef,
     /// The release to go back to (default: the channel's base, the previous head).
     #[arg(long)]
     version: Option<String>,
@@ -511,18 +506,7 @@ impl Command for Rollback {
             Some(v) => json!({"version": v}),
             None => json!({}),
         };
-        Ok(Request::new(
-            Method::POST,
-            &[
-                "v1",
-                "products",
-                &self.product,
-                "channels",
-                &self.channel,
-                "rollback",
-            ],
-            Some(body),
-        ))
+        Ok(self.at.request(Method::POST, "rollback", body))
     }
 }
 
