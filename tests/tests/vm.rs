@@ -457,6 +457,37 @@ fn has_data(disk: &Path, start: u64, end: u64) -> bool {
     matches!(rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(start)), Ok(o) if o < end)
 }
 
+/// Follows the agent from "update to `version`" through writing it into
+/// `slot`, the reboot, and GRUB booting that slot into `version`.
+async fn expect_upgrade(vm: &mut Vm, version: &str, slot: &str) {
+    vm.expect(&format!("sluice-agent: update to {version}"), BOOT)
+        .await;
+    vm.expect(&format!("into slot {slot}"), BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", WRITE).await;
+    vm.expect(&format!("GRUB-SLUICE: booting slot {slot}"), BOOT)
+        .await;
+    vm.expect(
+        &format!("SLUICE-VM: booted slot {slot} version {version}"),
+        BOOT,
+    )
+    .await;
+}
+
+/// Still offered `version` after falling back from it (the VM's last boot
+/// printed `booted`), the agent declines it: nothing written, no reboot, no
+/// event beyond the `events` already reported.
+async fn expect_declined(f: &Fleet, vm: &mut Vm, version: &str, booted: &str, events: usize) {
+    vm.expect(&format!("sluice-agent: not applying {version}"), BOOT)
+        .await;
+    let rest = vm.text();
+    let since_fallback = &rest[rest.rfind(booted).unwrap()..];
+    assert!(
+        !since_fallback.contains("update to") && !since_fallback.contains("rebooting"),
+        "{version} is not retried: {since_fallback}"
+    );
+    assert_eq!(f.device().await.1.len(), events, "no new events");
+}
+
 /// Boots slot A (1.0.0, the factory image) and follows the agent's upgrade
 /// to 2.0.0 into slot B.
 async fn boot_and_upgrade_to_2(f: &Fleet, vm: &mut Vm) {
@@ -465,12 +496,7 @@ async fn boot_and_upgrade_to_2(f: &Fleet, vm: &mut Vm) {
         .await;
     vm.expect("SLUICE-VM: health check passes", BOOT).await;
     vm.expect("sluice-agent: enrolled as device", BOOT).await;
-    vm.expect("sluice-agent: update to 2.0.0", BOOT).await;
-    vm.expect("into slot B", BOOT).await;
-    vm.expect("SLUICE-VM: rebooting", WRITE).await;
-    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
-    vm.expect("SLUICE-VM: booted slot B version 2.0.0", BOOT)
-        .await;
+    expect_upgrade(vm, "2.0.0", "B").await;
     vm.expect("SLUICE-VM: health check passes", BOOT).await;
     let (view, _) = f.wait_status("healthy", "2.0.0", vm).await;
     assert_eq!(view["current_version"], "2.0.0", "{view}");
@@ -529,12 +555,7 @@ async fn vm_failing_health_check_rolls_back(pool: PgPool) {
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     f.promote("3.0.0").await;
-    vm.expect("sluice-agent: update to 3.0.0", BOOT).await;
-    vm.expect("into slot A", BOOT).await;
-    vm.expect("SLUICE-VM: rebooting", WRITE).await;
-    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
-    vm.expect("SLUICE-VM: booted slot A version 3.0.0", BOOT)
-        .await;
+    expect_upgrade(&mut vm, "3.0.0", "A").await;
     vm.expect("SLUICE-VM: health check fails", BOOT).await;
     vm.expect("SLUICE-VM: rebooting", BOOT).await;
     vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
@@ -575,14 +596,14 @@ async fn vm_failing_health_check_rolls_back(pool: PgPool) {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    vm.expect("sluice-agent: not applying 3.0.0", BOOT).await;
-    let rest = vm.text();
-    let since_fallback = &rest[rest.rfind("booted slot B version 2.0.0").unwrap()..];
-    assert!(
-        !since_fallback.contains("update to") && !since_fallback.contains("rebooting"),
-        "{since_fallback}"
-    );
-    assert_eq!(f.device().await.1.len(), events.len(), "no new events");
+    expect_declined(
+        &f,
+        &mut vm,
+        "3.0.0",
+        "booted slot B version 2.0.0",
+        events.len(),
+    )
+    .await;
     vm.kill().await;
     f.done();
 }
@@ -598,12 +619,7 @@ async fn vm_crash_before_assessment_falls_back(pool: PgPool) {
     vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
     vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
         .await;
-    vm.expect("sluice-agent: update to 4.0.0", BOOT).await;
-    vm.expect("into slot B", BOOT).await;
-    vm.expect("SLUICE-VM: rebooting", WRITE).await;
-    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
-    vm.expect("SLUICE-VM: booted slot B version 4.0.0", BOOT)
-        .await;
+    expect_upgrade(&mut vm, "4.0.0", "B").await;
     vm.expect("SLUICE-VM: crashing before the boot assessment", BOOT)
         .await;
     vm.expect("Kernel panic", BOOT).await;
@@ -629,14 +645,14 @@ async fn vm_crash_before_assessment_falls_back(pool: PgPool) {
 
     // Still offered 4.0.0, the agent declines it: nothing written again.
     vm.expect("SLUICE-VM: boot assessment exited 0", BOOT).await;
-    vm.expect("sluice-agent: not applying 4.0.0", BOOT).await;
-    let rest = vm.text();
-    let since_fallback = &rest[rest.rfind("booted slot A version 1.0.0").unwrap()..];
-    assert!(
-        !since_fallback.contains("update to") && !since_fallback.contains("rebooting"),
-        "4.0.0 is not retried: {since_fallback}"
-    );
-    assert_eq!(f.device().await.1.len(), events.len(), "no new events");
+    expect_declined(
+        &f,
+        &mut vm,
+        "4.0.0",
+        "booted slot A version 1.0.0",
+        events.len(),
+    )
+    .await;
     vm.kill().await;
     f.done();
 }
@@ -682,11 +698,7 @@ async fn vm_power_cut_during_write_recovers(pool: PgPool) {
     vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
     vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
         .await;
-    vm.expect("sluice-agent: update to 2.0.0", BOOT).await;
-    vm.expect("SLUICE-VM: rebooting", WRITE).await;
-    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
-    vm.expect("SLUICE-VM: booted slot B version 2.0.0", BOOT)
-        .await;
+    expect_upgrade(&mut vm, "2.0.0", "B").await;
     let (view, events) = f.wait_status("healthy", "2.0.0", &vm).await;
     assert_eq!(view["current_version"], "2.0.0", "{view}");
     assert_eq!(view["booted_slot"], "B", "{view}");
