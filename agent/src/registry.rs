@@ -9,7 +9,7 @@ use std::io::Read;
 use std::time::Duration;
 
 /// Most bytes a manifest may have.
-const MAX_MANIFEST: u64 = 4 << 20;
+pub const MAX_MANIFEST: u64 = 4 << 20;
 
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
@@ -72,6 +72,32 @@ pub struct Manifest {
     /// Present in an index: then this is not a platform manifest.
     #[serde(default)]
     pub manifests: Option<serde_json::Value>,
+}
+
+/// Checks a platform manifest's bytes and parses them: at most
+/// [`MAX_MANIFEST`] bytes hashing to `digest`, not an index, at least one
+/// layer, every layer named by a sha256 digest. No I/O, so it can be fuzzed.
+pub fn parse_manifest(bytes: &[u8], digest: &str) -> anyhow::Result<Manifest> {
+    if bytes.len() as u64 > MAX_MANIFEST {
+        bail!("manifest {digest} is larger than {MAX_MANIFEST} bytes: refused");
+    }
+    let got = sluice_protocol::sha256_digest(bytes);
+    if got != digest {
+        bail!("manifest bytes hash to {got}, not {digest}: refused");
+    }
+    let m: Manifest = serde_json::from_slice(bytes).context("parsing the manifest")?;
+    if m.manifests.is_some() {
+        bail!("{digest} is an image index, not a platform manifest: refused");
+    }
+    if m.layers.is_empty() {
+        bail!("manifest {digest} has no layers");
+    }
+    for l in &m.layers {
+        if !sluice_protocol::is_sha256_digest(&l.digest) {
+            bail!("layer digest {:?} is not sha256: refused", l.digest);
+        }
+    }
+    Ok(m)
 }
 
 /// A registry client for one device.
@@ -222,32 +248,7 @@ impl Registry {
             .take(MAX_MANIFEST + 1)
             .read_to_end(&mut bytes)
             .context("reading the manifest")?;
-        if bytes.len() as u64 > MAX_MANIFEST {
-            bail!(
-                "manifest {} is larger than {MAX_MANIFEST} bytes: refused",
-                r.digest
-            );
-        }
-        let got = sluice_protocol::sha256_digest(&bytes);
-        if got != r.digest {
-            bail!("manifest bytes hash to {got}, not {}: refused", r.digest);
-        }
-        let m: Manifest = serde_json::from_slice(&bytes).context("parsing the manifest")?;
-        if m.manifests.is_some() {
-            bail!(
-                "{} is an image index, not a platform manifest: refused",
-                r.digest
-            );
-        }
-        if m.layers.is_empty() {
-            bail!("manifest {} has no layers", r.digest);
-        }
-        for l in &m.layers {
-            if !sluice_protocol::is_sha256_digest(&l.digest) {
-                bail!("layer digest {:?} is not sha256: refused", l.digest);
-            }
-        }
-        Ok(m)
+        parse_manifest(&bytes, &r.digest)
     }
 
     /// Opens a blob by digest; the reader verifies digest and size as it goes.
@@ -395,6 +396,45 @@ mod tests {
         let mut out = Vec::new();
         assert!(v.read_to_end(&mut out).is_err());
         assert!(out.len() <= 1000);
+    }
+
+    /// Each check of a manifest's bytes refuses with its own message.
+    #[test]
+    fn manifests_are_checked_before_use() {
+        let layer = sluice_protocol::sha256_digest(b"layer");
+        let good = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": layer, "size": 5}]
+        })
+        .to_string();
+        let d = sluice_protocol::sha256_digest(good.as_bytes());
+        let m = parse_manifest(good.as_bytes(), &d).unwrap();
+        assert_eq!(m.layers[0].digest, layer);
+
+        let refused = |bytes: &[u8], digest: &str, why: &str| {
+            let e = format!("{:#}", parse_manifest(bytes, digest).unwrap_err());
+            assert!(e.contains(why), "{e}");
+        };
+        refused(good.as_bytes(), &layer, "hash to");
+        for (json, why) in [
+            (r#"{"manifests":[],"layers":[]}"#, "image index"),
+            (r#"{"layers":[]}"#, "no layers"),
+            (
+                r#"{"layers":[{"mediaType":"x","digest":"md5:00","size":1}]}"#,
+                "not sha256",
+            ),
+            ("[", "parsing the manifest"),
+        ] {
+            refused(
+                json.as_bytes(),
+                &sluice_protocol::sha256_digest(json.as_bytes()),
+                why,
+            );
+        }
+        let big = vec![b' '; MAX_MANIFEST as usize + 1];
+        refused(&big, &sluice_protocol::sha256_digest(&big), "larger than");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use rustix::io::Errno;
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
@@ -96,7 +97,8 @@ pub struct UnpackOptions {
     /// Keep uid/gid from the layer (needs root); otherwise files belong to the agent.
     pub preserve_owner: bool,
     /// Most bytes of tar stream (headers and data, after decompression) all
-    /// layers of one image may produce.
+    /// layers of one image may produce, counting the holes of sparse files,
+    /// which the stream does not carry but the slot receives.
     pub max_bytes: u64,
 }
 
@@ -125,8 +127,8 @@ pub struct LayerStats {
 pub struct Unpacker {
     root: OwnedFd,
     opts: UnpackOptions,
-    /// Bytes of tar stream still allowed.
-    budget: u64,
+    /// Bytes of tar stream still allowed; shared with the reader the archive holds.
+    budget: Cell<u64>,
     /// The last parent directory opened, reused while entries stay in it.
     cached: Option<(PathBuf, OwnedFd)>,
     /// The buffer file contents pass through, allocated once.
@@ -136,7 +138,7 @@ pub struct Unpacker {
 /// Counts and caps the bytes of a decompressed layer.
 struct Capped<'a, R> {
     inner: R,
-    budget: &'a mut u64,
+    budget: &'a Cell<u64>,
     read: u64,
     cap: u64,
 }
@@ -144,10 +146,7 @@ struct Capped<'a, R> {
 impl<R: Read> Read for Capped<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if n as u64 > *self.budget {
-            return Err(std::io::Error::other(CapExceeded(self.cap)));
-        }
-        *self.budget -= n as u64;
+        charge(self.budget, n as u64, self.cap).map_err(std::io::Error::other)?;
         self.read += n as u64;
         Ok(n)
     }
@@ -161,6 +160,13 @@ impl std::fmt::Display for CapExceeded {
     }
 }
 impl std::error::Error for CapExceeded {}
+
+/// Takes `n` bytes from the budget, or refuses when fewer are left.
+fn charge(budget: &Cell<u64>, n: u64, cap: u64) -> Result<(), CapExceeded> {
+    let left = budget.get().checked_sub(n).ok_or(CapExceeded(cap))?;
+    budget.set(left);
+    Ok(())
+}
 
 fn map_cap(e: std::io::Error, what: &str) -> UnpackError {
     match e.get_ref().and_then(|i| i.downcast_ref::<CapExceeded>()) {
@@ -216,7 +222,7 @@ impl Unpacker {
             .map_err(|e| UnpackError::io(format!("opening slot {}", root.display()), e))?;
         Ok(Unpacker {
             root,
-            budget: opts.max_bytes,
+            budget: Cell::new(opts.max_bytes),
             opts,
             cached: None,
             buf: vec![0u8; COPY_BUF],
@@ -229,7 +235,7 @@ impl Unpacker {
         let mut stats = LayerStats::default();
         let mut capped = Capped {
             inner: layer,
-            budget: &mut self.budget,
+            budget: &self.budget,
             read: 0,
             cap: self.opts.max_bytes,
         };
@@ -324,6 +330,14 @@ impl Unpacker {
                 tar::EntryType::Regular
                 | tar::EntryType::Continuous
                 | tar::EntryType::GNUSparse => {
+                    if kind == tar::EntryType::GNUSparse {
+                        // Holes come out as zeros the stream never carried: a
+                        // 2 KiB layer could otherwise write gigabytes.
+                        let data = entry.header().entry_size().unwrap_or(0);
+                        let holes = entry.size().saturating_sub(data);
+                        charge(&self.budget, holes, self.opts.max_bytes)
+                            .map_err(|c| UnpackError::TooLarge(c.0))?;
+                    }
                     // Made with its mode where the umask leaves that
                     // alone (set-id and sticky bits wait for the owner), so
                     // `set_meta` has nothing to change.

@@ -368,6 +368,36 @@ fn gzip_bomb_past_the_cap_is_refused() {
     d.assert_outside_untouched();
 }
 
+/// A sparse file's holes count toward the cap: a 2 KiB layer declaring a
+/// 1 GiB sparse file is refused before anything is written (found by fuzzing).
+#[test]
+fn sparse_bomb_past_the_cap_is_refused() {
+    let d = Device::new();
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..5].copy_from_slice(b"holes");
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_size(512);
+    h.set_mode(0o644);
+    {
+        let g = h.as_gnu_mut().unwrap();
+        g.set_real_size(1 << 30);
+        g.sparse[0].set_offset((1 << 30) - 512);
+        g.sparse[0].set_length(512);
+    }
+    h.set_cksum();
+    let mut t = Tar::default();
+    t.bytes.extend_from_slice(h.as_bytes());
+    t.bytes.extend_from_slice(&[7u8; 512]);
+    let opts = UnpackOptions {
+        max_bytes: 8 << 20,
+        ..UnpackOptions::default()
+    };
+    let err = d.apply_with(&t.gzip(), opts).unwrap_err();
+    assert!(matches!(err, UnpackError::TooLarge(_)), "{err:?}");
+    assert!(!d.slot.join("holes").exists());
+    d.assert_outside_untouched();
+}
+
 /// Device nodes are refused unless configured.
 #[test]
 fn device_nodes_are_refused_unless_allowed() {

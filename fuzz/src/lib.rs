@@ -1,0 +1,365 @@
+//! The checks the fuzz targets run, one function per target. Each takes the
+//! fuzzer's bytes, feeds them to the agent's code and panics when a property
+//! breaks. `agent/tests/fuzz_corpus.rs` includes this file and replays the
+//! committed corpus and regressions through the same functions on stable.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+use sluice_agent::bootloader::{ENVBLK_HEADER, ENVBLK_SIZE, GrubEnv};
+use sluice_agent::registry::parse_manifest;
+use sluice_agent::server::{Expect, check_offer, verify_answer};
+use sluice_agent::unpack::{UnpackOptions, Unpacker, layer_compression};
+use sluice_protocol::{KeyRole, KeySet, PublicKey, ResponseSigner};
+use std::collections::HashSet;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// The targets, as named in `fuzz/Cargo.toml`, `fuzz/corpus/` and `fuzz/regressions/`.
+pub const TARGETS: [&str; 4] = ["unpack_layer", "grubenv", "manifest", "signed_response"];
+
+/// Runs the check of the target named `name` on one input.
+pub fn run(name: &str, data: &[u8]) {
+    match name {
+        "unpack_layer" => unpack_layer(data),
+        "grubenv" => grubenv(data),
+        "manifest" => manifest(data),
+        "signed_response" => signed_response(data),
+        other => panic!("no fuzz target {other}"),
+    }
+}
+
+// ---------------------------------------------------------------- unpack_layer
+
+/// Most bytes of tar stream the unpack check allows: small, so a bomb is
+/// refused in milliseconds. Also the most bytes the unpacked files may hold.
+pub const UNPACK_MAX_BYTES: u64 = 4 << 20;
+
+/// Flag bit: the harness gzips each layer, so the fuzzer works on tar
+/// structure and still goes through the gzip decoder.
+pub const GZIP_HERE: u8 = 1;
+/// Flag bit: each layer is a gzip stream as given (real `.tar.gz` seeds).
+pub const GZIP_GIVEN: u8 = 2;
+/// Flag bit: two layers, the first as long as the next two bytes say (u16 LE),
+/// so whiteouts and opaque directories have something below them.
+pub const TWO_LAYERS: u8 = 4;
+/// Flag bit: keep owners from the layer (only when running as root).
+pub const PRESERVE_OWNER: u8 = 8;
+
+const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const SECRET: &[u8] = b"outside the slot";
+
+/// Input: one flag byte, then the layer(s). Applies them into a fresh slot
+/// directory with a sibling folder beside it; whatever the layers hold, it
+/// must not panic, leave the sibling as it was, put more than
+/// [`UNPACK_MAX_BYTES`] in the slot, or leave anything behind.
+pub fn unpack_layer(data: &[u8]) {
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let layers: Vec<&[u8]> = match rest {
+        [lo, hi, rest @ ..] if flags & TWO_LAYERS != 0 => {
+            let split = usize::from(u16::from_le_bytes([*lo, *hi])).min(rest.len());
+            vec![&rest[..split], &rest[split..]]
+        }
+        _ => vec![rest],
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("sluice-fuzz-")
+        .tempdir()
+        .expect("making a temp dir");
+    let root = tmp.path().join("slot");
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), SECRET).unwrap();
+
+    let opts = UnpackOptions {
+        allow_devices: false,
+        preserve_owner: flags & PRESERVE_OWNER != 0 && rustix::process::geteuid().is_root(),
+        max_bytes: UNPACK_MAX_BYTES,
+    };
+    let mut unpacker = Unpacker::new(&root, opts).expect("opening the slot");
+    for layer in layers {
+        let applied = if flags & GZIP_HERE != 0 {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(layer).unwrap();
+            unpacker.apply_blob(TAR_GZIP, &gz.finish().unwrap()[..])
+        } else if flags & GZIP_GIVEN != 0 {
+            unpacker.apply_blob(TAR_GZIP, layer)
+        } else {
+            unpacker.apply_blob(TAR, layer)
+        };
+        if applied.is_err() {
+            break;
+        }
+    }
+    drop(unpacker);
+
+    let mut names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["outside", "slot"],
+        "something was made beside the slot"
+    );
+    let inside: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(inside, ["secret"], "the folder beside the slot changed");
+    assert_eq!(std::fs::read(outside.join("secret")).unwrap(), SECRET);
+    assert!(
+        std::fs::symlink_metadata(&root).unwrap().is_dir(),
+        "the slot root was replaced"
+    );
+
+    make_traversable(&root);
+    let mut seen = HashSet::new();
+    let held = file_bytes(&root, &mut seen);
+    assert!(
+        held <= UNPACK_MAX_BYTES,
+        "the slot holds {held} bytes of files, more than the {UNPACK_MAX_BYTES} allowed"
+    );
+    tmp.close().expect("removing the temp dir");
+}
+
+/// Gives every directory below `dir` (never through a symlink) mode 0700, so
+/// it can be walked and removed without root.
+fn make_traversable(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            make_traversable(&e.path());
+        }
+    }
+}
+
+/// Bytes of the regular files below `dir`, each inode counted once.
+fn file_bytes(dir: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        if m.is_dir() {
+            n += file_bytes(&e.path(), seen);
+        } else if m.is_file() && seen.insert((m.dev(), m.ino())) {
+            n += m.size();
+        }
+    }
+    n
+}
+
+// -------------------------------------------------------------------- grubenv
+
+/// Input: an environment block, parsed as it is and also as the variables of
+/// a block (header prepended, `#` padding). Whatever parses must encode to a
+/// 1024-byte block that parses back to the same variables and encodes to the
+/// same bytes.
+pub fn grubenv(data: &[u8]) {
+    grubenv_round_trip(data);
+    let mut block = ENVBLK_HEADER.as_bytes().to_vec();
+    block.extend_from_slice(&data[..data.len().min(ENVBLK_SIZE - block.len())]);
+    block.resize(ENVBLK_SIZE, b'#');
+    grubenv_round_trip(&block);
+}
+
+fn grubenv_round_trip(block: &[u8]) {
+    let Ok(env) = GrubEnv::parse(block) else {
+        return;
+    };
+    // Escapes only shrink when read, so what was read always fits again.
+    let encoded = env.encode().expect("a parsed block encodes");
+    assert_eq!(encoded.len(), ENVBLK_SIZE);
+    let again = GrubEnv::parse(&encoded).expect("an encoded block parses");
+    assert_eq!(
+        again.vars(),
+        env.vars(),
+        "variables change over a round trip"
+    );
+    assert_eq!(again.encode().unwrap(), encoded, "encoding is not stable");
+}
+
+// ------------------------------------------------------------------- manifest
+
+/// Input: manifest bytes, checked against their own digest so the fuzzer
+/// reaches the JSON. What is accepted is a platform manifest with layers, each
+/// named by a sha256 digest; the same bytes under another digest are refused.
+pub fn manifest(data: &[u8]) {
+    let digest = sluice_protocol::sha256_digest(data);
+    if let Ok(m) = parse_manifest(data, &digest) {
+        assert!(m.manifests.is_none(), "an index was accepted");
+        assert!(
+            !m.layers.is_empty(),
+            "a manifest without layers was accepted"
+        );
+        for l in &m.layers {
+            assert!(
+                sluice_protocol::is_sha256_digest(&l.digest),
+                "{:?}",
+                l.digest
+            );
+            let _ = layer_compression(&l.media_type);
+        }
+    }
+    let other = sluice_protocol::sha256_digest(b"another manifest");
+    if other != digest {
+        assert!(
+            parse_manifest(data, &other).is_err(),
+            "bytes were accepted under another digest"
+        );
+    }
+}
+
+// ------------------------------------------------------------ signed_response
+
+/// The product the signed-response check's device runs.
+pub const PRODUCT: &str = "acme-os";
+/// The version the device runs.
+pub const CURRENT_VERSION: &str = "1.2.0";
+/// The device's id.
+pub const DEVICE_ID: &str = "dev-1";
+/// The nonce the device sent.
+pub const NONCE: &str = "nonce-1";
+/// The highest serial the device accepted before.
+pub const LAST_SERIAL: i64 = 5;
+
+/// Flag bit: sign the body with the trusted key here, to get past the
+/// signature and check that no single-byte change of it verifies.
+pub const SIGN_HERE: u8 = 1;
+
+/// The trusted response key (seed 1).
+pub fn response_signer() -> &'static ResponseSigner {
+    static S: OnceLock<ResponseSigner> = OnceLock::new();
+    S.get_or_init(|| ResponseSigner::from_seed(&[1; 32]))
+}
+
+/// The trusted image key (seed 2, ECDSA P-256).
+pub fn image_key() -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::from_slice(&[2; 32]).unwrap()
+}
+
+/// The device's key set: the response and image keys above, and a response
+/// key whose PEM is broken, so a header naming it reaches the key parser.
+pub fn trusted_keys() -> &'static KeySet {
+    static K: OnceLock<KeySet> = OnceLock::new();
+    K.get_or_init(|| {
+        use p256::pkcs8::EncodePublicKey;
+        let vk = *image_key().verifying_key();
+        let der = vk.to_public_key_der().unwrap();
+        let pem = vk.to_public_key_pem(Default::default()).unwrap();
+        KeySet {
+            keys: vec![
+                response_signer().public_key(),
+                PublicKey {
+                    key_id: sluice_protocol::key_id(der.as_bytes()),
+                    role: KeyRole::Image,
+                    algorithm: sluice_protocol::keys::ALG_ECDSA_P256.into(),
+                    public_key_pem: pem,
+                },
+                PublicKey {
+                    key_id: "0123456789abcdef".into(),
+                    role: KeyRole::Response,
+                    algorithm: sluice_protocol::keys::ALG_ED25519.into(),
+                    public_key_pem: "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"
+                        .into(),
+                },
+            ],
+        }
+    })
+}
+
+fn expect() -> Expect<'static> {
+    Expect {
+        device_id: DEVICE_ID,
+        nonce: NONCE,
+        now: time::macros::datetime!(2026-01-01 00:00 UTC),
+        last_serial: Some(LAST_SERIAL),
+    }
+}
+
+/// Input: a flag byte, then either `header\nbody` as they arrive, or (with
+/// [`SIGN_HERE`]) two bytes of position, one byte to xor and the body, which
+/// is signed here. An answer the agent accepts was signed by a trusted key and
+/// its offer obeys the agent's rules; the trusted key's signature verifies and
+/// no single-byte change of the body does.
+pub fn signed_response(data: &[u8]) {
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let keys = trusted_keys();
+    if flags & SIGN_HERE == 0 {
+        let (header, body) = match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &[][..]),
+        };
+        let header = String::from_utf8_lossy(header);
+        let verified = keys.verify_response(&header, body).is_ok();
+        if verified {
+            // Only the trusted key (of which the fuzzer knows no secret) signs.
+            assert_eq!(
+                keys.verify_response(&response_signer().sign_header(body), body),
+                Ok(())
+            );
+        }
+        if let Ok(answer) = verify_answer(keys, &header, body, &expect()) {
+            assert!(verified, "an answer was accepted without a valid signature");
+            check_accepted(&answer);
+        }
+        return;
+    }
+    let [lo, hi, xor, body @ ..] = rest else {
+        return;
+    };
+    let signer = response_signer();
+    let header = signer.sign_header(body);
+    assert_eq!(keys.verify_response(&header, body), Ok(()));
+    if let Ok(answer) = verify_answer(keys, &header, body, &expect()) {
+        check_accepted(&answer);
+    }
+    if body.is_empty() {
+        return;
+    }
+    let mut changed = body.to_vec();
+    changed[usize::from(u16::from_le_bytes([*lo, *hi])) % body.len()] ^= (*xor).max(1);
+    assert_eq!(
+        keys.verify_response(&header, &changed),
+        Err(sluice_protocol::Error::BadSignature(signer.key_id().into())),
+        "a changed body still verifies"
+    );
+    assert!(verify_answer(keys, &header, &changed, &expect()).is_err());
+}
+
+/// An answer `verify_answer` accepted: it is for this device and nonce, and
+/// an offer `check_offer` accepts is signed for its digest, version and product.
+fn check_accepted(answer: &sluice_protocol::ResolveResponse) {
+    assert_eq!(answer.device_id, DEVICE_ID);
+    assert_eq!(answer.nonce, NONCE);
+    assert!(answer.serial >= LAST_SERIAL);
+    let Ok(Some(offer)) = check_offer(trusted_keys(), answer, PRODUCT, Some(CURRENT_VERSION))
+    else {
+        return;
+    };
+    assert!(answer.update);
+    assert!(offer.image.ends_with(&format!("@{}", offer.digest)));
+    sluice_protocol::simplesigning::verify_image_signature(
+        trusted_keys(),
+        &offer.signature,
+        &offer.digest,
+        PRODUCT,
+        &offer.version,
+    )
+    .expect("an accepted offer's image signature verifies");
+    let target = semver::Version::parse(&offer.version).expect("an accepted version is SemVer");
+    let current = semver::Version::parse(CURRENT_VERSION).unwrap();
+    assert!(
+        target >= current || answer.downgrade,
+        "a downgrade was accepted"
+    );
+}
