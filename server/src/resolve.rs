@@ -17,10 +17,9 @@ use sluice_protocol::{ImageSignature, Offer, ResolveResponse, is_sha256_digest};
 use sqlx::PgPool;
 use sqlx::types::Json as SqlJson;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
 use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -320,60 +319,77 @@ struct Checkin {
     version: Option<String>,
 }
 
-enum CheckinMsg {
-    Seen(Uuid, Checkin),
-    Flush(oneshot::Sender<()>),
-}
-
 /// Batches check-ins (last seen, current digest) and writes them every
-/// `SLUICE_CHECKIN_FLUSH_MS` (default a second) in one statement; `flush` writes what is pending (on shutdown).
+/// `SLUICE_CHECKIN_FLUSH_MS` (default a second) in one statement; `flush`
+/// writes what is pending (on shutdown). A poll only inserts into the shared
+/// map under a short lock: no message is sent and no task woken per request.
 #[derive(Clone)]
 pub struct Checkins {
-    tx: mpsc::UnboundedSender<CheckinMsg>,
+    shared: Arc<CheckinsShared>,
+}
+
+struct CheckinsShared {
+    db: PgPool,
+    pending: Mutex<HashMap<Uuid, Checkin>>,
 }
 
 impl Checkins {
-    /// Starts the writer task.
+    /// Starts the writer task; it ends once every handle is dropped.
     pub fn spawn(db: PgPool, every: Duration) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(CheckinsShared {
+            db,
+            pending: Mutex::default(),
+        });
+        let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
-            let mut pending: HashMap<Uuid, Checkin> = HashMap::new();
             let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
-                    msg = rx.recv() => match msg {
-                        Some(CheckinMsg::Seen(id, c)) => { pending.insert(id, c); }
-                        Some(CheckinMsg::Flush(done)) => {
-                            write(&db, &mut pending).await;
-                            let _ = done.send(());
-                        }
-                        None => { write(&db, &mut pending).await; return; }
-                    },
-                    _ = tick.tick() => write(&db, &mut pending).await,
-                }
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { return };
+                shared.write().await;
             }
         });
-        Checkins { tx }
+        Checkins { shared }
     }
 
     fn seen(&self, id: Uuid, c: Checkin) {
-        let _ = self.tx.send(CheckinMsg::Seen(id, c));
+        self.shared
+            .pending
+            .lock()
+            .expect("check-in lock")
+            .insert(id, c);
     }
 
     /// Writes every pending check-in now.
     pub async fn flush(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(CheckinMsg::Flush(done)).is_ok() {
-            let _ = wait.await;
+        self.shared.write().await;
+    }
+}
+
+impl CheckinsShared {
+    async fn write(&self) {
+        let batch = std::mem::take(&mut *self.pending.lock().expect("check-in lock"));
+        if let Err(batch) = write(&self.db, batch).await {
+            // Put them back: last-seen may lag, never be lost. A newer poll
+            // of the same device, made meanwhile, wins.
+            let mut pending = self.pending.lock().expect("check-in lock");
+            for (id, c) in batch {
+                pending.entry(id).or_insert(c);
+            }
         }
     }
 }
 
-async fn write(db: &PgPool, pending: &mut HashMap<Uuid, Checkin>) {
+/// One UPDATE for a batch; the batch comes back when it failed.
+async fn write(
+    db: &PgPool,
+    pending: HashMap<Uuid, Checkin>,
+) -> std::result::Result<(), HashMap<Uuid, Checkin>> {
     if pending.is_empty() {
-        return;
+        return Ok(());
     }
-    let batch: Vec<(Uuid, Checkin)> = pending.drain().collect();
+    let batch: Vec<(Uuid, Checkin)> = pending.into_iter().collect();
     let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
     let ats: Vec<OffsetDateTime> = batch.iter().map(|(_, c)| c.at).collect();
     let channels: Vec<String> = batch.iter().map(|(_, c)| c.channel.clone()).collect();
@@ -398,11 +414,11 @@ async fn write(db: &PgPool, pending: &mut HashMap<Uuid, Checkin>) {
     )
     .execute(db)
     .await;
-    if let Err(e) = r {
-        // Put them back: last-seen may lag, never be lost.
-        tracing::warn!(error = %e, n = batch.len(), "writing check-ins failed; will retry");
-        for (id, c) in batch {
-            pending.entry(id).or_insert(c);
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, n = batch.len(), "writing check-ins failed; will retry");
+            Err(batch.into_iter().collect())
         }
     }
 }
