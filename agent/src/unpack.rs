@@ -133,6 +133,8 @@ pub struct Unpacker {
     cached: Option<(PathBuf, OwnedFd)>,
     /// The buffer file contents pass through, allocated once.
     buf: Vec<u8>,
+    /// Fills small files while the next entries are made.
+    writer: Writer,
 }
 
 /// Counts and caps the bytes of a decompressed layer.
@@ -226,12 +228,22 @@ impl Unpacker {
             opts,
             cached: None,
             buf: vec![0u8; COPY_BUF],
+            writer: Writer::start(),
         })
     }
 
     /// Applies one uncompressed layer (a tar stream). On error the slot holds
     /// a partial layer: the caller must not boot it.
     pub fn apply<R: Read>(&mut self, layer: R) -> Result<LayerStats, UnpackError> {
+        let applied = self.apply_entries(layer);
+        // Every file of the layer is written before it counts as applied.
+        let written = self.writer.wait();
+        let stats = applied?;
+        written?;
+        Ok(stats)
+    }
+
+    fn apply_entries<R: Read>(&mut self, layer: R) -> Result<LayerStats, UnpackError> {
         let mut stats = LayerStats::default();
         let mut capped = Capped {
             inner: layer,
@@ -246,6 +258,7 @@ impl Unpacker {
         let root = &self.root;
         let cached = &mut self.cached;
         let buf = &mut self.buf;
+        let writer = &self.writer;
         for entry in entries {
             let mut entry = entry.map_err(|e| map_cap(e, "reading layer"))?;
             let raw = entry
@@ -365,8 +378,22 @@ impl Unpacker {
                     }
                     .map_err(|e| UnpackError::io(format!("creating {shown}"), e))?;
                     let mut file = std::fs::File::from(fd);
-                    copy(&mut entry, &mut file, buf).map_err(|e| map_cap(e, &shown))?;
-                    set_meta(file.as_fd(), &mut entry, &self.opts, &shown, true)?;
+                    if kind != tar::EntryType::GNUSparse && entry.size() <= SMALL_FILE {
+                        let mut data = Vec::with_capacity(entry.size() as usize);
+                        entry
+                            .read_to_end(&mut data)
+                            .map_err(|e| map_cap(e, &shown))?;
+                        let meta = Meta::of(&mut entry, &self.opts, &shown)?;
+                        writer.send(Job::File {
+                            file,
+                            data,
+                            meta,
+                            shown: shown.clone(),
+                        })?;
+                    } else {
+                        copy(&mut entry, &mut file, buf).map_err(|e| map_cap(e, &shown))?;
+                        set_meta(file.as_fd(), &mut entry, &self.opts, &shown, true)?;
+                    }
                 }
                 tar::EntryType::Symlink => {
                     let target = entry
@@ -522,6 +549,7 @@ impl Unpacker {
 
     /// Flushes everything written to the slot's filesystem to disk.
     pub fn sync(&self) -> Result<(), UnpackError> {
+        self.writer.wait()?;
         rustix::fs::syncfs(&self.root).map_err(|e| UnpackError::io("syncing the slot", e))
     }
 }
@@ -700,45 +728,187 @@ fn set_meta<R: Read>(
     shown: &str,
     times: bool,
 ) -> Result<(), UnpackError> {
-    let h = entry.header().clone();
-    // Owner and mode are changed only where they differ from what the entry
-    // got when it was made: on a journaled file system each change is an
-    // inode update of its own, and most entries already have the owner
-    // (root) and mode (created with it) they need. fstat costs no journal.
-    let st = rustix::fs::fstat(fd).map_err(|e| UnpackError::io(format!("stat {shown}"), e))?;
-    let mut cur_mode = st.st_mode & 0o7777;
-    if opts.preserve_owner {
-        // PAX records override the ustar fields (ids above 2^21).
-        let u = pax_num(entry, "uid")
-            .map(|u| rustix::fs::Uid::from_raw(u as u32))
-            .unwrap_or_else(|| uid(&h));
-        let g = pax_num(entry, "gid")
-            .map(|g| rustix::fs::Gid::from_raw(g as u32))
-            .unwrap_or_else(|| gid(&h));
-        if (u.as_raw(), g.as_raw()) != (st.st_uid, st.st_gid) {
+    Meta::of(entry, opts, shown)?.apply(fd, shown, times)
+}
+
+/// An entry's owner, mode, xattrs and times, read from its header and PAX
+/// records, to be given to what it made.
+struct Meta {
+    /// When owners are kept.
+    owner: Option<(rustix::fs::Uid, rustix::fs::Gid)>,
+    mode: u32,
+    xattrs: Vec<(String, Vec<u8>)>,
+    mtime: Timestamps,
+}
+
+impl Meta {
+    fn of<R: Read>(
+        entry: &mut tar::Entry<'_, R>,
+        opts: &UnpackOptions,
+        shown: &str,
+    ) -> Result<Meta, UnpackError> {
+        let h = entry.header().clone();
+        let owner = if opts.preserve_owner {
+            // PAX records override the ustar fields (ids above 2^21).
+            let u = pax_num(entry, "uid")
+                .map(|u| rustix::fs::Uid::from_raw(u as u32))
+                .unwrap_or_else(|| uid(&h));
+            let g = pax_num(entry, "gid")
+                .map(|g| rustix::fs::Gid::from_raw(g as u32))
+                .unwrap_or_else(|| gid(&h));
+            Some((u, g))
+        } else {
+            None
+        };
+        let mut xattrs = Vec::new();
+        if let Ok(Some(exts)) = entry.pax_extensions() {
+            for ext in exts.flatten() {
+                let Ok(key) = ext.key() else { continue };
+                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                    xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+                }
+            }
+        }
+        Ok(Meta {
+            owner,
+            mode: h.mode().map_err(|e| UnpackError::io(shown, e))? & 0o7777,
+            xattrs,
+            mtime: mtime(&h),
+        })
+    }
+
+    fn apply(&self, fd: BorrowedFd<'_>, shown: &str, times: bool) -> Result<(), UnpackError> {
+        // Owner and mode are changed only where they differ from what the
+        // entry got when it was made: on a journaled file system each change
+        // is an inode update of its own, and most entries already have the
+        // owner (root) and mode (created with it) they need. fstat costs no
+        // journal.
+        let st = rustix::fs::fstat(fd).map_err(|e| UnpackError::io(format!("stat {shown}"), e))?;
+        let mut cur_mode = st.st_mode & 0o7777;
+        if let Some((u, g)) = self.owner
+            && (u.as_raw(), g.as_raw()) != (st.st_uid, st.st_gid)
+        {
             rustix::fs::fchown(fd, Some(u), Some(g))
                 .map_err(|e| UnpackError::io(format!("chown {shown}"), e))?;
             // chown may have cleared set-id bits.
             cur_mode = u32::MAX;
         }
+        if self.mode != cur_mode {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(self.mode))
+                .map_err(|e| UnpackError::io(format!("chmod {shown}"), e))?;
+        }
+        for (name, value) in &self.xattrs {
+            rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty())
+                .map_err(|e| UnpackError::io(format!("xattr {name} of {shown}"), e))?;
+        }
+        if times {
+            rustix::fs::futimens(fd, &self.mtime)
+                .map_err(|e| UnpackError::io(format!("times of {shown}"), e))?;
+        }
+        Ok(())
     }
-    let mode = h.mode().map_err(|e| UnpackError::io(shown, e))? & 0o7777;
-    if mode != cur_mode {
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
-            .map_err(|e| UnpackError::io(format!("chmod {shown}"), e))?;
-    }
-    if let Ok(Some(exts)) = entry.pax_extensions() {
-        for ext in exts.flatten() {
-            let Ok(key) = ext.key() else { continue };
-            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                rustix::fs::fsetxattr(fd, name, ext.value_bytes(), rustix::fs::XattrFlags::empty())
-                    .map_err(|e| UnpackError::io(format!("xattr {name} of {shown}"), e))?;
-            }
+}
+
+/// Files up to this size are written by the [`Writer`]; larger ones inline.
+const SMALL_FILE: u64 = 64 << 10;
+/// Files the writer may have queued: with [`SMALL_FILE`], at most 4 MiB.
+const WRITER_QUEUE: usize = 64;
+
+enum Job {
+    File {
+        file: std::fs::File,
+        data: Vec<u8>,
+        meta: Meta,
+        shown: String,
+    },
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Writes small files' contents and metadata on a thread of its own while
+/// the unpacker goes on with the next entries. Every name is still made (and
+/// replaced, linked, removed) by the unpacker, in order; the writer only
+/// fills inodes it was handed open, so the tree ends the same as if each file
+/// had been written at once. On a journaled file system that takes the data
+/// writes and inode updates of tens of thousands of small files off the one
+/// thread that must walk the tar stream.
+struct Writer {
+    tx: Option<std::sync::mpsc::SyncSender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The first failure, reported at the next [`Writer::wait`].
+    failed: std::sync::Arc<std::sync::Mutex<Option<UnpackError>>>,
+}
+
+impl Writer {
+    fn start() -> Writer {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(WRITER_QUEUE);
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let fail = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("slot-writer".into())
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        Job::File {
+                            mut file,
+                            data,
+                            meta,
+                            shown,
+                        } => {
+                            let mut failed = fail.lock().expect("writer lock");
+                            if failed.is_some() {
+                                continue;
+                            }
+                            drop(failed);
+                            let r = file
+                                .write_all(&data)
+                                .map_err(|e| UnpackError::io(format!("writing {shown}"), e))
+                                .and_then(|()| meta.apply(file.as_fd(), &shown, true));
+                            if let Err(e) = r {
+                                failed = fail.lock().expect("writer lock");
+                                failed.get_or_insert(e);
+                            }
+                        }
+                        Job::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .expect("starting the slot writer thread");
+        Writer {
+            tx: Some(tx),
+            thread: Some(thread),
+            failed,
         }
     }
-    if times {
-        rustix::fs::futimens(fd, &mtime(&h))
-            .map_err(|e| UnpackError::io(format!("times of {shown}"), e))?;
+
+    fn send(&self, job: Job) -> Result<(), UnpackError> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(job).ok())
+            .ok_or_else(|| UnpackError::io("slot writer", std::io::Error::other("it stopped")))
     }
-    Ok(())
+
+    /// Waits until every file handed over is written; the first failure.
+    fn wait(&self) -> Result<(), UnpackError> {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        self.send(Job::Barrier(done))?;
+        wait.recv()
+            .map_err(|_| UnpackError::io("slot writer", std::io::Error::other("it stopped")))?;
+        match self.failed.lock().expect("writer lock").take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Whatever is queued is written (or skipped after a failure) before
+        // the unpacker is gone: nothing writes into the slot afterwards.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

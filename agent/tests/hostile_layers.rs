@@ -444,6 +444,26 @@ fn long_and_pax_names_are_checked() {
     d.refused(&t.gzip(), "`..` in path");
 }
 
+/// A small file is filled by the unpacker's writer thread: a failure there
+/// (an xattr no file system takes) still fails the layer, named, and the
+/// files before and after it in the layer are there or not as if written in
+/// order; a large file, written inline, fails the same way.
+#[test]
+fn a_failure_while_filling_a_file_fails_the_layer() {
+    for size in [10usize, 1 << 20] {
+        let d = Device::new();
+        let mut t = Tar::default();
+        let rec = " SCHILY.xattr.bogus.sluice=1\n";
+        let rec = format!("{}{rec}", rec.len() + (rec.len() + 2).to_string().len());
+        t.file("before", b"first")
+            .raw(b"pax", tar::EntryType::XHeader, rec.as_bytes(), b"", 0o644)
+            .file("bad", &vec![7u8; size])
+            .file("after", b"last");
+        d.refused(&t.gzip(), "xattr bogus.sluice of bad");
+        assert_eq!(std::fs::read(d.slot.join("before")).unwrap(), b"first");
+    }
+}
+
 /// A well-formed layer keeps modes, set-id bits, hard links, symlinks,
 /// xattrs and (as root) ownership; whiteouts and opaque directories apply
 /// to lower layers only.
