@@ -196,11 +196,13 @@ def report(results, out):
     w.append("# Benchmarks\n")
     w.append("Written by `" + env["BENCH_CMD"] + "` on " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
              + "; do not edit by hand (the notes at the end come from `bench/NOTES.md`). "
-             "The agent benchmarks (issue 5, items 4–6) are not part of this file yet.\n")
+             "The agent benchmarks (issue 5, items 4–6) are in [bench/AGENT.md](bench/AGENT.md).\n")
     w.append("Figures are medians over " + str(rounds) + " rounds, (min–max) beside them. "
-             "**They were taken on a shared machine** (other builds ran at the same time), "
+             "**The machine is shared** (a virtual machine whose neighbours come and go; "
+             "the ceiling alone moved between 42 000 and 86 000 requests/s across runs), "
              "so absolute numbers are noisy; each round measures every variant back to back, "
-             "so the ratios are the figures to trust. wrk and the server share the same cores.\n")
+             "in an order rotated each round, so the per-round ratios are the figures to trust. "
+             "wrk and the server share the same cores.\n")
     w.append("## Machine\n")
     w.append(f"- `nproc`: {os.cpu_count()}; CPU: {cpu}")
     w.append(f"- memory: {mem_mb} MB; kernel {kernel}; load average at the end: {load}")

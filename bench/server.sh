@@ -195,15 +195,23 @@ if [ "$SMOKE" = 0 ]; then
   run_wrk "$MAIN" /bench/ceiling warmup 1s >/dev/null
 fi
 
+# Each round runs the ceiling and every fleet once, in an order rotated by
+# one each round, so no variant always follows the same neighbour (a previous
+# run's autovacuum or check-in flush, the machine warming up).
+RUNS=(ceiling "${FLEET[@]}")
 for r in $(seq 1 "$ROUNDS"); do
   log "round $r/$ROUNDS"
-  line=$(run_wrk "$MAIN" /bench/ceiling ceiling)
-  echo "$line" >>"$OUT/ceiling.jsonl"
-  log "  ceiling          $line"
-  for n in "${FLEET[@]}"; do
-    line=$(run_wrk "$n" "$RESOLVE" "resolve-$n")
-    echo "$line" >>"$OUT/resolve-$n.jsonl"
-    log "  resolve $(printf '%-8s' "$n") $line"
+  for k in "${!RUNS[@]}"; do
+    n=${RUNS[$(((k + r - 1) % ${#RUNS[@]}))]}
+    if [ "$n" = ceiling ]; then
+      line=$(run_wrk "$MAIN" /bench/ceiling ceiling)
+      echo "$line" >>"$OUT/ceiling.jsonl"
+      log "  ceiling          $line"
+    else
+      line=$(run_wrk "$n" "$RESOLVE" "resolve-$n")
+      echo "$line" >>"$OUT/resolve-$n.jsonl"
+      log "  resolve $(printf '%-8s' "$n") $line"
+    fi
   done
 done
 
