@@ -52,8 +52,8 @@ def main():
     w(
         f"Machine: {E.get('CPU_MODEL', '?')}, {E.get('NPROC', '?')} cores, {E.get('MEM_GB', '?')} GB RAM, "
         f"Linux {E.get('KERNEL', '?')}; skopeo {E.get('SKOPEO_V', '?')}, umoci {E.get('UMOCI_V', '?')}; "
-        f"`{E.get('PROFILE', 'release')}` build. **The machine was shared** with other engineers' builds and tests "
-        f"and a CI run while this ran (load average at the end: {E.get('LOADAVG', '?')}): every figure is noisy, "
+        f"`{E.get('PROFILE', 'release')}` build. **The machine is shared** (a virtual machine "
+        f"whose neighbours come and go; load average at the end: {E.get('LOADAVG', '?')}): absolute figures are noisy, "
         "which is why agent and reference ran alternately in the same loop and medians are given with min and max."
     )
     w("")
