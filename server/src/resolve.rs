@@ -331,6 +331,9 @@ pub struct Checkins {
 struct CheckinsShared {
     db: PgPool,
     pending: Mutex<HashMap<Uuid, Checkin>>,
+    /// One write at a time (the tick and a flush), as the single writer task
+    /// did: two UPDATEs of overlapping rows could deadlock each other.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl Checkins {
@@ -339,6 +342,7 @@ impl Checkins {
         let shared = Arc::new(CheckinsShared {
             db,
             pending: Mutex::default(),
+            writing: tokio::sync::Mutex::new(()),
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -369,6 +373,7 @@ impl Checkins {
 
 impl CheckinsShared {
     async fn write(&self) {
+        let _one = self.writing.lock().await;
         let batch = std::mem::take(&mut *self.pending.lock().expect("check-in lock"));
         if let Err(batch) = write(&self.db, batch).await {
             // Put them back: last-seen may lag, never be lost. A newer poll
