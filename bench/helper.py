@@ -213,7 +213,7 @@ def report(results, out):
     w.append("```sh\n" + env["BENCH_CMD"] + "\n# each round, for the ceiling and for each fleet:\n"
              + "BENCH_PATH=... BENCH_TOKENS=tokens.txt BENCH_DIGESTS=<base>,<head> \\\n  "
              + env["BENCH_WRK"] + " http://127.0.0.1:PORT\n```\n")
-    w.append(f"Each fleet has its own server and database: product `bench`, channel `stable` with head "
+    w.append(f"Each fleet has its own server and database (per-device rate limit raised with `SLUICE_DEVICE_BURST=1000000 SLUICE_DEVICE_RATE=1000`, since wrk plays each device several times a second; the limiter still runs): product `bench`, channel `stable` with head "
              f"1.1.0 at 50 % ramping to 100 % over 10 h (base 1.0.0), devices inserted with SQL "
              f"(half on the base, half on the head). wrk cycles through {env['BENCH_NTOKENS']} device "
              "tokens sampled from the whole fleet, a fresh nonce per request and the base or head digest "

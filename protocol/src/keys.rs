@@ -75,22 +75,54 @@ impl KeySet {
             })
     }
 
-    /// Checks a `Sluice-Signature` header value against the exact body bytes.
+    /// Checks a `Sluice-Signature` header value against the exact body bytes:
+    /// a signature over the body itself, or over the root of a batch the
+    /// body is a leaf of (`batch=<index>/<size>; path=<base64 hashes>`).
     pub fn verify_response(&self, header: &str, body: &[u8]) -> Result<(), Error> {
-        let (key_id, sig) = parse_signature_header(header)?;
-        let key = self.find(&key_id, KeyRole::Response)?;
+        let h = parse_signature_header(header)?;
+        let key = self.find(&h.key_id, KeyRole::Response)?;
         let vk = ed25519_dalek::VerifyingKey::from_public_key_pem(&key.public_key_pem)
             .map_err(|e| Error::BadKey(e.to_string()))?;
-        let sig = ed25519_dalek::Signature::from_slice(&sig)
+        let sig = ed25519_dalek::Signature::from_slice(&h.sig)
             .map_err(|e| Error::MalformedSignature(e.to_string()))?;
-        vk.verify(body, &sig)
-            .map_err(|_| Error::BadSignature(key_id))
+        let ok = match &h.batch {
+            None => vk.verify(body, &sig).is_ok(),
+            Some(b) => match root_from_path(b.index, b.size, leaf_hash(body), &b.path) {
+                Some(root) => vk.verify(&batch_message(b.size, &root), &sig).is_ok(),
+                None => false,
+            },
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::BadSignature(h.key_id))
+        }
     }
 }
 
-fn parse_signature_header(header: &str) -> Result<(String, Vec<u8>), Error> {
+/// What a `Sluice-Signature` header says.
+struct SignatureHeader {
+    key_id: String,
+    sig: Vec<u8>,
+    batch: Option<BatchProof>,
+}
+
+/// Where a body sits in a signed batch.
+struct BatchProof {
+    index: u64,
+    size: u64,
+    path: Vec<[u8; 32]>,
+}
+
+/// Longest inclusion path accepted: a batch of 2^32 answers.
+const MAX_PATH: usize = 32;
+
+fn parse_signature_header(header: &str) -> Result<SignatureHeader, Error> {
+    let bad = |why: &str| Error::MalformedSignature(why.to_string());
     let mut key_id = None;
     let mut sig = None;
+    let mut batch = None;
+    let mut path = None;
     for part in header.split(';') {
         match part.trim().split_once('=') {
             Some(("keyid", v)) => key_id = Some(v.to_string()),
@@ -100,15 +132,128 @@ fn parse_signature_header(header: &str) -> Result<(String, Vec<u8>), Error> {
                         .map_err(|e| Error::MalformedSignature(e.to_string()))?,
                 )
             }
+            Some(("batch", v)) => {
+                let (i, n) = v
+                    .split_once('/')
+                    .and_then(|(i, n)| Some((i.parse::<u64>().ok()?, n.parse::<u64>().ok()?)))
+                    .ok_or_else(|| bad("batch must be `<index>/<size>`"))?;
+                batch = Some((i, n));
+            }
+            Some(("path", v)) => {
+                let raw = B64
+                    .decode(v)
+                    .map_err(|e| Error::MalformedSignature(e.to_string()))?;
+                if raw.len() % 32 != 0 || raw.len() / 32 > MAX_PATH {
+                    return Err(bad("path must be at most 32 SHA-256 hashes"));
+                }
+                path = Some(
+                    raw.chunks_exact(32)
+                        .map(|c| c.try_into().expect("32-byte chunk"))
+                        .collect::<Vec<[u8; 32]>>(),
+                );
+            }
             _ => {}
         }
     }
+    let batch = match (batch, path) {
+        (None, None) => None,
+        (Some((index, size)), Some(path)) => Some(BatchProof { index, size, path }),
+        _ => return Err(bad("`batch` and `path` go together")),
+    };
     match (key_id, sig) {
-        (Some(k), Some(s)) => Ok((k, s)),
-        _ => Err(Error::MalformedSignature(
-            "expected `keyid=<id>; sig=<base64>`".into(),
-        )),
+        (Some(key_id), Some(sig)) => Ok(SignatureHeader { key_id, sig, batch }),
+        _ => Err(bad("expected `keyid=<id>; sig=<base64>`")),
     }
+}
+
+/// What a batch signature signs: this prefix, the batch size (8 bytes, big
+/// endian) and the Merkle root of the batch's bodies. A JSON body never
+/// starts with the prefix, so neither kind of signature passes for the other.
+const BATCH_DOMAIN: &[u8] = b"sluice-resolve-batch-v1\0";
+
+fn batch_message(size: u64, root: &[u8; 32]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(BATCH_DOMAIN.len() + 8 + 32);
+    m.extend_from_slice(BATCH_DOMAIN);
+    m.extend_from_slice(&size.to_be_bytes());
+    m.extend_from_slice(root);
+    m
+}
+
+/// The leaf of a body in a batch: SHA-256(0x00 || body), as in RFC 9162.
+pub fn leaf_hash(body: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update([0u8]);
+    h.update(body);
+    h.finalize().into()
+}
+
+fn node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update([1u8]);
+    h.update(left);
+    h.update(right);
+    h.finalize().into()
+}
+
+/// The largest power of two below `n` (n >= 2).
+fn split(n: usize) -> usize {
+    1 << (usize::BITS - 1 - (n - 1).leading_zeros())
+}
+
+/// RFC 9162's Merkle tree hash of a non-empty list of leaves.
+fn tree_hash(leaves: &[[u8; 32]]) -> [u8; 32] {
+    match leaves.len() {
+        1 => leaves[0],
+        n => {
+            let k = split(n);
+            node_hash(&tree_hash(&leaves[..k]), &tree_hash(&leaves[k..]))
+        }
+    }
+}
+
+/// RFC 9162's inclusion path of leaf `m`, from the leaf up.
+fn inclusion_path(m: usize, leaves: &[[u8; 32]], out: &mut Vec<[u8; 32]>) {
+    let n = leaves.len();
+    if n <= 1 {
+        return;
+    }
+    let k = split(n);
+    if m < k {
+        inclusion_path(m, &leaves[..k], out);
+        out.push(tree_hash(&leaves[k..]));
+    } else {
+        inclusion_path(m - k, &leaves[k..], out);
+        out.push(tree_hash(&leaves[..k]));
+    }
+}
+
+/// The root a leaf and its inclusion path lead to (RFC 9162, 2.1.3.2), or
+/// None when the path does not fit a tree of `size` leaves.
+fn root_from_path(index: u64, size: u64, leaf: [u8; 32], path: &[[u8; 32]]) -> Option<[u8; 32]> {
+    if index >= size {
+        return None;
+    }
+    let (mut fnode, mut snode) = (index, size - 1);
+    let mut r = leaf;
+    for p in path {
+        if snode == 0 {
+            return None;
+        }
+        if fnode & 1 == 1 || fnode == snode {
+            r = node_hash(p, &r);
+            while fnode & 1 == 0 && fnode != 0 {
+                fnode >>= 1;
+                snode >>= 1;
+            }
+        } else {
+            r = node_hash(&r, p);
+        }
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    (snode == 0).then_some(r)
 }
 
 /// Signs resolution responses with an Ed25519 key.
@@ -169,6 +314,31 @@ impl ResponseSigner {
         format!("keyid={}; sig={}", self.key_id, B64.encode(self.sign(body)))
     }
 
+    /// Header values for a batch of bodies, given by their [`leaf_hash`]es,
+    /// in order, with one signature: over the batch's size and the Merkle
+    /// root of its leaves (RFC 9162, SHA-256); each header carries its
+    /// body's place and inclusion path. A server answering many devices at
+    /// once pays one signature per batch instead of one per answer.
+    pub fn sign_batch(&self, leaves: &[[u8; 32]]) -> Vec<String> {
+        if leaves.is_empty() {
+            return Vec::new();
+        }
+        let size = leaves.len() as u64;
+        let sig = B64.encode(self.sign(&batch_message(size, &tree_hash(leaves))));
+        let mut path = Vec::new();
+        (0..leaves.len())
+            .map(|i| {
+                path.clear();
+                inclusion_path(i, leaves, &mut path);
+                format!(
+                    "keyid={}; sig={sig}; batch={i}/{size}; path={}",
+                    self.key_id,
+                    B64.encode(path.concat())
+                )
+            })
+            .collect()
+    }
+
     #[cfg(not(feature = "aws-lc"))]
     fn sign(&self, body: &[u8]) -> [u8; 64] {
         ed25519_dalek::Signer::sign(&self.key, body).to_bytes()
@@ -214,6 +384,62 @@ mod tests {
         let body = br#"{"update":true,"nonce":"n"}"#;
         let want = ed25519_dalek::Signer::sign(&ed25519_dalek::SigningKey::from_bytes(&seed), body);
         assert_eq!(ResponseSigner::from_seed(&seed).sign(body), want.to_bytes());
+    }
+
+    #[test]
+    fn batch_signatures_bind_each_body_to_its_place() {
+        let s = signer(1);
+        let keys = KeySet {
+            keys: vec![s.public_key()],
+        };
+        for n in 1..=19usize {
+            let bodies: Vec<Vec<u8>> = (0..n)
+                .map(|i| format!(r#"{{"update":true,"nonce":"n{i}"}}"#).into_bytes())
+                .collect();
+            let leaves: Vec<[u8; 32]> = bodies.iter().map(|b| leaf_hash(b)).collect();
+            let headers = s.sign_batch(&leaves);
+            assert_eq!(headers.len(), n);
+            for (i, (h, body)) in headers.iter().zip(&bodies).enumerate() {
+                keys.verify_response(h, body)
+                    .unwrap_or_else(|e| panic!("{i}/{n}: {e}"));
+                // Another body of the batch, or this one changed, is refused.
+                let other = &bodies[(i + 1) % n];
+                if n > 1 {
+                    assert!(keys.verify_response(h, other).is_err(), "{i}/{n}");
+                }
+                assert!(keys.verify_response(h, b"{}").is_err());
+                // Another place or size does not fit the path.
+                let moved = h.replace(
+                    &format!("batch={i}/{n}"),
+                    &format!("batch={}/{n}", (i + 1) % n),
+                );
+                if n > 1 {
+                    assert!(keys.verify_response(&moved, body).is_err(), "{moved}");
+                }
+                let grown = h.replace(&format!("/{n};"), &format!("/{};", n + 1));
+                assert!(keys.verify_response(&grown, body).is_err(), "{grown}");
+                // Without its proof, the batch signature is no signature of the body.
+                let bare = h.split("; batch=").next().unwrap();
+                assert!(keys.verify_response(bare, body).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_header_must_be_whole() {
+        let keys = KeySet {
+            keys: vec![signer(1).public_key()],
+        };
+        let h = signer(1).sign_batch(&[leaf_hash(b"x"), leaf_hash(b"y")])[0].clone();
+        for bad in [
+            h.replace("; path=", "; nopath="),
+            h.replace("batch=0/2", "batch=zero"),
+            format!("{h}AAAA"),
+            h.replace("batch=0/2", "batch=2/2"),
+        ] {
+            assert!(keys.verify_response(&bad, b"x").is_err(), "{bad}");
+        }
+        keys.verify_response(&h, b"x").unwrap();
     }
 
     #[test]

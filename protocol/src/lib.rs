@@ -9,7 +9,7 @@ pub mod keys;
 pub mod simplesigning;
 pub mod wire;
 
-pub use keys::{KeyRole, KeySet, PublicKey, ResponseSigner, key_id};
+pub use keys::{KeyRole, KeySet, PublicKey, ResponseSigner, key_id, leaf_hash};
 pub use simplesigning::SimpleSigning;
 pub use wire::*;
 

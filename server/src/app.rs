@@ -44,6 +44,8 @@ pub struct Inner {
     pub cache: resolve::Cache,
     /// Check-ins waiting to be written.
     pub checkins: resolve::Checkins,
+    /// Resolve answers waiting for their (batched) signature.
+    pub answers: resolve::AnswerSigner,
     /// Rate limits on logins and devices.
     pub limits: crate::ratelimit::Limits,
 }
@@ -316,6 +318,10 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         db.clone(),
         std::time::Duration::from_millis(config.checkin_flush_ms.max(10)),
     );
+    let limits = crate::ratelimit::Limits::with_device(
+        config.device_burst.max(1),
+        config.device_rate.max(0.001),
+    );
     Ok(AppState::new(Inner {
         db,
         config,
@@ -325,6 +331,7 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         metrics: Default::default(),
         cache: Default::default(),
         checkins,
-        limits: Default::default(),
+        answers: Default::default(),
+        limits,
     }))
 }

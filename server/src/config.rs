@@ -47,6 +47,12 @@ pub struct Config {
     /// How often batched device check-ins are written, in milliseconds.
     #[arg(long, env = "SLUICE_CHECKIN_FLUSH_MS", default_value_t = 1000)]
     pub checkin_flush_ms: u64,
+    /// Requests a device may make at once before it is answered 429.
+    #[arg(long, env = "SLUICE_DEVICE_BURST", default_value_t = 60)]
+    pub device_burst: u32,
+    /// Requests per second a device's allowance grows back by.
+    #[arg(long, env = "SLUICE_DEVICE_RATE", default_value_t = 1.0)]
+    pub device_rate: f64,
     /// Folder with the built dashboard (`web/dist`), served at `/`.
     #[arg(long, env = "SLUICE_WEB_DIR")]
     pub web_dir: Option<PathBuf>,

@@ -98,12 +98,20 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        // Devices poll every few minutes and report a handful of events per upgrade.
+        Limits::with_device(60, 1.0)
+    }
+}
+
+impl Limits {
+    /// The login limits, and `burst` requests per device growing back by
+    /// `per_second` (`SLUICE_DEVICE_BURST`, `SLUICE_DEVICE_RATE`).
+    pub fn with_device(burst: u32, per_second: f64) -> Self {
         Limits {
             // A person mistyping gets 10 tries, then one every 6 s.
             login_user: RateLimiter::new(10, 1.0 / 6.0, "login attempts for this user"),
             login_addr: RateLimiter::new(100, 2.0, "login attempts from this address"),
-            // Devices poll every few minutes and report a handful of events per upgrade.
-            device: RateLimiter::new(60, 1.0, "requests from this device"),
+            device: RateLimiter::new(burst, per_second, "requests from this device"),
         }
     }
 }

@@ -19,6 +19,9 @@ struct Device {
     current: String,
 }
 
+/// The largest batch of answers one signature covered in [`resolve_all`].
+static LARGEST_BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Asks for every device at once; checks each answer's signature, nonce and
 /// device id; answers the decisions in device order.
 async fn resolve_all(app: &TestApp, keys: &KeySet, devices: &[Device]) -> Vec<ResolveResponse> {
@@ -39,6 +42,13 @@ async fn resolve_all(app: &TestApp, keys: &KeySet, devices: &[Device]) -> Vec<Re
                 let body = r.bytes().await.unwrap();
                 keys.verify_response(&sig, &body)
                     .expect("every answer is signed by a trusted response key");
+                let size: u64 = sig
+                    .split("; ")
+                    .find_map(|p| p.strip_prefix("batch="))
+                    .and_then(|b| b.split_once('/'))
+                    .map(|(_, n)| n.parse().unwrap())
+                    .expect("answers are signed in batches");
+                LARGEST_BATCH.fetch_max(size, std::sync::atomic::Ordering::Relaxed);
                 let answer: ResolveResponse = serde_json::from_slice(&body).unwrap();
                 assert_eq!(answer.nonce, nonce);
                 assert_eq!(answer.device_id, d.id);
@@ -203,6 +213,12 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
         answers.iter().filter(|a| a.update).count(),
         0,
         "everyone runs the head"
+    );
+    // Answers made at the same time share one signature (each verified
+    // above through its own inclusion path).
+    assert!(
+        LARGEST_BATCH.load(std::sync::atomic::Ordering::Relaxed) > 1,
+        "1 000 answers in rounds of 50 concurrent requests were signed one by one"
     );
 
     // 1.1.0 at 10 %: about a hundred devices are offered it, and the offer is signed for it.

@@ -46,6 +46,8 @@ fn config(insecure: &[&str], data_dir: &Path) -> Config {
         poll_after_s: 300,
         response_ttl_s: 3600,
         checkin_flush_ms: 1000,
+        device_burst: 60,
+        device_rate: 1.0,
         tls_cert: None,
         tls_key: None,
         web_dir: None,

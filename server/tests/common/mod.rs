@@ -53,6 +53,8 @@ pub fn config(data_dir: PathBuf) -> Config {
         poll_after_s: 60,
         response_ttl_s: 600,
         checkin_flush_ms: 1000,
+        device_burst: 60,
+        device_rate: 1.0,
         tls_cert: None,
         tls_key: None,
         web_dir: None,
