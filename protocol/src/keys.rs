@@ -202,31 +202,25 @@ fn split(n: usize) -> usize {
     1 << (usize::BITS - 1 - (n - 1).leading_zeros())
 }
 
-/// RFC 9162's Merkle tree hash of a non-empty list of leaves.
-fn tree_hash(leaves: &[[u8; 32]]) -> [u8; 32] {
-    match leaves.len() {
-        1 => leaves[0],
-        n => {
-            let k = split(n);
-            node_hash(&tree_hash(&leaves[..k]), &tree_hash(&leaves[k..]))
-        }
-    }
-}
-
-/// RFC 9162's inclusion path of leaf `m`, from the leaf up.
-fn inclusion_path(m: usize, leaves: &[[u8; 32]], out: &mut Vec<[u8; 32]>) {
+/// RFC 9162's Merkle tree hash of a non-empty list of leaves; appends to
+/// `paths[i]` the inclusion path of leaf `i` within this subtree, from the
+/// leaf up. Every node is hashed once.
+fn subtree(leaves: &[[u8; 32]], paths: &mut [Vec<[u8; 32]>]) -> [u8; 32] {
     let n = leaves.len();
-    if n <= 1 {
-        return;
+    if n == 1 {
+        return leaves[0];
     }
     let k = split(n);
-    if m < k {
-        inclusion_path(m, &leaves[..k], out);
-        out.push(tree_hash(&leaves[k..]));
-    } else {
-        inclusion_path(m - k, &leaves[k..], out);
-        out.push(tree_hash(&leaves[..k]));
+    let (lp, rp) = paths.split_at_mut(k);
+    let left = subtree(&leaves[..k], lp);
+    let right = subtree(&leaves[k..], rp);
+    for p in lp {
+        p.push(right);
     }
+    for p in rp {
+        p.push(left);
+    }
+    node_hash(&left, &right)
 }
 
 /// The root a leaf and its inclusion path lead to (RFC 9162, 2.1.3.2), or
@@ -324,12 +318,13 @@ impl ResponseSigner {
             return Vec::new();
         }
         let size = leaves.len() as u64;
-        let sig = B64.encode(self.sign(&batch_message(size, &tree_hash(leaves))));
-        let mut path = Vec::new();
-        (0..leaves.len())
-            .map(|i| {
-                path.clear();
-                inclusion_path(i, leaves, &mut path);
+        let mut paths = vec![Vec::new(); leaves.len()];
+        let root = subtree(leaves, &mut paths);
+        let sig = B64.encode(self.sign(&batch_message(size, &root)));
+        paths
+            .iter()
+            .enumerate()
+            .map(|(i, path)| {
                 format!(
                     "keyid={}; sig={sig}; batch={i}/{size}; path={}",
                     self.key_id,
