@@ -413,20 +413,20 @@ impl AnswerSigner {
         };
         if lead {
             // A task of its own, so a client going away cannot strand the
-            // answers of others; it yields once so that the answers being
-            // made right now join its first batch.
+            // answers of others.
             let state = state.clone();
-            tokio::spawn(async move {
-                tokio::task::yield_now().await;
-                state.answers.drain(&state);
-            });
+            tokio::spawn(async move { state.answers.drain(&state).await });
         }
         rx.await
             .map_err(|_| Error::Internal(anyhow::anyhow!("the answer signer stopped")))
     }
 
-    fn drain(&self, state: &AppState) {
+    async fn drain(&self, state: &AppState) {
         loop {
+            // Let the answers being made now (and those just signed) run
+            // before the next batch is taken: on a busy worker that both
+            // fills the batch and keeps this loop from holding the thread.
+            tokio::task::yield_now().await;
             let batch = std::mem::take(&mut *self.queue.lock().expect("answer queue lock"));
             if batch.is_empty() {
                 self.running.store(false, Ordering::Release);
