@@ -147,17 +147,7 @@ fn os_layers() -> Vec<Layer> {
     let mut b = tar::Builder::new(Vec::new());
     let mut add =
         |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
-            let mut h = tar::Header::new_ustar();
-            h.set_entry_type(kind);
-            h.set_mode(mode);
-            h.set_uid(uid);
-            h.set_gid(uid);
-            h.set_mtime(1_700_000_000);
-            h.set_size(data.len() as u64);
-            if let Some(l) = link {
-                h.set_link_name(l).unwrap();
-            }
-            b.append_data(&mut h, path, data).unwrap();
+            common::tar_entry(&mut b, path, kind, mode, uid, data, link)
         };
     use tar::EntryType::*;
     add("etc/", Directory, 0o755, 0, b"", None);

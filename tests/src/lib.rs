@@ -276,38 +276,16 @@ fn rand_hex() -> String {
     hex::encode(b)
 }
 
-/// Asserts an agent run succeeded; answers its stdout.
-pub fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "agent failed ({}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Asserts an agent run failed with a one-line reason containing `want`.
-pub fn refused(out: &Output, want: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "agent succeeded: {err}");
-    let last = err.lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("sluice-agent: error: ") && last.contains(want),
-        "last line {last:?} lacks {want:?}; stderr: {err}"
-    );
-}
-
-#[path = "../../agent/tests/common/tree.rs"]
-mod tree;
-pub use tree::{Entry, tree};
+#[path = "../../agent/tests/common/shared.rs"]
+mod shared;
+use shared::tar_entry;
+pub use shared::{Entry, ok, refused, tree};
 
 /// What `umoci raw unpack` makes of `image` (`host:port/repo@digest`): the
 /// reference result of applying the image's layers in order.
 pub async fn umoci_tree(image: &str) -> BTreeMap<PathBuf, Entry> {
     let image = image.to_string();
-    tokio::task::spawn_blocking(move || tree::umoci_tree(&image))
+    tokio::task::spawn_blocking(move || shared::umoci_tree(&image))
         .await
         .unwrap()
 }
@@ -332,28 +310,6 @@ impl TarLayer {
     }
 }
 
-fn add(
-    b: &mut tar::Builder<Vec<u8>>,
-    path: &str,
-    kind: tar::EntryType,
-    mode: u32,
-    uid: u64,
-    data: &[u8],
-    link: Option<&str>,
-) {
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_uid(uid);
-    h.set_gid(uid);
-    h.set_mtime(1_700_000_000);
-    h.set_size(data.len() as u64);
-    if let Some(l) = link {
-        h.set_link_name(l).unwrap();
-    }
-    b.append_data(&mut h, path, data).unwrap();
-}
-
 /// An OS-like image of `version` in two layers: a base with directories,
 /// a setuid file and a hard link to it, a symlink, files of another owner;
 /// and an upper layer with a whiteout, an opaque directory and a replaced
@@ -361,8 +317,8 @@ fn add(
 pub fn os_layers(version: &str) -> Vec<TarLayer> {
     use tar::EntryType::*;
     let mut b = tar::Builder::new(Vec::new());
-    add(&mut b, "etc/", Directory, 0o755, 0, b"", None);
-    add(
+    tar_entry(&mut b, "etc/", Directory, 0o755, 0, b"", None);
+    tar_entry(
         &mut b,
         "etc/os-release",
         Regular,
@@ -371,10 +327,10 @@ pub fn os_layers(version: &str) -> Vec<TarLayer> {
         b"ID=acme\n",
         None,
     );
-    add(&mut b, "etc/old.conf", Regular, 0o600, 0, b"old", None);
-    add(&mut b, "usr/", Directory, 0o755, 0, b"", None);
-    add(&mut b, "usr/bin/", Directory, 0o755, 0, b"", None);
-    add(
+    tar_entry(&mut b, "etc/old.conf", Regular, 0o600, 0, b"old", None);
+    tar_entry(&mut b, "usr/", Directory, 0o755, 0, b"", None);
+    tar_entry(&mut b, "usr/bin/", Directory, 0o755, 0, b"", None);
+    tar_entry(
         &mut b,
         "usr/bin/su",
         Regular,
@@ -383,7 +339,7 @@ pub fn os_layers(version: &str) -> Vec<TarLayer> {
         b"\x7fELF su",
         None,
     );
-    add(
+    tar_entry(
         &mut b,
         "usr/bin/sudo",
         Link,
@@ -392,13 +348,13 @@ pub fn os_layers(version: &str) -> Vec<TarLayer> {
         b"",
         Some("usr/bin/su"),
     );
-    add(&mut b, "bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
-    add(&mut b, "var/", Directory, 0o755, 0, b"", None);
-    add(&mut b, "var/cache/", Directory, 0o755, 0, b"", None);
-    add(&mut b, "var/cache/junk", Regular, 0o644, 0, b"junk", None);
-    add(&mut b, "home/", Directory, 0o755, 0, b"", None);
-    add(&mut b, "home/user/", Directory, 0o700, 1000, b"", None);
-    add(
+    tar_entry(&mut b, "bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
+    tar_entry(&mut b, "var/", Directory, 0o755, 0, b"", None);
+    tar_entry(&mut b, "var/cache/", Directory, 0o755, 0, b"", None);
+    tar_entry(&mut b, "var/cache/junk", Regular, 0o644, 0, b"junk", None);
+    tar_entry(&mut b, "home/", Directory, 0o755, 0, b"", None);
+    tar_entry(&mut b, "home/user/", Directory, 0o700, 1000, b"", None);
+    tar_entry(
         &mut b,
         "home/user/.profile",
         Regular,
@@ -409,7 +365,7 @@ pub fn os_layers(version: &str) -> Vec<TarLayer> {
     );
     for i in 0..50 {
         let doc = format!("doc {i} of {version}\n");
-        add(
+        tar_entry(
             &mut b,
             &format!("usr/share/doc/f{i}"),
             Regular,
@@ -422,9 +378,9 @@ pub fn os_layers(version: &str) -> Vec<TarLayer> {
     let base = TarLayer::new(b);
 
     let mut b = tar::Builder::new(Vec::new());
-    add(&mut b, "etc/.wh.old.conf", Regular, 0o644, 0, b"", None);
+    tar_entry(&mut b, "etc/.wh.old.conf", Regular, 0o644, 0, b"", None);
     let release = format!("ID=acme\nVERSION_ID={version}\n");
-    add(
+    tar_entry(
         &mut b,
         "etc/os-release",
         Regular,
@@ -433,8 +389,8 @@ pub fn os_layers(version: &str) -> Vec<TarLayer> {
         release.as_bytes(),
         None,
     );
-    add(&mut b, "var/cache/", Directory, 0o755, 0, b"", None);
-    add(
+    tar_entry(&mut b, "var/cache/", Directory, 0o755, 0, b"", None);
+    tar_entry(
         &mut b,
         "var/cache/.wh..wh..opq",
         Regular,
@@ -443,6 +399,6 @@ pub fn os_layers(version: &str) -> Vec<TarLayer> {
         b"",
         None,
     );
-    add(&mut b, "var/cache/fresh", Regular, 0o644, 0, b"fresh", None);
+    tar_entry(&mut b, "var/cache/fresh", Regular, 0o644, 0, b"fresh", None);
     vec![base, TarLayer::new(b)]
 }

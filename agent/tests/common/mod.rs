@@ -5,9 +5,9 @@
 //! answers; broken blobs).
 #![allow(dead_code)]
 
-mod tree;
+mod shared;
 #[allow(unused_imports)] // each test file uses its own share
-pub use tree::{Entry, tree, umoci_tree};
+pub use shared::{Entry, ok, refused, tar_entry, tree, umoci_tree};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -317,28 +317,6 @@ insecure = {insecure:?}
         .unwrap();
         s
     }
-}
-
-/// Asserts an agent run succeeded.
-pub fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "agent failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Asserts an agent run failed with a one-line reason containing `want`.
-pub fn refused(out: &Output, want: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "agent accepted: {err}");
-    let last = err.lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("sluice-agent: error: ") && last.contains(want),
-        "last line {last:?} lacks {want:?}; stderr: {err}"
-    );
 }
 
 /// One request the responder saw.

@@ -1,10 +1,12 @@
-//! Every entry under a folder, and what the reference tools make of an image,
-//! to compare slots: shared by the agent's tests and the end-to-end tests
-//! (`tests/src/lib.rs` includes this file).
+//! Helpers shared by the agent's tests and the end-to-end tests
+//! (`tests/src/lib.rs` includes this file): every entry under a folder and
+//! what the reference tools make of an image, to compare slots; tar entries
+//! for test layers; how an agent run ended.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 /// A file in a tree: mode, uid, gid, and content (or link target).
 pub type Entry = (u32, u32, u32, Vec<u8>);
@@ -64,4 +66,51 @@ pub fn umoci_tree(image: &str) -> BTreeMap<PathBuf, Entry> {
         .expect("umoci is installed");
     assert!(st.success(), "umoci raw unpack");
     tree(&rootfs)
+}
+
+/// Appends an entry to a test layer: `kind` at `path` with `mode`, owned by
+/// `uid`:`uid`, holding `data` or linking to `link`.
+pub fn tar_entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    uid: u64,
+    data: &[u8],
+    link: Option<&str>,
+) {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(uid);
+    h.set_mtime(1_700_000_000);
+    h.set_size(data.len() as u64);
+    if let Some(l) = link {
+        h.set_link_name(l).unwrap();
+    }
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+/// Asserts an agent run succeeded; its standard output.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "agent failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts an agent run failed with a one-line reason containing `want`.
+pub fn refused(out: &Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "agent succeeded: {err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("sluice-agent: error: ") && last.contains(want),
+        "last line {last:?} lacks {want:?}; stderr: {err}"
+    );
 }
