@@ -854,18 +854,16 @@ impl Writer {
                             meta,
                             shown,
                         } => {
-                            let mut failed = fail.lock().expect("writer lock");
-                            if failed.is_some() {
+                            // After a failure the rest is only closed.
+                            if fail.lock().expect("writer lock").is_some() {
                                 continue;
                             }
-                            drop(failed);
                             let r = file
                                 .write_all(&data)
                                 .map_err(|e| UnpackError::io(format!("writing {shown}"), e))
                                 .and_then(|()| meta.apply(file.as_fd(), &shown, true));
                             if let Err(e) = r {
-                                failed = fail.lock().expect("writer lock");
-                                failed.get_or_insert(e);
+                                fail.lock().expect("writer lock").get_or_insert(e);
                             }
                         }
                         Job::Barrier(done) => {
