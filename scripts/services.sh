@@ -130,25 +130,19 @@ need_rust() {
   done
 }
 
-# Sets COSIGN to a working cosign CLI: $COSIGN, one on PATH, or installed by the
-# sibling shared/tools/install-cosign (Debian 12 has no cosign package).
+# Sets COSIGN to a working cosign CLI: $COSIGN, one on PATH, or one installed by
+# scripts/install-cosign (Debian 12 has no cosign package; it takes Debian 13's).
 need_cosign() {
   if [ -n "${COSIGN:-}" ] && "$COSIGN" version >/dev/null 2>&1; then export COSIGN; return 0; fi
   if command -v cosign >/dev/null && cosign version >/dev/null 2>&1; then
     COSIGN=$(command -v cosign); export COSIGN; return 0
   fi
-  local installer dest=/usr/local/bin
-  installer="$(cd "$ROOT/.." && pwd)/shared/tools/install-cosign"
-  [ "$(id -u)" = 0 ] || dest="$HOME/.local/bin"
-  if [ -f "$installer" ]; then
-    echo "==> installing cosign into $dest ($installer)"
-    bash "$installer" "$dest" >/dev/null
-    COSIGN="$dest/cosign"; export COSIGN
-    "$COSIGN" version >/dev/null 2>&1 && return 0
-  fi
-  echo "error: cosign is missing and $installer does not exist." >&2
-  echo "  Install cosign >= 2 on PATH, or set COSIGN=/path/to/cosign." >&2
-  return 1
+  echo "==> installing cosign (scripts/install-cosign)"
+  COSIGN=$(bash "$ROOT/scripts/install-cosign") || {
+    echo "error: cosign could not be installed; install cosign >= 2 on PATH or set COSIGN=/path/to/cosign" >&2
+    return 1
+  }
+  export COSIGN
 }
 
 # The database the sqlx query macros check against while compiling. With a
