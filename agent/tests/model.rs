@@ -19,7 +19,7 @@
 //! - a known-good slot holds what already ran from it;
 //! - the agent never panics but where a crash was injected.
 //!
-//! `SLUICE_MODEL_CASES` sequences run (default 200), from a random base seed
+//! `SLUICE_MODEL_CASES` sequences run (default 500), from a random base seed
 //! (`SLUICE_MODEL_SEED` to pick one); the seeds in `model-regressions.txt`
 //! run first, and a failing seed is added there, with the shrunk trace
 //! printed.
@@ -34,7 +34,7 @@ use sluice_agent::bootloader::{AbState, GrubEnv, Slot, SlotBoot};
 use sluice_agent::config::Config;
 use sluice_agent::failpoint::{self, Crash};
 use sluice_protocol::{Offer, ResolveResponse};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -358,7 +358,7 @@ struct Sim<'w> {
     dev: Option<Device>,
     daemon: Option<Daemon>,
     /// (slot, content) pairs that booted here.
-    ran: BTreeSet<(Slot, String)>,
+    ran: HashSet<(Slot, String)>,
     trace: Vec<String>,
     boots: u64,
 }
@@ -444,7 +444,7 @@ insecure = [{host:?}]
             dir,
             dev: None,
             daemon: None,
-            ran: BTreeSet::new(),
+            ran: HashSet::new(),
             trace: Vec::new(),
             boots: 0,
         }
@@ -769,7 +769,7 @@ fn random_sequences_keep_the_device_bootable_and_verified() {
     let cases: u64 = std::env::var("SLUICE_MODEL_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(500);
     let base: u64 = match std::env::var("SLUICE_MODEL_SEED") {
         Ok(v) => {
             u64::from_str_radix(v.trim_start_matches("0x"), 16).expect("SLUICE_MODEL_SEED is hex")
@@ -833,5 +833,43 @@ fn random_sequences_keep_the_device_bootable_and_verified() {
     assert!(
         crashes > cases && boots > cases && upgrades > cases / 4,
         "the sequences reached too little: {crashes} crashes, {boots} boots, {upgrades} upgrades"
+    );
+}
+
+/// Issue 11, item 1, as a sequence: staged 1.1.0 boots on trial and fails
+/// its checks, the reboot command returns, the daemon's next turn sees
+/// 1.2.0 offered. It must write nothing until the reboot.
+#[test]
+fn a_failed_trial_writes_nothing_before_its_reboot() {
+    quiet_crashes();
+    let world = World::new();
+    let actions = [
+        Action::Poll(Answer::Offer(0, false), None),
+        Action::Reboot {
+            healthy: false,
+            crash: None,
+        },
+        Action::Poll(Answer::Offer(1, false), None),
+        Action::Poll(Answer::Offer(1, false), None),
+        Action::Reboot {
+            healthy: true,
+            crash: None,
+        },
+        Action::Poll(Answer::Offer(1, false), None),
+        Action::Reboot {
+            healthy: true,
+            crash: None,
+        },
+    ];
+    let mut sim = Sim::new(&world);
+    sim.boot(true, None).unwrap();
+    for a in actions {
+        let r = sim.step(a).and_then(|()| sim.check());
+        assert!(r.is_ok(), "{r:?}\n{}", sim.trace.join("\n"));
+    }
+    assert!(
+        sim.ran.contains(&(Slot::B, "1.2.0".to_string())),
+        "{}",
+        sim.trace.join("\n")
     );
 }
