@@ -232,6 +232,14 @@ impl Device {
     fn may_write(&mut self, target: &Target) -> anyhow::Result<Slot> {
         let what = format!("writing {}", target.version);
         self.refuse_if_rebooting(&what)?;
+        if let UpdateState::Staged { slot, .. } | UpdateState::Failed { slot, .. } =
+            self.store.data.update
+        {
+            return Err(self.store.refuse(
+                &what,
+                format!("slot {slot} awaits its boot assessment since the reboot: run `sluice-agent mark-good` (the boot-assessment service) first"),
+            ));
+        }
         let booted = self.booted()?;
         let (_, ab) = self.ab()?;
         if !ab.is_known_good(booted) {
