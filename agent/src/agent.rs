@@ -1,16 +1,26 @@
 //! One device: the upgrade as the spec lists it, the boot assessment after
-//! reboot, rollback and status. Each step is a method on [`Device`]; the
-//! update state changes only through [`Store::transition_to`].
+//! reboot, rollback, status and the daemon's turns. Each step is a method on
+//! [`Device`]; the update state changes only through [`Store::transition`],
+//! which refuses a step from a state it may not start from. Two guards hold
+//! above it: once a reboot was asked for (a slot staged, or the booted slot
+//! failed its assessment) nothing is written until the machine has rebooted
+//! (the kernel's boot id changed), and no slot is written while the booted
+//! slot is not known good (on trial, or marked bad).
 
 use crate::bootloader::{AbState, GrubEnv, Slot};
 use crate::config::Config;
+use crate::failpoint;
 use crate::registry::{ImageRef, Registry};
 use crate::server::{Expect, Server, check_offer, verify_answer};
-use crate::state::{Credentials, Store, Target, UpdateState};
+use crate::state::{Credentials, Step, Store, Target, UpdateState};
 use crate::unpack::{UnpackOptions, Unpacker};
 use anyhow::{Context, bail};
-use sluice_protocol::{EnrollRequest, EventKind, EventRequest, KeySet, ResolveResponse};
+use sluice_protocol::{
+    EnrollRequest, EventKind, EventRequest, HostStatus, KeySet, ResolveResponse, SlotStatus,
+};
+use std::collections::BTreeMap;
 use std::process::Command;
+use std::time::Duration;
 use time::OffsetDateTime;
 
 /// What `apply` did.
@@ -18,7 +28,7 @@ use time::OffsetDateTime;
 pub enum Outcome {
     /// Nothing to do: the device runs the target.
     UpToDate,
-    /// A new slot was written and the device is rebooting into it.
+    /// A new slot was written and the reboot into it was asked for.
     Rebooting(Target),
     /// The offered release already failed its boot assessment here: not
     /// applied again (a release with another digest is).
@@ -122,11 +132,8 @@ impl Device {
             device_id: resp.device_id,
             token: resp.token,
         };
+        // Private from the moment it exists (`write_atomic` makes it 0600).
         crate::fsutil::write_atomic(&self.creds_path(), &serde_json::to_vec(&c)?)?;
-        std::fs::set_permissions(
-            self.creds_path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )?;
         crate::log(&format!("enrolled as device {}", c.device_id));
         Ok(c)
     }
@@ -144,14 +151,32 @@ impl Device {
         })
     }
 
+    /// The kernel's id of the running boot.
+    pub fn boot_id(&self) -> anyhow::Result<String> {
+        let p = &self.cfg.boot.boot_id;
+        let id = std::fs::read_to_string(p)
+            .with_context(|| format!("reading the boot id {}", p.display()))?;
+        let id = id.trim();
+        if id.is_empty() {
+            bail!("the boot id {} is empty", p.display());
+        }
+        Ok(id.to_string())
+    }
+
     fn ab(&self) -> anyhow::Result<(GrubEnv, AbState)> {
         let env = GrubEnv::load(&self.cfg.boot.grubenv)?;
         let ab = AbState::from_env(&env);
         Ok((env, ab))
     }
 
+    /// Writes the A/B variables, only if they changed (the block usually
+    /// lives on FAT flash: a boot without news writes nothing).
     fn store_ab(&self, mut env: GrubEnv, ab: &AbState) -> anyhow::Result<()> {
+        let before = env.clone();
         ab.apply_to(&mut env);
+        if env == before && self.cfg.boot.grubenv.exists() {
+            return Ok(());
+        }
         env.store(&self.cfg.boot.grubenv)
     }
 
@@ -165,11 +190,71 @@ impl Device {
             digest: t.digest.clone(),
             message,
             booted_slot: self.booted().ok().map(|s| s.name().to_string()),
+            host: self.host_status().ok(),
         };
         // Reports are best effort: an upgrade never waits on the server.
         if let Err(e) = self.server.event(&c.device_id, &c.token, &ev) {
             crate::log(&format!("reporting {} failed: {e:#}", kind.as_str()));
         }
+    }
+
+    /// Why the agent waits for a reboot, if it does: a slot was staged, or
+    /// the booted slot failed its assessment, in this very boot. Nothing is
+    /// written until the boot id changes.
+    pub fn awaited_reboot(&self) -> anyhow::Result<Option<String>> {
+        let Some((boot_id, why)) = self.store.data.update.awaits_reboot() else {
+            return Ok(None);
+        };
+        Ok((boot_id == self.boot_id()?).then_some(why))
+    }
+
+    /// Asks for the reboot (the configured command, e.g. `systemctl reboot`,
+    /// which returns before the machine goes down).
+    pub fn request_reboot(&self) -> anyhow::Result<()> {
+        failpoint::hit("command: reboot");
+        run_cmd(&self.cfg.boot.reboot).context("running the reboot command")
+    }
+
+    /// Refuses to go on while a reboot is awaited.
+    fn refuse_if_rebooting(&mut self, what: &str) -> anyhow::Result<()> {
+        if let Some(why) = self.awaited_reboot()? {
+            return Err(self.store.refuse(
+                what,
+                format!("waiting for the reboot {why} asked for in this boot; nothing is written until then"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The guard before a slot is written: no reboot awaited, and the
+    /// booted slot known good (not on trial, not marked bad), so the slot
+    /// GRUB falls back to is never the one written. Answers the slot to write.
+    fn may_write(&mut self, target: &Target) -> anyhow::Result<Slot> {
+        let what = format!("writing {}", target.version);
+        self.refuse_if_rebooting(&what)?;
+        if let UpdateState::Staged { slot, .. } | UpdateState::Failed { slot, .. } =
+            self.store.data.update
+        {
+            return Err(self.store.refuse(
+                &what,
+                format!("slot {slot} awaits its boot assessment since the reboot: run `sluice-agent mark-good` (the boot-assessment service) first"),
+            ));
+        }
+        let booted = self.booted()?;
+        let (_, ab) = self.ab()?;
+        if !ab.is_known_good(booted) {
+            let why = match ab.slot_boot(booted) {
+                sluice_protocol::SlotBoot::Bad => "is marked bad",
+                _ => "is on trial (not yet assessed: run mark-good)",
+            };
+            return Err(self.store.refuse(
+                &what,
+                format!(
+                    "the booted slot {booted} {why}; a slot is written only from a known-good one"
+                ),
+            ));
+        }
+        Ok(booted.other())
     }
 
     /// One verified resolution: the checked answer.
@@ -203,8 +288,11 @@ impl Device {
         Ok(answer)
     }
 
-    /// Check and, if an update is offered, apply it and reboot.
+    /// Check and, if an update is offered, write it into the other slot,
+    /// stage it and ask for the reboot. Refused while a reboot is awaited or
+    /// the booted slot is not known good.
     pub fn apply(&mut self) -> anyhow::Result<Outcome> {
+        self.refuse_if_rebooting("apply")?;
         let answer = self.check()?;
         let booted = self.booted()?;
         let current = self.store.data.slot(booted).cloned();
@@ -229,49 +317,64 @@ impl Device {
             ));
             return Ok(Outcome::Skipped(target));
         }
-        let slot = booted.other();
+        let slot = self.may_write(&target)?;
         crate::log(&format!(
             "update to {} ({}) into slot {slot}",
             target.version, target.digest
         ));
 
-        // GRUB must not pick the slot while it is half written.
+        // The state says the slot is no longer what it held before GRUB
+        // learns it, and GRUB never picks it while it is half written.
+        self.store.data.set_slot(slot, None);
+        self.store.transition(
+            Step::Write,
+            UpdateState::Writing {
+                target: target.clone(),
+                slot,
+                boot_id: self.boot_id()?,
+            },
+        )?;
         let (env, mut ab) = self.ab()?;
         ab.invalidate(slot);
         self.store_ab(env, &ab)?;
-        self.store.data.set_slot(slot, None);
-        self.store.transition_to(UpdateState::Writing {
-            target: target.clone(),
-            slot,
-        })?;
         self.report(
             EventKind::DownloadStarted,
             &target,
             Some(format!("slot {slot}")),
         );
+        failpoint::hit("slot: write");
         if let Err(e) = self.write_slot(&target, slot) {
             let msg = format!("{e:#}");
             self.report(EventKind::Failed, &target, Some(msg.clone()));
             self.store.data.last_result = Some(format!("failed {}: {msg}", target.version));
-            self.store.transition_to(UpdateState::Idle)?;
+            self.store
+                .transition(Step::WriteFailed, UpdateState::Idle)?;
             return Err(e);
         }
+        failpoint::hit("slot: written");
         self.report(EventKind::Downloaded, &target, None);
-
-        self.store.data.set_slot(slot, Some(target.clone()));
-        self.store.save()?;
-        let (env, mut ab) = self.ab()?;
-        ab.switch_to(slot);
-        self.store_ab(env, &ab)?;
-        self.store.transition_to(UpdateState::Staged {
-            target: target.clone(),
-            slot,
-            failed: false,
-        })?;
+        self.stage(target.clone(), slot)?;
         self.report(EventKind::Applied, &target, Some(format!("slot {slot}")));
         self.report(EventKind::Rebooting, &target, None);
-        run_cmd(&self.cfg.boot.reboot).context("running the reboot command")?;
+        self.request_reboot()?;
         Ok(Outcome::Rebooting(target))
+    }
+
+    /// The slot is complete: GRUB boots it next, on trial (the booted slot
+    /// is the fallback), then the state says so.
+    fn stage(&mut self, target: Target, slot: Slot) -> anyhow::Result<()> {
+        let (env, mut ab) = self.ab()?;
+        ab.stage(slot);
+        self.store_ab(env, &ab)?;
+        self.store.data.set_slot(slot, Some(target.clone()));
+        self.store.transition(
+            Step::Stage,
+            UpdateState::Staged {
+                target,
+                slot,
+                boot_id: self.boot_id()?,
+            },
+        )
     }
 
     fn write_slot(&self, target: &Target, slot: Slot) -> anyhow::Result<()> {
@@ -317,23 +420,80 @@ impl Device {
     }
 
     fn health(&self) -> anyhow::Result<()> {
+        failpoint::hit("command: health");
         for check in &self.cfg.boot.health_checks {
             run_cmd(check).context("health check failed")?;
         }
         Ok(())
     }
 
-    /// Boot assessment. `always`: run the checks even with no update on
-    /// trial (the `mark-good` command); otherwise only a slot on trial is
-    /// assessed (the start of `run`).
+    /// Boot assessment. A slot on trial is assessed: healthy, it becomes
+    /// known good; unhealthy, it is marked bad and the reboot into the other
+    /// slot asked for. Coming up in the other slot after a staging reports
+    /// `rolled_back`. `always` (the `mark-good` command) also runs the checks
+    /// for a known-good slot, which only reports: it stays the slot to boot.
     pub fn assess(&mut self, always: bool) -> anyhow::Result<()> {
         let booted = self.booted()?;
+        let now = self.boot_id()?;
         let (env, mut ab) = self.ab()?;
+        // The agent died after GRUB was switched to a complete slot and
+        // before the state said so: it is staged.
+        if let UpdateState::Writing { target, slot, .. } = self.store.data.update.clone()
+            && ab.trial() == Some(slot)
+            && ab.is_ok(slot)
+        {
+            self.store.data.set_slot(slot, Some(target.clone()));
+            self.store.transition(
+                Step::Stage,
+                UpdateState::Staged {
+                    target,
+                    slot,
+                    boot_id: if booted == slot || ab.is_tried(slot) {
+                        String::new()
+                    } else {
+                        now.clone()
+                    },
+                },
+            )?;
+        }
+        if let Some(why) = self.awaited_reboot()? {
+            crate::log(&format!("waiting for the reboot {why}: nothing to assess"));
+            return Ok(());
+        }
         match self.store.data.update.clone() {
-            UpdateState::Staged { target, slot, .. } if slot != booted => {
-                // Came up in the old slot with an update pending.
+            UpdateState::Staged { target, slot, .. } if slot == booted => {
+                if ab.is_known_good(slot) {
+                    // Marked good before the state could say so.
+                    self.healthy(target, slot)
+                } else {
+                    self.assess_trial(Some(target), env, ab)
+                }
+            }
+            UpdateState::Staged { target, slot, .. }
+                if ab.slot_boot(slot) == sluice_protocol::SlotBoot::Good =>
+            {
+                // The staging never reached GRUB: nothing was tried.
+                self.store.data.last_result = Some(format!(
+                    "{} in slot {slot} was never staged",
+                    target.version
+                ));
+                self.store.transition(Step::Cancel, UpdateState::Idle)
+            }
+            UpdateState::Staged { target, slot, .. } => {
+                if ab.slot_boot(slot) == sluice_protocol::SlotBoot::Trial {
+                    // GRUB never tried it (its switch did not reach the
+                    // disk): not a failure of the release; write it again.
+                    ab.invalidate(slot);
+                    self.store_ab(env, &ab)?;
+                    self.store.data.set_slot(slot, None);
+                    self.store.data.last_result = Some(format!(
+                        "{} in slot {slot} was never booted: staged again on the next poll",
+                        target.version
+                    ));
+                    return self.store.transition(Step::Cancel, UpdateState::Idle);
+                }
+                // Came up in the old slot: the staged one crashed or hung.
                 ab.mark_bad(slot);
-                ab.mark_good(booted);
                 self.store_ab(env, &ab)?;
                 self.store.data.record_failure(&target.digest);
                 self.report(
@@ -342,55 +502,92 @@ impl Device {
                     Some(format!("booted slot {booted}, not {slot}")),
                 );
                 self.store.data.last_result = Some(format!("rolled back from {}", target.version));
-                self.store.transition_to(UpdateState::Idle)?;
-                Ok(())
+                self.store.transition(Step::FellBack, UpdateState::Idle)
             }
-            UpdateState::Staged { target, slot, .. } | UpdateState::Writing { target, slot }
-                if slot == booted && ab.is_ok(slot) =>
-            {
-                // A Writing state here means the agent died after switching
-                // GRUB (which happens only once the slot is complete).
-                match self.health() {
-                    Ok(()) => {
-                        ab.mark_good(booted);
-                        self.store_ab(env, &ab)?;
-                        self.store.data.set_slot(slot, Some(target.clone()));
-                        self.report(EventKind::Healthy, &target, None);
-                        self.store.data.last_result = Some(format!("healthy {}", target.version));
-                        self.store.transition_to(UpdateState::Idle)?;
-                        Ok(())
-                    }
-                    Err(e) => {
-                        ab.mark_bad(booted);
-                        self.store_ab(env, &ab)?;
-                        self.store.data.record_failure(&target.digest);
-                        let msg = format!("{e:#}");
-                        self.report(EventKind::Failed, &target, Some(msg.clone()));
-                        self.store.data.last_result =
-                            Some(format!("failed {}: {msg}", target.version));
-                        self.store.transition_to(UpdateState::Staged {
-                            target,
-                            slot,
-                            failed: true,
-                        })?;
-                        run_cmd(&self.cfg.boot.reboot).context("running the reboot command")?;
-                        bail!(
-                            "slot {booted} is unhealthy ({msg}): marked bad, rebooting into slot {}",
-                            booted.other()
-                        )
-                    }
+            UpdateState::Failed { target, slot, .. } if slot != booted => {
+                self.report(
+                    EventKind::RolledBack,
+                    &target,
+                    Some(format!("booted slot {booted}, not {slot}")),
+                );
+                self.store.data.last_result = Some(format!("rolled back from {}", target.version));
+                self.store.transition(Step::FellBack, UpdateState::Idle)
+            }
+            UpdateState::Failed { target, .. } => {
+                // Booted the slot marked bad anyway: assess it again.
+                self.assess_trial(Some(target), env, ab)
+            }
+            UpdateState::Idle | UpdateState::Writing { .. } => {
+                if ab.trial() == Some(booted) {
+                    let target = self.store.data.slot(booted).cloned();
+                    return self.assess_trial(target, env, ab);
                 }
-            }
-            _ => {
-                if !always && !ab.is_tried(booted) {
+                // A known-good slot (or one an earlier GRUB rule marked
+                // tried: the check clears it). Its failing checks change
+                // nothing: there is no better slot to go to.
+                if !always && ab.is_known_good(booted) && !ab.is_tried(booted) {
                     return Ok(());
                 }
-                self.health()
-                    .with_context(|| format!("slot {booted} is unhealthy"))?;
+                self.health().with_context(|| {
+                    format!("slot {booted} is unhealthy (it stays the slot to boot)")
+                })?;
                 ab.mark_good(booted);
                 self.store_ab(env, &ab)
             }
         }
+    }
+
+    /// The booted slot is on trial: its health checks decide.
+    fn assess_trial(
+        &mut self,
+        target: Option<Target>,
+        env: GrubEnv,
+        mut ab: AbState,
+    ) -> anyhow::Result<()> {
+        let booted = self.booted()?;
+        match self.health() {
+            Ok(()) => {
+                ab.mark_good(booted);
+                self.store_ab(env, &ab)?;
+                match target {
+                    Some(t) => self.healthy(t, booted),
+                    None => Ok(()),
+                }
+            }
+            Err(e) => {
+                ab.mark_bad(booted);
+                self.store_ab(env, &ab)?;
+                let msg = format!("{e:#}");
+                let target = target.unwrap_or_else(|| Target {
+                    version: "unknown".into(),
+                    digest: "unknown".into(),
+                    image: String::new(),
+                });
+                self.store.data.record_failure(&target.digest);
+                self.report(EventKind::Failed, &target, Some(msg.clone()));
+                self.store.data.last_result = Some(format!("failed {}: {msg}", target.version));
+                self.store.transition(
+                    Step::AssessmentFailed,
+                    UpdateState::Failed {
+                        target,
+                        slot: booted,
+                        boot_id: self.boot_id()?,
+                    },
+                )?;
+                self.request_reboot()?;
+                bail!(
+                    "slot {booted} is unhealthy ({msg}): marked bad, rebooting into slot {}",
+                    booted.other()
+                )
+            }
+        }
+    }
+
+    fn healthy(&mut self, target: Target, slot: Slot) -> anyhow::Result<()> {
+        self.store.data.set_slot(slot, Some(target.clone()));
+        self.report(EventKind::Healthy, &target, None);
+        self.store.data.last_result = Some(format!("healthy {}", target.version));
+        self.store.transition(Step::Healthy, UpdateState::Idle)
     }
 
     /// Makes the other slot primary, if it holds a complete image, and
@@ -398,70 +595,227 @@ impl Device {
     /// boot assessment then reports `healthy` for its release (so the server
     /// learns what the device runs) or falls back.
     pub fn rollback(&mut self) -> anyhow::Result<Slot> {
+        self.refuse_if_rebooting("rollback")?;
         let booted = self.booted()?;
         let other = booted.other();
-        if matches!(self.store.data.update, UpdateState::Writing { .. }) {
-            bail!("slot {other} is being written: nothing to roll back to");
+        if let UpdateState::Writing { .. } = self.store.data.update {
+            return Err(self.store.refuse(
+                "rollback",
+                format!("slot {other} is being written: nothing to roll back to"),
+            ));
+        }
+        let (env, mut ab) = self.ab()?;
+        if !ab.is_known_good(booted) {
+            return Err(self.store.refuse(
+                "rollback",
+                format!("the booted slot {booted} is not known good (on trial or marked bad): its assessment decides"),
+            ));
         }
         let Some(target) = self.store.data.slot(other).cloned() else {
-            bail!("slot {other} holds no complete image: nothing to roll back to");
+            return Err(self.store.refuse(
+                "rollback",
+                format!("slot {other} holds no complete image: nothing to roll back to"),
+            ));
         };
-        let (env, mut ab) = self.ab()?;
-        ab.switch_to(other);
+        // GRUB first, as for an update: a crash in between leaves the other
+        // slot on trial, which the assessment after a boot handles.
+        ab.stage(other);
         self.store_ab(env, &ab)?;
         self.store.data.last_result =
             Some(format!("rollback to slot {other} ({})", target.version));
-        self.store.transition_to(UpdateState::Staged {
-            target: target.clone(),
-            slot: other,
-            failed: false,
-        })?;
+        self.store.transition(
+            Step::Rollback,
+            UpdateState::Staged {
+                target: target.clone(),
+                slot: other,
+                boot_id: self.boot_id()?,
+            },
+        )?;
         self.report(
             EventKind::Rebooting,
             &target,
             Some(format!("rollback to slot {other}")),
         );
-        run_cmd(&self.cfg.boot.reboot).context("running the reboot command")?;
+        self.request_reboot()?;
         Ok(other)
     }
 
     /// `booted / staged / rollback`, as bootc shows a host.
-    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+    pub fn host_status(&self) -> anyhow::Result<HostStatus> {
         let booted = self.booted().ok();
         let (_, ab) = self.ab()?;
-        let slot_json = |s: Slot| {
-            serde_json::json!({
-                "slot": s.name(),
-                "image": self.store.data.slot(s),
-                "ok": ab.is_ok(s),
-                "on_trial": ab.is_tried(s),
-            })
+        let slot_status = |s: Slot, t: Option<&Target>| SlotStatus {
+            slot: s.name().to_string(),
+            version: t.map(|t| t.version.clone()),
+            digest: t.map(|t| t.digest.clone()),
+            boot: ab.slot_boot(s),
         };
         let staged = match &self.store.data.update {
-            UpdateState::Staged {
-                target,
-                slot,
-                failed,
-            } => serde_json::json!({
-                "slot": slot.name(), "image": target, "failed": failed }),
-            UpdateState::Writing { target, slot } => serde_json::json!({
-                "slot": slot.name(), "image": target, "incomplete": true }),
-            UpdateState::Idle => serde_json::Value::Null,
+            UpdateState::Writing { target, slot, .. }
+            | UpdateState::Staged { target, slot, .. }
+                if Some(*slot) != booted =>
+            {
+                Some(slot_status(*slot, Some(target)))
+            }
+            _ => None,
         };
-        let rollback = booted
-            .map(Slot::other)
-            .filter(|s| ab.is_ok(*s) && self.store.data.slot(*s).is_some())
-            .map(slot_json);
-        Ok(serde_json::json!({
-            "booted": booted.map(slot_json),
-            "staged": staged,
-            "rollback": rollback,
-            "next_boot": ab.next_boot().map(Slot::name),
-            "state": self.store.data.update.name(),
-            "last_serial": self.store.data.last_serial,
-            "last_result": self.store.data.last_result,
-            "device_id": self.credentials().ok().flatten().map(|c| c.device_id),
-        }))
+        // The known-good slot GRUB falls back to (its release may be
+        // unknown: the factory image).
+        let rollback = booted.map(Slot::other).filter(|s| {
+            ab.is_known_good(*s) && staged.as_ref().is_none_or(|st| st.slot != s.name())
+        });
+        Ok(HostStatus {
+            state: self.store.data.update.name().to_string(),
+            reboot_pending: self.awaited_reboot().ok().flatten().is_some(),
+            booted: booted.map(|s| {
+                let t = match &self.store.data.update {
+                    UpdateState::Staged { target, slot, .. }
+                    | UpdateState::Failed { target, slot, .. }
+                        if *slot == s =>
+                    {
+                        Some(target)
+                    }
+                    _ => self.store.data.slot(s),
+                };
+                slot_status(s, t)
+            }),
+            staged,
+            rollback: rollback.map(|s| slot_status(s, self.store.data.slot(s))),
+        })
+    }
+
+    /// What `status` prints: the host status and the agent's own facts.
+    pub fn status(&self) -> anyhow::Result<Status> {
+        let (_, ab) = self.ab()?;
+        Ok(Status {
+            host: self.host_status()?,
+            next_boot: ab.next_boot().map(|s| s.name().to_string()),
+            last_serial: self.store.data.last_serial,
+            last_result: self.store.data.last_result.clone(),
+            device_id: self.credentials().ok().flatten().map(|c| c.device_id),
+            refusals: self.store.data.refusals.clone(),
+        })
+    }
+}
+
+/// What `status --json` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// Slots and state, as sent with every event.
+    #[serde(flatten)]
+    pub host: HostStatus,
+    /// The slot GRUB picks at the next boot, if any.
+    pub next_boot: Option<String>,
+    /// The highest resolution serial accepted.
+    pub last_serial: Option<i64>,
+    /// The last outcome, one line.
+    pub last_result: Option<String>,
+    /// The enrolled device id.
+    pub device_id: Option<String>,
+    /// How often each step was refused.
+    pub refusals: BTreeMap<String, u64>,
+}
+
+/// What the daemon does after a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Poll again after about this long.
+    Poll(Duration),
+    /// A reboot is awaited: do nothing; ask for it again after this long
+    /// when asking failed.
+    AwaitReboot(Option<Duration>),
+}
+
+/// The daemon (`run`): the boot assessment, then turns of polling and
+/// applying; once a reboot was asked for, turns only wait for it.
+pub struct Daemon {
+    backoff: Duration,
+    reboot_asked: bool,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(3600);
+
+impl Daemon {
+    /// Starts: assesses the booted slot (as `run` begins).
+    pub fn start(dev: &mut Device) -> Daemon {
+        if let Err(e) = dev.assess(false) {
+            crate::log(&format!("boot assessment: {e:#}"));
+        }
+        Daemon {
+            backoff: BACKOFF_MIN,
+            reboot_asked: false,
+        }
+    }
+
+    fn back_off(&mut self) -> Duration {
+        let w = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        w
+    }
+
+    /// One turn.
+    pub fn turn(&mut self, dev: &mut Device) -> Turn {
+        match dev.awaited_reboot() {
+            Ok(Some(why)) => {
+                if self.reboot_asked {
+                    return Turn::AwaitReboot(None);
+                }
+                // Asked again after a restart in the same boot, or after
+                // the command failed: `systemctl reboot` twice is harmless.
+                return match dev.request_reboot() {
+                    Ok(()) => {
+                        self.reboot_asked = true;
+                        crate::log(&format!("waiting for the reboot {why}"));
+                        Turn::AwaitReboot(None)
+                    }
+                    Err(e) => {
+                        let w = self.back_off();
+                        crate::log(&format!(
+                            "{e:#}; waiting for the reboot {why}, asking again in about {}s",
+                            w.as_secs()
+                        ));
+                        Turn::AwaitReboot(Some(w))
+                    }
+                };
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let w = self.back_off();
+                crate::log(&format!("{e:#}; retrying in about {}s", w.as_secs()));
+                return Turn::Poll(w);
+            }
+        }
+        match dev.apply() {
+            Ok(Outcome::Rebooting(t)) => {
+                self.reboot_asked = true;
+                crate::log(&format!("waiting for the reboot into {}", t.version));
+                Turn::AwaitReboot(None)
+            }
+            Ok(Outcome::UpToDate | Outcome::Skipped(_)) => {
+                self.backoff = BACKOFF_MIN;
+                // The server paces the fleet; 0 would mean a busy loop.
+                let poll = dev
+                    .store
+                    .data
+                    .last_poll_after_s
+                    .unwrap_or(300)
+                    .clamp(1, 86_400);
+                Turn::Poll(Duration::from_secs(poll))
+            }
+            Err(e) => {
+                let w = self.back_off();
+                crate::log(&format!(
+                    "update failed: {e:#}; retrying in about {}s",
+                    w.as_secs()
+                ));
+                if matches!(dev.awaited_reboot(), Ok(Some(_))) {
+                    // Staged, but the reboot command failed.
+                    return Turn::AwaitReboot(Some(w));
+                }
+                Turn::Poll(w)
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! `grub/sluice.cfg`, so tests can play GRUB's part.
 
 use crate::fsutil;
+pub use sluice_protocol::SlotBoot;
 use std::fmt;
 use std::path::Path;
 
@@ -228,8 +229,11 @@ pub struct AbState {
     pub order: Vec<Slot>,
     /// `A_OK`, `B_OK`: the slot holds a complete image not marked bad.
     pub ok: [bool; 2],
-    /// `A_TRY`, `B_TRY`: GRUB booted the slot and it was not marked good since.
+    /// `A_TRY`, `B_TRY`: the slot on trial has spent its one try (GRUB booted
+    /// it and it was not marked good since). Ignored for a slot not on trial.
     pub tried: [bool; 2],
+    /// `TRIAL`: the slot on trial, if any. Every other OK slot is known good.
+    pub trial: Option<Slot>,
 }
 
 fn idx(s: Slot) -> usize {
@@ -246,11 +250,13 @@ impl AbState {
             order: vec![Slot::A, Slot::B],
             ok: [true, false],
             tried: [false, false],
+            trial: None,
         }
     }
 
     /// Reads the variables; missing ones take the shipped script's defaults
-    /// (`ORDER="A B"`, `A_OK=1`, everything else 0: A holds the factory image).
+    /// (`ORDER="A B"`, `A_OK=1`, `TRIAL` empty, everything else 0: A holds
+    /// the factory image).
     pub fn from_env(env: &GrubEnv) -> Self {
         let flag = |k: &str| env.get(k).unwrap_or(if k == "A_OK" { "1" } else { "0" }) == "1";
         let order: Vec<Slot> = env
@@ -263,6 +269,7 @@ impl AbState {
             order,
             ok: [flag("A_OK"), flag("B_OK")],
             tried: [flag("A_TRY"), flag("B_TRY")],
+            trial: env.get("TRIAL").and_then(Slot::parse),
         }
     }
 
@@ -276,6 +283,7 @@ impl AbState {
         let _ = env.set("A_TRY", b(self.tried[0]));
         let _ = env.set("B_OK", b(self.ok[1]));
         let _ = env.set("B_TRY", b(self.tried[1]));
+        let _ = env.set("TRIAL", self.trial.map_or("", Slot::name));
     }
 
     /// Whether a slot is marked OK.
@@ -283,59 +291,98 @@ impl AbState {
         self.ok[idx(s)]
     }
 
-    /// Whether a slot is on trial (booted, not yet marked good).
+    /// Whether a slot's `TRY` flag is set.
     pub fn is_tried(&self, s: Slot) -> bool {
         self.tried[idx(s)]
+    }
+
+    /// The slot on trial, if any.
+    pub fn trial(&self) -> Option<Slot> {
+        self.trial
+    }
+
+    /// Whether GRUB boots `s` as known good: OK and not on trial.
+    pub fn is_known_good(&self, s: Slot) -> bool {
+        self.is_ok(s) && self.trial != Some(s)
+    }
+
+    /// How GRUB treats `s`.
+    pub fn slot_boot(&self, s: Slot) -> SlotBoot {
+        match (self.is_ok(s), self.trial == Some(s), self.is_tried(s)) {
+            (false, _, _) => SlotBoot::Bad,
+            (true, false, _) => SlotBoot::Good,
+            (true, true, false) => SlotBoot::Trial,
+            (true, true, true) => SlotBoot::Tried,
+        }
     }
 
     /// Before writing into `s`: GRUB must never pick it while it is half written.
     pub fn invalidate(&mut self, s: Slot) {
         self.ok[idx(s)] = false;
         self.tried[idx(s)] = false;
+        if self.trial == Some(s) {
+            self.trial = None;
+        }
         self.order.retain(|&o| o != s);
         self.order.push(s);
     }
 
-    /// After `s` was written completely: boot it next, once, on trial.
-    pub fn switch_to(&mut self, s: Slot) {
+    /// After `s` was written completely: boot it next, once, on trial; the
+    /// other slot is the fallback.
+    pub fn stage(&mut self, s: Slot) {
         self.ok[idx(s)] = true;
         self.tried[idx(s)] = false;
+        self.trial = Some(s);
         self.order = vec![s, s.other()];
     }
 
-    /// Boot assessment passed: `s` is good and stays first.
+    /// Boot assessment passed: `s` is known good and stays first.
     pub fn mark_good(&mut self, s: Slot) {
         self.ok[idx(s)] = true;
         self.tried[idx(s)] = false;
+        if self.trial == Some(s) {
+            self.trial = None;
+        }
         self.order = vec![s, s.other()];
     }
 
     /// Boot assessment failed: GRUB must not boot `s` again.
     pub fn mark_bad(&mut self, s: Slot) {
         self.ok[idx(s)] = false;
+        self.tried[idx(s)] = false;
+        if self.trial == Some(s) {
+            self.trial = None;
+        }
         self.order = vec![s.other(), s];
     }
 
-    /// The slot GRUB would pick: the first in `ORDER` that is OK and not tried.
+    /// The slot GRUB would pick: the first in `ORDER` that is OK, unless it
+    /// is the slot on trial and its try is spent.
     pub fn next_boot(&self) -> Option<Slot> {
         self.order
             .iter()
             .copied()
-            .find(|&s| self.ok[idx(s)] && !self.tried[idx(s)])
+            .find(|&s| matches!(self.slot_boot(s), SlotBoot::Good | SlotBoot::Trial))
     }
 }
 
-/// Plays GRUB's part as `grub/sluice.cfg` does: load the environment, pick the
-/// first slot in `ORDER` with `OK=1` and `TRY=0`, set its `TRY=1`, save, and
-/// boot it. `None` is GRUB finding no bootable slot (it halts).
+/// Plays GRUB's part as `grub/sluice.cfg` does: load the environment, pick
+/// the first slot in `ORDER` that is OK (the slot on trial only while its try
+/// is unspent); for the slot on trial set its `TRY=1` and save before
+/// booting it; a known-good slot boots without a write. `None` is GRUB
+/// finding no bootable slot (it halts). `agent/tests/grubenv.rs` checks this
+/// against the shipped snippet run by GRUB itself (`grub-emu`).
 pub fn boot(grubenv: &Path) -> anyhow::Result<Option<Slot>> {
     let mut env = GrubEnv::load(grubenv)?;
-    let Some(slot) = AbState::from_env(&env).next_boot() else {
+    let ab = AbState::from_env(&env);
+    let Some(slot) = ab.next_boot() else {
         return Ok(None);
     };
-    // GRUB's `save_env` rewrites only the named variables, in place.
-    env.set(&format!("{slot}_TRY"), "1")?;
-    env.store(grubenv)?;
+    if ab.trial == Some(slot) {
+        // GRUB's `save_env` rewrites only the named variable, in place.
+        env.set(&format!("{slot}_TRY"), "1")?;
+        env.store(grubenv)?;
+    }
     Ok(Some(slot))
 }
 
@@ -404,23 +451,28 @@ mod tests {
         assert_eq!(ab.next_boot(), Some(Slot::A));
         ab.invalidate(Slot::B);
         assert_eq!(ab.next_boot(), Some(Slot::A));
-        ab.switch_to(Slot::B);
+        ab.stage(Slot::B);
         assert_eq!(ab.next_boot(), Some(Slot::B));
+        assert_eq!(ab.slot_boot(Slot::B), SlotBoot::Trial);
         // GRUB sets B_TRY=1; a crash before mark-good falls back to A.
         ab.tried[1] = true;
         assert_eq!(ab.next_boot(), Some(Slot::A));
         ab.mark_bad(Slot::B);
         assert_eq!(ab.next_boot(), Some(Slot::A));
-        ab.switch_to(Slot::B);
+        ab.stage(Slot::B);
         ab.tried[1] = true;
         ab.mark_good(Slot::B);
         assert_eq!(ab.next_boot(), Some(Slot::B));
+        assert_eq!(ab.trial(), None);
     }
 
     #[test]
-    fn no_bootable_slot_halts() {
+    fn known_good_slots_ignore_try_and_a_spent_trial_with_no_fallback_halts() {
         let mut ab = AbState::initial();
+        // A legacy `A_TRY=1` (the old rule set it on every boot) is ignored.
         ab.tried = [true, true];
+        assert_eq!(ab.next_boot(), Some(Slot::A));
+        ab.trial = Some(Slot::A);
         assert_eq!(ab.next_boot(), None);
     }
 }

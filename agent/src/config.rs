@@ -94,6 +94,10 @@ pub struct Boot {
     /// Commands that must all exit 0 for a slot to be healthy.
     #[serde(default = "default_health")]
     pub health_checks: Vec<Vec<String>>,
+    /// The kernel's id of the running boot: it tells a restart of the agent
+    /// from a reboot (a reboot asked for is awaited until this changes).
+    #[serde(default = "default_boot_id")]
+    pub boot_id: PathBuf,
 }
 
 /// `[registry]`.
@@ -143,6 +147,9 @@ fn default_health() -> Vec<Vec<String>> {
         "is-system-running".into(),
         "--wait".into(),
     ]]
+}
+fn default_boot_id() -> PathBuf {
+    "/proc/sys/kernel/random/boot_id".into()
 }
 fn default_max_bytes() -> u64 {
     64 << 30

@@ -1,35 +1,60 @@
 //! Durable file writes: a new file is written beside the old one, synced, and
 //! renamed over it, then the directory is synced, so a reader (or a reboot)
-//! sees the old bytes or the new ones, never a mix.
+//! sees the old bytes or the new ones, never a mix. The new file is private
+//! (0600) from the moment it exists and never reached through a link.
 
+use crate::failpoint;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Replaces `path` with `bytes` atomically and durably.
+/// Replaces `path` with `bytes` atomically and durably, mode 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    failpoint::hit("write: before");
     let dir = parent_dir(path);
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
     let tmp = dir.join(format!(".{}.sluice-new", name.to_string_lossy()));
+    // A temporary left by a crash (or planted) is removed, never opened:
+    // unlink does not follow a link, and O_EXCL | O_NOFOLLOW then refuse
+    // anything that appears in its place.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_CLOEXEC)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
+    failpoint::hit("write: temporary synced");
     fs::rename(&tmp, path)?;
+    failpoint::hit("write: renamed");
     // On FAT (the partition GRUB's environment block lives on) the renamed
     // file's directory entry is written with the file's inode, not with the
     // directory: without this sync a power cut after the rename can leave
     // the old entry pointing at clusters the rename already freed (seen
     // under QEMU, tests/tests/vm.rs). Elsewhere it costs one cheap fsync.
-    File::open(path)?.sync_all()?;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_CLOEXEC)
+        .open(path)?
+        .sync_all()?;
     sync_dir(dir)
+}
+
+/// The open flags `std` has no names for, from rustix's.
+mod libc_flags {
+    pub const O_NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+    pub const O_CLOEXEC: i32 = rustix::fs::OFlags::CLOEXEC.bits() as i32;
 }
 
 /// Flushes a directory's entries (after a rename or create in it).
@@ -47,6 +72,7 @@ fn parent_dir(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn replaces_contents_and_leaves_no_temporary() {
@@ -56,5 +82,23 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    /// A stale temporary (a crash) or a link planted in its place is
+    /// replaced, not written through; the result is private.
+    #[test]
+    fn stale_temporaries_and_links_are_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let outside = d.path().join("outside");
+        std::os::unix::fs::symlink(&outside, d.path().join(".f.sluice-new")).unwrap();
+        write_atomic(&p, b"secret").unwrap();
+        assert!(!outside.exists());
+        fs::write(d.path().join(".f.sluice-new"), b"half").unwrap();
+        write_atomic(&p, b"again").unwrap();
+        let m = fs::symlink_metadata(&p).unwrap();
+        assert!(m.is_file());
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(&p).unwrap(), b"again");
     }
 }

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod bootloader;
 pub mod config;
+pub mod failpoint;
 pub mod fsutil;
 pub mod pipeline;
 pub mod registry;

@@ -2,7 +2,7 @@
 #![deny(unsafe_code)]
 
 use anyhow::Context;
-use sluice_agent::agent::{Device, Outcome};
+use sluice_agent::agent::{Daemon, Device, Outcome, Turn};
 use sluice_agent::config::{Config, DEFAULT_PATH};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,22 +78,31 @@ fn real_main() -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                let slot = |v: &serde_json::Value| {
-                    if v.is_null() {
-                        "-".to_string()
-                    } else {
-                        format!(
-                            "slot {} {}",
-                            v["slot"].as_str().unwrap_or("?"),
-                            v["image"]["version"].as_str().unwrap_or("(unknown image)")
-                        )
-                    }
+                let slot = |v: &Option<sluice_protocol::SlotStatus>| match v {
+                    None => "-".to_string(),
+                    Some(v) => format!(
+                        "slot {} {} ({})",
+                        v.slot,
+                        v.version.as_deref().unwrap_or("(unknown image)"),
+                        serde_json::to_value(v.boot)
+                            .ok()
+                            .and_then(|b| b.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    ),
                 };
-                println!("booted:   {}", slot(&s["booted"]));
-                println!("staged:   {}", slot(&s["staged"]));
-                println!("rollback: {}", slot(&s["rollback"]));
-                println!("state:    {}", s["state"].as_str().unwrap_or("?"));
-                println!("last:     {}", s["last_result"].as_str().unwrap_or("-"));
+                println!("booted:   {}", slot(&s.host.booted));
+                println!("staged:   {}", slot(&s.host.staged));
+                println!("rollback: {}", slot(&s.host.rollback));
+                println!(
+                    "state:    {}{}",
+                    s.host.state,
+                    if s.host.reboot_pending {
+                        " (waiting for the reboot)"
+                    } else {
+                        ""
+                    }
+                );
+                println!("last:     {}", s.last_result.as_deref().unwrap_or("-"));
             }
         }
         "mark-good" => {
@@ -144,36 +153,16 @@ fn run(dev: &mut Device) -> anyhow::Result<()> {
     // A stop request lands between steps: an upgrade in progress finishes
     // (it is safe to kill anyway), a wait ends at once.
     let stop = stop_flag()?;
-    // First the boot assessment of a slot on trial.
-    if let Err(e) = dev.assess(false) {
-        sluice_agent::log(&format!("boot assessment: {e:#}"));
-    }
-    let mut backoff = Duration::from_secs(10);
+    let mut daemon = Daemon::start(dev);
     while !stop.load(Ordering::Relaxed) {
-        let wait = match dev.apply() {
-            Ok(Outcome::Rebooting(_)) => return Ok(()),
-            Ok(Outcome::UpToDate | Outcome::Skipped(_)) => {
-                backoff = Duration::from_secs(10);
-                // The server paces the fleet; 0 would mean a busy loop.
-                let poll = dev
-                    .store
-                    .data
-                    .last_poll_after_s
-                    .unwrap_or(300)
-                    .clamp(1, 86_400);
-                Duration::from_secs(poll)
-            }
-            Err(e) => {
-                sluice_agent::log(&format!(
-                    "update failed: {e:#}; retrying in about {}s",
-                    backoff.as_secs()
-                ));
-                let w = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(3600));
-                w
-            }
+        let wait = match daemon.turn(dev) {
+            Turn::Poll(d) => jitter(d),
+            Turn::AwaitReboot(Some(d)) => d,
+            // Only the reboot (or a stop) ends this wait: exiting could
+            // have a restart write what must wait for the reboot.
+            Turn::AwaitReboot(None) => Duration::from_secs(3600),
         };
-        if sleep_unless_stopped(jitter(wait), &stop) {
+        if sleep_unless_stopped(wait, &stop) {
             break;
         }
     }

@@ -6,6 +6,8 @@ use crate::bootloader::Slot;
 use crate::fsutil;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// A release written (or being written) to a slot.
@@ -19,11 +21,13 @@ pub struct Target {
     pub image: String,
 }
 
-/// Where an update stands.
+/// Where an update stands. Each variant carries what it needs; the `boot_id`
+/// of a variant is the kernel's id of the boot it was entered in, so a
+/// restart of the agent within that boot is told from a reboot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum UpdateState {
-    /// Nothing in progress.
+    /// Nothing in flight: the booted slot is known good (or assessed next).
     Idle,
     /// Writing `target` into `slot`; GRUB will not boot `slot` meanwhile.
     Writing {
@@ -31,15 +35,32 @@ pub enum UpdateState {
         target: Target,
         /// Into which slot.
         slot: Slot,
+        /// The boot the write began in.
+        #[serde(default)]
+        boot_id: String,
     },
-    /// `slot` holds `target` and GRUB boots it next, on trial.
+    /// `slot` holds `target` and GRUB boots it next, on trial: until the
+    /// boot `boot_id` ends the agent only waits for the reboot.
     Staged {
         /// What was written.
         target: Target,
         /// Into which slot.
         slot: Slot,
-        /// The slot failed its health checks; the device is going back.
-        failed: bool,
+        /// The boot it was staged in.
+        #[serde(default)]
+        boot_id: String,
+    },
+    /// `slot`, booted on trial, failed its assessment and is marked bad:
+    /// until the boot `boot_id` ends the agent only waits for the reboot
+    /// into the other slot.
+    Failed {
+        /// The release that failed.
+        target: Target,
+        /// The slot marked bad.
+        slot: Slot,
+        /// The boot it failed in.
+        #[serde(default)]
+        boot_id: String,
     },
 }
 
@@ -49,8 +70,86 @@ impl UpdateState {
         match self {
             UpdateState::Idle => "idle",
             UpdateState::Writing { .. } => "writing",
-            UpdateState::Staged { failed: false, .. } => "staged",
-            UpdateState::Staged { failed: true, .. } => "failed",
+            UpdateState::Staged { .. } => "staged",
+            UpdateState::Failed { .. } => "failed",
+        }
+    }
+
+    /// The boot a reboot is awaited from, and why, if this state awaits one.
+    pub fn awaits_reboot(&self) -> Option<(&str, String)> {
+        match self {
+            UpdateState::Staged {
+                target,
+                slot,
+                boot_id,
+            } => Some((
+                boot_id,
+                format!("into slot {slot} ({} staged)", target.version),
+            )),
+            UpdateState::Failed {
+                target,
+                slot,
+                boot_id,
+            } => Some((
+                boot_id,
+                format!(
+                    "out of slot {slot} ({} failed its assessment)",
+                    target.version
+                ),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A transition of the update state: each names the states it may start
+/// from; [`Store::transition`] refuses (logs and counts) any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Begin (or begin again) writing the inactive slot.
+    Write,
+    /// The slot is complete and GRUB boots it next, on trial.
+    Stage,
+    /// The write failed; nothing was made bootable.
+    WriteFailed,
+    /// The slot on trial passed its assessment.
+    Healthy,
+    /// The slot on trial failed its assessment and is marked bad.
+    AssessmentFailed,
+    /// The machine came back up in the other slot.
+    FellBack,
+    /// A staged slot was never booted (its switch did not take): dropped.
+    Cancel,
+    /// `rollback`: the other slot's release is staged.
+    Rollback,
+}
+
+impl Step {
+    /// Its name in logs and in the refusal counts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Write => "write",
+            Step::Stage => "stage",
+            Step::WriteFailed => "write_failed",
+            Step::Healthy => "healthy",
+            Step::AssessmentFailed => "assessment_failed",
+            Step::FellBack => "fell_back",
+            Step::Cancel => "cancel",
+            Step::Rollback => "rollback",
+        }
+    }
+
+    /// The states it may start from.
+    pub fn from(self) -> &'static [&'static str] {
+        match self {
+            Step::Write => &["idle", "writing"],
+            Step::Stage => &["writing"],
+            Step::WriteFailed => &["writing"],
+            Step::Healthy => &["idle", "writing", "staged", "failed"],
+            Step::AssessmentFailed => &["idle", "writing", "staged", "failed"],
+            Step::FellBack => &["staged", "failed"],
+            Step::Cancel => &["staged"],
+            Step::Rollback => &["idle"],
         }
     }
 }
@@ -86,6 +185,9 @@ pub struct Persisted {
     /// enough reports.
     #[serde(default)]
     pub failed_digests: Vec<String>,
+    /// How many times each transition or write was refused, by name.
+    #[serde(default)]
+    pub refusals: BTreeMap<String, u64>,
 }
 
 /// How many failed digests are remembered.
@@ -101,6 +203,7 @@ impl Default for Persisted {
             last_result: None,
             last_poll_after_s: None,
             failed_digests: Vec::new(),
+            refusals: BTreeMap::new(),
         }
     }
 }
@@ -139,9 +242,13 @@ pub struct Store {
 }
 
 impl Store {
-    /// Loads `state_dir/state.json`, or a fresh state.
+    /// Loads `state_dir/state.json`, or a fresh state. A state dir made
+    /// here is private (0700): it holds the device token.
     pub fn open(state_dir: &Path) -> anyhow::Result<Store> {
-        std::fs::create_dir_all(state_dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
             .with_context(|| format!("creating state dir {}", state_dir.display()))?;
         let path = state_dir.join("state.json");
         let data = match std::fs::read(&path) {
@@ -160,15 +267,40 @@ impl Store {
             .with_context(|| format!("writing {}", self.path.display()))
     }
 
-    /// The one place the update state changes: logs and persists.
-    pub fn transition_to(&mut self, next: UpdateState) -> anyhow::Result<()> {
+    /// The one place the update state changes: checks that `step` may start
+    /// from the current state (else refuses, logged and counted), logs and
+    /// persists.
+    pub fn transition(&mut self, step: Step, next: UpdateState) -> anyhow::Result<()> {
+        let from = self.data.update.name();
+        if !step.from().contains(&from) {
+            return Err(self.refuse(
+                step.name(),
+                format!(
+                    "not from state {from} (only from {})",
+                    step.from().join(", ")
+                ),
+            ));
+        }
         crate::log(&format!(
-            "state {} -> {}",
-            self.data.update.name(),
-            next.name()
+            "state {from} -> {} ({})",
+            next.name(),
+            step.name()
         ));
         self.data.update = next;
         self.save()
+    }
+
+    /// Refuses `what` because of `why`: logs one line, counts it (best
+    /// effort: a refusal never fails for want of a write) and answers the
+    /// error to return.
+    pub fn refuse(&mut self, what: &str, why: String) -> anyhow::Error {
+        let line = format!("{what} refused: {why}");
+        crate::log(&line);
+        *self.data.refusals.entry(what.to_string()).or_default() += 1;
+        if let Err(e) = self.save() {
+            crate::log(&format!("counting the refusal: {e:#}"));
+        }
+        anyhow::anyhow!(line)
     }
 }
 
@@ -202,19 +334,40 @@ mod tests {
             digest: "sha256:00".into(),
             image: "r/x@sha256:00".into(),
         };
-        s.transition_to(UpdateState::Writing {
+        let writing = UpdateState::Writing {
             target: t.clone(),
             slot: Slot::B,
-        })
+            boot_id: "b1".into(),
+        };
+        s.transition(Step::Write, writing.clone()).unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        assert_eq!(s.data.last_serial, Some(7));
+        assert_eq!(s.data.update, writing);
+        // A step that may not start here is refused, counted, and changes nothing.
+        let e = s.transition(Step::Rollback, UpdateState::Idle).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("rollback refused: not from state writing")
+        );
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.data.update, writing);
+        assert_eq!(s.data.refusals["rollback"], 1);
+    }
+
+    /// State files of earlier agents (no boot ids) still load.
+    #[test]
+    fn older_state_files_load() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("state.json"),
+            r#"{"update":{"state":"staged","target":{"version":"1","digest":"d","image":"i"},
+                "slot":"B","failed":false},"last_serial":3,"slot_a":null,"slot_b":null,
+                "last_result":null}"#,
+        )
         .unwrap();
         let s = Store::open(d.path()).unwrap();
-        assert_eq!(s.data.last_serial, Some(7));
-        assert_eq!(
-            s.data.update,
-            UpdateState::Writing {
-                target: t,
-                slot: Slot::B
-            }
+        assert!(
+            matches!(s.data.update, UpdateState::Staged { ref boot_id, .. } if boot_id.is_empty())
         );
     }
 }

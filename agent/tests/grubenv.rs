@@ -1,6 +1,9 @@
 //! The grubenv encoder against the real `grub-editenv` (Debian's grub-common):
 //! random variable sets, escapes, in-place rewrites and unsets, and refusal
-//! of what does not fit in 1024 bytes.
+//! of what does not fit in 1024 bytes. And the Rust model of the boot rule
+//! (`bootloader::boot`, which the other tests use to play GRUB) against the
+//! shipped `grub/sluice.cfg` run by GRUB itself (`grub-emu`) for every
+//! environment the variables can make.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -117,7 +120,7 @@ fn agent_blocks_read_by_grub_editenv() {
     let file = dir.path().join("grubenv");
     let mut env = GrubEnv::new();
     let mut ab = AbState::initial();
-    ab.switch_to(Slot::B);
+    ab.stage(Slot::B);
     ab.apply_to(&mut env);
     env.store(&file).unwrap();
     let out = Command::new("grub-editenv")
@@ -127,7 +130,7 @@ fn agent_blocks_read_by_grub_editenv() {
         .unwrap();
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
-        "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\n"
+        "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\nTRIAL=B\n"
     );
     // grub-editenv rewrites one variable; the agent reads the result.
     assert!(grub_editenv(&file, &["set".into(), "B_TRY=1".into()]));
@@ -168,8 +171,10 @@ fn shipped_grub_snippet_is_valid_and_matches_the_model() {
         "set ORDER=\"A B\"",
         "set A_OK=1",
         "set B_OK=0",
-        "load_env --file \"$sluice_env\" ORDER A_OK A_TRY B_OK B_TRY",
-        "save_env --file \"$sluice_env\" A_TRY B_TRY",
+        "set TRIAL=\"\"",
+        "load_env --file \"$sluice_env\" ORDER A_OK A_TRY B_OK B_TRY TRIAL",
+        "save_env --file \"$sluice_env\" A_TRY",
+        "save_env --file \"$sluice_env\" B_TRY",
         "sluice.slot=${sluice_slot}",
     ] {
         assert!(text.contains(line), "snippet lacks {line:?}");
@@ -179,4 +184,151 @@ fn shipped_grub_snippet_is_valid_and_matches_the_model() {
         AbState::from_env(&GrubEnv::new()).next_boot(),
         Some(Slot::A)
     );
+}
+
+fn sh(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (apt-get install grub-emu mtools dosfstools)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Every environment the A/B variables can make: each variable absent or
+/// set to each value the rule tells apart (and one it must not mistake).
+fn all_environments() -> Vec<GrubEnv> {
+    let orders: &[Option<&str>] = &[
+        None,
+        Some("A B"),
+        Some("B A"),
+        Some("A"),
+        Some("B"),
+        Some(""),
+    ];
+    let flags: &[Option<&str>] = &[None, Some("0"), Some("1")];
+    let trials: &[Option<&str>] = &[None, Some(""), Some("A"), Some("B")];
+    let mut out = Vec::new();
+    for order in orders {
+        for a_ok in flags {
+            for a_try in flags {
+                for b_ok in flags {
+                    for b_try in flags {
+                        for trial in trials {
+                            let mut env = GrubEnv::new();
+                            for (k, v) in [
+                                ("ORDER", order),
+                                ("A_OK", a_ok),
+                                ("A_TRY", a_try),
+                                ("B_OK", b_ok),
+                                ("B_TRY", b_try),
+                                ("TRIAL", trial),
+                            ] {
+                                if let Some(v) = v {
+                                    env.set(k, v).unwrap();
+                                }
+                            }
+                            out.push(env);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The shipped snippet's choice, run by GRUB (`grub-emu`, with a FAT disk
+/// image holding one environment block per case, as a device's boot
+/// partition holds its grubenv), equals the Rust model's for every
+/// environment: the same slot (or none) and the same block afterwards,
+/// byte for byte (a try saved only for the slot on trial).
+#[test]
+fn rust_model_matches_the_shipped_snippet_run_by_grub() {
+    let cfg =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/grub/sluice.cfg")).unwrap();
+    let select = cfg
+        .split_once("# sluice-select: begin\n")
+        .and_then(|(_, rest)| rest.split_once("# sluice-select: end\n"))
+        .expect("grub/sluice.cfg marks its selection with `# sluice-select: begin/end`")
+        .0;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("select.cfg"), select).unwrap();
+    let envs = all_environments();
+    let before = d.join("before");
+    std::fs::create_dir(&before).unwrap();
+    let mut script = String::from("insmod fat\ninsmod loadenv\ninsmod test\ninsmod echo\n");
+    for (i, env) in envs.iter().enumerate() {
+        std::fs::write(before.join(format!("e{i}")), env.encode().unwrap()).unwrap();
+        script.push_str(&format!(
+            "set sluice_env=(hd0)/e/e{i}\nsource (host){}/select.cfg\necho \"SLUICE-RESULT {i} [$sluice_slot]\"\n",
+            d.display()
+        ));
+    }
+    script.push_str("halt\n");
+    std::fs::write(d.join("grub.cfg"), script).unwrap();
+    let img = d.join("boot.img");
+    sh(Command::new("mkfs.vfat")
+        .args(["-F", "16", "-C"])
+        .arg(&img)
+        .arg("16384"));
+    sh(Command::new("mmd").arg("-i").arg(&img).arg("::/e"));
+    let mut copy = Command::new("mcopy");
+    copy.arg("-i").arg(&img);
+    for i in 0..envs.len() {
+        copy.arg(before.join(format!("e{i}")));
+    }
+    sh(copy.arg("::/e/"));
+    std::fs::write(d.join("device.map"), format!("(hd0) {}\n", img.display())).unwrap();
+
+    let out = sh(Command::new("timeout")
+        .arg("300")
+        .arg("grub-emu")
+        .arg("-d")
+        .arg(d)
+        .arg("-m")
+        .arg(d.join("device.map"))
+        .stdin(std::process::Stdio::null()));
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut grub_choice = vec![None; envs.len()];
+    for part in console.split("SLUICE-RESULT ").skip(1) {
+        let (i, rest) = part.split_once(" [").unwrap();
+        let i: usize = i.parse().unwrap();
+        let slot = rest.split_once(']').unwrap().0;
+        grub_choice[i] = Some(Slot::parse(slot));
+    }
+    let after = d.join("after");
+    std::fs::create_dir(&after).unwrap();
+    sh(Command::new("mcopy")
+        .arg("-i")
+        .arg(&img)
+        .arg("::/e/*")
+        .arg(&after));
+
+    let mut halts = 0;
+    let mut saves = 0;
+    for (i, env) in envs.iter().enumerate() {
+        let grub = grub_choice[i].unwrap_or_else(|| {
+            panic!("GRUB printed no result for case {i} ({env:?}); console:\n{console}")
+        });
+        let model_file = d.join(format!("model{i}"));
+        std::fs::write(&model_file, env.encode().unwrap()).unwrap();
+        let model = sluice_agent::bootloader::boot(&model_file).unwrap();
+        assert_eq!(model, grub, "case {i}: {:?}", env.vars());
+        let grub_block = std::fs::read(after.join(format!("e{i}"))).unwrap();
+        assert_eq!(
+            std::fs::read(&model_file).unwrap(),
+            grub_block,
+            "case {i}: the block after the boot differs: {:?}",
+            env.vars()
+        );
+        halts += usize::from(grub.is_none());
+        saves += usize::from(grub_block != env.encode().unwrap());
+    }
+    assert!(halts > 0 && saves > 0, "{halts} halts, {saves} saves");
 }

@@ -286,8 +286,12 @@ fn upgrade_into_dir_slot_then_healthy() {
     let status: serde_json::Value =
         serde_json::from_str(&ok(&dev.run(&["status", "--json"]))).unwrap();
     assert_eq!(status["booted"]["slot"], "B");
-    assert_eq!(status["booted"]["image"]["version"], "2.0.0");
+    assert_eq!(status["booted"]["version"], "2.0.0");
+    assert_eq!(status["booted"]["digest"], pushed.digest.as_str());
+    assert_eq!(status["booted"]["boot"], "good");
+    assert_eq!(status["rollback"]["slot"], "A", "{status}");
     assert_eq!(status["state"], "idle");
+    assert_eq!(status["reboot_pending"], false);
     // Nothing more to do: the device runs the target.
     assert!(ok(&dev.run(&["apply"])).contains("up to date"));
     // A later boot without an update still lands in B.
@@ -544,11 +548,16 @@ fn interrupted_upgrades_never_tear_anything() {
     let full = t0.elapsed();
     assert_eq!(tree(&probe.path("b")), expected);
 
-    let dev = device(&f, &r, true, "dir");
+    let mut dev = device(&f, &r, true, "dir");
     let a_before = tree(&dev.path("a"));
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut kills = 0;
     for _ in 0..25 {
+        if ab(&dev).trial() == Some(Slot::B) {
+            // The last run finished and awaits its reboot: a staged device
+            // writes nothing more, so go on with a fresh one.
+            dev = device(&f, &r, true, "dir");
+        }
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -585,9 +594,10 @@ fn interrupted_upgrades_never_tear_anything() {
         }
     }
     assert!(kills >= 10, "only {kills} runs were killed");
-    // The next apply finishes the upgrade.
+    // The next apply finishes the upgrade (or it already did).
     let _ = dev.run(&["apply"]);
     assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(ab(&dev).trial(), Some(Slot::B));
     assert_eq!(tree(&dev.path("b")), expected);
 }
 
@@ -621,4 +631,205 @@ fn upgrade_into_image_slot() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+}
+
+/// Reads the daemon's standard error until a line holds `want`; panics with
+/// everything it said if it exits first.
+fn wait_for_line(child: &mut std::process::Child, want: &str) -> String {
+    use std::io::BufRead;
+    let err = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Drains the pipe to the end, so the daemon never writes into a closed one.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut said = String::new();
+    // Only a guard against a hang: the daemon prints or exits long before.
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(120)) {
+        said.push_str(&line);
+        said.push('\n');
+        if line.contains(want) {
+            return said;
+        }
+    }
+    let _ = child.kill();
+    panic!("the daemon never said {want:?}; it said:\n{said}");
+}
+
+/// Stops a daemon with SIGTERM and answers its exit status.
+fn stop(child: &mut std::process::Child) -> std::process::ExitStatus {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    child.wait().unwrap()
+}
+
+/// Issue 11, item 1: slot B, on its one try, fails its health check while
+/// the channel already offers a newer release, and the reboot command
+/// returns (as `systemctl reboot` does, before the machine goes down).
+/// Until the machine has rebooted the agent writes nothing: slot A, the
+/// only good slot, keeps its release and stays GRUB's choice; `apply`
+/// refuses and the daemon only waits. After the reboot (GRUB falls back to
+/// A) the newer release goes into B as usual.
+#[test]
+fn failed_trial_waits_for_its_reboot() {
+    let f = fake();
+    let r = start(f.clone());
+    let v2 = push_image(&os_layers(), None);
+    let v3 = push_image(&os_layers()[..1], None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
+    let dev = device(&f, &r, false, "dir");
+    ok(&dev.run(&["apply"]));
+    assert_eq!(dev.reboot(), Slot::B);
+    // The channel moves on while B boots.
+    *f.answer.lock().unwrap() = Answer {
+        offer: Some(offer(&f, &v3, "3.0.0")),
+        serial: 2,
+        ..Answer::default()
+    };
+    let a_before = tree(&dev.path("a"));
+
+    refused(&dev.run(&["mark-good"]), "unhealthy");
+    assert_eq!(dev.reboots(), 2, "the assessment asked for the reboot");
+    refused(&dev.run(&["apply"]), "waiting for the reboot");
+    let mut daemon = dev
+        .command(&["run"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_line(&mut daemon, "waiting for the reboot");
+    assert!(stop(&mut daemon).success());
+
+    assert_eq!(tree(&dev.path("a")), a_before, "slot A was written");
+    let env = ab(&dev);
+    assert!(env.is_ok(Slot::A) && !env.is_ok(Slot::B), "{env:?}");
+    assert_eq!(env.next_boot(), Some(Slot::A));
+    let downloads = r
+        .events()
+        .iter()
+        .filter(|e| *e == "download_started")
+        .count();
+    assert_eq!(downloads, 1, "a download began before the reboot");
+
+    // The machine goes down at last; GRUB falls back to A.
+    assert_eq!(dev.reboot(), Slot::A);
+    let _ = dev.run(&["mark-good"]);
+    assert!(r.events().contains(&"rolled_back".to_string()));
+    let out = ok(&dev.run(&["apply"]));
+    assert!(out.contains("applied 3.0.0"), "{out}");
+    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(tree(&dev.path("a")), a_before);
+}
+
+/// A reboot asked for after staging is awaited too: a second `apply` in the
+/// same boot, offered a newer release, does not rewrite the staged slot,
+/// and the daemon started then only waits.
+#[test]
+fn staged_update_waits_for_its_reboot() {
+    let f = fake();
+    let r = start(f.clone());
+    let v2 = push_image(&os_layers(), None);
+    let v3 = push_image(&os_layers()[..1], None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
+    let dev = device(&f, &r, true, "dir");
+    ok(&dev.run(&["apply"]));
+    let b_staged = tree(&dev.path("b"));
+    *f.answer.lock().unwrap() = Answer {
+        offer: Some(offer(&f, &v3, "3.0.0")),
+        serial: 2,
+        ..Answer::default()
+    };
+    refused(&dev.run(&["apply"]), "waiting for the reboot");
+    let mut daemon = dev
+        .command(&["run"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_line(&mut daemon, "waiting for the reboot");
+    assert!(stop(&mut daemon).success());
+    assert_eq!(
+        tree(&dev.path("b")),
+        b_staged,
+        "the staged slot was rewritten"
+    );
+    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(dev.reboot(), Slot::B);
+    ok(&dev.run(&["mark-good"]));
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&dev.run(&["status", "--json"]))).unwrap();
+    assert_eq!(status["booted"]["version"], "2.0.0", "{status}");
+}
+
+/// A power cut while the only good slot boots (before its assessment ran)
+/// leaves it bootable: GRUB spends a try only on a slot on trial. Before,
+/// every boot set `A_TRY=1` and a second boot found nothing to boot.
+#[test]
+fn power_cuts_while_the_good_slot_boots_never_leave_nothing_to_boot() {
+    let f = fake();
+    let r = start(f.clone());
+    let dev = device(&f, &r, true, "dir");
+    for _ in 0..3 {
+        assert_eq!(dev.reboot(), Slot::A);
+    }
+    let pushed = push_image(&os_layers(), None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
+    ok(&dev.run(&["apply"]));
+    assert_eq!(dev.reboot(), Slot::B);
+    ok(&dev.run(&["mark-good"]));
+    for _ in 0..3 {
+        assert_eq!(dev.reboot(), Slot::B);
+    }
+}
+
+/// Issue 11, item 4: the files the agent writes (state, token, grubenv) are
+/// never readable by others, even under umask 0, and a link planted where
+/// the temporary copy goes is not followed: the token is not written
+/// through it and the state file does not become a link.
+#[test]
+fn state_files_are_private_and_links_are_not_followed() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let f = fake();
+    let r = start(f.clone());
+    let pushed = push_image(&os_layers(), None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
+    let dev = device(&f, &r, true, "dir");
+    let outside = dev.path("outside");
+    std::os::unix::fs::symlink(&outside, dev.path("state/.device.json.sluice-new")).unwrap();
+    std::os::unix::fs::symlink(&outside, dev.path(".grubenv.sluice-new")).unwrap();
+    let agent = env!("CARGO_BIN_EXE_sluice-agent");
+    let under_umask_0 = |cmd: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", "umask 000; exec \"$0\" --config \"$1\" \"$2\""])
+            .arg(agent)
+            .arg(&dev.config)
+            .arg(cmd)
+            .output()
+            .unwrap()
+    };
+    ok(&under_umask_0("enroll"));
+    ok(&under_umask_0("apply"));
+    assert!(!outside.exists(), "a planted link was followed");
+    for p in [
+        dev.path("state/device.json"),
+        dev.path("state/state.json"),
+        dev.path("grubenv"),
+    ] {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        assert!(m.is_file(), "{} is not a regular file", p.display());
+        assert_eq!(
+            m.permissions().mode() & 0o777,
+            0o600,
+            "{} is not private",
+            p.display()
+        );
+        assert_eq!(m.nlink(), 1);
+    }
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dev.path("state/device.json")).unwrap()).unwrap();
+    assert_eq!(creds["token"], "tok-1");
 }

@@ -197,4 +197,59 @@ pub struct EventRequest {
     /// The slot the device booted from (`A` or `B`), if it knows.
     #[serde(default)]
     pub booted_slot: Option<String>,
+    /// The device's slots and agent state when it reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostStatus>,
+}
+
+/// How GRUB treats a slot, as the agent reads its environment block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SlotBoot {
+    /// Known good: booted without spending a try.
+    Good,
+    /// On trial, its one try unspent: GRUB boots it next, once.
+    Trial,
+    /// On trial, its try spent: running unassessed, or it never came up.
+    Tried,
+    /// Not bootable: empty, being written, or marked bad.
+    Bad,
+}
+
+/// One A/B slot in a [`HostStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SlotStatus {
+    /// `A` or `B`.
+    pub slot: String,
+    /// The release version it holds, if known.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The image digest it holds, if known.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// How GRUB treats it.
+    pub boot: SlotBoot,
+}
+
+/// A device's slots as bootc shows a host: what runs, what boots next on
+/// trial, what the machine falls back to; and the agent's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HostStatus {
+    /// The agent's update state (`idle`, `writing`, `staged`, `failed`).
+    pub state: String,
+    /// The agent waits for a reboot it asked for and writes nothing until then.
+    #[serde(default)]
+    pub reboot_pending: bool,
+    /// The slot the running system booted from.
+    #[serde(default)]
+    pub booted: Option<SlotStatus>,
+    /// The slot being written or staged to boot next, on trial.
+    #[serde(default)]
+    pub staged: Option<SlotStatus>,
+    /// The other slot, when it is a known-good fallback.
+    #[serde(default)]
+    pub rollback: Option<SlotStatus>,
 }

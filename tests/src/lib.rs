@@ -169,6 +169,7 @@ impl Device {
         };
         std::fs::write(p.join("cmdline"), "root=/dev/vda2 sluice.slot=A quiet\n").unwrap();
         std::fs::write(p.join("keys.json"), o.keys.to_string()).unwrap();
+        std::fs::write(p.join("boot_id"), format!("{}\n", rand_hex())).unwrap();
         let health = match o.health {
             Health::Passes => r#"[["true"]]"#.to_string(),
             Health::OnlyInSlotA => format!(
@@ -197,6 +198,7 @@ grubenv = {grubenv:?}
 cmdline = {cmdline:?}
 reboot = ["sh", "-c", "echo reboot >> \"$0\"", {reboots:?}]
 health_checks = {health}
+boot_id = {boot_id:?}
 
 [registry]
 insecure = [{registry:?}]
@@ -214,6 +216,7 @@ insecure = [{registry:?}]
             grubenv = p.join("grubenv"),
             cmdline = p.join("cmdline"),
             reboots = p.join("reboots"),
+            boot_id = p.join("boot_id"),
             registry = o.registry,
         );
         let config = p.join("agent.toml");
@@ -266,6 +269,8 @@ insecure = [{registry:?}]
             format!("root=/dev/vda sluice.slot={s}\n"),
         )
         .unwrap();
+        // A new boot: the kernel's boot id changes.
+        std::fs::write(self.path("boot_id"), format!("{}\n", rand_hex())).unwrap();
         s
     }
 }

@@ -416,8 +416,9 @@ async fn rollback_command_switches_to_the_other_slot(pool: PgPool) {
     assert!(ab.is_ok(Slot::A), "A stays a fallback: {ab:?}");
     let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
     assert_eq!(status["booted"]["slot"], "B");
-    assert_eq!(status["booted"]["image"]["version"], "1.0.0");
-    assert_eq!(status["rollback"]["image"]["version"], "1.1.0");
+    assert_eq!(status["booted"]["version"], "1.0.0");
+    assert_eq!(status["booted"]["boot"], "good");
+    assert_eq!(status["rollback"]["version"], "1.1.0");
     assert_eq!(status["state"], "idle");
     let (view, _) = f.server_view(&dev).await;
     assert_eq!(view["current_version"], "1.0.0", "{view}");
@@ -444,26 +445,44 @@ async fn wait_for(f: &Fleet, dev: &Device, status: &str, version: &str) {
     }
 }
 
-/// Waits for a daemon to exit by itself; answers its exit code.
-async fn exits(child: &mut tokio::process::Child) -> i32 {
-    let st = tokio::time::timeout(Duration::from_secs(60), child.wait())
+/// Waits until the daemon has asked for reboot number `n`; then it only
+/// waits for the machine to go down (it does not exit: a restart in the same
+/// boot must not write either), and SIGTERM stops it cleanly.
+async fn asks_for_reboot(dev: &Device, daemon: &mut tokio::process::Child, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dev.reboots() < n {
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "the daemon exited before asking for reboot {n}"
+        );
+        assert!(Instant::now() < deadline, "no reboot {n} asked for");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
+    assert_eq!(status["reboot_pending"], true, "{status}");
+    assert_eq!(status["state"], "staged", "{status}");
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
+    let pid = rustix::process::Pid::from_raw(daemon.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(10), daemon.wait())
         .await
-        .expect("the daemon exits after running the reboot command")
+        .expect("the daemon stops on SIGTERM")
         .unwrap();
-    st.code().expect("exited, not killed")
+    assert_eq!(st.code(), Some(0), "{st}");
+    assert_eq!(dev.reboots(), n, "asked once");
 }
 
 /// `sluice-agent run` with the server's `poll_after_s` at 1: it installs the
-/// head, assesses the new slot after the "reboot", picks up a promotion
-/// without being asked, and stops cleanly on SIGTERM.
+/// head and waits for the reboot it asked for, assesses the new slot after
+/// the "reboot", picks up a promotion without being asked, and stops cleanly
+/// on SIGTERM.
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn daemon_follows_promotions_and_stops_on_sigterm(pool: PgPool) {
     let f = fleet(pool, 1, false).await;
     let dev = f.device(SlotKind::Dir, Health::Passes);
 
     let mut daemon = dev.command(&["run"]).spawn().unwrap();
-    assert_eq!(exits(&mut daemon).await, 0);
-    assert_eq!(dev.reboots(), 1);
+    asks_for_reboot(&dev, &mut daemon, 1).await;
     assert_eq!(dev.reboot(), Slot::B);
 
     let mut daemon = dev.command(&["run"]).spawn().unwrap();
@@ -473,8 +492,7 @@ async fn daemon_follows_promotions_and_stops_on_sigterm(pool: PgPool) {
         "up to date: it keeps polling"
     );
     f.promote("1.1.0").await;
-    assert_eq!(exits(&mut daemon).await, 0);
-    assert_eq!(dev.reboots(), 2);
+    asks_for_reboot(&dev, &mut daemon, 2).await;
     assert_eq!(dev.ab().next_boot(), Some(Slot::A));
 
     assert_eq!(dev.reboot(), Slot::A);
@@ -498,7 +516,7 @@ async fn daemon_follows_promotions_and_stops_on_sigterm(pool: PgPool) {
     assert_eq!(dev.reboots(), 2);
     let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
     assert_eq!(status["state"], "idle", "{status}");
-    assert_eq!(status["booted"]["image"]["version"], "1.1.0");
+    assert_eq!(status["booted"]["version"], "1.1.0");
 }
 
 /// The `block` slot kind, with regular files standing in for partitions:

@@ -27,11 +27,13 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The test OS's versions and how each behaves (see `tests/vm/init`).
-const VERSIONS: [(&str, &str); 4] = [
+const VERSIONS: [(&str, &str); 6] = [
     ("1.0.0", "ok"),
     ("2.0.0", "ok"),
     ("3.0.0", "unhealthy"),
     ("4.0.0", "crash"),
+    ("3.1.0", "unhealthy-slow-reboot"),
+    ("5.0.0", "ok"),
 ];
 
 /// One boot under TCG takes about 6 s; these leave room for a busy machine.
@@ -712,6 +714,68 @@ async fn vm_power_cut_during_write_recovers(pool: PgPool) {
             "rebooting",
             "healthy"
         ]
+    );
+    vm.kill().await;
+    f.done();
+}
+
+/// Issue 11, item 1, as a real boot: 3.1.0 (its health check fails, and its
+/// reboot command returns 20 s before the machine goes down, as `systemctl
+/// reboot` returns at once) is written into slot B and booted on its one
+/// try while the channel already offers 5.0.0. B fails its assessment and is
+/// marked bad; until the machine has gone down the agent writes nothing
+/// (slot A, now the only good slot, keeps 1.0.0) and says it waits; GRUB
+/// then boots A, the agent reports `rolled_back` and installs 5.0.0 into B.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn vm_failed_trial_writes_nothing_before_its_reboot(pool: PgPool) {
+    let f = fleet(pool, "failed-trial").await;
+    f.promote("3.1.0").await;
+    let mut vm = Vm::start(&f.disk(), "failed-trial");
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+    vm.expect("sluice-agent: update to 3.1.0", BOOT).await;
+    vm.expect("into slot B", BOOT).await;
+    vm.expect("SLUICE-VM: rebooting", WRITE).await;
+    // The channel moves on while the machine reboots into B.
+    f.promote("5.0.0").await;
+    vm.expect("GRUB-SLUICE: booting slot B", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot B version 3.1.0", BOOT)
+        .await;
+    vm.expect("SLUICE-VM: health check fails", BOOT).await;
+    let failed_at = vm.seen;
+    vm.expect("SLUICE-VM: rebooting", BOOT).await;
+    vm.expect("sluice-agent: waiting for the reboot", BOOT)
+        .await;
+    vm.expect("SLUICE-VM: going down", BOOT).await;
+    let meanwhile = vm.text()[failed_at..vm.seen].to_string();
+    assert!(
+        !meanwhile.contains("update to") && !meanwhile.contains("-> writing"),
+        "a slot was written while the reboot was awaited: {meanwhile}"
+    );
+    vm.expect("GRUB-SLUICE: booting slot A", BOOT).await;
+    vm.expect("SLUICE-VM: booted slot A version 1.0.0", BOOT)
+        .await;
+    expect_upgrade(&mut vm, "5.0.0", "B").await;
+    let (view, events) = f.wait_status("healthy", "5.0.0", &vm).await;
+    assert_eq!(view["current_digest"], f.digests[5].as_str(), "{view}");
+    assert_eq!(view["booted_slot"], "B", "{view}");
+    assert_eq!(
+        events,
+        [
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "failed",
+            "rolled_back",
+            "download_started",
+            "downloaded",
+            "applied",
+            "rebooting",
+            "healthy"
+        ],
+        "{events:?}"
     );
     vm.kill().await;
     f.done();

@@ -9,8 +9,10 @@
 #       An "OS image" root filesystem in folder OUT: /boot/vmlinuz,
 #       /boot/initrd.img (busybox, kernel modules, sluice-agent and the
 #       libraries it links, mkfs.ext4, an init), /etc/os-release naming
-#       VERSION. BEHAVIOUR: `ok`, `unhealthy` (its health check fails) or
-#       `crash` (its init panics the kernel before the boot assessment).
+#       VERSION. BEHAVIOUR: `ok`, `unhealthy` (its health check fails),
+#       `unhealthy-slow-reboot` (the same, and the machine goes down 20 s
+#       after its reboot command returned) or `crash` (its init panics the
+#       kernel before the boot assessment).
 #   mkvm.sh disk OUT ROOTFS PERSIST
 #       A raw disk: MBR with BIOS GRUB (boot.img + grub-mkimage core), p1 FAT16
 #       with /grub/grub.cfg, the shipped agent/grub/sluice.cfg and the
@@ -64,7 +66,7 @@ copy_with_libs() {
 
 rootfs() {
     local out=$1 version=$2 behaviour=$3 agent=$4
-    case $behaviour in ok | unhealthy | crash) ;; *) die "unknown behaviour $behaviour" ;; esac
+    case $behaviour in ok | unhealthy | unhealthy-slow-reboot | crash) ;; *) die "unknown behaviour $behaviour" ;; esac
     [ -x "$agent" ] || die "no agent binary at $agent"
     local kdir kver
     kdir=$(kernel)

@@ -226,6 +226,7 @@ impl TestDevice {
         std::fs::write(p.join("a/factory"), b"factory image").unwrap();
         std::fs::write(p.join("cmdline"), "root=/dev/vda2 sluice.slot=A quiet\n").unwrap();
         std::fs::write(p.join("keys.json"), serde_json::to_vec(o.keys).unwrap()).unwrap();
+        std::fs::write(p.join("boot_id"), format!("{}\n", rand_hex())).unwrap();
         let mut insecure = o.insecure.clone();
         if let Ok(r) = std::env::var("SLUICE_TEST_REGISTRY") {
             insecure.push(r);
@@ -255,6 +256,7 @@ grubenv = {grubenv:?}
 cmdline = {cmdline:?}
 reboot = ["sh", "-c", "echo reboot >> {reboots}"]
 health_checks = [["{health}"]]
+boot_id = {boot_id:?}
 
 [registry]
 insecure = {insecure:?}
@@ -273,6 +275,7 @@ insecure = {insecure:?}
             cmdline = p.join("cmdline"),
             reboots = p.join("reboots").display(),
             health = health,
+            boot_id = p.join("boot_id"),
             insecure = insecure,
         );
         let config = p.join("agent.toml");
@@ -315,6 +318,8 @@ insecure = {insecure:?}
             format!("root=/dev/vda sluice.slot={s}\n"),
         )
         .unwrap();
+        // A new boot: the kernel's boot id changes.
+        std::fs::write(self.path("boot_id"), format!("{}\n", rand_hex())).unwrap();
         s
     }
 }
