@@ -488,17 +488,23 @@ fn broken_blobs_are_refused() {
             }
         };
         // When longer: the digest is of the declared prefix, the extra bytes follow.
+        let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+        let cdigest = sluice_protocol::sha256_digest(&config);
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": sluice_protocol::sha256_digest(b"{}"), "size": 2},
+                       "digest": cdigest, "size": config.len()},
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                         "digest": digest, "size": declared}]
         }))
         .unwrap();
         let mdigest = sluice_protocol::sha256_digest(&manifest);
-        *f.blobs.lock().unwrap() = vec![(mdigest.clone(), manifest), (digest.clone(), served)];
+        *f.blobs.lock().unwrap() = vec![
+            (mdigest.clone(), manifest),
+            (cdigest, config),
+            (digest.clone(), served),
+        ];
         let pushed = Pushed {
             repository: "acme/os".into(),
             image: format!("{}/acme/os@{mdigest}", r.host),

@@ -206,7 +206,15 @@ fn layer(rest: &[(&str, Vec<u8>)]) -> Vec<u8> {
     use tar::EntryType::*;
     tar_entry(&mut b, "usr/", Directory, 0o755, 0, b"", None);
     tar_entry(&mut b, "usr/bin/", Directory, 0o755, 0, b"", None);
-    tar_entry(&mut b, "usr/bin/su", Regular, 0o4755, 0, b"\x7fELF su", None);
+    tar_entry(
+        &mut b,
+        "usr/bin/su",
+        Regular,
+        0o4755,
+        0,
+        b"\x7fELF su",
+        None,
+    );
     for (p, data) in rest {
         tar_entry(&mut b, p, Regular, 0o644, 0, data, None);
     }
@@ -359,7 +367,7 @@ fn a_blob_that_fails_its_digest_leaves_the_slot_empty_and_closed() {
     // own, under the good layer's digest (its own size declared, so only
     // the digest is wrong).
     let served = layer(&[("usr/bin/evil", noise(300_000, 7))]);
-    let mut img = image(&[served.clone()], linux_amd64());
+    let mut img = image(std::slice::from_ref(&served), linux_amd64());
     let (bad, good_digest) = (
         sluice_protocol::sha256_digest(&served),
         sluice_protocol::sha256_digest(&good),
@@ -389,7 +397,7 @@ fn a_blob_that_fails_its_digest_leaves_the_slot_empty_and_closed() {
 #[test]
 fn a_killed_install_leaves_no_set_id_file_and_the_next_one_completes() {
     let gz = layer(&[("usr/lib/big", noise(4 << 20, 3))]);
-    let img = image(&[gz.clone()], linux_amd64());
+    let img = image(std::slice::from_ref(&gz), linux_amd64());
     let s = setup(&img, "dir");
     let digest = sluice_protocol::sha256_digest(&gz);
     let path = format!("/v2/{REPO}/blobs/{digest}");
@@ -438,7 +446,10 @@ fn a_killed_install_leaves_no_set_id_file_and_the_next_one_completes() {
     assert_eq!(set_id_files(&b), ["usr/bin/su"]);
     assert_eq!(mode(&b.join("usr/bin/su")), 0o4755);
     assert_eq!(mode(&b), 0o755, "the committed slot is open again");
-    assert!(!b.join("left-over").exists(), "slot B was not emptied first");
+    assert!(
+        !b.join("left-over").exists(),
+        "slot B was not emptied first"
+    );
     assert_eq!(
         std::fs::read(b.join("usr/lib/big")).unwrap(),
         noise(4 << 20, 3)
@@ -462,7 +473,7 @@ fn an_image_for_another_platform_is_refused_before_the_slot_is_touched() {
         (serde_json::json!({"os": "linux"}), "architecture"),
     ];
     for (config, want) in cases {
-        let img = image(&[gz.clone()], config);
+        let img = image(std::slice::from_ref(&gz), config);
         let s = setup(&img, "dir");
         refused(&s.dev.run(&["apply"]), want);
         assert_not_switched(&s.dev);
@@ -473,7 +484,7 @@ fn an_image_for_another_platform_is_refused_before_the_slot_is_touched() {
         );
     }
     // The config blob served is not the one the manifest names.
-    let mut img = image(&[gz.clone()], linux_amd64());
+    let mut img = image(std::slice::from_ref(&gz), linux_amd64());
     img.blobs[0].1 = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
         "config": {"Entrypoint": ["/evil"]}}))
@@ -532,8 +543,7 @@ fn a_huge_tar_header_record_is_refused_in_little_memory() {
     assert!(!out.status.success());
     let last = err
         .lines()
-        .filter(|l| l.starts_with("sluice-agent: error: "))
-        .last()
+        .rfind(|l| l.starts_with("sluice-agent: error: "))
         .unwrap_or("");
     assert!(last.contains("GNU long name record"), "{err}");
     assert!(rss < 64 << 10, "peak RSS {rss} kB");
@@ -620,9 +630,15 @@ fn credentials_go_only_to_a_safe_token_realm() {
                 .count()
         };
         if same_host {
-            assert!(basic(s.stand.seen("/token")) > 0, "the registry's own realm got no credentials");
+            assert!(
+                basic(s.stand.seen("/token")) > 0,
+                "the registry's own realm got no credentials"
+            );
         } else {
-            assert_eq!(elsewhere.seen("/token").len() > 0, true, "the realm was never asked");
+            assert!(
+                !elsewhere.seen("/token").is_empty(),
+                "the realm was never asked"
+            );
             assert_eq!(
                 basic(elsewhere.seen("/")),
                 0,
