@@ -357,7 +357,7 @@ impl Unpacker {
         // Header records are capped before the tar reader sees them.
         let mut guarded = guard::Guard::new(&mut capped);
         // Paths this layer created: whiteouts only hide what lower layers made.
-        let mut ours: HashSet<PathBuf> = HashSet::new();
+        let mut ours = Ours::default();
         let mut archive = tar::Archive::new(&mut guarded);
         let entries = archive.entries().map_err(|e| map_cap(e, "reading layer"))?;
         let root = &self.root;
@@ -658,7 +658,7 @@ impl Unpacker {
             if !stale {
                 *cached = Some((key, parent_fd));
             }
-            ours.insert(join(&parts));
+            ours.insert(&join(&parts));
             stats.entries += 1;
         }
         let _ = archive.into_inner();
@@ -805,6 +805,48 @@ fn children(dir: BorrowedFd<'_>) -> std::io::Result<Vec<OsString>> {
     Ok(names)
 }
 
+/// The paths one layer made, as keyed 64-bit hashes: 16 bytes or so an
+/// entry instead of a path's hundred, so a layer of millions of empty
+/// entries (a few MB of gzip, before its digest is known) cannot take the
+/// memory a set of paths would. The key is random per process, so no layer
+/// can aim for a collision (which would only make a whiteout keep a lower
+/// entry).
+#[derive(Default)]
+struct Ours {
+    keys: HashSet<u64, std::hash::BuildHasherDefault<Identity>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Ours {
+    fn insert(&mut self, p: &Path) {
+        self.keys
+            .insert(std::hash::BuildHasher::hash_one(&self.hasher, p));
+    }
+
+    fn contains(&self, p: &Path) -> bool {
+        self.keys
+            .contains(&std::hash::BuildHasher::hash_one(&self.hasher, p))
+    }
+}
+
+/// Hashes a `u64` that already is a keyed hash to itself.
+#[derive(Default)]
+struct Identity(u64);
+
+impl std::hash::Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// Removes everything inside a directory.
 pub fn empty_dir(dir: BorrowedFd<'_>) -> std::io::Result<()> {
     for n in children(dir)? {
@@ -814,7 +856,7 @@ pub fn empty_dir(dir: BorrowedFd<'_>) -> std::io::Result<()> {
 }
 
 /// An opaque whiteout: removes what lower layers put in the directory.
-fn clear_dir(dir: BorrowedFd<'_>, at: &[OsString], ours: &HashSet<PathBuf>) -> std::io::Result<()> {
+fn clear_dir(dir: BorrowedFd<'_>, at: &[OsString], ours: &Ours) -> std::io::Result<()> {
     let base = join(at);
     for n in children(dir)? {
         if !ours.contains(&base.join(&n)) {
