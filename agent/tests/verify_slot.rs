@@ -647,3 +647,22 @@ fn credentials_go_only_to_a_safe_token_realm() {
         }
     }
 }
+
+/// An `image` slot is built from the staging folder after the commit (the
+/// set-id bits are in the file system), and the staging copy left in the
+/// state folder is closed again.
+#[test]
+fn an_image_slot_is_built_after_the_commit_and_its_staging_is_closed() {
+    let img = image(&[layer(&[])], linux_amd64());
+    let s = setup(&img, "image");
+    ok(&s.dev.run(&["apply"]));
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "stat /usr/bin/su"])
+        .arg(s.dev.path("b.img"))
+        .output()
+        .unwrap();
+    let stat = String::from_utf8_lossy(&out.stdout);
+    assert!(stat.contains("Mode:  04755"), "{stat}");
+    assert_eq!(mode(&s.dev.path("state/staging")), 0o700);
+    assert_eq!(mode(&s.dev.path("state/staging/usr/bin/su")), 0o4755);
+}
