@@ -389,33 +389,54 @@ impl Device {
             self.cfg.registry.auth.as_deref(),
         )?;
         let manifest = registry.manifest(&image)?;
-        // Every layer's encoding is known before the slot is touched.
+        // The platform and every layer's encoding are known before the slot
+        // is touched.
+        let platform = registry.platform(&image, &manifest)?;
+        crate::registry::check_platform(&platform, &self.cfg.arch)?;
         for layer in &manifest.layers {
             crate::unpack::layer_compression(&layer.media_type)
                 .map_err(|e| blob_error(e, &layer.digest))?;
         }
+        let kind = self.cfg.slots.kind;
         let path = self.cfg.slot_path(slot);
-        let root = crate::slot::prepare(self.cfg.slots.kind, path, &self.cfg.state_dir)?;
-        let mut unpacker = Unpacker::new(
-            &root,
-            UnpackOptions {
-                allow_devices: self.cfg.slots.allow_devices,
-                max_bytes: self.cfg.slots.max_unpacked_bytes,
-                ..UnpackOptions::default()
-            },
-        )?;
-        // Download, digest and inflate on another thread, ahead of the
-        // writes; layers are applied here, in order.
-        crate::pipeline::with_layers(&registry, &image, &manifest.layers, |mut layers| {
-            for layer in &manifest.layers {
-                let mut stream = layers.next_layer()?;
-                unpacker
-                    .apply(&mut stream)
-                    .map_err(|e| blob_error(e, &layer.digest))?;
+        // Closed (0700) and emptied: it stays closed, and nothing in it is
+        // set-id, until every layer is verified.
+        let root = crate::slot::prepare(kind, path, &self.cfg.state_dir)?;
+        let written = (|| {
+            let max_bytes = match self.cfg.slots.max_unpacked_bytes {
+                Some(m) => m,
+                None => crate::slot::capacity(kind, path, &root)?,
+            };
+            let mut unpacker = Unpacker::new(
+                &root,
+                UnpackOptions {
+                    allow_devices: self.cfg.slots.allow_devices,
+                    max_bytes: Some(max_bytes),
+                    ..UnpackOptions::default()
+                },
+            )?;
+            // Download, digest and inflate on another thread, ahead of the
+            // writes; layers are applied here, in order, each one ending
+            // only once its blob is verified.
+            crate::pipeline::with_layers(&registry, &image, &manifest.layers, |mut layers| {
+                for layer in &manifest.layers {
+                    let mut stream = layers.next_layer()?;
+                    unpacker
+                        .apply(&mut stream)
+                        .map_err(|e| blob_error(e, &layer.digest))?;
+                }
+                Ok(())
+            })?;
+            unpacker.commit()?;
+            crate::slot::finish(kind, &root, path)
+        })();
+        if let Err(e) = written {
+            // What a lying registry served must not stay in the slot.
+            if let Err(d) = crate::slot::discard(&root) {
+                crate::log(&format!("emptying {} failed: {d:#}", root.display()));
             }
-            Ok(())
-        })?;
-        crate::slot::finish(self.cfg.slots.kind, &root, path)?;
+            return Err(e);
+        }
         Ok(())
     }
 

@@ -74,8 +74,10 @@ pub struct Slots {
     #[serde(default)]
     pub allow_devices: bool,
     /// Most bytes an image may unpack to (tar stream after decompression).
-    #[serde(default = "default_max_bytes")]
-    pub max_unpacked_bytes: u64,
+    /// Default: what the slot can hold (the block device's size, or the free
+    /// space of the file system the slot or its staging folder is on).
+    #[serde(default)]
+    pub max_unpacked_bytes: Option<u64>,
 }
 
 /// `[boot]`.
@@ -150,9 +152,6 @@ fn default_health() -> Vec<Vec<String>> {
 }
 fn default_boot_id() -> PathBuf {
     "/proc/sys/kernel/random/boot_id".into()
-}
-fn default_max_bytes() -> u64 {
-    64 << 30
 }
 
 /// This machine's architecture as OCI names it.

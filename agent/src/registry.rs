@@ -1,6 +1,9 @@
-//! Pulls a platform manifest and its layers from an OCI registry **by
-//! digest**, verifying every blob's digest and declared size while it streams
-//! (a blob longer than declared is cut off and refused).
+//! Pulls a platform manifest, its image config and its layers from an OCI
+//! registry **by digest**, verifying every blob's digest and declared size
+//! while it streams (a blob longer than declared is cut off and refused).
+//! The image config's platform is checked against the device's before a
+//! slot is touched. Credentials go only to the registry itself or to an
+//! https token service.
 
 use anyhow::{Context, bail};
 use base64::Engine;
@@ -10,6 +13,14 @@ use std::time::Duration;
 
 /// Most bytes a manifest may have.
 pub const MAX_MANIFEST: u64 = 4 << 20;
+/// Most bytes an image config may have (as the server reads them).
+pub const MAX_CONFIG: u64 = 1 << 20;
+
+/// Media types of an image config.
+const CONFIG_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
 
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
@@ -66,6 +77,9 @@ pub struct Manifest {
     /// The manifest's media type, when it says.
     #[serde(rename = "mediaType", default)]
     pub media_type: Option<String>,
+    /// The image config (its platform); required.
+    #[serde(default)]
+    pub config: Option<Descriptor>,
     /// Layers, lowest first.
     #[serde(default)]
     pub layers: Vec<Descriptor>,
@@ -75,8 +89,9 @@ pub struct Manifest {
 }
 
 /// Checks a platform manifest's bytes and parses them: at most
-/// [`MAX_MANIFEST`] bytes hashing to `digest`, not an index, at least one
-/// layer, every layer named by a sha256 digest. No I/O, so it can be fuzzed.
+/// [`MAX_MANIFEST`] bytes hashing to `digest`, not an index, an image config
+/// and at least one layer, every blob named by a sha256 digest. No I/O, so
+/// it can be fuzzed.
 pub fn parse_manifest(bytes: &[u8], digest: &str) -> anyhow::Result<Manifest> {
     if bytes.len() as u64 > MAX_MANIFEST {
         bail!("manifest {digest} is larger than {MAX_MANIFEST} bytes: refused");
@@ -89,6 +104,18 @@ pub fn parse_manifest(bytes: &[u8], digest: &str) -> anyhow::Result<Manifest> {
     if m.manifests.is_some() {
         bail!("{digest} is an image index, not a platform manifest: refused");
     }
+    let Some(config) = &m.config else {
+        bail!("manifest {digest} names no image config, so its platform is unknown: refused");
+    };
+    if !CONFIG_TYPES.contains(&config.media_type.as_str()) {
+        bail!(
+            "manifest {digest} has a config of type {:?}, not an image config: refused",
+            config.media_type
+        );
+    }
+    if !sluice_protocol::is_sha256_digest(&config.digest) {
+        bail!("config digest {:?} is not sha256: refused", config.digest);
+    }
     if m.layers.is_empty() {
         bail!("manifest {digest} has no layers");
     }
@@ -98,6 +125,104 @@ pub fn parse_manifest(bytes: &[u8], digest: &str) -> anyhow::Result<Manifest> {
         }
     }
     Ok(m)
+}
+
+/// The platform an image config names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Platform {
+    /// `linux`, ...
+    #[serde(default)]
+    pub os: String,
+    /// `amd64`, `arm64`, ...
+    #[serde(default)]
+    pub architecture: String,
+    /// `v8`, `v7`, ... when the image says.
+    #[serde(default)]
+    pub variant: Option<String>,
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        match self.variant.as_deref() {
+            Some(v) if !v.is_empty() => write!(f, "/{v}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks an image config's bytes and reads its platform: at most
+/// [`MAX_CONFIG`] bytes hashing to `digest`, a JSON object naming an OS and
+/// an architecture. No I/O.
+pub fn parse_config(bytes: &[u8], digest: &str) -> anyhow::Result<Platform> {
+    if bytes.len() as u64 > MAX_CONFIG {
+        bail!("image config {digest} is larger than {MAX_CONFIG} bytes: refused");
+    }
+    let got = sluice_protocol::sha256_digest(bytes);
+    if got != digest {
+        bail!("image config bytes hash to {got}, not {digest}: refused");
+    }
+    let p: Platform = serde_json::from_slice(bytes).context("parsing the image config")?;
+    if p.os.is_empty() || p.architecture.is_empty() {
+        bail!("image config {digest} names no os/architecture: refused");
+    }
+    Ok(p)
+}
+
+/// Refuses an image built for another platform than this device's: Linux,
+/// the architecture configured as `arch` (`amd64`, or with a variant,
+/// `arm/v7`), and the same variant when both name one (`arm64` alone is
+/// `arm64/v8`).
+pub fn check_platform(p: &Platform, arch: &str) -> anyhow::Result<()> {
+    let (want_arch, want_variant) = match arch.split_once('/') {
+        Some((a, v)) => (a, Some(v)),
+        None => (arch, None),
+    };
+    let variant = match p.variant.as_deref() {
+        Some(v) if !v.is_empty() => Some(v),
+        _ if p.architecture == "arm64" => Some("v8"),
+        _ => None,
+    };
+    let variant_ok = match (want_variant, variant) {
+        (Some(w), Some(v)) => w == v,
+        (Some(w), None) => want_arch == "arm64" && w == "v8",
+        (None, _) => true,
+    };
+    if p.os != "linux" || p.architecture != want_arch || !variant_ok {
+        bail!("image is built for {p}, this device runs linux/{arch}: refused");
+    }
+    Ok(())
+}
+
+/// Whether the credentials for the registry at `registry` (its base URL)
+/// may go to the token service at `realm`: over https, or to the registry
+/// itself (same scheme, host and port). A plain-HTTP realm elsewhere would
+/// hand them to whoever the registry (or a network between) names.
+pub fn may_send_credentials(registry: &str, realm: &str) -> bool {
+    use ureq::http::Uri;
+    let (Ok(reg), Ok(realm)) = (registry.parse::<Uri>(), realm.parse::<Uri>()) else {
+        return false;
+    };
+    let port = |u: &Uri| {
+        u.port_u16().or_else(|| match u.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        })
+    };
+    match realm.scheme_str() {
+        Some("https") => realm.host().is_some(),
+        Some(s) => {
+            Some(s) == reg.scheme_str()
+                && realm.host().is_some()
+                && realm
+                    .host()
+                    .zip(reg.host())
+                    .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+                && port(&realm) == port(&reg)
+        }
+        None => false,
+    }
 }
 
 /// A registry client for one device.
@@ -212,14 +337,31 @@ impl Registry {
         for (k, v) in &query {
             req = req.query(k, v);
         }
+        let mut withheld = false;
         if let Some(b) = self.basic(&r.host) {
-            req = req.header("Authorization", &format!("Basic {b}"));
+            if may_send_credentials(&self.base(r), &realm) {
+                req = req.header("Authorization", &format!("Basic {b}"));
+            } else {
+                withheld = true;
+                crate::log(&format!(
+                    "not sending the credentials for {} to token service {realm} (neither https nor {} itself): asking for an anonymous token",
+                    r.host, r.host
+                ));
+            }
         }
         let mut resp = req
             .call()
             .with_context(|| format!("token service {realm} unreachable"))?;
         if resp.status() != 200 {
-            bail!("token service {realm} answered {}", resp.status());
+            bail!(
+                "token service {realm} answered {}{}",
+                resp.status(),
+                if withheld {
+                    " to an anonymous request (the credentials were withheld: the realm is neither https nor the registry's own host)"
+                } else {
+                    ""
+                }
+            );
         }
         let v: serde_json::Value =
             serde_json::from_slice(&resp.body_mut().with_config().limit(1 << 20).read_to_vec()?)?;
@@ -249,6 +391,27 @@ impl Registry {
             .read_to_end(&mut bytes)
             .context("reading the manifest")?;
         parse_manifest(&bytes, &r.digest)
+    }
+
+    /// Fetches the image config `manifest` names (capped, verified) and
+    /// reads its platform.
+    pub fn platform(&self, r: &ImageRef, manifest: &Manifest) -> anyhow::Result<Platform> {
+        let c = manifest
+            .config
+            .as_ref()
+            .context("the manifest names no image config")?;
+        if c.size > MAX_CONFIG {
+            bail!(
+                "image config {} declares {} bytes, more than {MAX_CONFIG}: refused",
+                c.digest,
+                c.size
+            );
+        }
+        let mut bytes = Vec::new();
+        self.blob(r, c)?
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading image config {}", c.digest))?;
+        parse_config(&bytes, &c.digest)
     }
 
     /// Opens a blob by digest; the reader verifies digest and size as it goes.
@@ -402,9 +565,12 @@ mod tests {
     #[test]
     fn manifests_are_checked_before_use() {
         let layer = sluice_protocol::sha256_digest(b"layer");
+        let config = serde_json::json!({"mediaType": "application/vnd.oci.image.config.v1+json",
+                                        "digest": layer, "size": 5});
         let good = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config,
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                         "digest": layer, "size": 5}]
         })
@@ -418,14 +584,30 @@ mod tests {
             assert!(e.contains(why), "{e}");
         };
         refused(good.as_bytes(), &layer, "hash to");
+        let with = |config: &serde_json::Value, layers: serde_json::Value| {
+            serde_json::json!({"config": config, "layers": layers}).to_string()
+        };
+        let other_type = serde_json::json!({"mediaType": "application/vnd.cncf.helm.config.v1+json",
+                                            "digest": layer, "size": 5});
+        let md5 = serde_json::json!({"mediaType": "application/vnd.oci.image.config.v1+json",
+                                     "digest": "md5:00", "size": 5});
         for (json, why) in [
-            (r#"{"manifests":[],"layers":[]}"#, "image index"),
-            (r#"{"layers":[]}"#, "no layers"),
+            (r#"{"manifests":[],"layers":[]}"#.to_string(), "image index"),
+            (r#"{"layers":[]}"#.to_string(), "names no image config"),
+            (with(&config, serde_json::json!([])), "no layers"),
             (
-                r#"{"layers":[{"mediaType":"x","digest":"md5:00","size":1}]}"#,
+                with(
+                    &config,
+                    serde_json::json!([{"mediaType":"x","digest":"md5:00","size":1}]),
+                ),
                 "not sha256",
             ),
-            ("[", "parsing the manifest"),
+            (
+                with(&other_type, serde_json::json!([])),
+                "not an image config",
+            ),
+            (with(&md5, serde_json::json!([])), "not sha256"),
+            ("[".to_string(), "parsing the manifest"),
         ] {
             refused(
                 json.as_bytes(),
@@ -435,6 +617,88 @@ mod tests {
         }
         let big = vec![b' '; MAX_MANIFEST as usize + 1];
         refused(&big, &sluice_protocol::sha256_digest(&big), "larger than");
+    }
+
+    /// The platform an image config names, against the device's.
+    #[test]
+    fn platforms_are_checked() {
+        let cfg = |v: serde_json::Value| {
+            let b = v.to_string().into_bytes();
+            parse_config(&b, &sluice_protocol::sha256_digest(&b))
+        };
+        let p = |os: &str, arch: &str, variant: Option<&str>| Platform {
+            os: os.into(),
+            architecture: arch.into(),
+            variant: variant.map(Into::into),
+        };
+        assert_eq!(
+            cfg(serde_json::json!({"os": "linux", "architecture": "arm", "variant": "v7"}))
+                .unwrap(),
+            p("linux", "arm", Some("v7"))
+        );
+        for bad in [
+            serde_json::json!({"os": "linux"}),
+            serde_json::json!({"architecture": "amd64"}),
+        ] {
+            assert!(format!("{:#}", cfg(bad).unwrap_err()).contains("os/architecture"));
+        }
+        let b = br#"{"os":"linux","architecture":"amd64"}"#;
+        assert!(
+            format!(
+                "{:#}",
+                parse_config(b, &sluice_protocol::sha256_digest(b"x")).unwrap_err()
+            )
+            .contains("hash to")
+        );
+        let big = vec![b' '; MAX_CONFIG as usize + 1];
+        assert!(parse_config(&big, &sluice_protocol::sha256_digest(&big)).is_err());
+
+        for (image, device) in [
+            (p("linux", "amd64", None), "amd64"),
+            (p("linux", "amd64", Some("v3")), "amd64"),
+            (p("linux", "arm64", None), "arm64/v8"),
+            (p("linux", "arm64", Some("v8")), "arm64"),
+            (p("linux", "arm", Some("v7")), "arm/v7"),
+            (p("linux", "arm", Some("v7")), "arm"),
+        ] {
+            check_platform(&image, device).unwrap_or_else(|e| panic!("{image} on {device}: {e}"));
+        }
+        for (image, device) in [
+            (p("linux", "arm64", None), "amd64"),
+            (p("windows", "amd64", None), "amd64"),
+            (p("linux", "arm", Some("v6")), "arm/v7"),
+            (p("linux", "arm", None), "arm/v7"),
+            (p("linux", "arm64", Some("v9")), "arm64/v8"),
+        ] {
+            let e = check_platform(&image, device).unwrap_err().to_string();
+            assert!(e.contains(&format!("built for {image}")), "{e}");
+        }
+    }
+
+    /// Credentials go to an https realm, or to the registry itself.
+    #[test]
+    fn credentials_only_where_safe() {
+        let ok = [
+            ("https://reg.example/v2/a", "https://auth.example/token"),
+            ("http://127.0.0.1:5000/v2/a", "https://auth.example/token"),
+            ("http://127.0.0.1:5000/v2/a", "http://127.0.0.1:5000/token"),
+            ("https://reg.example/v2/a", "https://REG.example:443/token"),
+        ];
+        let refused = [
+            ("http://127.0.0.1:5000/v2/a", "http://127.0.0.1:5001/token"),
+            ("http://127.0.0.1:5000/v2/a", "http://evil.example/token"),
+            ("https://reg.example/v2/a", "http://reg.example/token"),
+            ("https://reg.example/v2/a", "http://reg.example:443/token"),
+            ("https://reg.example/v2/a", "/token"),
+            ("https://reg.example/v2/a", "ftp://reg.example/token"),
+            ("https://reg.example/v2/a", "not a url"),
+        ];
+        for (reg, realm) in ok {
+            assert!(may_send_credentials(reg, realm), "{reg} -> {realm}");
+        }
+        for (reg, realm) in refused {
+            assert!(!may_send_credentials(reg, realm), "{reg} -> {realm}");
+        }
     }
 
     #[test]

@@ -1,23 +1,63 @@
 //! Writing a slot: `dir` slots are unpacked in place; `image` and `block`
 //! slots are unpacked into a staging folder in the state directory, then
 //! turned into an ext4 filesystem by `mkfs.ext4 -d` (nothing is mounted).
+//! The folder is closed (0700) from before it is emptied until the image is
+//! verified, and emptied again when the write fails.
 
 use crate::config::SlotKind;
 use anyhow::{Context, bail};
+use std::io::Seek;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Where layers are unpacked for a slot, emptied first.
+/// Where layers are unpacked for a slot: closed (0700), then emptied.
 pub fn prepare(kind: SlotKind, slot: &Path, state_dir: &Path) -> anyhow::Result<PathBuf> {
     let root = match kind {
         SlotKind::Dir => slot.to_path_buf(),
         SlotKind::Image | SlotKind::Block => state_dir.join("staging"),
     };
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let fd = std::fs::File::open(&root).with_context(|| format!("opening {}", root.display()))?;
-    crate::unpack::empty_dir(std::os::fd::AsFd::as_fd(&fd))
-        .with_context(|| format!("emptying {}", root.display()))?;
+    discard(&root)?;
     Ok(root)
+}
+
+/// Closes the folder layers are unpacked in (0700) and empties it: what a
+/// failed write leaves, which may hold bytes that never verified.
+pub fn discard(root: &Path) -> anyhow::Result<()> {
+    let fd = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o700))
+        .with_context(|| format!("closing {}", root.display()))?;
+    crate::unpack::empty_dir(fd.as_fd()).with_context(|| format!("emptying {}", root.display()))
+}
+
+/// The most bytes of tar stream an image may unpack to in this slot when
+/// the configuration does not say: the free space where it is unpacked
+/// (`root`, emptied), and no more than the image file's file system has
+/// free or the block device holds.
+pub fn capacity(kind: SlotKind, slot: &Path, root: &Path) -> anyhow::Result<u64> {
+    let free = |p: &Path| -> anyhow::Result<u64> {
+        let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+        crate::unpack::free_bytes(&f).with_context(|| format!("free space of {}", p.display()))
+    };
+    let staging = free(root)?;
+    Ok(match kind {
+        SlotKind::Dir => staging,
+        SlotKind::Image => staging.min(free(parent(slot))?),
+        SlotKind::Block => {
+            let size = std::fs::File::open(slot)
+                .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+                .with_context(|| format!("size of slot {}", slot.display()))?;
+            staging.min(size)
+        }
+    })
+}
+
+fn parent(p: &Path) -> &Path {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 fn du(root: &Path) -> u64 {
@@ -74,7 +114,7 @@ pub fn finish(kind: SlotKind, root: &Path, slot: &Path) -> anyhow::Result<()> {
             mkfs(root, &tmp, Some(size))?;
             std::fs::File::open(&tmp)?.sync_all()?;
             std::fs::rename(&tmp, slot)?;
-            crate::fsutil::sync_dir(slot.parent().unwrap_or(Path::new(".")))?;
+            crate::fsutil::sync_dir(parent(slot))?;
         }
         SlotKind::Block => {
             mkfs(root, slot, None)?;
@@ -83,6 +123,10 @@ pub fn finish(kind: SlotKind, root: &Path, slot: &Path) -> anyhow::Result<()> {
                 .open(slot)?
                 .sync_all()?;
         }
+    }
+    if kind != SlotKind::Dir {
+        // The staging copy stays until the next write empties it: closed.
+        std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     }
     Ok(())
 }

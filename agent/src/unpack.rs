@@ -4,6 +4,17 @@
 //! so a symlink in the tree (absolute or with `..`) resolves as it will once
 //! the slot is `/`, and can never reach outside it; the final component is
 //! never followed.
+//!
+//! Nothing is trusted before the whole image is verified: tar header records
+//! are capped before they are read ([`guard`]), the slot root stays 0700, and
+//! set-id bits, file capabilities and device nodes' modes are held until
+//! [`Unpacker::commit`] ([`held`]).
+
+pub mod guard;
+mod held;
+
+pub use guard::{MAX_LONG_NAME, MAX_PAX, MAX_SPARSE_BLOCKS};
+pub use held::MAX_HELD;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use rustix::io::Errno;
@@ -45,6 +56,35 @@ pub enum UnpackError {
     /// The image unpacks to more than the configured cap (a gzip bomb, or a slot too small).
     #[error("image unpacks to more than {0} bytes: refused")]
     TooLarge(u64),
+    /// A tar header record (GNU long name or link, PAX header, sparse map)
+    /// larger than its cap, refused before it was read.
+    #[error("tar {what} of {size} is larger than the cap of {cap}: refused")]
+    Record {
+        /// What the record is.
+        what: &'static str,
+        /// Its size: bytes, or blocks of a sparse map.
+        size: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// A path, link name or xattr longer than the system takes.
+    #[error("layer entry {path:?}: {what} of {len} bytes is longer than {cap} bytes: refused")]
+    TooLong {
+        /// The entry's path (cut short).
+        path: String,
+        /// What is too long.
+        what: String,
+        /// Its length.
+        len: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// More set-id files, files with capabilities and device nodes than are
+    /// held until the image is verified.
+    #[error(
+        "image has more than {0} set-id files, files with capabilities and device nodes: refused"
+    )]
+    TooManyHeld(usize),
     /// A layer media type Sluice does not unpack.
     #[error("layer media type {0:?} is not supported: publish gzip or plain tar layers")]
     UnsupportedMedia(String),
@@ -60,7 +100,7 @@ pub enum UnpackError {
 }
 
 impl UnpackError {
-    fn io(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+    pub(crate) fn io(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
         UnpackError::Io {
             what: what.into(),
             source: source.into(),
@@ -98,8 +138,9 @@ pub struct UnpackOptions {
     pub preserve_owner: bool,
     /// Most bytes of tar stream (headers and data, after decompression) all
     /// layers of one image may produce, counting the holes of sparse files,
-    /// which the stream does not carry but the slot receives.
-    pub max_bytes: u64,
+    /// which the stream does not carry but the slot receives. `None`: what
+    /// the slot's file system has free when the unpacker starts.
+    pub max_bytes: Option<u64>,
 }
 
 impl Default for UnpackOptions {
@@ -107,9 +148,24 @@ impl Default for UnpackOptions {
         UnpackOptions {
             allow_devices: false,
             preserve_owner: rustix::process::geteuid().is_root(),
-            max_bytes: 64 << 30,
+            max_bytes: None,
         }
     }
+}
+
+/// Longest path or link name a layer may give (Linux's `PATH_MAX`).
+pub const MAX_PATH: usize = 4096;
+/// Largest xattr value (Linux's `XATTR_SIZE_MAX`).
+const MAX_XATTR_VALUE: usize = 64 << 10;
+/// Longest xattr name (Linux's `XATTR_NAME_MAX`).
+const MAX_XATTR_NAME: usize = 255;
+/// Largest `security.capability` value (version 3 is 24 bytes).
+const MAX_CAPS: usize = 64;
+
+/// Bytes free for an unprivileged writer on the file system of `dir`.
+pub fn free_bytes(dir: impl AsFd) -> std::io::Result<u64> {
+    let st = rustix::fs::fstatvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// What one layer did.
@@ -127,6 +183,13 @@ pub struct LayerStats {
 pub struct Unpacker {
     root: OwnedFd,
     opts: UnpackOptions,
+    /// The cap on tar stream bytes.
+    cap: u64,
+    /// Set-id bits, capabilities and device modes, until [`Unpacker::commit`].
+    held: held::Held,
+    /// The owner, mode and xattrs the layers give the slot root (`./`),
+    /// also until [`Unpacker::commit`].
+    root_meta: Option<Meta>,
     /// Bytes of tar stream still allowed; shared with the reader the archive holds.
     budget: Cell<u64>,
     /// The last parent directory opened, reused while entries stay in it.
@@ -171,10 +234,36 @@ fn charge(budget: &Cell<u64>, n: u64, cap: u64) -> Result<(), CapExceeded> {
 }
 
 fn map_cap(e: std::io::Error, what: &str) -> UnpackError {
-    match e.get_ref().and_then(|i| i.downcast_ref::<CapExceeded>()) {
-        Some(c) => UnpackError::TooLarge(c.0),
-        None => UnpackError::io(what, e),
+    let inner = e.get_ref();
+    if let Some(c) = inner.and_then(|i| i.downcast_ref::<CapExceeded>()) {
+        return UnpackError::TooLarge(c.0);
     }
+    if let Some(r) = inner.and_then(|i| i.downcast_ref::<guard::TooBig>()) {
+        return UnpackError::Record {
+            what: r.what,
+            size: r.size,
+            cap: r.cap,
+        };
+    }
+    UnpackError::io(what, e)
+}
+
+/// Refuses a path, link name or xattr longer than `cap`.
+fn too_long(
+    shown: &str,
+    what: impl Into<String>,
+    len: usize,
+    cap: usize,
+) -> Result<(), UnpackError> {
+    if len <= cap {
+        return Ok(());
+    }
+    Err(UnpackError::TooLong {
+        path: shown.chars().take(200).collect(),
+        what: what.into(),
+        len,
+        cap,
+    })
 }
 
 /// Splits an entry path into normal components; `..` and absolute paths are refused.
@@ -218,13 +307,25 @@ fn join(parts: &[OsString]) -> PathBuf {
 }
 
 impl Unpacker {
-    /// An unpacker writing into the directory `root`.
+    /// An unpacker writing into the directory `root`, which it closes to
+    /// everyone but its owner (0700) until [`Unpacker::commit`].
     pub fn new(root: &Path, opts: UnpackOptions) -> Result<Self, UnpackError> {
+        let shown = root.display();
         let root = rustix::fs::open(root, DIR_FLAGS, Mode::empty())
-            .map_err(|e| UnpackError::io(format!("opening slot {}", root.display()), e))?;
+            .map_err(|e| UnpackError::io(format!("opening slot {shown}"), e))?;
+        rustix::fs::fchmod(&root, Mode::from_raw_mode(0o700))
+            .map_err(|e| UnpackError::io(format!("closing slot {shown}"), e))?;
+        let cap = match opts.max_bytes {
+            Some(c) => c,
+            None => free_bytes(&root)
+                .map_err(|e| UnpackError::io(format!("free space of slot {shown}"), e))?,
+        };
         Ok(Unpacker {
             root,
-            budget: Cell::new(opts.max_bytes),
+            budget: Cell::new(cap),
+            cap,
+            held: held::Held::new(),
+            root_meta: None,
             opts,
             cached: None,
             buf: vec![0u8; COPY_BUF],
@@ -233,7 +334,9 @@ impl Unpacker {
     }
 
     /// Applies one uncompressed layer (a tar stream). On error the slot holds
-    /// a partial layer: the caller must not boot it.
+    /// a partial layer: the caller must not boot it. Set-id bits,
+    /// capabilities, device modes and the root's mode wait for
+    /// [`Unpacker::commit`].
     pub fn apply<R: Read>(&mut self, layer: R) -> Result<LayerStats, UnpackError> {
         let applied = self.apply_entries(layer);
         // Every file of the layer is written before it counts as applied.
@@ -249,18 +352,26 @@ impl Unpacker {
             inner: layer,
             budget: &self.budget,
             read: 0,
-            cap: self.opts.max_bytes,
+            cap: self.cap,
         };
+        // Header records are capped before the tar reader sees them.
+        let mut guarded = guard::Guard::new(&mut capped);
         // Paths this layer created: whiteouts only hide what lower layers made.
-        let mut ours: HashSet<PathBuf> = HashSet::new();
-        let mut archive = tar::Archive::new(&mut capped);
+        let mut ours = Ours::default();
+        let mut archive = tar::Archive::new(&mut guarded);
         let entries = archive.entries().map_err(|e| map_cap(e, "reading layer"))?;
         let root = &self.root;
         let cached = &mut self.cached;
         let buf = &mut self.buf;
         let writer = &self.writer;
+        let held = &mut self.held;
         for entry in entries {
             let mut entry = entry.map_err(|e| map_cap(e, "reading layer"))?;
+            let shown = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            too_long(&shown, "path", entry.path_bytes().len(), MAX_PATH)?;
+            if let Some(l) = entry.link_name_bytes() {
+                too_long(&shown, "link name", l.len(), MAX_PATH)?;
+            }
             let raw = entry
                 .path()
                 .map_err(|e| map_cap(e, "reading entry path"))?
@@ -269,10 +380,9 @@ impl Unpacker {
             let parts = components(&raw)?;
             let Some((name, parent)) = parts.split_last() else {
                 // The root itself (`./`): only a directory may stand there.
+                // Its owner and mode wait for the commit; until then it is 0700.
                 if entry.header().entry_type().is_dir() {
-                    let dir = rustix::fs::openat(root, ".", DIR_FLAGS, Mode::empty())
-                        .map_err(|e| UnpackError::io("opening slot root", e))?;
-                    set_meta(dir.as_fd(), &mut entry, &self.opts, &shown, false)?;
+                    self.root_meta = Some(Meta::of(&mut entry, &self.opts, &shown)?);
                     continue;
                 }
                 return Err(UnpackError::Escape {
@@ -348,7 +458,7 @@ impl Unpacker {
                         // 2 KiB layer could otherwise write gigabytes.
                         let data = entry.header().entry_size().unwrap_or(0);
                         let holes = entry.size().saturating_sub(data);
-                        charge(&self.budget, holes, self.opts.max_bytes)
+                        charge(&self.budget, holes, self.cap)
                             .map_err(|c| UnpackError::TooLarge(c.0))?;
                     }
                     // Made with its mode where the umask leaves that
@@ -378,12 +488,15 @@ impl Unpacker {
                     }
                     .map_err(|e| UnpackError::io(format!("creating {shown}"), e))?;
                     let mut file = std::fs::File::from(fd);
+                    let mut meta = Meta::of(&mut entry, &self.opts, &shown)?;
+                    if let Some((mode, caps)) = meta.held.take() {
+                        held.file(&file, mode, caps, &shown)?;
+                    }
                     if kind != tar::EntryType::GNUSparse && entry.size() <= SMALL_FILE {
                         let mut data = Vec::with_capacity(entry.size() as usize);
                         entry
                             .read_to_end(&mut data)
                             .map_err(|e| map_cap(e, &shown))?;
-                        let meta = Meta::of(&mut entry, &self.opts, &shown)?;
                         writer.send(Job::File {
                             file,
                             data,
@@ -392,7 +505,7 @@ impl Unpacker {
                         })?;
                     } else {
                         copy(&mut entry, &mut file, buf).map_err(|e| map_cap(e, &shown))?;
-                        set_meta(file.as_fd(), &mut entry, &self.opts, &shown, true)?;
+                        meta.apply(file.as_fd(), &shown, true)?;
                     }
                 }
                 tar::EntryType::Symlink => {
@@ -492,25 +605,48 @@ impl Unpacker {
                         h.device_minor().ok().flatten().unwrap_or(0),
                     );
                     stale |= replace(pfd, name, &shown)?;
-                    rustix::fs::mknodat(pfd, name.as_os_str(), ft, Mode::from_raw_mode(0o600), dev)
-                        .map_err(|e| UnpackError::io(format!("creating node {shown}"), e))?;
-                    if self.opts.preserve_owner {
-                        rustix::fs::chownat(
+                    let mode = h.mode().unwrap_or(0o600) & 0o7777;
+                    let owner = self.opts.preserve_owner.then(|| (uid(h), gid(h)));
+                    if ft != FileType::Fifo {
+                        // 0000 root:root (the agent's) until the image is
+                        // verified: no one else can open it.
+                        rustix::fs::mknodat(pfd, name.as_os_str(), ft, Mode::empty(), dev)
+                            .map_err(|e| UnpackError::io(format!("creating node {shown}"), e))?;
+                        let fd = rustix::fs::openat(
                             pfd,
                             name.as_os_str(),
-                            Some(uid(h)),
-                            Some(gid(h)),
-                            AtFlags::SYMLINK_NOFOLLOW,
+                            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                            Mode::empty(),
                         )
-                        .map_err(|e| UnpackError::io(format!("chown {shown}"), e))?;
+                        .map_err(|e| UnpackError::io(format!("holding node {shown}"), e))?;
+                        held.device(fd, mode, owner)?;
+                    } else {
+                        rustix::fs::mknodat(
+                            pfd,
+                            name.as_os_str(),
+                            ft,
+                            Mode::from_raw_mode(0o600),
+                            dev,
+                        )
+                        .map_err(|e| UnpackError::io(format!("creating node {shown}"), e))?;
+                        if let Some((u, g)) = owner {
+                            rustix::fs::chownat(
+                                pfd,
+                                name.as_os_str(),
+                                Some(u),
+                                Some(g),
+                                AtFlags::SYMLINK_NOFOLLOW,
+                            )
+                            .map_err(|e| UnpackError::io(format!("chown {shown}"), e))?;
+                        }
+                        rustix::fs::chmodat(
+                            pfd,
+                            name.as_os_str(),
+                            Mode::from_raw_mode(mode),
+                            AtFlags::empty(),
+                        )
+                        .map_err(|e| UnpackError::io(format!("chmod {shown}"), e))?;
                     }
-                    rustix::fs::chmodat(
-                        pfd,
-                        name.as_os_str(),
-                        Mode::from_raw_mode(h.mode().unwrap_or(0o600) & 0o7777),
-                        AtFlags::empty(),
-                    )
-                    .map_err(|e| UnpackError::io(format!("chmod {shown}"), e))?;
                 }
                 other => {
                     return Err(UnpackError::Unsupported {
@@ -522,15 +658,15 @@ impl Unpacker {
             if !stale {
                 *cached = Some((key, parent_fd));
             }
-            ours.insert(join(&parts));
+            ours.insert(&join(&parts));
             stats.entries += 1;
         }
         let _ = archive.into_inner();
         // Read to the end of the stream, past the end-of-archive blocks, so a
         // truncated or corrupt gzip member is noticed (and its bytes capped).
-        std::io::copy(&mut capped, &mut std::io::sink())
+        std::io::copy(&mut guarded, &mut std::io::sink())
             .map_err(|e| map_cap(e, "reading the end of the layer"))?;
-        stats.bytes = capped.read;
+        stats.bytes = guarded.get_mut().read;
         Ok(stats)
     }
 
@@ -544,6 +680,20 @@ impl Unpacker {
         match layer_compression(media_type)? {
             Compression::Gzip => self.apply(flate2::read::MultiGzDecoder::new(blob)),
             Compression::None => self.apply(blob),
+        }
+    }
+
+    /// Once every layer applied is verified: gives set-id files, files with
+    /// capabilities and device nodes what the layers said, and the slot root
+    /// its owner and mode (0755 unless a layer's `./` says otherwise).
+    /// Before this, nothing in the slot grants more than its owner had.
+    pub fn commit(&mut self) -> Result<(), UnpackError> {
+        self.writer.wait()?;
+        self.held.apply()?;
+        match self.root_meta.take() {
+            Some(m) => m.apply(self.root.as_fd(), "the slot root", false),
+            None => rustix::fs::fchmod(&self.root, Mode::from_raw_mode(0o755))
+                .map_err(|e| UnpackError::io("opening the slot root", e)),
         }
     }
 
@@ -655,6 +805,48 @@ fn children(dir: BorrowedFd<'_>) -> std::io::Result<Vec<OsString>> {
     Ok(names)
 }
 
+/// The paths one layer made, as keyed 64-bit hashes: 16 bytes or so an
+/// entry instead of a path's hundred, so a layer of millions of empty
+/// entries (a few MB of gzip, before its digest is known) cannot take the
+/// memory a set of paths would. The key is random per process, so no layer
+/// can aim for a collision (which would only make a whiteout keep a lower
+/// entry).
+#[derive(Default)]
+struct Ours {
+    keys: HashSet<u64, std::hash::BuildHasherDefault<Identity>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Ours {
+    fn insert(&mut self, p: &Path) {
+        self.keys
+            .insert(std::hash::BuildHasher::hash_one(&self.hasher, p));
+    }
+
+    fn contains(&self, p: &Path) -> bool {
+        self.keys
+            .contains(&std::hash::BuildHasher::hash_one(&self.hasher, p))
+    }
+}
+
+/// Hashes a `u64` that already is a keyed hash to itself.
+#[derive(Default)]
+struct Identity(u64);
+
+impl std::hash::Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// Removes everything inside a directory.
 pub fn empty_dir(dir: BorrowedFd<'_>) -> std::io::Result<()> {
     for n in children(dir)? {
@@ -664,7 +856,7 @@ pub fn empty_dir(dir: BorrowedFd<'_>) -> std::io::Result<()> {
 }
 
 /// An opaque whiteout: removes what lower layers put in the directory.
-fn clear_dir(dir: BorrowedFd<'_>, at: &[OsString], ours: &HashSet<PathBuf>) -> std::io::Result<()> {
+fn clear_dir(dir: BorrowedFd<'_>, at: &[OsString], ours: &Ours) -> std::io::Result<()> {
     let base = join(at);
     for n in children(dir)? {
         if !ours.contains(&base.join(&n)) {
@@ -739,6 +931,10 @@ struct Meta {
     mode: u32,
     xattrs: Vec<(String, Vec<u8>)>,
     mtime: Timestamps,
+    /// A regular file's whole mode and capabilities, when it has set-id bits
+    /// or capabilities: those wait for the commit, `mode` and `xattrs` go
+    /// without them.
+    held: Option<(u32, Option<Vec<u8>>)>,
 }
 
 impl Meta {
@@ -760,20 +956,37 @@ impl Meta {
         } else {
             None
         };
+        let file = matches!(
+            h.entry_type(),
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse
+        );
         let mut xattrs = Vec::new();
+        let mut caps = None;
         if let Ok(Some(exts)) = entry.pax_extensions() {
             for ext in exts.flatten() {
                 let Ok(key) = ext.key() else { continue };
                 if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                    xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+                    let what = || format!("xattr {}", name.chars().take(64).collect::<String>());
+                    too_long(shown, what(), name.len(), MAX_XATTR_NAME)?;
+                    let value = ext.value_bytes();
+                    too_long(shown, what(), value.len(), MAX_XATTR_VALUE)?;
+                    if file && name == held::CAPS {
+                        too_long(shown, what(), value.len(), MAX_CAPS)?;
+                        caps = Some(value.to_vec());
+                    } else {
+                        xattrs.push((name.to_string(), value.to_vec()));
+                    }
                 }
             }
         }
+        let mode = h.mode().map_err(|e| UnpackError::io(shown, e))? & 0o7777;
+        let set_id = if file { mode & 0o6000 } else { 0 };
         Ok(Meta {
             owner,
-            mode: h.mode().map_err(|e| UnpackError::io(shown, e))? & 0o7777,
+            mode: mode & !set_id,
             xattrs,
             mtime: mtime(&h),
+            held: (set_id != 0 || caps.is_some()).then_some((mode, caps)),
         })
     }
 

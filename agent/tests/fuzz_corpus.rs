@@ -44,6 +44,11 @@ fn unpack_layer_corpus_and_regressions() {
 }
 
 #[test]
+fn tar_guard_corpus_and_regressions() {
+    replay("tar_guard");
+}
+
+#[test]
 fn grubenv_corpus_and_regressions() {
     replay("grubenv");
 }

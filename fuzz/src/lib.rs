@@ -8,21 +8,29 @@
 use sluice_agent::bootloader::{ENVBLK_HEADER, ENVBLK_SIZE, GrubEnv};
 use sluice_agent::registry::parse_manifest;
 use sluice_agent::server::{Expect, check_offer, verify_answer};
+use sluice_agent::unpack::guard::{Guard, TooBig};
 use sluice_agent::unpack::{UnpackOptions, Unpacker, layer_compression};
 use sluice_protocol::{KeyRole, KeySet, PublicKey, ResponseSigner};
 use std::collections::HashSet;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::OnceLock;
 
 /// The targets, as named in `fuzz/Cargo.toml`, `fuzz/corpus/` and `fuzz/regressions/`.
-pub const TARGETS: [&str; 4] = ["unpack_layer", "grubenv", "manifest", "signed_response"];
+pub const TARGETS: [&str; 5] = [
+    "unpack_layer",
+    "tar_guard",
+    "grubenv",
+    "manifest",
+    "signed_response",
+];
 
 /// Runs the check of the target named `name` on one input.
 pub fn run(name: &str, data: &[u8]) {
     match name {
         "unpack_layer" => unpack_layer(data),
+        "tar_guard" => tar_guard(data),
         "grubenv" => grubenv(data),
         "manifest" => manifest(data),
         "signed_response" => signed_response(data),
@@ -54,7 +62,10 @@ const SECRET: &[u8] = b"outside the slot";
 /// Input: one flag byte, then the layer(s). Applies them into a fresh slot
 /// directory with a sibling folder beside it; whatever the layers hold, it
 /// must not panic, leave the sibling as it was, put more than
-/// [`UNPACK_MAX_BYTES`] in the slot, or leave anything behind.
+/// [`UNPACK_MAX_BYTES`] in the slot, or leave anything behind. Until the
+/// commit (made when every layer applied), the slot root is 0700 and nothing
+/// in it is set-id, has file capabilities or is a device node anyone but
+/// root can open.
 pub fn unpack_layer(data: &[u8]) {
     let Some((&flags, rest)) = data.split_first() else {
         return;
@@ -79,9 +90,10 @@ pub fn unpack_layer(data: &[u8]) {
     let opts = UnpackOptions {
         allow_devices: false,
         preserve_owner: flags & PRESERVE_OWNER != 0 && rustix::process::geteuid().is_root(),
-        max_bytes: UNPACK_MAX_BYTES,
+        max_bytes: Some(UNPACK_MAX_BYTES),
     };
     let mut unpacker = Unpacker::new(&root, opts).expect("opening the slot");
+    let mut all_applied = true;
     for layer in layers {
         let applied = if flags & GZIP_HERE != 0 {
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -93,8 +105,16 @@ pub fn unpack_layer(data: &[u8]) {
             unpacker.apply_blob(TAR, layer)
         };
         if applied.is_err() {
+            all_applied = false;
             break;
         }
+    }
+    let root_mode = std::fs::symlink_metadata(&root).unwrap().mode() & 0o7777;
+    assert_eq!(root_mode, 0o700, "the slot is open before the commit");
+    make_traversable(&root);
+    assert_unprivileged(&root);
+    if all_applied {
+        let _ = unpacker.commit();
     }
     drop(unpacker);
 
@@ -141,6 +161,39 @@ fn make_traversable(dir: &Path) {
     }
 }
 
+/// Nothing below `dir` (never through a symlink) is set-id, has file
+/// capabilities, or is a device node with any mode bit or another owner.
+fn assert_unprivileged(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        let ft = m.file_type();
+        if ft.is_dir() {
+            assert_unprivileged(&e.path());
+        } else if ft.is_file() {
+            assert_eq!(
+                m.mode() & 0o6000,
+                0,
+                "{:?} set-id before the commit",
+                e.path()
+            );
+            let caps = rustix::fs::lgetxattr(e.path(), "security.capability", &mut [0u8; 64][..]);
+            assert!(
+                caps.is_err(),
+                "{:?} has capabilities before the commit",
+                e.path()
+            );
+        } else if ft.is_char_device() || ft.is_block_device() {
+            assert_eq!(
+                (m.mode() & 0o7777, m.uid()),
+                (0, rustix::process::geteuid().as_raw()),
+                "{:?} is open before the commit",
+                e.path()
+            );
+        }
+    }
+}
+
 /// Bytes of the regular files below `dir`, each inode counted once.
 fn file_bytes(dir: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
     let mut n = 0;
@@ -154,6 +207,87 @@ fn file_bytes(dir: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
         }
     }
     n
+}
+
+// ------------------------------------------------------------------ tar_guard
+
+/// What the `tar` reader made of one entry: path, link name, type, size,
+/// PAX records, and a hash of up to 1 MiB of its data.
+type Seen = (Vec<u8>, Option<Vec<u8>>, u8, u64, Option<Vec<u8>>, String);
+
+/// Every entry the `tar` reader reads from `r`, then how it ended: `None`
+/// at the end of the archive, else the error and whether it is the guard's.
+fn tar_entries(r: impl std::io::Read) -> (Vec<Seen>, Option<(String, bool)>) {
+    use std::io::Read;
+    let mut archive = tar::Archive::new(r);
+    let mut seen = Vec::new();
+    let ended = |e: std::io::Error| {
+        let guard = e
+            .get_ref()
+            .is_some_and(|i| i.downcast_ref::<TooBig>().is_some());
+        Some((e.to_string(), guard))
+    };
+    let entries = match archive.entries() {
+        Ok(e) => e,
+        Err(e) => return (seen, ended(e)),
+    };
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => return (seen, ended(e)),
+        };
+        let pax = entry.pax_extensions().ok().flatten().map(|x| {
+            x.flat_map(|r| r.ok())
+                .flat_map(|r| [r.key_bytes(), r.value_bytes()].concat())
+                .collect()
+        });
+        let mut data = Vec::new();
+        if let Err(e) = (&mut entry).take(1 << 20).read_to_end(&mut data) {
+            return (seen, ended(e));
+        }
+        seen.push((
+            entry.path_bytes().into_owned(),
+            entry.link_name_bytes().map(|l| l.into_owned()),
+            entry.header().entry_type().as_byte(),
+            entry.size(),
+            pax,
+            sluice_protocol::sha256_digest(&data),
+        ));
+    }
+    (seen, None)
+}
+
+/// Input: a tar stream. The `tar` reader reads the same entries through the
+/// guard that caps header records as without it, and ends the same way,
+/// unless the guard refused a record past its cap: then it read a prefix of
+/// the same entries, and the record it refused is past its cap. Where the
+/// reader read the whole archive, the guard followed it to the end (it lost
+/// its place only at a header the reader refuses too).
+pub fn tar_guard(data: &[u8]) {
+    let (raw, raw_end) = tar_entries(data);
+    let mut guard = Guard::new(data);
+    let (guarded, guarded_end) = tar_entries(&mut guard);
+    if raw_end.is_none() {
+        assert!(
+            guard.followed(),
+            "the guard lost its place in a valid archive"
+        );
+    }
+    match guarded_end {
+        Some((e, true)) => {
+            assert!(
+                raw.starts_with(&guarded),
+                "the guard changed what came before its refusal ({e})"
+            );
+            // The refused record was declared larger than its cap; the input
+            // need not hold it all (the reader stops at the end).
+            assert!(e.contains("larger than the cap"), "{e}");
+        }
+        end => {
+            assert_eq!(guarded, raw, "the guard changed the entries");
+            assert_eq!(end, raw_end, "the guard changed how the archive ends");
+        }
+    }
 }
 
 // -------------------------------------------------------------------- grubenv
@@ -195,6 +329,11 @@ pub fn manifest(data: &[u8]) {
     let digest = sluice_protocol::sha256_digest(data);
     if let Ok(m) = parse_manifest(data, &digest) {
         assert!(m.manifests.is_none(), "an index was accepted");
+        let config = m
+            .config
+            .as_ref()
+            .expect("a manifest without config was accepted");
+        assert!(sluice_protocol::is_sha256_digest(&config.digest));
         assert!(
             !m.layers.is_empty(),
             "a manifest without layers was accepted"

@@ -1,0 +1,668 @@
+//! The agent binary against a registry that lies (issues 11 and 12): a blob
+//! that fails its digest, a download that stalls and is killed, an image for
+//! another platform, a layer whose tar headers are huge, a slot too small for
+//! the image, and a registry whose 401 sends the credentials elsewhere. A
+//! small stand-in plays both the server (answers signed as the server signs
+//! them) and the registry, because the real ones never produce these inputs;
+//! it records every request with its headers.
+
+mod common;
+
+use common::*;
+use flate2::write::GzEncoder;
+use sluice_agent::bootloader::{AbState, GrubEnv, Slot};
+use sluice_protocol::{Offer, ResolveResponse};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use time::OffsetDateTime;
+
+const PRODUCT: &str = "acme-os";
+const REPO: &str = "acme/os";
+
+/// One request the stand-in saw: method, path, headers (lower-case names).
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    query: String,
+    headers: BTreeMap<String, String>,
+}
+
+/// How the stand-in answers one request.
+enum Reply {
+    /// Status, headers, body.
+    Full(u16, Vec<(String, String)>, Vec<u8>),
+    /// Declares the whole body, sends its first `n` bytes, then hangs.
+    Stall(Vec<u8>, usize),
+}
+
+type Route = dyn Fn(&Seen) -> Option<Reply> + Send + Sync;
+
+/// A loopback HTTP/1.1 listener answering from a list of routes, one request
+/// per connection; every request is recorded.
+struct Stand {
+    host: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    routes: Arc<Mutex<Vec<Box<Route>>>>,
+}
+
+impl Stand {
+    fn start() -> Stand {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = l.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let routes: Arc<Mutex<Vec<Box<Route>>>> = Arc::new(Mutex::new(Vec::new()));
+        let (s, r) = (seen.clone(), routes.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let (s, r) = (s.clone(), r.clone());
+                std::thread::spawn(move || serve(conn, &s, &r));
+            }
+        });
+        Stand { host, seen, routes }
+    }
+
+    fn route(&self, f: impl Fn(&Seen) -> Option<Reply> + Send + Sync + 'static) {
+        self.routes.lock().unwrap().push(Box::new(f));
+    }
+
+    /// The requests whose path starts with `prefix`.
+    fn seen(&self, prefix: &str) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+}
+
+fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>, routes: &Mutex<Vec<Box<Route>>>) {
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    let _ = r.read_exact(&mut body);
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let req = Seen {
+        path: path.to_string(),
+        query: query.to_string(),
+        headers,
+    };
+    seen.lock().unwrap().push(req.clone());
+    // The newest route that answers wins, so a test can change its mind.
+    let reply = routes
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|f| f(&req))
+        .unwrap_or_else(|| Reply::Full(404, vec![], b"not found".to_vec()));
+    let mut out = conn;
+    let (status, extra, body, send) = match reply {
+        Reply::Full(s, h, b) => {
+            let n = b.len();
+            (s, h, b, n)
+        }
+        Reply::Stall(b, n) => (200, vec![], b, n),
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in &extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = out.write_all(head.as_bytes());
+    let _ = out.write_all(&body[..send]);
+    if send < body.len() {
+        // Hang until the agent gives up (or is killed).
+        let _ = out.flush();
+        let mut sink = [0u8; 1];
+        let _ = out.read(&mut sink);
+    }
+}
+
+fn json(v: serde_json::Value) -> Reply {
+    Reply::Full(
+        200,
+        vec![("Content-Type".into(), "application/json".into())],
+        serde_json::to_vec(&v).unwrap(),
+    )
+}
+
+/// An image as the stand-in registry serves it.
+#[derive(Clone)]
+struct Image {
+    digest: String,
+    manifest: Vec<u8>,
+    blobs: Vec<(String, Vec<u8>)>,
+}
+
+fn gzip(tar: &[u8]) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(tar).unwrap();
+    e.finish().unwrap()
+}
+
+/// An image of the given gzip layers and config JSON.
+fn image(layers: &[Vec<u8>], config: serde_json::Value) -> Image {
+    let config = serde_json::to_vec(&config).unwrap();
+    let cdigest = sluice_protocol::sha256_digest(&config);
+    let mut blobs = vec![(cdigest.clone(), config.clone())];
+    let mut descs = Vec::new();
+    for gz in layers {
+        let d = sluice_protocol::sha256_digest(gz);
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": d, "size": gz.len()}));
+        blobs.push((d, gz.clone()));
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": cdigest, "size": config.len()},
+        "layers": descs
+    }))
+    .unwrap();
+    Image {
+        digest: sluice_protocol::sha256_digest(&manifest),
+        manifest,
+        blobs,
+    }
+}
+
+fn linux_amd64() -> serde_json::Value {
+    serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": []}, "config": {}})
+}
+
+/// A layer with a set-id binary first, then `rest`.
+fn layer(rest: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    use tar::EntryType::*;
+    tar_entry(&mut b, "usr/", Directory, 0o755, 0, b"", None);
+    tar_entry(&mut b, "usr/bin/", Directory, 0o755, 0, b"", None);
+    tar_entry(
+        &mut b,
+        "usr/bin/su",
+        Regular,
+        0o4755,
+        0,
+        b"\x7fELF su",
+        None,
+    );
+    for (p, data) in rest {
+        tar_entry(&mut b, p, Regular, 0o644, 0, data, None);
+    }
+    gzip(&b.into_inner().unwrap())
+}
+
+/// Bytes no compressor shrinks.
+fn noise(n: usize, mut seed: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+/// The server's side of the stand-in: enroll, events, and a signed answer
+/// offering `img` as 2.0.0, its image reference naming `registry`.
+fn play_server(s: &Stand, keys: Arc<Keys>, registry: String, img: &Image) {
+    let digest = img.digest.clone();
+    s.route(move |req| {
+        if req.path == "/v1/devices/enroll" {
+            return Some(json(
+                serde_json::json!({"device_id": "dev-1", "token": "tok-1"}),
+            ));
+        }
+        if req.path.ends_with("/events") {
+            return Some(Reply::Full(204, vec![], vec![]));
+        }
+        if !req.path.ends_with("/resolve") {
+            return None;
+        }
+        let now = OffsetDateTime::now_utc();
+        let nonce = req
+            .query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("nonce="))
+            .unwrap_or("")
+            .to_string();
+        let r = ResolveResponse {
+            update: true,
+            downgrade: false,
+            release: Some(Offer {
+                version: "2.0.0".into(),
+                digest: digest.clone(),
+                image: format!("{registry}/{REPO}@{digest}"),
+                size: 1,
+                signature: keys.sign_image(&digest, PRODUCT, "2.0.0"),
+            }),
+            poll_after_s: 60,
+            device_id: "dev-1".into(),
+            nonce,
+            serial: 1,
+            issued_at: now,
+            expires_at: now + time::Duration::seconds(60),
+        };
+        let body = serde_json::to_vec(&r).unwrap();
+        Some(Reply::Full(
+            200,
+            vec![("sluice-signature".into(), keys.response.sign_header(&body))],
+            body,
+        ))
+    });
+}
+
+/// The registry's side: the manifest and blobs of `img`.
+fn play_registry(s: &Stand, img: &Image) {
+    let img = img.clone();
+    s.route(move |req| {
+        if req.path == format!("/v2/{REPO}/manifests/{}", img.digest) {
+            return Some(Reply::Full(
+                200,
+                vec![(
+                    "Content-Type".into(),
+                    "application/vnd.oci.image.manifest.v1+json".into(),
+                )],
+                img.manifest.clone(),
+            ));
+        }
+        img.blobs
+            .iter()
+            .find(|(d, _)| req.path == format!("/v2/{REPO}/blobs/{d}"))
+            .map(|(_, b)| Reply::Full(200, vec![], b.clone()))
+    });
+}
+
+struct Setup {
+    stand: Stand,
+    dev: TestDevice,
+}
+
+/// A stand-in playing server and registry for `img`, and a device of `kind`
+/// polling it; slot B holds a file left from before.
+fn setup(img: &Image, kind: &str) -> Setup {
+    let stand = Stand::start();
+    let keys = Arc::new(Keys::new(1));
+    let host = stand.host.clone();
+    play_registry(&stand, img);
+    play_server(&stand, keys.clone(), host.clone(), img);
+    let dev = TestDevice::new(DeviceOpts {
+        server: &format!("http://{host}"),
+        product: PRODUCT,
+        channel: "stable",
+        enrollment_secret: "secret",
+        keys: &keys.key_set(),
+        insecure: vec![host],
+        healthy: true,
+        kind,
+    });
+    if kind == "dir" {
+        std::fs::write(dev.path("b/left-over"), b"from before").unwrap();
+    }
+    Setup { stand, dev }
+}
+
+fn ab(dev: &TestDevice) -> AbState {
+    AbState::from_env(&GrubEnv::load(&dev.path("grubenv")).unwrap())
+}
+
+/// GRUB still boots A and B is not marked bootable.
+fn assert_not_switched(dev: &TestDevice) {
+    let ab = ab(dev);
+    assert_eq!(ab.next_boot(), Some(Slot::A));
+    assert!(!ab.is_ok(Slot::B));
+    assert_eq!(dev.reboots(), 0);
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+/// Every set-id file below `dir`.
+fn set_id_files(dir: &Path) -> Vec<String> {
+    tree(dir)
+        .into_iter()
+        .filter(|(_, (m, ..))| m & 0o170000 == 0o100000 && m & 0o6000 != 0)
+        .map(|(p, _)| p.display().to_string())
+        .collect()
+}
+
+/// A registry (or mirror, or network) serves other bytes under a layer's
+/// digest: the upgrade is refused, and nothing of what was unpacked from
+/// them stays in slot B, which is left empty and closed (0700).
+#[test]
+fn a_blob_that_fails_its_digest_leaves_the_slot_empty_and_closed() {
+    let good = layer(&[("etc/os-release", b"ID=acme\n".to_vec())]);
+    // Served instead: a valid layer with a set-id binary and more of its
+    // own, under the good layer's digest (its own size declared, so only
+    // the digest is wrong).
+    let served = layer(&[("usr/bin/evil", noise(300_000, 7))]);
+    let mut img = image(std::slice::from_ref(&served), linux_amd64());
+    let (bad, good_digest) = (
+        sluice_protocol::sha256_digest(&served),
+        sluice_protocol::sha256_digest(&good),
+    );
+    img.manifest = String::from_utf8(img.manifest)
+        .unwrap()
+        .replace(&bad, &good_digest)
+        .into_bytes();
+    img.digest = sluice_protocol::sha256_digest(&img.manifest);
+    img.blobs[1].0 = good_digest;
+    let s2 = setup(&img, "dir");
+    let out = s2.dev.run(&["apply"]);
+    refused(&out, "hash to");
+    assert_not_switched(&s2.dev);
+    let b = s2.dev.path("b");
+    assert!(
+        tree(&b).is_empty(),
+        "slot B keeps unverified files: {:?}",
+        tree(&b).keys().collect::<Vec<_>>()
+    );
+    assert_eq!(mode(&b), 0o700, "slot B is open while unverified");
+}
+
+/// The download stalls half way through the only layer and the agent is
+/// killed: slot B is closed (0700) and nothing in it is set-id yet; the
+/// next `apply` empties it and installs the image, set-id bits and all.
+#[test]
+fn a_killed_install_leaves_no_set_id_file_and_the_next_one_completes() {
+    let gz = layer(&[("usr/lib/big", noise(4 << 20, 3))]);
+    let img = image(std::slice::from_ref(&gz), linux_amd64());
+    let s = setup(&img, "dir");
+    let digest = sluice_protocol::sha256_digest(&gz);
+    let path = format!("/v2/{REPO}/blobs/{digest}");
+    let stalled = Arc::new(Mutex::new(true));
+    let st = stalled.clone();
+    s.stand.route(move |req| {
+        (req.path == path && *st.lock().unwrap()).then(|| Reply::Stall(gz.clone(), 2 << 20))
+    });
+    let mut child = s
+        .dev
+        .command(&["apply"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let su = s.dev.path("b/usr/bin/su");
+    // Wait until the agent is in the middle of the layer.
+    let mut waited = 0;
+    while !su.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the agent ended before the stall"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        waited += 1;
+        assert!(waited < 3000, "the agent never reached the layer");
+    }
+    assert_eq!(mode(&s.dev.path("b")), 0o700, "slot B is open mid-write");
+    assert!(
+        set_id_files(&s.dev.path("b")).is_empty(),
+        "set-id bits before the image was verified"
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let _ = child.wait();
+    assert_eq!(mode(&s.dev.path("b")), 0o700);
+    assert!(set_id_files(&s.dev.path("b")).is_empty());
+    assert_not_switched(&s.dev);
+
+    *stalled.lock().unwrap() = false;
+    ok(&s.dev.run(&["apply"]));
+    let b = s.dev.path("b");
+    assert_eq!(ab(&s.dev).next_boot(), Some(Slot::B));
+    assert_eq!(set_id_files(&b), ["usr/bin/su"]);
+    assert_eq!(mode(&b.join("usr/bin/su")), 0o4755);
+    assert_eq!(mode(&b), 0o755, "the committed slot is open again");
+    assert!(
+        !b.join("left-over").exists(),
+        "slot B was not emptied first"
+    );
+    assert_eq!(
+        std::fs::read(b.join("usr/lib/big")).unwrap(),
+        noise(4 << 20, 3)
+    );
+}
+
+/// An image whose config names another OS or architecture, or whose config
+/// blob is not what the manifest names, is refused before slot B is touched.
+#[test]
+fn an_image_for_another_platform_is_refused_before_the_slot_is_touched() {
+    let gz = layer(&[]);
+    let cases = [
+        (
+            serde_json::json!({"architecture": "arm64", "os": "linux", "variant": "v8"}),
+            "linux/arm64/v8",
+        ),
+        (
+            serde_json::json!({"architecture": "amd64", "os": "windows"}),
+            "windows/amd64",
+        ),
+        (serde_json::json!({"os": "linux"}), "architecture"),
+    ];
+    for (config, want) in cases {
+        let img = image(std::slice::from_ref(&gz), config);
+        let s = setup(&img, "dir");
+        refused(&s.dev.run(&["apply"]), want);
+        assert_not_switched(&s.dev);
+        assert_eq!(
+            std::fs::read(s.dev.path("b/left-over")).unwrap(),
+            b"from before",
+            "slot B was touched"
+        );
+    }
+    // The config blob served is not the one the manifest names.
+    let mut img = image(std::slice::from_ref(&gz), linux_amd64());
+    img.blobs[0].1 = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+        "config": {"Entrypoint": ["/evil"]}}))
+    .unwrap();
+    let s = setup(&img, "dir");
+    refused(&s.dev.run(&["apply"]), "");
+    assert_eq!(
+        std::fs::read(s.dev.path("b/left-over")).unwrap(),
+        b"from before"
+    );
+    // The same platform is installed.
+    let img = image(&[gz], linux_amd64());
+    let s = setup(&img, "dir");
+    ok(&s.dev.run(&["apply"]));
+    assert!(s.dev.path("b/usr/bin/su").exists());
+}
+
+/// A layer of 256 KiB of gzip holding a 256 MiB GNU long-name record: the
+/// agent refuses it without reading the record into memory (it took 1 GB
+/// of RSS per 1 MB of such a layer before).
+#[test]
+fn a_huge_tar_header_record_is_refused_in_little_memory() {
+    let mut tar = Vec::new();
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_entry_type(tar::EntryType::GNULongName);
+    let big = 256u64 << 20;
+    h.set_size(big);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.extend_from_slice(h.as_bytes());
+    let mut e = GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(&tar).unwrap();
+    let zeros = vec![b'a'; 1 << 20];
+    for _ in 0..(big >> 20) {
+        e.write_all(&zeros).unwrap();
+    }
+    let gz = e.finish().unwrap();
+    assert!(gz.len() < 512 << 10, "{}", gz.len());
+    let img = image(&[gz], linux_amd64());
+    let s = setup(&img, "dir");
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "peak-rss-kb %M"])
+        .arg(env!("CARGO_BIN_EXE_sluice-agent"))
+        .arg("--config")
+        .arg(&s.dev.config)
+        .arg("apply")
+        .output()
+        .expect("GNU time (package `time`) is installed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let rss: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("peak-rss-kb "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {err}"));
+    assert!(!out.status.success());
+    let last = err
+        .lines()
+        .rfind(|l| l.starts_with("sluice-agent: error: "))
+        .unwrap_or("");
+    assert!(last.contains("GNU long name record"), "{err}");
+    assert!(rss < 64 << 10, "peak RSS {rss} kB");
+    assert!(tree(&s.dev.path("b")).is_empty());
+}
+
+/// With no `slots.max_unpacked_bytes`, the cap is what the slot can hold:
+/// for a block slot, the device's size. An image larger than a 4 MiB slot
+/// is refused while it unpacks, with the cap in the message.
+#[test]
+fn the_default_cap_is_what_the_slot_can_hold() {
+    let gz = layer(&[("usr/lib/big", noise(6 << 20, 5))]);
+    let img = image(&[gz], linux_amd64());
+    let s = setup(&img, "block");
+    let f = std::fs::File::create(s.dev.path("b.img")).unwrap();
+    f.set_len(4 << 20).unwrap();
+    std::fs::File::create(s.dev.path("a.img"))
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    refused(
+        &s.dev.run(&["apply"]),
+        &format!("image unpacks to more than {} bytes", 4 << 20),
+    );
+    assert_not_switched(&s.dev);
+}
+
+/// A registry's 401 names the token service the credentials go to. They go
+/// to an https realm or to the registry itself (same host, same scheme);
+/// a plain-HTTP realm on another host gets an anonymous request instead.
+#[test]
+fn credentials_go_only_to_a_safe_token_realm() {
+    let gz = layer(&[]);
+    let img = image(&[gz], linux_amd64());
+    for same_host in [false, true] {
+        let s = setup(&img, "dir");
+        let elsewhere = Stand::start();
+        let realm = if same_host {
+            format!("http://{}/token", s.stand.host)
+        } else {
+            format!("http://{}/token", elsewhere.host)
+        };
+        let token = |req: &Seen| {
+            (req.path == "/token").then(|| json(serde_json::json!({"token": "t0k3n"})))
+        };
+        s.stand.route(token);
+        elsewhere.route(token);
+        // Every registry request needs the token.
+        s.stand.route(move |req| {
+            let authed = req.headers.get("authorization").map(String::as_str) == Some("Bearer t0k3n");
+            (req.path.starts_with("/v2/") && !authed).then(|| {
+                Reply::Full(
+                    401,
+                    vec![(
+                        "WWW-Authenticate".into(),
+                        format!(
+                            "Bearer realm=\"{realm}\",service=\"registry\",scope=\"repository:{REPO}:pull\""
+                        ),
+                    )],
+                    vec![],
+                )
+            })
+        });
+        let auth = s.dev.path("auth.json");
+        std::fs::write(
+            &auth,
+            serde_json::to_vec(&serde_json::json!({"auths": {
+                s.stand.host.clone(): {"username": "robot", "password": "hunter2"}}}))
+            .unwrap(),
+        )
+        .unwrap();
+        let mut cfg = std::fs::read_to_string(&s.dev.config).unwrap();
+        cfg.push_str(&format!("auth = {auth:?}\n"));
+        std::fs::write(&s.dev.config, cfg).unwrap();
+
+        ok(&s.dev.run(&["apply"]));
+        let basic = |seen: Vec<Seen>| {
+            seen.iter()
+                .filter(|r| {
+                    r.headers
+                        .get("authorization")
+                        .is_some_and(|a| a.starts_with("Basic "))
+                })
+                .count()
+        };
+        if same_host {
+            assert!(
+                basic(s.stand.seen("/token")) > 0,
+                "the registry's own realm got no credentials"
+            );
+        } else {
+            assert!(
+                !elsewhere.seen("/token").is_empty(),
+                "the realm was never asked"
+            );
+            assert_eq!(
+                basic(elsewhere.seen("/")),
+                0,
+                "credentials went to a plain-HTTP realm on another host"
+            );
+        }
+    }
+}
+
+/// An `image` slot is built from the staging folder after the commit (the
+/// set-id bits are in the file system), and the staging copy left in the
+/// state folder is closed again.
+#[test]
+fn an_image_slot_is_built_after_the_commit_and_its_staging_is_closed() {
+    let img = image(&[layer(&[])], linux_amd64());
+    let s = setup(&img, "image");
+    ok(&s.dev.run(&["apply"]));
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "stat /usr/bin/su"])
+        .arg(s.dev.path("b.img"))
+        .output()
+        .unwrap();
+    let stat = String::from_utf8_lossy(&out.stdout);
+    assert!(stat.contains("Mode:  04755"), "{stat}");
+    assert_eq!(mode(&s.dev.path("state/staging")), 0o700);
+    assert_eq!(mode(&s.dev.path("state/staging/usr/bin/su")), 0o4755);
+}
