@@ -5,11 +5,11 @@
 use crate::bootloader::{AbState, GrubEnv, Slot};
 use crate::config::Config;
 use crate::registry::{ImageRef, Registry};
-use crate::server::{Expect, Server, check_offer, verify_answer};
+use crate::server::{Expect, Server, check_offer};
 use crate::state::{Credentials, Store, Target, UpdateState};
 use crate::unpack::{UnpackOptions, Unpacker};
 use anyhow::{Context, bail};
-use sluice_protocol::{EnrollRequest, EventKind, EventRequest, KeySet, ResolveResponse};
+use sluice_protocol::{EnrollRequest, EventKind, EventRequest, ResolveResponse};
 use std::process::Command;
 use time::OffsetDateTime;
 
@@ -29,7 +29,7 @@ pub enum Outcome {
 pub struct Device {
     /// The configuration.
     pub cfg: Config,
-    keys: KeySet,
+    trust: crate::trust::Trust,
     /// The persisted state.
     pub store: Store,
     server: Server,
@@ -59,16 +59,12 @@ fn run_cmd(argv: &[String]) -> anyhow::Result<()> {
 impl Device {
     /// Opens a device from its configuration.
     pub fn open(cfg: Config) -> anyhow::Result<Device> {
-        let keys: KeySet = serde_json::from_slice(
-            &std::fs::read(&cfg.keys)
-                .with_context(|| format!("reading trusted keys {}", cfg.keys.display()))?,
-        )
-        .with_context(|| format!("parsing trusted keys {}", cfg.keys.display()))?;
         let store = Store::open(&cfg.state_dir)?;
+        let trust = crate::trust::Trust::open(&cfg.keys, &cfg.state_dir)?;
         let server = Server::new(&cfg.server, cfg.server_ca.as_deref())?;
         Ok(Device {
             cfg,
-            keys,
+            trust,
             store,
             server,
         })
@@ -185,9 +181,10 @@ impl Device {
             &self.cfg.arch,
             current.as_ref().map(|t| t.digest.as_str()),
             &nonce,
+            self.trust.version(),
         )?;
-        let answer = verify_answer(
-            &self.keys,
+        let answer = self.trust.verify_answer(
+            &self.server,
             &sig,
             &body,
             &Expect {
@@ -195,6 +192,10 @@ impl Device {
                 nonce: &nonce,
                 now: OffsetDateTime::now_utc(),
                 last_serial: self.store.data.last_serial,
+                product: &self.cfg.product,
+                channel: &self.cfg.channel,
+                arch: &self.cfg.arch,
+                current: current.as_ref().map(|t| t.digest.as_str()),
             },
         )?;
         self.store.data.last_serial = Some(answer.serial);
@@ -209,7 +210,7 @@ impl Device {
         let booted = self.booted()?;
         let current = self.store.data.slot(booted).cloned();
         let Some(offer) = check_offer(
-            &self.keys,
+            self.trust.keys(),
             &answer,
             &self.cfg.product,
             current.as_ref().map(|t| t.version.as_str()),
@@ -459,6 +460,7 @@ impl Device {
             "next_boot": ab.next_boot().map(Slot::name),
             "state": self.store.data.update.name(),
             "last_serial": self.store.data.last_serial,
+            "keys_version": self.trust.version(),
             "last_result": self.store.data.last_result,
             "device_id": self.credentials().ok().flatten().map(|c| c.device_id),
         }))

@@ -86,7 +86,8 @@ pub struct ResolveResponse {
     pub device_id: String,
     /// The device's nonce, echoed.
     pub nonce: String,
-    /// The channel's serial: never goes down.
+    /// Never goes down for the device, whichever channel of the product it
+    /// follows (the highest serial of the product's channels).
     pub serial: i64,
     /// When the answer was made.
     #[serde(with = "time::serde::rfc3339")]
@@ -94,6 +95,34 @@ pub struct ResolveResponse {
     /// After this, the device must not act on the answer.
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
+    /// The answer's format: [`WIRE_VERSION`] names the question below; an
+    /// answer without it (version 1) names only device, nonce and serial.
+    #[serde(default = "wire_v1")]
+    pub wire: u32,
+    /// The product asked about (version 2).
+    #[serde(default)]
+    pub product: Option<String>,
+    /// The channel asked about (version 2).
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// The architecture the offer is for (version 2).
+    #[serde(default)]
+    pub arch: Option<String>,
+    /// The `current` digest the device sent, `null` when it sent none (version 2).
+    #[serde(default)]
+    pub current: Option<String>,
+    /// The newest key list's version (`GET /v1/keys/lists`): a device
+    /// holding an older one fetches the newer lists.
+    #[serde(default)]
+    pub keys_version: Option<u64>,
+}
+
+/// The resolution answer's format this crate writes: 2 binds the answer to
+/// its question (product, channel, arch, current digest).
+pub const WIRE_VERSION: u32 = 2;
+
+fn wire_v1() -> u32 {
+    1
 }
 
 /// What a device reports.
