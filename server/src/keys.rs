@@ -160,10 +160,12 @@ fn write_new_key(dir: &FsPath, passphrase: &str, role: KeyRole) -> anyhow::Resul
 }
 
 /// Every key of `role` in the folder, and the id its `current` file names.
+/// Keys in `known` are not decrypted again (scrypt is slow on purpose).
 fn load_role(
     dir: &FsPath,
     passphrase: &str,
     role: KeyRole,
+    known: &[Arc<KeyEntry>],
 ) -> anyhow::Result<(Vec<Arc<KeyEntry>>, String)> {
     let rdir = role_dir(dir, role);
     if !rdir.join("current").exists() {
@@ -180,6 +182,14 @@ fn load_role(
         .collect();
     names.sort();
     for path in names {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if let Some(k) = known
+            .iter()
+            .find(|k| k.public.key_id == stem && k.public.role == role)
+        {
+            entries.push(k.clone());
+            continue;
+        }
         let pem = std::fs::read(&path)?;
         let pair =
             SigStoreKeyPair::from_encrypted_pem(&pem, passphrase.as_bytes()).map_err(|e| {
@@ -412,7 +422,7 @@ impl KeyStore {
             "SLUICE_KEY_PASSPHRASE is empty: set it to encrypt the keys at rest"
         );
         let dir = data_dir.join("keys");
-        let keys = Self::read(&dir, passphrase, None)?;
+        let keys = Self::read(&dir, passphrase, None, &[])?;
         Ok(KeyStore {
             dir,
             passphrase: passphrase.to_string(),
@@ -425,11 +435,12 @@ impl KeyStore {
         dir: &FsPath,
         passphrase: &str,
         list: Option<(KeyList, SignedKeyList)>,
+        known: &[Arc<KeyEntry>],
     ) -> anyhow::Result<Keys> {
         let mut entries = Vec::new();
         let mut file_current = Vec::new();
         for role in [KeyRole::Image, KeyRole::Response, KeyRole::Root] {
-            let (e, current) = load_role(dir, passphrase, role)?;
+            let (e, current) = load_role(dir, passphrase, role, known)?;
             entries.extend(e);
             file_current.push(current);
         }
@@ -519,7 +530,8 @@ impl KeyStore {
                 )?;
             }
         }
-        let keys = Self::read(&self.dir, &self.passphrase, Some((list, signed)))?;
+        let known = self.inner.read().expect("key lock").entries.clone();
+        let keys = Self::read(&self.dir, &self.passphrase, Some((list, signed)), &known)?;
         *self.inner.write().expect("key lock") = keys;
         Ok(())
     }
@@ -609,16 +621,11 @@ impl KeyStore {
         };
         let now = OffsetDateTime::now_utc();
         let (list, about) = apply_change(&prev, &change, new_key.as_ref(), now)?;
-        let entries = {
-            let k = self.inner.read().expect("key lock");
-            let mut e = k.entries.clone();
-            if new_key.is_some() {
-                // Read the new file (and nothing else changes) before signing.
-                drop(k);
-                e = Self::read(&self.dir, &self.passphrase, None)?.entries;
-            }
-            e
-        };
+        let mut entries = self.inner.read().expect("key lock").entries.clone();
+        if new_key.is_some() {
+            // The new file, read before signing with it.
+            entries = Self::read(&self.dir, &self.passphrase, None, &entries)?.entries;
+        }
         let signed = sign_list(&list, Some(&prev), &entries)?;
         let action = match &change {
             Change::Rotate(_) => "keys.rotate",
