@@ -27,6 +27,8 @@ struct Rules {
     request_line: Vec<(String, String)>,
     /// Re-signs resolution answers with this key (plain signature).
     resign: Option<sluice_protocol::ResponseSigner>,
+    /// Answers `GET /v1/keys/lists` with this body itself.
+    lists: Option<Vec<u8>>,
 }
 
 /// A tampering proxy on loopback in front of the server: one request per
@@ -83,10 +85,23 @@ fn relay(client: TcpStream, upstream: &str, rules: &Mutex<Rules>) -> std::io::Re
     }
     let mut body = vec![0; len];
     reader.read_exact(&mut body)?;
-    let (line_rules, resign) = {
+    let (line_rules, resign, lists) = {
         let r = rules.lock().unwrap();
-        (r.request_line.clone(), r.resign.clone())
+        (r.request_line.clone(), r.resign.clone(), r.lists.clone())
     };
+    let mut client = client;
+    if let Some(body) = lists
+        && head[0].contains("/v1/keys/lists")
+    {
+        client.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )?;
+        return client.write_all(&body);
+    }
     for (from, to) in &line_rules {
         head[0] = head[0].replace(from, to);
     }
@@ -116,7 +131,6 @@ fn relay(client: TcpStream, upstream: &str, rules: &Mutex<Rules>) -> std::io::Re
         }
         _ => out = answer.clone(),
     }
-    let mut client = client;
     client.write_all(&out)
 }
 
@@ -609,4 +623,80 @@ async fn a_revoked_response_key_is_refused(pool: PgPool) {
     // The server itself never signs with it again.
     proxy.set(|r| r.resign = None);
     ok(&dev.run(&["check"]).await);
+}
+
+/// Key compromise, the other way: a thief with the response key makes a
+/// key list of their own (their root, their response key) and serves it
+/// with answers they sign. The device holds list 1, whose root did not sign
+/// it: the list is refused, the device keeps list 1, and the answers are
+/// refused.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn a_key_list_not_signed_by_the_held_root_is_refused(pool: PgPool) {
+    use base64::Engine;
+    use sluice_protocol::keylist::{EnvelopeSignature, PAYLOAD_TYPE, pae};
+    use sluice_protocol::{
+        KeyList, KeyLists, KeyRole, KeyState, ListedKey, ResponseSigner, SignedKeyList,
+    };
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let s = setup(pool, &["1.0.0"]).await;
+    s.publish("1.0.0", json!([{"name": "stable", "percent": 100}]))
+        .await;
+    let app = &s.app;
+    let proxy = Proxy::start(&app.url);
+    let dev = s.device(&proxy.url, "stable").await;
+    ok(&dev.run(&["check"]).await);
+    assert_eq!(held(&dev).await, 1);
+    let kept = std::fs::read(dev.path("state/keylist.json")).unwrap();
+
+    let stolen_id = current(&status(app).await, "response");
+    let stolen = sluice_server::keys::read_ed25519_signer(
+        &app.data_dir.join(format!("keys/response/{stolen_id}.key")),
+        &common::config(app.data_dir.clone()).key_passphrase,
+    )
+    .unwrap();
+    let (evil_root, evil_resp) = (
+        ResponseSigner::from_seed(&[7; 32]),
+        ResponseSigner::from_seed(&[8; 32]),
+    );
+    let (_, genuine) = app.state.keys.newest_list().unwrap();
+    let (_, mut forged) = genuine.open().unwrap();
+    forged.version = 2;
+    for k in forged.keys.iter_mut().filter(|k| k.role != KeyRole::Image) {
+        k.state = KeyState::Retired;
+    }
+    for (signer, role) in [(&evil_root, KeyRole::Root), (&evil_resp, KeyRole::Response)] {
+        let p = signer.public_key();
+        forged.keys.push(ListedKey {
+            key_id: p.key_id,
+            role,
+            algorithm: p.algorithm,
+            public_key_pem: p.public_key_pem,
+            state: KeyState::Current,
+        });
+    }
+    let payload = serde_json::to_vec::<KeyList>(&forged).unwrap();
+    let m = pae(PAYLOAD_TYPE, &payload);
+    let sigs = [&evil_root, &evil_resp, &stolen]
+        .iter()
+        .map(|k| EnvelopeSignature {
+            keyid: k.key_id().into(),
+            sig: b64(&k.sign_message(&m)),
+        })
+        .collect();
+    let served = KeyLists {
+        lists: vec![SignedKeyList::new(&payload, sigs)],
+        newest: 2,
+    };
+    proxy.set(|r| {
+        r.lists = Some(serde_json::to_vec(&served).unwrap());
+        r.resign = Some(evil_resp.clone());
+    });
+    refused(
+        &dev.run(&["check"]).await,
+        "key list version 2 lacks 1 valid signature(s) by the root keys of version 1",
+    );
+    assert_eq!(std::fs::read(dev.path("state/keylist.json")).unwrap(), kept);
+    proxy.set(|r| *r = Rules::default());
+    assert!(ok(&dev.run(&["check"]).await).contains("update available: 1.0.0"));
+    assert_eq!(held(&dev).await, 1);
 }
