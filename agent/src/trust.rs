@@ -413,11 +413,7 @@ mod tests {
         let mut t = Trust::open(&f, &state).unwrap();
         assert_eq!(t.version(), None);
         assert_eq!(t.update(lists.fetch(2)).unwrap(), Some(7));
-        assert!(
-            t.keys()
-                .find(&ed(27).key_id().to_string(), KeyRole::Response)
-                .is_ok()
-        );
+        assert!(t.keys().find(ed(27).key_id(), KeyRole::Response).is_ok());
         assert!(
             t.keys().find(ed(2).key_id(), KeyRole::Response).is_err(),
             "the keys file no longer counts once a list is held"
