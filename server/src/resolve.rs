@@ -646,7 +646,11 @@ async fn resolve(
             arch,
             version: current_idx.map(|i| snap.releases[i].version.clone()),
             digest: q.current,
-            keys_version: q.keys_version.and_then(|v| i64::try_from(v).ok()),
+            // A device may only claim lists that exist.
+            keys_version: q
+                .keys_version
+                .filter(|v| Some(*v) <= state.keys.list_version())
+                .and_then(|v| i64::try_from(v).ok()),
         },
     );
     state

@@ -700,3 +700,66 @@ async fn a_key_list_not_signed_by_the_held_root_is_refused(pool: PgPool) {
     assert!(ok(&dev.run(&["check"]).await).contains("update available: 1.0.0"));
     assert_eq!(held(&dev).await, 1);
 }
+
+/// SIGKILL at random moments while an agent catches up through a dozen key
+/// lists: whatever moment it dies, `keylist.json` is absent or a list that
+/// verifies (never half written), nothing else is left beside it, and the
+/// next run catches up the rest.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn an_agent_killed_while_following_the_lists_loses_nothing(pool: PgPool) {
+    use rand::Rng;
+    let s = setup(pool, &["1.0.0"]).await;
+    s.publish("1.0.0", json!([{"name": "stable", "percent": 100}]))
+        .await;
+    let app = &s.app;
+    let devices: Vec<Device> = futures_join(6, || s.device(&app.url, "stable")).await;
+    for d in &devices {
+        ok(&d.run(&["enroll"]).await);
+    }
+    for _ in 0..6 {
+        for role in ["root", "response"] {
+            post_ok(app, &format!("/v1/keys/{role}/rotate"), json!({})).await;
+            if role == "response" {
+                post_ok(app, "/v1/keys/response/activate", json!({"force": true})).await;
+            }
+        }
+    }
+    let newest = app.state.keys.list_version().unwrap();
+    assert_eq!(newest, 19);
+    // From at once to well after the fetch.
+    let delays: Vec<u64> = {
+        let mut rng = rand::thread_rng();
+        (0..devices.len())
+            .map(|i| if i == 0 { 0 } else { rng.gen_range(0..600) })
+            .collect()
+    };
+    for (d, ms) in devices.iter().zip(delays) {
+        let mut child = d.command(&["check"]).spawn().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        let state = d.path("state");
+        if let Ok(bytes) = std::fs::read(state.join("keylist.json")) {
+            let kept: sluice_protocol::SignedKeyList = serde_json::from_slice(&bytes).unwrap();
+            kept.verify_self()
+                .expect("a whole list, never half written");
+        }
+        let stray: Vec<_> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| {
+                ![
+                    "state.json",
+                    "device.json",
+                    "keylist.json",
+                    ".keylist.json.sluice-new",
+                ]
+                .contains(&n.as_str())
+            })
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+        assert!(ok(&d.run(&["check"]).await).contains("update available: 1.0.0"));
+        assert_eq!(held(d).await, newest);
+        assert!(!state.join(".keylist.json.sluice-new").exists());
+    }
+}
