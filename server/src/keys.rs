@@ -262,11 +262,13 @@ fn first_list(files: &[(PublicKey, bool)], now: OffsetDateTime) -> KeyList {
 }
 
 /// What the newest list must become at start: image and response key files
-/// it does not list yet join as `next` (made by `sluice keys generate`
-/// while the server was down), and a list past half its life is renewed.
-/// `None`: it stands as it is.
+/// no list ever named join as `next` (made by `sluice keys generate` while
+/// the server was down, or left by a crash in a rotation), and a list past
+/// half its life is renewed. A key some list named and the newest does not
+/// was revoked: it never comes back. `None`: the list stands as it is.
 pub fn list_at_start(
     newest: &KeyList,
+    ever_listed: &std::collections::HashSet<String>,
     files: &[PublicKey],
     now: OffsetDateTime,
 ) -> Option<KeyList> {
@@ -275,7 +277,7 @@ pub fn list_at_start(
         let has_next = keys
             .iter()
             .any(|k| k.role == f.role && k.state == KeyState::Next);
-        if f.role != KeyRole::Root && newest.find(&f.key_id).is_none() && !has_next {
+        if f.role != KeyRole::Root && !ever_listed.contains(&f.key_id) && !has_next {
             keys.push(listed(f, KeyState::Next));
         }
     }
@@ -565,7 +567,8 @@ impl KeyStore {
             Some(signed) => {
                 let (_, newest) = signed.open()?;
                 let publics: Vec<PublicKey> = entries.iter().map(|e| e.public.clone()).collect();
-                match list_at_start(&newest, &publics, now) {
+                let ever_listed = ever_listed(db).await?;
+                match list_at_start(&newest, &ever_listed, &publics, now) {
                     None => (newest, signed),
                     Some(list) => {
                         let signed = sign_list(&list, Some(&newest), &entries)?;
@@ -632,6 +635,20 @@ impl KeyStore {
             Change::Activate(_) => "keys.activate",
             Change::Revoke(..) => "keys.revoke",
         };
+        if let Change::Revoke(role, id) = &change {
+            // Out of the folder before the list says so, so it never signs
+            // again even if the list then fails to store (a retry finishes
+            // the revocation); kept for forensics.
+            let from = role_dir(&self.dir, *role).join(format!("{id}.key"));
+            let to_dir = role_dir(&self.dir, *role).join("revoked");
+            if from.exists() {
+                std::fs::create_dir_all(&to_dir).map_err(anyhow::Error::from)?;
+                std::fs::rename(&from, to_dir.join(format!("{id}.key")))
+                    .and_then(|()| std::fs::File::open(&to_dir)?.sync_all())
+                    .and_then(|()| std::fs::File::open(role_dir(&self.dir, *role))?.sync_all())
+                    .map_err(anyhow::Error::from)?;
+            }
+        }
         let mut tx = db.begin().await?;
         insert_list(&mut *tx, &list, &signed, &who.actor()).await?;
         crate::audit::record(
@@ -644,20 +661,25 @@ impl KeyStore {
         )
         .await?;
         tx.commit().await?;
-        if let Change::Revoke(role, id) = &change {
-            // Out of the folder, so it never signs again; kept for forensics.
-            let from = role_dir(&self.dir, *role).join(format!("{id}.key"));
-            let to_dir = role_dir(&self.dir, *role).join("revoked");
-            if from.exists() {
-                std::fs::create_dir_all(&to_dir).map_err(anyhow::Error::from)?;
-                std::fs::rename(&from, to_dir.join(format!("{id}.key")))
-                    .map_err(anyhow::Error::from)?;
-            }
-        }
         let version = list.version;
         self.install(list, signed)?;
         Ok((about, version))
     }
+}
+
+/// Every key id any list has named.
+async fn ever_listed(db: &PgPool) -> anyhow::Result<std::collections::HashSet<String>> {
+    let rows = sqlx::query_scalar!(
+        r#"SELECT envelope AS "envelope: sqlx::types::Json<SignedKeyList>" FROM key_lists ORDER BY version DESC"#
+    )
+    .fetch_all(db)
+    .await?;
+    let mut ids = std::collections::HashSet::new();
+    for signed in rows {
+        let (_, l) = signed.0.open()?;
+        ids.extend(l.keys.into_iter().map(|k| k.key_id));
+    }
+    Ok(ids)
 }
 
 async fn newest_list(db: &PgPool) -> anyhow::Result<Option<SignedKeyList>> {
@@ -1165,15 +1187,19 @@ mod tests {
             public("img1", KeyRole::Image),
             public("resp1", KeyRole::Response),
         ];
-        assert_eq!(list_at_start(&l, &files, NOW), None);
+        let ever: std::collections::HashSet<String> =
+            ["root1", "img1", "resp1", "resp0"].map(String::from).into();
+        assert_eq!(list_at_start(&l, &ever, &files, NOW), None);
         let mut more = files.clone();
         more.push(public("img2", KeyRole::Image));
         more.push(public("root9", KeyRole::Root));
-        let l2 = list_at_start(&l, &more, NOW).unwrap();
+        more.push(public("resp0", KeyRole::Response));
+        let l2 = list_at_start(&l, &ever, &more, NOW).unwrap();
+        assert!(l2.find("resp0").is_none(), "a revoked key never comes back");
         assert_eq!(l2.find("img2").unwrap().state, KeyState::Next);
         assert!(l2.find("root9").is_none(), "a root joins only by rotation");
         let late = datetime!(2026-08-01 00:00 UTC);
-        let renewed = list_at_start(&l, &files, late).unwrap();
+        let renewed = list_at_start(&l, &ever, &files, late).unwrap();
         assert_eq!((renewed.version, renewed.keys.clone()), (5, l.keys.clone()));
         assert_eq!(renewed.expires_at, late + LIST_TTL);
     }

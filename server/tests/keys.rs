@@ -299,7 +299,8 @@ async fn an_unlisted_key_file_is_listed_as_next_at_start(pool: PgPool) {
         KeyRole::Response,
     )
     .unwrap();
-    let app = TestApp::spawn_with(pool, config, tempfile::tempdir().unwrap()).await;
+    let mut app =
+        TestApp::spawn_with(pool.clone(), config.clone(), tempfile::tempdir().unwrap()).await;
     let all = lists(&app, 0).await;
     assert_eq!(all.newest, 2);
     let newest = all.lists[1]
@@ -310,5 +311,32 @@ async fn an_unlisted_key_file_is_listed_as_next_at_start(pool: PgPool) {
         app.state.keys.response_signer().key_id(),
         signer,
         "still signing with the current key"
+    );
+
+    // Revoked, then its file put back (a backup restored): it stays out.
+    let (s, b) = app
+        .post(
+            "/v1/keys/response/revoke",
+            &app.admin,
+            json!({"key_id": made.key_id}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    app.stop().await;
+    let role_dir = config.data_dir.join("keys/response");
+    std::fs::copy(
+        role_dir.join(format!("revoked/{}.key", made.key_id)),
+        role_dir.join(format!("{}.key", made.key_id)),
+    )
+    .unwrap();
+    let app = TestApp::spawn_with(pool, config, tempfile::tempdir().unwrap()).await;
+    let all = lists(&app, 0).await;
+    assert_eq!(all.newest, 3, "nothing to add at start");
+    assert!(
+        all.lists[2]
+            .verify_self()
+            .unwrap()
+            .find(&made.key_id)
+            .is_none()
     );
 }
