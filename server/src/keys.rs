@@ -30,8 +30,11 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 /// How long a key list is valid; the server issues a fresh one (same keys,
-/// next version) once less than half of this is left.
-pub const LIST_TTL: time::Duration = time::Duration::days(365);
+/// next version) once less than half of this is left. It bounds how long
+/// someone holding a revoked key can keep a device from learning of the
+/// revocation (by withholding the lists); it costs a list version every
+/// two weeks, which a device catching up fetches a hundred at a time.
+pub const LIST_TTL: time::Duration = time::Duration::days(30);
 
 /// Devices seen within this many days make up the fleet that must hold a
 /// key before it is activated.
@@ -1198,7 +1201,7 @@ mod tests {
         assert!(l2.find("resp0").is_none(), "a revoked key never comes back");
         assert_eq!(l2.find("img2").unwrap().state, KeyState::Next);
         assert!(l2.find("root9").is_none(), "a root joins only by rotation");
-        let late = datetime!(2026-08-01 00:00 UTC);
+        let late = datetime!(2026-12-20 00:00 UTC);
         let renewed = list_at_start(&l, &ever, &files, late).unwrap();
         assert_eq!((renewed.version, renewed.keys.clone()), (5, l.keys.clone()));
         assert_eq!(renewed.expires_at, late + LIST_TTL);
