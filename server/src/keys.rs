@@ -1055,15 +1055,18 @@ pub struct RevokeRequest {
 }
 
 /// Drops a key from the key list: devices that hold the new list refuse
-/// what it signs; its file moves to `<role>/revoked/`. Refused (409) for the
-/// current key: rotate and activate another first.
+/// what it signs; its file moves to `<role>/revoked/`. An image key's
+/// releases are first signed again with the current image key (pushed to
+/// the registry; 503 with nothing revoked if it is down). Refused (409) for
+/// the current key: rotate and activate another first.
 #[utoipa::path(post, path = "/v1/keys/{role}/revoke", tag = "keys",
     params(("role" = String, Path, description = "`image`, `response` or `root`")),
     request_body = RevokeRequest,
     security(("bearer" = [])),
     responses((status = 200, body = KeyChanged), (status = 400, body = crate::error::Problem),
                (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-               (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
+               (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
+               (status = 503, body = crate::error::Problem)))]
 async fn revoke_key(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -1071,6 +1074,16 @@ async fn revoke_key(
     Json(req): Json<RevokeRequest>,
 ) -> Result<Json<KeyChanged>> {
     let role = role_of(&role)?;
+    let listed = state
+        .keys
+        .newest_list()
+        .and_then(|(l, _)| l.find(&req.key_id).cloned())
+        .filter(|k| k.role == role);
+    if role == KeyRole::Image
+        && let Some(k) = listed.filter(|k| k.state != KeyState::Current)
+    {
+        resign_releases(&state, &who, &k.key_id).await?;
+    }
     let (key, list_version) = state
         .keys
         .change(
@@ -1081,6 +1094,69 @@ async fn revoke_key(
         )
         .await?;
     Ok(Json(KeyChanged { key, list_version }))
+}
+
+/// Before an image key is revoked: every release digest signed only by it
+/// is signed again with the current image key, pushed to the registry and
+/// stored, so devices that drop the revoked key can still install it. A
+/// registry that is down fails the revocation (503) with nothing revoked;
+/// what was signed meanwhile stays (a retry reuses it).
+async fn resign_releases(
+    state: &AppState,
+    who: &crate::auth::Principal,
+    revoked: &str,
+) -> Result<()> {
+    let rows = sqlx::query!(
+        r#"SELECT r.id, r.version, p.name AS product, p.repository, s.digest FROM signatures s
+           JOIN releases r ON r.id = s.release_id JOIN products p ON p.id = r.product_id
+           WHERE s.key_id = $1 AND NOT EXISTS (SELECT 1 FROM signatures o
+                 WHERE o.release_id = s.release_id AND o.digest = s.digest AND o.key_id <> $1)
+           ORDER BY p.name, r.version, s.digest"#,
+        revoked
+    )
+    .fetch_all(&state.db)
+    .await?;
+    let key = state.keys.image_key();
+    for row in rows {
+        let signed = crate::signing::SignedDigest {
+            signature: crate::signing::sign_digest(
+                &key,
+                &row.repository,
+                &row.digest,
+                &row.product,
+                &row.version,
+            )?,
+            digest: row.digest.clone(),
+        };
+        state
+            .registry
+            .push_signatures(&row.repository, std::slice::from_ref(&signed))
+            .await?;
+        let mut tx = state.db.begin().await?;
+        sqlx::query!(
+            "INSERT INTO signatures (release_id, digest, key_id, payload, signature) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT DO NOTHING",
+            row.id,
+            row.digest,
+            signed.signature.key_id,
+            signed.signature.payload,
+            signed.signature.signature
+        )
+        .execute(&mut *tx)
+        .await?;
+        crate::audit::record(
+            &mut *tx,
+            who,
+            "release.resign",
+            &format!("release:{}/{}", row.product, row.version),
+            Some(serde_json::json!({"digest": row.digest, "key_id": revoked})),
+            Some(serde_json::json!({"digest": row.digest, "key_id": signed.signature.key_id})),
+        )
+        .await?;
+        tx.commit().await?;
+        state.cache.invalidate(&row.product);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

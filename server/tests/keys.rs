@@ -5,8 +5,10 @@
 //! as `next` at the next start.
 
 mod common;
+#[path = "common/images.rs"]
+mod images;
 
-use common::TestApp;
+use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sluice_protocol::{KeyList, KeyLists, KeyRole, KeySet, KeyState, SignedKeyList};
@@ -339,4 +341,91 @@ async fn an_unlisted_key_file_is_listed_as_next_at_start(pool: PgPool) {
             .find(&made.key_id)
             .is_none()
     );
+}
+
+/// Revoking an image key signs its releases again with the current key
+/// first (registry and database), so the releases stay installable for
+/// devices that drop the revoked key; resolution offers the new signature.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn revoking_an_image_key_signs_its_releases_again(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let reg = registry();
+    let repo_path = images::unique_repo("resign");
+    let repo = format!("{reg}/{repo_path}");
+    images::push_index(&reg, &repo_path, "1.0.0", &["amd64", "arm64"]).await;
+    let secret = app.product("acme", &repo).await;
+    app.channel("acme", "stable").await;
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &app.admin,
+            json!({"version": "1.0.0", "image": format!("{repo}:1.0.0"),
+                   "channels": [{"name": "stable", "percent": 100}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let old = app.state.keys.image_key().public.key_id.clone();
+    for path in ["/v1/keys/image/rotate", "/v1/keys/image/activate"] {
+        let (s, b) = app.post(path, &app.admin, json!({})).await;
+        assert_eq!(s, StatusCode::OK, "{path}: {b}");
+    }
+    let new = app.state.keys.image_key().public.key_id.clone();
+    assert_ne!(old, new);
+    let (s, b) = app
+        .post("/v1/keys/image/revoke", &app.admin, json!({"key_id": old}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+
+    let (_, rel) = app
+        .get("/v1/products/acme/releases/1.0.0", &app.admin)
+        .await;
+    for p in rel["platforms"].as_array().unwrap() {
+        let by: Vec<&str> = p["signed_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        assert!(by.contains(&new.as_str()), "{rel}");
+    }
+    let (_, audit) = app.get("/v1/audit?action=release.resign", &app.admin).await;
+    assert_eq!(
+        audit["items"].as_array().unwrap().len(),
+        3,
+        "two platforms and the index: {audit}"
+    );
+    // A device is offered the release with the new key's signature, which
+    // verifies with the keys of the newest list.
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/v1/devices/enroll",
+            None,
+            Some(
+                json!({"product": "acme", "enrollment_secret": secret, "machine_id": "m1",
+                        "arch": "amd64", "channel": "stable"}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let token = b["token"].as_str().unwrap();
+    let (s, answer) = app
+        .get(
+            "/v1/products/acme/channels/stable/resolve?nonce=abcdefgh12",
+            token,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{answer}");
+    let offer: sluice_protocol::Offer = serde_json::from_value(answer["release"].clone()).unwrap();
+    assert_eq!(offer.signature.key_id, new);
+    let (newest, _) = app.state.keys.newest_list().unwrap();
+    assert!(newest.find(&old).is_none());
+    sluice_protocol::simplesigning::verify_image_signature(
+        &newest.key_set(),
+        &offer.signature,
+        &offer.digest,
+        "acme",
+        "1.0.0",
+    )
+    .unwrap();
 }

@@ -162,7 +162,7 @@ export function Keys() {
                                 >
                                   <p>
                                     The next key list leaves it out: every device that fetches it refuses what this key
-                                    signs{role === "image" ? ", including releases signed only by it" : ""}.
+                                    signs.{role === "image" ? " Releases signed only by it are first signed again with the current image key." : ""}
                                   </p>
                                 </ActionButton>
                               )}
