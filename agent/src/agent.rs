@@ -11,12 +11,12 @@ use crate::bootloader::{AbState, GrubEnv, Slot};
 use crate::config::Config;
 use crate::failpoint;
 use crate::registry::{ImageRef, Registry};
-use crate::server::{Expect, Server, check_offer, verify_answer};
+use crate::server::{Expect, Server, check_offer};
 use crate::state::{Credentials, Step, Store, Target, UpdateState};
 use crate::unpack::{UnpackOptions, Unpacker};
 use anyhow::{Context, bail};
 use sluice_protocol::{
-    EnrollRequest, EventKind, EventRequest, HostStatus, KeySet, ResolveResponse, SlotStatus,
+    EnrollRequest, EventKind, EventRequest, HostStatus, ResolveResponse, SlotStatus,
 };
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -39,7 +39,7 @@ pub enum Outcome {
 pub struct Device {
     /// The configuration.
     pub cfg: Config,
-    keys: KeySet,
+    trust: crate::trust::Trust,
     /// The persisted state.
     pub store: Store,
     server: Server,
@@ -69,16 +69,12 @@ fn run_cmd(argv: &[String]) -> anyhow::Result<()> {
 impl Device {
     /// Opens a device from its configuration.
     pub fn open(cfg: Config) -> anyhow::Result<Device> {
-        let keys: KeySet = serde_json::from_slice(
-            &std::fs::read(&cfg.keys)
-                .with_context(|| format!("reading trusted keys {}", cfg.keys.display()))?,
-        )
-        .with_context(|| format!("parsing trusted keys {}", cfg.keys.display()))?;
         let store = Store::open(&cfg.state_dir)?;
+        let trust = crate::trust::Trust::open(&cfg.keys, &cfg.state_dir)?;
         let server = Server::new(&cfg.server, cfg.server_ca.as_deref())?;
         Ok(Device {
             cfg,
-            keys,
+            trust,
             store,
             server,
         })
@@ -270,9 +266,10 @@ impl Device {
             &self.cfg.arch,
             current.as_ref().map(|t| t.digest.as_str()),
             &nonce,
+            self.trust.version(),
         )?;
-        let answer = verify_answer(
-            &self.keys,
+        let answer = self.trust.verify_answer(
+            &self.server,
             &sig,
             &body,
             &Expect {
@@ -280,6 +277,10 @@ impl Device {
                 nonce: &nonce,
                 now: OffsetDateTime::now_utc(),
                 last_serial: self.store.data.last_serial,
+                product: &self.cfg.product,
+                channel: &self.cfg.channel,
+                arch: &self.cfg.arch,
+                current: current.as_ref().map(|t| t.digest.as_str()),
             },
         )?;
         self.store.data.last_serial = Some(answer.serial);
@@ -297,7 +298,7 @@ impl Device {
         let booted = self.booted()?;
         let current = self.store.data.slot(booted).cloned();
         let Some(offer) = check_offer(
-            &self.keys,
+            self.trust.keys(),
             &answer,
             &self.cfg.product,
             current.as_ref().map(|t| t.version.as_str()),
@@ -712,6 +713,7 @@ impl Device {
             host: self.host_status()?,
             next_boot: ab.next_boot().map(|s| s.name().to_string()),
             last_serial: self.store.data.last_serial,
+            keys_version: self.trust.version(),
             last_result: self.store.data.last_result.clone(),
             device_id: self.credentials().ok().flatten().map(|c| c.device_id),
             refusals: self.store.data.refusals.clone(),
@@ -729,6 +731,8 @@ pub struct Status {
     pub next_boot: Option<String>,
     /// The highest resolution serial accepted.
     pub last_serial: Option<i64>,
+    /// The version of the signed key list held (none: the `keys` file).
+    pub keys_version: Option<u64>,
     /// The last outcome, one line.
     pub last_result: Option<String>,
     /// The enrolled device id.

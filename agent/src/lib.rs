@@ -15,6 +15,7 @@ pub mod registry;
 pub mod server;
 pub mod slot;
 pub mod state;
+pub mod trust;
 pub mod unpack;
 
 /// One log line on stderr (journald adds the time).

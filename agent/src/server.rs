@@ -4,14 +4,17 @@
 use anyhow::{Context, bail};
 use sluice_protocol::keys::SIGNATURE_HEADER;
 use sluice_protocol::{
-    EnrollRequest, EnrollResponse, EventRequest, KeySet, Offer, ResolveResponse,
-    simplesigning::verify_image_signature,
+    EnrollRequest, EnrollResponse, EventRequest, KeyLists, KeySet, Offer, ResolveResponse,
+    WIRE_VERSION, simplesigning::verify_image_signature,
 };
 use std::time::Duration;
 use time::OffsetDateTime;
 
 /// Most bytes a resolution answer may have.
 const MAX_ANSWER: u64 = 1 << 20;
+
+/// Most bytes a page of key lists may have.
+const MAX_KEY_LISTS: u64 = 8 << 20;
 
 /// An HTTP client for one server.
 pub struct Server {
@@ -91,6 +94,7 @@ impl Server {
     }
 
     /// `GET .../resolve`: the body bytes and the signature header, unchecked.
+    #[allow(clippy::too_many_arguments)]
     pub fn resolve(
         &self,
         product: &str,
@@ -99,6 +103,7 @@ impl Server {
         arch: &str,
         current: Option<&str>,
         nonce: &str,
+        keys_version: Option<u64>,
     ) -> anyhow::Result<(Vec<u8>, String)> {
         let url = format!(
             "{}/v1/products/{product}/channels/{channel}/resolve",
@@ -112,6 +117,9 @@ impl Server {
             .header("Authorization", &format!("Bearer {token}"));
         if let Some(c) = current {
             req = req.query("current", c);
+        }
+        if let Some(v) = keys_version {
+            req = req.query("keys_version", v.to_string());
         }
         let mut resp = req
             .call()
@@ -135,6 +143,30 @@ impl Server {
             .limit(MAX_ANSWER)
             .read_to_vec()?;
         Ok((body, sig))
+    }
+
+    /// `GET /v1/keys/lists?after=`: signed key lists, unchecked.
+    pub fn key_lists(&self, after: u64) -> anyhow::Result<KeyLists> {
+        let url = format!("{}/v1/keys/lists", self.base);
+        let mut resp = self
+            .agent
+            .get(&url)
+            .query("after", after.to_string())
+            .call()
+            .with_context(|| format!("server {} unreachable", self.base))?;
+        if resp.status() != 200 {
+            bail!(
+                "key lists refused ({}): {}",
+                resp.status(),
+                problem(&mut resp)
+            );
+        }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_KEY_LISTS)
+            .read_to_vec()?;
+        serde_json::from_slice(&body).context("the key lists are not valid JSON")
     }
 
     /// `POST /v1/devices/{id}/events`.
@@ -164,10 +196,21 @@ pub struct Expect<'a> {
     pub now: OffsetDateTime,
     /// The highest serial accepted so far.
     pub last_serial: Option<i64>,
+    /// The product asked about.
+    pub product: &'a str,
+    /// The channel asked about.
+    pub channel: &'a str,
+    /// The architecture asked about.
+    pub arch: &'a str,
+    /// The digest sent as `current`, if any.
+    pub current: Option<&'a str>,
 }
 
 /// Checks a resolution answer: signature by a trusted response key over the
-/// exact bytes, device id, nonce, expiry and serial. Every refusal is one line.
+/// exact bytes, that it answers this device's question (device id, nonce,
+/// product, channel, arch, current digest: a proxy that rewrote the request
+/// gets an answer to another question), expiry and serial. Every refusal is
+/// one line.
 pub fn verify_answer(
     keys: &KeySet,
     header: &str,
@@ -187,6 +230,28 @@ pub fn verify_answer(
     }
     if r.nonce != expect.nonce {
         bail!("resolution answer echoes another nonce (a replayed answer): refused");
+    }
+    if r.wire < WIRE_VERSION {
+        bail!(
+            "resolution answer has wire version {} and does not name the question it answers \
+             (a server older than this agent, which needs version {WIRE_VERSION}): refused",
+            r.wire
+        );
+    }
+    for (what, got, want) in [
+        ("product", r.product.as_deref(), Some(expect.product)),
+        ("channel", r.channel.as_deref(), Some(expect.channel)),
+        ("arch", r.arch.as_deref(), Some(expect.arch)),
+        ("current digest", r.current.as_deref(), expect.current),
+    ] {
+        if got != want {
+            bail!(
+                "resolution answer is for {what} {}, not the {} this device asked about \
+                 (the request was rewritten on its way): refused",
+                got.unwrap_or("(none)"),
+                want.unwrap_or("(none)")
+            );
+        }
     }
     if r.expires_at <= expect.now {
         bail!("resolution answer expired at {}: refused", r.expires_at);

@@ -310,6 +310,12 @@ impl World {
                 serial: self.serial.fetch_add(1, Ordering::Relaxed),
                 issued_at: now,
                 expires_at: now + time::Duration::seconds(60),
+                wire: sluice_protocol::WIRE_VERSION,
+                product: Some(PRODUCT.into()),
+                channel: req.path.split('/').nth(5).map(str::to_string),
+                arch: req.q("arch").map(str::to_string),
+                current: req.q("current").map(str::to_string),
+                keys_version: None,
             };
             let body = serde_json::to_vec(&r).unwrap();
             let signer = if foreign {

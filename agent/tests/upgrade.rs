@@ -76,6 +76,12 @@ fn start(fake: Arc<Fake>) -> Responder {
                 serial: a.serial,
                 issued_at: now,
                 expires_at: now + time::Duration::seconds(if a.ttl == 0 { 60 } else { a.ttl }),
+                wire: sluice_protocol::WIRE_VERSION,
+                product: Some(PRODUCT.into()),
+                channel: req.path.split('/').nth(5).map(str::to_string),
+                arch: req.q("arch").map(str::to_string),
+                current: req.q("current").map(str::to_string),
+                keys_version: None,
             };
             let body = serde_json::to_vec(&r).unwrap();
             let signer = if a.foreign_signer {

@@ -250,12 +250,13 @@ fn play_server(s: &Stand, keys: Arc<Keys>, registry: String, img: &Image) {
             return None;
         }
         let now = OffsetDateTime::now_utc();
-        let nonce = req
-            .query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("nonce="))
-            .unwrap_or("")
-            .to_string();
+        let q = |k: &str| {
+            req.query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        let nonce = q("nonce").unwrap_or_default();
         let r = ResolveResponse {
             update: true,
             downgrade: false,
@@ -272,6 +273,12 @@ fn play_server(s: &Stand, keys: Arc<Keys>, registry: String, img: &Image) {
             serial: 1,
             issued_at: now,
             expires_at: now + time::Duration::seconds(60),
+            wire: sluice_protocol::WIRE_VERSION,
+            product: Some(PRODUCT.into()),
+            channel: req.path.split('/').nth(5).map(str::to_string),
+            arch: q("arch"),
+            current: q("current"),
+            keys_version: None,
         };
         let body = serde_json::to_vec(&r).unwrap();
         Some(Reply::Full(

@@ -366,6 +366,10 @@ pub const CURRENT_VERSION: &str = "1.2.0";
 pub const DEVICE_ID: &str = "dev-1";
 /// The nonce the device sent.
 pub const NONCE: &str = "nonce-1";
+/// The channel the device follows.
+pub const CHANNEL: &str = "stable";
+/// The device's architecture.
+pub const ARCH: &str = "amd64";
 /// The highest serial the device accepted before.
 pub const LAST_SERIAL: i64 = 5;
 
@@ -420,6 +424,10 @@ fn expect() -> Expect<'static> {
         nonce: NONCE,
         now: time::macros::datetime!(2026-01-01 00:00 UTC),
         last_serial: Some(LAST_SERIAL),
+        product: PRODUCT,
+        channel: CHANNEL,
+        arch: ARCH,
+        current: None,
     }
 }
 
@@ -475,12 +483,17 @@ pub fn signed_response(data: &[u8]) {
     assert!(verify_answer(keys, &header, &changed, &expect()).is_err());
 }
 
-/// An answer `verify_answer` accepted: it is for this device and nonce, and
+/// An answer `verify_answer` accepted: it is for this device, nonce and question, and
 /// an offer `check_offer` accepts is signed for its digest, version and product.
 fn check_accepted(answer: &sluice_protocol::ResolveResponse) {
     assert_eq!(answer.device_id, DEVICE_ID);
     assert_eq!(answer.nonce, NONCE);
     assert!(answer.serial >= LAST_SERIAL);
+    // It answers the question this device asked, not one rewritten on the way.
+    assert_eq!(answer.product.as_deref(), Some(PRODUCT));
+    assert_eq!(answer.channel.as_deref(), Some(CHANNEL));
+    assert_eq!(answer.arch.as_deref(), Some(ARCH));
+    assert_eq!(answer.current, None);
     let Ok(Some(offer)) = check_offer(trusted_keys(), answer, PRODUCT, Some(CURRENT_VERSION))
     else {
         return;

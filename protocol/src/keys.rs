@@ -20,6 +20,8 @@ pub enum KeyRole {
     Image,
     /// Resolution responses (Ed25519).
     Response,
+    /// Key lists (Ed25519): never listed in `GET /v1/keys`, only in key lists.
+    Root,
 }
 
 impl std::fmt::Display for KeyRole {
@@ -27,6 +29,7 @@ impl std::fmt::Display for KeyRole {
         f.write_str(match self {
             KeyRole::Image => "image",
             KeyRole::Response => "response",
+            KeyRole::Root => "root",
         })
     }
 }
@@ -332,6 +335,12 @@ impl ResponseSigner {
                 )
             })
             .collect()
+    }
+
+    /// An Ed25519 signature over any message (a key list's DSSE encoding:
+    /// its `DSSEv1 ` prefix keeps it from passing for an answer).
+    pub fn sign_message(&self, message: &[u8]) -> [u8; 64] {
+        self.sign(message)
     }
 
     #[cfg(not(feature = "aws-lc"))]

@@ -5,10 +5,12 @@
 #![warn(missing_docs)]
 #![forbid(unused_must_use)]
 
+pub mod keylist;
 pub mod keys;
 pub mod simplesigning;
 pub mod wire;
 
+pub use keylist::{KeyList, KeyLists, KeyState, ListedKey, SignedKeyList};
 pub use keys::{KeyRole, KeySet, PublicKey, ResponseSigner, key_id, leaf_hash};
 pub use simplesigning::SimpleSigning;
 pub use wire::*;

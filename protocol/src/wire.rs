@@ -86,7 +86,8 @@ pub struct ResolveResponse {
     pub device_id: String,
     /// The device's nonce, echoed.
     pub nonce: String,
-    /// The channel's serial: never goes down.
+    /// Never goes down for the device, whichever channel of the product it
+    /// follows (the highest serial of the product's channels).
     pub serial: i64,
     /// When the answer was made.
     #[serde(with = "time::serde::rfc3339")]
@@ -94,6 +95,35 @@ pub struct ResolveResponse {
     /// After this, the device must not act on the answer.
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
+    /// The answer's format: 2 names the question below (`product`,
+    /// `channel`, `arch`, `current`); an answer without it (version 1)
+    /// names only device, nonce and serial.
+    #[serde(default = "wire_v1")]
+    pub wire: u32,
+    /// The product asked about (version 2).
+    #[serde(default)]
+    pub product: Option<String>,
+    /// The channel asked about (version 2).
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// The architecture the offer is for (version 2).
+    #[serde(default)]
+    pub arch: Option<String>,
+    /// The `current` digest the device sent, `null` when it sent none (version 2).
+    #[serde(default)]
+    pub current: Option<String>,
+    /// The newest key list's version (`GET /v1/keys/lists`): a device
+    /// holding an older one fetches the newer lists.
+    #[serde(default)]
+    pub keys_version: Option<u64>,
+}
+
+/// The resolution answer's format this crate writes: 2 binds the answer to
+/// its question (product, channel, arch, current digest).
+pub const WIRE_VERSION: u32 = 2;
+
+fn wire_v1() -> u32 {
+    1
 }
 
 /// What a device reports.
@@ -252,4 +282,72 @@ pub struct HostStatus {
     /// The other slot, when it is a known-good fallback.
     #[serde(default)]
     pub rollback: Option<SlotStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The answer as agents before wire version 2 parse it: no unknown-field
+    /// refusal, so the fields added since are ignored.
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct AnswerV1 {
+        update: bool,
+        downgrade: bool,
+        release: Option<Offer>,
+        poll_after_s: u64,
+        device_id: String,
+        nonce: String,
+        serial: i64,
+        #[serde(with = "time::serde::rfc3339")]
+        issued_at: OffsetDateTime,
+        #[serde(with = "time::serde::rfc3339")]
+        expires_at: OffsetDateTime,
+    }
+
+    fn answer() -> ResolveResponse {
+        let now = time::macros::datetime!(2026-01-01 00:00 UTC);
+        ResolveResponse {
+            update: false,
+            downgrade: false,
+            release: None,
+            poll_after_s: 60,
+            device_id: "d".into(),
+            nonce: "n".into(),
+            serial: 3,
+            issued_at: now,
+            expires_at: now,
+            wire: WIRE_VERSION,
+            product: Some("acme".into()),
+            channel: Some("stable".into()),
+            arch: Some("amd64".into()),
+            current: None,
+            keys_version: Some(4),
+        }
+    }
+
+    #[test]
+    fn agents_of_wire_version_1_read_a_version_2_answer() {
+        let body = serde_json::to_vec(&answer()).unwrap();
+        let old: AnswerV1 = serde_json::from_slice(&body).unwrap();
+        assert_eq!((old.serial, old.device_id.as_str()), (3, "d"));
+    }
+
+    #[test]
+    fn a_version_1_answer_reads_as_version_1() {
+        let mut v = serde_json::to_value(answer()).unwrap();
+        for k in [
+            "wire",
+            "product",
+            "channel",
+            "arch",
+            "current",
+            "keys_version",
+        ] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let r: ResolveResponse = serde_json::from_value(v).unwrap();
+        assert_eq!((r.wire, r.product, r.keys_version), (1, None, None));
+    }
 }

@@ -307,11 +307,15 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
 
 /// A ready state over an existing, migrated pool (tests use their own database).
 pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppState> {
+    use anyhow::Context;
     std::fs::create_dir_all(&config.data_dir)?;
     let keys = {
         let (dir, pass) = (config.data_dir.clone(), config.key_passphrase.clone());
         tokio::task::spawn_blocking(move || keys::KeyStore::load_or_create(&dir, &pass)).await??
     };
+    keys.sync(&db)
+        .await
+        .context("making or reading the signed key list")?;
     let jwt = auth::JwtKeys::load_or_create(&config.data_dir)?;
     let registry = registry::Registry::new(&config)?;
     let checkins = resolve::Checkins::spawn(
@@ -322,7 +326,7 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         config.device_burst.max(1),
         config.device_rate.max(0.001),
     );
-    Ok(AppState::new(Inner {
+    let state = AppState::new(Inner {
         db,
         config,
         keys,
@@ -333,5 +337,19 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         checkins,
         answers: Default::default(),
         limits,
-    }))
+    });
+    // Renews the key list at half its life even if the server never restarts.
+    let weak = Arc::downgrade(&state.0);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(inner) = weak.upgrade() else { return };
+            if let Err(e) = inner.keys.sync(&inner.db).await {
+                tracing::warn!(error = %e, "renewing the key list failed; will retry");
+            }
+        }
+    });
+    Ok(state)
 }

@@ -552,9 +552,84 @@ impl Command for TokenCreate {
 pub struct KeysRotate {
     #[command(flatten)]
     remote: Remote,
+    /// `image` or `response` (a new `next` key), or `root` (replaced at once).
+    #[arg(long, value_parser = ["image", "response", "root"])]
+    role: String,
+}
+
+/// `sluice keys activate`.
+#[derive(Debug, Args)]
+pub struct KeysActivate {
+    #[command(flatten)]
+    remote: Remote,
     /// `image` or `response`.
     #[arg(long, value_parser = ["image", "response"])]
     role: String,
+    /// Activate even though not enough devices hold the key yet.
+    #[arg(long)]
+    force: bool,
+    /// Share of the devices seen in the last 30 days that must hold it (default 100).
+    #[arg(long)]
+    min_percent: Option<f64>,
+}
+
+impl Command for KeysActivate {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let mut body = json!({"force": self.force});
+        if let Some(p) = self.min_percent {
+            body["min_percent"] = json!(p);
+        }
+        Ok(Request::new(
+            Method::POST,
+            &["v1", "keys", &self.role, "activate"],
+            Some(body),
+        ))
+    }
+}
+
+/// `sluice keys revoke`.
+#[derive(Debug, Args)]
+pub struct KeysRevoke {
+    #[command(flatten)]
+    remote: Remote,
+    /// `image`, `response` or `root`.
+    #[arg(long, value_parser = ["image", "response", "root"])]
+    role: String,
+    /// The key's id (`sluice keys status`).
+    #[arg(long)]
+    key_id: String,
+}
+
+impl Command for KeysRevoke {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        Ok(Request::new(
+            Method::POST,
+            &["v1", "keys", &self.role, "revoke"],
+            Some(json!({"key_id": self.key_id})),
+        ))
+    }
+}
+
+/// `sluice keys status`.
+#[derive(Debug, Args)]
+pub struct KeysStatus {
+    #[command(flatten)]
+    remote: Remote,
+}
+
+impl Command for KeysStatus {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        Ok(Request::new(Method::GET, &["v1", "keys", "status"], None))
+    }
 }
 
 impl Command for KeysRotate {
@@ -959,7 +1034,20 @@ mod tests {
             .unwrap();
         assert_eq!(r.path, ["v1", "keys", "image", "rotate"]);
         assert!(r.body.is_none());
-        assert!(parse(&["keys", "rotate", "--role", "root"]).is_err());
+        assert!(parse(&["keys", "rotate", "--role", "other"]).is_err());
+        let r = parse(&["keys", "activate", "--role", "response", "--force"])
+            .unwrap()
+            .request()
+            .unwrap();
+        assert_eq!(r.path, ["v1", "keys", "response", "activate"]);
+        assert_eq!(r.body, Some(json!({"force": true})));
+        assert!(parse(&["keys", "activate", "--role", "root"]).is_err());
+        let r = parse(&["keys", "revoke", "--role", "image", "--key-id", "abc"])
+            .unwrap()
+            .request()
+            .unwrap();
+        assert_eq!(r.path, ["v1", "keys", "image", "revoke"]);
+        assert_eq!(r.body, Some(json!({"key_id": "abc"})));
     }
 
     /// `--server`/`--token` work after the subcommand, and the server has a default.

@@ -1,20 +1,47 @@
-//! The server's signing keys: an ECDSA P-256 image key (cosign format) and an
-//! Ed25519 response key, each kept as cosign-encrypted PEM files under
-//! `<data_dir>/keys/<role>/<key_id>.key`, the current one named in
-//! `<role>/current`. Older keys stay trusted, so rotation needs no downtime.
+//! The server's signing keys and the signed key lists that tell devices which
+//! of them to trust. Private keys are cosign-encrypted PEM files under
+//! `<data_dir>/keys/<role>/<key_id>.key` (roles `image`, `response`, `root`);
+//! which key of a role is next, current or retired is said by the newest key
+//! list (table `key_lists`), each signed by the root keys of the one before.
+//! Rotation is two-phase: `rotate` publishes a `next` key, `activate` signs
+//! with it once the fleet holds it; `revoke` drops a key from the list.
 
 use crate::app::AppState;
-use crate::auth::Admin;
-use crate::error::{Error, Json, Path, Result};
+use crate::auth::{Admin, Viewer};
+use crate::error::{Error, Json, Path, Query, Result};
 use anyhow::Context;
 use axum::extract::State;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
 use sigstore::crypto::SigningScheme;
 use sigstore::crypto::signing_key::SigStoreKeyPair;
+use sluice_protocol::keylist::{EnvelopeSignature, pae};
 use sluice_protocol::keys::{ALG_ECDSA_P256, ALG_ED25519};
-use sluice_protocol::{KeyRole, KeySet, PublicKey, ResponseSigner, key_id};
+use sluice_protocol::{
+    KeyList, KeyLists, KeyRole, KeySet, KeyState, ListedKey, PublicKey, ResponseSigner,
+    SignedKeyList, key_id,
+};
+use sqlx::PgPool;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, RwLock};
+use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
+
+/// How long a key list is valid; the server issues a fresh one (same keys,
+/// next version) once less than half of this is left. It bounds how long
+/// someone holding a revoked key can keep a device from learning of the
+/// revocation (by withholding the lists); it costs a list version every
+/// two weeks, which a device catching up fetches a hundred at a time.
+pub const LIST_TTL: time::Duration = time::Duration::days(30);
+
+/// Devices seen within this many days make up the fleet that must hold a
+/// key before it is activated.
+pub const ACTIVE_DAYS: i64 = 30;
+
+/// Most lists one `GET /v1/keys/lists` answers; a device further behind asks again.
+pub const LISTS_PAGE: i64 = 100;
 
 /// One private key with its public half.
 pub struct KeyEntry {
@@ -24,16 +51,31 @@ pub struct KeyEntry {
     pub public: PublicKey,
 }
 
+impl KeyEntry {
+    /// A raw signature over `message`: Ed25519, or ECDSA P-256 ASN.1 DER.
+    fn sign(&self, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+        Ok(self
+            .pair
+            .to_sigstore_signer(&scheme(self.public.role))?
+            .sign(message)?)
+    }
+}
+
 /// The keys in use and every key still trusted.
 pub struct KeyStore {
     dir: PathBuf,
     passphrase: String,
     inner: RwLock<Keys>,
+    /// One change of the key list at a time in this process.
+    change: tokio::sync::Mutex<()>,
 }
 
 struct Keys {
-    image: Vec<Arc<KeyEntry>>,
-    image_current: usize,
+    /// Every key file of every role.
+    entries: Vec<Arc<KeyEntry>>,
+    /// The newest key list, once [`KeyStore::sync`] ran.
+    list: Option<(KeyList, SignedKeyList)>,
+    image_current: Arc<KeyEntry>,
     response: ResponseSigner,
     trusted: KeySet,
 }
@@ -65,7 +107,14 @@ fn role_dir(dir: &FsPath, role: KeyRole) -> PathBuf {
 fn scheme(role: KeyRole) -> SigningScheme {
     match role {
         KeyRole::Image => SigningScheme::ECDSA_P256_SHA256_ASN1,
-        KeyRole::Response => SigningScheme::ED25519,
+        KeyRole::Response | KeyRole::Root => SigningScheme::ED25519,
+    }
+}
+
+fn algorithm(role: KeyRole) -> &'static str {
+    match role {
+        KeyRole::Image => ALG_ECDSA_P256,
+        KeyRole::Response | KeyRole::Root => ALG_ED25519,
     }
 }
 
@@ -74,33 +123,53 @@ fn public_of(pair: &SigStoreKeyPair, role: KeyRole) -> anyhow::Result<PublicKey>
     Ok(PublicKey {
         key_id: key_id(&der),
         role,
-        algorithm: match role {
-            KeyRole::Image => ALG_ECDSA_P256,
-            KeyRole::Response => ALG_ED25519,
-        }
-        .into(),
+        algorithm: algorithm(role).into(),
         public_key_pem: pair.public_key_to_pem()?,
     })
 }
 
-/// Makes a new key of `role`, writes it encrypted and makes it current.
+/// Parses `image`, `response` or `root`.
+pub fn parse_role(role: &str) -> std::result::Result<KeyRole, String> {
+    match role {
+        "image" => Ok(KeyRole::Image),
+        "response" => Ok(KeyRole::Response),
+        "root" => Ok(KeyRole::Root),
+        _ => Err(format!(
+            "unknown key role {role:?}: use `image`, `response` or `root`"
+        )),
+    }
+}
+
+/// Makes a new key of `role` and writes it encrypted. Before the first key
+/// list it also becomes the role's current key (`<role>/current`); once
+/// lists exist the server lists it as `next` at its next start.
 pub fn generate(dir: &FsPath, passphrase: &str, role: KeyRole) -> anyhow::Result<PublicKey> {
+    let public = write_new_key(dir, passphrase, role)?;
+    write_private(
+        &role_dir(dir, role).join("current"),
+        public.key_id.as_bytes(),
+    )?;
+    Ok(public)
+}
+
+fn write_new_key(dir: &FsPath, passphrase: &str, role: KeyRole) -> anyhow::Result<PublicKey> {
     let rdir = role_dir(dir, role);
     std::fs::create_dir_all(&rdir).with_context(|| format!("creating {}", rdir.display()))?;
     let pair = scheme(role).create_signer()?.to_sigstore_keypair()?;
     let public = public_of(&pair, role)?;
     let pem = pair.private_key_to_encrypted_pem(passphrase.as_bytes())?;
     write_private(&rdir.join(format!("{}.key", public.key_id)), pem.as_bytes())?;
-    write_private(&rdir.join("current"), public.key_id.as_bytes())?;
     Ok(public)
 }
 
-/// Every key of `role` in the folder, and the index of the current one.
+/// Every key of `role` in the folder, and the id its `current` file names.
+/// Keys in `known` are not decrypted again (scrypt is slow on purpose).
 fn load_role(
     dir: &FsPath,
     passphrase: &str,
     role: KeyRole,
-) -> anyhow::Result<(Vec<Arc<KeyEntry>>, usize)> {
+    known: &[Arc<KeyEntry>],
+) -> anyhow::Result<(Vec<Arc<KeyEntry>>, String)> {
     let rdir = role_dir(dir, role);
     if !rdir.join("current").exists() {
         generate(dir, passphrase, role)?;
@@ -116,6 +185,14 @@ fn load_role(
         .collect();
     names.sort();
     for path in names {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if let Some(k) = known
+            .iter()
+            .find(|k| k.public.key_id == stem && k.public.role == role)
+        {
+            entries.push(k.clone());
+            continue;
+        }
         let pem = std::fs::read(&path)?;
         let pair =
             SigStoreKeyPair::from_encrypted_pem(&pem, passphrase.as_bytes()).map_err(|e| {
@@ -127,16 +204,12 @@ fn load_role(
         let public = public_of(&pair, role)?;
         entries.push(Arc::new(KeyEntry { pair, public }));
     }
-    let idx = entries
-        .iter()
-        .position(|e| e.public.key_id == current)
-        .with_context(|| {
-            format!(
-                "{} names key {current}, which is not in that folder",
-                rdir.join("current").display()
-            )
-        })?;
-    Ok((entries, idx))
+    anyhow::ensure!(
+        entries.iter().any(|e| e.public.key_id == current),
+        "{} names key {current}, which is not in that folder",
+        rdir.join("current").display()
+    );
+    Ok((entries, current))
 }
 
 fn response_signer(entry: &KeyEntry) -> anyhow::Result<ResponseSigner> {
@@ -147,45 +220,283 @@ fn response_signer(entry: &KeyEntry) -> anyhow::Result<ResponseSigner> {
     Ok(ResponseSigner::from_seed(&sk.to_bytes()))
 }
 
+/// The Ed25519 signer in an encrypted key file (a response or root key):
+/// for tools and tests that must sign as a key did, e.g. a revoked one.
+pub fn read_ed25519_signer(path: &FsPath, passphrase: &str) -> anyhow::Result<ResponseSigner> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let pair = SigStoreKeyPair::from_encrypted_pem(&pem, passphrase.as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot decrypt {}: {e}", path.display()))?;
+    let public = public_of(&pair, KeyRole::Response)?;
+    response_signer(&KeyEntry { pair, public })
+}
+
+fn listed(public: &PublicKey, state: KeyState) -> ListedKey {
+    ListedKey {
+        key_id: public.key_id.clone(),
+        role: public.role,
+        algorithm: public.algorithm.clone(),
+        public_key_pem: public.public_key_pem.clone(),
+        state,
+    }
+}
+
+/// The first key list: every key file, the ones the `current` files name
+/// as current and the others retired.
+fn first_list(files: &[(PublicKey, bool)], now: OffsetDateTime) -> KeyList {
+    KeyList {
+        version: 1,
+        issued_at: now,
+        expires_at: now + LIST_TTL,
+        threshold: 1,
+        keys: files
+            .iter()
+            .map(|(k, current)| {
+                listed(
+                    k,
+                    if *current {
+                        KeyState::Current
+                    } else {
+                        KeyState::Retired
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// What the newest list must become at start: image and response key files
+/// no list ever named join as `next` (made by `sluice keys generate` while
+/// the server was down, or left by a crash in a rotation), and a list past
+/// half its life is renewed. A key some list named and the newest does not
+/// was revoked: it never comes back. `None`: the list stands as it is.
+pub fn list_at_start(
+    newest: &KeyList,
+    ever_listed: &std::collections::HashSet<String>,
+    files: &[PublicKey],
+    now: OffsetDateTime,
+) -> Option<KeyList> {
+    let mut keys = newest.keys.clone();
+    for f in files {
+        let has_next = keys
+            .iter()
+            .any(|k| k.role == f.role && k.state == KeyState::Next);
+        if f.role != KeyRole::Root && !ever_listed.contains(&f.key_id) && !has_next {
+            keys.push(listed(f, KeyState::Next));
+        }
+    }
+    let renew = newest.expires_at - now < LIST_TTL / 2;
+    (keys != newest.keys || renew).then(|| successor(newest, keys, now))
+}
+
+/// The list after `prev` with these keys.
+fn successor(prev: &KeyList, keys: Vec<ListedKey>, now: OffsetDateTime) -> KeyList {
+    KeyList {
+        version: prev.version + 1,
+        issued_at: now,
+        expires_at: now + LIST_TTL,
+        threshold: prev.threshold,
+        keys,
+    }
+}
+
+/// A change an admin asks for.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Image or response: publish a new `next` key. Root: a new current
+    /// root key at once (the old one signs this list, then no more).
+    Rotate(KeyRole),
+    /// The `next` key of the role becomes current, the current one retired.
+    Activate(KeyRole),
+    /// The key leaves the list: devices stop trusting it.
+    Revoke(KeyRole, String),
+}
+
+/// The list after `change`, and the key it is about. `new_key` is the key
+/// a rotation made. Refusals are 409s that say what to do instead.
+pub fn apply_change(
+    prev: &KeyList,
+    change: &Change,
+    new_key: Option<&PublicKey>,
+    now: OffsetDateTime,
+) -> Result<(KeyList, ListedKey)> {
+    let mut keys = prev.keys.clone();
+    let about = match change {
+        Change::Rotate(role) => {
+            if let Some(next) = keys
+                .iter()
+                .find(|k| k.role == *role && k.state == KeyState::Next)
+            {
+                return Err(Error::Conflict(format!(
+                    "{role} key {} is already next: activate it (`sluice keys activate --role {role}`) or revoke it first",
+                    next.key_id
+                )));
+            }
+            let new = new_key.context("a rotation needs its new key")?;
+            if *role == KeyRole::Root {
+                for k in keys.iter_mut().filter(|k| k.role == KeyRole::Root) {
+                    k.state = KeyState::Retired;
+                }
+                keys.push(listed(new, KeyState::Current));
+            } else {
+                keys.push(listed(new, KeyState::Next));
+            }
+            listed(new, keys.last().map_or(KeyState::Next, |k| k.state))
+        }
+        Change::Activate(role) => {
+            let Some(i) = keys
+                .iter()
+                .position(|k| k.role == *role && k.state == KeyState::Next)
+            else {
+                return Err(Error::Conflict(format!(
+                    "no {role} key is next: rotate first (`sluice keys rotate --role {role}`)"
+                )));
+            };
+            for k in keys
+                .iter_mut()
+                .filter(|k| k.role == *role && k.state == KeyState::Current)
+            {
+                k.state = KeyState::Retired;
+            }
+            keys[i].state = KeyState::Current;
+            keys[i].clone()
+        }
+        Change::Revoke(role, id) => {
+            let Some(i) = keys.iter().position(|k| k.role == *role && k.key_id == *id) else {
+                return Err(Error::not_found(format!("{role} key {id} in the key list")));
+            };
+            if keys[i].state == KeyState::Current {
+                return Err(Error::Conflict(format!(
+                    "{role} key {id} is current: rotate and activate another {role} key first \
+                     (`sluice keys rotate --role {role}`, then `sluice keys activate --role {role} --force` \
+                     if the fleet cannot wait), then revoke it"
+                )));
+            }
+            keys.remove(i)
+        }
+    };
+    let list = successor(prev, keys, now);
+    list.check_rules()
+        .map_err(|e| Error::Conflict(e.to_string()))?;
+    Ok((list, about))
+}
+
+/// Signs `list`: by the current roots of `prev` and its own (the chain), and
+/// by every image and response key it lists whose file is here (so a device
+/// that holds only a `GET /v1/keys` file can take it as its first list).
+/// Checked as a device would before it is stored.
+fn sign_list(
+    list: &KeyList,
+    prev: Option<&KeyList>,
+    entries: &[Arc<KeyEntry>],
+) -> anyhow::Result<SignedKeyList> {
+    let payload = serde_json::to_vec(list)?;
+    let message = pae(sluice_protocol::keylist::PAYLOAD_TYPE, &payload);
+    let signs = |e: &KeyEntry| {
+        let id = &e.public.key_id;
+        match e.public.role {
+            KeyRole::Root => {
+                list.roots().any(|k| &k.key_id == id)
+                    || prev.is_some_and(|p| p.roots().any(|k| &k.key_id == id))
+            }
+            _ => list.find(id).is_some(),
+        }
+    };
+    let mut signatures = Vec::new();
+    for e in entries.iter().filter(|e| signs(e)) {
+        signatures.push(EnvelopeSignature {
+            keyid: e.public.key_id.clone(),
+            sig: B64.encode(e.sign(&message)?),
+        });
+    }
+    let signed = SignedKeyList::new(&payload, signatures);
+    match prev {
+        Some(p) => signed.verify_next(p),
+        None => signed.verify_self(),
+    }
+    .with_context(|| format!("signing key list version {}", list.version))?;
+    Ok(signed)
+}
+
 impl KeyStore {
     /// Loads the keys from `<data_dir>/keys`, making any that are missing.
+    /// Until [`KeyStore::sync`] reads the key lists, the `current` files
+    /// say which keys sign.
     pub fn load_or_create(data_dir: &FsPath, passphrase: &str) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !passphrase.is_empty(),
             "SLUICE_KEY_PASSPHRASE is empty: set it to encrypt the keys at rest"
         );
         let dir = data_dir.join("keys");
-        let keys = Self::read(&dir, passphrase)?;
+        let keys = Self::read(&dir, passphrase, None, &[])?;
         Ok(KeyStore {
             dir,
             passphrase: passphrase.to_string(),
             inner: RwLock::new(keys),
+            change: tokio::sync::Mutex::new(()),
         })
     }
 
-    fn read(dir: &FsPath, passphrase: &str) -> anyhow::Result<Keys> {
-        let (image, image_current) = load_role(dir, passphrase, KeyRole::Image)?;
-        let (response, response_current) = load_role(dir, passphrase, KeyRole::Response)?;
-        let signer = response_signer(&response[response_current])?;
-        let trusted = KeySet {
-            keys: image
+    fn read(
+        dir: &FsPath,
+        passphrase: &str,
+        list: Option<(KeyList, SignedKeyList)>,
+        known: &[Arc<KeyEntry>],
+    ) -> anyhow::Result<Keys> {
+        let mut entries = Vec::new();
+        let mut file_current = Vec::new();
+        for role in [KeyRole::Image, KeyRole::Response, KeyRole::Root] {
+            let (e, current) = load_role(dir, passphrase, role, known)?;
+            entries.extend(e);
+            file_current.push(current);
+        }
+        let current = |role: KeyRole| -> anyhow::Result<Arc<KeyEntry>> {
+            let id = match &list {
+                Some((l, _)) => l
+                    .current(role)
+                    .map(|k| k.key_id.clone())
+                    .with_context(|| format!("the key list names no current {role} key"))?,
+                None => file_current[match role {
+                    KeyRole::Image => 0,
+                    KeyRole::Response => 1,
+                    KeyRole::Root => 2,
+                }]
+                .clone(),
+            };
+            entries
                 .iter()
-                .chain(response.iter())
-                .map(|e| e.public.clone())
-                .collect(),
+                .find(|e| e.public.key_id == id && e.public.role == role)
+                .cloned()
+                .with_context(|| {
+                    format!(
+                        "the current {role} key {id} has no file in {}: restore it from a backup",
+                        role_dir(dir, role).display()
+                    )
+                })
+        };
+        let image_current = current(KeyRole::Image)?;
+        let response = response_signer(current(KeyRole::Response)?.as_ref())?;
+        let trusted = match &list {
+            Some((l, _)) => l.key_set(),
+            None => KeySet {
+                keys: entries
+                    .iter()
+                    .filter(|e| e.public.role != KeyRole::Root)
+                    .map(|e| e.public.clone())
+                    .collect(),
+            },
         };
         Ok(Keys {
-            image,
+            entries,
+            list,
             image_current,
-            response: signer,
+            response,
             trusted,
         })
     }
 
     /// The image key new signatures are made with.
     pub fn image_key(&self) -> Arc<KeyEntry> {
-        let k = self.inner.read().expect("key lock");
-        k.image[k.image_current].clone()
+        self.inner.read().expect("key lock").image_current.clone()
     }
 
     /// The signer of resolution responses.
@@ -193,66 +504,782 @@ impl KeyStore {
         self.inner.read().expect("key lock").response.clone()
     }
 
-    /// Every trusted public key.
+    /// Every trusted image and response key (`GET /v1/keys`).
     pub fn public_keys(&self) -> KeySet {
         self.inner.read().expect("key lock").trusted.clone()
     }
 
-    /// Makes a new current key of `role`; older keys stay trusted.
-    pub fn rotate(&self, role: KeyRole) -> anyhow::Result<PublicKey> {
-        let public = generate(&self.dir, &self.passphrase, role)?;
-        let keys = Self::read(&self.dir, &self.passphrase)?;
-        *self.inner.write().expect("key lock") = keys;
-        Ok(public)
+    /// The newest key list's version, once synced.
+    pub fn list_version(&self) -> Option<u64> {
+        self.inner
+            .read()
+            .expect("key lock")
+            .list
+            .as_ref()
+            .map(|(l, _)| l.version)
     }
+
+    /// The newest key list, once synced.
+    pub fn newest_list(&self) -> Option<(KeyList, SignedKeyList)> {
+        self.inner.read().expect("key lock").list.clone()
+    }
+
+    fn install(&self, list: KeyList, signed: SignedKeyList) -> anyhow::Result<()> {
+        // The `current` files follow the list, for `sluice keys generate`
+        // and for a reader of the folder; the list is what counts.
+        for role in [KeyRole::Image, KeyRole::Response, KeyRole::Root] {
+            if let Some(k) = list.current(role) {
+                write_private(
+                    &role_dir(&self.dir, role).join("current"),
+                    k.key_id.as_bytes(),
+                )?;
+            }
+        }
+        let known = self.inner.read().expect("key lock").entries.clone();
+        let keys = Self::read(&self.dir, &self.passphrase, Some((list, signed)), &known)?;
+        *self.inner.write().expect("key lock") = keys;
+        Ok(())
+    }
+
+    /// Reads the newest key list; makes the first one, lists new key files
+    /// and renews a list past half its life. Runs at start and every hour.
+    pub async fn sync(&self, db: &PgPool) -> anyhow::Result<()> {
+        let _one = self.change.lock().await;
+        let newest = newest_list(db).await?;
+        let now = OffsetDateTime::now_utc();
+        let entries = self.inner.read().expect("key lock").entries.clone();
+        let (list, signed) = match newest {
+            None => {
+                // The first list: the `current` files say which keys sign.
+                let current: Vec<String> = [KeyRole::Image, KeyRole::Response, KeyRole::Root]
+                    .iter()
+                    .filter_map(|r| {
+                        std::fs::read_to_string(role_dir(&self.dir, *r).join("current")).ok()
+                    })
+                    .map(|id| id.trim().to_string())
+                    .collect();
+                let files: Vec<(PublicKey, bool)> = entries
+                    .iter()
+                    .map(|e| (e.public.clone(), current.contains(&e.public.key_id)))
+                    .collect();
+                let list = first_list(&files, now);
+                let signed = sign_list(&list, None, &entries)?;
+                store_list(db, &list, &signed, "system", "keys.list.create").await?;
+                (list, signed)
+            }
+            Some(signed) => {
+                let (_, newest) = signed.open()?;
+                let publics: Vec<PublicKey> = entries.iter().map(|e| e.public.clone()).collect();
+                let ever_listed = ever_listed(db).await?;
+                match list_at_start(&newest, &ever_listed, &publics, now) {
+                    None => (newest, signed),
+                    Some(list) => {
+                        let signed = sign_list(&list, Some(&newest), &entries)?;
+                        store_list(db, &list, &signed, "system", "keys.list.renew").await?;
+                        (list, signed)
+                    }
+                }
+            }
+        };
+        self.install(list, signed)
+    }
+
+    /// Makes a change to the key list; answers the key it is about and the
+    /// new list's version. `fleet_ok` is asked before an activation: whether
+    /// enough devices hold the key.
+    pub async fn change(
+        &self,
+        db: &PgPool,
+        who: &crate::auth::Principal,
+        change: Change,
+        fleet_ok: impl AsyncFnOnce(&KeyList, &ListedKey) -> Result<()>,
+    ) -> Result<(ListedKey, u64)> {
+        let _one = self.change.lock().await;
+        let newest = newest_list(db).await?.ok_or_else(|| {
+            Error::Unavailable("the key list is not made yet: retry in a moment".into())
+        })?;
+        let (_, prev) = newest.open().map_err(anyhow::Error::from)?;
+        if let Change::Activate(role) = &change
+            && let Some(next) = prev
+                .keys
+                .iter()
+                .find(|k| k.role == *role && k.state == KeyState::Next)
+        {
+            fleet_ok(&prev, next).await?;
+        }
+        // A rotation's key is written first: a crash before the list is
+        // stored leaves an unlisted file, listed as `next` at the next start.
+        let new_key = match &change {
+            Change::Rotate(role)
+                if prev
+                    .keys
+                    .iter()
+                    .all(|k| k.role != *role || k.state != KeyState::Next) =>
+            {
+                let (dir, pass, role) = (self.dir.clone(), self.passphrase.clone(), *role);
+                Some(
+                    tokio::task::spawn_blocking(move || write_new_key(&dir, &pass, role))
+                        .await
+                        .map_err(|e| Error::Internal(e.into()))??,
+                )
+            }
+            _ => None,
+        };
+        let now = OffsetDateTime::now_utc();
+        let (list, about) = apply_change(&prev, &change, new_key.as_ref(), now)?;
+        let mut entries = self.inner.read().expect("key lock").entries.clone();
+        if new_key.is_some() {
+            // The new file, read before signing with it.
+            entries = Self::read(&self.dir, &self.passphrase, None, &entries)?.entries;
+        }
+        let signed = sign_list(&list, Some(&prev), &entries)?;
+        let action = match &change {
+            Change::Rotate(_) => "keys.rotate",
+            Change::Activate(_) => "keys.activate",
+            Change::Revoke(..) => "keys.revoke",
+        };
+        if let Change::Revoke(role, id) = &change {
+            // Out of the folder before the list says so, so it never signs
+            // again even if the list then fails to store (a retry finishes
+            // the revocation); kept for forensics.
+            let from = role_dir(&self.dir, *role).join(format!("{id}.key"));
+            let to_dir = role_dir(&self.dir, *role).join("revoked");
+            if from.exists() {
+                std::fs::create_dir_all(&to_dir).map_err(anyhow::Error::from)?;
+                std::fs::rename(&from, to_dir.join(format!("{id}.key")))
+                    .and_then(|()| std::fs::File::open(&to_dir)?.sync_all())
+                    .and_then(|()| std::fs::File::open(role_dir(&self.dir, *role))?.sync_all())
+                    .map_err(anyhow::Error::from)?;
+            }
+        }
+        let mut tx = db.begin().await?;
+        insert_list(&mut *tx, &list, &signed, &who.actor()).await?;
+        crate::audit::record(
+            &mut *tx,
+            who,
+            action,
+            &format!("key:{}", about.key_id),
+            Some(serde_json::json!({"list_version": prev.version})),
+            Some(serde_json::json!({"list_version": list.version, "key": &about})),
+        )
+        .await?;
+        tx.commit().await?;
+        let version = list.version;
+        self.install(list, signed)?;
+        Ok((about, version))
+    }
+}
+
+/// Every key id any list has named.
+async fn ever_listed(db: &PgPool) -> anyhow::Result<std::collections::HashSet<String>> {
+    let rows = sqlx::query_scalar!(
+        r#"SELECT envelope AS "envelope: sqlx::types::Json<SignedKeyList>" FROM key_lists ORDER BY version DESC"#
+    )
+    .fetch_all(db)
+    .await?;
+    let mut ids = std::collections::HashSet::new();
+    for signed in rows {
+        let (_, l) = signed.0.open()?;
+        ids.extend(l.keys.into_iter().map(|k| k.key_id));
+    }
+    Ok(ids)
+}
+
+async fn newest_list(db: &PgPool) -> anyhow::Result<Option<SignedKeyList>> {
+    let row = sqlx::query_scalar!(
+        r#"SELECT envelope AS "envelope: sqlx::types::Json<SignedKeyList>" FROM key_lists ORDER BY version DESC LIMIT 1"#
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|j| j.0))
+}
+
+async fn insert_list<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    list: &KeyList,
+    signed: &SignedKeyList,
+    actor: &str,
+) -> Result<()> {
+    let r = sqlx::query!(
+        "INSERT INTO key_lists (version, envelope, created_by) VALUES ($1, $2, $3)",
+        list.version as i64,
+        sqlx::types::Json(signed) as _,
+        actor
+    )
+    .execute(db)
+    .await;
+    match r {
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("key_lists_pkey") => {
+            Err(Error::Conflict(format!(
+                "key list version {} was made meanwhile (by another server?): retry",
+                list.version
+            )))
+        }
+        r => r.map(|_| ()).map_err(Error::from),
+    }
+}
+
+async fn store_list(
+    db: &PgPool,
+    list: &KeyList,
+    signed: &SignedKeyList,
+    actor: &str,
+    action: &str,
+) -> anyhow::Result<()> {
+    let mut tx = db.begin().await?;
+    insert_list(&mut *tx, list, signed, actor)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::audit::record_as(
+        &mut *tx,
+        actor,
+        action,
+        &format!("key-list:{}", list.version),
+        None,
+        Some(serde_json::json!({"list_version": list.version})),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// How many of the fleet's active devices hold each list version or newer.
+struct Holding {
+    /// (held version, devices), for the devices seen in the last [`ACTIVE_DAYS`].
+    by_version: Vec<(Option<i64>, i64)>,
+}
+
+impl Holding {
+    async fn load(db: &PgPool) -> Result<Holding> {
+        let rows = sqlx::query!(
+            r#"SELECT keys_version, count(*) AS "n!" FROM devices
+               WHERE last_seen > now() - make_interval(days => $1::int) GROUP BY keys_version"#,
+            ACTIVE_DAYS as i32
+        )
+        .fetch_all(db)
+        .await?;
+        Ok(Holding {
+            by_version: rows.into_iter().map(|r| (r.keys_version, r.n)).collect(),
+        })
+    }
+
+    fn active(&self) -> i64 {
+        self.by_version.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Devices holding version `since` or newer.
+    fn holding(&self, since: u64) -> i64 {
+        self.by_version
+            .iter()
+            .filter(|(v, _)| v.is_some_and(|v| v >= since as i64))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// The first version of the unbroken run of lists up to the newest that lists `key_id`.
+async fn listed_since(db: &PgPool, key_id: &str, newest: u64) -> Result<u64> {
+    let rows = sqlx::query_scalar!(
+        r#"SELECT envelope AS "envelope: sqlx::types::Json<SignedKeyList>" FROM key_lists ORDER BY version DESC"#
+    )
+    .fetch_all(db)
+    .await?;
+    let mut since = newest;
+    for signed in rows {
+        let (_, l) = signed.0.open().map_err(anyhow::Error::from)?;
+        if l.find(key_id).is_none() {
+            break;
+        }
+        since = l.version;
+    }
+    Ok(since)
 }
 
 /// The routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_keys))
+        .routes(routes!(key_lists))
+        .routes(routes!(key_list))
+        .routes(routes!(key_status))
         .routes(routes!(rotate_key))
+        .routes(routes!(activate_key))
+        .routes(routes!(revoke_key))
 }
 
-/// Public keys, for devices and verifiers (`cosign verify --key`).
+/// Public keys, for devices and verifiers (`cosign verify --key`): every
+/// image and response key of the newest key list, whatever its state.
 #[utoipa::path(get, path = "/v1/keys", tag = "keys",
     responses((status = 200, description = "Every trusted public key", body = serde_json::Value)))]
 async fn list_keys(State(state): State<AppState>) -> Json<KeySet> {
     Json(state.keys.public_keys())
 }
 
-/// Makes a new current key of `role` (`image` or `response`); the old one stays trusted.
+/// Query of `GET /v1/keys/lists`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListsQuery {
+    /// Only lists newer than this version (default 0: from the first).
+    pub after: Option<u64>,
+}
+
+/// The signed key lists after a version, for devices catching up: each is
+/// signed by the root keys of the one before (DSSE envelopes).
+#[utoipa::path(get, path = "/v1/keys/lists", tag = "keys", params(ListsQuery),
+    responses((status = 200, body = KeyLists), (status = 400, body = crate::error::Problem)))]
+async fn key_lists(
+    State(state): State<AppState>,
+    Query(q): Query<ListsQuery>,
+) -> Result<Json<KeyLists>> {
+    let after = i64::try_from(q.after.unwrap_or(0))
+        .map_err(|_| Error::BadRequest("after is too large".into()))?;
+    let lists = sqlx::query_scalar!(
+        r#"SELECT envelope AS "envelope: sqlx::types::Json<SignedKeyList>" FROM key_lists
+           WHERE version > $1 ORDER BY version LIMIT $2"#,
+        after,
+        LISTS_PAGE
+    )
+    .fetch_all(&state.db)
+    .await?;
+    Ok(Json(KeyLists {
+        lists: lists.into_iter().map(|j| j.0).collect(),
+        newest: state.keys.list_version().unwrap_or(0),
+    }))
+}
+
+/// One signed key list, by version, or `latest`: what a device image can
+/// ship as its `keys` file instead of `GET /v1/keys` (it then trusts the
+/// root keys too).
+#[utoipa::path(get, path = "/v1/keys/lists/{version}", tag = "keys",
+    params(("version" = String, Path, description = "A version number or `latest`")),
+    responses((status = 200, body = SignedKeyList), (status = 400, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem)))]
+async fn key_list(
+    State(state): State<AppState>,
+    Path(version): Path<String>,
+) -> Result<Json<SignedKeyList>> {
+    if version == "latest" {
+        return state
+            .keys
+            .newest_list()
+            .map(|(_, s)| Json(s))
+            .ok_or_else(|| Error::not_found("a key list"));
+    }
+    let v: i64 = version
+        .parse()
+        .map_err(|_| Error::BadRequest("version must be a number or `latest`".into()))?;
+    let row = sqlx::query_scalar!(
+        r#"SELECT envelope AS "envelope: sqlx::types::Json<SignedKeyList>" FROM key_lists WHERE version = $1"#,
+        v
+    )
+    .fetch_optional(&state.db)
+    .await?;
+    row.map(|j| Json(j.0))
+        .ok_or_else(|| Error::not_found(format!("key list version {v}")))
+}
+
+/// One key of the newest list and how much of the fleet holds it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyStatus {
+    /// The key.
+    #[serde(flatten)]
+    pub key: ListedKey,
+    /// The first list version of the run that lists it up to the newest.
+    pub listed_since: u64,
+    /// Active devices holding a list that lists it.
+    pub held_by: i64,
+}
+
+/// The key list as the dashboard shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeysOverview {
+    /// The newest list's version.
+    pub version: u64,
+    /// When it was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    /// When it expires (the server renews it at half its life).
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// Root signatures a list needs.
+    pub threshold: u32,
+    /// Devices seen in the last 30 days: the "of M" of `held_by`.
+    pub active_devices: i64,
+    /// Active devices that hold the newest list.
+    pub holding_newest: i64,
+    /// Every listed key.
+    pub keys: Vec<KeyStatus>,
+}
+
+/// The newest key list, each key's state, and how many active devices hold
+/// it ("devices that hold key K: N of M").
+#[utoipa::path(get, path = "/v1/keys/status", tag = "keys", security(("bearer" = [])),
+    responses((status = 200, body = KeysOverview), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem)))]
+async fn key_status(State(state): State<AppState>, _v: Viewer) -> Result<Json<KeysOverview>> {
+    let (list, _) = state
+        .keys
+        .newest_list()
+        .ok_or_else(|| Error::Unavailable("the key list is not made yet".into()))?;
+    let holding = Holding::load(&state.db).await?;
+    let mut keys = Vec::new();
+    for k in &list.keys {
+        let since = listed_since(&state.db, &k.key_id, list.version).await?;
+        keys.push(KeyStatus {
+            key: k.clone(),
+            listed_since: since,
+            held_by: holding.holding(since),
+        });
+    }
+    Ok(Json(KeysOverview {
+        version: list.version,
+        issued_at: list.issued_at,
+        expires_at: list.expires_at,
+        threshold: list.threshold,
+        active_devices: holding.active(),
+        holding_newest: holding.holding(list.version),
+        keys,
+    }))
+}
+
+/// What a rotation, activation or revocation answers.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyChanged {
+    /// The key it is about, as the new list names it (a revoked key: as it was).
+    #[serde(flatten)]
+    pub key: ListedKey,
+    /// The new key list's version.
+    pub list_version: u64,
+}
+
+fn role_of(role: &str) -> Result<KeyRole> {
+    parse_role(role).map_err(Error::BadRequest)
+}
+
+/// Image or response: a new `next` key, published in a new key list so
+/// devices learn it before anything is signed with it; activate it once
+/// they hold it. Root: a new root key at once (the old one signs the list
+/// that replaces it, so devices follow the chain).
 #[utoipa::path(post, path = "/v1/keys/{role}/rotate", tag = "keys",
-    params(("role" = String, Path, description = "`image` or `response`")),
+    params(("role" = String, Path, description = "`image`, `response` or `root`")),
     security(("bearer" = [])),
-    responses((status = 200, body = serde_json::Value), (status = 400, body = crate::error::Problem),
-               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem)))]
+    responses((status = 200, body = KeyChanged), (status = 400, body = crate::error::Problem),
+               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+               (status = 409, body = crate::error::Problem)))]
 async fn rotate_key(
     State(state): State<AppState>,
     Admin(who): Admin,
     Path(role): Path<String>,
-) -> Result<Json<PublicKey>> {
-    let role = match role.as_str() {
-        "image" => KeyRole::Image,
-        "response" => KeyRole::Response,
-        _ => {
-            return Err(Error::BadRequest(format!(
-                "unknown key role {role:?}: use `image` or `response`"
+) -> Result<Json<KeyChanged>> {
+    let role = role_of(&role)?;
+    let (key, list_version) = state
+        .keys
+        .change(&state.db, &who, Change::Rotate(role), async |_, _| Ok(()))
+        .await?;
+    Ok(Json(KeyChanged { key, list_version }))
+}
+
+/// Body of `POST /v1/keys/{role}/activate`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActivateRequest {
+    /// Activate even though fewer devices than `min_percent` hold the key
+    /// (they fetch the key lists when they meet it; agents older than key
+    /// lists cannot, and refuse its signatures).
+    #[serde(default)]
+    pub force: bool,
+    /// Share of the active devices that must hold the key (default 100).
+    #[serde(default)]
+    pub min_percent: Option<f64>,
+}
+
+/// The `next` key of the role becomes current (the server signs with it
+/// from now on) and the current one retired. Refused (409) while fewer than
+/// `min_percent` of the devices seen in the last 30 days hold a key list
+/// with it, unless `force`.
+#[utoipa::path(post, path = "/v1/keys/{role}/activate", tag = "keys",
+    params(("role" = String, Path, description = "`image` or `response`")),
+    request_body = ActivateRequest,
+    security(("bearer" = [])),
+    responses((status = 200, body = KeyChanged), (status = 400, body = crate::error::Problem),
+               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+               (status = 409, body = crate::error::Problem)))]
+async fn activate_key(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    Path(role): Path<String>,
+    Json(req): Json<ActivateRequest>,
+) -> Result<Json<KeyChanged>> {
+    let role = role_of(&role)?;
+    if role == KeyRole::Root {
+        return Err(Error::BadRequest(
+            "a root rotation takes effect at once: there is no root key to activate".into(),
+        ));
+    }
+    let min = req.min_percent.unwrap_or(100.0);
+    if !(0.0..=100.0).contains(&min) {
+        return Err(Error::BadRequest("min_percent must be 0–100".into()));
+    }
+    let db = state.db.clone();
+    let fleet_ok = async |list: &KeyList, key: &ListedKey| -> Result<()> {
+        if req.force {
+            return Ok(());
+        }
+        let holding = Holding::load(&db).await?;
+        let since = listed_since(&db, &key.key_id, list.version).await?;
+        let (n, m) = (holding.holding(since), holding.active());
+        if m > 0 && (n as f64) * 100.0 < min * (m as f64) {
+            return Err(Error::Conflict(format!(
+                "devices that hold {role} key {}: {n} of {m} seen in the last {ACTIVE_DAYS} days, below {min} %: \
+                 wait until more have polled, or activate with force (devices that lack it fetch the key lists \
+                 when they meet it; agents older than key lists cannot)",
+                key.key_id
             )));
         }
+        Ok(())
     };
-    let ks = state.clone();
-    let public = tokio::task::spawn_blocking(move || ks.keys.rotate(role))
-        .await
-        .map_err(|e| Error::Internal(e.into()))??;
-    crate::audit::record(
-        &state.db,
-        &who,
-        "keys.rotate",
-        &format!("key:{}", public.key_id),
-        None,
-        Some(serde_json::to_value(&public).unwrap_or_default()),
+    let (key, list_version) = state
+        .keys
+        .change(&state.db, &who, Change::Activate(role), fleet_ok)
+        .await?;
+    Ok(Json(KeyChanged { key, list_version }))
+}
+
+/// Body of `POST /v1/keys/{role}/revoke`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// The key to revoke (next or retired; a current key is replaced first).
+    pub key_id: String,
+}
+
+/// Drops a key from the key list: devices that hold the new list refuse
+/// what it signs; its file moves to `<role>/revoked/`. An image key's
+/// releases are first signed again with the current image key (pushed to
+/// the registry; 503 with nothing revoked if it is down). Refused (409) for
+/// the current key: rotate and activate another first.
+#[utoipa::path(post, path = "/v1/keys/{role}/revoke", tag = "keys",
+    params(("role" = String, Path, description = "`image`, `response` or `root`")),
+    request_body = RevokeRequest,
+    security(("bearer" = [])),
+    responses((status = 200, body = KeyChanged), (status = 400, body = crate::error::Problem),
+               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+               (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
+               (status = 503, body = crate::error::Problem)))]
+async fn revoke_key(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    Path(role): Path<String>,
+    Json(req): Json<RevokeRequest>,
+) -> Result<Json<KeyChanged>> {
+    let role = role_of(&role)?;
+    let listed = state
+        .keys
+        .newest_list()
+        .and_then(|(l, _)| l.find(&req.key_id).cloned())
+        .filter(|k| k.role == role);
+    if role == KeyRole::Image
+        && let Some(k) = listed.filter(|k| k.state != KeyState::Current)
+    {
+        resign_releases(&state, &who, &k.key_id).await?;
+    }
+    let (key, list_version) = state
+        .keys
+        .change(
+            &state.db,
+            &who,
+            Change::Revoke(role, req.key_id),
+            async |_, _| Ok(()),
+        )
+        .await?;
+    Ok(Json(KeyChanged { key, list_version }))
+}
+
+/// Before an image key is revoked: every release digest signed only by it
+/// is signed again with the current image key, pushed to the registry and
+/// stored, so devices that drop the revoked key can still install it. A
+/// registry that is down fails the revocation (503) with nothing revoked;
+/// what was signed meanwhile stays (a retry reuses it).
+async fn resign_releases(
+    state: &AppState,
+    who: &crate::auth::Principal,
+    revoked: &str,
+) -> Result<()> {
+    let rows = sqlx::query!(
+        r#"SELECT r.id, r.version, p.name AS product, p.repository, s.digest FROM signatures s
+           JOIN releases r ON r.id = s.release_id JOIN products p ON p.id = r.product_id
+           WHERE s.key_id = $1 AND NOT EXISTS (SELECT 1 FROM signatures o
+                 WHERE o.release_id = s.release_id AND o.digest = s.digest AND o.key_id <> $1)
+           ORDER BY p.name, r.version, s.digest"#,
+        revoked
     )
+    .fetch_all(&state.db)
     .await?;
-    Ok(Json(public))
+    let key = state.keys.image_key();
+    for row in rows {
+        let signed = crate::signing::SignedDigest {
+            signature: crate::signing::sign_digest(
+                &key,
+                &row.repository,
+                &row.digest,
+                &row.product,
+                &row.version,
+            )?,
+            digest: row.digest.clone(),
+        };
+        state
+            .registry
+            .push_signatures(&row.repository, std::slice::from_ref(&signed))
+            .await?;
+        let mut tx = state.db.begin().await?;
+        sqlx::query!(
+            "INSERT INTO signatures (release_id, digest, key_id, payload, signature) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT DO NOTHING",
+            row.id,
+            row.digest,
+            signed.signature.key_id,
+            signed.signature.payload,
+            signed.signature.signature
+        )
+        .execute(&mut *tx)
+        .await?;
+        crate::audit::record(
+            &mut *tx,
+            who,
+            "release.resign",
+            &format!("release:{}/{}", row.product, row.version),
+            Some(serde_json::json!({"digest": row.digest, "key_id": revoked})),
+            Some(serde_json::json!({"digest": row.digest, "key_id": signed.signature.key_id})),
+        )
+        .await?;
+        tx.commit().await?;
+        state.cache.invalidate(&row.product);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn key(id: &str, role: KeyRole, state: KeyState) -> ListedKey {
+        ListedKey {
+            key_id: id.into(),
+            role,
+            algorithm: algorithm(role).into(),
+            public_key_pem: format!("pem of {id}"),
+            state,
+        }
+    }
+
+    fn base() -> KeyList {
+        KeyList {
+            version: 4,
+            issued_at: datetime!(2026-01-01 00:00 UTC),
+            expires_at: datetime!(2027-01-01 00:00 UTC),
+            threshold: 1,
+            keys: vec![
+                key("root1", KeyRole::Root, KeyState::Current),
+                key("img1", KeyRole::Image, KeyState::Current),
+                key("resp1", KeyRole::Response, KeyState::Current),
+            ],
+        }
+    }
+
+    const NOW: OffsetDateTime = datetime!(2026-02-01 00:00 UTC);
+
+    fn public(id: &str, role: KeyRole) -> PublicKey {
+        key(id, role, KeyState::Next).public()
+    }
+
+    #[test]
+    fn rotate_then_activate_then_revoke() {
+        let l = base();
+        let new = public("resp2", KeyRole::Response);
+        let (l5, k) =
+            apply_change(&l, &Change::Rotate(KeyRole::Response), Some(&new), NOW).unwrap();
+        assert_eq!((l5.version, k.state), (5, KeyState::Next));
+        assert_eq!(l5.current(KeyRole::Response).unwrap().key_id, "resp1");
+        // A second rotation waits for the first.
+        let other = public("resp3", KeyRole::Response);
+        assert!(matches!(
+            apply_change(&l5, &Change::Rotate(KeyRole::Response), Some(&other), NOW),
+            Err(Error::Conflict(_))
+        ));
+        let (l6, k) = apply_change(&l5, &Change::Activate(KeyRole::Response), None, NOW).unwrap();
+        assert_eq!((k.key_id.as_str(), k.state), ("resp2", KeyState::Current));
+        assert_eq!(l6.find("resp1").unwrap().state, KeyState::Retired);
+        assert!(matches!(
+            apply_change(&l6, &Change::Activate(KeyRole::Response), None, NOW),
+            Err(Error::Conflict(_))
+        ));
+        // The current key cannot be revoked; the retired one can.
+        assert!(matches!(
+            apply_change(
+                &l6,
+                &Change::Revoke(KeyRole::Response, "resp2".into()),
+                None,
+                NOW
+            ),
+            Err(Error::Conflict(_))
+        ));
+        assert!(matches!(
+            apply_change(
+                &l6,
+                &Change::Revoke(KeyRole::Image, "resp1".into()),
+                None,
+                NOW
+            ),
+            Err(Error::NotFound(_))
+        ));
+        let (l7, k) = apply_change(
+            &l6,
+            &Change::Revoke(KeyRole::Response, "resp1".into()),
+            None,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(k.key_id, "resp1");
+        assert!(l7.find("resp1").is_none());
+        assert_eq!(l7.version, 7);
+        assert_eq!(l7.expires_at, NOW + LIST_TTL);
+    }
+
+    #[test]
+    fn a_root_rotation_is_immediate() {
+        let new = public("root2", KeyRole::Root);
+        let (l, k) =
+            apply_change(&base(), &Change::Rotate(KeyRole::Root), Some(&new), NOW).unwrap();
+        assert_eq!(k.state, KeyState::Current);
+        let roots: Vec<_> = l.roots().map(|k| k.key_id.as_str()).collect();
+        assert_eq!(roots, ["root2"]);
+        assert_eq!(l.find("root1").unwrap().state, KeyState::Retired);
+    }
+
+    #[test]
+    fn at_start_new_files_join_as_next_and_old_lists_are_renewed() {
+        let l = base();
+        let files = vec![
+            public("root1", KeyRole::Root),
+            public("img1", KeyRole::Image),
+            public("resp1", KeyRole::Response),
+        ];
+        let ever: std::collections::HashSet<String> =
+            ["root1", "img1", "resp1", "resp0"].map(String::from).into();
+        assert_eq!(list_at_start(&l, &ever, &files, NOW), None);
+        let mut more = files.clone();
+        more.push(public("img2", KeyRole::Image));
+        more.push(public("root9", KeyRole::Root));
+        more.push(public("resp0", KeyRole::Response));
+        let l2 = list_at_start(&l, &ever, &more, NOW).unwrap();
+        assert!(l2.find("resp0").is_none(), "a revoked key never comes back");
+        assert_eq!(l2.find("img2").unwrap().state, KeyState::Next);
+        assert!(l2.find("root9").is_none(), "a root joins only by rotation");
+        let late = datetime!(2026-12-20 00:00 UTC);
+        let renewed = list_at_start(&l, &ever, &files, late).unwrap();
+        assert_eq!((renewed.version, renewed.keys.clone()), (5, l.keys.clone()));
+        assert_eq!(renewed.expires_at, late + LIST_TTL);
+    }
 }

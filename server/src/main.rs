@@ -105,7 +105,8 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Make a new current key in the data folder (before the server starts, or offline).
+    /// Make a new key in the data folder while the server is stopped: current
+    /// before the first key list, else listed as `next` when the server starts.
     Generate {
         /// Folder for keys and local state.
         #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
@@ -113,12 +114,18 @@ enum KeysCommand {
         /// Passphrase that encrypts the private keys at rest.
         #[arg(long, env = "SLUICE_KEY_PASSPHRASE", hide_env_values = true)]
         key_passphrase: String,
-        /// `image` or `response`.
+        /// `image`, `response` or `root`.
         #[arg(long)]
         role: String,
     },
-    /// Ask the running server for a new current key; the old one stays trusted.
+    /// Publish a new `next` image or response key (a new root key takes over at once).
     Rotate(cli::KeysRotate),
+    /// Sign with the `next` key from now on; the current one is retired.
+    Activate(cli::KeysActivate),
+    /// Drop a key from the key list: devices stop trusting it.
+    Revoke(cli::KeysRevoke),
+    /// The key list, each key's state and how many devices hold it.
+    Status(cli::KeysStatus),
 }
 
 /// The command as a client command (talks to a server), or back unchanged.
@@ -138,17 +145,22 @@ fn client_command(command: Command) -> Result<Box<dyn cli::Command>, Box<Command
         Command::Keys {
             command: KeysCommand::Rotate(c),
         } => Box::new(c),
+        Command::Keys {
+            command: KeysCommand::Activate(c),
+        } => Box::new(c),
+        Command::Keys {
+            command: KeysCommand::Revoke(c),
+        } => Box::new(c),
+        Command::Keys {
+            command: KeysCommand::Status(c),
+        } => Box::new(c),
         Command::Login(c) => Box::new(c),
         other => return Err(Box::new(other)),
     })
 }
 
 fn parse_role(role: &str) -> anyhow::Result<KeyRole> {
-    match role {
-        "image" => Ok(KeyRole::Image),
-        "response" => Ok(KeyRole::Response),
-        _ => anyhow::bail!("unknown key role {role:?}: use `image` or `response`"),
-    }
+    keys::parse_role(role).map_err(anyhow::Error::msg)
 }
 
 #[tokio::main]
@@ -223,7 +235,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys {
-            command: KeysCommand::Rotate(_),
+            command:
+                KeysCommand::Rotate(_)
+                | KeysCommand::Activate(_)
+                | KeysCommand::Revoke(_)
+                | KeysCommand::Status(_),
         }
         | Command::Release { .. }
         | Command::Channel { .. }

@@ -13,7 +13,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sluice_protocol::keys::SIGNATURE_HEADER;
-use sluice_protocol::{ImageSignature, Offer, ResolveResponse, is_sha256_digest};
+use sluice_protocol::{ImageSignature, Offer, ResolveResponse, WIRE_VERSION, is_sha256_digest};
 use sqlx::PgPool;
 use sqlx::types::Json as SqlJson;
 use std::collections::HashMap;
@@ -72,6 +72,10 @@ pub struct Snapshot {
     rels: Vec<Rel>,
     by_digest: HashMap<String, usize>,
     channels: HashMap<String, ChannelSnap>,
+    /// The highest serial of the product's channels: what every answer
+    /// carries, so a device's serial never goes down when it changes channel
+    /// (serials come from one sequence, so this maximum only grows).
+    serial: i64,
     pins: HashMap<Uuid, PinSnap>,
 }
 
@@ -225,7 +229,7 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
             revoked: r.state == "revoked",
         });
     }
-    let channels = sqlx::query_as!(
+    let channels: HashMap<String, ChannelSnap> = sqlx::query_as!(
         crate::channels::ChannelRow,
         r#"SELECT c.id, c.name, c.description, c.head_release_id, c.base_release_id,
                   NULL::text AS "head?", NULL::text AS "base?", c.percent, c.ramp_from_percent, c.ramp_to_percent,
@@ -288,6 +292,7 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
         releases,
         rels,
         by_digest,
+        serial: channels.values().map(|c| c.serial).max().unwrap_or(0),
         channels,
         pins,
     })
@@ -319,6 +324,8 @@ struct Checkin {
     arch: String,
     digest: Option<String>,
     version: Option<String>,
+    /// The key list version the device holds, if it said.
+    keys_version: Option<i64>,
 }
 
 /// Batches check-ins (last seen, current digest) and writes them every
@@ -465,21 +472,24 @@ async fn write(
     let arches: Vec<String> = batch.iter().map(|(_, c)| c.arch.clone()).collect();
     let digests: Vec<Option<String>> = batch.iter().map(|(_, c)| c.digest.clone()).collect();
     let versions: Vec<Option<String>> = batch.iter().map(|(_, c)| c.version.clone()).collect();
+    let keys_versions: Vec<Option<i64>> = batch.iter().map(|(_, c)| c.keys_version).collect();
     // A report written after the poll (last_seen later) wins over the poll.
     let r = sqlx::query!(
         r#"UPDATE devices d SET last_seen = u.at, channel = u.channel, arch = u.arch,
               current_digest = coalesce(u.digest, d.current_digest),
               current_version = CASE WHEN u.digest IS NULL OR u.digest = d.current_digest THEN d.current_version
-                                     ELSE u.version END
-           FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[])
-                AS u(id, at, channel, arch, digest, version)
+                                     ELSE u.version END,
+              keys_version = coalesce(u.keys_version, d.keys_version)
+           FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[])
+                AS u(id, at, channel, arch, digest, version, keys_version)
            WHERE d.id = u.id AND d.last_seen <= u.at"#,
         &ids,
         &ats,
         &channels,
         &arches,
         &digests as &[Option<String>],
-        &versions as &[Option<String>]
+        &versions as &[Option<String>],
+        &keys_versions as &[Option<i64>]
     )
     .execute(db)
     .await;
@@ -502,6 +512,8 @@ pub struct ResolveQuery {
     pub current: Option<String>,
     /// A fresh random value (8–128 of `[A-Za-z0-9_-]`), echoed in the signed answer.
     pub nonce: String,
+    /// The newest key list version the device holds (`GET /v1/keys/lists`).
+    pub keys_version: Option<u64>,
 }
 
 /// The routes of this module.
@@ -614,9 +626,17 @@ async fn resolve(
         poll_after_s: state.config.poll_after_s,
         device_id,
         nonce: q.nonce,
-        serial: ch.serial,
+        serial: snap.serial,
         issued_at: now,
         expires_at: now + time::Duration::seconds(state.config.response_ttl_s as i64),
+        // What was asked, so the device can tell that this answers its own
+        // question and not one a proxy rewrote.
+        wire: WIRE_VERSION,
+        product: Some(product),
+        channel: Some(channel.clone()),
+        arch: Some(arch.clone()),
+        current: q.current.clone(),
+        keys_version: state.keys.list_version(),
     };
     state.checkins.seen(
         device.id,
@@ -626,6 +646,11 @@ async fn resolve(
             arch,
             version: current_idx.map(|i| snap.releases[i].version.clone()),
             digest: q.current,
+            // A device may only claim lists that exist.
+            keys_version: q
+                .keys_version
+                .filter(|v| Some(*v) <= state.keys.list_version())
+                .and_then(|v| i64::try_from(v).ok()),
         },
     );
     state

@@ -313,6 +313,34 @@ async fn every_route_for_every_role(pool: PgPool) {
                 Who::Admin,
                 StatusCode::OK,
             ),
+            (
+                Method::POST,
+                "/v1/keys/response/activate".into(),
+                Some(json!({"force": true})),
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/keys/status".into(),
+                None,
+                Who::Viewer,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/keys/lists?after=0".into(),
+                None,
+                Who::Anyone,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/keys/lists/latest".into(),
+                None,
+                Who::Anyone,
+                StatusCode::OK,
+            ),
         ];
         for (method, path, body, who, ok) in routes {
             let want = expected(who, role, ok);

@@ -419,7 +419,8 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
 }
 
 /// The real cosign accepts what we signed with the key from `GET /v1/keys`,
-/// refuses another key, and after a rotation both old and new images verify.
+/// refuses another key, and after a rotation (rotate, then activate) both
+/// old and new images verify.
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn cosign_verifies_our_signatures_across_rotation(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
@@ -466,6 +467,12 @@ async fn cosign_verifies_our_signatures_across_rotation(pool: PgPool) {
 
     let (s, b) = app
         .post("/v1/keys/image/rotate", &app.admin, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["state"], "next", "{b}");
+    // No device yet: nothing to wait for.
+    let (s, b) = app
+        .post("/v1/keys/image/activate", &app.admin, json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let (s, b) = app

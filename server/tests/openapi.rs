@@ -25,6 +25,8 @@ fn committed_openapi_matches_the_server() {
         "/v1/auth/login",
         "/v1/auth/logout",
         "/v1/keys",
+        "/v1/keys/lists",
+        "/v1/keys/lists/{version}",
         "/v1/devices/enroll",
         "/healthz",
         "/readyz",

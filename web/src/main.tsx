@@ -9,6 +9,7 @@ import { ChannelPage } from "./pages/Channel";
 import { Releases, ReleasePage } from "./pages/Releases";
 import { Devices, DevicePage } from "./pages/Devices";
 import { Tokens } from "./pages/Tokens";
+import { Keys } from "./pages/Keys";
 import { Audit } from "./pages/Audit";
 import "./styles.css";
 
@@ -43,6 +44,7 @@ function Shell() {
           </NavLink>
           <NavLink to="/releases">Releases</NavLink>
           <NavLink to="/devices">Devices</NavLink>
+          <NavLink to="/keys">Keys</NavLink>
           {isAdmin && <NavLink to="/tokens">API tokens</NavLink>}
           {isAdmin && <NavLink to="/audit">Audit log</NavLink>}
         </nav>
@@ -65,6 +67,7 @@ function Shell() {
             <Route path="/releases/:product/:version" element={<ReleasePage />} />
             <Route path="/devices" element={<Devices />} />
             <Route path="/devices/:id" element={<DevicePage />} />
+            <Route path="/keys" element={<Keys />} />
             <Route path="/tokens" element={<Tokens />} />
             <Route path="/audit" element={<Audit />} />
             <Route path="*" element={<p className="error">No such page.</p>} />

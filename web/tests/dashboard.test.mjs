@@ -258,6 +258,50 @@ describe("dashboard", () => {
     assert.equal(after.status, 401);
   });
 
+  test("the keys page rotates a key in two phases, gated on the devices that hold it", async () => {
+    await page.getByRole("navigation").getByRole("link", { name: "Keys" }).click();
+    const section = page.locator("section[data-role=response]");
+    await section.locator("tr[data-state=current]").waitFor();
+    const oldKey = await section.locator("tr[data-state=current]").getAttribute("data-key");
+    await act("Rotate response key…", "Rotate");
+    await notice("as next in key list version");
+    const next = section.locator("tr[data-state=next]");
+    await next.waitFor();
+    const newKey = await next.getAttribute("data-key");
+
+    // Half the fleet polls twice (learns the list, then says it holds it).
+    const half = devices.slice(0, FLEET / 2);
+    for (const d of half) {
+      await d.resolve();
+      await d.resolve();
+    }
+    // Check-ins are written behind: reload until they show.
+    await eventually(`the new key held by ${FLEET / 2} of ${FLEET}`, async () => {
+      await page.reload();
+      await next.waitFor();
+      return (await next.getByTestId("held-by").innerText()) === `${FLEET / 2} of ${FLEET}`;
+    });
+
+    // Activation waits for the fleet, and says how far it is.
+    const dialog = await act(`Activate ${newKey}…`, "Activate");
+    await dialog.getByRole("alert").filter({ hasText: `devices that hold response key ${newKey}: ${FLEET / 2} of ${FLEET}` }).waitFor();
+    await dialog.locator("input[name=force]").check();
+    await dialog.getByRole("button", { name: "Activate", exact: true }).click();
+    await notice(`response key ${newKey} is current`);
+    await section.locator(`tr[data-key='${newKey}'][data-state=current]`).waitFor();
+    const retired = section.locator(`tr[data-key='${oldKey}'][data-state=retired]`);
+    await retired.waitFor();
+    // Answers are now signed with the new key.
+    const r = await api.raw("GET", "/v1/keys");
+    assert.ok(JSON.stringify(r.body).includes(newKey));
+
+    await retired.getByRole("button", { name: "Revoke…" }).click();
+    await page.locator("dialog[open]").getByRole("button", { name: "Revoke", exact: true }).click();
+    await notice(`Revoked response key ${oldKey}`);
+    await section.locator(`tr[data-key='${oldKey}']`).waitFor({ state: "detached" });
+    assert.ok(!JSON.stringify((await api.raw("GET", "/v1/keys")).body).includes(oldKey));
+  });
+
   test("the audit log shows the UI's changes, filtered", async () => {
     await page.getByRole("link", { name: "Audit log" }).click();
     await page.fill("input[name=action]", "channel.rollback");
@@ -298,6 +342,10 @@ describe("dashboard", () => {
     await v.goto(`${server.url}/releases/${PRODUCT}/1.1.0`);
     await v.getByRole("heading", { name: "1.1.0" }).waitFor();
     assert.equal(await v.getByRole("button", { name: "Revoke…" }).count(), 0);
+
+    await v.goto(`${server.url}/keys`);
+    await v.locator("section[data-role=response] tr[data-state=current]").waitFor();
+    assert.equal(await v.locator("main button:not(.link)").count(), 0, "no control on the keys page");
 
     await v.goto(`${server.url}/devices/${devices[0].id}`);
     await v.getByRole("heading", { name: devices[0].machineId }).waitFor();

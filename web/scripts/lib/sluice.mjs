@@ -90,9 +90,14 @@ export class SimDevice {
   async resolve() {
     const q = new URLSearchParams({ arch: this.arch, nonce: randomBytes(12).toString("hex") });
     if (this.digest) q.set("current", this.digest);
-    return this.sluice.call("GET", `/v1/products/${this.product}/channels/${this.channel}/resolve?${q}`, undefined, {
+    // Like an agent, it reports the key list it holds and takes the newest
+    // one an answer names (a real agent verifies it first).
+    if (this.keysVersion) q.set("keys_version", String(this.keysVersion));
+    const d = await this.sluice.call("GET", `/v1/products/${this.product}/channels/${this.channel}/resolve?${q}`, undefined, {
       token: this.token,
     });
+    if (this.followKeys !== false && d.keys_version) this.keysVersion = d.keys_version;
+    return d;
   }
 
   /** One poll: answers the decision, after applying an offered update. */
