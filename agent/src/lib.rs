@@ -9,6 +9,7 @@ pub mod agent;
 pub mod bootloader;
 pub mod config;
 pub mod fsutil;
+pub mod identity;
 pub mod pipeline;
 pub mod registry;
 pub mod server;

@@ -6,10 +6,12 @@
 #![forbid(unused_must_use)]
 
 pub mod keys;
+pub mod proof;
 pub mod simplesigning;
 pub mod wire;
 
 pub use keys::{KeyRole, KeySet, PublicKey, ResponseSigner, key_id, leaf_hash};
+pub use proof::{DeviceKey, DeviceProof, ProofPurpose};
 pub use simplesigning::SimpleSigning;
 pub use wire::*;
 

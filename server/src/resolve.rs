@@ -319,6 +319,8 @@ struct Checkin {
     arch: String,
     digest: Option<String>,
     version: Option<String>,
+    /// `<version>@<digest>` the answer told the device to install, for the health gate.
+    offered: Option<String>,
 }
 
 /// Batches check-ins (last seen, current digest) and writes them every
@@ -465,21 +467,26 @@ async fn write(
     let arches: Vec<String> = batch.iter().map(|(_, c)| c.arch.clone()).collect();
     let digests: Vec<Option<String>> = batch.iter().map(|(_, c)| c.digest.clone()).collect();
     let versions: Vec<Option<String>> = batch.iter().map(|(_, c)| c.version.clone()).collect();
+    let offered: Vec<Option<String>> = batch.iter().map(|(_, c)| c.offered.clone()).collect();
     // A report written after the poll (last_seen later) wins over the poll.
+    // The last 8 offers are kept.
     let r = sqlx::query!(
         r#"UPDATE devices d SET last_seen = u.at, channel = u.channel, arch = u.arch,
               current_digest = coalesce(u.digest, d.current_digest),
               current_version = CASE WHEN u.digest IS NULL OR u.digest = d.current_digest THEN d.current_version
-                                     ELSE u.version END
-           FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[])
-                AS u(id, at, channel, arch, digest, version)
+                                     ELSE u.version END,
+              offered = CASE WHEN u.offered IS NULL OR u.offered = ANY(d.offered) THEN d.offered
+                             ELSE (d.offered || u.offered)[greatest(1, cardinality(d.offered) - 6):] END
+           FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+                AS u(id, at, channel, arch, digest, version, offered)
            WHERE d.id = u.id AND d.last_seen <= u.at"#,
         &ids,
         &ats,
         &channels,
         &arches,
         &digests as &[Option<String>],
-        &versions as &[Option<String>]
+        &versions as &[Option<String>],
+        &offered as &[Option<String>]
     )
     .execute(db)
     .await;
@@ -626,6 +633,11 @@ async fn resolve(
             arch,
             version: current_idx.map(|i| snap.releases[i].version.clone()),
             digest: q.current,
+            offered: answer
+                .release
+                .as_ref()
+                .filter(|_| answer.update)
+                .map(|r| format!("{}@{}", r.version, r.digest)),
         },
     );
     state
