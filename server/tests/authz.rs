@@ -154,6 +154,14 @@ async fn every_route_for_every_role(pool: PgPool) {
                 Who::Anyone,
                 StatusCode::OK,
             ),
+            // Before the admin's call below rotates the enrollment secret.
+            (
+                Method::POST,
+                "/v1/devices/enroll".into(),
+                Some(enroll_body),
+                Who::Anyone,
+                StatusCode::OK,
+            ),
             (
                 Method::POST,
                 "/v1/tokens".into(),
@@ -293,13 +301,6 @@ async fn every_route_for_every_role(pool: PgPool) {
                 Some(json!({"kind": "downloaded", "version": "1.0.0", "digest": digest})),
                 Who::OwnDevice,
                 StatusCode::NO_CONTENT,
-            ),
-            (
-                Method::POST,
-                "/v1/devices/enroll".into(),
-                Some(enroll_body),
-                Who::Anyone,
-                StatusCode::OK,
             ),
             (
                 Method::POST,
