@@ -97,13 +97,8 @@ impl Device {
 
     fn enroll_with(&mut self, renew: bool) -> anyhow::Result<Credentials> {
         if let Some(c) = self.credentials()?
-            && let Some(c) = crate::identity::keep_fresh(
-                &self.server,
-                &self.cfg,
-                &self.creds_path(),
-                c,
-                renew,
-            )?
+            && let Some(c) =
+                crate::identity::keep_fresh(&self.server, &self.cfg, &self.creds_path(), c, renew)?
         {
             return Ok(c);
         }

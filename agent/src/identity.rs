@@ -43,7 +43,10 @@ fn load(path: &Path) -> anyhow::Result<Option<DeviceKey>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(e).with_context(|| {
-                format!("opening the device key {} (it must be a plain file, not a link)", path.display())
+                format!(
+                    "opening the device key {} (it must be a plain file, not a link)",
+                    path.display()
+                )
             });
         }
     };
@@ -123,12 +126,7 @@ fn create(state_dir: &Path, path: &Path) -> anyhow::Result<DeviceKey> {
 }
 
 /// A fresh proof by the device key.
-pub fn prove(
-    key: &DeviceKey,
-    purpose: ProofPurpose,
-    product: &str,
-    subject: &str,
-) -> DeviceProof {
+pub fn prove(key: &DeviceKey, purpose: ProofPurpose, product: &str, subject: &str) -> DeviceProof {
     let mut nonce = [0u8; sluice_protocol::proof::NONCE_BYTES];
     rustix::rand::getrandom(&mut nonce, rustix::rand::GetRandomFlags::empty())
         .expect("the kernel gives random bytes");
@@ -282,7 +280,10 @@ mod tests {
         let path = d.path().join(KEY_FILE);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(load_or_create(d.path()).unwrap().public_key(), k.public_key());
+        assert_eq!(
+            load_or_create(d.path()).unwrap().public_key(),
+            k.public_key()
+        );
         // Nothing else is left in the folder.
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }

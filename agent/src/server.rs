@@ -174,7 +174,13 @@ impl Server {
         token: &str,
         proof: &DeviceProof,
     ) -> anyhow::Result<DeviceToken> {
-        self.token_call("binding the device key", device_id, "key", Some(token), proof)
+        self.token_call(
+            "binding the device key",
+            device_id,
+            "key",
+            Some(token),
+            proof,
+        )
     }
 
     fn token_call(

@@ -205,7 +205,9 @@ pub fn verify_proof(
         .decode(&proof.nonce)
         .ok()
         .filter(|n| n.len() == NONCE_BYTES)
-        .ok_or_else(|| ProofError::Malformed(format!("nonce must be base64 of {NONCE_BYTES} bytes")))?;
+        .ok_or_else(|| {
+            ProofError::Malformed(format!("nonce must be base64 of {NONCE_BYTES} bytes"))
+        })?;
     let key = VerifyingKey::from_bytes(&public_key)
         .map_err(|_| ProofError::Malformed("public_key is not an Ed25519 point".into()))?;
     if key.is_weak() {
@@ -270,7 +272,9 @@ mod tests {
         }
         // Another key named in the proof, with the first key's signature.
         let mut swapped = p.clone();
-        swapped.public_key = key(2).prove(ProofPurpose::Enroll, "acme", "m-1", [0; 16], 1000).public_key;
+        swapped.public_key = key(2)
+            .prove(ProofPurpose::Enroll, "acme", "m-1", [0; 16], 1000)
+            .public_key;
         assert!(matches!(
             verify_proof(&swapped, ProofPurpose::Enroll, "acme", "m-1", 1000),
             Err(ProofError::BadSignature(_))
@@ -284,7 +288,8 @@ mod tests {
         assert!(verify_proof(&other, ProofPurpose::Enroll, "acme", "m-1", 1000).is_err());
         // Two proofs with different nonces are different bytes.
         assert_ne!(
-            k.prove(ProofPurpose::Enroll, "acme", "m-1", [1; 16], 1000).signature,
+            k.prove(ProofPurpose::Enroll, "acme", "m-1", [1; 16], 1000)
+                .signature,
             p.signature
         );
     }
@@ -331,7 +336,10 @@ mod tests {
         let back = DeviceKey::from_pem(&k.to_pem()).unwrap();
         assert_eq!(back.public_key(), k.public_key());
         assert_eq!(back.key_id().len(), 16);
-        assert!(DeviceKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").is_err());
+        assert!(
+            DeviceKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+                .is_err()
+        );
     }
 
     /// The message layout is fixed: other implementations (the dashboard's

@@ -1029,7 +1029,18 @@ mod tests {
         assert_eq!(r.path, ["v1", "devices", id, "revoke"]);
         assert_eq!(r.body, Some(json!({"reason": "stolen"})));
         let r = parse(&["device", "reset", id]).unwrap().request().unwrap();
-        assert_eq!((r.method, r.path), (Method::POST, vec!["v1".to_string(), "devices".into(), id.into(), "reset".into()]));
+        assert_eq!(
+            (r.method, r.path),
+            (
+                Method::POST,
+                vec![
+                    "v1".to_string(),
+                    "devices".into(),
+                    id.into(),
+                    "reset".into()
+                ]
+            )
+        );
         let r = parse(&["device", "delete", id]).unwrap().request().unwrap();
         assert_eq!((r.method, r.body), (Method::DELETE, None));
         // A reason only goes with revoke; an id must be a UUID.
@@ -1046,7 +1057,10 @@ mod tests {
         assert_eq!(r.path, ["v1", "devices"]);
         assert_eq!(
             r.query,
-            [("product".to_string(), "acme".to_string()), ("revoked".into(), "true".into())]
+            [
+                ("product".to_string(), "acme".to_string()),
+                ("revoked".into(), "true".into())
+            ]
         );
     }
 

@@ -8,11 +8,11 @@ use crate::auth::{Admin, DeviceAuth, Viewer, client_ip, constant_time_eq, hash_s
 use crate::error::{Error, Json, Path, Query, Result};
 use crate::paging::{Page, PageParams};
 use crate::registry::PlatformImage;
+use crate::revocations::{Revoked, use_proof};
 use crate::signing::{SignedDigest, sign_digest};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use crate::revocations::{Revoked, use_proof};
 use sluice_protocol::proof::{ProofError, ProofPurpose, device_key_id, verify_proof};
 use sluice_protocol::{
     DeviceProof, DeviceToken, EnrollRequest, EnrollResponse, EventKind, EventRequest,

@@ -179,11 +179,7 @@ impl Limits {
     pub fn new(device: Rate, enroll_addr: Rate, enroll_product: Rate) -> Self {
         Limits {
             login_addr: RateLimiter::new(100, 2.0, "login attempts from this address"),
-            login_fail_addr: RateLimiter::new(
-                30,
-                1.0 / 10.0,
-                "failed logins from this address",
-            ),
+            login_fail_addr: RateLimiter::new(30, 1.0 / 10.0, "failed logins from this address"),
             // A person mistyping gets 10 tries, then one every 6 s.
             login_fail_user: RateLimiter::new(
                 10,

@@ -115,9 +115,7 @@ async fn every_route_for_every_role(pool: PgPool) {
         let enroll_body = json!({"product": "acme", "enrollment_secret": secret, "machine_id": machine,
             "arch": "amd64", "channel": "stable",
             "proof": common::enroll_proof(&common::device_key("acme", &machine), "acme", &machine)});
-        let device_proof = |purpose| {
-            json!({"proof": common::device_key("acme", "m-1").prove(purpose, "acme", &device_id, rand::random(), common::now_s())})
-        };
+        let device_proof = |purpose| json!({"proof": common::device_key("acme", "m-1").prove(purpose, "acme", &device_id, rand::random(), common::now_s())});
         let routes: Vec<(Method, String, Option<Value>, Who, StatusCode)> = vec![
             (
                 Method::GET,

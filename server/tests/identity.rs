@@ -89,7 +89,10 @@ async fn a_machine_id_cannot_be_borrowed(pool: PgPool) {
     body["labels"] = json!({"site": "attacker"});
     let (s, b) = enroll_as(&app, body).await;
     assert_eq!(s, StatusCode::CONFLICT, "{b}");
-    assert!(b["detail"].as_str().unwrap().contains("admin must reset"), "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains("admin must reset"),
+        "{b}"
+    );
     assert!(b.get("token").is_none());
 
     let (_, after) = app.get(&format!("/v1/devices/{victim}"), &app.admin).await;
@@ -116,7 +119,12 @@ async fn enrollment_needs_a_fresh_proof(pool: PgPool) {
     no_proof.as_object_mut().unwrap().remove("proof");
     let (s, b) = enroll_as(&app, no_proof).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
-    assert!(b["detail"].as_str().unwrap().contains("upgrade sluice-agent"));
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("upgrade sluice-agent")
+    );
 
     let refused = [
         (
@@ -125,7 +133,13 @@ async fn enrollment_needs_a_fresh_proof(pool: PgPool) {
         ),
         (
             "a proof for another product",
-            json!(key.prove(ProofPurpose::Enroll, "other", "m-1", rand::random(), now_s())),
+            json!(key.prove(
+                ProofPurpose::Enroll,
+                "other",
+                "m-1",
+                rand::random(),
+                now_s()
+            )),
         ),
         (
             "a renewal proof",
@@ -133,11 +147,23 @@ async fn enrollment_needs_a_fresh_proof(pool: PgPool) {
         ),
         (
             "a proof ten minutes old",
-            json!(key.prove(ProofPurpose::Enroll, "acme", "m-1", rand::random(), now_s() - 600)),
+            json!(key.prove(
+                ProofPurpose::Enroll,
+                "acme",
+                "m-1",
+                rand::random(),
+                now_s() - 600
+            )),
         ),
         (
             "a proof from the future",
-            json!(key.prove(ProofPurpose::Enroll, "acme", "m-1", rand::random(), now_s() + 600)),
+            json!(key.prove(
+                ProofPurpose::Enroll,
+                "acme",
+                "m-1",
+                rand::random(),
+                now_s() + 600
+            )),
         ),
     ];
     for (what, p) in refused {
@@ -267,7 +293,10 @@ async fn revoke_and_reset(pool: PgPool) {
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["awaiting_enrollment"], true);
     assert!(b["revoked_at"].is_null() && b["key_id"].is_null(), "{b}");
-    assert_eq!(app.get(&resolve_path(3), &token).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.get(&resolve_path(3), &token).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     let (s, _) = renew(&app, &id, &key).await;
     assert_eq!(s, StatusCode::CONFLICT, "no key is bound after a reset");
     let new_key = DeviceKey::from_seed(&[9; 32]);
@@ -280,7 +309,9 @@ async fn revoke_and_reset(pool: PgPool) {
     let (s, _) = enroll_as(&app, enroll_body(&secret, "m-1", &key)).await;
     assert_eq!(s, StatusCode::CONFLICT);
 
-    let (_, audit) = app.get(&format!("/v1/audit?target=device:{id}"), &app.admin).await;
+    let (_, audit) = app
+        .get(&format!("/v1/audit?target=device:{id}"), &app.admin)
+        .await;
     let actions: Vec<&str> = audit["items"]
         .as_array()
         .unwrap()
@@ -353,7 +384,11 @@ async fn delete_a_device(pool: PgPool) {
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn an_old_device_binds_a_key_once(pool: PgPool) {
     let (app, secret) = setup(pool).await;
-    let (_, b) = enroll_as(&app, enroll_body(&secret, "old", &device_key("acme", "old"))).await;
+    let (_, b) = enroll_as(
+        &app,
+        enroll_body(&secret, "old", &device_key("acme", "old")),
+    )
+    .await;
     let id = b["device_id"].as_str().unwrap().to_string();
     // Make it what the previous release left: no key, a ten-year token without key_id.
     sqlx::query("UPDATE devices SET public_key = NULL, key_bound_at = NULL WHERE id = $1")
@@ -370,7 +405,10 @@ async fn an_old_device_binds_a_key_once(pool: PgPool) {
         &jsonwebtoken::EncodingKey::from_secret(&secret_key),
     )
     .unwrap();
-    assert_eq!(app.get(&resolve_path(1), &old_token).await.0, StatusCode::OK);
+    assert_eq!(
+        app.get(&resolve_path(1), &old_token).await.0,
+        StatusCode::OK
+    );
 
     // The secret and a proof do not take over the keyless machine id.
     let thief = DeviceKey::from_seed(&[13; 32]);
@@ -390,14 +428,19 @@ async fn an_old_device_binds_a_key_once(pool: PgPool) {
     assert_eq!(claims(&new_token)["key_id"], key.key_id());
     let (s, b) = app.get(&resolve_path(2), &old_token).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "the old token is spent: {b}");
-    assert_eq!(app.get(&resolve_path(3), &new_token).await.0, StatusCode::OK);
+    assert_eq!(
+        app.get(&resolve_path(3), &new_token).await.0,
+        StatusCode::OK
+    );
     // Binding another key with the new token is refused.
     let (s, _) = app
         .call(Method::POST, &path, Some(&new_token), bind(&thief))
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(renew(&app, &id, &key).await.0, StatusCode::OK);
-    let (_, audit) = app.get("/v1/audit?action=device.bind_key", &app.admin).await;
+    let (_, audit) = app
+        .get("/v1/audit?action=device.bind_key", &app.admin)
+        .await;
     assert_eq!(audit["items"].as_array().unwrap().len(), 1);
 }
 
@@ -451,7 +494,10 @@ async fn a_password_guesser_does_not_lock_out_the_admin(pool: PgPool) {
     let mut limited = false;
     for _ in 0..15 {
         let s = login("127.0.0.9", "admin".into(), "guess").await;
-        assert!(matches!(s, StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS));
+        assert!(matches!(
+            s,
+            StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+        ));
         limited |= s == StatusCode::TOO_MANY_REQUESTS;
     }
     assert!(limited, "15 wrong guesses from one address are limited");
@@ -529,28 +575,30 @@ async fn only_offered_devices_move_the_gate(pool: PgPool) {
 
     // Ten fakes report failure on the head without ever asking for it.
     for i in 0..10 {
-        let (id, token) = app.enroll("acme", &secret, &format!("fake-{i}"), "stable").await;
+        let (id, token) = app
+            .enroll("acme", &secret, &format!("fake-{i}"), "stable")
+            .await;
         report(id, token, "failed", "1.0.0", &d1).await;
     }
     let ch = gate().await;
     assert_eq!(ch["rollout"]["paused"], false, "{ch}");
     assert_eq!(ch["gate"]["reports"], 0, "{ch}");
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM device_events WHERE kind = 'failed'")
-        .fetch_one(&app.state.db)
-        .await
-        .unwrap();
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM device_events WHERE kind = 'failed'")
+            .fetch_one(&app.state.db)
+            .await
+            .unwrap();
     assert_eq!(events, 10, "the reports themselves are kept");
 
     // 1.1.0 for everyone; three real devices are offered it.
     assert_eq!(promote(ci.clone(), "1.1.0").await.0, StatusCode::OK);
     let mut real = Vec::new();
     for i in 0..3 {
-        let (id, token) = app.enroll("acme", &secret, &format!("real-{i}"), "stable").await;
+        let (id, token) = app
+            .enroll("acme", &secret, &format!("real-{i}"), "stable")
+            .await;
         let (s, b) = app
-            .get(
-                &format!("{}&current={d1}", resolve_path(i)),
-                &token,
-            )
+            .get(&format!("{}&current={d1}", resolve_path(i)), &token)
             .await;
         assert_eq!(s, StatusCode::OK, "{b}");
         assert_eq!(b["update"], true, "{b}");
@@ -565,8 +613,22 @@ async fn only_offered_devices_move_the_gate(pool: PgPool) {
     // Reports on what they were offered do (the offer reaches the database
     // with the report, even before the check-in batch is written).
     report(real[0].0.clone(), real[0].1.clone(), "failed", "1.1.0", &d2).await;
-    report(real[1].0.clone(), real[1].1.clone(), "rolled_back", "1.1.0", &d2).await;
-    report(real[2].0.clone(), real[2].1.clone(), "healthy", "1.1.0", &d2).await;
+    report(
+        real[1].0.clone(),
+        real[1].1.clone(),
+        "rolled_back",
+        "1.1.0",
+        &d2,
+    )
+    .await;
+    report(
+        real[2].0.clone(),
+        real[2].1.clone(),
+        "healthy",
+        "1.1.0",
+        &d2,
+    )
+    .await;
     let ch = gate().await;
     assert_eq!(ch["gate"]["reports"], 3, "{ch}");
     assert_eq!(ch["rollout"]["paused"], true, "2 of 3 failed: {ch}");
@@ -575,7 +637,13 @@ async fn only_offered_devices_move_the_gate(pool: PgPool) {
     let serial = ch["serial"].clone();
     let (s, b) = promote(ci.clone(), "1.1.0").await;
     assert_eq!(s, StatusCode::CONFLICT, "{b}");
-    assert!(b["detail"].as_str().unwrap().contains("an admin must resume"), "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("an admin must resume"),
+        "{b}"
+    );
     let (s, b) = app
         .post(
             "/v1/products/acme/releases",

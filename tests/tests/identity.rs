@@ -169,8 +169,10 @@ async fn an_ageing_token_is_renewed(pool: PgPool) {
     let id = creds["device_id"].as_str().unwrap().to_string();
     let key_id = claims(creds["token"].as_str().unwrap())["key_id"].clone();
     let now = now_s();
-    let old = s.jwt(json!({"sub": id, "role": "device", "kind": "device", "products": ["acme"],
-        "aud": "sluice", "iat": now - 5000, "nbf": now - 5000, "exp": now + 600, "key_id": key_id}));
+    let old = s.jwt(
+        json!({"sub": id, "role": "device", "kind": "device", "products": ["acme"],
+        "aud": "sluice", "iat": now - 5000, "nbf": now - 5000, "exp": now + 600, "key_id": key_id}),
+    );
     creds["token"] = json!(old);
     std::fs::write(dev.path("state/device.json"), creds.to_string()).unwrap();
     assert!(ok(&dev.run(&["check"]).await).contains("up to date"));
@@ -203,8 +205,10 @@ async fn an_old_enrollment_binds_a_key(pool: PgPool) {
         .await
         .unwrap();
     let now = now_s();
-    let old = s.jwt(json!({"sub": id, "role": "device", "kind": "device", "products": ["acme"],
-        "aud": "sluice", "iat": now, "nbf": now - 1, "exp": now + 10 * 365 * 86_400}));
+    let old = s.jwt(
+        json!({"sub": id, "role": "device", "kind": "device", "products": ["acme"],
+        "aud": "sluice", "iat": now, "nbf": now - 1, "exp": now + 10 * 365 * 86_400}),
+    );
     std::fs::write(
         dev.path("state/device.json"),
         json!({"device_id": id, "token": old}).to_string(),
@@ -218,7 +222,10 @@ async fn an_old_enrollment_binds_a_key(pool: PgPool) {
     assert_eq!(claims(&token)["key_id"], key_id.as_str());
     let (st, _) = s
         .app
-        .get("/v1/products/acme/channels/stable/resolve?nonce=abcdefgh12", &old)
+        .get(
+            "/v1/products/acme/channels/stable/resolve?nonce=abcdefgh12",
+            &old,
+        )
         .await;
     assert_eq!(st, StatusCode::UNAUTHORIZED, "the old token is spent");
     assert!(ok(&dev.run(&["check"]).await).contains("up to date"));
