@@ -48,7 +48,7 @@ else
 fi
 PNG="$(dirname "$OUT")/fleet.png"
 
-need_apt skopeo umoci e2fsprogs time bc python3
+need_apt skopeo umoci e2fsprogs time bc python3 python3-cryptography
 # The adoption curve's PNG; the smoke run does without.
 [ "$SMOKE" = 1 ] || need_apt python3-matplotlib
 need_rust
@@ -108,7 +108,8 @@ SRV_PORT=$(free_port "$PG_PORT" "$REG_PORT")
 PG_FSYNC=off PG_DB=sluice start_postgres
 start_registry
 export SLUICE_LISTEN="127.0.0.1:$SRV_PORT" SLUICE_DATA_DIR="$STATE/data" SLUICE_KEY_PASSPHRASE=bench-passphrase \
-  SLUICE_ADMIN_PASSWORD=bench-admin-password SLUICE_INSECURE_REGISTRIES="$REGISTRY" SLUICE_POLL_AFTER_S=$POLL_S
+  SLUICE_ADMIN_PASSWORD=bench-admin-password SLUICE_INSECURE_REGISTRIES="$REGISTRY" SLUICE_POLL_AFTER_S=$POLL_S \
+  SLUICE_ENROLL_BURST=10000000 SLUICE_ENROLL_RATE=100000 SLUICE_ENROLL_PRODUCT_BURST=10000000 SLUICE_ENROLL_PRODUCT_RATE=100000
 API="http://$SLUICE_LISTEN"
 "$SLUICE" serve >"$STATE/server.log" 2>&1 &
 SERVER_PID=$!

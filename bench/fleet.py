@@ -18,11 +18,14 @@ bounded by --max-s.
 
 Prints the adoption over time and when the gate halted; writes a JSON
 timeline and, if matplotlib is installed, the adoption curve as a PNG.
-Needs only the standard library (and python3-matplotlib for the PNG).
+Needs python3-cryptography (each simulated device signs its enrollment with
+its own Ed25519 key, as the agent does) and python3-matplotlib for the PNG.
 """
 
 import argparse
 import asyncio
+import base64
+import struct
 import hashlib
 import json
 import random
@@ -273,6 +276,22 @@ async def main(a):
     devices = [None] * a.devices
     sem = asyncio.Semaphore(a.connections)
 
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    def proof(machine_id):
+        """A proof of a fresh device key, as protocol/src/proof.rs defines it."""
+        key = Ed25519PrivateKey.generate()
+        raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        ts = int(time.time())
+        nonce = secrets.token_bytes(16)
+        msg = b"sluice-device-proof-v1\0"
+        for field in (b"enroll", a.product.encode(), machine_id.encode(), raw, nonce):
+            msg += struct.pack(">I", len(field)) + field
+        msg += struct.pack(">q", ts)
+        return {"public_key": base64.b64encode(raw).decode(), "nonce": base64.b64encode(nonce).decode(), "timestamp": ts,
+                "signature": base64.b64encode(key.sign(msg)).decode()}
+
     async def enroll(i):
         async with sem:
             r = await pool.json(
@@ -287,6 +306,7 @@ async def main(a):
                     "channel": a.channel,
                     "current_version": "1.0.0",
                     "current_digest": f.digests["1.0.0"],
+                    "proof": proof(f"fleet-{i:07d}"),
                 },
             )
             devices[i] = (r["device_id"], r["token"])

@@ -99,7 +99,7 @@ start_server() { # fleet [ceiling-bytes]
   PORT[$n]=$port
   DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/bench_$n" SLUICE_LISTEN="127.0.0.1:$port" \
     SLUICE_DATA_DIR="$STATE/data-$n" SLUICE_INSECURE_REGISTRIES="$REGISTRY" RUST_LOG=warn \
-    SLUICE_DEVICE_BURST=1000000 SLUICE_DEVICE_RATE=1000 \
+    SLUICE_DEVICE_BURST=1000000 SLUICE_DEVICE_RATE=1000 SLUICE_DEVICE_TOKEN_TTL_S=21600 \
     SLUICE_BENCH_CEILING="${2:-}" "$SLUICE" serve >>"$STATE/server-$n.log" 2>&1 &
   PID[$n]=$!
   for _ in $(seq 1 300); do

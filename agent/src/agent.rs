@@ -95,9 +95,17 @@ impl Device {
         }
     }
 
-    /// Enrolls with the enrollment secret (once; later calls reuse the token).
+    /// Enrolls with the enrollment secret and the device key (once; later
+    /// calls reuse the token, renewed with the key as it ages).
     pub fn enroll(&mut self) -> anyhow::Result<Credentials> {
-        if let Some(c) = self.credentials()? {
+        self.enroll_with(false)
+    }
+
+    fn enroll_with(&mut self, renew: bool) -> anyhow::Result<Credentials> {
+        if let Some(c) = self.credentials()?
+            && let Some(c) =
+                crate::identity::keep_fresh(&self.server, &self.cfg, &self.creds_path(), c, renew)?
+        {
             return Ok(c);
         }
         let secret = self
@@ -114,6 +122,7 @@ impl Device {
         };
         let booted = self.booted().ok();
         let current = booted.and_then(|s| self.store.data.slot(s).cloned());
+        let proof = crate::identity::enroll_proof(&self.cfg, &machine_id)?;
         let resp = self.server.enroll(&EnrollRequest {
             product: self.cfg.product.clone(),
             enrollment_secret: secret,
@@ -123,6 +132,7 @@ impl Device {
             current_version: current.as_ref().map(|t| t.version.clone()),
             current_digest: current.map(|t| t.digest),
             labels: Default::default(),
+            proof: Some(proof),
         })?;
         let c = Credentials {
             device_id: resp.device_id,
@@ -255,19 +265,31 @@ impl Device {
 
     /// One verified resolution: the checked answer.
     pub fn check(&mut self) -> anyhow::Result<ResolveResponse> {
-        let c = self.enroll()?;
+        let mut c = self.enroll()?;
         let booted = self.booted()?;
         let current = self.store.data.slot(booted).cloned();
         let nonce = nonce();
-        let (body, sig) = self.server.resolve(
-            &self.cfg.product,
-            &self.cfg.channel,
-            &c.token,
-            &self.cfg.arch,
-            current.as_ref().map(|t| t.digest.as_str()),
-            &nonce,
-            self.trust.version(),
-        )?;
+        let mut renewed = false;
+        let (body, sig) = loop {
+            match self.server.resolve(
+                &self.cfg.product,
+                &self.cfg.channel,
+                &c.token,
+                &self.cfg.arch,
+                current.as_ref().map(|t| t.digest.as_str()),
+                &nonce,
+                self.trust.version(),
+            ) {
+                // The token was refused (reset, server restarted with a new
+                // secret): renew it with the device key, once.
+                Err(e) if !renewed && crate::identity::is_unauthorized(&e) => {
+                    crate::log(&format!("{e:#}: renewing the device token"));
+                    renewed = true;
+                    c = self.enroll_with(true)?;
+                }
+                r => break r?,
+            }
+        };
         let answer = self.trust.verify_answer(
             &self.server,
             &sig,

@@ -10,6 +10,7 @@ pub mod bootloader;
 pub mod config;
 pub mod failpoint;
 pub mod fsutil;
+pub mod identity;
 pub mod pipeline;
 pub mod registry;
 pub mod server;

@@ -1,11 +1,12 @@
-//! The Sluice server as the device sees it: enroll, resolve (signed answers,
-//! checked here before anything acts on them) and event reports.
+//! The Sluice server as the device sees it: enroll, token renewal, resolve
+//! (signed answers, checked here before anything acts on them) and event
+//! reports.
 
 use anyhow::{Context, bail};
 use sluice_protocol::keys::SIGNATURE_HEADER;
 use sluice_protocol::{
-    EnrollRequest, EnrollResponse, EventRequest, KeyLists, KeySet, Offer, ResolveResponse,
-    WIRE_VERSION, simplesigning::verify_image_signature,
+    DeviceProof, DeviceToken, EnrollRequest, EnrollResponse, EventRequest, KeyLists, KeySet, Offer,
+    ResolveResponse, TokenRequest, WIRE_VERSION, simplesigning::verify_image_signature,
 };
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -33,6 +34,37 @@ fn problem(resp: &mut ureq::http::Response<ureq::Body>) -> String {
         .ok()
         .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_string))
         .unwrap_or(body)
+}
+
+/// The server answered an error status: callers branch on `status`.
+#[derive(Debug)]
+pub struct Refused {
+    /// What was asked (`resolve`, `enrollment`, `token renewal`).
+    pub what: &'static str,
+    /// The HTTP status.
+    pub status: u16,
+    /// The server's `detail`.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = ureq::http::StatusCode::from_u16(self.status)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| self.status.to_string());
+        write!(f, "{} refused ({status}): {}", self.what, self.detail)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn refused(what: &'static str, resp: &mut ureq::http::Response<ureq::Body>) -> anyhow::Error {
+    Refused {
+        what,
+        status: resp.status().as_u16(),
+        detail: problem(resp),
+    }
+    .into()
 }
 
 impl Server {
@@ -78,11 +110,7 @@ impl Server {
             .send(serde_json::to_vec(req)?)
             .with_context(|| format!("server {} unreachable", self.base))?;
         if resp.status() != 200 {
-            bail!(
-                "enrollment refused ({}): {}",
-                resp.status(),
-                problem(&mut resp)
-            );
+            return Err(refused("enrollment", &mut resp));
         }
         Ok(serde_json::from_slice(
             &resp
@@ -125,11 +153,7 @@ impl Server {
             .call()
             .with_context(|| format!("server {} unreachable", self.base))?;
         if resp.status() != 200 {
-            bail!(
-                "resolve refused ({}): {}",
-                resp.status(),
-                problem(&mut resp)
-            );
+            return Err(refused("resolve", &mut resp));
         }
         let sig = resp
             .headers()
@@ -169,6 +193,63 @@ impl Server {
         serde_json::from_slice(&body).context("the key lists are not valid JSON")
     }
 
+    /// `POST /v1/devices/{id}/token`: a fresh token for a proof of the device key.
+    pub fn renew_token(&self, device_id: &str, proof: &DeviceProof) -> anyhow::Result<DeviceToken> {
+        self.token_call("token renewal", device_id, "token", None, proof)
+    }
+
+    /// `POST /v1/devices/{id}/key`: binds the device key with a token from
+    /// before device keys; answers a token for the key.
+    pub fn bind_key(
+        &self,
+        device_id: &str,
+        token: &str,
+        proof: &DeviceProof,
+    ) -> anyhow::Result<DeviceToken> {
+        self.token_call(
+            "binding the device key",
+            device_id,
+            "key",
+            Some(token),
+            proof,
+        )
+    }
+
+    fn token_call(
+        &self,
+        what: &'static str,
+        device_id: &str,
+        path: &str,
+        token: Option<&str>,
+        proof: &DeviceProof,
+    ) -> anyhow::Result<DeviceToken> {
+        let url = format!("{}/v1/devices/{device_id}/{path}", self.base);
+        let mut req = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json");
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let body = TokenRequest {
+            proof: proof.clone(),
+        };
+        let mut resp = req
+            .send(serde_json::to_vec(&body)?)
+            .with_context(|| format!("server {} unreachable", self.base))?;
+        if resp.status() != 200 {
+            return Err(refused(what, &mut resp));
+        }
+        serde_json::from_slice(
+            &resp
+                .body_mut()
+                .with_config()
+                .limit(MAX_ANSWER)
+                .read_to_vec()?,
+        )
+        .with_context(|| format!("{what}: the answer is not a device token"))
+    }
+
     /// `POST /v1/devices/{id}/events`.
     pub fn event(&self, device_id: &str, token: &str, ev: &EventRequest) -> anyhow::Result<()> {
         let url = format!("{}/v1/devices/{device_id}/events", self.base);
@@ -180,7 +261,7 @@ impl Server {
             .send(serde_json::to_vec(ev)?)
             .with_context(|| format!("server {} unreachable", self.base))?;
         if !resp.status().is_success() {
-            bail!("event refused ({}): {}", resp.status(), problem(&mut resp));
+            return Err(refused("event", &mut resp));
         }
         Ok(())
     }

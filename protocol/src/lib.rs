@@ -7,11 +7,13 @@
 
 pub mod keylist;
 pub mod keys;
+pub mod proof;
 pub mod simplesigning;
 pub mod wire;
 
 pub use keylist::{KeyList, KeyLists, KeyState, ListedKey, SignedKeyList};
 pub use keys::{KeyRole, KeySet, PublicKey, ResponseSigner, key_id, leaf_hash};
+pub use proof::{DeviceKey, DeviceProof, ProofPurpose};
 pub use simplesigning::SimpleSigning;
 pub use wire::*;
 

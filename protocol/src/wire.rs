@@ -1,6 +1,7 @@
 //! The JSON a device and the server exchange: enrollment, the signed
 //! resolution answer, and event reports.
 
+use crate::proof::DeviceProof;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
@@ -29,6 +30,10 @@ pub struct EnrollRequest {
     /// Free-form labels for filtering the fleet.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Proof that the device holds its key (purpose `enroll`, subject the
+    /// machine id). Required: an agent without a device key is refused.
+    #[serde(default)]
+    pub proof: Option<DeviceProof>,
 }
 
 /// The answer to an enrollment.
@@ -39,6 +44,31 @@ pub struct EnrollResponse {
     pub device_id: String,
     /// The device's bearer token.
     pub token: String,
+    /// When the token stops working: the device renews it before then
+    /// (`POST /v1/devices/{id}/token`).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// `POST /v1/devices/{id}/token` (renewal) and `POST /v1/devices/{id}/key`
+/// (binding a key to a device enrolled before device keys).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Proof of the device's key, purpose `renew` or `bind`, subject the device id.
+    pub proof: DeviceProof,
+}
+
+/// A fresh device token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeviceToken {
+    /// The device's bearer token.
+    pub token: String,
+    /// When it stops working.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
 }
 
 /// A cosign signature as the server hands it to devices.

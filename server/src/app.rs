@@ -46,8 +46,10 @@ pub struct Inner {
     pub checkins: resolve::Checkins,
     /// Resolve answers waiting for their (batched) signature.
     pub answers: resolve::AnswerSigner,
-    /// Rate limits on logins and devices.
+    /// Rate limits on logins, enrollments and devices.
     pub limits: crate::ratelimit::Limits,
+    /// Devices whose tokens are refused (revoked, deleted, reset).
+    pub revocations: crate::revocations::Revocations,
 }
 
 impl Deref for AppState {
@@ -308,6 +310,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
 /// A ready state over an existing, migrated pool (tests use their own database).
 pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppState> {
     use anyhow::Context;
+    config.check()?;
     std::fs::create_dir_all(&config.data_dir)?;
     let keys = {
         let (dir, pass) = (config.data_dir.clone(), config.key_passphrase.clone());
@@ -322,10 +325,22 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         db.clone(),
         std::time::Duration::from_millis(config.checkin_flush_ms.max(10)),
     );
-    let limits = crate::ratelimit::Limits::with_device(
-        config.device_burst.max(1),
-        config.device_rate.max(0.001),
+    use crate::ratelimit::Rate;
+    let limits = crate::ratelimit::Limits::new(
+        Rate {
+            burst: config.device_burst,
+            per_second: config.device_rate,
+        },
+        Rate {
+            burst: config.enroll_burst,
+            per_second: config.enroll_rate,
+        },
+        Rate {
+            burst: config.enroll_product_burst,
+            per_second: config.enroll_product_rate,
+        },
     );
+    let revocations = crate::revocations::Revocations::spawn(db.clone()).await?;
     let state = AppState::new(Inner {
         db,
         config,
@@ -337,6 +352,7 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         checkins,
         answers: Default::default(),
         limits,
+        revocations,
     });
     // Renews the key list at half its life even if the server never restarts.
     let weak = Arc::downgrade(&state.0);

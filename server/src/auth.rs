@@ -23,8 +23,9 @@ pub const COOKIE_NAME: &str = "sluice_token";
 const AUDIENCE: &str = "sluice";
 /// How long a login lasts.
 const LOGIN_TTL_S: i64 = 12 * 3600;
-/// How long a device token lasts: long, a device re-enrolls if it expires.
-const DEVICE_TTL_S: i64 = 10 * 365 * 24 * 3600;
+/// Longest user name accepted at login: longer ones are no user's, and are
+/// not kept as rate-limit keys.
+pub const MAX_USERNAME: usize = 128;
 
 /// What a token lets its holder do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -83,6 +84,11 @@ pub struct Claims {
     pub nbf: i64,
     /// Expires at.
     pub exp: i64,
+    /// A device token's key: the id of the device key it was issued to.
+    /// Device tokens without it were issued before device keys (ten-year
+    /// tokens) and are checked against the device's row on every use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// The authenticated caller.
@@ -219,6 +225,7 @@ impl JwtKeys {
             iat: now,
             nbf: now - 1,
             exp: now + ttl_s,
+            key_id: None,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 encoding cannot fail");
@@ -228,16 +235,36 @@ impl JwtKeys {
         )
     }
 
-    /// A device's token.
-    pub fn issue_device(&self, device_id: Uuid, product: &str) -> String {
-        self.issue(
-            &device_id.to_string(),
-            "device",
-            Role::Device,
-            vec![product.to_string()],
-            DEVICE_TTL_S,
+    /// A device's token for its key `key_id`, valid for `ttl_s` seconds. It
+    /// is dated no earlier than `not_before` (the device's last reset, in
+    /// seconds since the epoch), so the reset never refuses it.
+    pub fn issue_device(
+        &self,
+        device_id: Uuid,
+        product: &str,
+        key_id: &str,
+        not_before: Option<i64>,
+        ttl_s: i64,
+    ) -> (String, OffsetDateTime) {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let iat = now.max(not_before.unwrap_or(now));
+        let claims = Claims {
+            sub: device_id.to_string(),
+            role: Role::Device,
+            kind: "device".into(),
+            products: vec![product.to_string()],
+            aud: AUDIENCE.into(),
+            iat,
+            nbf: now - 1,
+            exp: now + ttl_s,
+            key_id: Some(key_id.to_string()),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 encoding cannot fail");
+        (
+            token,
+            OffsetDateTime::from_unix_timestamp(now + ttl_s).expect("valid timestamp"),
         )
-        .0
     }
 
     /// Checks signature, algorithm, audience, expiry and not-before.
@@ -320,11 +347,45 @@ impl FromRequestParts<AppState> for Principal {
                     .parse()
                     .map_err(|_| Error::Unauthorized("the token is invalid".into()))?;
                 state.limits.device.check(&id)?;
+                state.revocations.check(&id, claims.iat)?;
+                if claims.key_id.is_none() {
+                    check_keyless_token(state, id, claims.iat).await?;
+                }
                 let product = claims.products.into_iter().next().unwrap_or_default();
                 Ok(Principal::Device { id, product })
             }
             _ => Err(Error::Unauthorized("the token is invalid".into())),
         }
+    }
+}
+
+/// A device token from before device keys (ten years long, no `key_id`)
+/// works only while its device has bound no key and is neither revoked nor
+/// reset after it was issued: one row read per use, only for such tokens.
+async fn check_keyless_token(state: &AppState, id: Uuid, iat: i64) -> Result<()> {
+    let row = sqlx::query!(
+        r#"SELECT public_key IS NULL AS "keyless!", revoked_at IS NOT NULL AS "revoked!",
+                  extract(epoch FROM tokens_not_before)::float8 AS not_before
+           FROM devices WHERE id = $1"#,
+        id
+    )
+    .fetch_optional(&state.db)
+    .await?;
+    match row {
+        None => Err(Error::Unauthorized(
+            "this device has been deleted by an admin: enroll again".into(),
+        )),
+        Some(r) if r.revoked => Err(Error::Unauthorized(
+            "this device has been revoked by an admin".into(),
+        )),
+        Some(r) if !r.keyless => Err(Error::Unauthorized(
+            "this device has bound a key: its token from before is no longer accepted; renew the token with the device key"
+                .into(),
+        )),
+        Some(r) if r.not_before.is_some_and(|nb| (iat as f64) < nb) => Err(Error::Unauthorized(
+            "this token was issued before an admin reset the device: enroll again".into(),
+        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -437,12 +498,21 @@ async fn login(
     extensions: axum::http::Extensions,
     Json(req): Json<LoginRequest>,
 ) -> Result<impl IntoResponse> {
-    if let Some(axum::extract::ConnectInfo(crate::tls::ClientAddr(addr))) =
-        extensions.get::<axum::extract::ConnectInfo<crate::tls::ClientAddr>>()
-    {
-        state.limits.login_addr.check(&addr.ip())?;
+    let addr = client_ip(&extensions);
+    let limits = &state.limits;
+    limits.login_addr.check(&addr)?;
+    // Failures count per address and per (user, address): a wrong guess from
+    // one place never locks the user out from another. The attempt takes a
+    // token now and gives it back if the password is right.
+    limits.login_fail_addr.check(&addr)?;
+    if req.username.len() > MAX_USERNAME {
+        return Err(Error::Unauthorized("wrong user name or password".into()));
     }
-    state.limits.login_user.check(&req.username)?;
+    let user_key = (req.username.clone(), addr);
+    if let Err(e) = limits.login_fail_user.check(&user_key) {
+        limits.login_fail_addr.refund(&addr);
+        return Err(e);
+    }
     let user = sqlx::query!(
         "SELECT username, password_hash, role FROM users WHERE username = $1",
         req.username
@@ -459,6 +529,8 @@ async fn login(
         (true, Some(role)) => role,
         _ => return Err(Error::Unauthorized("wrong user name or password".into())),
     };
+    limits.login_fail_addr.refund(&addr);
+    limits.login_fail_user.refund(&user_key);
     let (token, expires_at) = state
         .jwt
         .issue(&req.username, "user", role, vec![], LOGIN_TTL_S);
@@ -472,6 +544,15 @@ async fn login(
             expires_at,
         }),
     ))
+}
+
+/// The client's address (the unspecified address when the server was not
+/// started with connection info, as in router-level tests).
+pub fn client_ip(extensions: &axum::http::Extensions) -> std::net::IpAddr {
+    extensions
+        .get::<axum::extract::ConnectInfo<crate::tls::ClientAddr>>()
+        .map(|axum::extract::ConnectInfo(crate::tls::ClientAddr(a))| a.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
 }
 
 /// Clears the dashboard's cookie.

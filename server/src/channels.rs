@@ -418,6 +418,20 @@ fn set_ramp(c: &mut ChannelRow, ramp: Option<&RampSpec>, now: OffsetDateTime) {
     }
 }
 
+/// Promoting resumes a paused channel, so only an admin may promote into
+/// one: a publisher's (CI's) promote, even of the same release, must not
+/// clear a halt the health gate or a person set.
+fn check_may_resume(who: &Principal, product: &str, c: &ChannelRow) -> Result<()> {
+    if !c.paused || who.role() == crate::auth::Role::Admin {
+        return Ok(());
+    }
+    Err(Error::Conflict(format!(
+        "channel {} of product {product} is paused ({}): an admin must resume it (`sluice channel rollout --resume`) or promote into it; nothing was changed",
+        c.name,
+        c.paused_reason.as_deref().unwrap_or("no reason given")
+    )))
+}
+
 /// Makes a release the head of a channel inside the caller's transaction; the
 /// old head becomes the base.
 #[allow(clippy::too_many_arguments)]
@@ -435,6 +449,7 @@ pub async fn promote_in_tx(
 ) -> Result<ChannelRow> {
     check_percent(percent)?;
     let before = load(tx, product_id, product, channel, true).await?;
+    check_may_resume(who, product, &before)?;
     let mut c = before.clone();
     let percent = percent.unwrap_or(100.0);
     if let Some(r) = ramp {
@@ -525,7 +540,9 @@ async fn view(db: &sqlx::PgPool, product_id: Uuid, product: &str, name: &str) ->
     })
 }
 
-/// Devices on the channel that reported an outcome on `head`, and how many of those failed.
+/// Devices on the channel that reported an outcome on `head`, and how many
+/// of those failed. Only reports about a release the device was offered
+/// count: a device cannot vote on a rollout it is not part of.
 pub async fn gate_counts(
     db: &mut PgConnection,
     product_id: Uuid,
@@ -536,7 +553,7 @@ pub async fn gate_counts(
     let r = sqlx::query!(
         r#"SELECT count(*) AS "reports!", count(*) FILTER (WHERE status IN ('failed', 'rolled_back')) AS "failures!"
            FROM devices WHERE product_id = $1 AND channel = $2 AND status_version = $3
-             AND status IN ('healthy', 'failed', 'rolled_back')"#,
+             AND status IN ('healthy', 'failed', 'rolled_back') AND status_offered"#,
         product_id,
         channel,
         head

@@ -125,6 +125,8 @@ pub struct Request {
     pub body: Option<Value>,
     /// Whether the call needs `--token`.
     pub authenticated: bool,
+    /// Query parameters.
+    pub query: Vec<(String, String)>,
 }
 
 impl Request {
@@ -134,6 +136,7 @@ impl Request {
             path: path.iter().map(|s| s.to_string()).collect(),
             body,
             authenticated: true,
+            query: Vec::new(),
         }
     }
 }
@@ -190,7 +193,10 @@ pub fn url(server: &str, path: &[String]) -> Result<Url, Failure> {
 
 /// Sends the call; `Ok(None)` for an answer without a body.
 async fn send(remote: &Remote, request: Request) -> Result<Option<Value>, Failure> {
-    let url = url(&remote.server, &request.path)?;
+    let mut url = url(&remote.server, &request.path)?;
+    if !request.query.is_empty() {
+        url.query_pairs_mut().extend_pairs(&request.query);
+    }
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(300))
@@ -645,6 +651,90 @@ impl Command for KeysRotate {
     }
 }
 
+/// `sluice device list`: the fleet, filtered (one page; `--cursor` for the next).
+#[derive(Debug, Args)]
+pub struct DeviceList {
+    #[command(flatten)]
+    remote: Remote,
+    /// Only this product's devices.
+    #[arg(long)]
+    product: Option<String>,
+    /// Only devices whose machine id or device id contains this.
+    #[arg(long)]
+    q: Option<String>,
+    /// Only revoked devices (`true`) or only the others (`false`).
+    #[arg(long)]
+    revoked: Option<bool>,
+    /// The `next_cursor` of the previous page.
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+impl Command for DeviceList {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let mut r = Request::new(Method::GET, &["v1", "devices"], None);
+        let pairs = [
+            ("product", self.product.clone()),
+            ("q", self.q.clone()),
+            ("revoked", self.revoked.map(|r| r.to_string())),
+            ("cursor", self.cursor.clone()),
+        ];
+        r.query = pairs
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v?)))
+            .collect();
+        Ok(r)
+    }
+}
+
+/// `sluice device revoke|reset|delete <id>`.
+#[derive(Debug, Args)]
+pub struct DeviceAction {
+    #[command(flatten)]
+    remote: Remote,
+    /// The device id.
+    id: uuid::Uuid,
+    /// Why (revoke only; shown with the device and in the audit log).
+    #[arg(long)]
+    reason: Option<String>,
+    #[arg(skip)]
+    action: &'static str,
+}
+
+impl DeviceAction {
+    /// The command for `action` (`revoke`, `reset` or `delete`).
+    pub fn with_action(mut self, action: &'static str) -> Self {
+        self.action = action;
+        self
+    }
+}
+
+impl Command for DeviceAction {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let id = self.id.to_string();
+        if self.reason.is_some() && self.action != "revoke" {
+            return Err(Failure::usage("--reason goes with `device revoke` only"));
+        }
+        Ok(match self.action {
+            "delete" => Request::new(Method::DELETE, &["v1", "devices", &id], None),
+            "revoke" => {
+                let body = match &self.reason {
+                    Some(r) => json!({"reason": r}),
+                    None => json!({}),
+                };
+                Request::new(Method::POST, &["v1", "devices", &id, "revoke"], Some(body))
+            }
+            action => Request::new(Method::POST, &["v1", "devices", &id, action], None),
+        })
+    }
+}
+
 /// `sluice login`: prints only the token, for `export SLUICE_TOKEN=$(sluice login ...)`.
 #[derive(Debug, Args)]
 pub struct Login {
@@ -1000,6 +1090,52 @@ mod tests {
         assert_eq!(
             body(&[&rollback[..], &["--version", "1.0.0"]].concat()),
             json!({"version": "1.0.0"})
+        );
+    }
+
+    #[test]
+    fn device_commands() {
+        let id = "6f1c2a9e-2b7d-4c47-9d55-0c8a7f0e2f11";
+        let r = parse(&["device", "revoke", id, "--reason", "stolen"])
+            .unwrap()
+            .request()
+            .unwrap();
+        assert_eq!(r.method, Method::POST);
+        assert_eq!(r.path, ["v1", "devices", id, "revoke"]);
+        assert_eq!(r.body, Some(json!({"reason": "stolen"})));
+        let r = parse(&["device", "reset", id]).unwrap().request().unwrap();
+        assert_eq!(
+            (r.method, r.path),
+            (
+                Method::POST,
+                vec![
+                    "v1".to_string(),
+                    "devices".into(),
+                    id.into(),
+                    "reset".into()
+                ]
+            )
+        );
+        let r = parse(&["device", "delete", id]).unwrap().request().unwrap();
+        assert_eq!((r.method, r.body), (Method::DELETE, None));
+        // A reason only goes with revoke; an id must be a UUID.
+        let f = parse(&["device", "delete", id, "--reason", "x"])
+            .unwrap()
+            .request()
+            .unwrap_err();
+        assert_eq!(f.exit, Exit::Usage);
+        assert!(parse(&["device", "revoke", "not-a-uuid"]).is_err());
+        let r = parse(&["device", "list", "--product", "acme", "--revoked", "true"])
+            .unwrap()
+            .request()
+            .unwrap();
+        assert_eq!(r.path, ["v1", "devices"]);
+        assert_eq!(
+            r.query,
+            [
+                ("product".to_string(), "acme".to_string()),
+                ("revoked".into(), "true".into())
+            ]
         );
     }
 

@@ -53,12 +53,42 @@ pub struct Config {
     /// Requests per second a device's allowance grows back by.
     #[arg(long, env = "SLUICE_DEVICE_RATE", default_value_t = 1.0)]
     pub device_rate: f64,
+    /// How long a device token lasts, in seconds (60 s to 7 days); devices
+    /// renew theirs with their key before it ends.
+    #[arg(long, env = "SLUICE_DEVICE_TOKEN_TTL_S", default_value_t = 6 * 3600)]
+    pub device_token_ttl_s: u64,
+    /// Enrollments one client address may make at once.
+    #[arg(long, env = "SLUICE_ENROLL_BURST", default_value_t = 20)]
+    pub enroll_burst: u32,
+    /// Enrollments per second an address's allowance grows back by.
+    #[arg(long, env = "SLUICE_ENROLL_RATE", default_value_t = 0.2)]
+    pub enroll_rate: f64,
+    /// Enrollments one product may take at once (counted once the secret is right).
+    #[arg(long, env = "SLUICE_ENROLL_PRODUCT_BURST", default_value_t = 100)]
+    pub enroll_product_burst: u32,
+    /// Enrollments per second a product's allowance grows back by.
+    #[arg(long, env = "SLUICE_ENROLL_PRODUCT_RATE", default_value_t = 1.0)]
+    pub enroll_product_rate: f64,
     /// Folder with the built dashboard (`web/dist`), served at `/`.
     #[arg(long, env = "SLUICE_WEB_DIR")]
     pub web_dir: Option<PathBuf>,
 }
 
+/// Longest device token lifetime accepted: the in-memory revocation list
+/// keeps a reset device for this long.
+pub const MAX_DEVICE_TOKEN_TTL_S: u64 = 7 * 86_400;
+
 impl Config {
+    /// Refuses settings the server cannot honour.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (60..=MAX_DEVICE_TOKEN_TTL_S).contains(&self.device_token_ttl_s),
+            "SLUICE_DEVICE_TOKEN_TTL_S must be between 60 and {MAX_DEVICE_TOKEN_TTL_S} (7 days), not {}",
+            self.device_token_ttl_s
+        );
+        Ok(())
+    }
+
     /// Whether `host` (`host:port`) is to be reached over plain HTTP.
     pub fn is_insecure(&self, host: &str) -> bool {
         self.insecure_registries

@@ -1,17 +1,22 @@
-//! Devices: enrollment with the product's secret, the events they report
-//! (which feed the health gate), the fleet view, and pinning.
+//! Devices: enrollment with the product's secret and a proof of the
+//! device's own key, token renewal with that key, the events they report
+//! (which feed the health gate), the fleet view, pinning, and an admin's
+//! revoke, reset and delete.
 
 use crate::app::AppState;
-use crate::auth::{Admin, DeviceAuth, Viewer, constant_time_eq, hash_secret};
+use crate::auth::{Admin, DeviceAuth, Viewer, client_ip, constant_time_eq, hash_secret};
 use crate::error::{Error, Json, Path, Query, Result};
 use crate::paging::{Page, PageParams};
 use crate::registry::PlatformImage;
+use crate::revocations::{Revoked, use_proof};
 use crate::signing::{SignedDigest, sign_digest};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use sluice_protocol::proof::{ProofError, ProofPurpose, device_key_id, verify_proof};
 use sluice_protocol::{
-    EnrollRequest, EnrollResponse, EventKind, EventRequest, ImageSignature, is_sha256_digest,
+    DeviceProof, DeviceToken, EnrollRequest, EnrollResponse, EventKind, EventRequest,
+    ImageSignature, TokenRequest, is_sha256_digest,
 };
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
@@ -51,6 +56,15 @@ pub struct Device {
     /// When it enrolled.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The id of its key (16 hex digits), if it has bound one.
+    pub key_id: Option<String>,
+    /// An admin reset it: the next enrollment of its machine id binds a new key.
+    pub awaiting_enrollment: bool,
+    /// When an admin revoked it: its tokens are refused.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Why, as the admin said.
+    pub revoked_reason: Option<String>,
 }
 
 /// A device's pin.
@@ -110,6 +124,17 @@ pub struct DeviceFilter {
     pub not_seen_for_s: Option<i64>,
     /// Substring of the machine id or device id.
     pub q: Option<String>,
+    /// Only revoked devices (`true`) or only the others (`false`).
+    pub revoked: Option<bool>,
+}
+
+/// `POST /v1/devices/{id}/revoke`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// Why (shown with the device and in the audit log).
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// `PUT /v1/devices/{id}/pin`: give `version` or `image`, or neither to unpin.
@@ -138,10 +163,14 @@ pub struct PinPlatform {
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(enroll))
+        .routes(routes!(renew_token))
+        .routes(routes!(bind_key))
         .routes(routes!(report_event))
         .routes(routes!(list_devices))
-        .routes(routes!(get_device))
+        .routes(routes!(get_device, delete_device))
         .routes(routes!(set_pin))
+        .routes(routes!(revoke_device))
+        .routes(routes!(reset_device))
 }
 
 fn check_text(what: &str, v: &str, max: usize) -> Result<()> {
@@ -153,15 +182,29 @@ fn check_text(what: &str, v: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-/// Enrolls a device with its product's enrollment secret; enrolling again
-/// with the same machine id answers the same device.
+/// A proof's refusal as the API answers it.
+fn proof_refused(e: ProofError) -> Error {
+    match e {
+        ProofError::Malformed(m) => Error::BadRequest(format!("proof: {m}")),
+        e => Error::Unauthorized(e.to_string()),
+    }
+}
+
+/// Enrolls a device with its product's enrollment secret and a proof of its
+/// own key. A machine id already enrolled is answered only to the same key
+/// (the device enrolling again), or to any key once an admin reset it; the
+/// secret alone never takes over an enrolled machine id.
 #[utoipa::path(post, path = "/v1/devices/enroll", tag = "devices", request_body = EnrollRequest,
     responses((status = 200, body = EnrollResponse), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
+              (status = 429, body = crate::error::Problem)))]
 async fn enroll(
     State(state): State<AppState>,
+    extensions: axum::http::Extensions,
     Json(req): Json<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>> {
+    state.limits.enroll_addr.check(&client_ip(&extensions))?;
     check_text("machine_id", &req.machine_id, 256)?;
     check_text("arch", &req.arch, 32)?;
     check_text("channel", &req.channel, 63)?;
@@ -172,6 +215,11 @@ async fn enroll(
             "current_digest must be `sha256:<64 hex>`".into(),
         ));
     }
+    let Some(proof) = &req.proof else {
+        return Err(Error::BadRequest(
+            "enrollment needs `proof`, a signature by the device's own key: this agent predates device keys; upgrade sluice-agent".into(),
+        ));
+    };
     let row = sqlx::query!(
         "SELECT id, enrollment_secret_hash FROM products WHERE name = $1",
         req.product
@@ -189,6 +237,15 @@ async fn enroll(
             "unknown product or wrong enrollment secret".into(),
         ));
     };
+    state.limits.enroll_product.check(&p.id)?;
+    let public_key = verify_proof(
+        proof,
+        ProofPurpose::Enroll,
+        &req.product,
+        &req.machine_id,
+        OffsetDateTime::now_utc().unix_timestamp(),
+    )
+    .map_err(proof_refused)?;
     let channel_exists = sqlx::query_scalar!(
         "SELECT 1 AS one FROM channels WHERE product_id = $1 AND name = $2",
         p.id,
@@ -203,31 +260,260 @@ async fn enroll(
             req.channel, req.product
         )));
     }
+    // Spent whatever follows: a proof seen once answers nothing again.
+    use_proof(&state.db, &proof.signature).await?;
     let labels = serde_json::to_value(&req.labels).map_err(anyhow::Error::from)?;
-    let id = sqlx::query_scalar!(
-        "INSERT INTO devices (id, product_id, machine_id, channel, arch, labels, current_version, current_digest)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (product_id, machine_id) DO UPDATE SET channel = EXCLUDED.channel, arch = EXCLUDED.arch,
-            labels = EXCLUDED.labels,
-            current_version = coalesce(EXCLUDED.current_version, devices.current_version),
-            current_digest = coalesce(EXCLUDED.current_digest, devices.current_digest), last_seen = now()
-         RETURNING id",
-        Uuid::new_v4(),
+    let mut tx = state.db.begin().await?;
+    let existing = sqlx::query!(
+        r#"SELECT id, public_key, rebind_allowed, revoked_at IS NOT NULL AS "revoked!",
+                  ceil(extract(epoch FROM tokens_not_before))::bigint AS not_before
+           FROM devices WHERE product_id = $1 AND machine_id = $2 FOR UPDATE"#,
         p.id,
-        req.machine_id,
-        req.channel,
-        req.arch,
-        labels,
-        req.current_version,
-        req.current_digest
+        req.machine_id
     )
-    .fetch_one(&state.db)
+    .fetch_optional(&mut *tx)
     .await?;
-    let token = state.jwt.issue_device(id, &req.product);
+    let (id, not_before) = match existing {
+        None => {
+            let id = sqlx::query_scalar!(
+                "INSERT INTO devices (id, product_id, machine_id, channel, arch, labels, current_version, current_digest,
+                                      public_key, key_bound_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())
+                 ON CONFLICT (product_id, machine_id) DO NOTHING RETURNING id",
+                Uuid::new_v4(),
+                p.id,
+                req.machine_id,
+                req.channel,
+                req.arch,
+                labels,
+                req.current_version,
+                req.current_digest,
+                &public_key[..]
+            )
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| {
+                Error::Conflict(format!(
+                    "machine id {} was enrolled by another request at the same time: retry",
+                    req.machine_id
+                ))
+            })?;
+            (id, None)
+        }
+        Some(d) if d.revoked => {
+            return Err(Error::Forbidden(format!(
+                "machine id {} of product {} is enrolled as a revoked device: an admin must reset or delete it before it can enroll again",
+                req.machine_id, req.product
+            )));
+        }
+        Some(d) if d.public_key.as_deref() == Some(&public_key[..]) || d.rebind_allowed => {
+            sqlx::query!(
+                "UPDATE devices SET channel = $2, arch = $3, labels = $4,
+                    current_version = coalesce($5, current_version), current_digest = coalesce($6, current_digest),
+                    public_key = $7, key_bound_at = CASE WHEN rebind_allowed THEN now() ELSE key_bound_at END,
+                    rebind_allowed = false, last_seen = now()
+                 WHERE id = $1",
+                d.id,
+                req.channel,
+                req.arch,
+                labels,
+                req.current_version,
+                req.current_digest,
+                &public_key[..]
+            )
+            .execute(&mut *tx)
+            .await?;
+            if d.rebind_allowed {
+                crate::audit::record_as(
+                    &mut *tx,
+                    &format!("device:{}", d.id),
+                    "device.enroll_after_reset",
+                    &format!("device:{}", d.id),
+                    None,
+                    Some(serde_json::json!({"key_id": device_key_id(&public_key)})),
+                )
+                .await?;
+            }
+            (d.id, d.not_before)
+        }
+        Some(_) => {
+            return Err(Error::Conflict(format!(
+                "machine id {} of product {} is already enrolled with another device key: an admin must reset that device (`sluice device reset`) before another key can enroll it",
+                req.machine_id, req.product
+            )));
+        }
+    };
+    tx.commit().await?;
+    let (token, expires_at) = state.jwt.issue_device(
+        id,
+        &req.product,
+        &device_key_id(&public_key),
+        not_before,
+        state.config.device_token_ttl_s as i64,
+    );
     Ok(Json(EnrollResponse {
         device_id: id.to_string(),
         token,
+        expires_at: Some(expires_at),
     }))
+}
+
+/// What a token request needs of its device.
+struct KeyRow {
+    product: String,
+    public_key: Option<Vec<u8>>,
+    revoked: bool,
+    not_before: Option<i64>,
+}
+
+async fn key_row(db: impl sqlx::PgExecutor<'_>, id: Uuid, lock: bool) -> Result<KeyRow> {
+    // Two spellings, as `FOR UPDATE` cannot be a parameter.
+    let row = if lock {
+        sqlx::query_as!(
+            KeyRow,
+            r#"SELECT p.name AS product, d.public_key, d.revoked_at IS NOT NULL AS "revoked!",
+                      ceil(extract(epoch FROM d.tokens_not_before))::bigint AS not_before
+               FROM devices d JOIN products p ON p.id = d.product_id WHERE d.id = $1 FOR UPDATE OF d"#,
+            id
+        )
+        .fetch_optional(db)
+        .await?
+    } else {
+        sqlx::query_as!(
+            KeyRow,
+            r#"SELECT p.name AS product, d.public_key, d.revoked_at IS NOT NULL AS "revoked!",
+                      ceil(extract(epoch FROM d.tokens_not_before))::bigint AS not_before
+               FROM devices d JOIN products p ON p.id = d.product_id WHERE d.id = $1"#,
+            id
+        )
+        .fetch_optional(db)
+        .await?
+    };
+    let row = row.ok_or_else(|| {
+        Error::NotFound(format!(
+            "device {id} not found: an admin deleted it; enroll again"
+        ))
+    })?;
+    if row.revoked {
+        return Err(Error::Forbidden(format!(
+            "device {id} is revoked: an admin must reset it before it gets a token again"
+        )));
+    }
+    Ok(row)
+}
+
+/// A fresh token for a device that proves it holds its key (purpose
+/// `renew`). Needs no bearer token, so an expired one is no obstacle.
+#[utoipa::path(post, path = "/v1/devices/{id}/token", tag = "devices", request_body = TokenRequest,
+    params(("id" = Uuid, Path, description = "Device id")),
+    responses((status = 200, body = DeviceToken), (status = 400, body = crate::error::Problem),
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
+              (status = 429, body = crate::error::Problem)))]
+async fn renew_token(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    Json(req): Json<TokenRequest>,
+) -> Result<Json<DeviceToken>> {
+    state.limits.device.check(&id)?;
+    let d = key_row(&state.db, id, false).await?;
+    let Some(bound) = d.public_key else {
+        return Err(Error::Conflict(format!(
+            "device {id} has no key: bind one with its old token (POST /v1/devices/{id}/key), or, after an admin's reset, enroll again"
+        )));
+    };
+    let public_key = check_proof(&req.proof, ProofPurpose::Renew, &d.product, id)?;
+    if bound != public_key {
+        return Err(Error::Unauthorized(format!(
+            "the proof is not made with device {id}'s key"
+        )));
+    }
+    use_proof(&state.db, &req.proof.signature).await?;
+    let (token, expires_at) = state.jwt.issue_device(
+        id,
+        &d.product,
+        &device_key_id(&public_key),
+        d.not_before,
+        state.config.device_token_ttl_s as i64,
+    );
+    Ok(Json(DeviceToken { token, expires_at }))
+}
+
+fn check_proof(
+    proof: &DeviceProof,
+    purpose: ProofPurpose,
+    product: &str,
+    id: Uuid,
+) -> Result<[u8; 32]> {
+    verify_proof(
+        proof,
+        purpose,
+        product,
+        &id.to_string(),
+        OffsetDateTime::now_utc().unix_timestamp(),
+    )
+    .map_err(proof_refused)
+}
+
+/// Binds a key to a device enrolled before device keys, with its old token
+/// (purpose `bind`), and answers a token for that key; the old token stops
+/// working. Binding the key already bound answers a token again; another key
+/// is refused (an admin must reset the device).
+#[utoipa::path(post, path = "/v1/devices/{id}/key", tag = "devices", request_body = TokenRequest,
+    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
+    responses((status = 200, body = DeviceToken), (status = 400, body = crate::error::Problem),
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
+async fn bind_key(
+    State(state): State<AppState>,
+    device: DeviceAuth,
+    Path(id): Path<Uuid>,
+    Json(req): Json<TokenRequest>,
+) -> Result<Json<DeviceToken>> {
+    if device.id != id {
+        return Err(Error::Forbidden(
+            "a device may only bind its own key".into(),
+        ));
+    }
+    let mut tx = state.db.begin().await?;
+    let d = key_row(&mut *tx, id, true).await?;
+    let public_key = check_proof(&req.proof, ProofPurpose::Bind, &d.product, id)?;
+    match &d.public_key {
+        Some(bound) if bound[..] == public_key[..] => {}
+        Some(_) => {
+            return Err(Error::Conflict(format!(
+                "device {id} already has another key: an admin must reset it"
+            )));
+        }
+        None => {
+            sqlx::query!(
+                "UPDATE devices SET public_key = $2, key_bound_at = now() WHERE id = $1",
+                id,
+                &public_key[..]
+            )
+            .execute(&mut *tx)
+            .await?;
+            crate::audit::record_as(
+                &mut *tx,
+                &format!("device:{id}"),
+                "device.bind_key",
+                &format!("device:{id}"),
+                None,
+                Some(serde_json::json!({"key_id": device_key_id(&public_key)})),
+            )
+            .await?;
+        }
+    }
+    use_proof(&state.db, &req.proof.signature).await?;
+    tx.commit().await?;
+    let (token, expires_at) = state.jwt.issue_device(
+        id,
+        &d.product,
+        &device_key_id(&public_key),
+        d.not_before,
+        state.config.device_token_ttl_s as i64,
+    );
+    Ok(Json(DeviceToken { token, expires_at }))
 }
 
 /// A device reports what happened; outcomes on a channel's head feed its health gate.
@@ -263,20 +549,37 @@ async fn report_event(
     {
         return Err(Error::BadRequest("booted_slot must be `A` or `B`".into()));
     }
+    // Outcomes count for the health gate only for what the device was told
+    // to install. The offer may still wait in the check-in batch: write it
+    // first (only when the report names something not yet recorded).
+    let offer = format!("{}@{}", req.version, req.digest);
+    let recorded = sqlx::query_scalar!(
+        r#"SELECT $2 = ANY(offered) AS "offered!" FROM devices WHERE id = $1"#,
+        id,
+        offer
+    )
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("device {id}")))?;
+    if !recorded {
+        state.checkins.flush().await;
+    }
     let mut tx = state.db.begin().await?;
     let healthy = req.kind == EventKind::Healthy;
     let d = sqlx::query!(
-        "UPDATE devices SET status = $2, status_version = $3, last_seen = now(),
+        r#"UPDATE devices SET status = $2, status_version = $3, last_seen = now(),
             current_version = CASE WHEN $4 THEN $3 ELSE current_version END,
             current_digest = CASE WHEN $4 THEN $5 ELSE current_digest END,
-            booted_slot = coalesce($6, booted_slot)
-         WHERE id = $1 RETURNING product_id, channel",
+            booted_slot = coalesce($6, booted_slot),
+            status_offered = $7 = ANY(offered)
+         WHERE id = $1 RETURNING product_id, channel, status_offered"#,
         id,
         req.kind.status().as_str(),
         req.version,
         healthy,
         req.digest,
-        req.booted_slot
+        req.booted_slot,
+        offer
     )
     .fetch_optional(&mut *tx)
     .await?
@@ -292,10 +595,12 @@ async fn report_event(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    if matches!(
-        req.kind,
-        EventKind::Healthy | EventKind::Failed | EventKind::RolledBack
-    ) {
+    if d.status_offered
+        && matches!(
+            req.kind,
+            EventKind::Healthy | EventKind::Failed | EventKind::RolledBack
+        )
+    {
         crate::channels::check_gate(&state, d.product_id, &device.product, &d.channel).await?;
     }
     Ok(StatusCode::NO_CONTENT)
@@ -318,6 +623,10 @@ struct DeviceRow {
     pin_image: Option<String>,
     pin_digest: Option<String>,
     created_at: OffsetDateTime,
+    public_key: Option<Vec<u8>>,
+    rebind_allowed: bool,
+    revoked_at: Option<OffsetDateTime>,
+    revoked_reason: Option<String>,
 }
 
 impl From<DeviceRow> for Device {
@@ -342,6 +651,13 @@ impl From<DeviceRow> for Device {
             last_seen: r.last_seen,
             pin,
             created_at: r.created_at,
+            key_id: r
+                .public_key
+                .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                .map(|k| device_key_id(&k)),
+            awaiting_enrollment: r.rebind_allowed,
+            revoked_at: r.revoked_at,
+            revoked_reason: r.revoked_reason,
         }
     }
 }
@@ -389,7 +705,8 @@ async fn list_devices(
     let rows = sqlx::query_as!(
         DeviceRow,
         r#"SELECT d.id, p.name AS product, d.machine_id, d.channel, d.arch, d.labels, d.current_version, d.current_digest,
-                  d.booted_slot, d.status, d.status_version, d.last_seen, d.pin_version, d.pin_image, d.pin_digest, d.created_at
+                  d.booted_slot, d.status, d.status_version, d.last_seen, d.pin_version, d.pin_image, d.pin_digest, d.created_at,
+                  d.public_key, d.rebind_allowed, d.revoked_at, d.revoked_reason
            FROM devices d JOIN products p ON p.id = d.product_id
            WHERE ($1::uuid IS NULL OR d.id > $1)
              AND ($2::text IS NULL OR p.name = $2)
@@ -399,6 +716,7 @@ async fn list_devices(
              AND ($6::text IS NULL OR d.labels ->> $6 = $7)
              AND ($8::bigint IS NULL OR d.last_seen < now() - make_interval(secs => $8))
              AND ($9::text IS NULL OR strpos(d.machine_id, $9) > 0 OR strpos(d.id::text, $9) > 0)
+             AND ($11::bool IS NULL OR (d.revoked_at IS NOT NULL) = $11)
            ORDER BY d.id LIMIT $10"#,
         cursor,
         f.product,
@@ -409,7 +727,8 @@ async fn list_devices(
         label_value,
         f.not_seen_for_s.map(|s| s as f64) as Option<f64>,
         f.q,
-        limit + 1
+        limit + 1,
+        f.revoked
     )
     .fetch_all(&state.db)
     .await?;
@@ -420,11 +739,12 @@ async fn list_devices(
     }))
 }
 
-async fn fetch_device(db: &sqlx::PgPool, id: Uuid) -> Result<Device> {
+async fn fetch_device(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Device> {
     sqlx::query_as!(
         DeviceRow,
         r#"SELECT d.id, p.name AS product, d.machine_id, d.channel, d.arch, d.labels, d.current_version, d.current_digest,
-                  d.booted_slot, d.status, d.status_version, d.last_seen, d.pin_version, d.pin_image, d.pin_digest, d.created_at
+                  d.booted_slot, d.status, d.status_version, d.last_seen, d.pin_version, d.pin_image, d.pin_digest, d.created_at,
+                  d.public_key, d.rebind_allowed, d.revoked_at, d.revoked_reason
            FROM devices d JOIN products p ON p.id = d.product_id WHERE d.id = $1"#,
         id
     )
@@ -547,6 +867,149 @@ async fn set_pin(
     tx.commit().await?;
     state.cache.invalidate(&p.name);
     Ok(Json(fetch_device(&state.db, id).await?))
+}
+
+/// What the audit log keeps of a device.
+fn summary(d: &Device) -> serde_json::Value {
+    serde_json::json!({
+        "product": d.product, "machine_id": d.machine_id, "channel": d.channel,
+        "key_id": d.key_id, "revoked_at": d.revoked_at.map(|t| t.unix_timestamp()),
+        "revoked_reason": d.revoked_reason, "awaiting_enrollment": d.awaiting_enrollment,
+    })
+}
+
+/// Revokes a device: every token it holds is refused at once, it gets no
+/// new one, and its machine id cannot enroll again until an admin resets
+/// or deletes it. Revoking a revoked device changes nothing.
+#[utoipa::path(post, path = "/v1/devices/{id}/revoke", tag = "devices", request_body = RevokeRequest,
+    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
+    responses((status = 200, body = Device), (status = 400, body = crate::error::Problem),
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem)))]
+async fn revoke_device(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    Path(id): Path<Uuid>,
+    Json(req): Json<RevokeRequest>,
+) -> Result<Json<Device>> {
+    if let Some(r) = &req.reason {
+        check_text("reason", r, 500)?;
+    }
+    let before = fetch_device(&state.db, id).await?;
+    let mut tx = state.db.begin().await?;
+    sqlx::query!(
+        "UPDATE devices SET revoked_at = coalesce(revoked_at, now()),
+            revoked_reason = CASE WHEN revoked_at IS NULL THEN $2 ELSE revoked_reason END
+         WHERE id = $1",
+        id,
+        req.reason
+    )
+    .execute(&mut *tx)
+    .await?;
+    let after = fetch_device(&mut *tx, id).await?;
+    crate::audit::record(
+        &mut *tx,
+        &who,
+        "device.revoke",
+        &format!("device:{id}"),
+        Some(summary(&before)),
+        Some(summary(&after)),
+    )
+    .await?;
+    tx.commit().await?;
+    state.revocations.set(id, Some(Revoked::Revoked));
+    Ok(Json(after))
+}
+
+/// Resets a device: its key is forgotten, any revocation lifted, the tokens
+/// it holds refused, and the next enrollment of its machine id (with the
+/// product's secret and a proof of a new key) binds that key to this device,
+/// keeping its id, pin and history. For a device that lost its key
+/// (reinstalled) or was revoked by mistake.
+#[utoipa::path(post, path = "/v1/devices/{id}/reset", tag = "devices",
+    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
+    responses((status = 200, body = Device), (status = 400, body = crate::error::Problem),
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem)))]
+async fn reset_device(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Device>> {
+    let before = fetch_device(&state.db, id).await?;
+    let mut tx = state.db.begin().await?;
+    let not_before = sqlx::query_scalar!(
+        r#"UPDATE devices SET public_key = NULL, key_bound_at = NULL, rebind_allowed = true,
+            revoked_at = NULL, revoked_reason = NULL, tokens_not_before = now()
+         WHERE id = $1 RETURNING ceil(extract(epoch FROM tokens_not_before))::bigint AS "not_before!""#,
+        id
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("device {id}")))?;
+    let after = fetch_device(&mut *tx, id).await?;
+    crate::audit::record(
+        &mut *tx,
+        &who,
+        "device.reset",
+        &format!("device:{id}"),
+        Some(summary(&before)),
+        Some(summary(&after)),
+    )
+    .await?;
+    tx.commit().await?;
+    state
+        .revocations
+        .set(id, Some(Revoked::ResetAt(not_before)));
+    Ok(Json(after))
+}
+
+/// Deletes a device and its events: its tokens are refused at once. Its
+/// machine id may enroll again, as a new device; to keep a machine out,
+/// revoke it instead.
+#[utoipa::path(delete, path = "/v1/devices/{id}", tag = "devices",
+    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
+    responses((status = 204), (status = 400, body = crate::error::Problem),
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem)))]
+async fn delete_device(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode> {
+    let before = fetch_device(&state.db, id).await?;
+    let mut tx = state.db.begin().await?;
+    sqlx::query!("DELETE FROM device_events WHERE device_id = $1", id)
+        .execute(&mut *tx)
+        .await?;
+    let gone = sqlx::query!("DELETE FROM devices WHERE id = $1", id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if gone == 0 {
+        return Err(Error::not_found(format!("device {id}")));
+    }
+    sqlx::query!(
+        "INSERT INTO device_tombstones (id) VALUES ($1) ON CONFLICT DO NOTHING",
+        id
+    )
+    .execute(&mut *tx)
+    .await?;
+    crate::audit::record(
+        &mut *tx,
+        &who,
+        "device.delete",
+        &format!("device:{id}"),
+        Some(summary(&before)),
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    state.revocations.set(id, Some(Revoked::Deleted));
+    if before.pin.is_some() {
+        state.cache.invalidate(&before.product);
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The version an image pin is offered (and signed) as: not a release, so it

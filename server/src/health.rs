@@ -1,7 +1,7 @@
 //! Liveness, readiness and Prometheus metrics.
 
 use crate::app::AppState;
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -36,13 +36,17 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(metrics))
 }
 
-/// Readiness of each dependency.
+/// Whether the server is ready; the detail only for an admin.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct Readiness {
-    /// `ok` or why not.
-    pub database: String,
-    /// Each registry the products live in: `ok` or why not.
-    pub registries: std::collections::BTreeMap<String, String>,
+    /// `ready` or `not ready`.
+    pub status: String,
+    /// For an admin: `ok` or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// For an admin: each registry the products live in, `ok` or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registries: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The process is up.
@@ -51,12 +55,19 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Whether the server can do its work. 503 when the database does not
-/// answer; a registry that is down is reported but keeps the server ready,
-/// since it only stops publishing, not devices' resolutions.
-#[utoipa::path(get, path = "/readyz", tag = "health",
+/// Whether the server can do its work: 503 when the database does not
+/// answer. Anyone learns only that; an admin's request also gets the
+/// database's state and each product registry's (a registry that is down
+/// keeps the server ready, since it only stops publishing). Registries are
+/// pinged only for an admin, so nobody else can make the server call them.
+#[utoipa::path(get, path = "/readyz", tag = "health", security((), ("bearer" = [])),
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<AppState>, req: Request) -> Response {
+    let (mut parts, _) = req.into_parts();
+    let admin = matches!(
+        crate::auth::Principal::from_request_parts(&mut parts, &state).await,
+        Ok(p) if p.role() == crate::auth::Role::Admin
+    );
     let limit = std::time::Duration::from_secs(2);
     let hosts = tokio::time::timeout(
         limit,
@@ -71,6 +82,19 @@ async fn readyz(State(state): State<AppState>) -> Response {
         Ok(Err(e)) => (format!("unavailable: {e}"), vec![]),
         Err(_) => ("unavailable: no answer within 2 s".to_string(), vec![]),
     };
+    let (status, word) = if database == "ok" {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    };
+    if !admin {
+        let body = Readiness {
+            status: word.into(),
+            database: None,
+            registries: None,
+        };
+        return (status, axum::Json(body)).into_response();
+    }
     let checks = hosts.into_iter().map(|host| {
         let state = state.clone();
         async move {
@@ -86,16 +110,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .await
         .into_iter()
         .collect();
-    let status = if database == "ok" {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     (
         status,
         axum::Json(Readiness {
-            database,
-            registries,
+            status: word.into(),
+            database: Some(database),
+            registries: Some(registries),
         }),
     )
         .into_response()

@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod registry;
 pub mod releases;
 pub mod resolve;
+pub mod revocations;
 pub mod rollout;
 pub mod signing;
 pub mod stats;

@@ -58,8 +58,27 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Manage enrolled devices: list, revoke, reset, delete.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// Log in as a person and print the token (for SLUICE_TOKEN).
     Login(cli::Login),
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// List devices (one page; pass --cursor for the next).
+    List(cli::DeviceList),
+    /// Refuse every token of a device at once; its machine id cannot enroll
+    /// again until it is reset or deleted.
+    Revoke(cli::DeviceAction),
+    /// Forget a device's key and lift a revocation: the next enrollment of its
+    /// machine id binds a new key to it.
+    Reset(cli::DeviceAction),
+    /// Delete a device and its events; its machine id may enroll again as a new device.
+    Delete(cli::DeviceAction),
 }
 
 #[derive(Subcommand)]
@@ -154,6 +173,12 @@ fn client_command(command: Command) -> Result<Box<dyn cli::Command>, Box<Command
         Command::Keys {
             command: KeysCommand::Status(c),
         } => Box::new(c),
+        Command::Device { command } => match command {
+            DeviceCommand::List(c) => Box::new(c),
+            DeviceCommand::Revoke(c) => Box::new(c.with_action("revoke")),
+            DeviceCommand::Reset(c) => Box::new(c.with_action("reset")),
+            DeviceCommand::Delete(c) => Box::new(c.with_action("delete")),
+        },
         Command::Login(c) => Box::new(c),
         other => return Err(Box::new(other)),
     })
@@ -244,6 +269,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         | Command::Release { .. }
         | Command::Channel { .. }
         | Command::Token { .. }
+        | Command::Device { .. }
         | Command::Login(_) => unreachable!("client commands run through cli::run"),
     }
 }

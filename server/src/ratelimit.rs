@@ -1,14 +1,24 @@
-//! Token-bucket rate limits keyed by caller: logins per user name and per
-//! client address, device requests per device. Refusals are 429 with
-//! `Retry-After`. Idle buckets are dropped, so memory follows the active set.
+//! Token-bucket rate limits keyed by caller: login attempts per client
+//! address, failed logins per address and per (user name, address),
+//! enrollments per address and per product, device requests per device.
+//! Refusals are 429 with `Retry-After`. Idle buckets are dropped, and each
+//! limiter holds at most [`MAX_KEYS`] of them, so memory stays bounded
+//! whatever keys callers make up.
 
 use crate::error::Error;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
 const SHARDS: usize = 16;
+
+/// Most buckets one limiter holds. Past this, after dropping the refilled
+/// ones, an arbitrary bucket (hash order, random per process) is forgotten
+/// to make room: it starts full again. Reaching this takes as many distinct
+/// keys, which the per-address limits bound.
+pub const MAX_KEYS: usize = 1 << 18;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -66,6 +76,12 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
                 .retain(|_, b| now.duration_since(b.at).as_secs_f64() < full_after);
             shard.high_water = (shard.buckets.len() * 2).max(1024);
         }
+        if shard.buckets.len() >= MAX_KEYS / SHARDS
+            && !shard.buckets.contains_key(key)
+            && let Some(victim) = shard.buckets.keys().next().cloned()
+        {
+            shard.buckets.remove(&victim);
+        }
         let b = shard.buckets.entry(key.clone()).or_insert(Bucket {
             tokens: self.burst,
             at: now,
@@ -84,34 +100,95 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             ))
         }
     }
+
+    /// Gives back the token a [`check`](Self::check) took: the attempt did
+    /// not count (a login that succeeded).
+    pub fn refund(&self, key: &K) {
+        let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
+        let mut shard = shard.lock().expect("rate limit lock");
+        if let Some(b) = shard.buckets.get_mut(key) {
+            b.tokens = (b.tokens + 1.0).min(self.burst);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap().buckets.len())
+            .sum()
+    }
 }
 
 /// The limits the server applies.
 pub struct Limits {
-    /// Login attempts per user name.
-    pub login_user: RateLimiter<String>,
     /// Login attempts per client address.
-    pub login_addr: RateLimiter<std::net::IpAddr>,
+    pub login_addr: RateLimiter<IpAddr>,
+    /// Failed logins per client address.
+    pub login_fail_addr: RateLimiter<IpAddr>,
+    /// Failed logins per (user name, client address): someone guessing a
+    /// user's password from one place never locks that user out elsewhere.
+    pub login_fail_user: RateLimiter<(String, IpAddr)>,
     /// Requests per device.
     pub device: RateLimiter<uuid::Uuid>,
+    /// Enrollments per client address.
+    pub enroll_addr: RateLimiter<IpAddr>,
+    /// Enrollments per product (counted once the secret is right).
+    pub enroll_product: RateLimiter<uuid::Uuid>,
+}
+
+/// How many requests a limit allows at once, and how fast it grows back.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    /// At once.
+    pub burst: u32,
+    /// Per second after that.
+    pub per_second: f64,
+}
+
+impl Rate {
+    fn limiter<K: Hash + Eq + Clone>(self, what: &'static str) -> RateLimiter<K> {
+        RateLimiter::new(self.burst.max(1), self.per_second.max(0.001), what)
+    }
 }
 
 impl Default for Limits {
     fn default() -> Self {
         // Devices poll every few minutes and report a handful of events per upgrade.
-        Limits::with_device(60, 1.0)
+        Limits::new(
+            Rate {
+                burst: 60,
+                per_second: 1.0,
+            },
+            Rate {
+                burst: 20,
+                per_second: 0.2,
+            },
+            Rate {
+                burst: 100,
+                per_second: 1.0,
+            },
+        )
     }
 }
 
 impl Limits {
-    /// The login limits, and `burst` requests per device growing back by
-    /// `per_second` (`SLUICE_DEVICE_BURST`, `SLUICE_DEVICE_RATE`).
-    pub fn with_device(burst: u32, per_second: f64) -> Self {
+    /// The login limits; `device` requests per device (`SLUICE_DEVICE_BURST`,
+    /// `SLUICE_DEVICE_RATE`); enrollments per address and per product
+    /// (`SLUICE_ENROLL_BURST`/`_RATE`, `SLUICE_ENROLL_PRODUCT_BURST`/`_RATE`).
+    pub fn new(device: Rate, enroll_addr: Rate, enroll_product: Rate) -> Self {
         Limits {
-            // A person mistyping gets 10 tries, then one every 6 s.
-            login_user: RateLimiter::new(10, 1.0 / 6.0, "login attempts for this user"),
             login_addr: RateLimiter::new(100, 2.0, "login attempts from this address"),
-            device: RateLimiter::new(burst, per_second, "requests from this device"),
+            login_fail_addr: RateLimiter::new(30, 1.0 / 10.0, "failed logins from this address"),
+            // A person mistyping gets 10 tries, then one every 6 s.
+            login_fail_user: RateLimiter::new(
+                10,
+                1.0 / 6.0,
+                "failed logins for this user from this address",
+            ),
+            device: device.limiter("requests from this device"),
+            enroll_addr: enroll_addr.limiter("enrollments from this address"),
+            enroll_product: enroll_product.limiter("enrollments for this product"),
         }
     }
 }
@@ -157,5 +234,35 @@ mod tests {
             kept < 30_000,
             "refilled buckets must be dropped, {kept} kept"
         );
+    }
+
+    /// Keys nobody refills (all made within one instant) cannot grow a
+    /// limiter past its cap.
+    #[test]
+    fn the_number_of_keys_is_capped() {
+        let l = RateLimiter::new(5, 0.001, "requests");
+        let t0 = Instant::now();
+        for i in 0..(MAX_KEYS as u32 + 50_000) {
+            l.check_at(&i, t0).unwrap();
+        }
+        assert!(l.len() <= MAX_KEYS, "{} buckets", l.len());
+    }
+
+    #[test]
+    fn a_refund_gives_the_attempt_back() {
+        let l = RateLimiter::new(2, 0.001, "requests");
+        let t0 = Instant::now();
+        l.check_at(&"k", t0).unwrap();
+        l.check_at(&"k", t0).unwrap();
+        l.refund(&"k");
+        l.check_at(&"k", t0).unwrap();
+        assert!(l.check_at(&"k", t0).is_err());
+        // Never above the burst.
+        l.refund(&"k");
+        l.refund(&"k");
+        l.refund(&"k");
+        l.check_at(&"k", t0).unwrap();
+        l.check_at(&"k", t0).unwrap();
+        assert!(l.check_at(&"k", t0).is_err());
     }
 }

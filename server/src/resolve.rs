@@ -326,6 +326,8 @@ struct Checkin {
     version: Option<String>,
     /// The key list version the device holds, if it said.
     keys_version: Option<i64>,
+    /// `<version>@<digest>` the answer told the device to install, for the health gate.
+    offered: Option<String>,
 }
 
 /// Batches check-ins (last seen, current digest) and writes them every
@@ -473,15 +475,19 @@ async fn write(
     let digests: Vec<Option<String>> = batch.iter().map(|(_, c)| c.digest.clone()).collect();
     let versions: Vec<Option<String>> = batch.iter().map(|(_, c)| c.version.clone()).collect();
     let keys_versions: Vec<Option<i64>> = batch.iter().map(|(_, c)| c.keys_version).collect();
+    let offered: Vec<Option<String>> = batch.iter().map(|(_, c)| c.offered.clone()).collect();
     // A report written after the poll (last_seen later) wins over the poll.
+    // The last 8 offers are kept.
     let r = sqlx::query!(
         r#"UPDATE devices d SET last_seen = u.at, channel = u.channel, arch = u.arch,
               current_digest = coalesce(u.digest, d.current_digest),
               current_version = CASE WHEN u.digest IS NULL OR u.digest = d.current_digest THEN d.current_version
                                      ELSE u.version END,
-              keys_version = coalesce(u.keys_version, d.keys_version)
-           FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[])
-                AS u(id, at, channel, arch, digest, version, keys_version)
+              keys_version = coalesce(u.keys_version, d.keys_version),
+              offered = CASE WHEN u.offered IS NULL OR u.offered = ANY(d.offered) THEN d.offered
+                             ELSE (d.offered || u.offered)[greatest(1, cardinality(d.offered) - 6):] END
+           FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[])
+                AS u(id, at, channel, arch, digest, version, keys_version, offered)
            WHERE d.id = u.id AND d.last_seen <= u.at"#,
         &ids,
         &ats,
@@ -489,7 +495,8 @@ async fn write(
         &arches,
         &digests as &[Option<String>],
         &versions as &[Option<String>],
-        &keys_versions as &[Option<i64>]
+        &keys_versions as &[Option<i64>],
+        &offered as &[Option<String>]
     )
     .execute(db)
     .await;
@@ -651,6 +658,11 @@ async fn resolve(
                 .keys_version
                 .filter(|v| Some(*v) <= state.keys.list_version())
                 .and_then(|v| i64::try_from(v).ok()),
+            offered: answer
+                .release
+                .as_ref()
+                .filter(|_| answer.update)
+                .map(|r| format!("{}@{}", r.version, r.digest)),
         },
     );
     state

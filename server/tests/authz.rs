@@ -9,6 +9,7 @@ mod images;
 use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use sluice_protocol::ProofPurpose;
 use sqlx::PgPool;
 
 const ROLES: [&str; 7] = [
@@ -102,6 +103,19 @@ async fn every_route_for_every_role(pool: PgPool) {
             )
             .await;
         let doomed = t["id"].as_str().unwrap().to_string();
+        // Devices an allowed call may revoke, reset or delete.
+        let (doomed_device, _) = app
+            .enroll("acme", &secret, &format!("doomed-{role}"), "stable")
+            .await;
+        let (deleted_device, _) = app
+            .enroll("acme", &secret, &format!("deleted-{role}"), "stable")
+            .await;
+        // Proofs are single-use: one per call.
+        let machine = format!("new-{role}");
+        let enroll_body = json!({"product": "acme", "enrollment_secret": secret, "machine_id": machine,
+            "arch": "amd64", "channel": "stable",
+            "proof": common::enroll_proof(&common::device_key("acme", &machine), "acme", &machine)});
+        let device_proof = |purpose| json!({"proof": common::device_key("acme", "m-1").prove(purpose, "acme", &device_id, rand::random(), common::now_s())});
         let routes: Vec<(Method, String, Option<Value>, Who, StatusCode)> = vec![
             (
                 Method::GET,
@@ -135,6 +149,14 @@ async fn every_route_for_every_role(pool: PgPool) {
                 Method::GET,
                 "/v1/keys".into(),
                 None,
+                Who::Anyone,
+                StatusCode::OK,
+            ),
+            // Before the admin's call below rotates the enrollment secret.
+            (
+                Method::POST,
+                "/v1/devices/enroll".into(),
+                Some(enroll_body),
                 Who::Anyone,
                 StatusCode::OK,
             ),
@@ -279,6 +301,41 @@ async fn every_route_for_every_role(pool: PgPool) {
                 StatusCode::NO_CONTENT,
             ),
             (
+                Method::POST,
+                format!("/v1/devices/{device_id}/token"),
+                Some(device_proof(ProofPurpose::Renew)),
+                Who::Anyone,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                format!("/v1/devices/{device_id}/key"),
+                Some(device_proof(ProofPurpose::Bind)),
+                Who::OwnDevice,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                format!("/v1/devices/{doomed_device}/revoke"),
+                Some(json!({"reason": "authz"})),
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::POST,
+                format!("/v1/devices/{doomed_device}/reset"),
+                None,
+                Who::Admin,
+                StatusCode::OK,
+            ),
+            (
+                Method::DELETE,
+                format!("/v1/devices/{deleted_device}"),
+                None,
+                Who::Admin,
+                StatusCode::NO_CONTENT,
+            ),
+            (
                 Method::GET,
                 "/v1/devices".into(),
                 None,
@@ -361,5 +418,5 @@ async fn every_route_for_every_role(pool: PgPool) {
         failures.len(),
         failures.join("\n")
     );
-    assert_eq!(checked, 30 * ROLES.len());
+    assert_eq!(checked, 36 * ROLES.len());
 }

@@ -359,6 +359,9 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
+    // Outcomes count only from devices that were offered the release.
+    let answers = resolve_all(&app, &keys, &devices[..10]).await;
+    assert_eq!(offered(&answers, "1.2.0"), 10);
     for d in &devices[..7] {
         assert_eq!(
             report(&app, d, "healthy", &d3).await.0,

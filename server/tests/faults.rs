@@ -310,7 +310,8 @@ async fn enroll(s: &Server, secret: &str, machine: &str) -> (String, String) {
             reqwest::Method::POST,
             "/v1/devices/enroll",
             None,
-            Some(json!({"product": "acme", "enrollment_secret": secret, "machine_id": machine, "arch": "amd64", "channel": "stable"})),
+            Some(json!({"product": "acme", "enrollment_secret": secret, "machine_id": machine, "arch": "amd64", "channel": "stable",
+                        "proof": common::enroll_proof(&common::device_key("acme", machine), "acme", machine)})),
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{b}");
@@ -365,6 +366,11 @@ async fn database_outage_is_503_and_heals_by_itself() {
         "{b}"
     );
     let (st, b) = s.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(b, json!({"status": "not ready"}));
+    let (st, b) = s
+        .call(reqwest::Method::GET, "/readyz", Some(&admin), None)
+        .await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         b["database"].as_str().unwrap().starts_with("unavailable"),

@@ -27,7 +27,8 @@ async fn enroll(
             None,
             Some(
                 json!({"product": "acme", "enrollment_secret": secret, "machine_id": machine,
-                        "arch": "amd64", "channel": channel, "current_version": current_version}),
+                        "arch": "amd64", "channel": channel, "current_version": current_version,
+                        "proof": common::enroll_proof(&common::device_key("acme", machine), "acme", machine)}),
             ),
         )
         .await;

@@ -10,6 +10,8 @@
 //
 // Options fall back to SLUICE_SERVER, SLUICE_ADMIN_PASSWORD and REGISTRY.
 // Without --once the devices poll every --interval seconds until SIGINT/SIGTERM.
+// The 48 devices enroll from one address: start the server with
+// SLUICE_ENROLL_BURST=100 (the default allows 20 at once per address).
 import { parseArgs } from "node:util";
 import { round, seed } from "./lib/demo.mjs";
 import { Sluice } from "./lib/sluice.mjs";

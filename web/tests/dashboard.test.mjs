@@ -238,6 +238,46 @@ describe("dashboard", () => {
     await page.getByTestId("pin").filter({ hasText: "none" }).waitFor();
   });
 
+  test("an admin revokes a device, which is refused at once; a reset lets it enroll again; delete removes one", async () => {
+    const d = devices[2];
+    assert.equal((await d.resolve()).device_id, d.id);
+    await page.goto(`${server.url}/devices/${d.id}`);
+    await page.getByRole("heading", { name: d.machineId }).waitFor();
+    await page.getByTestId("key").filter({ hasText: /^[0-9a-f]{16}$/ }).waitFor();
+    await act("Revoke…", "Revoke", async (dialog) => {
+      await dialog.locator("input[name=revoke_reason]").fill("lost in transit");
+    });
+    await notice(`Revoked ${d.machineId}`);
+    await page.getByTestId("revoked").waitFor();
+    assert.match(await page.getByTestId("access").innerText(), /revoked .*: lost in transit/);
+    assert.equal(await page.getByRole("button", { name: "Revoke…" }).count(), 0);
+    const refused = await d.sluice.raw("GET", `/v1/products/${PRODUCT}/channels/stable/resolve?nonce=abcdefgh12`, undefined, { token: d.token });
+    assert.equal(refused.status, 401, JSON.stringify(refused.body));
+    await page.goto(`${server.url}/devices?q=${d.machineId}`);
+    await page.locator("table.devices tbody tr .badge", { hasText: "revoked" }).waitFor();
+
+    await page.goto(`${server.url}/devices/${d.id}`);
+    await act("Reset…", "Reset");
+    await notice(`Reset ${d.machineId}`);
+    await page.getByTestId("key").filter({ hasText: "waiting for the machine to enroll again" }).waitFor();
+    assert.equal(await page.getByTestId("revoked").count(), 0);
+    // The machine enrolls again with a new key and gets its device back.
+    d.key = (await import("node:crypto")).generateKeyPairSync("ed25519");
+    const id = d.id;
+    await d.enroll();
+    assert.equal(d.id, id);
+    assert.equal((await d.resolve()).device_id, id);
+
+    const spare = new SimDevice(api, { product: PRODUCT, secret, channel: "beta", machineId: "spare" });
+    await spare.enroll();
+    await page.goto(`${server.url}/devices/${spare.id}`);
+    await page.getByRole("heading", { name: "spare" }).waitFor();
+    await act("Delete…", "Delete");
+    await page.waitForURL(`${server.url}/devices`);
+    await notice("Deleted spare");
+    assert.equal((await api.raw("GET", `/v1/devices/${spare.id}`)).status, 404);
+  });
+
   test("an API token's secret is shown once, and it can be revoked", async () => {
     await page.getByRole("link", { name: "API tokens" }).click();
     await act("New token…", "Create", async (dialog) => {
@@ -350,6 +390,8 @@ describe("dashboard", () => {
     await v.goto(`${server.url}/devices/${devices[0].id}`);
     await v.getByRole("heading", { name: devices[0].machineId }).waitFor();
     assert.equal(await v.getByRole("button", { name: "Pin…" }).count(), 0);
+    assert.equal(await v.getByRole("button", { name: "Revoke…" }).count(), 0);
+    assert.equal(await v.getByRole("button", { name: "Delete…" }).count(), 0);
 
     // And the server refuses the viewer's cookie for a change anyway.
     const status = await v.evaluate(async (url) => {

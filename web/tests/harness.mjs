@@ -68,6 +68,7 @@ export async function startServer() {
     SLUICE_INSECURE_REGISTRIES: REGISTRY,
     SLUICE_WEB_DIR: join(WEB, "dist"),
     SLUICE_POLL_AFTER_S: "5",
+    SLUICE_ENROLL_BURST: "1000",
     RUST_LOG: "warn",
   };
   const log = join(dir, "server.log");

@@ -55,6 +55,11 @@ pub fn config(data_dir: PathBuf) -> Config {
         checkin_flush_ms: 1000,
         device_burst: 60,
         device_rate: 1.0,
+        device_token_ttl_s: 6 * 3600,
+        enroll_burst: 10_000,
+        enroll_rate: 100.0,
+        enroll_product_burst: 10_000,
+        enroll_product_rate: 100.0,
         tls_cert: None,
         tls_key: None,
         web_dir: None,
@@ -280,7 +285,8 @@ impl TestApp {
         b["token"].as_str().unwrap().to_string()
     }
 
-    /// Enrolls a device; answers (device id, token).
+    /// Enrolls a device with the key [`device_key`] gives its machine id;
+    /// answers (device id, token).
     pub async fn enroll(
         &self,
         product: &str,
@@ -294,7 +300,8 @@ impl TestApp {
                 "/v1/devices/enroll",
                 None,
                 Some(json!({"product": product, "enrollment_secret": secret, "machine_id": machine_id,
-                            "arch": "amd64", "channel": channel})),
+                            "arch": "amd64", "channel": channel,
+                            "proof": enroll_proof(&device_key(product, machine_id), product, machine_id)})),
             )
             .await;
         assert_eq!(s, StatusCode::OK, "{b}");
@@ -311,4 +318,32 @@ impl Drop for TestApp {
             let _ = tx.send(());
         }
     }
+}
+
+/// The device key of a test machine: the same for the same product and
+/// machine id, as a real device keeps its key.
+pub fn device_key(product: &str, machine_id: &str) -> sluice_protocol::DeviceKey {
+    use sha2::Digest;
+    let seed: [u8; 32] = sha2::Sha256::digest(format!("{product}\0{machine_id}")).into();
+    sluice_protocol::DeviceKey::from_seed(&seed)
+}
+
+/// Seconds since the epoch.
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A fresh enrollment proof (as JSON) by `key` for `machine_id`.
+pub fn enroll_proof(key: &sluice_protocol::DeviceKey, product: &str, machine_id: &str) -> Value {
+    serde_json::to_value(key.prove(
+        sluice_protocol::ProofPurpose::Enroll,
+        product,
+        machine_id,
+        rand::random(),
+        now_s(),
+    ))
+    .unwrap()
 }

@@ -1,7 +1,38 @@
 // A small client of the Sluice REST API, and simulated devices that enroll,
 // resolve and report over HTTP the way the agent does (without writing slots).
 // Used by the browser tests and the demo seed.
-import { randomBytes } from "node:crypto";
+import { generateKeyPairSync, randomBytes, sign } from "node:crypto";
+
+/**
+ * A proof of a device key, as `protocol/src/proof.rs` defines it: Ed25519
+ * over the domain, then purpose, product, subject, the raw public key and 16
+ * random bytes, each with a 4-byte big-endian length, then the time as 8
+ * bytes big endian.
+ */
+export function deviceProof(key, purpose, product, subject, timestamp = Math.floor(Date.now() / 1000)) {
+  const raw = key.publicKey.export({ format: "der", type: "spki" }).subarray(-32);
+  const field = (b) => {
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(b.length);
+    return [len, b];
+  };
+  const ts = Buffer.alloc(8);
+  ts.writeBigInt64BE(BigInt(timestamp));
+  const nonce = randomBytes(16);
+  const message = Buffer.concat([
+    Buffer.from("sluice-device-proof-v1\0"),
+    ...[purpose, product, subject].flatMap((s) => field(Buffer.from(s))),
+    ...field(raw),
+    ...field(nonce),
+    ts,
+  ]);
+  return {
+    public_key: raw.toString("base64"),
+    nonce: nonce.toString("base64"),
+    timestamp,
+    signature: sign(null, message, key.privateKey).toString("base64"),
+  };
+}
 
 export class Sluice {
   constructor(url, token) {
@@ -53,6 +84,7 @@ export class SimDevice {
   constructor(sluice, { product, secret, channel, machineId, arch = "amd64", labels = {}, version, digest, failOn = [] }) {
     Object.assign(this, { sluice, product, secret, channel, machineId, arch, labels, version, digest });
     this.failOn = new Set(failOn);
+    this.key = generateKeyPairSync("ed25519");
     this.slot = "A";
     this.fail = false;
   }
@@ -70,6 +102,7 @@ export class SimDevice {
         labels: this.labels,
         current_version: this.version ?? null,
         current_digest: this.digest ?? null,
+        proof: deviceProof(this.key, "enroll", this.product, this.machineId),
       },
       { token: null },
     );

@@ -1,7 +1,7 @@
 // The fleet as a table with search, filters and paging, and one device with
-// its event timeline, slot, versions and pin.
+// its event timeline, slot, versions, pin and identity (revoke, reset, delete).
 import { useState, type FormEvent } from "react";
-import { Link, useParams, useSearchParams } from "react-router";
+import { Link, useNavigate, useParams, useSearchParams } from "react-router";
 import { api, unwrap } from "../api/client";
 import { STATUSES } from "../charts";
 import { useSession } from "../session";
@@ -148,6 +148,7 @@ export function Devices() {
                       <td>
                         <Link to={`/devices/${d.id}`}>{d.machine_id}</Link>
                         {d.pin && <span className="badge floor">pinned</span>}
+                        {d.revoked_at && <span className="badge s-failed">revoked</span>}
                       </td>
                       <td>
                         {d.product} / {d.channel}
@@ -213,6 +214,11 @@ export function DevicePage() {
           <>
             <h1>
               {dev.machine_id} <StatusBadge status={dev.status} />
+              {dev.revoked_at && (
+                <span className="badge s-failed" data-testid="revoked">
+                  revoked
+                </span>
+              )}
             </h1>
             <div className="grid2">
               <section className="card">
@@ -236,7 +242,16 @@ export function DevicePage() {
                   <dd>{when(dev.created_at)}</dd>
                   <dt>Last seen</dt>
                   <dd title={when(dev.last_seen)}>{ago(dev.last_seen)}</dd>
+                  <dt>Device key</dt>
+                  <dd className="mono" data-testid="key">
+                    {dev.key_id ?? (dev.awaiting_enrollment ? "none: reset, waiting for the machine to enroll again" : "none: enrolled before device keys")}
+                  </dd>
+                  <dt>Access</dt>
+                  <dd data-testid="access">
+                    {dev.revoked_at ? `revoked ${when(dev.revoked_at)}${dev.revoked_reason ? `: ${dev.revoked_reason}` : ""}` : "allowed"}
+                  </dd>
                 </dl>
+                {isAdmin && <IdentityControls id={dev.id} machine={dev.machine_id} revoked={!!dev.revoked_at} done={d.reload} />}
               </section>
               <section className="card">
                 <h2>Slots and versions</h2>
@@ -330,6 +345,64 @@ function PinControls({ id, pinned, done }: { id: string; pinned: boolean; done: 
           <p>The device will follow its channel again.</p>
         </ActionButton>
       )}
+    </div>
+  );
+}
+
+function IdentityControls({ id, machine, revoked, done }: { id: string; machine: string; revoked: boolean; done: () => void }) {
+  const [reason, setReason] = useState("");
+  const navigate = useNavigate();
+  return (
+    <div className="buttons">
+      {!revoked && (
+        <ActionButton
+          label="Revoke…"
+          title={`Revoke ${machine}?`}
+          confirmLabel="Revoke"
+          danger
+          run={async () => {
+            const d = await unwrap(
+              api.POST("/v1/devices/{id}/revoke", { params: { path: { id } }, body: { reason: reason.trim() || undefined } }),
+            );
+            return `Revoked ${d.machine_id}: its tokens are refused from now on.`;
+          }}
+          done={done}
+        >
+          <p>Every token of this device is refused at once, it gets no new one, and its machine id cannot enroll again until you reset or delete it.</p>
+          <label>
+            Reason
+            <input name="revoke_reason" placeholder="stolen, decommissioned…" value={reason} onChange={(e) => setReason(e.target.value)} />
+          </label>
+        </ActionButton>
+      )}
+      <ActionButton
+        label="Reset…"
+        title={`Reset ${machine}?`}
+        confirmLabel="Reset"
+        run={async () => {
+          const d = await unwrap(api.POST("/v1/devices/{id}/reset", { params: { path: { id } } }));
+          return `Reset ${d.machine_id}: its next enrollment binds a new key.`;
+        }}
+        done={done}
+      >
+        <p>
+          The device's key is forgotten{revoked ? " and the revocation lifted" : ""}; the tokens it holds stop working. The next enrollment of this machine id, with the product's secret and
+          a new key, gets this device back (same id, pin and history). Do this when the machine is ready to enroll: until then anyone with the secret can claim it.
+        </p>
+      </ActionButton>
+      <ActionButton
+        label="Delete…"
+        title={`Delete ${machine}?`}
+        confirmLabel="Delete"
+        danger
+        run={async () => {
+          await unwrap(api.DELETE("/v1/devices/{id}", { params: { path: { id } } }));
+          return `Deleted ${machine} and its events.`;
+        }}
+        done={() => navigate("/devices")}
+      >
+        <p>The device and its events are deleted and its tokens refused. A machine that still has the enrollment secret can enroll again as a new device; to keep it out, revoke it instead.</p>
+      </ActionButton>
     </div>
   );
 }
