@@ -368,10 +368,10 @@ impl Device {
         failpoint::hit("slot: write");
         if let Err(e) = self.write_slot(&target, slot) {
             let msg = format!("{e:#}");
-            self.report(EventKind::Failed, &target, Some(msg.clone()));
             self.store.data.last_result = Some(format!("failed {}: {msg}", target.version));
             self.store
                 .transition(Step::WriteFailed, UpdateState::Idle)?;
+            self.report(EventKind::Failed, &target, Some(msg));
             return Err(e);
         }
         failpoint::hit("slot: written");
@@ -410,7 +410,11 @@ impl Device {
         let registry = Registry::new(
             &self.cfg.registry.insecure,
             self.cfg.registry.auth.as_deref(),
-        )?;
+        )?
+        .with_pace(
+            Duration::from_secs(self.cfg.registry.timeout_s),
+            self.cfg.registry.min_bytes_per_s,
+        );
         let manifest = registry.manifest(&image)?;
         // The platform and every layer's encoding are known before the slot
         // is touched.
@@ -540,22 +544,26 @@ impl Device {
                 ab.mark_bad(slot);
                 self.store_ab(env, &ab)?;
                 self.store.data.record_failure(&target.digest);
+                self.store.data.last_result = Some(format!("rolled back from {}", target.version));
+                self.store.transition(Step::FellBack, UpdateState::Idle)?;
+                // Reports follow the transition, so the host status sent
+                // with them is the one the device now has.
                 self.report(
                     EventKind::RolledBack,
                     &target,
                     Some(format!("booted slot {booted}, not {slot}")),
                 );
-                self.store.data.last_result = Some(format!("rolled back from {}", target.version));
-                self.store.transition(Step::FellBack, UpdateState::Idle)
+                Ok(())
             }
             UpdateState::Failed { target, slot, .. } if slot != booted => {
+                self.store.data.last_result = Some(format!("rolled back from {}", target.version));
+                self.store.transition(Step::FellBack, UpdateState::Idle)?;
                 self.report(
                     EventKind::RolledBack,
                     &target,
                     Some(format!("booted slot {booted}, not {slot}")),
                 );
-                self.store.data.last_result = Some(format!("rolled back from {}", target.version));
-                self.store.transition(Step::FellBack, UpdateState::Idle)
+                Ok(())
             }
             UpdateState::Failed { target, .. } => {
                 // Booted the slot marked bad anyway: assess it again.
@@ -608,16 +616,16 @@ impl Device {
                     image: String::new(),
                 });
                 self.store.data.record_failure(&target.digest);
-                self.report(EventKind::Failed, &target, Some(msg.clone()));
                 self.store.data.last_result = Some(format!("failed {}: {msg}", target.version));
                 self.store.transition(
                     Step::AssessmentFailed,
                     UpdateState::Failed {
-                        target,
+                        target: target.clone(),
                         slot: booted,
                         boot_id: self.boot_id()?,
                     },
                 )?;
+                self.report(EventKind::Failed, &target, Some(msg.clone()));
                 self.request_reboot()?;
                 bail!(
                     "slot {booted} is unhealthy ({msg}): marked bad, rebooting into slot {}",
@@ -629,9 +637,10 @@ impl Device {
 
     fn healthy(&mut self, target: Target, slot: Slot) -> anyhow::Result<()> {
         self.store.data.set_slot(slot, Some(target.clone()));
-        self.report(EventKind::Healthy, &target, None);
         self.store.data.last_result = Some(format!("healthy {}", target.version));
-        self.store.transition(Step::Healthy, UpdateState::Idle)
+        self.store.transition(Step::Healthy, UpdateState::Idle)?;
+        self.report(EventKind::Healthy, &target, None);
+        Ok(())
     }
 
     /// Makes the other slot primary, if it holds a complete image, and

@@ -103,7 +103,7 @@ pub struct Boot {
 }
 
 /// `[registry]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Registry {
     /// `host:port` reached over plain HTTP.
@@ -119,6 +119,33 @@ pub struct Registry {
     /// `insecure` and `auth` apply to the address actually reached.
     #[serde(default)]
     pub mirrors: std::collections::BTreeMap<String, String>,
+    /// Slow retrieval bound: every registry request (manifest, config, each
+    /// blob, token) must end within `timeout_s` plus its size at
+    /// `min_bytes_per_s`, or it fails and is retried at the next poll.
+    #[serde(default = "default_registry_timeout_s")]
+    pub timeout_s: u64,
+    /// The slowest average download rate accepted, bytes a second.
+    #[serde(default = "default_min_bytes_per_s")]
+    pub min_bytes_per_s: u64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            insecure: Vec::new(),
+            auth: None,
+            mirrors: Default::default(),
+            timeout_s: default_registry_timeout_s(),
+            min_bytes_per_s: default_min_bytes_per_s(),
+        }
+    }
+}
+
+fn default_registry_timeout_s() -> u64 {
+    60
+}
+fn default_min_bytes_per_s() -> u64 {
+    16 << 10
 }
 
 impl Registry {

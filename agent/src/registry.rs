@@ -230,6 +230,9 @@ pub struct Registry {
     agent: ureq::Agent,
     insecure: Vec<String>,
     auths: serde_json::Value,
+    /// Each request must end within `base` plus its size at `min_rate`.
+    base: Duration,
+    min_rate: u64,
 }
 
 impl Registry {
@@ -256,7 +259,27 @@ impl Registry {
             agent,
             insecure: insecure.to_vec(),
             auths,
+            base: Duration::from_secs(60),
+            min_rate: 16 << 10,
         })
+    }
+
+    /// The slow-retrieval bound (TUF's attack): a request of `size` bytes
+    /// fails unless it ends within `base + size / min_rate`, so a registry
+    /// or network that trickles or stalls a body cannot hold the agent.
+    pub fn with_pace(mut self, base: Duration, min_rate: u64) -> Self {
+        self.base = base;
+        self.min_rate = min_rate.max(1);
+        self
+    }
+
+    /// How long a request for `size` bytes may take in all.
+    pub fn deadline(&self, size: u64) -> Duration {
+        // Sizes come from verified manifests, but a huge one must not make
+        // an instant overflow: a month is no bound anyway.
+        self.base
+            .saturating_add(Duration::from_secs(size / self.min_rate))
+            .min(Duration::from_secs(30 * 86_400))
     }
 
     fn base(&self, r: &ImageRef) -> String {
@@ -285,10 +308,17 @@ impl Registry {
         r: &ImageRef,
         url: &str,
         accept: &str,
+        size: u64,
     ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
         let mut auth = self.basic(&r.host).map(|b| format!("Basic {b}"));
         for _ in 0..2 {
-            let mut req = self.agent.get(url).header("Accept", accept);
+            let mut req = self
+                .agent
+                .get(url)
+                .config()
+                .timeout_global(Some(self.deadline(size)))
+                .build()
+                .header("Accept", accept);
             if let Some(a) = &auth {
                 req = req.header("Authorization", a);
             }
@@ -333,7 +363,12 @@ impl Registry {
             }
         }
         let Some(realm) = realm else { return Ok(None) };
-        let mut req = self.agent.get(&realm);
+        let mut req = self
+            .agent
+            .get(&realm)
+            .config()
+            .timeout_global(Some(self.deadline(1 << 20)))
+            .build();
         for (k, v) in &query {
             req = req.query(k, v);
         }
@@ -374,7 +409,7 @@ impl Registry {
     /// Fetches the platform manifest by digest and checks its bytes.
     pub fn manifest(&self, r: &ImageRef) -> anyhow::Result<Manifest> {
         let url = format!("{}/manifests/{}", self.base(r), r.digest);
-        let resp = self.get(r, &url, ACCEPT)?;
+        let resp = self.get(r, &url, ACCEPT, MAX_MANIFEST)?;
         if resp.status() != 200 {
             bail!(
                 "registry answered {} for manifest {}/{}@{}",
@@ -421,12 +456,45 @@ impl Registry {
         d: &Descriptor,
     ) -> anyhow::Result<Verified<Box<dyn Read + Send>>> {
         let url = format!("{}/blobs/{}", self.base(r), d.digest);
-        let resp = self.get(r, &url, "*/*")?;
+        let resp = self.get(r, &url, "*/*", d.size)?;
         if resp.status() != 200 {
             bail!("registry answered {} for blob {}", resp.status(), d.digest);
         }
-        let reader: Box<dyn Read + Send> = Box::new(resp.into_body().into_reader());
+        let reader: Box<dyn Read + Send> = Box::new(Paced {
+            inner: resp.into_body().into_reader(),
+            what: format!(
+                "registry {} too slow: blob {} ({} bytes) did not arrive within {} s \
+                 (registry.timeout_s plus its size at registry.min_bytes_per_s)",
+                r.host,
+                d.digest,
+                d.size,
+                self.deadline(d.size).as_secs()
+            ),
+        });
         Ok(Verified::new(reader, &d.digest, d.size))
+    }
+}
+
+/// Says why a body read timed out: the slow-retrieval bound, not a network
+/// fault.
+struct Paced<R> {
+    inner: R,
+    what: String,
+}
+
+impl<R: Read> Read for Paced<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            let timeout = e.kind() == std::io::ErrorKind::TimedOut
+                || e.get_ref()
+                    .and_then(|i| i.downcast_ref::<ureq::Error>())
+                    .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)));
+            if timeout {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, self.what.clone())
+            } else {
+                e
+            }
+        })
     }
 }
 

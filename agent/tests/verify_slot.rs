@@ -37,6 +37,8 @@ enum Reply {
     Full(u16, Vec<(String, String)>, Vec<u8>),
     /// Declares the whole body, sends its first `n` bytes, then hangs.
     Stall(Vec<u8>, usize),
+    /// Declares the whole body and sends it a byte every 50 ms.
+    Trickle(Vec<u8>),
 }
 
 type Route = dyn Fn(&Seen) -> Option<Reply> + Send + Sync;
@@ -120,12 +122,17 @@ fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>, routes: &Mutex<Vec<Box<Route>
         .find_map(|f| f(&req))
         .unwrap_or_else(|| Reply::Full(404, vec![], b"not found".to_vec()));
     let mut out = conn;
+    let mut trickle = false;
     let (status, extra, body, send) = match reply {
         Reply::Full(s, h, b) => {
             let n = b.len();
             (s, h, b, n)
         }
         Reply::Stall(b, n) => (200, vec![], b, n),
+        Reply::Trickle(b) => {
+            trickle = true;
+            (200, vec![], b, 0)
+        }
     };
     let mut head = format!(
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -136,6 +143,17 @@ fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>, routes: &Mutex<Vec<Box<Route>
     }
     head.push_str("\r\n");
     let _ = out.write_all(head.as_bytes());
+    if trickle {
+        // Never idle long enough for a read timeout; ends when the agent
+        // hangs up.
+        for b in &body {
+            if out.write_all(std::slice::from_ref(b)).is_err() || out.flush().is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        return;
+    }
     let _ = out.write_all(&body[..send]);
     if send < body.len() {
         // Hang until the agent gives up (or is killed).
@@ -461,6 +479,63 @@ fn a_killed_install_leaves_no_set_id_file_and_the_next_one_completes() {
         std::fs::read(b.join("usr/lib/big")).unwrap(),
         noise(4 << 20, 3)
     );
+}
+
+/// Slow retrieval (TUF): a registry or network that stalls a layer's body,
+/// or trickles it a byte at a time (never idle long enough for a read
+/// timeout), cannot hold the agent: the download fails once it has taken
+/// longer than `timeout_s` plus its size at `min_bytes_per_s`, the agent
+/// exits by itself with a line that says so, and slot B is left empty and
+/// closed, GRUB untouched. Without the bound, both hung until killed.
+#[test]
+fn a_stalled_or_trickled_download_fails_by_itself() {
+    for trickle in [false, true] {
+        let gz = layer(&[("usr/lib/big", noise(1 << 20, 5))]);
+        let img = image(std::slice::from_ref(&gz), linux_amd64());
+        let s = setup(&img, "dir");
+        let path = format!("/v2/{REPO}/blobs/{}", sluice_protocol::sha256_digest(&gz));
+        s.stand.route(move |req| {
+            (req.path == path).then(|| {
+                if trickle {
+                    Reply::Trickle(gz.clone())
+                } else {
+                    Reply::Stall(gz.clone(), 4096)
+                }
+            })
+        });
+        // About 1 MB at 1 MB/s after 2 s: the bound is ~3 s.
+        let mut cfg = std::fs::read_to_string(&s.dev.config).unwrap();
+        cfg.push_str("timeout_s = 2\nmin_bytes_per_s = 1048576\n");
+        std::fs::write(&s.dev.config, cfg).unwrap();
+        let mut child = s
+            .dev
+            .command(&["apply"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Only a safety net for a hang (the failure this test is about);
+        // the bound itself is ~3 s.
+        let mut waited = 0;
+        while child.try_wait().unwrap().is_none() {
+            waited += 1;
+            if waited > 1200 {
+                let _ = child.kill();
+                panic!("the agent still waits on a slow registry after 120 s (trickle: {trickle})");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().unwrap();
+        refused(&out, "too slow");
+        assert_not_switched(&s.dev);
+        let b = s.dev.path("b");
+        assert!(
+            tree(&b).is_empty(),
+            "trickle {trickle}: {:?}",
+            tree(&b).keys().collect::<Vec<_>>()
+        );
+        assert_eq!(mode(&b), 0o700);
+    }
 }
 
 /// An image whose config names another OS or architecture, or whose config

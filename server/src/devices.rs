@@ -102,6 +102,12 @@ pub struct DeviceDetail {
     /// The device.
     #[serde(flatten)]
     pub device: Device,
+    /// The slots and agent state it sent with its latest event (agents from
+    /// before host status send none).
+    pub host: Option<sluice_protocol::HostStatus>,
+    /// When it sent them.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub host_at: Option<OffsetDateTime>,
     /// Its latest events, newest first (at most 200).
     pub events: Vec<Event>,
 }
@@ -549,6 +555,15 @@ async fn report_event(
     {
         return Err(Error::BadRequest("booted_slot must be `A` or `B`".into()));
     }
+    if let Some(h) = &req.host {
+        check_host(h)?;
+    }
+    let host = req
+        .host
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| Error::Internal(anyhow::anyhow!("host status: {e}")))?;
     // Outcomes count for the health gate only for what the device was told
     // to install. The offer may still wait in the check-in batch: write it
     // first (only when the report names something not yet recorded).
@@ -571,7 +586,9 @@ async fn report_event(
             current_version = CASE WHEN $4 THEN $3 ELSE current_version END,
             current_digest = CASE WHEN $4 THEN $5 ELSE current_digest END,
             booted_slot = coalesce($6, booted_slot),
-            status_offered = $7 = ANY(offered)
+            status_offered = $7 = ANY(offered),
+            host = coalesce($8, host),
+            host_at = CASE WHEN $8::jsonb IS NULL THEN host_at ELSE now() END
          WHERE id = $1 RETURNING product_id, channel, status_offered"#,
         id,
         req.kind.status().as_str(),
@@ -579,7 +596,8 @@ async fn report_event(
         healthy,
         req.digest,
         req.booted_slot,
-        offer
+        offer,
+        host
     )
     .fetch_optional(&mut *tx)
     .await?
@@ -604,6 +622,41 @@ async fn report_event(
         crate::channels::check_gate(&state, d.product_id, &device.product, &d.channel).await?;
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A host status is the device's word about itself: bounded like the rest
+/// of a report, so it cannot fill the database or the dashboard.
+fn check_host(h: &sluice_protocol::HostStatus) -> Result<()> {
+    const STATES: [&str; 4] = ["idle", "writing", "staged", "failed"];
+    if !STATES.contains(&h.state.as_str()) {
+        return Err(Error::BadRequest(format!(
+            "host.state must be one of {}",
+            STATES.join(", ")
+        )));
+    }
+    for (name, slot) in [
+        ("booted", &h.booted),
+        ("staged", &h.staged),
+        ("rollback", &h.rollback),
+    ] {
+        let Some(slot) = slot else { continue };
+        if slot.slot != "A" && slot.slot != "B" {
+            return Err(Error::BadRequest(format!(
+                "host.{name}.slot must be `A` or `B`"
+            )));
+        }
+        if let Some(v) = &slot.version {
+            check_text(&format!("host.{name}.version"), v, 128)?;
+        }
+        if let Some(d) = &slot.digest
+            && !is_sha256_digest(d)
+        {
+            return Err(Error::BadRequest(format!(
+                "host.{name}.digest must be `sha256:<64 hex>`"
+            )));
+        }
+    }
+    Ok(())
 }
 
 struct DeviceRow {
@@ -773,7 +826,24 @@ async fn get_device(
     )
     .fetch_all(&state.db)
     .await?;
-    Ok(Json(DeviceDetail { device, events }))
+    let row = sqlx::query!("SELECT host, host_at FROM devices WHERE id = $1", id)
+        .fetch_optional(&state.db)
+        .await?;
+    let (host, host_at) = match row {
+        Some(r) => (
+            // Stored only after `check_host`; a row that no longer parses
+            // (a future agent's fields) shows as unknown rather than failing.
+            r.host.and_then(|h| serde_json::from_value(h).ok()),
+            r.host_at,
+        ),
+        None => (None, None),
+    };
+    Ok(Json(DeviceDetail {
+        device,
+        host,
+        host_at,
+        events,
+    }))
 }
 
 /// Pins a device to a release or an image, or unpins it (neither given).

@@ -414,6 +414,64 @@ async fn device_events(pool: PgPool) {
     assert_eq!(b["current_version"], "1.0.0");
     assert_eq!(b["current_digest"], digest);
     assert_eq!(b["events"][0]["kind"], "healthy");
+    assert!(b["host"].is_null(), "no host status sent yet: {b}");
+
+    // The host status sent with a report is kept and shown; a malformed one
+    // is refused with the field to fix, and the report is not recorded.
+    let slot =
+        |name: &str| json!({"slot": name, "version": "1.0.0", "digest": digest, "boot": "good"});
+    let host = json!({"state": "idle", "reboot_pending": false, "booted": slot("B"), "rollback": slot("A")});
+    let events = count(&app.state.db, "device_events").await;
+    for (bad, field) in [
+        (json!({"state": "exploded"}), "host.state"),
+        (
+            json!({"state": "idle", "booted": slot("C")}),
+            "host.booted.slot",
+        ),
+        (
+            json!({"state": "idle", "staged": {"slot": "A", "digest": "sha256:zz", "boot": "trial"}}),
+            "host.staged.digest",
+        ),
+        (
+            json!({"state": "idle", "rollback": {"slot": "A", "version": "x".repeat(129), "boot": "good"}}),
+            "host.rollback.version",
+        ),
+    ] {
+        let mut e = ev("healthy");
+        e["host"] = bad;
+        let (s, b) = app.post(&format!("/v1/devices/{d1}/events"), &t1, e).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+        assert!(
+            b["detail"].as_str().unwrap().contains(field),
+            "{field}: {b}"
+        );
+    }
+    let mut e = ev("healthy");
+    e["host"]["booted"] = json!({"slot": "A", "boot": "sideways"});
+    e["host"]["state"] = json!("idle");
+    let (s, b) = app.post(&format!("/v1/devices/{d1}/events"), &t1, e).await;
+    assert!(
+        s.is_client_error(),
+        "an unknown boot state is refused: {s} {b}"
+    );
+    assert_eq!(count(&app.state.db, "device_events").await, events);
+
+    let mut e = ev("healthy");
+    e["host"] = host.clone();
+    let (s, b) = app.post(&format!("/v1/devices/{d1}/events"), &t1, e).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    let (_, b) = app.get(&format!("/v1/devices/{d1}"), &app.admin).await;
+    assert_eq!(b["host"]["booted"], slot("B"), "{b}");
+    assert_eq!(b["host"]["rollback"], slot("A"), "{b}");
+    assert!(b["host"]["staged"].is_null(), "{b}");
+    assert!(b["host_at"].is_string(), "{b}");
+    // A later report without host status (an older agent) keeps the last one.
+    let (s, _) = app
+        .post(&format!("/v1/devices/{d1}/events"), &t1, ev("healthy"))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, b) = app.get(&format!("/v1/devices/{d1}"), &app.admin).await;
+    assert_eq!(b["host"]["booted"], slot("B"), "{b}");
 }
 
 /// Rollout changes are validated; a ramp only goes up.

@@ -418,5 +418,5 @@ async fn every_route_for_every_role(pool: PgPool) {
         failures.len(),
         failures.join("\n")
     );
-    assert_eq!(checked, 36 * ROLES.len());
+    assert_eq!(checked, 40 * ROLES.len());
 }

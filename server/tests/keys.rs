@@ -212,17 +212,10 @@ async fn activation_waits_for_the_devices(pool: PgPool) {
     app.channel("acme", "stable").await;
     let mut tokens = Vec::new();
     for i in 0..4 {
-        let (s, b) = app
-            .call(
-                Method::POST,
-                "/v1/devices/enroll",
-                None,
-                Some(json!({"product": "acme", "enrollment_secret": secret, "machine_id": format!("m{i}"),
-                            "arch": "amd64", "channel": "stable"})),
-            )
+        let (_, token) = app
+            .enroll("acme", &secret, &format!("m{i}"), "stable")
             .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
-        tokens.push(b["token"].as_str().unwrap().to_string());
+        tokens.push(token);
     }
     let (s, b) = app
         .post("/v1/keys/response/rotate", &app.admin, json!({}))
@@ -396,19 +389,8 @@ async fn revoking_an_image_key_signs_its_releases_again(pool: PgPool) {
     );
     // A device is offered the release with the new key's signature, which
     // verifies with the keys of the newest list.
-    let (s, b) = app
-        .call(
-            Method::POST,
-            "/v1/devices/enroll",
-            None,
-            Some(
-                json!({"product": "acme", "enrollment_secret": secret, "machine_id": "m1",
-                        "arch": "amd64", "channel": "stable"}),
-            ),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
-    let token = b["token"].as_str().unwrap();
+    let (_, token) = app.enroll("acme", &secret, "m1", "stable").await;
+    let token = token.as_str();
     let (s, answer) = app
         .get(
             "/v1/products/acme/channels/stable/resolve?nonce=abcdefgh12",

@@ -208,6 +208,17 @@ async fn upgrade_to_the_promoted_release_and_report_healthy(pool: PgPool) {
     let (view, _) = f.server_view(&dev).await;
     assert_eq!(view["status"], "rebooting");
     assert_eq!(view["status_version"], "1.1.0");
+    // The host status sent with the report: A runs, B is staged on trial.
+    let host = &view["host"];
+    assert_eq!(host["state"], "staged", "{view}");
+    assert_eq!(host["reboot_pending"], true, "{view}");
+    assert_eq!(host["booted"]["slot"], "A", "{view}");
+    assert_eq!(host["booted"]["boot"], "good", "{view}");
+    assert_eq!(host["staged"]["slot"], "B", "{view}");
+    assert_eq!(host["staged"]["version"], "1.1.0", "{view}");
+    assert_eq!(host["staged"]["digest"], f.digest_1_1.as_str(), "{view}");
+    assert_eq!(host["staged"]["boot"], "trial", "{view}");
+    assert!(view["host_at"].is_string(), "{view}");
 
     assert_eq!(dev.reboot(), Slot::B);
     ok(&dev.run(&["mark-good"]).await);
@@ -219,6 +230,17 @@ async fn upgrade_to_the_promoted_release_and_report_healthy(pool: PgPool) {
     assert_eq!(view["current_digest"], f.digest_1_1.as_str());
     assert_eq!(view["status"], "healthy");
     assert_eq!(view["booted_slot"], "B");
+    let host = &view["host"];
+    assert_eq!(host["state"], "idle", "{view}");
+    assert_eq!(host["reboot_pending"], false, "{view}");
+    assert_eq!(host["booted"]["slot"], "B", "{view}");
+    assert_eq!(host["booted"]["version"], "1.1.0", "{view}");
+    assert_eq!(host["booted"]["boot"], "good", "{view}");
+    assert_eq!(
+        host["rollback"]["slot"], "A",
+        "the factory slot stays the fallback: {view}"
+    );
+    assert!(host["staged"].is_null(), "{view}");
     assert_eq!(
         events,
         [
@@ -275,6 +297,10 @@ async fn failing_health_check_falls_back_and_trips_the_gate(pool: PgPool) {
     assert!(!dev.ab().is_ok(Slot::B));
     let (view, _) = f.server_view(&dev).await;
     assert_eq!(view["status"], "failed", "{view}");
+    assert_eq!(view["host"]["state"], "failed", "{view}");
+    assert_eq!(view["host"]["reboot_pending"], true, "{view}");
+    assert_eq!(view["host"]["booted"]["slot"], "B", "{view}");
+    assert_eq!(view["host"]["booted"]["boot"], "bad", "{view}");
 
     assert_eq!(dev.reboot(), Slot::A, "GRUB falls back to A");
     ok(&dev.run(&["mark-good"]).await);

@@ -753,6 +753,7 @@ async fn an_agent_killed_while_following_the_lists_loses_nothing(pool: PgPool) {
                     "device.json",
                     "keylist.json",
                     ".keylist.json.sluice-new",
+                    "device.key",
                 ]
                 .contains(&n.as_str())
             })

@@ -229,6 +229,11 @@ describe("dashboard", () => {
     await page.goto(`${server.url}/devices/${d.id}`);
     await page.getByRole("heading", { name: d.machineId }).waitFor();
     assert.ok((await page.locator("ol.timeline li").count()) >= 1);
+    // The host status the device sent with its last report: the slot it
+    // booted, what runs there and how GRUB treats it.
+    const booted = await page.getByTestId("host-booted").innerText();
+    assert.match(booted, new RegExp(`${d.slot}\\s+${d.version.replaceAll(".", "\\.")}\\s+sha256:[0-9a-f]{12}\\s+known good`));
+    assert.match(await page.getByTestId("host-state").innerText(), /Agent idle/);
     await act("Pin…", "Pin", async (dialog) => {
       await dialog.locator("input[name=pin_version]").fill("1.1.0");
     });

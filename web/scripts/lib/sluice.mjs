@@ -111,11 +111,28 @@ export class SimDevice {
     return this;
   }
 
+  // The host status a real agent sends with each event (`status --json`):
+  // before the reboot the new release waits in the other slot, on trial.
+  host(kind, version, digest) {
+    if (!this.slot) return undefined;
+    const other = this.slot === "A" ? "B" : "A";
+    const booted = { slot: this.slot, version: this.version ?? null, digest: this.digest ?? null, boot: "good" };
+    const waiting = kind === "applied" || kind === "rebooting";
+    const writing = kind === "download_started" || kind === "downloaded";
+    return {
+      state: waiting ? "staged" : writing ? "writing" : "idle",
+      reboot_pending: waiting,
+      booted,
+      staged: waiting || writing ? { slot: other, version, digest, boot: waiting ? "trial" : "bad" } : null,
+      rollback: null,
+    };
+  }
+
   async report(kind, version, digest, message) {
     await this.sluice.call(
       "POST",
       `/v1/devices/${this.id}/events`,
-      { kind, version, digest, booted_slot: this.slot, ...(message ? { message } : {}) },
+      { kind, version, digest, booted_slot: this.slot, host: this.host(kind, version, digest), ...(message ? { message } : {}) },
       { token: this.token },
     );
   }

@@ -16,6 +16,13 @@ const QUIET: [string, string][] = [
   ["over a week ago", "604800"],
 ];
 const PAGE = 50;
+/** How GRUB treats a slot (`SlotBoot`), in words. */
+const BOOT: Record<string, string> = {
+  good: "known good",
+  trial: "on trial, its try unspent",
+  tried: "on trial, try spent",
+  bad: "not bootable",
+};
 
 export function Devices() {
   const [params, setParams] = useSearchParams();
@@ -273,6 +280,46 @@ export function DevicePage() {
                     {dev.pin ? (dev.pin.version ? `release ${dev.pin.version}` : `image ${dev.pin.image} (${short(dev.pin.digest)})`) : "none: follows its channel"}
                   </dd>
                 </dl>
+                {dev.host ? (
+                  <>
+                    <table className="host" data-testid="host">
+                      <thead>
+                        <tr>
+                          <th></th>
+                          <th>Slot</th>
+                          <th>Version</th>
+                          <th>Digest</th>
+                          <th>Boot</th>
+                        </tr>
+                      </thead>
+                      <tbody>
+                        {(["booted", "staged", "rollback"] as const).map((role) => {
+                          const s = dev.host?.[role];
+                          return (
+                            s && (
+                              <tr key={role} data-testid={`host-${role}`}>
+                                <th>{role}</th>
+                                <td>{s.slot}</td>
+                                <td>{s.version ?? "unknown"}</td>
+                                <td className="mono" title={s.digest ?? ""}>
+                                  {short(s.digest ?? null)}
+                                </td>
+                                <td>{BOOT[s.boot]}</td>
+                              </tr>
+                            )
+                          );
+                        })}
+                      </tbody>
+                    </table>
+                    <p className="muted" data-testid="host-state">
+                      Agent {dev.host.state}
+                      {dev.host.reboot_pending && ", waiting for the reboot it asked for"}
+                      {dev.host_at && ` (reported ${ago(dev.host_at)})`}
+                    </p>
+                  </>
+                ) : (
+                  <p className="muted">No slot report yet (agents before host status send none).</p>
+                )}
                 {isAdmin && <PinControls id={dev.id} pinned={!!dev.pin} done={d.reload} />}
               </section>
             </div>
