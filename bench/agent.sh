@@ -138,6 +138,8 @@ device_config() {
   local d=$1 channel=${2:-stable}
   mkdir -p "$d/a" "$d/b" "$d/state"
   echo "root=/dev/vda sluice.slot=A" >"$d/cmdline"
+  # The kernel's boot id as the agent reads it: a simulated reboot changes it.
+  cat /proc/sys/kernel/random/uuid >"$d/boot_id"
   cat >"$d/agent.toml" <<TOML
 server = "$API"
 product = "bench"
@@ -158,6 +160,7 @@ grubenv = "$d/grubenv"
 cmdline = "$d/cmdline"
 reboot = ["true"]
 health_checks = [["true"]]
+boot_id = "$d/boot_id"
 
 [registry]
 insecure = ["$REGISTRY"]
@@ -268,9 +271,14 @@ if [ "$DO_FOOT" = 1 ]; then
   device_config "$d" stable
   # Bring the device up to date (slot B holds 1.0.0, booted, marked good):
   # then the daemon's polls all answer "nothing to do", as on an idle device.
-  "$AGENT" --config "$d/agent.toml" apply >/dev/null 2>&1
+  "$AGENT" --config "$d/agent.toml" apply >"$STATE/idle-setup.log" 2>&1 || { cat "$STATE/idle-setup.log" >&2; exit 1; }
+  # The reboot, as GRUB and the kernel play it: B on trial spends its try
+  # (saved before it boots), the kernel has a new boot id, the command line
+  # names B.
+  grub-editenv "$d/grubenv" set B_TRY=1
+  cat /proc/sys/kernel/random/uuid >"$d/boot_id"
   echo "root=/dev/vda sluice.slot=B" >"$d/cmdline"
-  "$AGENT" --config "$d/agent.toml" mark-good >/dev/null 2>&1
+  "$AGENT" --config "$d/agent.toml" mark-good >"$STATE/idle-setup.log" 2>&1 || { cat "$STATE/idle-setup.log" >&2; exit 1; }
   before=$(stat -c %Y.%y "$d/state/state.json")
   "$AGENT" --config "$d/agent.toml" run >"$STATE/daemon.log" 2>&1 &
   DAEMON_PID=$!

@@ -977,18 +977,30 @@ async fn revoke_device(
     .execute(&mut *tx)
     .await?;
     let after = fetch_device(&mut *tx, id).await?;
-    crate::audit::record(
-        &mut *tx,
-        &who,
-        "device.revoke",
-        &format!("device:{id}"),
-        Some(summary(&before)),
-        Some(summary(&after)),
-    )
-    .await?;
+    audit(&mut tx, &who, "device.revoke", &before, Some(&after)).await?;
     tx.commit().await?;
     state.revocations.set(id, Some(Revoked::Revoked));
     Ok(Json(after))
+}
+
+/// Records an admin's change of a device in the audit log, as the summaries
+/// before and after (none: deleted).
+async fn audit(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    who: &crate::auth::Principal,
+    action: &str,
+    before: &Device,
+    after: Option<&Device>,
+) -> Result<()> {
+    crate::audit::record(
+        &mut **tx,
+        who,
+        action,
+        &format!("device:{}", before.id),
+        Some(summary(before)),
+        after.map(summary),
+    )
+    .await
 }
 
 /// Resets a device: its key is forgotten, any revocation lifted, the tokens
@@ -1018,15 +1030,7 @@ async fn reset_device(
     .await?
     .ok_or_else(|| Error::not_found(format!("device {id}")))?;
     let after = fetch_device(&mut *tx, id).await?;
-    crate::audit::record(
-        &mut *tx,
-        &who,
-        "device.reset",
-        &format!("device:{id}"),
-        Some(summary(&before)),
-        Some(summary(&after)),
-    )
-    .await?;
+    audit(&mut tx, &who, "device.reset", &before, Some(&after)).await?;
     tx.commit().await?;
     state
         .revocations
@@ -1065,15 +1069,7 @@ async fn delete_device(
     )
     .execute(&mut *tx)
     .await?;
-    crate::audit::record(
-        &mut *tx,
-        &who,
-        "device.delete",
-        &format!("device:{id}"),
-        Some(summary(&before)),
-        None,
-    )
-    .await?;
+    audit(&mut tx, &who, "device.delete", &before, None).await?;
     tx.commit().await?;
     state.revocations.set(id, Some(Revoked::Deleted));
     if before.pin.is_some() {
