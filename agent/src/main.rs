@@ -102,6 +102,10 @@ fn real_main() -> anyhow::Result<()> {
                         ""
                     }
                 );
+                match s.keys_version {
+                    Some(v) => println!("keys:     signed key list version {v}"),
+                    None => println!("keys:     the keys file (no signed key list fetched yet)"),
+                }
                 println!("last:     {}", s.last_result.as_deref().unwrap_or("-"));
             }
         }
