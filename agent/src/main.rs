@@ -12,6 +12,33 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: sluice-agent [--config PATH] <run|check|apply|status [--json]|mark-good|rollback|enroll>";
 
+const HELP: &str = "\
+sluice-agent: keeps this device on the release its Sluice channel names,
+through A/B slots and GRUB (agent/README.md in the Sluice sources).
+
+usage: sluice-agent [--config PATH] <command> [--json]
+
+commands:
+  run        the daemon: assess the booted slot, then poll, apply and reboot
+  check      ask the server once; print what it offers, change nothing
+  apply      check, and write an offered release into the other slot, stage
+             it and ask for the reboot
+  status     the slots (booted, staged, rollback), the state, the key list
+             held; --json for the whole status as the server receives it
+  mark-good  assess the booted slot now (health checks): keep it, or mark it
+             bad and reboot into the other one
+  rollback   boot the other slot's release next, on trial
+  enroll     enroll with the server (done by the other commands when needed)
+
+options:
+  --config PATH  the configuration (default /etc/sluice/agent.toml, or
+                 $SLUICE_AGENT_CONFIG)
+  --json         with status: JSON
+  -h, --help     this text
+  -V, --version  the agent's version and wire version
+
+Exit status: 0 done, 1 refused or failed (one line on stderr says why).";
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
@@ -38,7 +65,15 @@ fn real_main() -> anyhow::Result<()> {
             "--config" => config = args.next().context("--config needs a path")?.into(),
             "--json" => json = true,
             "-h" | "--help" => {
-                println!("{USAGE}");
+                println!("{HELP}");
+                return Ok(());
+            }
+            "-V" | "--version" => {
+                println!(
+                    "sluice-agent {} (wire {})",
+                    env!("CARGO_PKG_VERSION"),
+                    sluice_protocol::WIRE_VERSION
+                );
                 return Ok(());
             }
             c if cmd.is_none() && !c.starts_with('-') => cmd = Some(c.to_string()),

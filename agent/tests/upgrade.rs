@@ -861,3 +861,44 @@ fn state_files_are_private_and_links_are_not_followed() {
         serde_json::from_slice(&std::fs::read(dev.path("state/device.json")).unwrap()).unwrap();
     assert_eq!(creds["token"], "tok-1");
 }
+
+/// `--version` and `--help` answer without a configuration; a wrong word is
+/// refused with the usage line.
+#[test]
+fn version_and_help_need_no_configuration() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice-agent"))
+            .args(args)
+            .env("SLUICE_AGENT_CONFIG", "/nonexistent/agent.toml")
+            .output()
+            .unwrap()
+    };
+    let v = ok(&run(&["--version"]));
+    assert_eq!(
+        v.trim(),
+        format!(
+            "sluice-agent {} (wire {})",
+            env!("CARGO_PKG_VERSION"),
+            sluice_protocol::WIRE_VERSION
+        )
+    );
+    assert_eq!(ok(&run(&["-V"])), v);
+    let help = ok(&run(&["--help"]));
+    for cmd in [
+        "run",
+        "check",
+        "apply",
+        "status",
+        "mark-good",
+        "rollback",
+        "enroll",
+    ] {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{cmd} "))),
+            "{cmd} missing from --help: {help}"
+        );
+    }
+    refused(&run(&["--frobnicate"]), "usage: sluice-agent");
+    refused(&run(&["status"]), "/nonexistent/agent.toml");
+}
