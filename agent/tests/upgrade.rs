@@ -715,16 +715,6 @@ fn failed_trial_waits_for_its_reboot() {
     refused(&dev.run(&["mark-good"]), "unhealthy");
     assert_eq!(dev.reboots(), 2, "the assessment asked for the reboot");
     refused(&dev.run(&["apply"]), "waiting for the reboot");
-    // What a person reading `status` sees meanwhile.
-    let text = ok(&dev.run(&["status"]));
-    for line in [
-        "booted:   slot A (unknown image) (good)",
-        "staged:   slot B 2.0.0 (trial)",
-        "state:    staged (waiting for the reboot)",
-        "keys:     the keys file (no signed key list fetched yet)",
-    ] {
-        assert!(text.lines().any(|l| l == line), "{line:?} missing: {text}");
-    }
     let mut daemon = dev
         .command(&["run"])
         .stderr(std::process::Stdio::piped())
@@ -773,6 +763,16 @@ fn staged_update_waits_for_its_reboot() {
         ..Answer::default()
     };
     refused(&dev.run(&["apply"]), "waiting for the reboot");
+    // What a person reading `status` sees meanwhile.
+    let text = ok(&dev.run(&["status"]));
+    for line in [
+        "booted:   slot A (unknown image) (good)",
+        "staged:   slot B 2.0.0 (trial)",
+        "state:    staged (waiting for the reboot)",
+        "keys:     the keys file (no signed key list fetched yet)",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} missing: {text}");
+    }
     let mut daemon = dev
         .command(&["run"])
         .stderr(std::process::Stdio::piped())
