@@ -407,14 +407,7 @@ impl Device {
             crate::log(&format!("pulling {} from mirror {pull_host}", target.image));
             image.host = pull_host;
         }
-        let registry = Registry::new(
-            &self.cfg.registry.insecure,
-            self.cfg.registry.auth.as_deref(),
-        )?
-        .with_pace(
-            Duration::from_secs(self.cfg.registry.timeout_s),
-            self.cfg.registry.min_bytes_per_s,
-        );
+        let registry = Registry::new(&self.cfg.registry)?;
         let manifest = registry.manifest(&image)?;
         // The platform and every layer's encoding are known before the slot
         // is touched.

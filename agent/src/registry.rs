@@ -236,10 +236,14 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A client; `insecure` hosts are reached over plain HTTP, `auth` is a
-    /// Docker `config.json`.
-    pub fn new(insecure: &[String], auth: Option<&std::path::Path>) -> anyhow::Result<Self> {
-        let auths = match auth {
+    /// A client from the `[registry]` configuration: `insecure` hosts are
+    /// reached over plain HTTP, `auth` is a Docker `config.json`, and each
+    /// request must end within `timeout_s` plus its size at
+    /// `min_bytes_per_s`, the slow-retrieval bound (TUF's attack): a
+    /// registry or network that trickles or stalls a body cannot hold the
+    /// agent.
+    pub fn new(cfg: &crate::config::Registry) -> anyhow::Result<Self> {
+        let auths = match cfg.auth.as_deref() {
             Some(p) if p.exists() => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading registry credentials {}", p.display()))?;
@@ -257,20 +261,11 @@ impl Registry {
             .into();
         Ok(Registry {
             agent,
-            insecure: insecure.to_vec(),
+            insecure: cfg.insecure.clone(),
             auths,
-            base: Duration::from_secs(60),
-            min_rate: 16 << 10,
+            base: Duration::from_secs(cfg.timeout_s),
+            min_rate: cfg.min_bytes_per_s.max(1),
         })
-    }
-
-    /// The slow-retrieval bound (TUF's attack): a request of `size` bytes
-    /// fails unless it ends within `base + size / min_rate`, so a registry
-    /// or network that trickles or stalls a body cannot hold the agent.
-    pub fn with_pace(mut self, base: Duration, min_rate: u64) -> Self {
-        self.base = base;
-        self.min_rate = min_rate.max(1);
-        self
     }
 
     /// How long a request for `size` bytes may take in all.

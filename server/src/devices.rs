@@ -350,13 +350,7 @@ async fn enroll(
         }
     };
     tx.commit().await?;
-    let (token, expires_at) = state.jwt.issue_device(
-        id,
-        &req.product,
-        &device_key_id(&public_key),
-        not_before,
-        state.config.device_token_ttl_s as i64,
-    );
+    let (token, expires_at) = device_token(&state, id, &req.product, &public_key, not_before);
     Ok(Json(EnrollResponse {
         device_id: id.to_string(),
         token,
@@ -435,14 +429,25 @@ async fn renew_token(
         )));
     }
     use_proof(&state.db, &req.proof.signature).await?;
-    let (token, expires_at) = state.jwt.issue_device(
-        id,
-        &d.product,
-        &device_key_id(&public_key),
-        d.not_before,
-        state.config.device_token_ttl_s as i64,
-    );
+    let (token, expires_at) = device_token(&state, id, &d.product, &public_key, d.not_before);
     Ok(Json(DeviceToken { token, expires_at }))
+}
+
+/// A short-lived token for device `id`, bound to its key.
+fn device_token(
+    state: &AppState,
+    id: Uuid,
+    product: &str,
+    public_key: &[u8; 32],
+    not_before: Option<i64>,
+) -> (String, OffsetDateTime) {
+    state.jwt.issue_device(
+        id,
+        product,
+        &device_key_id(public_key),
+        not_before,
+        state.config.device_token_ttl_s as i64,
+    )
 }
 
 fn check_proof(
@@ -512,13 +517,7 @@ async fn bind_key(
     }
     use_proof(&state.db, &req.proof.signature).await?;
     tx.commit().await?;
-    let (token, expires_at) = state.jwt.issue_device(
-        id,
-        &d.product,
-        &device_key_id(&public_key),
-        d.not_before,
-        state.config.device_token_ttl_s as i64,
-    );
+    let (token, expires_at) = device_token(&state, id, &d.product, &public_key, d.not_before);
     Ok(Json(DeviceToken { token, expires_at }))
 }
 
