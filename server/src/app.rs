@@ -10,6 +10,7 @@ use crate::{
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use sqlx::PgPool;
 use std::future::Future;
 use std::ops::Deref;
@@ -192,12 +193,7 @@ pub fn router(state: AppState) -> Router {
     if let Some(ceiling) = crate::bench::ceiling_route() {
         app = app.merge(ceiling);
     }
-    if let Some(dir) = state.config.web_dir.clone() {
-        app = dashboard(app, dir);
-    } else {
-        app = app
-            .fallback(|| async { Error::NotFound("no such route; see /docs for the API".into()) });
-    }
+    app = dashboard(app, state.config.web_dir.clone());
     app.method_not_allowed_fallback(|| async {
         problem(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -233,10 +229,88 @@ async fn deadline(
     }
 }
 
-/// Serves the built dashboard (`web/dist`) at `/`: hashed assets cached for
-/// good, `index.html` for every other path so the app's own routes load. Paths
-/// under `/v1/` never fall through to the page: an unknown one is a problem+json 404.
-fn dashboard(app: Router<AppState>, dir: std::path::PathBuf) -> Router<AppState> {
+/// The dashboard built into the binary: `web/dist` as it was when the server
+/// was compiled (`build.rs` rebuilds when it changes). Empty when the
+/// dashboard was not built first; the server then says so at `/`.
+#[derive(rust_embed::Embed)]
+#[folder = "../web/dist"]
+#[allow_missing = true]
+struct Dashboard;
+
+/// Whether this binary carries a dashboard.
+pub fn dashboard_embedded() -> bool {
+    Dashboard::get("index.html").is_some()
+}
+
+/// Serves the dashboard at `/`: the one built into the binary, or the folder
+/// `SLUICE_WEB_DIR` names (for working on the dashboard without rebuilding).
+/// Hashed assets are cached for good, `index.html` answers every other path so
+/// the app's own routes load. Paths under `/v1/` never fall through to the
+/// page: an unknown one is a problem+json 404.
+fn dashboard(app: Router<AppState>, dir: Option<std::path::PathBuf>) -> Router<AppState> {
+    let app = app.route(
+        "/v1/{*rest}",
+        axum::routing::any(|| async {
+            Error::NotFound("no such route; see /docs for the API".into())
+        }),
+    );
+    match dir {
+        Some(dir) => dashboard_dir(app, dir),
+        None => app
+            .route("/assets/{*file}", axum::routing::get(embedded_asset))
+            .fallback(embedded_page),
+    }
+}
+
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+/// `/assets/...` from the binary: a missing asset is a 404, never the page.
+async fn embedded_asset(
+    axum::extract::Path(file): axum::extract::Path<String>,
+) -> axum::response::Response {
+    match Dashboard::get(&format!("assets/{file}")) {
+        Some(f) => embedded_response(f, IMMUTABLE),
+        None => Error::NotFound(format!("no dashboard asset {file:?}")).into_response(),
+    }
+}
+
+/// Any other path: a file at the top of `web/dist` (favicon), else the page.
+async fn embedded_page(uri: axum::http::Uri) -> axum::response::Response {
+    let path = uri.path().trim_start_matches('/');
+    let file = (!path.is_empty() && !path.contains('/'))
+        .then(|| Dashboard::get(path))
+        .flatten();
+    match file.or_else(|| Dashboard::get("index.html")) {
+        Some(f) => embedded_response(f, "no-cache"),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            "this sluice binary was built without its dashboard: run `npm ci && npm run build` \
+             in web/ and rebuild, or set SLUICE_WEB_DIR to a built web/dist; the API is at /v1 \
+             (see /docs)"
+                .into(),
+        ),
+    }
+}
+
+fn embedded_response(
+    f: rust_embed::EmbeddedFile,
+    cache: &'static str,
+) -> axum::response::Response {
+    use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, ETAG};
+    let etag = format!("\"{}\"", hex::encode(&f.metadata.sha256_hash()[..16]));
+    (
+        [
+            (CONTENT_TYPE, f.metadata.mimetype().to_string()),
+            (CACHE_CONTROL, cache.to_string()),
+            (ETAG, etag),
+        ],
+        f.data,
+    )
+        .into_response()
+}
+
+/// The dashboard from a folder (`SLUICE_WEB_DIR`).
+fn dashboard_dir(app: Router<AppState>, dir: std::path::PathBuf) -> Router<AppState> {
     use axum::http::{HeaderValue, header::CACHE_CONTROL};
     use tower::Layer;
     use tower_http::services::{ServeDir, ServeFile};
@@ -248,22 +322,13 @@ fn dashboard(app: Router<AppState>, dir: std::path::PathBuf) -> Router<AppState>
             dir.display()
         );
     }
-    let assets = SetResponseHeaderLayer::overriding(
-        CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=31536000, immutable"),
-    )
-    .layer(ServeDir::new(dir.join("assets")));
+    let assets =
+        SetResponseHeaderLayer::overriding(CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE))
+            .layer(ServeDir::new(dir.join("assets")));
     let pages =
         SetResponseHeaderLayer::overriding(CACHE_CONTROL, HeaderValue::from_static("no-cache"))
             .layer(ServeDir::new(&dir).fallback(ServeFile::new(index)));
-    app.route(
-        "/v1/{*rest}",
-        axum::routing::any(|| async {
-            Error::NotFound("no such route; see /docs for the API".into())
-        }),
-    )
-    .nest_service("/assets", assets)
-    .fallback_service(pages)
+    app.nest_service("/assets", assets).fallback_service(pages)
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight requests.

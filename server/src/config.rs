@@ -69,7 +69,8 @@ pub struct Config {
     /// Enrollments per second a product's allowance grows back by.
     #[arg(long, env = "SLUICE_ENROLL_PRODUCT_RATE", default_value_t = 1.0)]
     pub enroll_product_rate: f64,
-    /// Folder with the built dashboard (`web/dist`), served at `/`.
+    /// Serve the dashboard from this folder (a built `web/dist`) instead of
+    /// the one built into the binary: for working on the dashboard.
     #[arg(long, env = "SLUICE_WEB_DIR")]
     pub web_dir: Option<PathBuf>,
 }

@@ -284,6 +284,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let admin_password = config.admin_password.clone();
     let (tls_cert, tls_key) = (config.tls_cert.clone(), config.tls_key.clone());
+    match &config.web_dir {
+        Some(dir) => tracing::info!(dir = %dir.display(), "dashboard from SLUICE_WEB_DIR"),
+        None if app::dashboard_embedded() => tracing::info!("dashboard built in, at /"),
+        None => tracing::warn!(
+            "this binary was built without its dashboard (web/dist was not built): \
+             `/` answers 404; set SLUICE_WEB_DIR or rebuild after `npm run build` in web/"
+        ),
+    }
     let state = app::build_state(config).await?;
     if let Some(pw) = auth::bootstrap_admin(&state.db, admin_password.as_deref()).await? {
         println!(
