@@ -16,7 +16,8 @@ use crate::state::{Credentials, Step, Store, Target, UpdateState};
 use crate::unpack::{UnpackOptions, Unpacker};
 use anyhow::{Context, bail};
 use sluice_protocol::{
-    EnrollRequest, EventKind, EventRequest, HostStatus, ResolveResponse, SlotStatus,
+    ClearedBy, EnrollRequest, EventKind, EventRequest, FailuresCleared, HostStatus,
+    ResolveResponse, SlotStatus,
 };
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -33,6 +34,18 @@ pub enum Outcome {
     /// The offered release already failed its boot assessment here: not
     /// applied again (a release with another digest is).
     Skipped(Target),
+}
+
+/// What an answer offers this device, as `apply` would see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offered {
+    /// Nothing newer: the device runs the target.
+    UpToDate,
+    /// A release `apply` would write.
+    Update(Target),
+    /// A release that failed its boot assessment here: `apply` skips it
+    /// until it is cleared (`clear-failed`, or an admin's retry).
+    FailedHere(Target),
 }
 
 /// A device: configuration, trusted keys, state, and its two outside systems.
@@ -308,7 +321,106 @@ impl Device {
         self.store.data.last_serial = Some(answer.serial);
         self.store.data.last_poll_after_s = Some(answer.poll_after_s);
         self.store.save()?;
+        if !answer.retry.is_empty() {
+            // Only a verified answer for this very question gets here.
+            self.forget_failures(&answer.retry, ClearedBy::Admin)?;
+        }
         Ok(answer)
+    }
+
+    /// What `check` would lead `apply` to do with an answer: the offer it
+    /// would write, or why not.
+    pub fn offer_in(&mut self, answer: &ResolveResponse) -> anyhow::Result<Offered> {
+        let booted = self.booted()?;
+        let current = self.store.data.slot(booted).cloned();
+        let Some(offer) = check_offer(
+            self.trust.keys(),
+            answer,
+            &self.cfg.product,
+            current.as_ref().map(|t| t.version.as_str()),
+        )?
+        else {
+            return Ok(Offered::UpToDate);
+        };
+        let target = Target {
+            version: offer.version.clone(),
+            digest: offer.digest.clone(),
+            image: offer.image.clone(),
+        };
+        Ok(if self.store.data.failed_digests.contains(&target.digest) {
+            Offered::FailedHere(target)
+        } else {
+            Offered::Update(target)
+        })
+    }
+
+    /// Forgets that these digests failed here (those it holds), so they are
+    /// installed again when offered, and tells the server, which records it
+    /// in the device's events and the audit log. Answers the digests that
+    /// were held.
+    pub fn forget_failures(
+        &mut self,
+        digests: &[String],
+        by: ClearedBy,
+    ) -> anyhow::Result<Vec<String>> {
+        let held: Vec<String> = self
+            .store
+            .data
+            .failed_digests
+            .iter()
+            .filter(|d| digests.contains(d))
+            .cloned()
+            .collect();
+        if !held.is_empty() {
+            self.store.data.failed_digests.retain(|d| !held.contains(d));
+            self.store.save()?;
+            let who = match by {
+                ClearedBy::Admin => "as an admin asked",
+                ClearedBy::Local => "by clear-failed on this device",
+            };
+            crate::log(&format!(
+                "cleared from the failed list {who}: {}",
+                held.join(", ")
+            ));
+        }
+        // An admin's request is confirmed even for digests not held (so the
+        // server stops asking); a local clear is told only when it changed
+        // something.
+        let told = if by == ClearedBy::Admin {
+            digests.to_vec()
+        } else {
+            held.clone()
+        };
+        if !told.is_empty()
+            && let Some(c) = self.credentials()?
+            && let Err(e) = self.server.failures_cleared(
+                &c.device_id,
+                &c.token,
+                &FailuresCleared { digests: told, by },
+            )
+        {
+            crate::log(&format!("telling the server of the cleared failures failed: {e:#}"));
+        }
+        Ok(held)
+    }
+
+    /// `sluice-agent clear-failed [DIGEST]`: forgets one digest's failure, or
+    /// all of them. Refuses a digest the device does not hold as failed.
+    pub fn clear_failed(&mut self, only: Option<&str>) -> anyhow::Result<Vec<String>> {
+        let all = self.store.data.failed_digests.clone();
+        let digests = match only {
+            None => all,
+            Some(d) if all.iter().any(|f| f == d) => vec![d.to_string()],
+            Some(d) => bail!(
+                "{d} is not on this device's failed list ({})",
+                if all.is_empty() {
+                    "the list is empty".to_string()
+                } else {
+                    format!("it holds {}", all.join(", "))
+                }
+            ),
+        };
+        self.forget_failures(&digests, ClearedBy::Local)
     }
 
     /// Check and, if an update is offered, write it into the other slot,
@@ -317,29 +429,18 @@ impl Device {
     pub fn apply(&mut self) -> anyhow::Result<Outcome> {
         self.refuse_if_rebooting("apply")?;
         let answer = self.check()?;
-        let booted = self.booted()?;
-        let current = self.store.data.slot(booted).cloned();
-        let Some(offer) = check_offer(
-            self.trust.keys(),
-            &answer,
-            &self.cfg.product,
-            current.as_ref().map(|t| t.version.as_str()),
-        )?
-        else {
-            return Ok(Outcome::UpToDate);
+        let target = match self.offer_in(&answer)? {
+            Offered::UpToDate => return Ok(Outcome::UpToDate),
+            Offered::FailedHere(target) => {
+                crate::log(&format!(
+                    "not applying {} ({}): it failed its boot assessment on this device \
+                     (`sluice-agent clear-failed {}` or an admin's retry clears that)",
+                    target.version, target.digest, target.digest
+                ));
+                return Ok(Outcome::Skipped(target));
+            }
+            Offered::Update(target) => target,
         };
-        let target = Target {
-            version: offer.version.clone(),
-            digest: offer.digest.clone(),
-            image: offer.image.clone(),
-        };
-        if self.store.data.failed_digests.contains(&target.digest) {
-            crate::log(&format!(
-                "not applying {} ({}): it failed its boot assessment on this device",
-                target.version, target.digest
-            ));
-            return Ok(Outcome::Skipped(target));
-        }
         let slot = self.may_write(&target)?;
         crate::log(&format!(
             "update to {} ({}) into slot {slot}",

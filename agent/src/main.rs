@@ -1,8 +1,9 @@
-//! `sluice-agent`: run, check, apply, status, mark-good, rollback, enroll.
+//! `sluice-agent`: run, check, apply, status, mark-good, rollback,
+//! clear-failed, enroll.
 #![deny(unsafe_code)]
 
 use anyhow::Context;
-use sluice_agent::agent::{Daemon, Device, Outcome, Turn};
+use sluice_agent::agent::{Daemon, Device, Offered, Outcome, Turn};
 use sluice_agent::config::{Config, DEFAULT_PATH};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: sluice-agent [--config PATH] <run|check|apply|status [--json]|mark-good|rollback|enroll>";
+const USAGE: &str = "usage: sluice-agent [--config PATH] <run|check|apply|status [--json]|mark-good|rollback|clear-failed [DIGEST]|enroll>";
+
+/// `check`'s exit status when `apply` would write an update (as
+/// `dnf check-update`): scripts tell "update available" from "up to date" (0)
+/// and from a failure (1).
+const UPDATE_AVAILABLE: u8 = 100;
 
 const HELP: &str = "\
 sluice-agent: keeps this device on the release its Sluice channel names,
@@ -21,6 +27,7 @@ usage: sluice-agent [--config PATH] <command> [--json]
 commands:
   run        the daemon: assess the booted slot, then poll, apply and reboot
   check      ask the server once; print what it offers, change nothing
+             (exit 100 when `apply` would install an update)
   apply      check, and write an offered release into the other slot, stage
              it and ask for the reboot
   status     the slots (booted, staged, rollback), the state, the key list
@@ -28,6 +35,10 @@ commands:
   mark-good  assess the booted slot now (health checks): keep it, or mark it
              bad and reboot into the other one
   rollback   boot the other slot's release next, on trial
+  clear-failed [DIGEST]
+             forget that a release failed its boot assessment here (all of
+             them without DIGEST), so `apply` installs it again when offered;
+             the server records who cleared what
   enroll     enroll with the server (done by the other commands when needed)
 
 options:
@@ -37,11 +48,12 @@ options:
   -h, --help     this text
   -V, --version  the agent's version and wire version
 
-Exit status: 0 done, 1 refused or failed (one line on stderr says why).";
+Exit status: 0 done, 1 refused or failed (one line on stderr says why),
+100 from `check` when an update is available.";
 
 fn main() -> ExitCode {
     match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line a log or a script can act on.
             eprintln!(
@@ -53,12 +65,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main() -> anyhow::Result<()> {
+fn real_main() -> anyhow::Result<u8> {
     let mut args = std::env::args().skip(1);
     let mut config = std::env::var_os("SLUICE_AGENT_CONFIG")
         .map(PathBuf::from)
         .unwrap_or_else(|| DEFAULT_PATH.into());
     let mut cmd = None;
+    let mut operand = None;
     let mut json = false;
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -66,7 +79,7 @@ fn real_main() -> anyhow::Result<()> {
             "--json" => json = true,
             "-h" | "--help" => {
                 println!("{HELP}");
-                return Ok(());
+                return Ok(0);
             }
             "-V" | "--version" => {
                 println!(
@@ -74,9 +87,15 @@ fn real_main() -> anyhow::Result<()> {
                     env!("CARGO_PKG_VERSION"),
                     sluice_protocol::WIRE_VERSION
                 );
-                return Ok(());
+                return Ok(0);
             }
             c if cmd.is_none() && !c.starts_with('-') => cmd = Some(c.to_string()),
+            c if cmd.as_deref() == Some("clear-failed")
+                && operand.is_none()
+                && !c.starts_with('-') =>
+            {
+                operand = Some(c.to_string())
+            }
             other => anyhow::bail!("unexpected argument {other:?}; {USAGE}"),
         }
     }
@@ -90,22 +109,28 @@ fn real_main() -> anyhow::Result<()> {
         }
         "check" => {
             let a = dev.check()?;
-            match (&a.release, a.update) {
-                (Some(r), true) => println!(
-                    "update available: {} {}{}",
-                    r.version,
-                    r.digest,
-                    if a.downgrade { " (downgrade)" } else { "" }
+            let down = if a.downgrade { " (downgrade)" } else { "" };
+            match dev.offer_in(&a)? {
+                Offered::UpToDate => println!("up to date"),
+                Offered::Update(t) => {
+                    println!("update available: {} {}{down}", t.version, t.digest);
+                    return Ok(UPDATE_AVAILABLE);
+                }
+                Offered::FailedHere(t) => println!(
+                    "offered {} {}{down}, which failed its boot assessment on this device: \
+                     not installed again until cleared (`sluice-agent clear-failed {}`, or \
+                     `sluice device retry` on the server)",
+                    t.version, t.digest, t.digest
                 ),
-                _ => println!("up to date"),
             }
         }
         "apply" => match dev.apply()? {
             Outcome::UpToDate => println!("up to date"),
             Outcome::Rebooting(t) => println!("applied {} ({}); rebooting", t.version, t.digest),
             Outcome::Skipped(t) => println!(
-                "not applying {} ({}): it failed its boot assessment on this device",
-                t.version, t.digest
+                "not applying {} ({}): it failed its boot assessment on this device \
+                 (`sluice-agent clear-failed {}` clears that)",
+                t.version, t.digest, t.digest
             ),
         },
         "status" => {
@@ -141,21 +166,44 @@ fn real_main() -> anyhow::Result<()> {
                     Some(v) => println!("keys:     signed key list version {v}"),
                     None => println!("keys:     the keys file (no signed key list fetched yet)"),
                 }
+                let failed = &dev.store.data.failed_digests;
+                if !failed.is_empty() {
+                    println!("failed:   {} (not installed again; clear-failed)", failed.join(", "));
+                }
                 println!("last:     {}", s.last_result.as_deref().unwrap_or("-"));
             }
         }
-        "mark-good" => {
-            dev.assess(true)?;
-            println!("slot {} is good", dev.booted()?);
-        }
+        "mark-good" => match dev.awaited_reboot()? {
+            // Staged (or failed) in this very boot: nothing booted the new
+            // slot yet, so there is nothing to assess and nothing failed.
+            Some(why) => println!(
+                "nothing to assess: waiting for the reboot {why}; slot {} stays the slot to boot until then",
+                dev.booted()?
+            ),
+            None => {
+                dev.assess(true)?;
+                println!("slot {} is good", dev.booted()?);
+            }
+        },
         "rollback" => {
             let s = dev.rollback()?;
             println!("rolling back to slot {s}");
         }
+        "clear-failed" => {
+            let cleared = dev.clear_failed(operand.as_deref())?;
+            if cleared.is_empty() {
+                println!("nothing to clear: no release failed on this device");
+            } else {
+                println!(
+                    "cleared {}: installed again when offered",
+                    cleared.join(", ")
+                );
+            }
+        }
         "run" => run(&mut dev)?,
         other => anyhow::bail!("unknown command {other:?}; {USAGE}"),
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Jitter of ±10 % so a fleet does not poll in lockstep.

@@ -265,6 +265,27 @@ impl Server {
         }
         Ok(())
     }
+
+    /// `POST /v1/devices/{id}/failures/cleared`.
+    pub fn failures_cleared(
+        &self,
+        device_id: &str,
+        token: &str,
+        body: &sluice_protocol::FailuresCleared,
+    ) -> anyhow::Result<()> {
+        let url = format!("{}/v1/devices/{device_id}/failures/cleared", self.base);
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("Content-Type", "application/json")
+            .send(serde_json::to_vec(body)?)
+            .with_context(|| format!("server {} unreachable", self.base))?;
+        if !resp.status().is_success() {
+            return Err(refused("failures cleared", &mut resp));
+        }
+        Ok(())
+    }
 }
 
 /// What the agent expects of a resolution answer.

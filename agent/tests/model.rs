@@ -316,6 +316,7 @@ impl World {
                 arch: req.q("arch").map(str::to_string),
                 current: req.q("current").map(str::to_string),
                 keys_version: None,
+                retry: Vec::new(),
             };
             let body = serde_json::to_vec(&r).unwrap();
             let signer = if foreign {

@@ -28,6 +28,8 @@ struct Answer {
     nonce: Option<String>,
     /// Seconds until expiry (negative: already expired).
     ttl: i64,
+    /// Digests an admin asked the device to try again.
+    retry: Vec<String>,
 }
 
 struct Fake {
@@ -49,7 +51,7 @@ fn start(fake: Arc<Fake>) -> Responder {
         if req.path == "/v1/devices/enroll" {
             return json(serde_json::json!({"device_id": "dev-1", "token": "tok-1"}));
         }
-        if req.path.ends_with("/events") {
+        if req.path.ends_with("/events") || req.path.ends_with("/failures/cleared") {
             return Response {
                 status: 204,
                 headers: vec![],
@@ -82,6 +84,7 @@ fn start(fake: Arc<Fake>) -> Responder {
                 arch: req.q("arch").map(str::to_string),
                 current: req.q("current").map(str::to_string),
                 keys_version: None,
+                retry: a.retry.clone(),
             };
             let body = serde_json::to_vec(&r).unwrap();
             let signer = if a.foreign_signer {

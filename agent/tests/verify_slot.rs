@@ -297,6 +297,7 @@ fn play_server(s: &Stand, keys: Arc<Keys>, registry: String, img: &Image) {
             arch: q("arch"),
             current: q("current"),
             keys_version: None,
+            retry: Vec::new(),
         };
         let body = serde_json::to_vec(&r).unwrap();
         Some(Reply::Full(

@@ -146,6 +146,12 @@ pub struct ResolveResponse {
     /// holding an older one fetches the newer lists.
     #[serde(default)]
     pub keys_version: Option<u64>,
+    /// Digests an admin cleared from the device's failed list
+    /// (`POST /v1/devices/{id}/retry`): the device forgets that they failed
+    /// here, so it installs them again when offered, and says so with
+    /// `POST /v1/devices/{id}/failures/cleared`. Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry: Vec<String>,
 }
 
 /// The resolution answer's format this crate writes: 2 binds the answer to
@@ -238,6 +244,29 @@ impl DeviceStatus {
             DeviceStatus::RolledBack => "rolled_back",
         }
     }
+}
+
+/// Who cleared digests from a device's failed list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ClearedBy {
+    /// An admin, through the server (`retry` in an answer).
+    Admin,
+    /// Someone on the device (`sluice-agent clear-failed`).
+    Local,
+}
+
+/// `POST /v1/devices/{id}/failures/cleared`: the device no longer holds
+/// these digests as failed, and will install them again when offered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FailuresCleared {
+    /// The image digests cleared (1 to 16, `sha256:<64 hex>`).
+    pub digests: Vec<String>,
+    /// Who cleared them.
+    pub by: ClearedBy,
 }
 
 /// `POST /v1/devices/{id}/events`.

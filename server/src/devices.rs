@@ -143,6 +143,34 @@ pub struct RevokeRequest {
     pub reason: Option<String>,
 }
 
+/// `POST /v1/devices/{id}/retry`: which failures to clear (neither: all).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    /// Only the failures of this release version.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Only this image digest.
+    #[serde(default)]
+    pub digest: Option<String>,
+}
+
+/// What `POST /v1/devices/{id}/retry` asked the device to forget.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RetryResponse {
+    /// The failed releases the device will be told to try again.
+    pub retry: Vec<FailedImage>,
+}
+
+/// A release image that failed on a device.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FailedImage {
+    /// Its version.
+    pub version: Option<String>,
+    /// Its digest.
+    pub digest: String,
+}
+
 /// `PUT /v1/devices/{id}/pin`: give `version` or `image`, or neither to unpin.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -177,6 +205,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(set_pin))
         .routes(routes!(revoke_device))
         .routes(routes!(reset_device))
+        .routes(routes!(retry_failed))
+        .routes(routes!(failures_cleared))
 }
 
 fn check_text(what: &str, v: &str, max: usize) -> Result<()> {
@@ -567,15 +597,17 @@ async fn report_event(
     // to install. The offer may still wait in the check-in batch: write it
     // first (only when the report names something not yet recorded).
     let offer = format!("{}@{}", req.version, req.digest);
-    let recorded = sqlx::query_scalar!(
-        r#"SELECT $2 = ANY(offered) AS "offered!" FROM devices WHERE id = $1"#,
+    let seen = sqlx::query!(
+        r#"SELECT $2 = ANY(offered) AS "offered!", $3 = ANY(retry_digests) AS "retry!"
+           FROM devices WHERE id = $1"#,
         id,
-        offer
+        offer,
+        req.digest
     )
     .fetch_optional(&state.db)
     .await?
     .ok_or_else(|| Error::not_found(format!("device {id}")))?;
-    if !recorded {
+    if !seen.offered {
         state.checkins.flush().await;
     }
     let mut tx = state.db.begin().await?;
@@ -587,7 +619,9 @@ async fn report_event(
             booted_slot = coalesce($6, booted_slot),
             status_offered = $7 = ANY(offered),
             host = coalesce($8, host),
-            host_at = CASE WHEN $8::jsonb IS NULL THEN host_at ELSE now() END
+            host_at = CASE WHEN $8::jsonb IS NULL THEN host_at ELSE now() END,
+            -- The device acts on the digest: an admin's retry of it is spent.
+            retry_digests = array_remove(retry_digests, $5)
          WHERE id = $1 RETURNING product_id, channel, status_offered"#,
         id,
         req.kind.status().as_str(),
@@ -612,6 +646,9 @@ async fn report_event(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    if seen.retry {
+        state.cache.invalidate(&device.product);
+    }
     if d.status_offered
         && matches!(
             req.kind,
@@ -980,6 +1017,176 @@ async fn revoke_device(
     tx.commit().await?;
     state.revocations.set(id, Some(Revoked::Revoked));
     Ok(Json(after))
+}
+
+/// Most digests a device holds as failed (the agent keeps as many).
+const MAX_FAILED: usize = 16;
+
+/// The device's images that failed and were not cleared since: their
+/// latest outcome is `failed` or `rolled_back`.
+async fn failed_images(
+    db: impl sqlx::PgExecutor<'_>,
+    id: Uuid,
+) -> Result<Vec<FailedImage>> {
+    let rows = sqlx::query!(
+        r#"SELECT digest AS "digest!", version, kind FROM (
+             SELECT DISTINCT ON (digest) digest, version, kind, id FROM device_events
+             WHERE device_id = $1 AND digest IS NOT NULL
+               AND kind IN ('healthy', 'failed', 'rolled_back', 'failure_cleared')
+             ORDER BY digest, id DESC) latest
+           WHERE kind IN ('failed', 'rolled_back') ORDER BY id DESC"#,
+        id
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| FailedImage {
+            version: r.version,
+            digest: r.digest,
+        })
+        .collect())
+}
+
+/// Asks a device to try again a release that failed its boot assessment
+/// there. A device never installs a digest it holds as failed; this clears
+/// that mark (all of them, or one version's or digest's) through the next
+/// answer it gets. The device confirms with a `failure_cleared` event. For
+/// when the cause was outside the release (a power cut during the trial, a
+/// health check that was wrong). Audited.
+#[utoipa::path(post, path = "/v1/devices/{id}/retry", tag = "devices", request_body = RetryRequest,
+    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
+    responses((status = 200, body = RetryResponse), (status = 400, body = crate::error::Problem),
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
+async fn retry_failed(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    Path(id): Path<Uuid>,
+    Json(req): Json<RetryRequest>,
+) -> Result<Json<RetryResponse>> {
+    if let Some(v) = &req.version {
+        check_text("version", v, 128)?;
+    }
+    if let Some(d) = &req.digest
+        && !is_sha256_digest(d)
+    {
+        return Err(Error::BadRequest("digest must be `sha256:<64 hex>`".into()));
+    }
+    let device = fetch_device(&state.db, id).await?;
+    let mut tx = state.db.begin().await?;
+    let mut failed = failed_images(&mut *tx, id).await?;
+    failed.retain(|f| {
+        req.version.as_ref().is_none_or(|v| f.version.as_ref() == Some(v))
+            && req.digest.as_ref().is_none_or(|d| &f.digest == d)
+    });
+    failed.truncate(MAX_FAILED);
+    if failed.is_empty() {
+        let what = match (&req.version, &req.digest) {
+            (Some(v), _) => format!("release {v}"),
+            (None, Some(d)) => format!("image {d}"),
+            (None, None) => "release".into(),
+        };
+        return Err(Error::Conflict(format!(
+            "device {id} has no failed {what} to try again (it reported none, or cleared it since)"
+        )));
+    }
+    let digests: Vec<String> = failed.iter().map(|f| f.digest.clone()).collect();
+    sqlx::query!(
+        "UPDATE devices SET retry_digests = (
+             SELECT coalesce(array_agg(DISTINCT d), '{}') FROM unnest(retry_digests || $2::text[]) d)
+         WHERE id = $1",
+        id,
+        &digests
+    )
+    .execute(&mut *tx)
+    .await?;
+    crate::audit::record(
+        &mut *tx,
+        &who,
+        "device.retry",
+        &format!("device:{id}"),
+        None,
+        Some(serde_json::json!({ "retry": &failed })),
+    )
+    .await?;
+    tx.commit().await?;
+    state.cache.invalidate(&device.product);
+    Ok(Json(RetryResponse { retry: failed }))
+}
+
+/// A device says it no longer holds digests as failed: because an answer
+/// asked it to (`by: admin`), or someone ran `sluice-agent clear-failed` on
+/// it (`by: local`). Recorded as `failure_cleared` events and in the audit log.
+#[utoipa::path(post, path = "/v1/devices/{id}/failures/cleared", tag = "devices",
+    request_body = sluice_protocol::FailuresCleared,
+    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
+    responses((status = 204), (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+async fn failures_cleared(
+    State(state): State<AppState>,
+    device: DeviceAuth,
+    Path(id): Path<Uuid>,
+    Json(req): Json<sluice_protocol::FailuresCleared>,
+) -> Result<StatusCode> {
+    if device.id != id {
+        return Err(Error::Forbidden(
+            "a device may only report about itself".into(),
+        ));
+    }
+    if req.digests.is_empty() || req.digests.len() > MAX_FAILED {
+        return Err(Error::BadRequest(format!(
+            "digests must list 1 to {MAX_FAILED} image digests"
+        )));
+    }
+    if let Some(d) = req.digests.iter().find(|d| !is_sha256_digest(d)) {
+        return Err(Error::BadRequest(format!(
+            "digests: {d:?} is not `sha256:<64 hex>`"
+        )));
+    }
+    let (by, message) = match req.by {
+        sluice_protocol::ClearedBy::Admin => ("admin", "cleared as an admin asked (retry)"),
+        sluice_protocol::ClearedBy::Local => ("local", "cleared on the device (sluice-agent clear-failed)"),
+    };
+    let mut tx = state.db.begin().await?;
+    let changed = sqlx::query_scalar!(
+        r#"UPDATE devices d SET retry_digests = (
+             SELECT coalesce(array_agg(x), '{}') FROM unnest(d.retry_digests) x WHERE x <> ALL($2::text[]))
+           FROM devices old WHERE d.id = $1 AND old.id = d.id
+           RETURNING old.retry_digests && $2::text[] AS "changed!""#,
+        id,
+        &req.digests
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("device {id}")))?;
+    sqlx::query!(
+        r#"INSERT INTO device_events (device_id, kind, version, digest, message)
+           SELECT $1, 'failure_cleared',
+                  (SELECT e.version FROM device_events e WHERE e.device_id = $1 AND e.digest = d
+                   AND e.version IS NOT NULL ORDER BY e.id DESC LIMIT 1),
+                  d, $3
+           FROM unnest($2::text[]) d"#,
+        id,
+        &req.digests,
+        message
+    )
+    .execute(&mut *tx)
+    .await?;
+    crate::audit::record_as(
+        &mut *tx,
+        &format!("device:{id}"),
+        "device.failure_cleared",
+        &format!("device:{id}"),
+        None,
+        Some(serde_json::json!({ "digests": req.digests, "by": by })),
+    )
+    .await?;
+    tx.commit().await?;
+    if changed {
+        state.cache.invalidate(&device.product);
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Records an admin's change of a device in the audit log, as the summaries

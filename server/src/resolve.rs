@@ -77,6 +77,8 @@ pub struct Snapshot {
     /// (serials come from one sequence, so this maximum only grows).
     serial: i64,
     pins: HashMap<Uuid, PinSnap>,
+    /// Devices an admin asked to try failed digests again, with the digests.
+    retries: HashMap<Uuid, Vec<String>>,
 }
 
 /// Product snapshots, dropped whenever something they hold changes.
@@ -286,6 +288,15 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
         Some((d.id, pin))
     })
     .collect();
+    let retries = sqlx::query!(
+        "SELECT id, retry_digests FROM devices WHERE product_id = $1 AND cardinality(retry_digests) > 0",
+        p.id
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|d| (d.id, d.retry_digests))
+    .collect();
     Ok(Snapshot {
         loaded_at: Instant::now(),
         repository: p.repository,
@@ -295,6 +306,7 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
         serial: channels.values().map(|c| c.serial).max().unwrap_or(0),
         channels,
         pins,
+        retries,
     })
 }
 
@@ -644,6 +656,7 @@ async fn resolve(
         arch: Some(arch.clone()),
         current: q.current.clone(),
         keys_version: state.keys.list_version(),
+        retry: snap.retries.get(&device.id).cloned().unwrap_or_default(),
     };
     state.checkins.seen(
         device.id,
