@@ -1,4 +1,4 @@
-//! One device: the upgrade as the spec lists it, the boot assessment after
+//! One device: the upgrade step by step, the boot assessment after
 //! reboot, rollback, status and the daemon's turns. Each step is a method on
 //! [`Device`]; the update state changes only through [`Store::transition`],
 //! which refuses a step from a state it may not start from. Two guards hold

@@ -1,4 +1,4 @@
-//! `/etc/sluice/agent.toml`: the keys the spec names, every path configurable
+//! `/etc/sluice/agent.toml` (every key in docs/agent.md), every path configurable
 //! so a test can put a whole device in a temporary folder.
 
 use anyhow::Context;

@@ -121,7 +121,7 @@ pub struct Decision<'a> {
     pub downgrade: bool,
 }
 
-/// Decides which release a device should run (the spec's rules 1–5).
+/// Decides which release a device should run (rules 1–5 of docs/resolution.md).
 pub fn decide<'a>(i: &Input<'a>) -> Decision<'a> {
     let usable = |r: Option<&'a Rel>| r.filter(|r| !r.revoked);
     let on = |r: &Rel| i.current.is_some_and(|c| c.version == r.version);

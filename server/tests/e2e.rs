@@ -122,7 +122,7 @@ fn image_keys(keys: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The staged rollout of the spec, through the API and the CLI.
+/// A staged rollout, a rollback and the health gate, through the API and the CLI.
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
