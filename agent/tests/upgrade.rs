@@ -266,7 +266,7 @@ fn upgrade_into_dir_slot_then_healthy() {
     let dev = device(&f, &r, true, "dir");
 
     ok(&dev.run(&["enroll"]));
-    let out = ok(&dev.run(&["check"]));
+    let out = checked(&dev.run(&["check"]));
     assert!(out.contains("update available: 2.0.0"), "{out}");
     let out = ok(&dev.run(&["apply"]));
     assert!(out.contains("applied 2.0.0"), "{out}");
@@ -894,6 +894,7 @@ fn version_and_help_need_no_configuration() {
         "status",
         "mark-good",
         "rollback",
+        "clear-failed",
         "enroll",
     ] {
         assert!(
@@ -904,4 +905,130 @@ fn version_and_help_need_no_configuration() {
     }
     refused(&run(&["--frobnicate"]), "usage: sluice-agent");
     refused(&run(&["status"]), "/nonexistent/agent.toml");
+}
+
+/// What the device told the fake server it cleared, in order.
+fn cleared(r: &Responder) -> Vec<serde_json::Value> {
+    r.seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|q| q.path.ends_with("/failures/cleared"))
+        .map(|q| serde_json::from_slice(&q.body).unwrap())
+        .collect()
+}
+
+/// `mark-good` run after `apply` but before any reboot (the boot-assessment
+/// service started by hand, or a `dir` device whose "reboot" did nothing):
+/// nothing booted the new slot, so nothing is assessed and nothing fails.
+/// Before, it recorded `rolled_back` and put the release on the failed list
+/// for good.
+#[test]
+fn mark_good_before_the_reboot_assesses_nothing() {
+    let f = fake();
+    let r = start(f.clone());
+    let v2 = push_image(&os_layers(), None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
+    let dev = device(&f, &r, true, "dir");
+    let out = checked(&dev.run(&["check"]));
+    assert!(out.contains("update available: 2.0.0"), "{out}");
+    ok(&dev.run(&["apply"]));
+    for _ in 0..2 {
+        let out = ok(&dev.run(&["mark-good"]));
+        assert!(
+            out.contains("nothing to assess: waiting for the reboot"),
+            "{out}"
+        );
+    }
+    let events = r.events();
+    assert!(
+        !events.iter().any(|e| e == "rolled_back" || e == "failed"),
+        "{events:?}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&dev.run(&["status", "--json"]))).unwrap();
+    assert_eq!(status["state"], "staged", "{status}");
+    assert_eq!(status["reboot_pending"], true, "{status}");
+    assert!(!ok(&dev.run(&["status"])).contains("failed:"));
+    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    // The reboot comes: B is assessed and kept.
+    assert_eq!(dev.reboot(), Slot::B);
+    assert!(ok(&dev.run(&["mark-good"])).contains("slot B is good"));
+    assert_eq!(r.events().last().map(String::as_str), Some("healthy"));
+    assert!(checked(&dev.run(&["check"])).contains("up to date"));
+}
+
+/// A release that failed here is held back until cleared: `check` says so
+/// (exit 0, not 100), `apply` skips it; `clear-failed` on the device, or an
+/// admin's `retry` carried by a signed answer, clears it, and the server is
+/// told which and by whom. A forged answer's `retry` clears nothing.
+#[test]
+fn a_failed_release_is_held_back_until_cleared() {
+    let f = fake();
+    let r = start(f.clone());
+    let v2 = push_image(&os_layers(), None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
+    let dev = device(&f, &r, false, "dir");
+    let fail_once = || {
+        ok(&dev.run(&["apply"]));
+        assert_eq!(dev.reboot(), Slot::B);
+        refused(&dev.run(&["mark-good"]), "unhealthy");
+        assert_eq!(dev.reboot(), Slot::A);
+        ok(&dev.run(&["mark-good"]));
+    };
+    fail_once();
+    let held = |dev: &TestDevice| {
+        let out = checked(&dev.run(&["check"]));
+        assert!(
+            out.contains("offered 2.0.0") && out.contains("failed its boot assessment"),
+            "{out}"
+        );
+        assert!(ok(&dev.run(&["apply"])).contains("not applying 2.0.0"));
+        assert!(
+            ok(&dev.run(&["status"])).contains(&format!("failed:   {}", v2.digest)),
+            "status lists the held-back digest"
+        );
+    };
+    held(&dev);
+    let reboots = dev.reboots();
+
+    // Not on the list: refused, nothing cleared.
+    let other = format!("sha256:{}", "0".repeat(64));
+    refused(
+        &dev.run(&["clear-failed", &other]),
+        "is not on this device's failed list",
+    );
+    assert!(cleared(&r).is_empty());
+
+    // Cleared on the device: the next apply installs it again.
+    let out = ok(&dev.run(&["clear-failed", &v2.digest]));
+    assert!(out.contains(&format!("cleared {}", v2.digest)), "{out}");
+    assert_eq!(
+        cleared(&r),
+        [serde_json::json!({"digests": [v2.digest], "by": "local"})]
+    );
+    assert!(ok(&dev.run(&["clear-failed"])).contains("nothing to clear"));
+    assert_eq!(cleared(&r).len(), 1, "nothing cleared, nothing told");
+    assert!(checked(&dev.run(&["check"])).contains("update available: 2.0.0"));
+    fail_once();
+    assert!(dev.reboots() > reboots, "installed again");
+    held(&dev);
+
+    // A `retry` in an answer signed by someone else: refused, still held.
+    {
+        let mut a = f.answer.lock().unwrap();
+        a.retry = vec![v2.digest.clone()];
+        a.foreign_signer = true;
+        a.serial += 1;
+    }
+    let _ = dev.run(&["check"]);
+    f.answer.lock().unwrap().foreign_signer = false;
+    assert_eq!(cleared(&r).len(), 1);
+    // Signed: the admin's retry clears it and is confirmed to the server.
+    let out = checked(&dev.run(&["check"]));
+    assert!(out.contains("update available: 2.0.0"), "{out}");
+    assert_eq!(
+        cleared(&r).last().unwrap(),
+        &serde_json::json!({"digests": [v2.digest], "by": "admin"})
+    );
 }

@@ -383,6 +383,7 @@ mod tests {
             arch: Some("amd64".into()),
             current: None,
             keys_version: Some(4),
+            retry: vec![format!("sha256:{}", "ab".repeat(32))],
         }
     }
 

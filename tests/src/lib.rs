@@ -284,7 +284,7 @@ fn rand_hex() -> String {
 #[path = "../../agent/tests/common/shared.rs"]
 mod shared;
 use shared::tar_entry;
-pub use shared::{Entry, ok, refused, tree};
+pub use shared::{Entry, checked, ok, refused, tree};
 
 /// What `umoci raw unpack` makes of `image` (`host:port/repo@digest`): the
 /// reference result of applying the image's layers in order.

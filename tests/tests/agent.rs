@@ -184,7 +184,7 @@ async fn upgrade_to_the_promoted_release_and_report_healthy(pool: PgPool) {
     assert_eq!(view["arch"], "amd64");
     assert!(events.is_empty(), "{events:?}");
 
-    let out = ok(&dev.run(&["check"]).await);
+    let out = checked(&dev.run(&["check"]).await);
     assert!(
         out.contains(&format!("update available: 1.1.0 {}", f.digest_1_1)),
         "{out}"
@@ -338,7 +338,7 @@ async fn failing_health_check_falls_back_and_trips_the_gate(pool: PgPool) {
     assert_eq!(history["items"][0]["actor"], "system");
 
     // Paused: a device that does not run the head is offered the base instead.
-    let out = ok(&dev.run(&["check"]).await);
+    let out = checked(&dev.run(&["check"]).await);
     assert!(out.contains("update available: 1.0.0"), "{out}");
 
     // Resumed by an operator, the channel offers 1.1.0 again; the agent does
@@ -353,14 +353,133 @@ async fn failing_health_check_falls_back_and_trips_the_gate(pool: PgPool) {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    let out = ok(&dev.run(&["check"]).await);
-    assert!(out.contains("update available: 1.1.0"), "{out}");
+    let out = checked(&dev.run(&["check"]).await);
+    assert!(
+        out.contains("offered 1.1.0") && out.contains("failed its boot assessment"),
+        "{out}"
+    );
     let grubenv = std::fs::read(dev.path("grubenv")).unwrap();
     let out = ok(&dev.run(&["apply"]).await);
     assert!(out.contains("not applying 1.1.0"), "{out}");
     assert_eq!(std::fs::read(dev.path("grubenv")).unwrap(), grubenv);
     assert_eq!(dev.reboots(), 2, "none since the failure");
     assert_eq!(f.server_view(&dev).await.1.len(), events.len());
+}
+
+/// The newest audit entry with this action.
+async fn audited(f: &Fleet, action: &str) -> Value {
+    let (s, b) = f
+        .app
+        .get(&format!("/v1/audit?action={action}"), &f.app.admin)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    b["items"][0].clone()
+}
+
+/// A release that failed on a device stays held back there until it is
+/// cleared: by an admin (`POST /v1/devices/{id}/retry`, carried to the device
+/// by its next signed answer) or on the device (`sluice-agent clear-failed`).
+/// Both are audited and show in the device's events; bad requests are refused
+/// with a reason.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn a_failed_release_is_tried_again_when_an_admin_or_the_device_clears_it(pool: PgPool) {
+    let f = fleet(pool, 60, true).await;
+    let dev = f.device(SlotKind::Dir, Health::OnlyInSlotA);
+    let fail_once = || async {
+        ok(&dev.run(&["apply"]).await);
+        assert_eq!(dev.reboot(), Slot::B);
+        refused(&dev.run(&["mark-good"]).await, "unhealthy");
+        assert_eq!(dev.reboot(), Slot::A);
+        ok(&dev.run(&["mark-good"]).await);
+        let out = checked(&dev.run(&["check"]).await);
+        assert!(out.contains("offered 1.1.0"), "held back: {out}");
+    };
+    fail_once().await;
+    let id = device_id(&dev).await;
+    let retry = |body: Value| {
+        let app = &f.app;
+        let id = id.clone();
+        async move {
+            app.call(
+                Method::POST,
+                &format!("/v1/devices/{id}/retry"),
+                Some(&app.admin),
+                Some(body),
+            )
+            .await
+        }
+    };
+
+    // Bad requests: each refused with a reason, nothing changes.
+    for (body, status, want) in [
+        (json!({"version": "9.9.9"}), StatusCode::CONFLICT, "no failed release 9.9.9"),
+        (json!({"digest": "sha256:zz"}), StatusCode::BAD_REQUEST, "sha256:<64 hex>"),
+        (json!({"versoin": "1.1.0"}), StatusCode::BAD_REQUEST, "unknown field `versoin`"),
+    ] {
+        let (s, b) = retry(body.clone()).await;
+        assert_eq!(s, status, "{body}: {b}");
+        assert!(b["detail"].as_str().unwrap().contains(want), "{b}");
+    }
+    let (s, b) = f
+        .app
+        .call(
+            Method::POST,
+            &format!("/v1/devices/{}/retry", uuid::Uuid::new_v4()),
+            Some(&f.app.admin),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+
+    // The admin asks for 1.1.0 again: the next answer carries it.
+    let (s, b) = retry(json!({"version": "1.1.0"})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["retry"], json!([{"version": "1.1.0", "digest": f.digest_1_1}]));
+    let entry = audited(&f, "device.retry").await;
+    assert_eq!(entry["target"], format!("device:{id}"), "{entry}");
+    assert!(entry["actor"].as_str().unwrap() != format!("device:{id}"), "{entry}");
+    let out = checked(&dev.run(&["check"]).await);
+    assert!(out.contains("update available: 1.1.0"), "{out}");
+    let (_, events) = f.server_view(&dev).await;
+    assert_eq!(events.last().unwrap(), "failure_cleared", "{events:?}");
+    let entry = audited(&f, "device.failure_cleared").await;
+    assert_eq!(entry["actor"], format!("device:{id}"), "{entry}");
+    assert_eq!(entry["after"]["by"], "admin", "{entry}");
+    assert_eq!(entry["after"]["digests"], json!([f.digest_1_1]), "{entry}");
+    // Nothing failed any more: a second retry has nothing to do.
+    let (s, b) = retry(json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+
+    // It fails again; this time someone on the device clears it.
+    fail_once().await;
+    let out = ok(&dev.run(&["clear-failed"]).await);
+    assert!(out.contains(&format!("cleared {}", f.digest_1_1)), "{out}");
+    let entry = audited(&f, "device.failure_cleared").await;
+    assert_eq!(entry["after"]["by"], "local", "{entry}");
+    let (view, events) = f.server_view(&dev).await;
+    assert_eq!(events.last().unwrap(), "failure_cleared", "{events:?}");
+    assert_eq!(view["events"][0]["version"], "1.1.0", "{view}");
+    assert!(
+        view["events"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("clear-failed"),
+        "{view}"
+    );
+    let out = checked(&dev.run(&["check"]).await);
+    assert!(out.contains("update available: 1.1.0"), "{out}");
+
+    // A device may only speak for itself, and only in digests.
+    let (s, b) = f
+        .app
+        .call(
+            Method::POST,
+            &format!("/v1/devices/{id}/failures/cleared"),
+            Some(&f.app.admin),
+            Some(json!({"digests": [f.digest_1_1], "by": "local"})),
+        )
+        .await;
+    assert!(s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN, "{s}: {b}");
 }
 
 /// After the server's rollback the head is the old release with
@@ -381,7 +500,7 @@ async fn server_rollback_downgrades_the_device(pool: PgPool) {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    let out = ok(&dev.run(&["check"]).await);
+    let out = checked(&dev.run(&["check"]).await);
     assert!(
         out.contains(&format!(
             "update available: 1.0.0 {} (downgrade)",
@@ -451,7 +570,7 @@ async fn rollback_command_switches_to_the_other_slot(pool: PgPool) {
     assert_eq!(view["status"], "healthy");
     assert_eq!(view["booted_slot"], "B");
     // The server still wants 1.1.0 for this device and says so.
-    let out = ok(&dev.run(&["check"]).await);
+    let out = checked(&dev.run(&["check"]).await);
     assert!(out.contains("update available: 1.1.0"), "{out}");
 }
 
@@ -635,5 +754,5 @@ async fn enroll_with_the_product_secret(pool: PgPool) {
     ok(&dev.run(&["enroll"]).await);
     assert_eq!(device_id(&dev).await, id, "same machine, same device");
     // The token works: a check is answered and signed for this device.
-    assert!(ok(&dev.run(&["check"]).await).contains("update available: 1.0.0"));
+    assert!(checked(&dev.run(&["check"]).await).contains("update available: 1.0.0"));
 }

@@ -115,7 +115,7 @@ async fn another_machine_cannot_take_a_machine_id(pool: PgPool) {
     for field in ["channel", "key_id", "arch", "labels"] {
         assert_eq!(after[field], before[field], "{field} changed");
     }
-    assert!(ok(&dev.run(&["check"]).await).contains("up to date"));
+    assert!(checked(&dev.run(&["check"]).await).contains("up to date"));
 }
 
 /// Revoked: the agent's next poll is refused with one line saying so, and it
@@ -125,7 +125,7 @@ async fn another_machine_cannot_take_a_machine_id(pool: PgPool) {
 async fn a_revoked_device_is_refused_and_a_reset_one_comes_back(pool: PgPool) {
     let s = setup(pool).await;
     let dev = s.device();
-    ok(&dev.run(&["check"]).await);
+    checked(&dev.run(&["check"]).await);
     let id = stored(&dev)["device_id"].as_str().unwrap().to_string();
     let (st, b) = s
         .app
@@ -175,7 +175,7 @@ async fn an_ageing_token_is_renewed(pool: PgPool) {
     );
     creds["token"] = json!(old);
     std::fs::write(dev.path("state/device.json"), creds.to_string()).unwrap();
-    assert!(ok(&dev.run(&["check"]).await).contains("up to date"));
+    assert!(checked(&dev.run(&["check"]).await).contains("up to date"));
     let token = stored(&dev)["token"].as_str().unwrap().to_string();
     assert_ne!(token, old);
     let c = claims(&token);
@@ -214,7 +214,7 @@ async fn an_old_enrollment_binds_a_key(pool: PgPool) {
         json!({"device_id": id, "token": old}).to_string(),
     )
     .unwrap();
-    assert!(ok(&dev.run(&["check"]).await).contains("up to date"));
+    assert!(checked(&dev.run(&["check"]).await).contains("up to date"));
     let pem = std::fs::read_to_string(dev.path("state/device.key")).unwrap();
     let key_id = sluice_protocol::DeviceKey::from_pem(&pem).unwrap().key_id();
     assert_eq!(s.view(&id).await["key_id"], key_id.as_str());
@@ -228,5 +228,5 @@ async fn an_old_enrollment_binds_a_key(pool: PgPool) {
         )
         .await;
     assert_eq!(st, StatusCode::UNAUTHORIZED, "the old token is spent");
-    assert!(ok(&dev.run(&["check"]).await).contains("up to date"));
+    assert!(checked(&dev.run(&["check"]).await).contains("up to date"));
 }

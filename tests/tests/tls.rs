@@ -36,7 +36,7 @@ async fn the_agent_pins_the_servers_ca(pool: PgPool) {
     let pinned = Device::new(&opts);
     pin(&pinned, &certs.ca);
     ok(&pinned.run(&["enroll"]).await);
-    let out = ok(&pinned.run(&["check"]).await);
+    let out = checked(&pinned.run(&["check"]).await);
     assert!(!out.trim().is_empty(), "check prints the signed decision");
 
     // The system's roots do not hold our CA: the TLS handshake is refused.

@@ -328,7 +328,7 @@ async fn an_answer_for_a_rewritten_arch_is_refused(pool: PgPool) {
     assert!(!dev.path("grubenv").exists() || !dev.ab().is_ok(Slot::B));
 
     proxy.set(|r| r.request_line.clear());
-    let out = ok(&dev.run(&["check"]).await);
+    let out = checked(&dev.run(&["check"]).await);
     assert!(out.contains("update available: 2.0.0"), "{out}");
 }
 
@@ -377,13 +377,13 @@ async fn a_device_that_moves_to_another_channel_keeps_updating(pool: PgPool) {
         cfg.replace("channel = \"stable\"", "channel = \"lts\""),
     )
     .unwrap();
-    let out = ok(&dev.run(&["check"]).await);
+    let out = checked(&dev.run(&["check"]).await);
     assert!(out.contains("up to date"), "1.0.0 is older: {out}");
     s.promote("lts", "1.1.0").await;
     assert!(ok(&dev.run(&["apply"]).await).contains("up to date"));
     // A change on the old channel raises the serial; lts still answers.
     s.promote("stable", "1.0.0").await;
-    assert!(ok(&dev.run(&["check"]).await).contains("up to date"));
+    assert!(checked(&dev.run(&["check"]).await).contains("up to date"));
 }
 
 /// The key list as an admin sees it.
@@ -447,8 +447,8 @@ async fn a_fleet_keeps_updating_across_rotations(pool: PgPool) {
     assert_eq!(next["state"], "next");
     let resp2 = next["key_id"].as_str().unwrap().to_string();
     for d in &fleet {
-        ok(&d.run(&["check"]).await); // learns the list
-        ok(&d.run(&["check"]).await); // says so
+        checked(&d.run(&["check"]).await); // learns the list
+        checked(&d.run(&["check"]).await); // says so
     }
     let st = status(app).await;
     let k = st["keys"]
@@ -502,7 +502,7 @@ async fn a_fleet_keeps_updating_across_rotations(pool: PgPool) {
             .await;
         }
         for d in &fleet {
-            ok(&d.run(&["check"]).await);
+            checked(&d.run(&["check"]).await);
         }
     }
     let st = status(app).await;
@@ -590,13 +590,13 @@ async fn a_revoked_response_key_is_refused(pool: PgPool) {
     .unwrap();
     let proxy = Proxy::start(&app.url);
     let dev = s.device(&proxy.url, "stable").await;
-    ok(&dev.run(&["check"]).await);
+    checked(&dev.run(&["check"]).await);
     let keys_file = std::fs::read_to_string(dev.path("keys.json")).unwrap();
     assert!(keys_file.contains(&stolen_id));
 
     // Before the revocation, the stolen key's signatures pass.
     proxy.set(|r| r.resign = Some(stolen.clone()));
-    ok(&dev.run(&["check"]).await);
+    checked(&dev.run(&["check"]).await);
 
     post_ok(app, "/v1/keys/response/rotate", json!({})).await;
     post_ok(app, "/v1/keys/response/activate", json!({"force": true})).await;
@@ -613,7 +613,7 @@ async fn a_revoked_response_key_is_refused(pool: PgPool) {
     );
     // The device learns the new list from a genuine answer...
     proxy.set(|r| r.resign = None);
-    ok(&dev.run(&["check"]).await);
+    checked(&dev.run(&["check"]).await);
     // ...and from then on refuses the thief's.
     proxy.set(|r| r.resign = Some(stolen.clone()));
     refused(
@@ -622,7 +622,7 @@ async fn a_revoked_response_key_is_refused(pool: PgPool) {
     );
     // The server itself never signs with it again.
     proxy.set(|r| r.resign = None);
-    ok(&dev.run(&["check"]).await);
+    checked(&dev.run(&["check"]).await);
 }
 
 /// Key compromise, the other way: a thief with the response key makes a
@@ -644,7 +644,7 @@ async fn a_key_list_not_signed_by_the_held_root_is_refused(pool: PgPool) {
     let app = &s.app;
     let proxy = Proxy::start(&app.url);
     let dev = s.device(&proxy.url, "stable").await;
-    ok(&dev.run(&["check"]).await);
+    checked(&dev.run(&["check"]).await);
     assert_eq!(held(&dev).await, 1);
     let kept = std::fs::read(dev.path("state/keylist.json")).unwrap();
 
@@ -697,7 +697,7 @@ async fn a_key_list_not_signed_by_the_held_root_is_refused(pool: PgPool) {
     );
     assert_eq!(std::fs::read(dev.path("state/keylist.json")).unwrap(), kept);
     proxy.set(|r| *r = Rules::default());
-    assert!(ok(&dev.run(&["check"]).await).contains("update available: 1.0.0"));
+    assert!(checked(&dev.run(&["check"]).await).contains("update available: 1.0.0"));
     assert_eq!(held(&dev).await, 1);
 }
 
@@ -759,7 +759,7 @@ async fn an_agent_killed_while_following_the_lists_loses_nothing(pool: PgPool) {
             })
             .collect();
         assert!(stray.is_empty(), "{stray:?}");
-        assert!(ok(&d.run(&["check"]).await).contains("update available: 1.0.0"));
+        assert!(checked(&d.run(&["check"]).await).contains("update available: 1.0.0"));
         assert_eq!(held(d).await, newest);
         assert!(!state.join(".keylist.json.sluice-new").exists());
     }

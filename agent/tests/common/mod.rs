@@ -7,7 +7,7 @@
 
 mod shared;
 #[allow(unused_imports)] // each test file uses its own share
-pub use shared::{Entry, ok, refused, tar_entry, tree, umoci_tree};
+pub use shared::{Entry, checked, ok, refused, tar_entry, tree, umoci_tree};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;

@@ -104,6 +104,21 @@ pub fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `check`'s output, asserting its exit status: 100 exactly when it says an
+/// update is available, 0 otherwise.
+pub fn checked(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let want = if stdout.contains("update available") { 100 } else { 0 };
+    assert_eq!(
+        out.status.code(),
+        Some(want),
+        "check exited {}: {}\n{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Asserts an agent run failed with a one-line reason containing `want`.
 pub fn refused(out: &Output, want: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
