@@ -1,0 +1,174 @@
+//! README command 1, `scripts/run --demo`, as a new user runs it: it starts
+//! PostgreSQL, a registry and the server (the `sluice` binary under test, so
+//! no release build here), prints where everything is, including the
+//! dashboard, seeds the demo without putting the admin password on any
+//! command line, and stops everything on Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Ctrl-C for `scripts/run` when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+    }
+}
+
+#[test]
+fn help_is_the_header_and_nothing_else() {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/run"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("scripts/run [--demo]"), "{text}");
+    assert!(text.contains("--demo seeds"), "{text}");
+    assert!(
+        !text.contains("set -") && !text.contains("ROOT="),
+        "code in --help: {text}"
+    );
+    let out = Command::new("bash")
+        .arg(root().join("scripts/run"))
+        .arg("--frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown argument --frobnicate"));
+}
+
+#[tokio::test]
+async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines() {
+    let state = tempfile::tempdir().unwrap();
+    let (pg, reg, port) = (free_port(), free_port(), free_port());
+    let mut child = Command::new("bash")
+        .arg(root().join("scripts/run"))
+        .arg("--demo")
+        .env("SLUICE_STATE_DIR", state.path())
+        .env("SLUICE_BIN", env!("CARGO_BIN_EXE_sluice"))
+        .env("SLUICE_PG_PORT", pg.to_string())
+        .env("SLUICE_REGISTRY_PORT", reg.to_string())
+        .env("SLUICE_PORT", port.to_string())
+        .env_remove("SLUICE_ADMIN_PASSWORD")
+        .env_remove("SLUICE_WEB_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let run = Running(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !lines.iter().any(|l: &String| l.contains("CLI ")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(e) => panic!("scripts/run printed no banner ({e}): {lines:#?}"),
+        }
+    }
+    let text = lines.join("\n");
+    let api = format!("http://127.0.0.1:{port}");
+    let has = |want: &str| lines.iter().any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == want);
+    assert!(has(&format!("dashboard {api}/")), "{text}");
+    assert!(has(&format!("API {api}/v1")), "{text}");
+    assert!(has(&format!("API docs {api}/docs/")), "{text}");
+    let password = std::fs::read_to_string(state.path().join("admin-password")).unwrap();
+    let password = password.trim();
+    assert!(has(&format!("login admin / {password}")), "{text}");
+
+    // The dashboard line leads to the dashboard, served by the binary itself.
+    let page = reqwest::get(format!("{api}/")).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<div id=\"root\">"));
+
+    // The demo seed logs in and fills the server; meanwhile no process has
+    // the password on its command line.
+    let client = reqwest::Client::new();
+    let seeded = Instant::now() + Duration::from_secs(120);
+    loop {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                assert!(!cmd.contains(password), "password on a command line: {cmd}");
+            }
+        }
+        let token = client
+            .post(format!("{api}/v1/auth/login"))
+            .json(&serde_json::json!({"username": "admin", "password": password}))
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()["token"]
+            .as_str()
+            .map(str::to_string)
+            .expect("the printed password logs in");
+        let devices: serde_json::Value = client
+            .get(format!("{api}/v1/devices"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if devices["items"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < seeded,
+            "the demo seeded no device in 120 s: {}",
+            std::fs::read_to_string(state.path().join("demo.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Ctrl-C: everything stops, the data stays.
+    drop(run);
+    let mut rest = Vec::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(30)) {
+        rest.push(l);
+    }
+    let rest = rest.join("\n");
+    assert!(rest.contains("stopped; data kept in"), "{rest}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", pg)).is_err());
+    assert!(state.path().join("postgres/PG_VERSION").exists());
+}
