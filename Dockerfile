@@ -14,6 +14,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 ENV SQLX_OFFLINE=true CARGO_TERM_COLOR=never
 COPY . .
+# The dashboard is compiled into the binary (rust-embed of web/dist).
+COPY --from=web /src/web/dist web/dist
 RUN test -d .sqlx || { echo "error: .sqlx/ is missing: run scripts/prepare-sqlx and commit it" >&2; exit 1; }
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
@@ -27,12 +29,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --home-dir /var/lib/sluice --create-home sluice
 COPY --from=build /usr/local/bin/sluice /usr/local/bin/sluice
-COPY --from=web /src/web/dist /usr/share/sluice/web
 USER sluice
 WORKDIR /var/lib/sluice
 ENV SLUICE_LISTEN=0.0.0.0:8080 \
-    SLUICE_DATA_DIR=/var/lib/sluice \
-    SLUICE_WEB_DIR=/usr/share/sluice/web
+    SLUICE_DATA_DIR=/var/lib/sluice
 VOLUME ["/var/lib/sluice"]
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
