@@ -399,7 +399,9 @@ impl Device {
                 &FailuresCleared { digests: told, by },
             )
         {
-            crate::log(&format!("telling the server of the cleared failures failed: {e:#}"));
+            crate::log(&format!(
+                "telling the server of the cleared failures failed: {e:#}"
+            ));
         }
         Ok(held)
     }

@@ -168,7 +168,10 @@ fn real_main() -> anyhow::Result<u8> {
                 }
                 let failed = &dev.store.data.failed_digests;
                 if !failed.is_empty() {
-                    println!("failed:   {} (not installed again; clear-failed)", failed.join(", "));
+                    println!(
+                        "failed:   {} (not installed again; clear-failed)",
+                        failed.join(", ")
+                    );
                 }
                 println!("last:     {}", s.last_result.as_deref().unwrap_or("-"));
             }

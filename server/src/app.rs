@@ -292,10 +292,7 @@ async fn embedded_page(uri: axum::http::Uri) -> axum::response::Response {
     }
 }
 
-fn embedded_response(
-    f: rust_embed::EmbeddedFile,
-    cache: &'static str,
-) -> axum::response::Response {
+fn embedded_response(f: rust_embed::EmbeddedFile, cache: &'static str) -> axum::response::Response {
     use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, ETAG};
     let etag = format!("\"{}\"", hex::encode(&f.metadata.sha256_hash()[..16]));
     (

@@ -1024,10 +1024,7 @@ const MAX_FAILED: usize = 16;
 
 /// The device's images that failed and were not cleared since: their
 /// latest outcome is `failed` or `rolled_back`.
-async fn failed_images(
-    db: impl sqlx::PgExecutor<'_>,
-    id: Uuid,
-) -> Result<Vec<FailedImage>> {
+async fn failed_images(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Vec<FailedImage>> {
     let rows = sqlx::query!(
         r#"SELECT digest AS "digest!", version, kind FROM (
              SELECT DISTINCT ON (digest) digest, version, kind, id FROM device_events
@@ -1077,7 +1074,9 @@ async fn retry_failed(
     let mut tx = state.db.begin().await?;
     let mut failed = failed_images(&mut *tx, id).await?;
     failed.retain(|f| {
-        req.version.as_ref().is_none_or(|v| f.version.as_ref() == Some(v))
+        req.version
+            .as_ref()
+            .is_none_or(|v| f.version.as_ref() == Some(v))
             && req.digest.as_ref().is_none_or(|d| &f.digest == d)
     });
     failed.truncate(MAX_FAILED);
@@ -1146,7 +1145,9 @@ async fn failures_cleared(
     }
     let (by, message) = match req.by {
         sluice_protocol::ClearedBy::Admin => ("admin", "cleared as an admin asked (retry)"),
-        sluice_protocol::ClearedBy::Local => ("local", "cleared on the device (sluice-agent clear-failed)"),
+        sluice_protocol::ClearedBy::Local => {
+            ("local", "cleared on the device (sluice-agent clear-failed)")
+        }
     };
     let mut tx = state.db.begin().await?;
     let changed = sqlx::query_scalar!(

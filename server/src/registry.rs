@@ -70,6 +70,51 @@ pub struct PlatformImage {
     pub size: u64,
 }
 
+impl PlatformImage {
+    /// How well this platform fits a device that asks for `arch`, an OCI
+    /// architecture with an optional variant (`arm64`, `arm/v7`): 2 the
+    /// same (variant included, or neither names one), 1 compatible (one side
+    /// names no variant), `None` another architecture or variant.
+    pub fn fits(&self, arch: &str) -> Option<u8> {
+        fits(&self.architecture, self.variant.as_deref(), arch)
+    }
+}
+
+/// [`PlatformImage::fits`] on the parts.
+pub fn fits(architecture: &str, variant: Option<&str>, arch: &str) -> Option<u8> {
+    let (a, v) = match arch.split_once('/') {
+        Some((a, v)) => (a, Some(v)),
+        None => (arch, None),
+    };
+    if a != architecture {
+        return None;
+    }
+    match (v, variant) {
+        (None, None) => Some(2),
+        (Some(want), Some(have)) if want == have => Some(2),
+        (Some(_), Some(_)) => None,
+        _ => Some(1),
+    }
+}
+
+/// The platform that fits `arch` best (the first of equals).
+pub fn best_fit<'a, T>(
+    platforms: &'a [T],
+    arch: &str,
+    parts: impl Fn(&T) -> (&str, Option<&str>),
+) -> Option<&'a T> {
+    let mut best: Option<(&T, u8)> = None;
+    for p in platforms {
+        let (a, v) = parts(p);
+        if let Some(score) = fits(a, v, arch)
+            && best.is_none_or(|(_, b)| score > b)
+        {
+            best = Some((p, score));
+        }
+    }
+    best.map(|(p, _)| p)
+}
+
 /// What a reference resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedImage {
@@ -876,4 +921,38 @@ fn parse_manifest(body: &[u8], shown: &str) -> Result<Manifest> {
         layers: raw.layers.unwrap_or_default(),
         manifests: raw.manifests.unwrap_or_default(),
     })
+}
+
+#[cfg(test)]
+mod fit_tests {
+    use super::*;
+
+    #[test]
+    fn a_device_gets_its_architecture_and_variant() {
+        let pl = |a: &str, v: Option<&str>| (a.to_string(), v.map(str::to_string));
+        let all = [
+            pl("amd64", None),
+            pl("arm", Some("v6")),
+            pl("arm", Some("v7")),
+            pl("arm64", Some("v8")),
+        ];
+        let pick = |arch: &str| best_fit(&all, arch, |(a, v)| (a.as_str(), v.as_deref())).cloned();
+        assert_eq!(pick("amd64"), Some(pl("amd64", None)));
+        assert_eq!(pick("arm/v7"), Some(pl("arm", Some("v7"))));
+        assert_eq!(pick("arm/v6"), Some(pl("arm", Some("v6"))));
+        assert_eq!(pick("arm/v5"), None, "another variant does not run");
+        assert_eq!(
+            pick("arm"),
+            Some(pl("arm", Some("v6"))),
+            "no variant asked: the first"
+        );
+        assert_eq!(pick("arm64"), Some(pl("arm64", Some("v8"))));
+        assert_eq!(pick("arm64/v8"), Some(pl("arm64", Some("v8"))));
+        assert_eq!(pick("riscv64"), None);
+        assert_eq!(
+            pick("amd64/v3"),
+            Some(pl("amd64", None)),
+            "a platform without variant fits any"
+        );
+    }
 }

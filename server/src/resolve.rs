@@ -34,6 +34,7 @@ const SNAPSHOT_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 struct PlatformOffer {
     architecture: String,
+    variant: Option<String>,
     digest: String,
     size: u64,
     signature: Option<ImageSignature>,
@@ -216,6 +217,7 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
                         .find(|s| s.digest == pl.digest)
                         .map(SigRow::to_signature),
                     architecture: pl.architecture,
+                    variant: pl.variant,
                     digest: pl.digest,
                     size: pl.size,
                 }
@@ -277,6 +279,7 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
                     .into_iter()
                     .map(|pl| PlatformOffer {
                         architecture: pl.image.architecture,
+                        variant: pl.image.variant,
                         digest: pl.image.digest,
                         size: pl.image.size,
                         signature: Some(pl.signature),
@@ -624,7 +627,10 @@ async fn resolve(
                 )
             }
         };
-        let pl = platforms.iter().find(|p| p.architecture == arch)?;
+        // `arm/v7` asks for architecture `arm`, variant `v7`.
+        let pl = crate::registry::best_fit(platforms, &arch, |p| {
+            (p.architecture.as_str(), p.variant.as_deref())
+        })?;
         Some(Offer {
             version,
             image: format!("{}@{}", snap.repository, pl.digest),

@@ -656,3 +656,67 @@ async fn pins_override_the_channel(pool: PgPool) {
         "unpinned, back on the channel's head"
     );
 }
+
+/// A device that names a variant (`arm64/v8`, as `uname -m` on a v8 board
+/// maps to) gets that platform of a multi-arch release; a variant the
+/// release lacks gets nothing rather than another variant's image. Before,
+/// the architecture had to equal the platform's exactly, so every device
+/// that named a variant was stranded.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn a_device_naming_a_variant_gets_that_platform(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let reg = registry();
+    let repo_path = images::unique_repo("variant");
+    let repo = format!("{reg}/{repo_path}");
+    let (_, pushed) = images::push_index(&reg, &repo_path, "1.0.0", &["amd64", "arm64"]).await;
+    let secret = app.product("acme", &repo).await;
+    app.channel("acme", "stable").await;
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &app.admin,
+            json!({"version": "1.0.0", "image": format!("{repo}:1.0.0")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/channels/stable/promote",
+            &app.admin,
+            json!({"version": "1.0.0", "percent": 100}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (_, token) = app.enroll("acme", &secret, "board-1", "stable").await;
+    let digest_of = |arch: &str| {
+        pushed
+            .iter()
+            .find(|(a, _, _)| a == arch)
+            .map(|(_, d, _)| d.clone())
+            .unwrap()
+    };
+    for (arch, want) in [
+        ("amd64", Some(digest_of("amd64"))),
+        ("arm64", Some(digest_of("arm64"))),
+        ("arm64%2Fv8", Some(digest_of("arm64"))),
+        ("arm64%2Fv9", None),
+        ("riscv64", None),
+    ] {
+        let (s, b) = app
+            .get(
+                &format!(
+                    "/v1/products/acme/channels/stable/resolve?arch={arch}&nonce=nonce-{}",
+                    arch.replace('%', "-")
+                ),
+                &token,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{arch}: {b}");
+        assert_eq!(
+            b["release"]["digest"].as_str().map(str::to_string),
+            want,
+            "{arch}: {b}"
+        );
+        assert_eq!(b["update"], want.is_some(), "{arch}: {b}");
+    }
+}

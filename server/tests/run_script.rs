@@ -104,7 +104,11 @@ async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines(
     }
     let text = lines.join("\n");
     let api = format!("http://127.0.0.1:{port}");
-    let has = |want: &str| lines.iter().any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == want);
+    let has = |want: &str| {
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == want)
+    };
     assert!(has(&format!("dashboard {api}/")), "{text}");
     assert!(has(&format!("API {api}/v1")), "{text}");
     assert!(has(&format!("API docs {api}/docs/")), "{text}");

@@ -79,7 +79,12 @@ async fn serves_the_dashboard_built_into_the_binary(pool: PgPool) {
     assert!(config.web_dir.is_none());
     let app = TestApp::spawn_with(pool, config, dir).await;
 
-    for path in ["/", "/products/acme/channels/stable", "/devices/123", "/login"] {
+    for path in [
+        "/",
+        "/products/acme/channels/stable",
+        "/devices/123",
+        "/login",
+    ] {
         let (s, ct, cc, body) = fetch(&format!("{}{path}", app.url)).await;
         assert_eq!(s, StatusCode::OK, "{path}");
         assert!(ct.starts_with("text/html"), "{path}: {ct}");
@@ -91,9 +96,15 @@ async fn serves_the_dashboard_built_into_the_binary(pool: PgPool) {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert!(assets.iter().any(|a| index.contains(&format!("/assets/{a}"))));
+    assert!(
+        assets
+            .iter()
+            .any(|a| index.contains(&format!("/assets/{a}")))
+    );
     for name in &assets {
-        let r = reqwest::get(format!("{}/assets/{name}", app.url)).await.unwrap();
+        let r = reqwest::get(format!("{}/assets/{name}", app.url))
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{name}");
         let ct = r.headers()["content-type"].to_str().unwrap().to_string();
         let cc = r.headers()["cache-control"].to_str().unwrap().to_string();
@@ -104,7 +115,10 @@ async fn serves_the_dashboard_built_into_the_binary(pool: PgPool) {
             assert!(ct.starts_with("text/css"), "{name}: {ct}");
         }
         let bytes = r.bytes().await.unwrap();
-        assert_eq!(&bytes[..], std::fs::read(dist.join("assets").join(name)).unwrap());
+        assert_eq!(
+            &bytes[..],
+            std::fs::read(dist.join("assets").join(name)).unwrap()
+        );
     }
     let (s, ct, _, body) = fetch(&format!("{}/assets/missing.js", app.url)).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "a missing asset is not the page");

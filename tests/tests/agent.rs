@@ -412,9 +412,21 @@ async fn a_failed_release_is_tried_again_when_an_admin_or_the_device_clears_it(p
 
     // Bad requests: each refused with a reason, nothing changes.
     for (body, status, want) in [
-        (json!({"version": "9.9.9"}), StatusCode::CONFLICT, "no failed release 9.9.9"),
-        (json!({"digest": "sha256:zz"}), StatusCode::BAD_REQUEST, "sha256:<64 hex>"),
-        (json!({"versoin": "1.1.0"}), StatusCode::BAD_REQUEST, "unknown field `versoin`"),
+        (
+            json!({"version": "9.9.9"}),
+            StatusCode::CONFLICT,
+            "no failed release 9.9.9",
+        ),
+        (
+            json!({"digest": "sha256:zz"}),
+            StatusCode::BAD_REQUEST,
+            "sha256:<64 hex>",
+        ),
+        (
+            json!({"versoin": "1.1.0"}),
+            StatusCode::BAD_REQUEST,
+            "unknown field `versoin`",
+        ),
     ] {
         let (s, b) = retry(body.clone()).await;
         assert_eq!(s, status, "{body}: {b}");
@@ -434,10 +446,16 @@ async fn a_failed_release_is_tried_again_when_an_admin_or_the_device_clears_it(p
     // The admin asks for 1.1.0 again: the next answer carries it.
     let (s, b) = retry(json!({"version": "1.1.0"})).await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    assert_eq!(b["retry"], json!([{"version": "1.1.0", "digest": f.digest_1_1}]));
+    assert_eq!(
+        b["retry"],
+        json!([{"version": "1.1.0", "digest": f.digest_1_1}])
+    );
     let entry = audited(&f, "device.retry").await;
     assert_eq!(entry["target"], format!("device:{id}"), "{entry}");
-    assert!(entry["actor"].as_str().unwrap() != format!("device:{id}"), "{entry}");
+    assert!(
+        entry["actor"].as_str().unwrap() != format!("device:{id}"),
+        "{entry}"
+    );
     let out = checked(&dev.run(&["check"]).await);
     assert!(out.contains("update available: 1.1.0"), "{out}");
     let (_, events) = f.server_view(&dev).await;
@@ -479,7 +497,10 @@ async fn a_failed_release_is_tried_again_when_an_admin_or_the_device_clears_it(p
             Some(json!({"digests": [f.digest_1_1], "by": "local"})),
         )
         .await;
-    assert!(s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN, "{s}: {b}");
+    assert!(
+        s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN,
+        "{s}: {b}"
+    );
 }
 
 /// After the server's rollback the head is the old release with

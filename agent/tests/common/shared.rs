@@ -108,7 +108,11 @@ pub fn ok(out: &Output) -> String {
 /// update is available, 0 otherwise.
 pub fn checked(out: &Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let want = if stdout.contains("update available") { 100 } else { 0 };
+    let want = if stdout.contains("update available") {
+        100
+    } else {
+        0
+    };
     assert_eq!(
         out.status.code(),
         Some(want),
