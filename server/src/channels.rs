@@ -5,10 +5,12 @@ use crate::app::AppState;
 use crate::auth::{Admin, Principal, Publisher, Viewer};
 use crate::error::{Error, Json, Path, Query, Result, on_constraint};
 use crate::paging::{Page, PageParams};
+use crate::registry::PlatformImage;
 use crate::rollout::{self, Gate};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use sqlx::types::Json as SqlJson;
 use sqlx::{PgConnection, Postgres, Transaction};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -112,6 +114,9 @@ pub struct Channel {
     pub serial: i64,
     /// Devices on this channel by version and status.
     pub devices: Vec<DeviceCount>,
+    /// Devices on this channel that do not run the head (all of them while
+    /// there is no head). `GET .../head-status` says why.
+    pub behind: i64,
     /// Last change.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
@@ -129,6 +134,17 @@ pub struct PromoteRequest {
     /// A linear ramp from `percent` upwards.
     #[serde(default)]
     pub ramp: Option<RampSpec>,
+}
+
+/// What `POST .../promote` answers: the channel, and what the promote leaves behind.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PromoteResponse {
+    /// The channel after the promote.
+    #[serde(flatten)]
+    pub channel: Channel,
+    /// Devices the new head cannot reach, in words (e.g. no image for their
+    /// architecture); empty when nothing is stranded.
+    pub warnings: Vec<String>,
 }
 
 /// The gate's settings.
@@ -176,8 +192,11 @@ pub struct HistoryEntry {
     /// When.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
-    /// Who (`system` for the health gate).
+    /// Who, as recorded: `user:<name>`, `token:<id>`, `system` (the health gate).
     pub actor: String,
+    /// Who, for people: the user's name, the API token's name (the id when
+    /// the token is gone), or `system`.
+    pub actor_name: String,
     /// `create`, `promote`, `rollout`, `pause`, `resume`, `rollback`, `gate`.
     pub action: String,
     /// Why, in words.
@@ -492,6 +511,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(patch_rollout))
         .routes(routes!(rollback))
         .routes(routes!(history))
+        .routes(routes!(channel_head_status))
 }
 
 async fn view(db: &sqlx::PgPool, product_id: Uuid, product: &str, name: &str) -> Result<Channel> {
@@ -507,6 +527,11 @@ async fn view(db: &sqlx::PgPool, product_id: Uuid, product: &str, name: &str) ->
     .fetch_all(&mut *conn)
     .await?;
     let (reports, failures) = gate_counts(&mut conn, product_id, name, c.head.as_deref()).await?;
+    let behind = devices
+        .iter()
+        .filter(|d| c.head.is_none() || d.version != c.head)
+        .map(|d| d.count)
+        .sum();
     let now = OffsetDateTime::now_utc();
     let r = c.rollout();
     Ok(Channel {
@@ -536,6 +561,7 @@ async fn view(db: &sqlx::PgPool, product_id: Uuid, product: &str, name: &str) ->
         rolled_back: c.downgrade,
         serial: c.serial,
         devices,
+        behind,
         updated_at: c.updated_at,
     })
 }
@@ -714,7 +740,7 @@ async fn get_channel(
 #[utoipa::path(post, path = "/v1/products/{product}/channels/{channel}/promote", tag = "channels", request_body = PromoteRequest,
     params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name")),
     security(("bearer" = [])),
-    responses((status = 200, body = Channel), (status = 400, body = crate::error::Problem),
+    responses((status = 200, body = PromoteResponse), (status = 400, body = crate::error::Problem),
               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
               (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
 async fn promote(
@@ -722,7 +748,7 @@ async fn promote(
     Publisher(who): Publisher,
     Path((product, channel)): Path<(String, String)>,
     Json(req): Json<PromoteRequest>,
-) -> Result<Json<Channel>> {
+) -> Result<Json<PromoteResponse>> {
     who.check_product(&product)?;
     let version = crate::releases::parse_version(&req.version)?;
     check_percent(req.percent)?;
@@ -750,7 +776,19 @@ async fn promote(
     .await?;
     tx.commit().await?;
     state.cache.invalidate(&product);
-    Ok(Json(view(&state.db, p.id, &product, &channel).await?))
+    let warnings = crate::releases::stranded(
+        &state.db,
+        p.id,
+        &product,
+        r.id,
+        &req.version,
+        Some(&channel),
+    )
+    .await?;
+    Ok(Json(PromoteResponse {
+        channel: view(&state.db, p.id, &product, &channel).await?,
+        warnings,
+    }))
 }
 
 /// Changes the rollout: percent, ramp, pause/resume, gate.
@@ -931,8 +969,12 @@ async fn history(
     let limit = page.limit();
     let rows = sqlx::query_as!(
         HistoryEntry,
-        "SELECT id, at, actor, action, reason, before, after FROM channel_history
-         WHERE channel_id = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+        r#"SELECT h.id, h.at, h.actor,
+                  coalesce(t.name, CASE WHEN h.actor LIKE 'user:%' THEN substr(h.actor, 6) ELSE h.actor END) AS "actor_name!",
+                  h.action, h.reason, h.before, h.after
+           FROM channel_history h
+           LEFT JOIN api_tokens t ON h.actor LIKE 'token:%' AND t.id::text = substr(h.actor, 7)
+           WHERE h.channel_id = $1 AND ($2::bigint IS NULL OR h.id < $2) ORDER BY h.id DESC LIMIT $3"#,
         c.id,
         page.cursor_i64()?,
         limit + 1
@@ -940,4 +982,319 @@ async fn history(
     .fetch_all(&mut *conn)
     .await?;
     Ok(Json(Page::from_rows(rows, limit, |e| e.id.to_string())))
+}
+
+/// Where a device stands against its channel's head, and why: the same rules
+/// `resolve` applies ([`rollout::decide_why`]), explained.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HeadStatus {
+    /// It runs the head.
+    pub on_head: bool,
+    /// Why it does or does not.
+    pub reason: rollout::HeadReason,
+    /// One sentence a person can act on.
+    pub message: String,
+    /// The channel's head.
+    pub head: Option<String>,
+    /// The release resolve would give the device now (absent when none).
+    pub target: Option<String>,
+}
+
+/// How many devices of a channel are not on its head, for one reason.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReasonCount {
+    /// Why.
+    pub reason: rollout::HeadReason,
+    /// How many devices.
+    pub count: i64,
+    /// What one of them is told (an example).
+    pub message: String,
+}
+
+/// `GET .../head-status`: a channel's devices against its head.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChannelHeadStatus {
+    /// The channel's head.
+    pub head: Option<String>,
+    /// Devices on the channel.
+    pub devices: i64,
+    /// Of those, on the head.
+    pub on_head: i64,
+    /// The others by reason, most first.
+    pub not_on_head: Vec<ReasonCount>,
+}
+
+/// A product's releases as the rules see them.
+struct ProductRules {
+    rels: Vec<rollout::Rel>,
+    archs: Vec<Vec<String>>,
+    by_id: std::collections::HashMap<Uuid, usize>,
+    by_version: std::collections::HashMap<String, usize>,
+    by_digest: std::collections::HashMap<String, usize>,
+}
+
+async fn product_rules(db: &mut PgConnection, product_id: Uuid) -> Result<ProductRules> {
+    let rows = sqlx::query!(
+        r#"SELECT id, version, digest, floor, state,
+                  platforms AS "platforms: SqlJson<Vec<PlatformImage>>"
+           FROM releases WHERE product_id = $1"#,
+        product_id
+    )
+    .fetch_all(&mut *db)
+    .await?;
+    let mut r = ProductRules {
+        rels: Vec::new(),
+        archs: Vec::new(),
+        by_id: Default::default(),
+        by_version: Default::default(),
+        by_digest: Default::default(),
+    };
+    for row in rows {
+        // As the resolve snapshot does: a version that does not parse is no release.
+        let Ok(version) = semver::Version::parse(&row.version) else {
+            continue;
+        };
+        let i = r.rels.len();
+        r.by_id.insert(row.id, i);
+        r.by_version.insert(row.version.clone(), i);
+        r.by_digest.insert(row.digest, i);
+        for pl in &row.platforms.0 {
+            r.by_digest.insert(pl.digest.clone(), i);
+        }
+        r.archs.push(
+            row.platforms
+                .0
+                .into_iter()
+                .map(|p| p.architecture)
+                .collect(),
+        );
+        r.rels.push(rollout::Rel {
+            version,
+            floor: row.floor,
+            revoked: row.state == "revoked",
+        });
+    }
+    Ok(r)
+}
+
+/// The device columns the explanation needs.
+struct DeviceFacts {
+    id: Uuid,
+    arch: String,
+    current_digest: Option<String>,
+    status: String,
+    status_version: Option<String>,
+    last_seen: OffsetDateTime,
+    pin_version: Option<String>,
+    pin_digest: Option<String>,
+    offered: Vec<String>,
+    revoked: bool,
+}
+
+/// The latest failure report per device and version: (kind, when).
+type Failures = std::collections::HashMap<(Uuid, String), (String, OffsetDateTime)>;
+
+fn device_head_status(
+    rules: &ProductRules,
+    c: &ChannelRow,
+    d: &DeviceFacts,
+    failures: &Failures,
+    now: OffsetDateTime,
+) -> HeadStatus {
+    let head = c
+        .head_release_id
+        .and_then(|id| rules.by_id.get(&id))
+        .map(|&i| &rules.rels[i]);
+    let pin_image;
+    let pin = match (&d.pin_version, &d.pin_digest) {
+        (Some(v), _) => rules.by_version.get(v).map(|&i| &rules.rels[i]),
+        (None, Some(digest)) => {
+            pin_image = semver::Version::parse(&crate::devices::pin_version_label(digest))
+                .ok()
+                .map(|version| rollout::Rel {
+                    version,
+                    floor: false,
+                    revoked: false,
+                });
+            pin_image.as_ref()
+        }
+        _ => None,
+    };
+    let device_id = d.id.to_string();
+    let rollout = c.rollout();
+    let input = rollout::Input {
+        releases: &rules.rels,
+        head,
+        base: c
+            .base_release_id
+            .and_then(|id| rules.by_id.get(&id))
+            .map(|&i| &rules.rels[i]),
+        rollout: &rollout,
+        rolled_back: c.downgrade,
+        pin,
+        device_id: &device_id,
+        current: d
+            .current_digest
+            .as_ref()
+            .and_then(|digest| rules.by_digest.get(digest))
+            .map(|&i| &rules.rels[i]),
+        now,
+    };
+    let (decision, why) = rollout::decide_why(&input);
+    let target_idx = decision
+        .target
+        .and_then(|t| rules.rels.iter().position(|r| std::ptr::eq(r, t)));
+    let target = decision.target.map(|t| t.version.to_string());
+    let target_name = target.clone().unwrap_or_default();
+    let head_idx = c
+        .head_release_id
+        .and_then(|id| rules.by_id.get(&id))
+        .copied();
+    let failed = |version: &str| {
+        failures
+            .get(&(d.id, version.to_string()))
+            .map(|(kind, at)| {
+                (
+                    kind.clone(),
+                    at.format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default(),
+                )
+            })
+    };
+    let facts = rollout::Facts {
+        arch: d.arch.clone(),
+        head_has_arch: head_idx.is_none_or(|i| rules.archs[i].contains(&d.arch)),
+        failed_head: c.head.as_deref().and_then(failed),
+        // An image pin carries its own platforms; it is explained as a pin first.
+        target_has_arch: target_idx.is_none_or(|i| rules.archs[i].contains(&d.arch)),
+        failed_target: failed(&target_name),
+        updating: matches!(d.status.as_str(), "downloading" | "applying" | "rebooting")
+            && d.status_version.as_deref() == Some(target_name.as_str()),
+        asked_since_change: d.last_seen >= c.updated_at
+            || d.offered
+                .iter()
+                .any(|o| o.split_once('@').is_some_and(|(v, _)| v == target_name)),
+        paused_reason: c.paused_reason.clone(),
+        device_revoked: d.revoked,
+    };
+    let e = rollout::explain(&input, &decision, why, &facts);
+    HeadStatus {
+        on_head: e.on_head,
+        reason: e.reason,
+        message: e.message,
+        head: c.head.clone(),
+        target,
+    }
+}
+
+async fn failures(
+    db: &mut PgConnection,
+    product_id: Uuid,
+    channel: &str,
+    device: Option<Uuid>,
+) -> Result<Failures> {
+    Ok(sqlx::query!(
+        r#"SELECT DISTINCT ON (e.device_id, e.version) e.device_id, e.version AS "version!", e.kind, e.at
+           FROM device_events e JOIN devices d ON d.id = e.device_id
+           WHERE d.product_id = $1 AND d.channel = $2 AND ($3::uuid IS NULL OR d.id = $3)
+             AND e.kind IN ('failed', 'rolled_back') AND e.version IS NOT NULL
+           ORDER BY e.device_id, e.version, e.id DESC"#,
+        product_id,
+        channel,
+        device
+    )
+    .fetch_all(&mut *db)
+    .await?
+    .into_iter()
+    .map(|r| ((r.device_id, r.version), (r.kind, r.at)))
+    .collect())
+}
+
+async fn device_facts(
+    db: &mut PgConnection,
+    product_id: Uuid,
+    channel: &str,
+    device: Option<Uuid>,
+) -> Result<Vec<DeviceFacts>> {
+    Ok(sqlx::query_as!(
+        DeviceFacts,
+        r#"SELECT id, arch, current_digest, status, status_version, last_seen, pin_version, pin_digest, offered,
+                  revoked_at IS NOT NULL AS "revoked!"
+           FROM devices WHERE product_id = $1 AND channel = $2 AND ($3::uuid IS NULL OR id = $3)"#,
+        product_id,
+        channel,
+        device
+    )
+    .fetch_all(&mut *db)
+    .await?)
+}
+
+/// Where one device stands against its channel's head (`None` when its
+/// channel does not exist).
+pub async fn head_status_of(
+    db: &sqlx::PgPool,
+    product: &str,
+    channel: &str,
+    device: Uuid,
+) -> Result<Option<HeadStatus>> {
+    let mut conn = db.acquire().await?;
+    let p = crate::products::load(&mut *conn, product).await?;
+    let c = match load(&mut conn, p.id, product, channel, false).await {
+        Ok(c) => c,
+        Err(Error::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let rules = product_rules(&mut conn, p.id).await?;
+    let failed = failures(&mut conn, p.id, channel, Some(device)).await?;
+    let now = OffsetDateTime::now_utc();
+    Ok(device_facts(&mut conn, p.id, channel, Some(device))
+        .await?
+        .first()
+        .map(|d| device_head_status(&rules, &c, d, &failed, now)))
+}
+
+/// How many of the channel's devices run its head, and why the others do not.
+#[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/head-status", tag = "channels",
+    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name")),
+    security(("bearer" = [])),
+    responses((status = 200, body = ChannelHeadStatus), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+async fn channel_head_status(
+    State(state): State<AppState>,
+    _v: Viewer,
+    Path((product, channel)): Path<(String, String)>,
+) -> Result<Json<ChannelHeadStatus>> {
+    let p = crate::products::load(&state.db, &product).await?;
+    let mut conn = state.db.acquire().await?;
+    let c = load(&mut conn, p.id, &product, &channel, false).await?;
+    let rules = product_rules(&mut conn, p.id).await?;
+    let failed = failures(&mut conn, p.id, &channel, None).await?;
+    let devices = device_facts(&mut conn, p.id, &channel, None).await?;
+    let now = OffsetDateTime::now_utc();
+    let mut by_reason: std::collections::BTreeMap<rollout::HeadReason, ReasonCount> =
+        Default::default();
+    let mut on_head = 0;
+    for d in &devices {
+        let s = device_head_status(&rules, &c, d, &failed, now);
+        if s.on_head {
+            on_head += 1;
+            continue;
+        }
+        by_reason
+            .entry(s.reason)
+            .or_insert(ReasonCount {
+                reason: s.reason,
+                count: 0,
+                message: s.message,
+            })
+            .count += 1;
+    }
+    let mut not_on_head: Vec<ReasonCount> = by_reason.into_values().collect();
+    not_on_head.sort_by(|a, b| b.count.cmp(&a.count).then(a.reason.cmp(&b.reason)));
+    Ok(Json(ChannelHeadStatus {
+        head: c.head,
+        devices: devices.len() as i64,
+        on_head,
+        not_on_head,
+    }))
 }

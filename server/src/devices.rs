@@ -110,6 +110,9 @@ pub struct DeviceDetail {
     pub host_at: Option<OffsetDateTime>,
     /// Its latest events, newest first (at most 200).
     pub events: Vec<Event>,
+    /// Whether it runs its channel's head and, if not, why (the rules
+    /// resolve applies); absent when its channel does not exist.
+    pub head_status: Option<crate::channels::HeadStatus>,
 }
 
 /// Filters of `GET /v1/devices`.
@@ -874,11 +877,14 @@ async fn get_device(
         ),
         None => (None, None),
     };
+    let head_status =
+        crate::channels::head_status_of(&state.db, &device.product, &device.channel, id).await?;
     Ok(Json(DeviceDetail {
         device,
         host,
         host_at,
         events,
+        head_status,
     }))
 }
 

@@ -85,6 +85,78 @@ pub struct Release {
     pub revoked_at: Option<OffsetDateTime>,
 }
 
+/// What `POST .../releases` answers: the release, and the devices it leaves behind.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Published {
+    /// The release.
+    #[serde(flatten)]
+    pub release: Release,
+    /// Devices this release cannot reach, in words (e.g. no image for their
+    /// architecture); empty when nothing is stranded.
+    pub warnings: Vec<String>,
+}
+
+/// Warnings about devices that `release` cannot reach because it has no
+/// image for their architecture: on `channel`, or (without one) anywhere in
+/// the product. Pinned and revoked devices do not follow a channel, so they
+/// are left out. Empty when nothing is stranded.
+pub async fn stranded(
+    db: &sqlx::PgPool,
+    product_id: Uuid,
+    product: &str,
+    release_id: Uuid,
+    version: &str,
+    channel: Option<&str>,
+) -> Result<Vec<String>> {
+    let rows = sqlx::query!(
+        r#"SELECT d.arch, d.channel, count(*) AS "count!" FROM devices d
+           WHERE d.product_id = $1 AND ($2::text IS NULL OR d.channel = $2)
+             AND d.revoked_at IS NULL AND d.pin_version IS NULL AND d.pin_image IS NULL
+             AND NOT EXISTS (SELECT 1 FROM releases r, jsonb_array_elements(r.platforms) pl
+                             WHERE r.id = $3 AND pl ->> 'architecture' = d.arch)
+           GROUP BY d.arch, d.channel ORDER BY d.arch, d.channel"#,
+        product_id,
+        channel,
+        release_id
+    )
+    .fetch_all(db)
+    .await?;
+    let devices = |n: i64| {
+        if n == 1 {
+            "1 device".to_string()
+        } else {
+            format!("{n} devices")
+        }
+    };
+    let run = |n: i64| if n == 1 { "runs" } else { "run" };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let arch = &rows[i].arch;
+        let group: Vec<_> = rows[i..].iter().take_while(|r| &r.arch == arch).collect();
+        i += group.len();
+        let n: i64 = group.iter().map(|r| r.count).sum();
+        out.push(match channel {
+            Some(c) => format!(
+                "no image for {arch} in {version}: {} of product {product} on channel {c} {} {arch} and will stay where they are; publish a release with a {arch} image",
+                devices(n),
+                run(n)
+            ),
+            None => format!(
+                "no image for {arch} in {version}: {} of product {product} {} {arch} ({}) and will stay where they are on any channel it is promoted to",
+                devices(n),
+                run(n),
+                group
+                    .iter()
+                    .map(|r| format!("{} on {}", r.count, r.channel))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    Ok(out)
+}
+
 /// The row behind a release.
 #[derive(Debug, Clone)]
 pub struct ReleaseRow {
@@ -200,7 +272,7 @@ async fn fetch_one(db: &sqlx::PgPool, product: &str, version: &str) -> Result<Re
 /// answers 200 with the existing release.
 #[utoipa::path(post, path = "/v1/products/{product}/releases", tag = "releases", request_body = NewRelease,
     params(("product" = String, Path, description = "Product name")), security(("bearer" = [])),
-    responses((status = 201, body = Release), (status = 200, description = "Already published with this digest", body = Release),
+    responses((status = 201, body = Published), (status = 200, description = "Already published with this digest", body = Published),
               (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem),
               (status = 409, body = crate::error::Problem), (status = 422, body = crate::error::Problem),
@@ -210,7 +282,38 @@ async fn publish(
     Publisher(who): Publisher,
     Path(product): Path<String>,
     Json(req): Json<NewRelease>,
-) -> Result<(StatusCode, Json<Release>)> {
+) -> Result<(StatusCode, Json<Published>)> {
+    let (status, release) = publish_release(&state, &who, &product, &req).await?;
+    let p = crate::products::load(&state.db, &product).await?;
+    let id = load(&state.db, p.id, &product, &release.version).await?.id;
+    let channels = req.channels.unwrap_or_default();
+    let mut warnings = Vec::new();
+    if channels.is_empty() {
+        warnings = stranded(&state.db, p.id, &product, id, &release.version, None).await?;
+    }
+    for c in &channels {
+        warnings.extend(
+            stranded(
+                &state.db,
+                p.id,
+                &product,
+                id,
+                &release.version,
+                Some(&c.name),
+            )
+            .await?,
+        );
+    }
+    Ok((status, Json(Published { release, warnings })))
+}
+
+async fn publish_release(
+    state: &AppState,
+    who: &Principal,
+    product: &str,
+    req: &NewRelease,
+) -> Result<(StatusCode, Release)> {
+    let product = product.to_string();
     who.check_product(&product)?;
     let version = parse_version(&req.version)?;
     let metadata = match req.metadata.clone() {
@@ -243,7 +346,7 @@ async fn publish(
         (Some(e), Some(d)) if &e.digest == d => {
             return Ok((
                 StatusCode::OK,
-                Json(fetch_one(&state.db, &product, &req.version).await?),
+                fetch_one(&state.db, &product, &req.version).await?,
             ));
         }
         _ => state.registry.resolve(&image).await?,
@@ -252,7 +355,7 @@ async fn publish(
         if e.digest == resolved.digest {
             return Ok((
                 StatusCode::OK,
-                Json(fetch_one(&state.db, &product, &req.version).await?),
+                fetch_one(&state.db, &product, &req.version).await?,
             ));
         }
         return Err(conflict(&req.version, &e.digest, &resolved.digest));
@@ -302,7 +405,7 @@ async fn publish(
         drop(tx);
         let winner = fetch_one(&state.db, &product, &req.version).await?;
         if winner.digest == resolved.digest {
-            return Ok((StatusCode::OK, Json(winner)));
+            return Ok((StatusCode::OK, winner));
         }
         return Err(conflict(&req.version, &winner.digest, &resolved.digest));
     }
@@ -325,7 +428,7 @@ async fn publish(
     });
     crate::audit::record(
         &mut *tx,
-        &who,
+        who,
         "release.publish",
         &format!("release:{product}/{}", req.version),
         None,
@@ -334,7 +437,7 @@ async fn publish(
     .await?;
     for c in &channels {
         crate::channels::promote_in_tx(
-            &mut tx, &who, p.id, &product, &c.name, id, &version, c.percent, None, None,
+            &mut tx, who, p.id, &product, &c.name, id, &version, c.percent, None, None,
         )
         .await?;
     }
@@ -349,7 +452,7 @@ async fn publish(
     state.cache.invalidate(&product);
     Ok((
         StatusCode::CREATED,
-        Json(fetch_one(&state.db, &product, &req.version).await?),
+        fetch_one(&state.db, &product, &req.version).await?,
     ))
 }
 

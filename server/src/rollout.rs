@@ -4,8 +4,10 @@
 //! health gate halts a rollout. Handlers load, call these, and answer.
 
 use semver::Version;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 /// Buckets per 100 %: a device is admitted when its bucket is below `percent * 100`.
 pub const BUCKETS: u64 = 10_000;
@@ -121,49 +123,92 @@ pub struct Decision<'a> {
     pub downgrade: bool,
 }
 
+/// Which of the rules chose a device's target: the explanation that goes
+/// with a [`Decision`], so what the dashboard says is what resolve did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// 1. The device is pinned to a usable release.
+    Pin,
+    /// 1. The device is pinned to a revoked release: nothing is offered.
+    PinRevoked,
+    /// 2. The device already runs the head.
+    OnHead,
+    /// 2. The device's bucket is inside the percent in force.
+    Admitted,
+    /// 2. Not admitted: the rollout is paused.
+    Paused,
+    /// 2. Not admitted: the bucket is outside the percent in force.
+    OutsideCohort,
+    /// 2. The channel has no usable head (none yet, or revoked).
+    NoHead,
+}
+
+/// How a decision was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Why {
+    /// The rule that chose the target before floors and downgrades.
+    pub rule: Rule,
+    /// 3. A floor replaced that target.
+    pub floor: bool,
+    /// 5. The device runs a newer version and may not move down.
+    pub held: bool,
+}
+
 /// Decides which release a device should run (rules 1–5 of docs/resolution.md).
 pub fn decide<'a>(i: &Input<'a>) -> Decision<'a> {
+    decide_why(i).0
+}
+
+/// [`decide`], with the rules that made the decision.
+pub fn decide_why<'a>(i: &Input<'a>) -> (Decision<'a>, Why) {
     let usable = |r: Option<&'a Rel>| r.filter(|r| !r.revoked);
     let on = |r: &Rel| i.current.is_some_and(|c| c.version == r.version);
+    let why = |rule| Why {
+        rule,
+        floor: false,
+        held: false,
+    };
+    let nothing = Decision {
+        target: None,
+        update: false,
+        downgrade: false,
+    };
 
     // 1. A pin overrides the channel; an admin chose it, so it may go down.
     if let Some(pin) = i.pin {
         let Some(pin) = usable(Some(pin)) else {
-            return Decision {
-                target: None,
-                update: false,
-                downgrade: false,
-            };
+            return (nothing, why(Rule::PinRevoked));
         };
         let downgrade = i.current.is_some_and(|c| pin.version < c.version);
-        return Decision {
-            target: Some(pin),
-            update: !on(pin),
-            downgrade,
-        };
+        return (
+            Decision {
+                target: Some(pin),
+                update: !on(pin),
+                downgrade,
+            },
+            why(Rule::Pin),
+        );
     }
 
     // 2. Head for admitted devices and for those already on it; base for the rest.
     let head = usable(i.head);
-    let channel_target = match head {
-        Some(h) if on(h) => Some(h),
+    let (channel_target, rule) = match head {
+        Some(h) if on(h) => (Some(h), Rule::OnHead),
+        Some(_) if i.rollout.paused => (usable(i.base), Rule::Paused),
         Some(h)
-            if !i.rollout.paused
-                && admitted(
-                    bucket(i.device_id, &h.version.to_string()),
-                    effective_percent(i.rollout, i.now),
-                ) =>
+            if admitted(
+                bucket(i.device_id, &h.version.to_string()),
+                effective_percent(i.rollout, i.now),
+            ) =>
         {
-            Some(h)
+            (Some(h), Rule::Admitted)
         }
-        _ => usable(i.base),
+        Some(_) => (usable(i.base), Rule::OutsideCohort),
+        None => (usable(i.base), Rule::NoHead),
     };
+    let mut why = why(rule);
     let Some(mut target) = channel_target else {
-        return Decision {
-            target: None,
-            update: false,
-            downgrade: false,
-        };
+        return (nothing, why);
     };
 
     // 3. Floors: step through the lowest mandatory release between here and there.
@@ -177,31 +222,308 @@ pub fn decide<'a>(i: &Input<'a>) -> Decision<'a> {
             .min_by(|a, b| a.version.cmp(&b.version))
     {
         target = floor;
+        why.floor = true;
     }
 
     // 5. Nothing to do on the target; never down unless the channel was rolled back.
     if on(target) {
-        return Decision {
-            target: Some(target),
-            update: false,
-            downgrade: false,
-        };
+        return (
+            Decision {
+                target: Some(target),
+                update: false,
+                downgrade: false,
+            },
+            why,
+        );
     }
     match i.current {
         Some(cur) if target.version < cur.version => {
             let allowed = i.rolled_back && head.is_some_and(|h| h.version == target.version);
+            why.held = !allowed;
+            (
+                Decision {
+                    target: Some(target),
+                    update: allowed,
+                    downgrade: allowed,
+                },
+                why,
+            )
+        }
+        _ => (
             Decision {
                 target: Some(target),
-                update: allowed,
-                downgrade: allowed,
-            }
-        }
-        _ => Decision {
-            target: Some(target),
-            update: true,
-            downgrade: false,
-        },
+                update: true,
+                downgrade: false,
+            },
+            why,
+        ),
     }
+}
+
+/// Why a device is or is not on its channel's head.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadReason {
+    /// It runs the head.
+    OnHead,
+    /// The channel has no head yet.
+    NoHead,
+    /// The head is revoked: devices get the base.
+    HeadRevoked,
+    /// A pin overrides the channel.
+    Pinned,
+    /// The rollout is paused: no new device is admitted.
+    Paused,
+    /// Outside the percent of devices the rollout admits now.
+    OutsideCohort,
+    /// It must first step through a floor release.
+    Floor,
+    /// It runs a newer version, and devices only move down after a rollback.
+    NewerThanHead,
+    /// The release it should get has no image for its architecture.
+    NoPlatform,
+    /// It reported that release as failed or rolled back: the agent does not retry it.
+    FailedBefore,
+    /// It is downloading, applying or rebooting into it.
+    Updating,
+    /// It has not asked for an update since the channel changed.
+    NotCheckedIn,
+    /// It was offered the release and has not reported installing it yet.
+    Offered,
+    /// The device is revoked: it is refused any answer.
+    DeviceRevoked,
+}
+
+/// What the resolve rules do not see, but that keeps a device where it is.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// The device's architecture.
+    pub arch: String,
+    /// Whether the head has an image for that architecture.
+    pub head_has_arch: bool,
+    /// The device reported the head failed or rolled back (the kind, and when).
+    pub failed_head: Option<(String, String)>,
+    /// Whether the decision's target has an image for that architecture.
+    pub target_has_arch: bool,
+    /// The device reported the target failed or rolled back (the kind, and when).
+    pub failed_target: Option<(String, String)>,
+    /// The device is downloading, applying or rebooting into the target.
+    pub updating: bool,
+    /// The device asked for an update since the channel last changed.
+    pub asked_since_change: bool,
+    /// Why the rollout is paused, when it is.
+    pub paused_reason: Option<String>,
+    /// An admin revoked the device: it gets no answer at all.
+    pub device_revoked: bool,
+}
+
+/// A device's standing against its channel's head, in words a person can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// It runs the head.
+    pub on_head: bool,
+    /// Why it does or does not.
+    pub reason: HeadReason,
+    /// One sentence saying so, and what would change it.
+    pub message: String,
+}
+
+/// Explains a decision of [`decide_why`] for `i`, with the `facts` outside the rules.
+pub fn explain(i: &Input<'_>, d: &Decision<'_>, why: Why, facts: &Facts) -> Explanation {
+    let v = |r: Option<&Rel>| r.map_or_else(|| "none".to_string(), |r| r.version.to_string());
+    let head = v(i.head);
+    let current = i.current.map_or_else(
+        || "an unknown version".to_string(),
+        |c| c.version.to_string(),
+    );
+    let target = v(d.target);
+    let say = |reason, message: String| Explanation {
+        on_head: reason == HeadReason::OnHead,
+        reason,
+        message,
+    };
+    let on_head = i
+        .head
+        .is_some_and(|h| !h.revoked && i.current.is_some_and(|c| c.version == h.version));
+    if on_head && why.rule == Rule::Pin && d.update {
+        return Explanation {
+            on_head: true,
+            reason: HeadReason::Pinned,
+            message: format!(
+                "Runs the head, {head}, but is pinned to {target} and will move there: unpin it to keep following the channel."
+            ),
+        };
+    }
+    if on_head {
+        return say(
+            HeadReason::OnHead,
+            if i.rolled_back {
+                format!("Runs the head, {head} (the channel was rolled back to it).")
+            } else {
+                format!("Runs the head, {head}.")
+            },
+        );
+    }
+    if facts.device_revoked {
+        return say(
+            HeadReason::DeviceRevoked,
+            "The device is revoked, so the server refuses it any update: reset it to let the machine enroll again.".into(),
+        );
+    }
+    match why.rule {
+        Rule::Pin => {
+            return say(
+                HeadReason::Pinned,
+                format!(
+                    "Pinned to {}: a pin overrides the channel. Unpin the device to let it follow the head ({head}).",
+                    v(i.pin)
+                ),
+            );
+        }
+        Rule::PinRevoked => {
+            return say(
+                HeadReason::Pinned,
+                format!(
+                    "Pinned to {}, which is revoked: nothing is offered. Pin another release or unpin the device.",
+                    v(i.pin)
+                ),
+            );
+        }
+        Rule::NoHead if i.head.is_none() => {
+            return say(
+                HeadReason::NoHead,
+                "The channel has no head yet: promote a release into it.".into(),
+            );
+        }
+        Rule::NoHead => {
+            return say(
+                HeadReason::HeadRevoked,
+                format!(
+                    "The head {head} is revoked, so devices get the base ({}): promote another release.",
+                    v(i.base)
+                ),
+            );
+        }
+        Rule::Paused | Rule::OutsideCohort | Rule::OnHead | Rule::Admitted => {}
+    }
+    // What keeps a device off the head whatever the percent comes first: a
+    // newer version, no image for it, a failure the agent will not retry.
+    let newer = i
+        .current
+        .zip(i.head)
+        .is_some_and(|(c, h)| c.version > h.version);
+    if why.held && newer {
+        return say(
+            HeadReason::NewerThanHead,
+            format!(
+                "Runs {current}, newer than the head {head}: devices never move down unless the channel is rolled back."
+            ),
+        );
+    }
+    if !facts.head_has_arch {
+        return say(
+            HeadReason::NoPlatform,
+            format!(
+                "{head} has no image for {arch}: the device stays on {current}. Publish a release with a {arch} image.",
+                arch = facts.arch
+            ),
+        );
+    }
+    if let Some((kind, at)) = &facts.failed_head {
+        return say(
+            HeadReason::FailedBefore,
+            format!(
+                "It reported {head} as {} at {at}: the agent does not install a release that failed on it again. Fix the release and publish a new version.",
+                kind.replace('_', " ")
+            ),
+        );
+    }
+    match why.rule {
+        Rule::Paused => {
+            return say(
+                HeadReason::Paused,
+                format!(
+                    "The rollout of {head} is paused{}: no new device gets it until it is resumed.",
+                    facts
+                        .paused_reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                ),
+            );
+        }
+        Rule::OutsideCohort => {
+            let b = i
+                .head
+                .map_or(0, |h| bucket(i.device_id, &h.version.to_string()));
+            return say(
+                HeadReason::OutsideCohort,
+                format!(
+                    "Outside the {}% of devices admitted to {head}: it is admitted once the rollout reaches {}%.",
+                    fmt_percent(effective_percent(i.rollout, i.now)),
+                    fmt_percent((b + 1) as f64 / 100.0)
+                ),
+            );
+        }
+        _ => {}
+    }
+    if why.held {
+        return say(
+            HeadReason::NewerThanHead,
+            format!(
+                "Runs {current}, newer than {target}: devices never move down unless the channel is rolled back."
+            ),
+        );
+    }
+    if d.target.is_some() && !facts.target_has_arch {
+        return say(
+            HeadReason::NoPlatform,
+            format!(
+                "{target} has no image for {}: the device stays on {current}. Publish a release with a {} image.",
+                facts.arch, facts.arch
+            ),
+        );
+    }
+    if let Some((kind, at)) = &facts.failed_target {
+        return say(
+            HeadReason::FailedBefore,
+            format!(
+                "It reported {target} as {} at {at}: the agent does not install a release that failed on it again. Fix the release and publish a new version.",
+                kind.replace('_', " ")
+            ),
+        );
+    }
+    if why.floor {
+        return say(
+            HeadReason::Floor,
+            format!(
+                "It must first install the floor release {target} (devices below a floor step through it); it gets {head} after."
+            ),
+        );
+    }
+    if facts.updating {
+        return say(HeadReason::Updating, format!("It is installing {target}."));
+    }
+    if !facts.asked_since_change {
+        return say(
+            HeadReason::NotCheckedIn,
+            format!(
+                "It has not asked for an update since the channel last changed; it gets {target} at its next check-in."
+            ),
+        );
+    }
+    say(
+        HeadReason::Offered,
+        format!("It was offered {target} and has not reported installing it yet."),
+    )
+}
+
+/// A percent as people write it: `10`, `57.31`.
+fn fmt_percent(p: f64) -> String {
+    let s = format!("{:.2}", p);
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// A channel's health gate.
@@ -510,5 +832,135 @@ mod tests {
         assert!(gate_tripped(g, 10, 3));
         assert!(!gate_tripped(g, 100, 20));
         assert!(gate_tripped(g, 100, 21));
+    }
+
+    fn facts(asked: bool) -> Facts {
+        Facts {
+            arch: "amd64".into(),
+            head_has_arch: true,
+            target_has_arch: true,
+            asked_since_change: asked,
+            ..Facts::default()
+        }
+    }
+
+    fn explained(i: &Input<'_>, f: &Facts) -> Explanation {
+        let (d, why) = decide_why(i);
+        assert_eq!(d, decide(i), "decide and decide_why agree");
+        explain(i, &d, why, f)
+    }
+
+    /// The percent an "outside the cohort" message names is the one that admits the device.
+    #[test]
+    fn outside_cohort_names_the_percent_that_admits() {
+        let (base, head) = (rel("1.0.0"), rel("1.1.0"));
+        let all = [base.clone(), head.clone()];
+        let mut checked = 0;
+        for n in 0..300 {
+            let id = format!("d{n}");
+            let r = rollout(10.0);
+            let i = input(&all, &head, &base, &r, &id, Some(&base));
+            let e = explained(&i, &facts(true));
+            if e.reason != HeadReason::OutsideCohort {
+                assert_eq!(e.reason, HeadReason::Offered);
+                continue;
+            }
+            checked += 1;
+            assert!(!e.on_head);
+            let at: f64 = e
+                .message
+                .split("once the rollout reaches ")
+                .nth(1)
+                .and_then(|m| m.strip_suffix("%."))
+                .unwrap()
+                .parse()
+                .unwrap();
+            let just = rollout(at);
+            let i = input(&all, &head, &base, &just, &id, Some(&base));
+            assert!(decide(&i).update, "{id} is admitted at {at}%");
+            let below = rollout(at - 0.01);
+            let i = input(&all, &head, &base, &below, &id, Some(&base));
+            assert!(!decide(&i).update, "{id} is not admitted below {at}%");
+        }
+        assert!(checked > 200, "most devices are outside a 10% cohort");
+    }
+
+    /// Each rule that keeps a device off the head is named.
+    #[test]
+    fn explanations_name_the_rule() {
+        let (base, head) = (rel("1.0.0"), rel("1.1.0"));
+        let all = [base.clone(), head.clone()];
+        let full = rollout(100.0);
+        let on = explained(
+            &input(&all, &head, &base, &full, "x", Some(&head)),
+            &facts(true),
+        );
+        assert_eq!((on.on_head, on.reason), (true, HeadReason::OnHead));
+
+        let i = input(&all, &head, &base, &full, "x", Some(&base));
+        assert_eq!(
+            explained(&i, &facts(false)).reason,
+            HeadReason::NotCheckedIn
+        );
+        assert_eq!(explained(&i, &facts(true)).reason, HeadReason::Offered);
+        let mut f = facts(true);
+        f.updating = true;
+        assert_eq!(explained(&i, &f).reason, HeadReason::Updating);
+        f.failed_head = Some(("rolled_back".into(), "12:00".into()));
+        let e = explained(&i, &f);
+        assert_eq!(e.reason, HeadReason::FailedBefore);
+        assert!(e.message.contains("1.1.0 as rolled back"), "{}", e.message);
+        let mut f = facts(true);
+        f.head_has_arch = false;
+        f.target_has_arch = false;
+        f.arch = "arm64".into();
+        let e = explained(&i, &f);
+        assert_eq!(e.reason, HeadReason::NoPlatform);
+        assert!(e.message.contains("no image for arm64"), "{}", e.message);
+
+        let mut paused = rollout(100.0);
+        paused.paused = true;
+        let i = input(&all, &head, &base, &paused, "x", Some(&base));
+        let mut f = facts(true);
+        f.paused_reason = Some("health gate".into());
+        let e = explained(&i, &f);
+        assert_eq!(e.reason, HeadReason::Paused);
+        assert!(e.message.contains("(health gate)"), "{}", e.message);
+        // A failure or a missing image outlasts the pause: those are named first.
+        f.failed_head = Some(("failed".into(), "12:00".into()));
+        assert_eq!(explained(&i, &f).reason, HeadReason::FailedBefore);
+
+        let mut i = input(&all, &head, &base, &full, "x", Some(&base));
+        i.pin = Some(&base);
+        assert_eq!(explained(&i, &facts(true)).reason, HeadReason::Pinned);
+        // On the head, but a pin takes it away: still on it, and told why it will leave.
+        let mut i = input(&all, &head, &base, &full, "x", Some(&head));
+        i.pin = Some(&base);
+        let e = explained(&i, &facts(true));
+        assert_eq!((e.on_head, e.reason), (true, HeadReason::Pinned));
+
+        // Newer than the head: held until a rollback.
+        let mut i = input(&all, &base, &head, &full, "x", Some(&head));
+        assert_eq!(
+            explained(&i, &facts(true)).reason,
+            HeadReason::NewerThanHead
+        );
+        i.rolled_back = true;
+        assert_eq!(explained(&i, &facts(true)).reason, HeadReason::Offered);
+
+        let mut floor = rel("1.0.5");
+        floor.floor = true;
+        let old = rel("0.9.0");
+        let all2 = [old.clone(), floor.clone(), head.clone()];
+        let i = input(&all2, &head, &old, &full, "x", Some(&old));
+        assert_eq!(explained(&i, &facts(true)).reason, HeadReason::Floor);
+
+        let mut revoked = head.clone();
+        revoked.revoked = true;
+        let i = input(&all, &revoked, &base, &full, "x", Some(&base));
+        assert_eq!(explained(&i, &facts(true)).reason, HeadReason::HeadRevoked);
+        let mut i = input(&all, &head, &base, &full, "x", Some(&base));
+        i.head = None;
+        assert_eq!(explained(&i, &facts(true)).reason, HeadReason::NoHead);
     }
 }

@@ -1,7 +1,27 @@
 // Charts drawn as plain SVG: devices by version and status (stacked bars), and
 // the head's adoption over time (areas). No chart library: two charts do not
 // need one, and the SVG stays readable in tests.
+import { useLayoutEffect, useState } from "react";
 import type { ChannelStats, Schemas } from "./api/client";
+
+/**
+ * The width an element is shown at, followed as it changes. Charts draw at
+ * that width so their text is never scaled down (a 520-unit chart in a
+ * 300 px card would shrink 12 px labels to 7 px).
+ */
+function useWidth(fallback: number): [(el: Element | null) => void, number] {
+  const [el, setEl] = useState<Element | null>(null);
+  const [w, setW] = useState(fallback);
+  useLayoutEffect(() => {
+    if (!el) return;
+    const set = () => setW(Math.max(240, Math.round(el.getBoundingClientRect().width)));
+    set();
+    const ro = new ResizeObserver(set);
+    ro.observe(el);
+    return () => ro.disconnect();
+  }, [el]);
+  return [setEl, w];
+}
 
 export const STATUSES = ["healthy", "idle", "downloading", "applying", "rebooting", "failed", "rolled_back"] as const;
 
@@ -9,6 +29,7 @@ type DeviceCount = Schemas["DeviceCount"];
 
 /** Devices per version, each bar split by status. */
 export function VersionStatusChart({ counts, head }: { counts: DeviceCount[]; head?: string | null }) {
+  const [ref, W] = useWidth(520);
   const byVersion = new Map<string, Map<string, number>>();
   for (const c of counts) {
     const v = c.version ?? "unknown";
@@ -22,13 +43,12 @@ export function VersionStatusChart({ counts, head }: { counts: DeviceCount[]; he
   const all = versions.reduce((a, v) => a + total(v), 0);
   if (versions.length === 0) return <p className="muted">No devices on this channel yet.</p>;
   const rowH = 26;
-  const labelW = 110;
-  const W = 520;
+  const labelW = 96;
   const barW = W - labelW - 50;
   const present = STATUSES.filter((s) => counts.some((c) => c.status === s && c.count > 0));
   return (
-    <figure className="chart" aria-label="Devices by version and status" data-total={all}>
-      <svg viewBox={`0 0 ${W} ${versions.length * rowH + 6}`} role="img">
+    <figure className="chart" aria-label="Devices by version and status" data-total={all} ref={ref}>
+      <svg width={W} height={versions.length * rowH + 6} viewBox={`0 0 ${W} ${versions.length * rowH + 6}`} role="img">
         <title>Devices by version and status</title>
         {versions.map((v, i) => {
           let x = labelW;
@@ -68,11 +88,11 @@ export function VersionStatusChart({ counts, head }: { counts: DeviceCount[]; he
 
 /** How many devices ran the head over time, with failures on it. */
 export function AdoptionChart({ stats }: { stats: ChannelStats }) {
+  const [ref, W] = useWidth(600);
   const pts = stats.points;
   const last = pts[pts.length - 1];
-  const W = 600;
   const H = 200;
-  const L = 36;
+  const L = 40;
   const B = 22;
   const max = Math.max(1, ...pts.map((p) => p.devices));
   const t0 = new Date(stats.since).getTime();
@@ -94,8 +114,9 @@ export function AdoptionChart({ stats }: { stats: ChannelStats }) {
       data-on-head={last?.on_head ?? 0}
       data-devices={last?.devices ?? 0}
       data-failed={last?.failed ?? 0}
+      ref={ref}
     >
-      <svg viewBox={`0 0 ${W} ${H}`} role="img">
+      <svg width={W} height={H} viewBox={`0 0 ${W} ${H}`} role="img">
         <title>Devices on the head over time</title>
         {ticks.map((t) => (
           <g key={t}>

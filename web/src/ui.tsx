@@ -223,3 +223,63 @@ export function StatusBadge({ status }: { status: string }) {
 export function pct(n: number): string {
   return `${Number.isInteger(n) ? n : n.toFixed(1)}%`;
 }
+
+type ChannelT = import("./api/client").Channel;
+
+/**
+ * A channel's state in one word, the same on the fleet cards and the channel
+ * page: after a rollback it says so rather than "rolling out".
+ */
+export function channelState(c: ChannelT): { label: string; cls: string } {
+  if (!c.head) return { label: "no head yet", cls: "" };
+  if (c.rollout.paused) return { label: "paused", cls: "s-failed" };
+  if (c.rolled_back) return { label: "rolled back", cls: "s-rolled_back" };
+  if (c.rollout.effective_percent >= 100) return { label: "released to all", cls: "s-healthy" };
+  return { label: "rolling out", cls: "s-healthy" };
+}
+
+export function ChannelStateBadge({ c }: { c: ChannelT }) {
+  const s = channelState(c);
+  return s.cls ? <span className={`badge ${s.cls}`}>{s.label}</span> : <span className="muted">{s.label}</span>;
+}
+
+/**
+ * Head and base as dt/dd pairs; after a rollback one line that reads as what
+ * happened: "Rolled back to 1.2.0 (from 1.4.0)".
+ */
+export function HeadFacts({ c, link }: { c: ChannelT; link?: (version: string) => ReactNode }) {
+  const v = (x: string | null | undefined) => (x ? (link ? link(x) : x) : "—");
+  if (c.rolled_back && c.head) {
+    return (
+      <>
+        <dt>Release</dt>
+        <dd data-testid="head">
+          Rolled back to {v(c.head)}
+          {c.base && <> (from {v(c.base)})</>}
+        </dd>
+      </>
+    );
+  }
+  return (
+    <>
+      <dt>Head</dt>
+      <dd data-testid="head">{v(c.head)}</dd>
+      <dt>Base</dt>
+      <dd data-testid="base">{v(c.base)}</dd>
+    </>
+  );
+}
+
+/** Where the health gate stands, in words. */
+export function gateText(g: ChannelT["gate"]): { label: string; cls: string } {
+  if (g.tripped) return { label: `tripped: ${g.failures} of ${g.reports} failed`, cls: "s-failed" };
+  if (g.reports < g.min_reports) return { label: `waiting: ${g.reports} of ${g.min_reports} reports, ${g.failures} failed`, cls: "" };
+  return { label: `ok: ${g.failures} of ${g.reports} failed`, cls: "s-healthy" };
+}
+
+/** The percent in force and where a ramp takes it. */
+export function rampText(r: ChannelT["rollout"]): string {
+  return r.ramp
+    ? `${pct(r.effective_percent)}, ramping to ${pct(r.ramp.to_percent)} over ${r.ramp.over_minutes} min`
+    : `${pct(r.effective_percent)}, no ramp`;
+}

@@ -42,6 +42,26 @@ describe("dashboard", () => {
     return dialog;
   }
   const notice = (text) => page.locator(".notice", { hasText: text }).waitFor();
+  /**
+   * The size every chart label is drawn at on screen, in CSS px: its computed
+   * font size times the SVG's scale (a viewBox shown narrower shrinks text),
+   * and the HTML legends' computed size.
+   */
+  const chartLabelSizes = () =>
+    page.$$eval("figure.chart text, figure.chart figcaption span", (els) =>
+      els.map((el) => {
+        const size = parseFloat(getComputedStyle(el).fontSize);
+        const scale = el instanceof SVGGraphicsElement ? el.getScreenCTM().a : 1;
+        return { text: el.textContent.trim(), px: Math.round(size * scale * 10) / 10 };
+      }),
+    );
+  async function assertReadableCharts(where) {
+    await page.locator("figure.chart text").first().waitFor();
+    const sizes = await chartLabelSizes();
+    assert.ok(sizes.length > 0, `no chart labels on ${where}`);
+    const small = sizes.filter((s) => s.px < 12);
+    assert.deepEqual(small, [], `chart labels under 12 px on ${where}`);
+  }
 
   before(async () => {
     server = await startServer();
@@ -124,18 +144,72 @@ describe("dashboard", () => {
     }
 
     await act("Promote…", "Promote", async (dialog) => {
+      // A promote starts small unless told otherwise, and offers a ramp.
+      assert.equal(await dialog.locator("input[name=percent]").inputValue(), "10");
+      assert.equal(await dialog.locator("input[name=ramp_to]").count(), 1);
+      assert.equal(await dialog.locator("input[name=ramp_minutes]").count(), 1);
       await dialog.locator("select[name=version]").selectOption("1.1.0");
       await dialog.locator("input[name=percent]").fill("50");
     });
-    await notice("Promoted 1.1.0 in stable to 50% of devices (base 1.0.0)");
+    await notice("Promoted 1.1.0 in stable to 50% of devices (base 1.0.0).");
+    assert.equal(await page.getByTestId("promote-warnings").count(), 0, "nothing stranded: no warning");
     await page.getByTestId("head").filter({ hasText: "1.1.0" }).waitFor();
     assert.equal(await page.getByTestId("base").innerText(), "1.0.0");
     assert.equal(await page.getByTestId("percent").innerText(), "50%");
     await page.locator("table.history td", { hasText: "promote" }).first().waitFor();
+    // The history names who did it.
+    assert.equal(await page.locator("table.history [data-testid=actor]").first().innerText(), "admin");
 
     const ch = await api.call("GET", `/v1/products/${PRODUCT}/channels/stable`);
     assert.equal(ch.head, "1.1.0");
     assert.equal(ch.rollout.percent, 50);
+  });
+
+  test("a promote that strands devices says so, and a ramp is set from the form", async () => {
+    // One arm64 device on beta: 1.1.0 has only an amd64 image.
+    const arm = new SimDevice(api, {
+      product: PRODUCT,
+      secret,
+      channel: "beta",
+      machineId: "arm-board",
+      arch: "arm64",
+      version: "1.0.0",
+      digest: images["1.0.0"].digest,
+    });
+    await arm.enroll();
+    await page.goto(`${server.url}/products/${PRODUCT}/channels/beta`);
+    await page.getByTestId("head").filter({ hasText: "—" }).waitFor();
+    await act("Promote…", "Promote", async (dialog) => {
+      await dialog.locator("select[name=version]").selectOption("1.1.0");
+      await dialog.locator("input[name=ramp_to]").fill("60");
+      await dialog.locator("input[name=ramp_minutes]").fill("120");
+    });
+    await notice("Promoted 1.1.0 in beta to 10% of devices (base none), with 1 warning.");
+    const warning = page.getByTestId("promote-warnings");
+    await warning.waitFor();
+    assert.match(
+      await warning.innerText(),
+      /no image for arm64 in 1\.1\.0: 1 device of product acme-os on channel beta runs arm64 and will stay where they are/,
+    );
+    const beta = await api.call("GET", `/v1/products/${PRODUCT}/channels/beta`);
+    assert.deepEqual([beta.rollout.percent, beta.rollout.ramp.to_percent, beta.rollout.ramp.over_minutes], [10, 60, 120]);
+
+    // The device page says why the device stays, in the words the server chose.
+    await page.goto(`${server.url}/devices/${arm.id}`);
+    const status = page.getByTestId("head-status");
+    await status.filter({ hasText: "not on the head" }).waitFor();
+    assert.equal(await status.getAttribute("data-reason"), "no_platform");
+    assert.match(await status.innerText(), /1\.1\.0 has no image for arm64: the device stays on 1\.0\.0/);
+
+    // The fleet card shows where the ramp goes and that the device lags.
+    await page.getByRole("navigation").getByRole("link", { name: "Fleet" }).click();
+    const betaCard = page.locator("article[data-channel=beta]");
+    await betaCard.waitFor();
+    assert.match(await betaCard.getByTestId("card-rollout").innerText(), /^10(\.\d)?%, ramping to 60% over 120 min$/);
+    assert.equal(await betaCard.getByTestId("card-behind").innerText(), "1 of 1");
+    // The rest of the day counts a fleet of 20.
+    await api.call("DELETE", `/v1/devices/${arm.id}`);
+    await page.goto(channelUrl());
   });
 
   test("device counts and the adoption chart follow the devices' reports", async () => {
@@ -157,6 +231,16 @@ describe("dashboard", () => {
       return v["1.1.0"] === updated && v["1.0.0"] === FLEET - updated;
     });
     assert.match(await page.locator(".adoption-now").innerText(), new RegExp(`Now: ${updated} of ${FLEET} devices on 1.1.0, 0 failed`));
+    // The others polled and were not admitted: the channel page says so, counted.
+    await eventually(`${updated} on the head, ${FLEET - updated} outside the cohort`, async () => {
+      const box = page.getByTestId("not-on-head");
+      const rows = await box.locator("tr[data-reason]").evaluateAll((trs) => trs.map((tr) => [tr.dataset.reason, tr.dataset.count]));
+      return (
+        (await box.innerText()).startsWith(`${updated} of ${FLEET} devices run 1.1.0`) &&
+        JSON.stringify(rows) === JSON.stringify([["outside_cohort", String(FLEET - updated)]])
+      );
+    });
+    await assertReadableCharts("the channel page");
 
     // A device on the old version is told to update once the percent allows,
     // and fails: the chart counts the failure, the gate its report.
@@ -181,6 +265,24 @@ describe("dashboard", () => {
       await card.locator("g[data-version='1.1.0']").getAttribute("data-count"),
       String(updated),
     );
+    // The card shows the ramp, the gate and how many devices lag the head,
+    // as the API has them.
+    const ch = await api.call("GET", `/v1/products/${PRODUCT}/channels/stable`);
+    assert.equal(ch.behind, FLEET - updated, "the laggard failed and stayed on 1.0.0");
+    assert.equal(await card.getByTestId("card-behind").innerText(), `${FLEET - updated} of ${FLEET}`);
+    assert.equal(await card.getByTestId("card-rollout").innerText(), "100%, no ramp");
+    const g = ch.gate;
+    const gate = await card.getByTestId("card-gate").innerText();
+    assert.equal(
+      gate,
+      g.reports < g.min_reports ? `waiting: ${g.reports} of ${g.min_reports} reports, 1 failed` : `ok: 1 of ${g.reports} failed`,
+    );
+    assert.equal((await card.getByTestId("card-state").innerText()).trim(), "released to all");
+    // Bar labels are readable on the narrow cards, on a laptop and on a phone.
+    await assertReadableCharts("the fleet page");
+    await page.setViewportSize({ width: 390, height: 844 });
+    await assertReadableCharts("the fleet page on a phone");
+    await page.setViewportSize({ width: 1280, height: 900 });
   });
 
   test("a refused action shows the API's message", async () => {
@@ -202,8 +304,10 @@ describe("dashboard", () => {
 
     await act("Roll back…", "Roll back");
     await notice("Rolled back stable to 1.0.0 at 100%");
-    await page.getByTestId("head").filter({ hasText: "1.0.0" }).waitFor();
-    assert.match(await page.getByTestId("head").innerText(), /rolled back/);
+    // It reads as what happened, and the state is no longer "rolling out".
+    await page.getByTestId("head").filter({ hasText: "Rolled back to 1.0.0 (from 1.1.0)" }).waitFor();
+    assert.equal(await page.getByTestId("base").count(), 0);
+    assert.equal((await page.getByTestId("state").innerText()).trim(), "rolled back");
     await page.locator("table.history td", { hasText: "rollback" }).first().waitFor();
 
     // Devices on 1.1.0 are told to downgrade; once they report, the chart
@@ -217,6 +321,14 @@ describe("dashboard", () => {
     }
     await eventually("every device back on 1.0.0", async () => (await chart()).onHead === FLEET);
     assert.deepEqual(await versionCounts(), { "1.0.0": FLEET });
+
+    // The fleet card agrees with the channel page.
+    await page.getByRole("navigation").getByRole("link", { name: "Fleet" }).click();
+    const card = page.locator("article[data-channel=stable]");
+    await card.getByTestId("head").filter({ hasText: "Rolled back to 1.0.0 (from 1.1.0)" }).waitFor();
+    assert.equal((await card.getByTestId("card-state").innerText()).trim(), "rolled back");
+    assert.equal(await card.getByTestId("card-behind").innerText(), `0 of ${FLEET}`);
+    await page.goto(channelUrl());
   });
 
   test("a device's page shows its timeline and can be pinned", async () => {
@@ -234,11 +346,16 @@ describe("dashboard", () => {
     const booted = await page.getByTestId("host-booted").innerText();
     assert.match(booted, new RegExp(`${d.slot}\\s+${d.version.replaceAll(".", "\\.")}\\s+sha256:[0-9a-f]{12}\\s+known good`));
     assert.match(await page.getByTestId("host-state").innerText(), /Agent idle/);
+    const status = page.getByTestId("head-status");
+    assert.equal(await status.getAttribute("data-reason"), "on_head");
+    assert.match(await status.innerText(), /on the head Runs the head, 1\.0\.0 \(the channel was rolled back to it\)/);
     await act("Pin…", "Pin", async (dialog) => {
       await dialog.locator("input[name=pin_version]").fill("1.1.0");
     });
     await notice(`Pinned ${d.machineId} to 1.1.0`);
     await page.getByTestId("pin").filter({ hasText: "release 1.1.0" }).waitFor();
+    await status.filter({ hasText: "is pinned to 1.1.0 and will move there" }).waitFor();
+    assert.equal(await status.getAttribute("data-reason"), "pinned");
     await act("Unpin", "Unpin");
     await page.getByTestId("pin").filter({ hasText: "none" }).waitFor();
   });
@@ -301,6 +418,17 @@ describe("dashboard", () => {
     await row.locator(".badge", { hasText: "revoked" }).waitFor();
     const after = await ci.raw("GET", `/v1/products/${PRODUCT}/releases`);
     assert.equal(after.status, 401);
+  });
+
+  test("the channel history names an API token, not its id", async () => {
+    const t = await api.call("POST", "/v1/tokens", { name: "release-bot", role: "publisher", products: [PRODUCT] });
+    const bot = new Sluice(server.url, t.token);
+    await bot.call("POST", `/v1/products/${PRODUCT}/channels/beta/promote`, { version: "1.1.0", percent: 20 });
+    await page.goto(`${server.url}/products/${PRODUCT}/channels/beta`);
+    const cell = page.locator("table.history [data-testid=actor]").first();
+    await cell.filter({ hasText: "release-bot" }).waitFor();
+    assert.match(await cell.getAttribute("title"), /^token:[0-9a-f-]{36}$/);
+    assert.doesNotMatch(await page.locator("table.history").innerText(), /token:/);
   });
 
   test("the keys page rotates a key in two phases, gated on the devices that hold it", async () => {

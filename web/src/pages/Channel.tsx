@@ -2,10 +2,23 @@
 // change them (each confirmed), the head's adoption over time and the history.
 import { useState } from "react";
 import { Link, useParams } from "react-router";
-import { api, unwrap, type Channel, type HistoryEntry } from "../api/client";
+import { api, unwrap, type Channel, type HistoryEntry, type Schemas } from "../api/client";
 import { AdoptionChart, VersionStatusChart } from "../charts";
 import { useSession } from "../session";
-import { ActionButton, ErrorBox, Show, Spinner, ago, message, pct, useApi, when } from "../ui";
+import {
+  ActionButton,
+  ChannelStateBadge,
+  ErrorBox,
+  HeadFacts,
+  Show,
+  Spinner,
+  ago,
+  gateText,
+  message,
+  pct,
+  useApi,
+  when,
+} from "../ui";
 
 const WINDOWS: [string, number][] = [
   ["5 minutes", 300],
@@ -31,10 +44,17 @@ export function ChannelPage() {
     [product, channel, windowS],
     5000,
   );
+  const heads = useApi(
+    () => unwrap(api.GET("/v1/products/{product}/channels/{channel}/head-status", { params: { path } })),
+    [product, channel],
+    5000,
+  );
   const [historyKey, setHistoryKey] = useState(0);
+  const [warnings, setWarnings] = useState<string[]>([]);
   const changed = () => {
     ch.reload();
     stats.reload();
+    heads.reload();
     setHistoryKey((k) => k + 1);
   };
   return (
@@ -51,21 +71,28 @@ export function ChannelPage() {
               <section className="card">
                 <h2>Release</h2>
                 <dl className="facts">
-                  <dt>Head</dt>
-                  <dd data-testid="head">
-                    {c.head ? <Link to={`/releases/${product}/${c.head}`}>{c.head}</Link> : "—"}
-                    {c.rolled_back && <span className="badge s-rolled_back">rolled back</span>}
-                  </dd>
-                  <dt>Base</dt>
-                  <dd data-testid="base">{c.base ? <Link to={`/releases/${product}/${c.base}`}>{c.base}</Link> : "—"}</dd>
+                  <HeadFacts c={c} link={(v) => <Link to={`/releases/${product}/${v}`}>{v}</Link>} />
                   <dt>Serial</dt>
                   <dd>{c.serial}</dd>
                   <dt>Changed</dt>
                   <dd>{ago(c.updated_at)}</dd>
                 </dl>
+                {warnings.length > 0 && (
+                  <div className="warning" role="alert" data-testid="promote-warnings">
+                    <b>The promote leaves devices behind:</b>
+                    <ul>
+                      {warnings.map((w) => (
+                        <li key={w}>{w}</li>
+                      ))}
+                    </ul>
+                    <button className="link" onClick={() => setWarnings([])}>
+                      Dismiss
+                    </button>
+                  </div>
+                )}
                 {isAdmin && (
                   <div className="buttons">
-                    <Promote product={product} channel={c} done={changed} />
+                    <Promote product={product} channel={c} done={changed} warn={setWarnings} />
                     <Rollback product={product} channel={c} done={changed} />
                   </div>
                 )}
@@ -89,6 +116,8 @@ export function ChannelPage() {
                 <p>
                   <Link to={`/devices?product=${product}&channel=${channel}`}>Devices on this channel →</Link>
                 </p>
+                <h3>Not on the head</h3>
+                <Show state={heads}>{(h) => <NotOnHead h={h} />}</Show>
               </section>
               <section className="card">
                 <div className="row">
@@ -130,15 +159,7 @@ function RolloutFacts({ c }: { c: Channel }) {
       </dd>
       <dt>State</dt>
       <dd data-testid="state">
-        {r.paused ? (
-          <>
-            <span className="badge s-failed">paused</span> {r.paused_reason}
-          </>
-        ) : c.head ? (
-          <span className="badge s-healthy">rolling out</span>
-        ) : (
-          "no head yet"
-        )}
+        <ChannelStateBadge c={c} /> {r.paused && r.paused_reason}
       </dd>
       <dt>Health gate</dt>
       <dd>
@@ -147,7 +168,7 @@ function RolloutFacts({ c }: { c: Channel }) {
       <dt>Gate now</dt>
       <dd data-testid="gate">
         {g.failures} of {g.reports} failed{" "}
-        {g.tripped ? <span className="badge s-failed">tripped</span> : <span className="badge s-healthy">ok</span>}
+        <span className={`badge ${gateText(g).cls}`}>{g.tripped ? "tripped" : g.reports < g.min_reports ? "waiting for reports" : "ok"}</span>
       </dd>
     </dl>
   );
@@ -164,9 +185,10 @@ function num(s: string): number | undefined {
   return s.trim() === "" ? undefined : Number(s);
 }
 
-function Promote({ product, channel, done }: ControlProps) {
+function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: string[]) => void }) {
   const [version, setVersion] = useState("");
-  const [percent, setPercent] = useState("100");
+  // Start small: 10 % first, then raise it or let a ramp do it.
+  const [percent, setPercent] = useState("10");
   const [rampTo, setRampTo] = useState("");
   const [rampMin, setRampMin] = useState("");
   const releases = useApi(
@@ -189,7 +211,8 @@ function Promote({ product, channel, done }: ControlProps) {
             body: { version: v, percent: num(percent), ramp },
           }),
         );
-        return `Promoted ${c.head} in ${c.name} to ${pct(c.rollout.percent)} of devices (base ${c.base ?? "none"}).`;
+        warn(c.warnings);
+        return `Promoted ${c.head} in ${c.name} to ${pct(c.rollout.percent)} of devices (base ${c.base ?? "none"})${c.warnings.length ? `, with ${c.warnings.length} warning${c.warnings.length > 1 ? "s" : ""}` : ""}.`;
       }}
       done={done}
     >
@@ -215,9 +238,9 @@ function Promote({ product, channel, done }: ControlProps) {
         <input name="percent" type="number" inputMode="decimal" value={percent} onChange={(e) => setPercent(e.target.value)} />
       </label>
       <fieldset>
-        <legend>Ramp (optional)</legend>
+        <legend>Then ramp up (optional)</legend>
         <label>
-          up to %
+          to %
           <input name="ramp_to" type="number" value={rampTo} onChange={(e) => setRampTo(e.target.value)} />
         </label>
         <label>
@@ -409,7 +432,9 @@ function History({ product, channel }: { product: string; channel: string }) {
                   return (
                     <tr key={h.id}>
                       <td title={when(h.at)}>{ago(h.at)}</td>
-                      <td>{h.actor}</td>
+                      <td title={h.actor} data-testid="actor">
+                        {h.actor_name}
+                      </td>
                       <td>
                         <span className={`badge a-${h.action}`}>{h.action}</span>
                       </td>
@@ -434,5 +459,48 @@ function History({ product, channel }: { product: string; channel: string }) {
         </button>
       )}
     </section>
+  );
+}
+
+const REASONS: Record<string, string> = {
+  outside_cohort: "outside the rollout's percent",
+  paused: "rollout paused",
+  no_platform: "no image for their architecture",
+  failed_before: "failed on it before",
+  pinned: "pinned",
+  floor: "stepping through a floor",
+  newer_than_head: "newer than the head",
+  head_revoked: "head revoked",
+  no_head: "no head",
+  not_checked_in: "not checked in since the change",
+  updating: "installing it now",
+  offered: "offered, not installed yet",
+  device_revoked: "device revoked",
+};
+
+/** Devices not on the head, counted by why (the rules resolve applies). */
+function NotOnHead({ h }: { h: Schemas["ChannelHeadStatus"] }) {
+  if (h.devices === 0) return <p className="muted">No devices on this channel yet.</p>;
+  return (
+    <div data-testid="not-on-head">
+      <p>
+        {h.on_head} of {h.devices} devices run {h.head ?? "the head"}.
+      </p>
+      {h.not_on_head.length > 0 && (
+        <table className="reasons">
+          <tbody>
+            {h.not_on_head.map((r) => (
+              <tr key={r.reason} data-reason={r.reason} data-count={r.count}>
+                <td className="num">{r.count}</td>
+                <td>
+                  <b>{REASONS[r.reason] ?? r.reason.replaceAll("_", " ")}</b>
+                  <div className="muted small">e.g. {r.message}</div>
+                </td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+    </div>
   );
 }

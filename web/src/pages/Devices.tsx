@@ -275,6 +275,19 @@ export function DevicePage() {
                   <dd>
                     <StatusBadge status={dev.status} /> {dev.status_version && `on ${dev.status_version}`}
                   </dd>
+                  <dt>Channel head</dt>
+                  <dd data-testid="head-status" data-reason={dev.head_status?.reason ?? ""}>
+                    {dev.head_status ? (
+                      <>
+                        <span className={`badge ${dev.head_status.on_head ? "s-healthy" : "s-failed"}`}>
+                          {dev.head_status.on_head ? "on the head" : "not on the head"}
+                        </span>{" "}
+                        {dev.head_status.message}
+                      </>
+                    ) : (
+                      `channel ${dev.channel} does not exist`
+                    )}
+                  </dd>
                   <dt>Pin</dt>
                   <dd data-testid="pin">
                     {dev.pin ? (dev.pin.version ? `release ${dev.pin.version}` : `image ${dev.pin.image} (${short(dev.pin.digest)})`) : "none: follows its channel"}

@@ -3,7 +3,7 @@
 import { Link } from "react-router";
 import { api, unwrap, type Channel, type Product } from "../api/client";
 import { VersionStatusChart } from "../charts";
-import { Show, StatusBadge, ago, pct, useApi } from "../ui";
+import { ChannelStateBadge, HeadFacts, Show, StatusBadge, ago, gateText, rampText, useApi } from "../ui";
 
 const QUIET_S = 3600;
 
@@ -98,17 +98,30 @@ function ProductSection({ product, channels }: { product: Product; channels: Cha
                 <h3>
                   <Link to={`/products/${product.name}/channels/${c.name}`}>{c.name}</Link>
                 </h3>
-                {c.rollout.paused ? <span className="badge s-failed">paused</span> : c.head ? <span className="badge s-healthy">rolling</span> : null}
+                <span data-testid="card-state">
+                  <ChannelStateBadge c={c} />
+                </span>
               </header>
               <dl className="facts">
-                <dt>Head</dt>
-                <dd>{c.head ?? "—"}</dd>
-                <dt>Base</dt>
-                <dd>{c.base ?? "—"}</dd>
+                <HeadFacts c={c} />
                 <dt>Rollout</dt>
-                <dd>{pct(c.rollout.effective_percent)}</dd>
+                <dd data-testid="card-rollout">{rampText(c.rollout)}</dd>
+                <dt>Gate</dt>
+                <dd data-testid="card-gate">
+                  <span className={`badge ${gateText(c.gate).cls}`}>{gateText(c.gate).label}</span>
+                </dd>
                 <dt>Devices</dt>
                 <dd className="device-total">{total}</dd>
+                <dt>Not on head</dt>
+                <dd data-testid="card-behind">
+                  {c.head ? (
+                    <Link to={`/products/${product.name}/channels/${c.name}`}>
+                      {c.behind} of {total}
+                    </Link>
+                  ) : (
+                    "no head yet"
+                  )}
+                </dd>
               </dl>
               <VersionStatusChart counts={c.devices} head={c.head} />
             </article>
