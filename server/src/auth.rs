@@ -419,6 +419,48 @@ role_extractor!(
     Publisher, Role::Admin | Role::Publisher, "this needs a publisher token or an admin"
 );
 
+/// Someone who may read one product's channels and releases (the
+/// `{product}` in the path): admins and viewers, and publisher tokens scoped
+/// to that product, so CI can check a rollout's health gate before raising
+/// its percent.
+#[derive(Debug, Clone)]
+pub struct ProductReader(pub Principal);
+
+impl FromRequestParts<AppState> for ProductReader {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        let p = Principal::from_request_parts(parts, state).await?;
+        match &p {
+            _ if matches!(p.role(), Role::Admin | Role::Viewer) => Ok(ProductReader(p)),
+            Principal::Token {
+                role: Role::Publisher,
+                products,
+                ..
+            } => {
+                let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+                    .await
+                    .map_err(|_| Error::Forbidden("this needs a viewer or admin".into()))?;
+                let product = params
+                    .iter()
+                    .find_map(|(k, v)| (k == "product").then_some(v))
+                    .ok_or_else(|| Error::Forbidden("this needs a viewer or admin".into()))?;
+                if products.iter().any(|x| x == product) {
+                    Ok(ProductReader(p))
+                } else {
+                    Err(Error::Forbidden(format!(
+                        "this publisher token may read only its own products ({}), not product {product}",
+                        products.join(", ")
+                    )))
+                }
+            }
+            _ => Err(Error::Forbidden(
+                "this needs a viewer or admin, or a publisher token for this product".into(),
+            )),
+        }
+    }
+}
+
 /// An enrolled device.
 #[derive(Debug, Clone)]
 pub struct DeviceAuth {

@@ -2,7 +2,7 @@
 //! health gate, rollback, and the history of every change.
 
 use crate::app::AppState;
-use crate::auth::{Admin, Principal, Publisher, Viewer};
+use crate::auth::{Admin, Principal, ProductReader, Publisher};
 use crate::error::{Error, Json, Path, Query, Result, on_constraint};
 use crate::paging::{Page, PageParams};
 use crate::registry::PlatformImage;
@@ -128,8 +128,12 @@ pub struct Channel {
 pub struct PromoteRequest {
     /// The release to make head.
     pub version: String,
-    /// Rollout percent (default 100).
-    #[serde(default)]
+    /// Rollout percent (default 10: a staged rollout; raise it with `PATCH .../rollout`).
+    #[serde(
+        default = "default_promote_percent",
+        deserialize_with = "promote_percent"
+    )]
+    #[schema(default = 10)]
     pub percent: Option<f64>,
     /// A linear ramp from `percent` upwards.
     #[serde(default)]
@@ -145,6 +149,17 @@ pub struct PromoteResponse {
     /// Devices the new head cannot reach, in words (e.g. no image for their
     /// architecture); empty when nothing is stranded.
     pub warnings: Vec<String>,
+}
+
+/// The percent a promote without one (or with `null`) starts at.
+pub const DEFAULT_PROMOTE_PERCENT: f64 = 10.0;
+
+fn default_promote_percent() -> Option<f64> {
+    Some(DEFAULT_PROMOTE_PERCENT)
+}
+
+fn promote_percent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.or_else(default_promote_percent))
 }
 
 /// The gate's settings.
@@ -704,7 +719,7 @@ async fn create_channel(
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn list_channels(
     State(state): State<AppState>,
-    _v: Viewer,
+    _v: ProductReader,
     Path(product): Path<String>,
 ) -> Result<Json<Vec<Channel>>> {
     let p = crate::products::load(&state.db, &product).await?;
@@ -729,7 +744,7 @@ async fn list_channels(
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn get_channel(
     State(state): State<AppState>,
-    _v: Viewer,
+    _v: ProductReader,
     Path((product, channel)): Path<(String, String)>,
 ) -> Result<Json<Channel>> {
     let p = crate::products::load(&state.db, &product).await?;
@@ -959,7 +974,7 @@ async fn rollback(
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn history(
     State(state): State<AppState>,
-    _v: Viewer,
+    _v: ProductReader,
     Path((product, channel)): Path<(String, String)>,
     Query(page): Query<PageParams>,
 ) -> Result<Json<Page<HistoryEntry>>> {

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 /// Exit codes, as `sluice --help` shows them.
 pub const EXIT_CODES_HELP: &str = "\
-Client commands (release, channel, token, keys rotate, login) print the server's
-JSON answer on stdout; on failure they print `error: <detail> (HTTP <status>)` on
-stderr and exit with:
+Client commands (product, release, channel, token, keys, device, login) print
+the server's JSON answer on stdout; the read commands (list, show) and `channel
+promote` print a summary instead unless given --json. Warnings in the server's
+answer go to stderr as `warning: <text>`. On failure they print
+`error: <detail> (HTTP <status>)` on stderr and exit with:
   0  success
   1  any other failure (server-side commands: serve, migrate, admin, keys generate)
   2  usage: bad flags or values, unreadable --metadata file
@@ -149,8 +151,25 @@ pub trait Command {
     fn request(&self) -> Result<Request, Failure>;
     /// What goes to stdout on success.
     fn output(&self, answer: Value) -> String {
-        serde_json::to_string_pretty(&answer).unwrap_or_else(|_| answer.to_string())
+        pretty(&answer)
     }
+    /// What goes to stdout when the answer has no body.
+    fn no_content(&self) -> Option<String> {
+        None
+    }
+}
+
+fn pretty(answer: &Value) -> String {
+    serde_json::to_string_pretty(answer).unwrap_or_else(|_| answer.to_string())
+}
+
+/// The strings of the answer's `warnings` array (none when it has none).
+pub fn warnings(answer: &Value) -> Vec<&str> {
+    answer
+        .get("warnings")
+        .and_then(Value::as_array)
+        .map(|w| w.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
 }
 
 /// Runs a client command and answers the process exit code.
@@ -161,10 +180,19 @@ pub async fn run(command: &dyn Command) -> i32 {
     };
     match outcome {
         Ok(Some(answer)) => {
+            let warned: Vec<String> = warnings(&answer).into_iter().map(String::from).collect();
             println!("{}", command.output(answer));
+            for w in warned {
+                eprintln!("warning: {w}");
+            }
             0
         }
-        Ok(None) => 0,
+        Ok(None) => {
+            if let Some(line) = command.no_content() {
+                println!("{line}");
+            }
+            0
+        }
         Err(f) => {
             eprintln!("error: {}", f.message);
             f.exit as i32
@@ -419,9 +447,20 @@ pub struct Promote {
     /// The release to make the channel's head.
     #[arg(long)]
     version: String,
-    /// Percent of the channel's devices that get it (server default if absent).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
-    percent: Option<u8>,
+    /// Percent of the channel's devices that get it at first: a staged
+    /// rollout by default; raise it with `sluice channel rollout --percent`.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=100))]
+    percent: u8,
+    /// Then raise the percent linearly to this ...
+    #[arg(long, requires = "ramp_minutes", value_parser = clap::value_parser!(u8).range(0..=100))]
+    ramp_to: Option<u8>,
+    /// ... over this many minutes.
+    #[arg(long, alias = "ramp-over-minutes", requires = "ramp_to",
+          value_parser = clap::value_parser!(u32).range(1..=525_600))]
+    ramp_minutes: Option<u32>,
+    /// Print the server's JSON answer (the channel) instead of a summary.
+    #[arg(long)]
+    json: bool,
 }
 
 impl Command for Promote {
@@ -429,11 +468,44 @@ impl Command for Promote {
         &self.remote
     }
     fn request(&self) -> Result<Request, Failure> {
-        let mut body = json!({"version": self.version});
-        if let Some(p) = self.percent {
-            body["percent"] = json!(p);
+        let mut body = json!({"version": self.version, "percent": self.percent});
+        if let (Some(to), Some(over)) = (self.ramp_to, self.ramp_minutes) {
+            if to < self.percent {
+                return Err(Failure::usage(format!(
+                    "--ramp-to {to} is below --percent {}: a ramp only raises the percent",
+                    self.percent
+                )));
+            }
+            body["ramp"] = json!({"to_percent": to, "over_minutes": over});
         }
         Ok(self.at.request(Method::POST, "promote", body))
+    }
+    fn output(&self, answer: Value) -> String {
+        if self.json {
+            return pretty(&answer);
+        }
+        let head = text(&answer["head"]);
+        let name = text(&answer["name"]);
+        let rollout = &answer["rollout"];
+        let percent = rollout["percent"].as_f64().unwrap_or(f64::NAN);
+        let mut line = format!("{head} is head of {name} at {} %", num(percent));
+        if let Some(base) = answer["base"].as_str() {
+            line += &format!(" (base {base})");
+        }
+        let ramp = &rollout["ramp"];
+        if ramp.is_object() {
+            line += &format!(
+                ", ramping to {} % over {} min",
+                num(ramp["to_percent"].as_f64().unwrap_or(f64::NAN)),
+                num(ramp["over_minutes"].as_f64().unwrap_or(f64::NAN))
+            );
+        } else if percent < 100.0 {
+            line += &format!(
+                " (raise with `sluice channel rollout --product {} --channel {name} --percent N`)",
+                self.at.product
+            );
+        }
+        line
     }
 }
 
@@ -453,7 +525,7 @@ pub struct Rollout {
     #[arg(long, requires = "ramp_over_minutes", value_parser = clap::value_parser!(u8).range(0..=100))]
     ramp_to: Option<u8>,
     /// ... over this many minutes.
-    #[arg(long, requires = "ramp_to", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, visible_alias = "ramp-minutes", requires = "ramp_to", value_parser = clap::value_parser!(u32).range(1..))]
     ramp_over_minutes: Option<u32>,
     /// Admit no new device to the head.
     #[arg(long, conflicts_with = "resume")]
@@ -782,6 +854,572 @@ impl Command for Login {
     }
 }
 
+/// A JSON value as one word for a summary: strings bare, nothing as `-`.
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.as_f64().map(num).unwrap_or_else(|| n.to_string()),
+        other => other.to_string(),
+    }
+}
+
+/// A number without a trailing `.0`.
+fn num(x: f64) -> String {
+    if x.is_finite() && x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else if x.is_finite() {
+        format!("{x}")
+    } else {
+        "?".into()
+    }
+}
+
+/// Rows under a header, in columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let n = cells.len();
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == n {
+                    c.to_string()
+                } else {
+                    format!("{c:<w$}", w = width[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    std::iter::once(line(header.to_vec()))
+        .chain(
+            rows.iter()
+                .map(|r| line(r.iter().map(String::as_str).collect())),
+        )
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `label  value` lines, labels padded to the longest.
+fn fields(pairs: &[(&str, String)]) -> String {
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k:<w$}  {v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The items of a list answer: a bare array, or a page's `items`.
+fn items(answer: &Value) -> &[Value] {
+    answer
+        .as_array()
+        .or_else(|| answer["items"].as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// `--json` on a read command.
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print the server's JSON answer (for `jq`) instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `sluice product create`.
+#[derive(Debug, Args)]
+pub struct ProductCreate {
+    #[command(flatten)]
+    remote: Remote,
+    /// Its name: 1–63 lowercase letters, digits and dashes.
+    #[arg(long)]
+    name: String,
+    /// The OCI repository its images live in (`registry.example.com/acme/os`).
+    #[arg(long)]
+    repository: String,
+    /// A line about it.
+    #[arg(long)]
+    description: Option<String>,
+}
+
+impl Command for ProductCreate {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let mut body = json!({"name": self.name, "repository": self.repository});
+        if let Some(d) = &self.description {
+            body["description"] = json!(d);
+        }
+        Ok(Request::new(Method::POST, &["v1", "products"], Some(body)))
+    }
+}
+
+/// `sluice product list`.
+#[derive(Debug, Args)]
+pub struct ProductList {
+    #[command(flatten)]
+    remote: Remote,
+    #[command(flatten)]
+    json: JsonFlag,
+}
+
+impl Command for ProductList {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        Ok(Request::new(Method::GET, &["v1", "products"], None))
+    }
+    fn output(&self, answer: Value) -> String {
+        if self.json.json {
+            return pretty(&answer);
+        }
+        let rows: Vec<Vec<String>> = items(&answer)
+            .iter()
+            .map(|p| {
+                ["name", "repository", "created_at", "description"]
+                    .map(|k| text(&p[k]))
+                    .to_vec()
+            })
+            .collect();
+        if rows.is_empty() {
+            return "no products yet: make one with `sluice product create`".into();
+        }
+        table(&["NAME", "REPOSITORY", "CREATED", "DESCRIPTION"], &rows)
+    }
+}
+
+/// `sluice product show`.
+#[derive(Debug, Args)]
+pub struct ProductShow {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    product: String,
+    #[command(flatten)]
+    json: JsonFlag,
+}
+
+impl Command for ProductShow {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        Ok(Request::new(
+            Method::GET,
+            &["v1", "products", &self.product],
+            None,
+        ))
+    }
+    fn output(&self, p: Value) -> String {
+        if self.json.json {
+            return pretty(&p);
+        }
+        fields(&[
+            ("product", text(&p["name"])),
+            ("repository", text(&p["repository"])),
+            ("description", text(&p["description"])),
+            ("created", text(&p["created_at"])),
+        ])
+    }
+}
+
+/// `sluice product enrollment-secret`.
+#[derive(Debug, Args)]
+pub struct EnrollmentSecret {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    product: String,
+    /// Replace the secret. The server keeps only its hash, so it cannot be
+    /// shown again: rotating is the way to get one. Enrolled devices keep
+    /// working; new enrollments need the new secret.
+    #[arg(long)]
+    rotate: bool,
+    /// Print the server's JSON answer (the product with its new secret)
+    /// instead of the secret alone.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Command for EnrollmentSecret {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        if !self.rotate {
+            return Err(Failure::usage(format!(
+                "the server keeps only a hash of product {}'s enrollment secret, so it cannot be shown again; \
+                 pass --rotate to replace it with a new one (printed once; enrolled devices keep working, \
+                 new enrollments need the new secret)",
+                self.product
+            )));
+        }
+        Ok(Request::new(
+            Method::POST,
+            &["v1", "products", &self.product, "enrollment-secret"],
+            None,
+        ))
+    }
+    fn output(&self, answer: Value) -> String {
+        if self.json {
+            return pretty(&answer);
+        }
+        match answer.get("enrollment_secret").and_then(Value::as_str) {
+            Some(secret) => secret.to_owned(),
+            None => answer.to_string(),
+        }
+    }
+}
+
+/// `sluice release list`.
+#[derive(Debug, Args)]
+pub struct ReleaseList {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    #[arg(long)]
+    product: String,
+    /// Releases per page (1–1000; server default 100).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    limit: Option<u16>,
+    /// The `next_cursor` of the previous page.
+    #[arg(long)]
+    cursor: Option<String>,
+    #[command(flatten)]
+    json: JsonFlag,
+}
+
+impl Command for ReleaseList {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let mut r = Request::new(
+            Method::GET,
+            &["v1", "products", &self.product, "releases"],
+            None,
+        );
+        if let Some(l) = self.limit {
+            r.query.push(("limit".into(), l.to_string()));
+        }
+        if let Some(c) = &self.cursor {
+            r.query.push(("cursor".into(), c.clone()));
+        }
+        Ok(r)
+    }
+    fn output(&self, answer: Value) -> String {
+        if self.json.json {
+            return pretty(&answer);
+        }
+        let rows: Vec<Vec<String>> = items(&answer)
+            .iter()
+            .map(|r| {
+                vec![
+                    text(&r["version"]),
+                    text(&r["state"]),
+                    if r["floor"] == true { "floor" } else { "-" }.into(),
+                    text(&r["created_at"]),
+                    text(&r["publisher"]),
+                    text(&r["digest"]),
+                ]
+            })
+            .collect();
+        let mut out = if rows.is_empty() {
+            format!(
+                "no releases in product {}: publish one with `sluice release publish`",
+                self.product
+            )
+        } else {
+            table(
+                &["VERSION", "STATE", "FLOOR", "PUBLISHED", "BY", "DIGEST"],
+                &rows,
+            )
+        };
+        if let Some(next) = answer["next_cursor"].as_str() {
+            out += &format!("\n(more: add --cursor {next})");
+        }
+        out
+    }
+}
+
+/// `sluice release show`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["version", "version_flag"])))]
+pub struct ReleaseShow {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    #[arg(long)]
+    product: String,
+    /// The release's version.
+    version: Option<String>,
+    /// The release's version (instead of VERSION).
+    #[arg(long = "version", value_name = "VERSION")]
+    version_flag: Option<String>,
+    #[command(flatten)]
+    json: JsonFlag,
+}
+
+impl Command for ReleaseShow {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let version = self
+            .version
+            .as_deref()
+            .or(self.version_flag.as_deref())
+            .ok_or_else(|| Failure::usage("name the release: VERSION"))?;
+        Ok(Request::new(
+            Method::GET,
+            &["v1", "products", &self.product, "releases", version],
+            None,
+        ))
+    }
+    fn output(&self, r: Value) -> String {
+        if self.json.json {
+            return pretty(&r);
+        }
+        let mut out = fields(&[
+            (
+                "release",
+                format!("{} of {}", text(&r["version"]), self.product),
+            ),
+            ("state", text(&r["state"])),
+            ("image", text(&r["image"])),
+            ("media type", text(&r["media_type"])),
+            (
+                "floor",
+                if r["floor"] == true { "yes" } else { "no" }.into(),
+            ),
+            (
+                "published",
+                format!("{} by {}", text(&r["created_at"]), text(&r["publisher"])),
+            ),
+            ("revoked", text(&r["revoked_at"])),
+            ("metadata", r["metadata"].to_string()),
+        ]);
+        let rows: Vec<Vec<String>> = items(&r["platforms"])
+            .iter()
+            .map(|p| {
+                let platform = match p["variant"].as_str() {
+                    Some(v) => format!("{}/{}/{v}", text(&p["os"]), text(&p["architecture"])),
+                    None => format!("{}/{}", text(&p["os"]), text(&p["architecture"])),
+                };
+                let signed: Vec<String> = items(&p["signed_by"]).iter().map(text).collect();
+                vec![
+                    platform,
+                    text(&p["size"]),
+                    text(&p["digest"]),
+                    if signed.is_empty() {
+                        "-".into()
+                    } else {
+                        signed.join(",")
+                    },
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            out += "\n\n";
+            out += &table(&["PLATFORM", "BYTES", "DIGEST", "SIGNED BY"], &rows);
+        }
+        out
+    }
+}
+
+/// `sluice channel show`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["channel", "channel_flag"])))]
+pub struct ChannelShow {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    #[arg(long)]
+    product: String,
+    /// The channel.
+    channel: Option<String>,
+    /// The channel (instead of CHANNEL).
+    #[arg(long = "channel", value_name = "CHANNEL")]
+    channel_flag: Option<String>,
+    #[command(flatten)]
+    json: JsonFlag,
+}
+
+impl Command for ChannelShow {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let channel = self
+            .channel
+            .as_deref()
+            .or(self.channel_flag.as_deref())
+            .ok_or_else(|| Failure::usage("name the channel: CHANNEL"))?;
+        Ok(Request::new(
+            Method::GET,
+            &["v1", "products", &self.product, "channels", channel],
+            None,
+        ))
+    }
+    fn output(&self, c: Value) -> String {
+        if self.json.json {
+            return pretty(&c);
+        }
+        let r = &c["rollout"];
+        let mut rollout = format!("{} %", text(&r["percent"]));
+        if r["effective_percent"] != r["percent"] {
+            rollout += &format!(" (now {} %)", text(&r["effective_percent"]));
+        }
+        if r["ramp"].is_object() {
+            let ramp = &r["ramp"];
+            rollout += &format!(
+                ", ramp from {} % to {} % over {} min since {}",
+                text(&ramp["from_percent"]),
+                text(&ramp["to_percent"]),
+                text(&ramp["over_minutes"]),
+                text(&ramp["started_at"])
+            );
+        }
+        let paused = if r["paused"] == true {
+            format!("yes: {}", text(&r["paused_reason"]))
+        } else {
+            "no".into()
+        };
+        let g = &c["gate"];
+        let gate = format!(
+            "{} ({} of {} reports failed; halts above {} % once {} devices reported)",
+            if g["tripped"] == true {
+                "TRIPPED"
+            } else {
+                "ok"
+            },
+            text(&g["failures"]),
+            text(&g["reports"]),
+            text(&g["max_failure_percent"]),
+            text(&g["min_reports"])
+        );
+        let mut out = fields(&[
+            (
+                "channel",
+                format!("{} of {}", text(&c["name"]), self.product),
+            ),
+            ("head", text(&c["head"])),
+            ("base", text(&c["base"])),
+            (
+                "rolled back",
+                if c["rolled_back"] == true {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .into(),
+            ),
+            ("rollout", rollout),
+            ("paused", paused),
+            ("gate", gate),
+            ("serial", text(&c["serial"])),
+            ("updated", text(&c["updated_at"])),
+        ]);
+        let rows: Vec<Vec<String>> = items(&c["devices"])
+            .iter()
+            .map(|d| vec![text(&d["version"]), text(&d["status"]), text(&d["count"])])
+            .collect();
+        out += "\n\n";
+        if rows.is_empty() {
+            out += "no devices on this channel yet";
+        } else {
+            out += &table(&["VERSION", "STATUS", "DEVICES"], &rows);
+        }
+        out
+    }
+}
+
+/// `sluice token list`.
+#[derive(Debug, Args)]
+pub struct TokenList {
+    #[command(flatten)]
+    remote: Remote,
+    #[command(flatten)]
+    json: JsonFlag,
+}
+
+impl Command for TokenList {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        Ok(Request::new(Method::GET, &["v1", "tokens"], None))
+    }
+    fn output(&self, answer: Value) -> String {
+        if self.json.json {
+            return pretty(&answer);
+        }
+        let rows: Vec<Vec<String>> = items(&answer)
+            .iter()
+            .map(|t| {
+                let products: Vec<String> = items(&t["products"]).iter().map(text).collect();
+                let state = if t["revoked_at"].is_string() {
+                    format!("revoked {}", text(&t["revoked_at"]))
+                } else {
+                    format!("expires {}", text(&t["expires_at"]))
+                };
+                vec![
+                    text(&t["id"]),
+                    text(&t["name"]),
+                    text(&t["role"]),
+                    if products.is_empty() {
+                        "-".into()
+                    } else {
+                        products.join(",")
+                    },
+                    text(&t["created_by"]),
+                    state,
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            return "no API tokens yet: make one with `sluice token create`".into();
+        }
+        table(
+            &["ID", "NAME", "ROLE", "PRODUCTS", "CREATED BY", "STATE"],
+            &rows,
+        )
+    }
+}
+
+/// `sluice token revoke`.
+#[derive(Debug, Args)]
+pub struct TokenRevoke {
+    #[command(flatten)]
+    remote: Remote,
+    /// The token's id (`sluice token list`).
+    id: uuid::Uuid,
+}
+
+impl Command for TokenRevoke {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let id = self.id.to_string();
+        Ok(Request::new(Method::DELETE, &["v1", "tokens", &id], None))
+    }
+    fn no_content(&self) -> Option<String> {
+        Some(format!("token {} revoked", self.id))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1080,11 +1718,43 @@ mod tests {
             "--version",
             "2.0.0",
         ];
-        assert_eq!(body(&promote), json!({"version": "2.0.0"}));
+        // A staged rollout by default: 10 %.
+        assert_eq!(body(&promote), json!({"version": "2.0.0", "percent": 10}));
         assert_eq!(
-            body(&[&promote[..], &["--percent", "10"]].concat()),
-            json!({"version": "2.0.0", "percent": 10})
+            body(&[&promote[..], &["--percent", "100"]].concat()),
+            json!({"version": "2.0.0", "percent": 100})
         );
+        assert_eq!(
+            body(&[&promote[..], &["--ramp-to", "100", "--ramp-minutes", "60"]].concat()),
+            json!({"version": "2.0.0", "percent": 10, "ramp": {"to_percent": 100, "over_minutes": 60}})
+        );
+        // Half a ramp, a ramp downwards, a percent above 100: refused before sending.
+        for extra in [
+            &["--ramp-to", "50"][..],
+            &["--ramp-minutes", "5"],
+            &["--ramp-to", "101", "--ramp-minutes", "5"],
+            &["--ramp-to", "50", "--ramp-minutes", "0"],
+            &["--percent", "101"],
+        ] {
+            let e = parse(&[&promote[..], extra].concat()).err();
+            assert_eq!(
+                e.map(|e| e.exit_code()),
+                Some(Exit::Usage as i32),
+                "{extra:?} was accepted"
+            );
+        }
+        let down = parse(
+            &[
+                &promote[..],
+                &["--percent", "50", "--ramp-to", "20", "--ramp-minutes", "5"],
+            ]
+            .concat(),
+        )
+        .unwrap()
+        .request()
+        .unwrap_err();
+        assert_eq!(down.exit, Exit::Usage);
+        assert!(down.message.contains("only raises"), "{}", down.message);
         let rollback = ["channel", "rollback", "--product", "p", "--channel", "beta"];
         assert_eq!(body(&rollback), json!({}));
         assert_eq!(
@@ -1160,6 +1830,216 @@ mod tests {
             .unwrap()
             .request();
         assert_eq!(no_product.unwrap_err().exit, Exit::Usage);
+    }
+
+    /// The summary line says what was set and how to go on.
+    #[test]
+    fn promote_summary() {
+        let promote = |extra: &[&str]| {
+            let args = [
+                &[
+                    "channel",
+                    "promote",
+                    "--product",
+                    "acme",
+                    "--channel",
+                    "stable",
+                    "--version",
+                    "1.4.0",
+                ][..],
+                extra,
+            ]
+            .concat();
+            parse(&args).unwrap()
+        };
+        let channel = |percent: f64, ramp: Value| {
+            json!({"name": "stable", "head": "1.4.0", "base": "1.3.0",
+                   "rollout": {"percent": percent, "effective_percent": percent, "ramp": ramp, "paused": false}})
+        };
+        assert_eq!(
+            promote(&[]).output(channel(10.0, Value::Null)),
+            "1.4.0 is head of stable at 10 % (base 1.3.0) (raise with `sluice channel rollout --product acme --channel stable --percent N`)"
+        );
+        assert_eq!(
+            promote(&[]).output(channel(100.0, Value::Null)),
+            "1.4.0 is head of stable at 100 % (base 1.3.0)"
+        );
+        assert_eq!(
+            promote(&[]).output(channel(
+                2.5,
+                json!({"from_percent": 2.5, "to_percent": 100.0, "over_minutes": 90.0})
+            )),
+            "1.4.0 is head of stable at 2.5 % (base 1.3.0), ramping to 100 % over 90 min"
+        );
+        let raw = channel(10.0, Value::Null);
+        let printed: Value =
+            serde_json::from_str(&promote(&["--json"]).output(raw.clone())).unwrap();
+        assert_eq!(printed, raw);
+    }
+
+    #[test]
+    fn warnings_are_the_strings_of_the_array() {
+        assert_eq!(
+            warnings(&json!({"warnings": ["no device runs 1.3.0", 7, "second"]})),
+            ["no device runs 1.3.0", "second"]
+        );
+        assert!(warnings(&json!({"version": "1.0.0"})).is_empty());
+        assert!(warnings(&json!({"warnings": "not an array"})).is_empty());
+        assert!(warnings(&json!([1, 2])).is_empty());
+    }
+
+    #[test]
+    fn read_commands() {
+        let path = |args: &[&str]| {
+            let r = parse(args).unwrap().request().unwrap();
+            assert_eq!(r.method, Method::GET, "{args:?}");
+            assert!(r.body.is_none());
+            (r.path, r.query)
+        };
+        assert_eq!(path(&["product", "list"]).0, ["v1", "products"]);
+        assert_eq!(
+            path(&["product", "show", "acme"]).0,
+            ["v1", "products", "acme"]
+        );
+        assert_eq!(
+            path(&[
+                "release",
+                "list",
+                "--product",
+                "acme",
+                "--limit",
+                "5",
+                "--cursor",
+                "10"
+            ]),
+            (
+                ["v1", "products", "acme", "releases"]
+                    .map(String::from)
+                    .to_vec(),
+                vec![
+                    ("limit".to_string(), "5".to_string()),
+                    ("cursor".into(), "10".into())
+                ]
+            )
+        );
+        for args in [
+            &["release", "show", "--product", "acme", "1.2.0"][..],
+            &["release", "show", "--product", "acme", "--version", "1.2.0"],
+        ] {
+            assert_eq!(
+                path(args).0,
+                ["v1", "products", "acme", "releases", "1.2.0"]
+            );
+        }
+        for args in [
+            &["channel", "show", "--product", "acme", "stable", "--json"][..],
+            &[
+                "channel",
+                "show",
+                "--product",
+                "acme",
+                "--channel",
+                "stable",
+            ],
+        ] {
+            assert_eq!(
+                path(args).0,
+                ["v1", "products", "acme", "channels", "stable"]
+            );
+        }
+        assert_eq!(path(&["token", "list"]).0, ["v1", "tokens"]);
+        // The thing to show must be named, once.
+        for args in [
+            &["release", "show", "--product", "acme"][..],
+            &[
+                "release",
+                "show",
+                "--product",
+                "acme",
+                "1.0.0",
+                "--version",
+                "1.0.0",
+            ],
+            &["channel", "show", "--product", "acme"],
+            &["channel", "show", "stable"],
+            &["product", "show"],
+            &["release", "list", "--product", "acme", "--limit", "0"],
+        ] {
+            assert_eq!(
+                parse(args).err().map(|e| e.exit_code()),
+                Some(Exit::Usage as i32),
+                "{args:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn product_and_token_changes() {
+        let r = parse(&[
+            "product",
+            "create",
+            "--name",
+            "acme",
+            "--repository",
+            "r.example/acme",
+            "--description",
+            "Acme OS",
+        ])
+        .unwrap()
+        .request()
+        .unwrap();
+        assert_eq!(
+            (r.method, r.path.clone()),
+            (Method::POST, vec!["v1".to_string(), "products".into()])
+        );
+        assert_eq!(
+            r.body,
+            Some(json!({"name": "acme", "repository": "r.example/acme", "description": "Acme OS"}))
+        );
+        // Rotating is the only way to a secret, and must be asked for.
+        let f = parse(&["product", "enrollment-secret", "acme"])
+            .unwrap()
+            .request()
+            .unwrap_err();
+        assert_eq!(f.exit, Exit::Usage);
+        assert!(f.message.contains("--rotate"), "{}", f.message);
+        let cmd = parse(&["product", "enrollment-secret", "acme", "--rotate"]).unwrap();
+        let r = cmd.request().unwrap();
+        assert_eq!(r.method, Method::POST);
+        assert_eq!(r.path, ["v1", "products", "acme", "enrollment-secret"]);
+        assert_eq!(
+            cmd.output(json!({"name": "acme", "enrollment_secret": "s3cret"})),
+            "s3cret"
+        );
+
+        let id = "6f1c2a9e-2b7d-4c47-9d55-0c8a7f0e2f11";
+        let cmd = parse(&["token", "revoke", id]).unwrap();
+        let r = cmd.request().unwrap();
+        assert_eq!(
+            (r.method, r.path),
+            (
+                Method::DELETE,
+                vec!["v1".to_string(), "tokens".into(), id.into()]
+            )
+        );
+        assert_eq!(cmd.no_content().unwrap(), format!("token {id} revoked"));
+        assert!(parse(&["token", "revoke", "not-a-uuid"]).is_err());
+    }
+
+    #[test]
+    fn tables_pad_columns() {
+        let t = table(
+            &["A", "BB"],
+            &[
+                vec!["xxx".into(), "y".into()],
+                vec!["z".into(), "wwww".into()],
+            ],
+        );
+        assert_eq!(t, "A    BB\nxxx  y\nz    wwww");
+        assert_eq!(num(10.0), "10");
+        assert_eq!(num(2.5), "2.5");
+        assert_eq!(text(&Value::Null), "-");
+        assert_eq!(text(&json!(3)), "3");
     }
 
     #[test]

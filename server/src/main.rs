@@ -43,17 +43,22 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Publish releases (CI).
+    /// Manage products: create, list, show, rotate the enrollment secret.
+    Product {
+        #[command(subcommand)]
+        command: ProductCommand,
+    },
+    /// Publish releases (CI), list and show them.
     Release {
         #[command(subcommand)]
         command: ReleaseCommand,
     },
-    /// Promote releases and steer rollouts.
+    /// Show channels, promote releases and steer rollouts.
     Channel {
         #[command(subcommand)]
         command: ChannelCommand,
     },
-    /// Manage API tokens for CI.
+    /// Manage API tokens for CI: create, list, revoke.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
@@ -82,13 +87,31 @@ enum DeviceCommand {
 }
 
 #[derive(Subcommand)]
+enum ProductCommand {
+    /// Make a product; its enrollment secret is in the answer, shown this once.
+    Create(cli::ProductCreate),
+    /// List the products.
+    List(cli::ProductList),
+    /// Show one product.
+    Show(cli::ProductShow),
+    /// Replace the product's enrollment secret (--rotate) and print the new one.
+    EnrollmentSecret(cli::EnrollmentSecret),
+}
+
+#[derive(Subcommand)]
 enum ReleaseCommand {
     /// Publish a build: the server resolves the image to a digest, signs it, stores it.
     Publish(cli::Publish),
+    /// List a product's releases, newest first (one page; pass --cursor for the next).
+    List(cli::ReleaseList),
+    /// Show one release: digest, platforms and their signatures, metadata.
+    Show(cli::ReleaseShow),
 }
 
 #[derive(Subcommand)]
 enum ChannelCommand {
+    /// Show a channel: head, base, rollout, health gate, devices by version.
+    Show(cli::ChannelShow),
     /// Make a release the channel's head; the old head becomes its base.
     Promote(cli::Promote),
     /// Change the channel's rollout: percent, ramp, pause, health gate.
@@ -101,6 +124,10 @@ enum ChannelCommand {
 enum TokenCommand {
     /// Make an API token; its secret is printed this once.
     Create(cli::TokenCreate),
+    /// List the API tokens (never their secrets).
+    List(cli::TokenList),
+    /// Revoke an API token: it stops working at once.
+    Revoke(cli::TokenRevoke),
 }
 
 #[derive(Subcommand)]
@@ -150,17 +177,28 @@ enum KeysCommand {
 /// The command as a client command (talks to a server), or back unchanged.
 fn client_command(command: Command) -> Result<Box<dyn cli::Command>, Box<Command>> {
     Ok(match command {
-        Command::Release {
-            command: ReleaseCommand::Publish(c),
-        } => Box::new(c),
+        Command::Product { command } => match command {
+            ProductCommand::Create(c) => Box::new(c),
+            ProductCommand::List(c) => Box::new(c),
+            ProductCommand::Show(c) => Box::new(c),
+            ProductCommand::EnrollmentSecret(c) => Box::new(c),
+        },
+        Command::Release { command } => match command {
+            ReleaseCommand::Publish(c) => Box::new(c),
+            ReleaseCommand::List(c) => Box::new(c),
+            ReleaseCommand::Show(c) => Box::new(c),
+        },
         Command::Channel { command } => match command {
+            ChannelCommand::Show(c) => Box::new(c),
             ChannelCommand::Promote(c) => Box::new(c),
             ChannelCommand::Rollout(c) => Box::new(c),
             ChannelCommand::Rollback(c) => Box::new(c),
         },
-        Command::Token {
-            command: TokenCommand::Create(c),
-        } => Box::new(c),
+        Command::Token { command } => match command {
+            TokenCommand::Create(c) => Box::new(c),
+            TokenCommand::List(c) => Box::new(c),
+            TokenCommand::Revoke(c) => Box::new(c),
+        },
         Command::Keys {
             command: KeysCommand::Rotate(c),
         } => Box::new(c),
@@ -266,6 +304,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 | KeysCommand::Revoke(_)
                 | KeysCommand::Status(_),
         }
+        | Command::Product { .. }
         | Command::Release { .. }
         | Command::Channel { .. }
         | Command::Token { .. }

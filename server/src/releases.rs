@@ -2,7 +2,7 @@
 //! registry, sign every platform digest, store), listing, and revoking.
 
 use crate::app::AppState;
-use crate::auth::{Admin, Principal, Publisher, Viewer};
+use crate::auth::{Admin, Principal, ProductReader, Publisher};
 use crate::error::{Error, Json, Path, Query, Result};
 use crate::paging::{Page, PageParams};
 use crate::registry::{PlatformImage, parse_reference};
@@ -469,7 +469,7 @@ fn conflict(version: &str, have: &str, got: &str) -> Error {
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn list_releases(
     State(state): State<AppState>,
-    _v: Viewer,
+    _v: ProductReader,
     Path(product): Path<String>,
     Query(page): Query<PageParams>,
 ) -> Result<Json<Page<Release>>> {
@@ -492,7 +492,7 @@ async fn list_releases(
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn get_release(
     State(state): State<AppState>,
-    _v: Viewer,
+    _v: ProductReader,
     Path((product, version)): Path<(String, String)>,
 ) -> Result<Json<Release>> {
     Ok(Json(fetch_one(&state.db, &product, &version).await?))

@@ -3,7 +3,7 @@
 //! reported.
 
 use crate::app::AppState;
-use crate::auth::Viewer;
+use crate::auth::ProductReader;
 use crate::error::{Error, Json, Path, Query, Result};
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
@@ -115,7 +115,7 @@ pub fn router() -> OpenApiRouter<AppState> {
               (status = 404, body = crate::error::Problem)))]
 async fn channel_stats(
     State(state): State<AppState>,
-    _v: Viewer,
+    _v: ProductReader,
     Path((product, channel)): Path<(String, String)>,
     Query(q): Query<StatsParams>,
 ) -> Result<Json<ChannelStats>> {

@@ -29,6 +29,8 @@ enum Who {
     Admin,
     Viewer,
     Publisher,
+    /// Admins, viewers and a publisher token for the product in the path.
+    ProductReader,
     OwnDevice,
 }
 
@@ -41,6 +43,7 @@ fn expected(who: Who, role: &str, ok: StatusCode) -> StatusCode {
         Who::Admin => role == "admin",
         Who::Viewer => matches!(role, "viewer" | "admin"),
         Who::Publisher => matches!(role, "publisher" | "admin"),
+        Who::ProductReader => matches!(role, "publisher" | "viewer" | "admin"),
         Who::OwnDevice => role == "device",
     };
     if allowed { ok } else { StatusCode::FORBIDDEN }
@@ -220,14 +223,14 @@ async fn every_route_for_every_role(pool: PgPool) {
                 Method::GET,
                 "/v1/products/acme/releases".into(),
                 None,
-                Who::Viewer,
+                Who::ProductReader,
                 StatusCode::OK,
             ),
             (
                 Method::GET,
                 "/v1/products/acme/releases/1.0.0".into(),
                 None,
-                Who::Viewer,
+                Who::ProductReader,
                 StatusCode::OK,
             ),
             (
@@ -248,14 +251,14 @@ async fn every_route_for_every_role(pool: PgPool) {
                 Method::GET,
                 "/v1/products/acme/channels".into(),
                 None,
-                Who::Viewer,
+                Who::ProductReader,
                 StatusCode::OK,
             ),
             (
                 Method::GET,
                 "/v1/products/acme/channels/stable".into(),
                 None,
-                Who::Viewer,
+                Who::ProductReader,
                 StatusCode::OK,
             ),
             (
@@ -283,7 +286,14 @@ async fn every_route_for_every_role(pool: PgPool) {
                 Method::GET,
                 "/v1/products/acme/channels/stable/history".into(),
                 None,
-                Who::Viewer,
+                Who::ProductReader,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/products/acme/channels/stable/stats".into(),
+                None,
+                Who::ProductReader,
                 StatusCode::OK,
             ),
             (
@@ -418,5 +428,5 @@ async fn every_route_for_every_role(pool: PgPool) {
         failures.len(),
         failures.join("\n")
     );
-    assert_eq!(checked, 40 * ROLES.len());
+    assert_eq!(checked, 41 * ROLES.len());
 }

@@ -1,0 +1,825 @@
+//! The `sluice` CLI's product, release, channel and token commands, run as the
+//! real binary against a real server: what they print, how they exit, and
+//! that bad input gets a clear error, never a panic. Also the API behind
+//! them: promote's default percent and a publisher token reading its own
+//! product's channels.
+
+mod common;
+#[path = "common/images.rs"]
+mod images;
+
+use common::{TestApp, registry};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+/// What a run of the CLI gave.
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+impl Run {
+    /// Asserts success and answers stdout.
+    fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "stdout: {}\nstderr: {}", self.out, self.err);
+        assert!(self.err.is_empty(), "nothing on stderr: {}", self.err);
+        &self.out
+    }
+
+    /// Asserts the exit code and that stderr is one `error:` line holding `needle`.
+    fn fails(&self, code: i32, needle: &str) {
+        assert_eq!(
+            self.code, code,
+            "stdout: {}\nstderr: {}",
+            self.out, self.err
+        );
+        assert!(
+            self.err.contains(needle),
+            "stderr lacks {needle:?}: {}",
+            self.err
+        );
+        assert!(!self.err.contains("panicked"), "{}", self.err);
+        assert!(self.out.is_empty(), "nothing on stdout: {}", self.out);
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(self.ok()).expect("--json prints JSON")
+    }
+}
+
+/// Runs the `sluice` CLI as `token` against `server`; async, so the server in
+/// this test's runtime keeps serving.
+async fn sluice(server: &str, token: &str, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("SLUICE_SERVER", server)
+        .env("SLUICE_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&out.stdout).into(),
+        err: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn products(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let admin = |args: &'static [&'static str]| sluice(&app.url, &app.admin, args);
+    let repo = "r.example/acme/os";
+
+    let created = admin(&[
+        "product",
+        "create",
+        "--name",
+        "acme",
+        "--repository",
+        "r.example/acme/os",
+        "--description",
+        "Acme OS",
+    ])
+    .await
+    .json();
+    assert_eq!(created["name"], "acme");
+    let first_secret = created["enrollment_secret"].as_str().unwrap().to_owned();
+    assert!(first_secret.len() >= 20);
+    admin(&[
+        "product",
+        "create",
+        "--name",
+        "acme",
+        "--repository",
+        "r.example/acme/os",
+    ])
+    .await
+    .fails(4, "product acme already exists (HTTP 409)");
+    admin(&[
+        "product",
+        "create",
+        "--name",
+        "Not OK",
+        "--repository",
+        "r.example/x",
+    ])
+    .await
+    .fails(5, "invalid product name");
+    admin(&["product", "create", "--name", "x"])
+        .await
+        .fails(2, "--repository");
+
+    let list = admin(&["product", "list"]).await;
+    let lines: Vec<&str> = list.ok().lines().collect();
+    assert_eq!(lines.len(), 2, "{}", list.out);
+    assert!(lines[0].starts_with("NAME"), "{}", list.out);
+    assert!(
+        lines[1].starts_with("acme ") && lines[1].contains(repo) && lines[1].ends_with("Acme OS"),
+        "{}",
+        list.out
+    );
+    let list = admin(&["product", "list", "--json"]).await.json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["repository"], repo);
+    assert!(list[0].get("enrollment_secret").is_none());
+
+    let show = admin(&["product", "show", "acme"]).await;
+    assert!(
+        show.ok().contains(&format!("repository   {repo}")),
+        "{}",
+        show.out
+    );
+    assert_eq!(
+        admin(&["product", "show", "acme", "--json"]).await.json()["description"],
+        "Acme OS"
+    );
+    admin(&["product", "show", "nope"])
+        .await
+        .fails(5, "product nope not found (HTTP 404)");
+
+    app.channel("acme", "stable").await;
+    // The secret cannot be shown, only replaced, and only when asked to.
+    let r = admin(&["product", "enrollment-secret", "acme"]).await;
+    r.fails(2, "--rotate");
+    let r = admin(&["product", "enrollment-secret", "acme", "--rotate"]).await;
+    let secret = r.ok().trim().to_owned();
+    assert_eq!(r.out, format!("{secret}\n"), "the secret alone on stdout");
+    assert_ne!(secret, first_secret);
+    // The printed secret is the one that works now; the first one no longer does.
+    app.enroll("acme", &secret, "m-1", "stable").await;
+    let (s, b) = app
+        .call(
+            reqwest::Method::POST,
+            "/v1/devices/enroll",
+            None,
+            Some(json!({"product": "acme", "enrollment_secret": first_secret, "machine_id": "m-2",
+                        "arch": "amd64", "channel": "stable",
+                        "proof": common::enroll_proof(&common::device_key("acme", "m-2"), "acme", "m-2")})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+    let rotated = admin(&["product", "enrollment-secret", "acme", "--rotate", "--json"])
+        .await
+        .json();
+    assert_eq!(rotated["name"], "acme");
+    assert!(
+        rotated["enrollment_secret"]
+            .as_str()
+            .is_some_and(|s| s != secret)
+    );
+    // No secret in the audit log.
+    let (_, audit) = app.get("/v1/audit", &app.admin).await;
+    let audit = audit.to_string();
+    assert!(audit.contains("product.rotate_secret"), "{audit}");
+    assert!(!audit.contains(&secret) && !audit.contains(&first_secret));
+    admin(&["product", "enrollment-secret", "nope", "--rotate"])
+        .await
+        .fails(5, "product nope not found");
+
+    // A viewer reads but may not rotate.
+    let viewer = app.viewer().await;
+    assert!(
+        sluice(&app.url, &viewer, &["product", "list"])
+            .await
+            .ok()
+            .contains("acme")
+    );
+    sluice(
+        &app.url,
+        &viewer,
+        &["product", "enrollment-secret", "acme", "--rotate"],
+    )
+    .await
+    .fails(3, "this needs an admin (HTTP 403)");
+    // No token: told how to get one.
+    sluice(&app.url, "", &["product", "list"])
+        .await
+        .fails(3, "SLUICE_TOKEN");
+}
+
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn tokens(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    app.product("acme", "r.example/acme/os").await;
+    let admin = |args: Vec<&str>| {
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        let url = app.url.clone();
+        let token = app.admin.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            sluice(&url, &token, &args).await
+        }
+    };
+
+    let created = admin(vec![
+        "token",
+        "create",
+        "--name",
+        "ci acme",
+        "--product",
+        "acme",
+    ])
+    .await
+    .json();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let ci = created["token"].as_str().unwrap().to_owned();
+
+    let listed = admin(vec!["token", "list", "--json"]).await.json();
+    let mine = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id.as_str())
+        .expect("the new token is listed");
+    assert_eq!(mine["role"], "publisher");
+    assert_eq!(mine["products"], json!(["acme"]));
+    assert!(mine["revoked_at"].is_null());
+    assert!(mine.get("token").is_none(), "never the secret");
+    let table = admin(vec!["token", "list"]).await;
+    let row = table
+        .ok()
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{id} not in {}", table.out))
+        .to_owned();
+    assert!(
+        row.contains("ci acme")
+            && row.contains("publisher")
+            && row.contains(" acme ")
+            && row.contains("expires"),
+        "{row}"
+    );
+    assert!(!table.out.contains(&ci));
+
+    // A publisher token may neither list nor revoke tokens.
+    sluice(&app.url, &ci, &["token", "list"])
+        .await
+        .fails(3, "this needs an admin (HTTP 403)");
+
+    let r = admin(vec!["token", "revoke", &id]).await;
+    assert_eq!(r.ok(), format!("token {id} revoked\n"));
+    // It stops working at once, and the list says so.
+    sluice(&app.url, &ci, &["product", "list"])
+        .await
+        .fails(3, "the token has been revoked (HTTP 401)");
+    let table = admin(vec!["token", "list"]).await;
+    assert!(
+        table
+            .ok()
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("revoked 2")),
+        "{}",
+        table.out
+    );
+    let unknown = uuid::Uuid::new_v4().to_string();
+    admin(vec!["token", "revoke", &unknown])
+        .await
+        .fails(5, &format!("token {unknown} not found (HTTP 404)"));
+    admin(vec!["token", "revoke", "not-a-uuid"])
+        .await
+        .fails(2, "not-a-uuid");
+}
+
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn releases_and_channels(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let reg = registry();
+    let repo_path = images::unique_repo("cli");
+    let repo = format!("{reg}/{repo_path}");
+    let (d1, _) = images::push_image(&reg, &repo_path, "1.0.0").await;
+    let (d2, _) = images::push_image(&reg, &repo_path, "1.1.0").await;
+    let secret = app.product("acme", &repo).await;
+    app.product(
+        "other",
+        &format!("{reg}/{}", images::unique_repo("cli-other")),
+    )
+    .await;
+    app.channel("acme", "stable").await;
+    let ci = app.publisher(&["acme"]).await;
+    let other_ci = app.publisher(&["other"]).await;
+    let run = |token: &str, args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (url, token) = (app.url.clone(), token.to_owned());
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            sluice(&url, &token, &args).await
+        }
+    };
+
+    // Nothing published yet.
+    let empty = run(&ci, &["release", "list", "--product", "acme"]).await;
+    assert!(
+        empty.ok().starts_with("no releases in product acme"),
+        "{}",
+        empty.out
+    );
+    for v in ["1.0.0", "1.1.0"] {
+        let image = format!("{repo}:{v}");
+        let published = run(
+            &ci,
+            &[
+                "release",
+                "publish",
+                "--product",
+                "acme",
+                "--version",
+                v,
+                "--image",
+                &image,
+            ],
+        )
+        .await;
+        // No `warnings` in the answer: nothing but the JSON.
+        assert!(published.json()["digest"].is_string());
+    }
+
+    let list = run(&ci, &["release", "list", "--product", "acme"]).await;
+    let lines: Vec<&str> = list.ok().lines().collect();
+    assert_eq!(lines.len(), 3, "{}", list.out);
+    assert!(lines[0].starts_with("VERSION"));
+    assert!(
+        lines[1].starts_with("1.1.0 ") && lines[1].ends_with(&d2),
+        "{}",
+        list.out
+    );
+    assert!(
+        lines[2].starts_with("1.0.0 ") && lines[2].contains("active"),
+        "{}",
+        list.out
+    );
+    let page = run(
+        &ci,
+        &[
+            "release",
+            "list",
+            "--product",
+            "acme",
+            "--limit",
+            "1",
+            "--json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(page["items"][0]["version"], "1.1.0");
+    assert_eq!(page["next_cursor"], "1");
+    let next = run(
+        &ci,
+        &[
+            "release",
+            "list",
+            "--product",
+            "acme",
+            "--limit",
+            "1",
+            "--cursor",
+            "1",
+        ],
+    )
+    .await;
+    assert!(
+        next.ok().contains("1.0.0") && !next.out.contains("1.1.0"),
+        "{}",
+        next.out
+    );
+    let more = run(
+        &ci,
+        &["release", "list", "--product", "acme", "--limit", "1"],
+    )
+    .await;
+    assert!(
+        more.ok().ends_with("(more: add --cursor 1)\n"),
+        "{}",
+        more.out
+    );
+    run(&app.admin, &["release", "list", "--product", "nope"])
+        .await
+        .fails(5, "product nope not found (HTTP 404)");
+
+    run(&ci, &["release", "list", "--product", "nope"])
+        .await
+        .fails(
+            3,
+            "only its own products (acme), not product nope (HTTP 403)",
+        );
+    let show = run(&ci, &["release", "show", "--product", "acme", "1.0.0"]).await;
+    assert!(
+        show.ok().contains(&format!("image       {repo}@{d1}")),
+        "{}",
+        show.out
+    );
+    assert!(
+        show.out.contains("PLATFORM") && show.out.contains("linux/amd64"),
+        "{}",
+        show.out
+    );
+    let shown = run(
+        &ci,
+        &[
+            "release",
+            "show",
+            "--product",
+            "acme",
+            "--version",
+            "1.0.0",
+            "--json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(shown["digest"], d1);
+    assert!(
+        !shown["platforms"][0]["signed_by"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    run(&ci, &["release", "show", "--product", "acme", "9.9.9"])
+        .await
+        .fails(5, "release 9.9.9 of product acme not found (HTTP 404)");
+
+    // Promote: a staged rollout of 10 % by default, and the line says so.
+    let promoted = run(
+        &ci,
+        &[
+            "channel",
+            "promote",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--version",
+            "1.0.0",
+        ],
+    )
+    .await;
+    assert_eq!(
+        promoted.ok(),
+        "1.0.0 is head of stable at 10 % (raise with `sluice channel rollout --product acme --channel stable --percent N`)\n"
+    );
+    let (_, c) = app
+        .get("/v1/products/acme/channels/stable", &app.admin)
+        .await;
+    assert_eq!(c["rollout"]["percent"], 10.0);
+    assert!(c["rollout"]["ramp"].is_null());
+
+    // With a ramp.
+    let promoted = run(
+        &ci,
+        &[
+            "channel",
+            "promote",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--version",
+            "1.1.0",
+            "--percent",
+            "5",
+            "--ramp-to",
+            "50",
+            "--ramp-minutes",
+            "60",
+        ],
+    )
+    .await;
+    assert_eq!(
+        promoted.ok(),
+        "1.1.0 is head of stable at 5 % (base 1.0.0), ramping to 50 % over 60 min\n"
+    );
+
+    // The CI token reads its own product's channel: head, base, rollout, gate, devices.
+    app.enroll("acme", &secret, "m-1", "stable").await;
+    let c = run(
+        &ci,
+        &["channel", "show", "--product", "acme", "stable", "--json"],
+    )
+    .await
+    .json();
+    assert_eq!(
+        (c["head"].as_str(), c["base"].as_str()),
+        (Some("1.1.0"), Some("1.0.0"))
+    );
+    assert_eq!(c["rollout"]["percent"], 5.0);
+    assert_eq!(c["rollout"]["ramp"]["to_percent"], 50.0);
+    assert_eq!(c["rollout"]["ramp"]["over_minutes"], 60.0);
+    assert_eq!(c["gate"]["tripped"], false);
+    assert_eq!(c["devices"][0]["count"], 1);
+    let show = run(
+        &ci,
+        &[
+            "channel",
+            "show",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+        ],
+    )
+    .await;
+    let text = show.ok();
+    for want in [
+        "channel      stable of acme",
+        "head         1.1.0",
+        "base         1.0.0",
+        "paused       no",
+        "gate         ok (0 of 0 reports failed",
+        "ramp from 5 % to 50 % over 60 min since",
+        "VERSION  STATUS",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    run(&ci, &["channel", "show", "--product", "acme", "nope"])
+        .await
+        .fails(5, "channel nope of product acme not found (HTTP 404)");
+    // Another product's token may not read it, nor change it.
+    run(
+        &other_ci,
+        &["channel", "show", "--product", "acme", "stable"],
+    )
+    .await
+    .fails(3, "not product acme (HTTP 403)");
+    run(
+        &ci,
+        &[
+            "channel",
+            "rollout",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--percent",
+            "50",
+        ],
+    )
+    .await
+    .fails(3, "this needs an admin (HTTP 403)");
+
+    // Bad input: unknown version or product, a ramp downwards.
+    run(
+        &ci,
+        &[
+            "channel",
+            "promote",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--version",
+            "9.9.9",
+        ],
+    )
+    .await
+    .fails(5, "release 9.9.9 of product acme not found (HTTP 404)");
+    run(
+        &ci,
+        &[
+            "channel",
+            "promote",
+            "--product",
+            "nope",
+            "--channel",
+            "stable",
+            "--version",
+            "1.0.0",
+        ],
+    )
+    .await
+    .fails(3, "not allowed to publish to product nope (HTTP 403)");
+    run(
+        &app.admin,
+        &[
+            "channel",
+            "promote",
+            "--product",
+            "nope",
+            "--channel",
+            "stable",
+            "--version",
+            "1.0.0",
+        ],
+    )
+    .await
+    .fails(5, "product nope not found (HTTP 404)");
+    run(
+        &ci,
+        &[
+            "channel",
+            "promote",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--version",
+            "1.0.0",
+            "--percent",
+            "60",
+            "--ramp-to",
+            "50",
+            "--ramp-minutes",
+            "5",
+        ],
+    )
+    .await
+    .fails(2, "only raises the percent");
+
+    // `--json` on promote prints the channel, for scripts.
+    let c = run(
+        &app.admin,
+        &[
+            "channel",
+            "promote",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--version",
+            "1.0.0",
+            "--percent",
+            "100",
+            "--json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(
+        (c["head"].as_str(), c["rollout"]["percent"].as_f64()),
+        (Some("1.0.0"), Some(100.0))
+    );
+}
+
+/// Without a `percent` (or with `null`) a promote starts a staged rollout at 10 %.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn promote_defaults_to_ten_percent(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let reg = registry();
+    let repo_path = images::unique_repo("cli-default");
+    images::push_image(&reg, &repo_path, "1.0.0").await;
+    app.product("acme", &format!("{reg}/{repo_path}")).await;
+    app.channel("acme", "stable").await;
+    let (s, b) = app
+        .post(
+            "/v1/products/acme/releases",
+            &app.admin,
+            json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:1.0.0")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let promote = |body: Value| {
+        app.post(
+            "/v1/products/acme/channels/stable/promote",
+            &app.admin,
+            body,
+        )
+    };
+    for (body, want) in [
+        (json!({"version": "1.0.0"}), 10.0),
+        (json!({"version": "1.0.0", "percent": 100}), 100.0),
+        (json!({"version": "1.0.0", "percent": null}), 10.0),
+        (json!({"version": "1.0.0", "percent": 0}), 0.0),
+    ] {
+        let (s, c) = promote(body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{body}: {c}");
+        assert_eq!(c["rollout"]["percent"].as_f64(), Some(want), "{body}: {c}");
+    }
+    // A ramp starting at the default: it may not go below 10.
+    let (s, c) =
+        promote(json!({"version": "1.0.0", "ramp": {"to_percent": 5, "over_minutes": 10}})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{c}");
+    let (s, c) =
+        promote(json!({"version": "1.0.0", "ramp": {"to_percent": 50, "over_minutes": 10}})).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["rollout"]["ramp"]["from_percent"], 10.0);
+}
+
+/// A publisher token reads its own product's channels (one, all, history,
+/// stats) and releases, and nothing of another product's, nor fleet-wide or
+/// admin-only data.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn publisher_reads_its_own_channels(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    app.product("acme", "r.example/acme").await;
+    app.product("other", "r.example/other").await;
+    for p in ["acme", "other"] {
+        app.channel(p, "stable").await;
+    }
+    let ci = app.publisher(&["acme"]).await;
+    for (product, want) in [("acme", StatusCode::OK), ("other", StatusCode::FORBIDDEN)] {
+        for path in [
+            format!("/v1/products/{product}/channels"),
+            format!("/v1/products/{product}/channels/stable"),
+            format!("/v1/products/{product}/channels/stable/history"),
+            format!("/v1/products/{product}/channels/stable/stats"),
+            format!("/v1/products/{product}/releases"),
+        ] {
+            let (s, b) = app.get(&path, &ci).await;
+            assert_eq!(s, want, "{path}: {b}");
+            if want == StatusCode::FORBIDDEN {
+                assert!(
+                    b["detail"]
+                        .as_str()
+                        .unwrap()
+                        .contains("only its own products (acme)"),
+                    "{b}"
+                );
+            }
+        }
+    }
+    let (_, c) = app.get("/v1/products/acme/channels/stable", &ci).await;
+    assert_eq!(c["name"], "stable");
+    // An unknown product is refused the same way as another's: no hint it exists.
+    let (s, _) = app.get("/v1/products/nope/channels/stable", &ci).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Still not: fleet-wide and admin-only reads.
+    for path in [
+        "/v1/products",
+        "/v1/products/acme",
+        "/v1/devices",
+        "/v1/audit",
+        "/v1/tokens",
+    ] {
+        let (s, b) = app.get(path, &ci).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}: {b}");
+    }
+}
+
+/// A `warnings` array in the answer to publish or promote is printed on
+/// stderr, one `warning:` line each, after the answer on stdout. The server
+/// here is a stub that answers every request with the same JSON.
+#[tokio::test]
+async fn warnings_go_to_stderr() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let answer = json!({"name": "stable", "head": "1.4.0", "base": null, "version": "1.4.0",
+        "rollout": {"percent": 10.0, "ramp": null},
+        "warnings": ["no device on stable runs 1.3.0", "the gate is off"]})
+    .to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read the head and the body its Content-Length announces.
+                loop {
+                    let n = conn.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                conn.write_all(response.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    for args in [
+        &[
+            "release",
+            "publish",
+            "--product",
+            "acme",
+            "--version",
+            "1.4.0",
+            "--image",
+            "r.example/acme:1.4.0",
+        ][..],
+        &[
+            "channel",
+            "promote",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--version",
+            "1.4.0",
+        ],
+    ] {
+        let r = sluice(&url, "t", args).await;
+        assert_eq!(r.code, 0, "{args:?}: {}", r.err);
+        assert_eq!(
+            r.err, "warning: no device on stable runs 1.3.0\nwarning: the gate is off\n",
+            "{args:?}"
+        );
+        assert!(r.out.contains("1.4.0"), "{args:?}: {}", r.out);
+    }
+}
