@@ -1209,11 +1209,15 @@ async fn failures(
     device: Option<Uuid>,
 ) -> Result<Failures> {
     Ok(sqlx::query!(
-        r#"SELECT DISTINCT ON (e.device_id, e.version) e.device_id, e.version AS "version!", e.kind, e.at
-           FROM device_events e JOIN devices d ON d.id = e.device_id
-           WHERE d.product_id = $1 AND d.channel = $2 AND ($3::uuid IS NULL OR d.id = $3)
-             AND e.kind IN ('failed', 'rolled_back') AND e.version IS NOT NULL
-           ORDER BY e.device_id, e.version, e.id DESC"#,
+        // The latest outcome per device and version: a failure cleared since
+        // (`failure_cleared`, an admin's retry or clear-failed) no longer counts.
+        r#"SELECT device_id AS "device_id!", version AS "version!", kind AS "kind!", at AS "at!" FROM (
+             SELECT DISTINCT ON (e.device_id, e.version) e.device_id, e.version, e.kind, e.at
+             FROM device_events e JOIN devices d ON d.id = e.device_id
+             WHERE d.product_id = $1 AND d.channel = $2 AND ($3::uuid IS NULL OR d.id = $3)
+               AND e.kind IN ('failed', 'rolled_back', 'failure_cleared') AND e.version IS NOT NULL
+             ORDER BY e.device_id, e.version, e.id DESC) latest
+           WHERE kind IN ('failed', 'rolled_back')"#,
         product_id,
         channel,
         device
@@ -1276,7 +1280,7 @@ pub async fn head_status_of(
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn channel_head_status(
     State(state): State<AppState>,
-    _v: Viewer,
+    _v: ProductReader,
     Path((product, channel)): Path<(String, String)>,
 ) -> Result<Json<ChannelHeadStatus>> {
     let p = crate::products::load(&state.db, &product).await?;
