@@ -63,7 +63,17 @@ export class Sluice {
     const headers = {};
     if (token) headers.authorization = `Bearer ${token}`;
     if (body !== undefined) headers["content-type"] = "application/json";
-    const r = await fetch(this.url + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    let r;
+    // A server that limits the rate (enrollments per address: the demo and
+    // the browser tests enroll dozens of devices from one) says when to come
+    // back: wait as told, a bounded number of times.
+    for (let attempt = 0; ; attempt++) {
+      r = await fetch(this.url + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+      if (r.status !== 429 || attempt >= 20) break;
+      const wait = Number(r.headers.get("retry-after")) || 5;
+      await r.text();
+      await new Promise((done) => setTimeout(done, Math.min(wait, 30) * 1000));
+    }
     const text = await r.text();
     let parsed = null;
     try {
