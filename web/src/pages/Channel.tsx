@@ -208,7 +208,7 @@ function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: st
         const c = await unwrap(
           api.POST("/v1/products/{product}/channels/{channel}/promote", {
             params: { path: { product, channel: channel.name } },
-            body: { version: v, percent: num(percent), ramp },
+            body: { version: v, percent: num(percent) ?? null, ramp },
           }),
         );
         warn(c.warnings);
