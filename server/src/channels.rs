@@ -1042,7 +1042,7 @@ pub struct ChannelHeadStatus {
 /// A product's releases as the rules see them.
 struct ProductRules {
     rels: Vec<rollout::Rel>,
-    archs: Vec<Vec<String>>,
+    archs: Vec<Vec<(String, Option<String>)>>,
     by_id: std::collections::HashMap<Uuid, usize>,
     by_version: std::collections::HashMap<String, usize>,
     by_digest: std::collections::HashMap<String, usize>,
@@ -1080,7 +1080,7 @@ async fn product_rules(db: &mut PgConnection, product_id: Uuid) -> Result<Produc
             row.platforms
                 .0
                 .into_iter()
-                .map(|p| p.architecture)
+                .map(|p| (p.architecture, p.variant))
                 .collect(),
         );
         r.rels.push(rollout::Rel {
@@ -1090,6 +1090,15 @@ async fn product_rules(db: &mut PgConnection, product_id: Uuid) -> Result<Produc
         });
     }
     Ok(r)
+}
+
+impl ProductRules {
+    /// Whether release `i` has an image a device asking for `arch` is
+    /// offered: the same fit resolve uses (`registry::fits`).
+    fn fits(&self, i: usize, arch: &str) -> bool {
+        crate::registry::best_fit(&self.archs[i], arch, |(a, v)| (a.as_str(), v.as_deref()))
+            .is_some()
+    }
 }
 
 /// The device columns the explanation needs.
@@ -1178,10 +1187,10 @@ fn device_head_status(
     };
     let facts = rollout::Facts {
         arch: d.arch.clone(),
-        head_has_arch: head_idx.is_none_or(|i| rules.archs[i].contains(&d.arch)),
+        head_has_arch: head_idx.is_none_or(|i| rules.fits(i, &d.arch)),
         failed_head: c.head.as_deref().and_then(failed),
         // An image pin carries its own platforms; it is explained as a pin first.
-        target_has_arch: target_idx.is_none_or(|i| rules.archs[i].contains(&d.arch)),
+        target_has_arch: target_idx.is_none_or(|i| rules.fits(i, &d.arch)),
         failed_target: failed(&target_name),
         updating: matches!(d.status.as_str(), "downloading" | "applying" | "rebooting")
             && d.status_version.as_deref() == Some(target_name.as_str()),
