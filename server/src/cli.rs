@@ -807,6 +807,60 @@ impl Command for DeviceAction {
     }
 }
 
+/// `sluice device retry <id>`.
+#[derive(Debug, Args)]
+pub struct DeviceRetry {
+    #[command(flatten)]
+    remote: Remote,
+    /// The device id.
+    id: uuid::Uuid,
+    /// Only the failures of this release version.
+    #[arg(long, conflicts_with = "digest")]
+    version: Option<String>,
+    /// Only this image digest (`sha256:...`).
+    #[arg(long)]
+    digest: Option<String>,
+}
+
+impl Command for DeviceRetry {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let mut body = json!({});
+        if let Some(v) = &self.version {
+            body["version"] = json!(v);
+        }
+        if let Some(d) = &self.digest {
+            body["digest"] = json!(d);
+        }
+        let id = self.id.to_string();
+        Ok(Request::new(
+            Method::POST,
+            &["v1", "devices", &id, "retry"],
+            Some(body),
+        ))
+    }
+    fn output(&self, answer: Value) -> String {
+        let lines: Vec<String> = answer["retry"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|f| match f["version"].as_str() {
+                        Some(v) => format!("{v} ({})", text(&f["digest"])),
+                        None => text(&f["digest"]),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        format!(
+            "device {} will try again at its next check-in: {}",
+            self.id,
+            lines.join(", ")
+        )
+    }
+}
+
 /// `sluice login`: prints only the token, for `export SLUICE_TOKEN=$(sluice login ...)`.
 #[derive(Debug, Args)]
 pub struct Login {
@@ -1235,6 +1289,39 @@ impl Command for ReleaseShow {
             out += &table(&["PLATFORM", "BYTES", "DIGEST", "SIGNED BY"], &rows);
         }
         out
+    }
+}
+
+/// `sluice channel create`.
+#[derive(Debug, Args)]
+pub struct ChannelCreate {
+    #[command(flatten)]
+    remote: Remote,
+    /// The product.
+    #[arg(long)]
+    product: String,
+    /// The channel's name (`stable`, `beta`): 1–63 lowercase letters, digits
+    /// and dashes.
+    name: String,
+    /// A line about it.
+    #[arg(long)]
+    description: Option<String>,
+}
+
+impl Command for ChannelCreate {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+    fn request(&self) -> Result<Request, Failure> {
+        let mut body = json!({"name": self.name});
+        if let Some(d) = &self.description {
+            body["description"] = json!(d);
+        }
+        Ok(Request::new(
+            Method::POST,
+            &["v1", "products", &self.product, "channels"],
+            Some(body),
+        ))
     }
 }
 

@@ -84,6 +84,9 @@ enum DeviceCommand {
     Reset(cli::DeviceAction),
     /// Delete a device and its events; its machine id may enroll again as a new device.
     Delete(cli::DeviceAction),
+    /// Let a device try again a release it reported as failed or rolled back
+    /// (all of them, or one --version or --digest).
+    Retry(cli::DeviceRetry),
 }
 
 #[derive(Subcommand)]
@@ -110,6 +113,9 @@ enum ReleaseCommand {
 
 #[derive(Subcommand)]
 enum ChannelCommand {
+    /// Make a channel in a product; it has no head until a release is
+    /// published into it or promoted.
+    Create(cli::ChannelCreate),
     /// Show a channel: head, base, rollout, health gate, devices by version.
     Show(cli::ChannelShow),
     /// Make a release the channel's head; the old head becomes its base.
@@ -189,6 +195,7 @@ fn client_command(command: Command) -> Result<Box<dyn cli::Command>, Box<Command
             ReleaseCommand::Show(c) => Box::new(c),
         },
         Command::Channel { command } => match command {
+            ChannelCommand::Create(c) => Box::new(c),
             ChannelCommand::Show(c) => Box::new(c),
             ChannelCommand::Promote(c) => Box::new(c),
             ChannelCommand::Rollout(c) => Box::new(c),
@@ -216,6 +223,7 @@ fn client_command(command: Command) -> Result<Box<dyn cli::Command>, Box<Command
             DeviceCommand::Revoke(c) => Box::new(c.with_action("revoke")),
             DeviceCommand::Reset(c) => Box::new(c.with_action("reset")),
             DeviceCommand::Delete(c) => Box::new(c.with_action("delete")),
+            DeviceCommand::Retry(c) => Box::new(c),
         },
         Command::Login(c) => Box::new(c),
         other => return Err(Box::new(other)),

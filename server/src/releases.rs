@@ -108,19 +108,29 @@ pub async fn stranded(
     version: &str,
     channel: Option<&str>,
 ) -> Result<Vec<String>> {
-    let rows = sqlx::query!(
+    let platforms = sqlx::query_scalar!(
+        r#"SELECT platforms AS "platforms: SqlJson<Vec<PlatformImage>>" FROM releases WHERE id = $1"#,
+        release_id
+    )
+    .fetch_one(db)
+    .await?
+    .0;
+    // Which devices the release reaches is decided the way resolve decides it
+    // (`registry::fits`: a device naming a variant is served an image without
+    // one), so the check runs here rather than as SQL string equality.
+    let rows: Vec<_> = sqlx::query!(
         r#"SELECT d.arch, d.channel, count(*) AS "count!" FROM devices d
            WHERE d.product_id = $1 AND ($2::text IS NULL OR d.channel = $2)
              AND d.revoked_at IS NULL AND d.pin_version IS NULL AND d.pin_image IS NULL
-             AND NOT EXISTS (SELECT 1 FROM releases r, jsonb_array_elements(r.platforms) pl
-                             WHERE r.id = $3 AND pl ->> 'architecture' = d.arch)
            GROUP BY d.arch, d.channel ORDER BY d.arch, d.channel"#,
         product_id,
-        channel,
-        release_id
+        channel
     )
     .fetch_all(db)
-    .await?;
+    .await?
+    .into_iter()
+    .filter(|r| !platforms.iter().any(|p| p.fits(&r.arch).is_some()))
+    .collect();
     let devices = |n: i64| {
         if n == 1 {
             "1 device".to_string()

@@ -139,7 +139,31 @@ async fn products(pool: PgPool) {
         .await
         .fails(5, "product nope not found (HTTP 404)");
 
-    app.channel("acme", "stable").await;
+    let channel = admin(&[
+        "channel",
+        "create",
+        "--product",
+        "acme",
+        "stable",
+        "--description",
+        "what customers run",
+    ])
+    .await
+    .json();
+    assert_eq!(
+        (&channel["name"], &channel["description"], &channel["head"]),
+        (&json!("stable"), &json!("what customers run"), &Value::Null),
+        "{channel}"
+    );
+    admin(&["channel", "create", "--product", "acme", "stable"])
+        .await
+        .fails(
+            4,
+            "channel stable already exists in product acme (HTTP 409)",
+        );
+    admin(&["channel", "create", "--product", "nope", "beta"])
+        .await
+        .fails(5, "product nope not found (HTTP 404)");
     // The secret cannot be shown, only replaced, and only when asked to.
     let r = admin(&["product", "enrollment-secret", "acme"]).await;
     r.fails(2, "--rotate");
@@ -822,4 +846,86 @@ async fn warnings_go_to_stderr() {
         );
         assert!(r.out.contains("1.4.0"), "{args:?}: {}", r.out);
     }
+}
+
+/// `sluice device retry`: clears what the device reported as failed, all of
+/// it or one version, says what it cleared, and refuses when nothing failed.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn device_retry(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let secret = app.product("acme", "r.example/acme/os").await;
+    app.channel("acme", "stable").await;
+    let (id, token) = app.enroll("acme", &secret, "m-1", "stable").await;
+    let (d1, d2) = (
+        format!("sha256:{}", "1".repeat(64)),
+        format!("sha256:{}", "2".repeat(64)),
+    );
+    for (version, digest) in [("1.1.0", &d1), ("1.2.0", &d2)] {
+        let (s, b) = app
+            .post(
+                &format!("/v1/devices/{id}/events"),
+                &token,
+                json!({"kind": "rolled_back", "version": version, "digest": digest}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    }
+    let admin = |args: Vec<&str>| {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (url, token) = (app.url.clone(), app.admin.clone());
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            sluice(&url, &token, &args).await
+        }
+    };
+
+    let r = admin(vec!["device", "retry", &id, "--version", "1.2.0"]).await;
+    assert_eq!(
+        r.ok(),
+        format!("device {id} will try again at its next check-in: 1.2.0 ({d2})\n")
+    );
+    // The next answer carries the digest to forget; 1.1.0 stays failed.
+    let (s, b) = app
+        .get(
+            "/v1/products/acme/channels/stable/resolve?arch=amd64&nonce=retry-nonce-1",
+            &token,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["retry"], json!([d2]), "{b}");
+    let r = admin(vec!["device", "retry", &id]).await;
+    assert!(r.ok().contains(&format!("1.1.0 ({d1})")), "{}", r.out);
+
+    admin(vec!["device", "retry", &id, "--version", "9.9.9"])
+        .await
+        .fails(4, "has no failed release 9.9.9 to try again (it reported none, or cleared it since) (HTTP 409)");
+    admin(vec!["device", "retry", &id, "--digest", "sha256:short"])
+        .await
+        .fails(5, "digest must be `sha256:<64 hex>`");
+    admin(vec![
+        "device",
+        "retry",
+        &id,
+        "--version",
+        "1.1.0",
+        "--digest",
+        &d1,
+    ])
+    .await
+    .fails(2, "cannot be used with");
+    admin(vec!["device", "retry", "not-a-uuid"])
+        .await
+        .fails(2, "invalid value");
+    // Audited with the admin's name.
+    let (_, audit) = app.get("/v1/audit", &app.admin).await;
+    assert_eq!(
+        audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "device.retry")
+            .count(),
+        2,
+        "{audit}"
+    );
 }

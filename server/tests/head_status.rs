@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 struct Dev {
     id: String,
     token: String,
+    arch: String,
 }
 
 async fn enroll(app: &TestApp, secret: &str, machine: &str, arch: &str, digest: &str) -> Dev {
@@ -34,6 +35,7 @@ async fn enroll(app: &TestApp, secret: &str, machine: &str, arch: &str, digest: 
     Dev {
         id: b["device_id"].as_str().unwrap().into(),
         token: b["token"].as_str().unwrap().into(),
+        arch: arch.into(),
     }
 }
 
@@ -109,11 +111,14 @@ async fn head_status_explains_what_resolve_does(pool: PgPool) {
     let (d100, _) = images::push_image(&reg, &repo, "1.0.0").await;
     let (d110, _) = images::push_image(&reg, &repo, "1.1.0").await;
 
-    // 20 amd64 devices on 1.0.0, and 2 arm64 ones (1.0.0 has no arm64 image:
-    // they say they run it anyway, as a device flashed by hand would).
+    // 20 amd64 devices on 1.0.0 (the last names a variant, `amd64/v3`,
+    // which the images' variant-less amd64 serves), and 2 arm64 ones (1.0.0
+    // has no arm64 image: they say they run it anyway, as a device flashed by
+    // hand would).
     let mut amd = Vec::new();
     for i in 0..20 {
-        amd.push(enroll(&app, &secret, &format!("amd-{i}"), "amd64", &d100).await);
+        let arch = if i == 19 { "amd64/v3" } else { "amd64" };
+        amd.push(enroll(&app, &secret, &format!("amd-{i}"), arch, &d100).await);
     }
     let arm = [
         enroll(&app, &secret, "arm-0", "arm64", &d100).await,
@@ -169,7 +174,7 @@ async fn head_status_explains_what_resolve_does(pool: PgPool) {
         let before = head_status(&app, d).await;
         assert_eq!(before["on_head"], false, "{before}");
         assert_eq!(before["head"], "1.1.0");
-        let r = resolve(&app, d, "amd64", &d100).await;
+        let r = resolve(&app, d, &d.arch, &d100).await;
         let offered = r["update"] == true && r["release"]["version"] == "1.1.0";
         match before["reason"].as_str().unwrap() {
             "outside_cohort" => {
@@ -206,7 +211,7 @@ async fn head_status_explains_what_resolve_does(pool: PgPool) {
     // The arm64 devices: the head has no image for them.
     let s = head_status(&app, &arm[0]).await;
     let offered_to_arm = {
-        let r = resolve(&app, &arm[0], "arm64", &d100).await;
+        let r = resolve(&app, &arm[0], &arm[0].arch, &d100).await;
         r["update"] == true
     };
     assert!(!offered_to_arm);
