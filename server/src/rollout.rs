@@ -408,6 +408,34 @@ pub fn explain(i: &Input<'_>, d: &Decision<'_>, why: Why, facts: &Facts) -> Expl
         }
         Rule::Paused | Rule::OutsideCohort | Rule::OnHead | Rule::Admitted => {}
     }
+    // The same three reasons hold for the head and, once the device is in
+    // the cohort, for the release it is offered instead (its target).
+    let newer_than = |release: &str| {
+        say(
+            HeadReason::NewerThanHead,
+            format!(
+                "Runs {current}, newer than {release}: devices never move down unless the channel is rolled back."
+            ),
+        )
+    };
+    let no_platform = |release: &str| {
+        say(
+            HeadReason::NoPlatform,
+            format!(
+                "{release} has no image for {arch}: the device stays on {current}. Publish a release with a {arch} image.",
+                arch = facts.arch
+            ),
+        )
+    };
+    let failed_before = |release: &str, (kind, at): &(String, String)| {
+        say(
+            HeadReason::FailedBefore,
+            format!(
+                "It reported {release} as {} at {at}: the agent does not install a release that failed on it again. Fix the release and publish a new version.",
+                kind.replace('_', " ")
+            ),
+        )
+    };
     // What keeps a device off the head whatever the percent comes first: a
     // newer version, no image for it, a failure the agent will not retry.
     let newer = i
@@ -415,30 +443,13 @@ pub fn explain(i: &Input<'_>, d: &Decision<'_>, why: Why, facts: &Facts) -> Expl
         .zip(i.head)
         .is_some_and(|(c, h)| c.version > h.version);
     if why.held && newer {
-        return say(
-            HeadReason::NewerThanHead,
-            format!(
-                "Runs {current}, newer than the head {head}: devices never move down unless the channel is rolled back."
-            ),
-        );
+        return newer_than(&format!("the head {head}"));
     }
     if !facts.head_has_arch {
-        return say(
-            HeadReason::NoPlatform,
-            format!(
-                "{head} has no image for {arch}: the device stays on {current}. Publish a release with a {arch} image.",
-                arch = facts.arch
-            ),
-        );
+        return no_platform(&head);
     }
-    if let Some((kind, at)) = &facts.failed_head {
-        return say(
-            HeadReason::FailedBefore,
-            format!(
-                "It reported {head} as {} at {at}: the agent does not install a release that failed on it again. Fix the release and publish a new version.",
-                kind.replace('_', " ")
-            ),
-        );
+    if let Some(failed) = &facts.failed_head {
+        return failed_before(&head, failed);
     }
     match why.rule {
         Rule::Paused => {
@@ -470,30 +481,13 @@ pub fn explain(i: &Input<'_>, d: &Decision<'_>, why: Why, facts: &Facts) -> Expl
         _ => {}
     }
     if why.held {
-        return say(
-            HeadReason::NewerThanHead,
-            format!(
-                "Runs {current}, newer than {target}: devices never move down unless the channel is rolled back."
-            ),
-        );
+        return newer_than(&target);
     }
     if d.target.is_some() && !facts.target_has_arch {
-        return say(
-            HeadReason::NoPlatform,
-            format!(
-                "{target} has no image for {}: the device stays on {current}. Publish a release with a {} image.",
-                facts.arch, facts.arch
-            ),
-        );
+        return no_platform(&target);
     }
-    if let Some((kind, at)) = &facts.failed_target {
-        return say(
-            HeadReason::FailedBefore,
-            format!(
-                "It reported {target} as {} at {at}: the agent does not install a release that failed on it again. Fix the release and publish a new version.",
-                kind.replace('_', " ")
-            ),
-        );
+    if let Some(failed) = &facts.failed_target {
+        return failed_before(&target, failed);
     }
     if why.floor {
         return say(
