@@ -7,7 +7,7 @@
 //! (the error travels with the layer's last message).
 
 use crate::registry::{Descriptor, ImageRef, Registry};
-use crate::unpack::{Compression, layer_compression};
+use crate::unpack::layer_compression;
 use std::io::Read;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
@@ -138,13 +138,9 @@ fn produce(
                 return;
             }
         };
-        let result = {
-            let mut reader: Box<dyn Read + '_> = match compression {
-                Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut blob)),
-                Compression::None => Box::new(&mut blob),
-            };
-            pump(&mut reader, tx, free)
-        };
+        let result = compression
+            .decoder(&mut blob)
+            .and_then(|mut reader| pump(&mut reader, tx, free));
         let result = match result {
             Ok(true) => blob.finish(),
             Ok(false) => return,

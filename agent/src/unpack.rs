@@ -86,7 +86,7 @@ pub enum UnpackError {
     )]
     TooManyHeld(usize),
     /// A layer media type Sluice does not unpack.
-    #[error("layer media type {0:?} is not supported: publish gzip or plain tar layers")]
+    #[error("layer media type {0:?} is not supported: publish gzip, zstd or plain tar layers")]
     UnsupportedMedia(String),
     /// The tar stream or the slot failed.
     #[error("{what}: {source}")]
@@ -113,19 +113,72 @@ impl UnpackError {
 pub enum Compression {
     /// `tar+gzip`.
     Gzip,
+    /// `tar+zstd`, `zstd:chunked` included (a plain zstd decoder skips its
+    /// table of contents, which sits in skippable frames).
+    Zstd,
     /// Plain `tar`.
     None,
 }
 
-/// The compression of a layer media type; unknown and zstd layers are refused.
+/// The largest zstd window a layer may use, as a power of two: 32 MiB. The
+/// `zstd` CLI's levels 1–19 use at most 8 MiB; skopeo's `zstd:chunked`
+/// writer declares 32 MiB for its streamed frames. The decoder keeps one
+/// window in memory, so a layer made with `--long=27` or `--ultra` (up to
+/// 2 GiB) is refused rather than allowed to take the device's memory.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 25;
+
+/// The compression of a layer media type; unknown encodings are refused.
 pub fn layer_compression(media_type: &str) -> Result<Compression, UnpackError> {
     match media_type {
         "application/vnd.oci.image.layer.v1.tar+gzip"
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Ok(Compression::Zstd),
         "application/vnd.oci.image.layer.v1.tar"
         | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Compression::None),
         other => Err(UnpackError::UnsupportedMedia(other.to_string())),
+    }
+}
+
+impl Compression {
+    /// `blob` decompressed: gzip members one after the other, zstd frames
+    /// one after the other (skippable frames skipped) with a window of at
+    /// most [`ZSTD_WINDOW_LOG_MAX`].
+    pub fn decoder<'a, R: Read + 'a>(self, blob: R) -> std::io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
+            Compression::Zstd => {
+                let mut d = zstd::stream::read::Decoder::new(blob)?;
+                d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+                Box::new(ZstdErrors(d))
+            }
+            Compression::None => Box::new(blob),
+        })
+    }
+}
+
+/// Names the one libzstd error a person cannot act on ("Frame requires too
+/// much memory for decoding": the window); every other error, the blob's
+/// own (digest, size, timeout) included, passes unchanged.
+struct ZstdErrors<R>(R);
+
+impl<R: Read> Read for ZstdErrors<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            if e.get_ref().is_some() && e.to_string().contains("too much memory") {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the zstd layer needs a window larger than {} MiB ({e}): \
+                         compress it without --long or --ultra",
+                        (1u64 << ZSTD_WINDOW_LOG_MAX) >> 20
+                    ),
+                )
+            } else {
+                e
+            }
+        })
     }
 }
 
@@ -671,16 +724,17 @@ impl Unpacker {
     }
 
     /// Applies one layer as stored in a registry, by media type: gzip (also
-    /// multi-member) or plain tar; zstd and other encodings are refused.
+    /// multi-member), zstd (also `zstd:chunked`, read whole) or plain tar;
+    /// other encodings are refused.
     pub fn apply_blob<R: Read>(
         &mut self,
         media_type: &str,
         blob: R,
     ) -> Result<LayerStats, UnpackError> {
-        match layer_compression(media_type)? {
-            Compression::Gzip => self.apply(flate2::read::MultiGzDecoder::new(blob)),
-            Compression::None => self.apply(blob),
-        }
+        let reader = layer_compression(media_type)?
+            .decoder(blob)
+            .map_err(|e| UnpackError::io("starting the zstd decoder", e))?;
+        self.apply(reader)
     }
 
     /// Once every layer applied is verified: gives set-id files, files with

@@ -307,6 +307,53 @@ fn upgrade_into_dir_slot_then_healthy() {
     assert_eq!(dev.reboot(), Slot::B);
 }
 
+/// The same image pushed the way podman, buildah and skopeo push it with
+/// zstd (`--dest-compress-format zstd`, and `zstd:chunked`, whose table of
+/// contents sits in skippable frames a plain decoder passes over) upgrades
+/// to the same tree as its gzip original, one after the other on one device.
+#[test]
+fn zstd_images_from_skopeo_upgrade_to_the_same_tree() {
+    let f = fake();
+    let r = start(f.clone());
+    let gzip = push_image(&os_layers(), None);
+    let expected = umoci_tree(&gzip);
+    let dev = device(&f, &r, true, "dir");
+    ok(&dev.run(&["enroll"]));
+    let mut version = 2;
+    for format in ["zstd", "zstd:chunked"] {
+        let pushed = common::recompress(&gzip, format);
+        let m: serde_json::Value = serde_json::from_slice(&pushed.manifest).unwrap();
+        let layers = m["layers"].as_array().unwrap();
+        assert!(
+            layers
+                .iter()
+                .all(|l| l["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"),
+            "{m}"
+        );
+        if format == "zstd:chunked" {
+            assert!(
+                layers[0]["annotations"]["io.containers.zstd-chunked.manifest-checksum"]
+                    .is_string(),
+                "skopeo wrote no table of contents: {m}"
+            );
+        }
+        let v = format!("{version}.0.0");
+        version += 1;
+        f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, &v));
+        f.answer.lock().unwrap().serial += 1;
+        let out = ok(&dev.run(&["apply"]));
+        assert!(out.contains(&format!("applied {v}")), "{format}: {out}");
+        let slot = dev.reboot();
+        assert_eq!(
+            tree(&dev.path(&slot.to_string().to_lowercase())),
+            expected,
+            "{format}: the slot differs from umoci's unpack of the gzip image"
+        );
+        ok(&dev.run(&["mark-good"]));
+        assert_eq!(r.events().last().unwrap(), "healthy", "{format}");
+    }
+}
+
 /// A failing health check: `failed` reported, B marked bad, reboot; GRUB
 /// falls back to A, where the agent reports `rolled_back`.
 #[test]
