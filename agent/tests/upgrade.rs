@@ -319,8 +319,7 @@ fn zstd_images_from_skopeo_upgrade_to_the_same_tree() {
     let expected = umoci_tree(&gzip);
     let dev = device(&f, &r, true, "dir");
     ok(&dev.run(&["enroll"]));
-    let mut version = 2;
-    for format in ["zstd", "zstd:chunked"] {
+    for (major, format) in [(2, "zstd"), (3, "zstd:chunked")] {
         let pushed = common::recompress(&gzip, format);
         let m: serde_json::Value = serde_json::from_slice(&pushed.manifest).unwrap();
         let layers = m["layers"].as_array().unwrap();
@@ -337,8 +336,7 @@ fn zstd_images_from_skopeo_upgrade_to_the_same_tree() {
                 "skopeo wrote no table of contents: {m}"
             );
         }
-        let v = format!("{version}.0.0");
-        version += 1;
+        let v = format!("{major}.0.0");
         f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, &v));
         f.answer.lock().unwrap().serial += 1;
         let out = ok(&dev.run(&["apply"]));
