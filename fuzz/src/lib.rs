@@ -54,9 +54,13 @@ pub const GZIP_GIVEN: u8 = 2;
 pub const TWO_LAYERS: u8 = 4;
 /// Flag bit: keep owners from the layer (only when running as root).
 pub const PRESERVE_OWNER: u8 = 8;
+/// Flag bit: each layer is a zstd stream as given (frames, skippable frames,
+/// window sizes; without [`GZIP_HERE`] or [`GZIP_GIVEN`]).
+pub const ZSTD_GIVEN: u8 = 16;
 
 const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 const SECRET: &[u8] = b"outside the slot";
 
 /// Input: one flag byte, then the layer(s). Applies them into a fresh slot
@@ -101,6 +105,8 @@ pub fn unpack_layer(data: &[u8]) {
             unpacker.apply_blob(TAR_GZIP, &gz.finish().unwrap()[..])
         } else if flags & GZIP_GIVEN != 0 {
             unpacker.apply_blob(TAR_GZIP, layer)
+        } else if flags & ZSTD_GIVEN != 0 {
+            unpacker.apply_blob(TAR_ZSTD, layer)
         } else {
             unpacker.apply_blob(TAR, layer)
         };
