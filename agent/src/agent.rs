@@ -8,8 +8,10 @@
 //! slot is not known good (on trial, or marked bad).
 
 use crate::bootloader::{AbState, GrubEnv, Slot};
+use crate::chunked::Toc;
 use crate::config::Config;
 use crate::failpoint;
+use crate::pipeline::Partial;
 use crate::registry::{ImageRef, Registry};
 use crate::server::{Expect, Server, check_offer};
 use crate::state::{Credentials, Step, Store, Target, UpdateState};
@@ -520,6 +522,111 @@ impl Device {
             crate::unpack::layer_compression(&layer.media_type)
                 .map_err(|e| blob_error(e, &layer.digest))?;
         }
+        // What the running slot holds, for partial pulls of zstd:chunked
+        // layers. The slot about to be written loses its index first: it
+        // must never describe a half-written slot.
+        let index_path = |s: Slot| self.cfg.state_dir.join(format!("contents-{s}.json"));
+        crate::fsutil::remove_durably(&index_path(slot))
+            .with_context(|| format!("removing {}", index_path(slot).display()))?;
+        let tocs = self.tables_of_contents(&registry, &image, &manifest);
+        let booted_root = if self.cfg.registry.partial_pulls && tocs.iter().any(Option::is_some) {
+            open_root(self.cfg.booted_root(slot.other()))
+        } else {
+            None
+        };
+        let index = crate::chunked::Index::load(&index_path(slot.other()));
+        let partial = |tocs: &[Option<Toc>]| {
+            tocs.iter()
+                .map(|t| {
+                    let toc = t.clone()?;
+                    let plan = crate::chunked::plan(&toc, &index, booted_root.as_ref());
+                    Some(Partial {
+                        toc,
+                        plan,
+                        root: booted_root.as_ref(),
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut written = Err(anyhow::anyhow!("not written"));
+        if self.cfg.registry.partial_pulls && tocs.iter().any(Option::is_some) {
+            let plans = partial(&tocs);
+            let (mut copied, mut fetched, mut requests) = ((0, 0), (0, 0), 0);
+            for p in plans.iter().flatten() {
+                copied = (copied.0 + p.plan.copied.0, copied.1 + p.plan.copied.1);
+                fetched = (fetched.0 + p.plan.fetched.0, fetched.1 + p.plan.fetched.1);
+                requests += p.plan.requests.len();
+            }
+            crate::log(&format!(
+                "partial pull: {} files ({} bytes) copied from slot {}, {} files fetched in {requests} range requests ({} bytes)",
+                copied.0,
+                copied.1,
+                slot.other(),
+                fetched.0,
+                fetched.1
+            ));
+            written = self.write_layers(&registry, &image, &manifest, slot, plans);
+            if let Err(e) = &written {
+                crate::log(&format!(
+                    "partial pull failed ({e:#}): pulling the whole layers"
+                ));
+            }
+        }
+        if written.is_err() {
+            let none = manifest.layers.iter().map(|_| None).collect();
+            written = self.write_layers(&registry, &image, &manifest, slot, none);
+        }
+        written?;
+        if tocs.iter().any(Option::is_some) {
+            let index = crate::chunked::Index::from_tocs(tocs.iter().flatten());
+            let bytes = serde_json::to_vec(&index).context("encoding the contents index")?;
+            crate::fsutil::write_atomic(&index_path(slot), &bytes)
+                .with_context(|| format!("writing {}", index_path(slot).display()))?;
+        }
+        Ok(())
+    }
+
+    /// The checked tables of contents of the image's `zstd:chunked` layers
+    /// (`None` for other layers, and for one whose table cannot be had or
+    /// does not check out: that layer is pulled whole).
+    fn tables_of_contents(
+        &self,
+        registry: &Registry,
+        image: &ImageRef,
+        manifest: &crate::registry::Manifest,
+    ) -> Vec<Option<Toc>> {
+        manifest
+            .layers
+            .iter()
+            .map(|layer| {
+                let loc = crate::chunked::toc_location(layer)?;
+                let toc =
+                    loc.and_then(|loc| crate::chunked::fetch_toc(registry, image, layer, &loc));
+                match toc {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        crate::log(&format!(
+                            "layer {}: no partial pull ({e:#}): pulling it whole",
+                            layer.digest
+                        ));
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Empties `slot` and writes the image's layers into it: each layer
+    /// pulled whole, or made from its table of contents where `partial`
+    /// says. On failure the slot is emptied again.
+    fn write_layers(
+        &self,
+        registry: &Registry,
+        image: &ImageRef,
+        manifest: &crate::registry::Manifest,
+        slot: Slot,
+        partial: Vec<Option<Partial<'_>>>,
+    ) -> anyhow::Result<()> {
         let kind = self.cfg.slots.kind;
         let path = self.cfg.slot_path(slot);
         // Closed (0700) and emptied: it stays closed, and nothing in it is
@@ -540,16 +647,23 @@ impl Device {
             )?;
             // Download, digest and inflate on another thread, ahead of the
             // writes; layers are applied here, in order, each one ending
-            // only once its blob is verified.
-            crate::pipeline::with_layers(&registry, &image, &manifest.layers, |mut layers| {
-                for layer in &manifest.layers {
-                    let mut stream = layers.next_layer()?;
-                    unpacker
-                        .apply(&mut stream)
-                        .map_err(|e| blob_error(e, &layer.digest))?;
-                }
-                Ok(())
-            })?;
+            // only once its blob (or, pulled partially, each of its files)
+            // is verified.
+            crate::pipeline::with_layers(
+                registry,
+                image,
+                &manifest.layers,
+                partial,
+                |mut layers| {
+                    for layer in &manifest.layers {
+                        let mut stream = layers.next_layer()?;
+                        unpacker
+                            .apply(&mut stream)
+                            .map_err(|e| blob_error(e, &layer.digest))?;
+                    }
+                    Ok(())
+                },
+            )?;
             unpacker.commit()?;
             crate::slot::finish(kind, &root, path)
         })();
@@ -974,4 +1088,21 @@ impl Daemon {
 fn blob_error(e: crate::unpack::UnpackError, digest: &str) -> anyhow::Error {
     // A verification failure surfaces through the unpacker as an I/O error.
     anyhow::anyhow!("layer {digest}: {e}")
+}
+
+/// The running slot's root, opened to copy files from (`None`, and every
+/// file fetched, when it cannot be opened).
+fn open_root(path: &std::path::Path) -> Option<std::os::fd::OwnedFd> {
+    rustix::fs::open(
+        path,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| {
+        crate::log(&format!(
+            "partial pull: cannot open {}: {e}",
+            path.display()
+        ))
+    })
+    .ok()
 }

@@ -78,6 +78,11 @@ pub struct Slots {
     /// space of the file system the slot or its staging folder is on).
     #[serde(default)]
     pub max_unpacked_bytes: Option<u64>,
+    /// Where the running slot's files can be read, for partial pulls to
+    /// copy from. Default: the booted slot's path for `dir` slots, `/` for
+    /// `image` and `block` ones (the booted slot is the root file system).
+    #[serde(default)]
+    pub booted_root: Option<PathBuf>,
 }
 
 /// `[boot]`.
@@ -127,6 +132,15 @@ pub struct Registry {
     /// The slowest average download rate accepted, bytes a second.
     #[serde(default = "default_min_bytes_per_s")]
     pub min_bytes_per_s: u64,
+    /// Pull `zstd:chunked` layers partially: fetch only the files the
+    /// running slot lacks (every byte verified; any doubt means a full
+    /// pull). Default true.
+    #[serde(default = "default_true")]
+    pub partial_pulls: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for Registry {
@@ -136,6 +150,7 @@ impl Default for Registry {
             auth: None,
             mirrors: Default::default(),
             timeout_s: default_registry_timeout_s(),
+            partial_pulls: true,
             min_bytes_per_s: default_min_bytes_per_s(),
         }
     }
@@ -216,6 +231,16 @@ impl Config {
         match s {
             crate::bootloader::Slot::A => &self.slots.a,
             crate::bootloader::Slot::B => &self.slots.b,
+        }
+    }
+
+    /// Where the files of `booted`, the running slot, can be read
+    /// (`slots.booted_root`).
+    pub fn booted_root(&self, booted: crate::bootloader::Slot) -> &Path {
+        match (&self.slots.booted_root, self.slots.kind) {
+            (Some(p), _) => p,
+            (None, SlotKind::Dir) => self.slot_path(booted),
+            (None, _) => Path::new("/"),
         }
     }
 }

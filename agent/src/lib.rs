@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod bootloader;
+pub mod chunked;
 pub mod config;
 pub mod failpoint;
 pub mod fsutil;

@@ -6,9 +6,11 @@
 //! fails its digest or size check fails its layer exactly as when read inline
 //! (the error travels with the layer's last message).
 
+use crate::chunked::{ChunkedTar, Plan, Toc};
 use crate::registry::{Descriptor, ImageRef, Registry};
 use crate::unpack::layer_compression;
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 /// Bytes of decompressed tar per message.
@@ -93,20 +95,33 @@ impl Read for LayerStream<'_> {
     }
 }
 
+/// A layer pulled partially: its checked table of contents, the plan of
+/// what to copy and what to fetch, and the running slot's root to copy from.
+pub struct Partial<'a> {
+    /// The table of contents.
+    pub toc: Toc,
+    /// What comes from where.
+    pub plan: Plan,
+    /// The running slot's root (`None`: fetch everything).
+    pub root: Option<&'a OwnedFd>,
+}
+
 /// Runs `consume` on the layers of `manifest` while a scoped thread pulls,
-/// verifies and decompresses them in order. Media types must have been
-/// checked ([`layer_compression`]) before. When `consume` returns (or
-/// fails), the producer stops at its next chunk.
+/// verifies and decompresses them in order; a layer with a [`Partial`] is
+/// made from its table of contents instead ([`ChunkedTar`]). Media types
+/// must have been checked ([`layer_compression`]) before. When `consume`
+/// returns (or fails), the producer stops at its next chunk.
 pub fn with_layers<T>(
     registry: &Registry,
     image: &ImageRef,
     layers: &[Descriptor],
+    partial: Vec<Option<Partial<'_>>>,
     consume: impl FnOnce(Layers) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let (tx, rx) = sync_channel(DEPTH);
     let (free_tx, free_rx) = sync_channel(4);
     std::thread::scope(|s| {
-        s.spawn(move || produce(registry, image, layers, &tx, &free_rx));
+        s.spawn(move || produce(registry, image, layers, partial, &tx, &free_rx));
         // `Layers` owns the receiver: dropping it (when `consume` returns)
         // makes the producer's next send fail, so the scope can end.
         consume(Layers { rx, free: free_tx })
@@ -117,10 +132,28 @@ fn produce(
     registry: &Registry,
     image: &ImageRef,
     layers: &[Descriptor],
+    partial: Vec<Option<Partial<'_>>>,
     tx: &SyncSender<Msg>,
     free: &Receiver<Vec<u8>>,
 ) {
+    let mut partial = partial.into_iter();
     for layer in layers {
+        if let Some(p) = partial.next().flatten() {
+            if tx.send(Msg::Start(Ok(()))).is_err() {
+                return;
+            }
+            let mut tar = ChunkedTar::new(registry, image, layer, p.root, p.toc, p.plan);
+            let result = match pump(&mut tar, tx, free) {
+                Ok(true) => Ok(()),
+                Ok(false) => return,
+                Err(e) => Err(e),
+            };
+            let failed = result.is_err();
+            if tx.send(Msg::End(result)).is_err() || failed {
+                return;
+            }
+            continue;
+        }
         let mut blob = match registry.blob(image, layer) {
             Ok(b) => b,
             Err(e) => {

@@ -62,13 +62,17 @@ impl ImageRef {
 /// One layer of a manifest.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Descriptor {
-    /// Media type (gzip or plain tar).
+    /// Media type (gzip, zstd or plain tar).
     #[serde(rename = "mediaType")]
     pub media_type: String,
     /// Blob digest.
     pub digest: String,
     /// Declared size in bytes.
     pub size: u64,
+    /// Annotations (`zstd:chunked` layers say where their table of
+    /// contents is).
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 /// An image manifest (OCI or Docker schema 2).
@@ -305,6 +309,18 @@ impl Registry {
         accept: &str,
         size: u64,
     ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        self.get_range(r, url, accept, size, None)
+    }
+
+    /// [`Registry::get`], for the bytes `[start, end)` when `range` says.
+    fn get_range(
+        &self,
+        r: &ImageRef,
+        url: &str,
+        accept: &str,
+        size: u64,
+        range: Option<(u64, u64)>,
+    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
         let mut auth = self.basic(&r.host).map(|b| format!("Basic {b}"));
         for _ in 0..2 {
             let mut req = self
@@ -314,6 +330,9 @@ impl Registry {
                 .timeout_global(Some(self.deadline(size)))
                 .build()
                 .header("Accept", accept);
+            if let Some((start, end)) = range {
+                req = req.header("Range", &format!("bytes={start}-{}", end - 1));
+            }
             if let Some(a) = &auth {
                 req = req.header("Authorization", a);
             }
@@ -470,6 +489,73 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// The bytes `[start, end)` of a blob, by an HTTP range request. Only a
+    /// 206 answer whose `Content-Range` names exactly that range of a blob
+    /// of the declared size is read, and it must hold exactly that many
+    /// bytes; anything else is an error (the caller then pulls the whole
+    /// blob). The bytes are not verified here: the caller checks what they
+    /// decompress to.
+    pub fn range(
+        &self,
+        r: &ImageRef,
+        d: &Descriptor,
+        start: u64,
+        end: u64,
+    ) -> anyhow::Result<Box<dyn Read + Send>> {
+        if start >= end || end > d.size {
+            bail!(
+                "range {start}..{end} is outside blob {} ({} bytes)",
+                d.digest,
+                d.size
+            );
+        }
+        let url = format!("{}/blobs/{}", self.base(r), d.digest);
+        let resp = self.get_range(r, &url, "*/*", end - start, Some((start, end)))?;
+        if resp.status() != 206 {
+            bail!(
+                "registry answered {} to a range request for blob {} (partial pulls need 206)",
+                resp.status(),
+                d.digest
+            );
+        }
+        let want = format!("bytes {start}-{}/{}", end - 1, d.size);
+        let got = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if got != want {
+            bail!(
+                "registry answered Content-Range {got:?} for blob {}, not {want:?}",
+                d.digest
+            );
+        }
+        if let Some(len) = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            && len != (end - start).to_string()
+        {
+            bail!(
+                "registry answered {len} bytes for a {}-byte range of blob {}",
+                end - start,
+                d.digest
+            );
+        }
+        Ok(Box::new(Paced {
+            inner: resp.into_body().into_reader().take(end - start),
+            what: format!(
+                "registry {} too slow: {} bytes of blob {} did not arrive within {} s",
+                r.host,
+                end - start,
+                d.digest,
+                self.deadline(end - start).as_secs()
+            ),
+        }))
+    }
+}
+
 /// Says why a body read timed out: the slow-retrieval bound, not a network
 /// fault.
 struct Paced<R> {
@@ -534,6 +620,11 @@ impl<R: Read> Verified<R> {
             read: 0,
             done: false,
         }
+    }
+
+    /// The reader inside.
+    pub fn into_inner(self) -> R {
+        self.inner
     }
 
     /// Reads whatever is left and checks it; call after the consumer is done.

@@ -1077,3 +1077,376 @@ fn a_failed_release_is_held_back_until_cleared() {
         &serde_json::json!({"digests": [v2.digest], "by": "admin"})
     );
 }
+
+// ------------------------------------------------------------ partial pulls
+
+/// What the proxy between the agent and the registry does to answers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tamper {
+    /// Passes everything, counting the body bytes.
+    None,
+    /// Drops the `Range` header: the registry answers 200 with the whole blob.
+    NoRanges,
+    /// Rewrites `Content-Range` of every 206 to another range.
+    WrongContentRange,
+    /// Flips a byte in the middle of every 206 body of more than 64 bytes
+    /// (the table of contents excepted: its digest would refuse it).
+    FlipByte,
+    /// Sends every 206 body one byte short (with a matching length).
+    Short,
+}
+
+/// An HTTP proxy in front of the real registry, as a mirror the agent is
+/// told to pull from; counts the body bytes it passes and tampers as told.
+struct Proxy {
+    addr: String,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    ranges: Arc<std::sync::atomic::AtomicU64>,
+    tamper: Arc<Mutex<Tamper>>,
+}
+
+impl Proxy {
+    fn start() -> Proxy {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ranges = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tamper = Arc::new(Mutex::new(Tamper::None));
+        let (b, r, t) = (bytes.clone(), ranges.clone(), tamper.clone());
+        std::thread::spawn(move || {
+            let upstream = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .new_agent();
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+                let mut headers = Vec::new();
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    let h = h.trim_end().to_string();
+                    if h.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        headers.push((k.trim().to_lowercase(), v.trim().to_string()));
+                    }
+                }
+                let mode = *t.lock().unwrap();
+                let mut req = upstream.get(&format!("http://{}{path}", registry()));
+                for (k, v) in &headers {
+                    if k == "accept"
+                        || k == "authorization"
+                        || (k == "range" && mode != Tamper::NoRanges)
+                    {
+                        req = req.header(k.as_str(), v.as_str());
+                    }
+                }
+                let resp = req.call().unwrap();
+                let status = resp.status().as_u16();
+                let get = |k: &str| {
+                    resp.headers()
+                        .get(k)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let (ctype, crange, dcd) = (
+                    get("content-type"),
+                    get("content-range"),
+                    get("docker-content-digest"),
+                );
+                let mut body = resp
+                    .into_body()
+                    .with_config()
+                    .limit(1 << 30)
+                    .read_to_vec()
+                    .unwrap();
+                let mut crange = crange;
+                if status == 206 {
+                    r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match mode {
+                        Tamper::WrongContentRange => {
+                            crange = Some(format!("bytes 0-{}/{}", body.len() - 1, body.len()));
+                        }
+                        Tamper::FlipByte if body.len() > 64 => {
+                            let mid = body.len() / 2;
+                            body[mid] ^= 0x5a;
+                        }
+                        Tamper::Short => {
+                            body.pop();
+                        }
+                        _ => {}
+                    }
+                }
+                b.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let mut head = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    body.len()
+                );
+                for (k, v) in [
+                    ("Content-Type", ctype),
+                    ("Content-Range", crange),
+                    ("Docker-Content-Digest", dcd),
+                ] {
+                    if let Some(v) = v {
+                        head += &format!("{k}: {v}\r\n");
+                    }
+                }
+                head += "\r\n";
+                let _ = conn.write_all(head.as_bytes());
+                let _ = conn.write_all(&body);
+            }
+        });
+        Proxy {
+            addr,
+            bytes,
+            ranges,
+            tamper,
+        }
+    }
+
+    fn set(&self, t: Tamper) {
+        *self.tamper.lock().unwrap() = t;
+    }
+
+    /// Body bytes and range answers since the last call.
+    fn take(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.bytes.swap(0, Relaxed), self.ranges.swap(0, Relaxed))
+    }
+}
+
+/// An OS-like tree as one squashed layer: 300 small files, 24 libraries of
+/// 40 KiB of noise, a symlink, a hard link, an owner, a set-id binary and
+/// an xattr. `version` 2 rewrites two libraries and os-release, adds two
+/// files and drops one: a package update.
+fn os_tree(version: u32) -> Layer {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add =
+        |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
+            common::tar_entry(&mut b, path, kind, mode, uid, data, link)
+        };
+    use tar::EntryType::*;
+    let noise = |seed: u64, len: usize| {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    add("etc/", Directory, 0o755, 0, b"", None);
+    add(
+        "etc/os-release",
+        Regular,
+        0o644,
+        0,
+        format!("ID=acme\nVERSION_ID={version}\n").as_bytes(),
+        None,
+    );
+    add("usr/", Directory, 0o755, 0, b"", None);
+    add("usr/bin/", Directory, 0o755, 0, b"", None);
+    add("usr/bin/su", Regular, 0o4755, 0, b"\x7fELF su", None);
+    add("usr/bin/sudo", Link, 0o4755, 0, b"", Some("usr/bin/su"));
+    add("bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
+    add("home/", Directory, 0o755, 0, b"", None);
+    add("home/user/", Directory, 0o700, 1000, b"", None);
+    add(
+        "home/user/.profile",
+        Regular,
+        0o644,
+        1000,
+        b"export A=1\n",
+        None,
+    );
+    add("usr/lib/", Directory, 0o755, 0, b"", None);
+    for i in 0..24u64 {
+        let seed = if version >= 2 && (i == 3 || i == 17) {
+            i + 1000
+        } else {
+            i
+        };
+        add(
+            &format!("usr/lib/lib{i}.so"),
+            Regular,
+            0o755,
+            0,
+            &noise(seed, 40 << 10),
+            None,
+        );
+    }
+    for i in 0..300 {
+        if version >= 2 && i == 7 {
+            continue;
+        }
+        add(
+            &format!("usr/share/doc/f{i}"),
+            Regular,
+            0o644,
+            0,
+            format!("doc {i}\n").repeat(20).as_bytes(),
+            None,
+        );
+    }
+    if version >= 2 {
+        add(
+            "usr/bin/new-tool",
+            Regular,
+            0o755,
+            0,
+            &noise(77, 30 << 10),
+            None,
+        );
+        add("etc/new.conf", Regular, 0o644, 0, b"new=1\n", None);
+    }
+    Layer::from_tar(b.into_inner().unwrap())
+}
+
+/// What a successful run printed and logged (stdout, then stderr).
+fn ok_logged(out: &std::process::Output) -> String {
+    ok(out) + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A device at v1 (a `zstd:chunked` image written through the proxy,
+/// booted and good), and v2 pushed the same way.
+struct PartialCase {
+    f: Arc<Fake>,
+    _r: Responder,
+    proxy: Proxy,
+    dev: TestDevice,
+    v2: Pushed,
+    v2_gzip: Pushed,
+    v1_bytes: u64,
+}
+
+fn partial_case() -> PartialCase {
+    let f = fake();
+    let r = start(f.clone());
+    let proxy = Proxy::start();
+    let v1 = common::recompress(&push_image(&[os_tree(1)], None), "zstd:chunked");
+    let v2_gzip = push_image(&[os_tree(2)], None);
+    let v2 = common::recompress(&v2_gzip, "zstd:chunked");
+    let dev = device(&f, &r, true, "dir");
+    let mut cfg = std::fs::read_to_string(&dev.config).unwrap();
+    cfg += &format!("mirrors = {{ {:?} = {:?} }}\n", registry(), proxy.addr);
+    cfg = cfg.replace("insecure = [", &format!("insecure = [{:?}, ", proxy.addr));
+    std::fs::write(&dev.config, cfg).unwrap();
+    ok(&dev.run(&["enroll"]));
+    f.answer.lock().unwrap().offer = Some(offer(&f, &v1, "1.0.0"));
+    let out = ok_logged(&dev.run(&["apply"]));
+    // Nothing to copy from the factory slot: every file is fetched.
+    assert!(
+        out.contains("partial pull: 0 files (0 bytes) copied from slot A"),
+        "{out}"
+    );
+    let (v1_bytes, _) = proxy.take();
+    assert_eq!(dev.reboot(), Slot::B);
+    ok(&dev.run(&["mark-good"]));
+    assert!(
+        dev.path("state/contents-B.json").exists(),
+        "no index of slot B"
+    );
+    PartialCase {
+        f,
+        _r: r,
+        proxy,
+        dev,
+        v2,
+        v2_gzip,
+        v1_bytes,
+    }
+}
+
+impl PartialCase {
+    /// Offers v2 and applies it; answers the agent's output and the bytes
+    /// and range answers the proxy passed.
+    fn apply_v2(&self) -> (String, u64, u64) {
+        self.f.answer.lock().unwrap().offer = Some(offer(&self.f, &self.v2, "2.0.0"));
+        self.f.answer.lock().unwrap().serial += 1;
+        let out = ok_logged(&self.dev.run(&["apply"]));
+        assert!(out.contains("applied 2.0.0"), "{out}");
+        let (bytes, ranges) = self.proxy.take();
+        assert_eq!(self.dev.reboot(), Slot::A);
+        assert_eq!(
+            tree(&self.dev.path("a")),
+            umoci_tree(&self.v2_gzip),
+            "slot A differs from umoci's unpack of v2"
+        );
+        (out, bytes, ranges)
+    }
+}
+
+/// v1 → v2 as a partial pull: only the changed and new files are fetched
+/// (in a few coalesced range requests), the rest is copied from the
+/// running slot, and the slot equals umoci's unpack of v2; the index of
+/// the new slot is written, and that of the slot being written is gone
+/// while it is written.
+#[test]
+fn a_partial_pull_fetches_only_what_changed() {
+    let c = partial_case();
+    let layer = c.v2.size;
+    let (out, bytes, ranges) = c.apply_v2();
+    assert!(!out.contains("partial pull failed"), "{out}");
+    assert!(
+        out.contains("partial pull: 323 files")
+            && out.contains("copied from slot B, 5 files fetched"),
+        "{out}"
+    );
+    // Five files (two libraries and a tool of 40 and 30 KiB of noise, two
+    // small ones) and the table of contents; the layer is over 1 MB.
+    assert!(
+        bytes < layer / 5 && bytes < c.v1_bytes / 5,
+        "fetched {bytes} bytes of a {layer}-byte layer (v1 took {})",
+        c.v1_bytes
+    );
+    // The table, then one request per group of neighbouring files.
+    assert!(
+        out.contains("in 4 range requests") && ranges == 5,
+        "{ranges} range answers: {out}"
+    );
+    assert!(c.dev.path("state/contents-A.json").exists());
+}
+
+/// A registry or proxy that ignores ranges, names the wrong range, serves
+/// corrupt or short ranges, or a running slot whose file changed behind the
+/// index: the agent falls back to pulling the whole layer, and the slot is
+/// still exactly v2.
+#[test]
+fn a_partial_pull_that_cannot_be_trusted_falls_back_to_a_full_one() {
+    for tamper in [
+        Tamper::NoRanges,
+        Tamper::WrongContentRange,
+        Tamper::FlipByte,
+        Tamper::Short,
+    ] {
+        let c = partial_case();
+        c.proxy.set(tamper);
+        let (out, bytes, _) = c.apply_v2();
+        assert!(
+            out.contains("pulling it whole") || out.contains("partial pull failed"),
+            "{tamper:?}: {out}"
+        );
+        assert!(bytes >= c.v2.size, "{tamper:?}: only {bytes} bytes fetched");
+    }
+    // A file in the running slot that no longer holds what the index says
+    // (same size, other bytes): copying it fails its digest.
+    let c = partial_case();
+    let lib = c.dev.path("b/usr/lib/lib5.so");
+    let mut bytes = std::fs::read(&lib).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&lib, bytes).unwrap();
+    let (out, _, _) = c.apply_v2();
+    assert!(out.contains("partial pull failed"), "{out}");
+    assert!(
+        out.contains("usr/lib/lib5.so") || out.contains("hash"),
+        "{out}"
+    );
+}

@@ -1,0 +1,736 @@
+//! Partial pulls of `zstd:chunked` layers: fetch only the files the running
+//! slot lacks.
+//!
+//! A `zstd:chunked` layer (containers/storage's format, written by podman,
+//! buildah and `skopeo copy --dest-compress-format zstd:chunked`) is a
+//! `tar+zstd` blob in which every regular file's content is its own zstd
+//! frame, followed by a table of contents in a skippable frame. The layer's
+//! descriptor carries where that table is and its digest
+//! (`io.containers.zstd-chunked.manifest-position` and `…-checksum`), and the
+//! descriptor is covered by the signed manifest digest.
+//!
+//! The agent fetches the table with a range request and checks its digest
+//! ([`parse_toc`] refuses a table that lies about its own shape: offsets out
+//! of the data, overlapping or out of order, ranges far larger than their
+//! file, too many entries). It then writes the layer as a tar stream made
+//! from the table ([`ChunkedTar`]) through the same [`Unpacker`] a full pull
+//! uses, so paths, whiteouts, hard links, owners, modes and xattrs get the
+//! same checks. Each regular file's bytes come from the running slot when
+//! the agent's index says a file there has the same digest, or from a range
+//! of the blob; either way they are hashed as they pass and a file whose
+//! bytes do not match the table's digest and size fails the layer. Ranges
+//! of neighbouring files are fetched together (gaps under [`MAX_GAP`]). The
+//! caller then writes the whole image again with full pulls: a registry or
+//! proxy that answers 200 instead of 206, a wrong `Content-Range` or length,
+//! a local file that changed, a table that does not describe the layer all
+//! end in a full pull, never in a slot that differs from one.
+//!
+//! [`Unpacker`]: crate::unpack::Unpacker
+
+use crate::registry::{Descriptor, ImageRef, Registry, Verified};
+use anyhow::{Context, bail};
+use base64::Engine;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+/// The descriptor annotations that locate the table of contents: the
+/// current names, and the `io.github.` ones of older writers.
+const CHECKSUM_KEYS: [&str; 2] = [
+    "io.containers.zstd-chunked.manifest-checksum",
+    "io.github.containers.zstd-chunked.manifest-checksum",
+];
+const POSITION_KEYS: [&str; 2] = [
+    "io.containers.zstd-chunked.manifest-position",
+    "io.github.containers.zstd-chunked.manifest-position",
+];
+
+/// Most bytes of compressed table the agent fetches.
+pub const MAX_TOC_COMPRESSED: u64 = 8 << 20;
+/// Most bytes of table JSON it reads (a 500 MB OS image with 20 000 files
+/// has about 6 MB).
+pub const MAX_TOC_BYTES: u64 = 32 << 20;
+/// Most entries a table may list.
+pub const MAX_TOC_ENTRIES: usize = 400_000;
+/// Ranges of files closer than this are fetched in one request, gap and all.
+pub const MAX_GAP: u64 = 64 << 10;
+/// Most bytes one range request asks for.
+pub const MAX_REQUEST: u64 = 64 << 20;
+
+/// Where a layer's table of contents is, from its descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TocLocation {
+    /// Its first byte in the blob.
+    pub offset: u64,
+    /// Its compressed length.
+    pub length: u64,
+    /// Its length once decompressed.
+    pub uncompressed: u64,
+    /// The digest of its compressed bytes.
+    pub digest: String,
+}
+
+/// The table's location when `d` is a `zstd:chunked` layer (`None` for any
+/// other layer), or why its annotations cannot be used.
+pub fn toc_location(d: &Descriptor) -> Option<anyhow::Result<TocLocation>> {
+    let get = |keys: &[&str; 2]| keys.iter().find_map(|k| d.annotations.get(*k));
+    let (digest, position) = (get(&CHECKSUM_KEYS), get(&POSITION_KEYS));
+    if digest.is_none() && position.is_none() {
+        return None;
+    }
+    Some((|| {
+        let (Some(digest), Some(position)) = (digest, position) else {
+            bail!("the layer names a table of contents without both its position and checksum");
+        };
+        if !sluice_protocol::is_sha256_digest(digest) {
+            bail!("the table of contents checksum {digest:?} is not a sha256 digest");
+        }
+        let parts: Vec<u64> = position
+            .split(':')
+            .map(|p| p.parse::<u64>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("table of contents position {position:?}"))?;
+        let [offset, length, uncompressed, kind] = parts[..] else {
+            bail!("table of contents position {position:?} is not offset:length:size:type");
+        };
+        if kind != 1 {
+            bail!("table of contents type {kind} is not the one known (1)");
+        }
+        if length == 0 || length > MAX_TOC_COMPRESSED || uncompressed > MAX_TOC_BYTES {
+            bail!(
+                "table of contents of {length} bytes ({uncompressed} uncompressed) is past the caps ({MAX_TOC_COMPRESSED}, {MAX_TOC_BYTES})"
+            );
+        }
+        if offset.checked_add(length).is_none_or(|end| end > d.size) {
+            bail!(
+                "table of contents at {offset}+{length} lies outside the {}-byte layer",
+                d.size
+            );
+        }
+        Ok(TocLocation {
+            offset,
+            length,
+            uncompressed,
+            digest: digest.clone(),
+        })
+    })())
+}
+
+/// What one entry of the table is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A regular file (whiteouts included: `.wh.` names).
+    Reg,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// A hard link to an earlier entry.
+    Hardlink,
+    /// A character device.
+    Char,
+    /// A block device.
+    Block,
+    /// A named pipe.
+    Fifo,
+}
+
+/// One entry of a checked table of contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// What it is.
+    pub kind: Kind,
+    /// Its path in the layer, as written.
+    pub name: String,
+    /// The link target (symlinks, hard links).
+    pub link: String,
+    /// Permission bits and set-id bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Content size (regular files).
+    pub size: u64,
+    /// Device numbers (devices).
+    pub dev: (u32, u32),
+    /// Extended attributes.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// The content's digest and its compressed range `[start, end)` in the
+    /// blob: regular files with content.
+    pub content: Option<(String, u64, u64)>,
+}
+
+/// A checked table of contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Toc {
+    /// Its entries in layer order (chunk entries left out).
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+struct RawToc {
+    version: u32,
+    entries: Vec<RawEntry>,
+}
+
+#[derive(Deserialize)]
+struct RawEntry {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "linkName", default)]
+    link_name: String,
+    #[serde(default)]
+    mode: u32,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    uid: u64,
+    #[serde(default)]
+    gid: u64,
+    #[serde(default)]
+    modtime: Option<String>,
+    #[serde(rename = "devMajor", default)]
+    dev_major: u32,
+    #[serde(rename = "devMinor", default)]
+    dev_minor: u32,
+    #[serde(default)]
+    xattrs: BTreeMap<String, String>,
+    #[serde(default)]
+    digest: String,
+    #[serde(default)]
+    offset: u64,
+    #[serde(rename = "endOffset", default)]
+    end_offset: u64,
+}
+
+/// The most compressed bytes a file of `size` bytes may take: zstd stores
+/// incompressible data raw, with a few bytes per 128 KiB block and frame.
+fn max_compressed(size: u64) -> u64 {
+    size.saturating_add(size / 1024).saturating_add(1024)
+}
+
+/// Checks the table's compressed bytes against `loc` (digest, length),
+/// decompresses them (at most [`MAX_TOC_BYTES`], windows capped as for
+/// layers) and checks what the table says: version 1, at most
+/// [`MAX_TOC_ENTRIES`] entries of known types, every file with content
+/// named by a sha256 digest and a non-empty range inside the blob's data
+/// (before the table), ranges in ascending order without overlap and no
+/// larger than their file could compress to. No I/O, so it can be fuzzed.
+pub fn parse_toc(compressed: &[u8], loc: &TocLocation) -> anyhow::Result<Toc> {
+    if compressed.len() as u64 != loc.length {
+        bail!(
+            "the table of contents is {} bytes, not the {} its position says",
+            compressed.len(),
+            loc.length
+        );
+    }
+    let got = sluice_protocol::sha256_digest(compressed);
+    if got != loc.digest {
+        bail!(
+            "the table of contents hashes to {got}, not {}: refused",
+            loc.digest
+        );
+    }
+    let mut json = Vec::new();
+    crate::unpack::Compression::Zstd
+        .decoder(compressed)?
+        .take(MAX_TOC_BYTES + 1)
+        .read_to_end(&mut json)
+        .context("decompressing the table of contents")?;
+    if json.len() as u64 != loc.uncompressed {
+        bail!(
+            "the table of contents decompresses to {} bytes, not the {} its position says",
+            json.len(),
+            loc.uncompressed
+        );
+    }
+    let raw: RawToc =
+        serde_json::from_slice(&json).context("the table of contents is not valid JSON")?;
+    drop(json);
+    if raw.version != 1 {
+        bail!("table of contents version {} is not 1", raw.version);
+    }
+    if raw.entries.len() > MAX_TOC_ENTRIES {
+        bail!(
+            "the table of contents lists {} entries, more than {MAX_TOC_ENTRIES}",
+            raw.entries.len()
+        );
+    }
+    let mut entries = Vec::with_capacity(raw.entries.len());
+    let mut data_end = 0u64;
+    for (i, e) in raw.entries.into_iter().enumerate() {
+        let kind = match e.kind.as_str() {
+            "reg" => Kind::Reg,
+            "dir" => Kind::Dir,
+            "symlink" => Kind::Symlink,
+            "hardlink" => Kind::Hardlink,
+            "char" => Kind::Char,
+            "block" => Kind::Block,
+            "fifo" => Kind::Fifo,
+            // The pieces of a file already described whole by its entry.
+            "chunk" => continue,
+            other => bail!("table of contents entry {i} has unknown type {other:?}"),
+        };
+        let what = || format!("table of contents entry {i} ({:?})", e.name);
+        let mtime = match e.modtime.as_deref() {
+            None | Some("") => 0,
+            Some(t) => {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .with_context(|| format!("{}: modtime {t:?}", what()))?
+                    .unix_timestamp()
+            }
+        };
+        let mut xattrs = Vec::with_capacity(e.xattrs.len());
+        for (k, v) in e.xattrs {
+            let value = base64::engine::general_purpose::STANDARD
+                .decode(&v)
+                .with_context(|| format!("{}: xattr {k:?} is not base64", what()))?;
+            xattrs.push((k, value));
+        }
+        let content = if kind == Kind::Reg && e.size > 0 {
+            if !sluice_protocol::is_sha256_digest(&e.digest) {
+                bail!("{}: digest {:?} is not a sha256 digest", what(), e.digest);
+            }
+            if e.offset < data_end {
+                bail!(
+                    "{}: its range starts at {}, inside the one before (ending at {data_end}): ranges must ascend without overlap",
+                    what(),
+                    e.offset
+                );
+            }
+            if e.end_offset <= e.offset || e.end_offset > loc.offset {
+                bail!(
+                    "{}: range {}..{} is empty or outside the layer's data (0..{})",
+                    what(),
+                    e.offset,
+                    e.end_offset,
+                    loc.offset
+                );
+            }
+            if e.end_offset - e.offset > max_compressed(e.size) {
+                bail!(
+                    "{}: {} compressed bytes for a {}-byte file",
+                    what(),
+                    e.end_offset - e.offset,
+                    e.size
+                );
+            }
+            data_end = e.end_offset;
+            Some((e.digest, e.offset, e.end_offset))
+        } else {
+            None
+        };
+        entries.push(Entry {
+            kind,
+            name: e.name,
+            link: e.link_name,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime,
+            size: if kind == Kind::Reg { e.size } else { 0 },
+            dev: (e.dev_major, e.dev_minor),
+            xattrs,
+            content,
+        });
+    }
+    Ok(Toc { entries })
+}
+
+/// Fetches and checks the table of contents of a `zstd:chunked` layer.
+pub fn fetch_toc(
+    registry: &Registry,
+    image: &ImageRef,
+    d: &Descriptor,
+    loc: &TocLocation,
+) -> anyhow::Result<Toc> {
+    let mut bytes = Vec::new();
+    registry
+        .range(image, d, loc.offset, loc.offset + loc.length)?
+        .read_to_end(&mut bytes)
+        .context("reading the table of contents")?;
+    parse_toc(&bytes, loc)
+}
+
+/// The tar header records for `e`: a PAX header with its path, link target,
+/// owners past ustar's range and xattrs, then a ustar header. Names go
+/// through PAX as written, so the unpacker checks them as it checks a full
+/// layer's.
+pub fn header(e: &Entry) -> std::io::Result<Vec<u8>> {
+    let mut records: Vec<(String, Vec<u8>)> = vec![("path".into(), e.name.clone().into_bytes())];
+    if !e.link.is_empty() {
+        records.push(("linkpath".into(), e.link.clone().into_bytes()));
+    }
+    const USTAR_MAX_ID: u64 = 0o7777777;
+    if e.uid > USTAR_MAX_ID {
+        records.push(("uid".into(), e.uid.to_string().into_bytes()));
+    }
+    if e.gid > USTAR_MAX_ID {
+        records.push(("gid".into(), e.gid.to_string().into_bytes()));
+    }
+    if !(0..=0o77777777777).contains(&e.mtime) {
+        records.push(("mtime".into(), e.mtime.to_string().into_bytes()));
+    }
+    for (k, v) in &e.xattrs {
+        records.push((format!("SCHILY.xattr.{k}"), v.clone()));
+    }
+    let mut out = pax_header(&records);
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(match e.kind {
+        Kind::Reg => tar::EntryType::Regular,
+        Kind::Dir => tar::EntryType::Directory,
+        Kind::Symlink => tar::EntryType::Symlink,
+        Kind::Hardlink => tar::EntryType::Link,
+        Kind::Char => tar::EntryType::Char,
+        Kind::Block => tar::EntryType::Block,
+        Kind::Fifo => tar::EntryType::Fifo,
+    });
+    // The real name is in the PAX record; this one only fills the field.
+    h.as_old_mut().name[..7].copy_from_slice(b"chunked");
+    h.set_mode(e.mode & 0o7777);
+    h.set_uid(e.uid.min(USTAR_MAX_ID));
+    h.set_gid(e.gid.min(USTAR_MAX_ID));
+    h.set_mtime(e.mtime.clamp(0, 0o77777777777) as u64);
+    h.set_size(e.size);
+    if matches!(e.kind, Kind::Char | Kind::Block) {
+        h.set_device_major(e.dev.0)?;
+        h.set_device_minor(e.dev.1)?;
+    }
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    Ok(out)
+}
+
+/// A PAX extended header (`x`) holding `records`, padded to whole blocks.
+fn pax_header(records: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (k, v) in records {
+        // "<len> <key>=<value>\n", where <len> counts its own digits.
+        let rest = k.len() + v.len() + 3;
+        let mut len = rest + rest.to_string().len();
+        if len.to_string().len() != rest.to_string().len() {
+            len = rest + len.to_string().len();
+        }
+        data.extend_from_slice(format!("{len} {k}=").as_bytes());
+        data.extend_from_slice(v);
+        data.push(b'\n');
+    }
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.as_old_mut().name[..9].copy_from_slice(b"PaxHeader");
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    let padded = data.len().div_ceil(512) * 512;
+    data.resize(padded, 0);
+    out.extend_from_slice(&data);
+    out
+}
+
+/// The agent's index of a slot's regular files by content digest, written
+/// after the slot was written from tables of contents. It only says where
+/// to look: every byte copied from it is hashed again.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Index {
+    /// Content digest → a path (relative to the slot root) that held it.
+    pub files: HashMap<String, String>,
+}
+
+impl Index {
+    /// The index of an image from its layers' tables, lowest first: the
+    /// last path written with each digest.
+    pub fn from_tocs<'a>(tocs: impl IntoIterator<Item = &'a Toc>) -> Index {
+        let mut files = HashMap::new();
+        for toc in tocs {
+            for e in &toc.entries {
+                if let Some((digest, _, _)) = &e.content {
+                    files.insert(digest.clone(), e.name.trim_start_matches("./").to_string());
+                }
+            }
+        }
+        Index { files }
+    }
+
+    /// Reads the index at `path`; an absent or unreadable one is empty.
+    pub fn load(path: &Path) -> Index {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Where each file of a layer comes from, and how many bytes that is.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Per entry with content: the path in the running slot to copy from,
+    /// or `None` to fetch it.
+    pub local: Vec<Option<String>>,
+    /// The range requests, `[start, end)`, in blob order.
+    pub requests: Vec<(u64, u64)>,
+    /// Files copied and their bytes.
+    pub copied: (u64, u64),
+    /// Files fetched, and the compressed bytes the requests ask for.
+    pub fetched: (u64, u64),
+}
+
+/// Plans a layer: a file whose digest the index knows, found under `root`
+/// (without following symlinks) as a regular file of the right size, is
+/// copied; the rest is fetched in coalesced ranges.
+pub fn plan(toc: &Toc, index: &Index, root: Option<&OwnedFd>) -> Plan {
+    let mut p = Plan::default();
+    let mut open: Option<(u64, u64)> = None;
+    for e in &toc.entries {
+        let Some((digest, start, end)) = &e.content else {
+            continue;
+        };
+        let here = root.and_then(|root| {
+            let path = index.files.get(digest)?;
+            let st = rustix::fs::statat(root, path.as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                .ok()?;
+            let regular = rustix::fs::FileType::from_raw_mode(st.st_mode)
+                == rustix::fs::FileType::RegularFile;
+            (regular && st.st_size as u64 == e.size).then(|| path.clone())
+        });
+        if here.is_some() {
+            p.copied.0 += 1;
+            p.copied.1 += e.size;
+        } else {
+            p.fetched.0 += 1;
+            open = match open {
+                Some((s, o_end)) if start - o_end <= MAX_GAP && end - s <= MAX_REQUEST => {
+                    Some((s, *end))
+                }
+                Some(prev) => {
+                    p.requests.push(prev);
+                    Some((*start, *end))
+                }
+                None => Some((*start, *end)),
+            };
+        }
+        p.local.push(here);
+    }
+    p.requests.extend(open);
+    p.fetched.1 = p.requests.iter().map(|(s, e)| e - s).sum();
+    p
+}
+
+/// Opens `path` under `root` for reading: no symlink followed, nothing
+/// outside `root` reachable.
+fn open_beneath(root: &OwnedFd, path: &str) -> std::io::Result<std::fs::File> {
+    let fd = rustix::fs::openat2(
+        root,
+        path,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// The bytes `[at, end)` of a range answer, where its body stands.
+struct Slice {
+    body: Box<dyn Read + Send>,
+    left: u64,
+}
+
+impl Read for Slice {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.body.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the range answer ended {} bytes early", self.left),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+type Inflated = zstd::stream::read::Decoder<'static, std::io::BufReader<Slice>>;
+
+/// A part of the synthesized stream.
+enum Part {
+    /// Header records, padding or the end-of-archive blocks.
+    Bytes(Vec<u8>, usize),
+    /// A file's bytes from the running slot.
+    Local(Verified<std::fs::File>),
+    /// A file's bytes inflated from its range; when they end, the range
+    /// answer's body goes back, standing at the file's end (the first
+    /// offset), for the range ending at the second.
+    Remote(Verified<Inflated>, u64, u64),
+}
+
+/// The layer as a tar stream made from its table of contents, each regular
+/// file's bytes copied from the running slot or fetched and inflated, and
+/// checked against the table's digest and size as they pass: a mismatch, a
+/// short range or a missing file is a read error, which fails the layer.
+pub struct ChunkedTar<'a> {
+    registry: &'a Registry,
+    image: &'a ImageRef,
+    layer: &'a Descriptor,
+    root: Option<&'a OwnedFd>,
+    entries: std::vec::IntoIter<Entry>,
+    local: std::vec::IntoIter<Option<String>>,
+    requests: std::vec::IntoIter<(u64, u64)>,
+    /// The open range answer, the blob offset its body stands at, and where
+    /// it ends.
+    range: Option<(Box<dyn Read + Send>, u64, u64)>,
+    parts: std::collections::VecDeque<Part>,
+    ended: bool,
+}
+
+impl<'a> ChunkedTar<'a> {
+    /// The stream for `layer`, as `plan` says to make it.
+    pub fn new(
+        registry: &'a Registry,
+        image: &'a ImageRef,
+        layer: &'a Descriptor,
+        root: Option<&'a OwnedFd>,
+        toc: Toc,
+        plan: Plan,
+    ) -> Self {
+        ChunkedTar {
+            registry,
+            image,
+            layer,
+            root,
+            entries: toc.entries.into_iter(),
+            local: plan.local.into_iter(),
+            requests: plan.requests.into_iter(),
+            range: None,
+            parts: Default::default(),
+            ended: false,
+        }
+    }
+
+    /// The compressed bytes `[start, end)` of the blob, from the open range
+    /// answer or the next planned one, and where that answer ends.
+    fn slice(&mut self, start: u64, end: u64) -> std::io::Result<(Slice, u64)> {
+        if self.range.as_ref().is_none_or(|(_, _, r_end)| end > *r_end) {
+            let (s, e) = self.requests.next().ok_or_else(|| {
+                std::io::Error::other("the layer plan has no range left for a file")
+            })?;
+            if start < s || end > e {
+                return Err(std::io::Error::other(
+                    "a file lies outside its planned range",
+                ));
+            }
+            let body = self
+                .registry
+                .range(self.image, self.layer, s, e)
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            self.range = Some((body, s, e));
+        }
+        let (mut body, at, r_end) = self.range.take().expect("a range is open");
+        if start < at {
+            return Err(std::io::Error::other("file ranges out of order"));
+        }
+        let mut gap = Slice {
+            body,
+            left: start - at,
+        };
+        std::io::copy(&mut gap, &mut std::io::sink())?;
+        body = gap.body;
+        // The body comes back when the file ends (`Part::Remote`).
+        Ok((
+            Slice {
+                body,
+                left: end - start,
+            },
+            r_end,
+        ))
+    }
+
+    /// Queues the next entry's parts, or the end of the archive.
+    fn next_entry(&mut self) -> std::io::Result<()> {
+        let Some(e) = self.entries.next() else {
+            self.parts.push_back(Part::Bytes(vec![0; 1024], 0));
+            self.ended = true;
+            return Ok(());
+        };
+        self.parts.push_back(Part::Bytes(header(&e)?, 0));
+        let Some((digest, start, end)) = &e.content else {
+            return Ok(());
+        };
+        let local = self.local.next().flatten();
+        match (local, self.root) {
+            (Some(path), Some(root)) => {
+                let file = open_beneath(root, &path).map_err(|err| {
+                    std::io::Error::new(
+                        err.kind(),
+                        format!("copying {path} from the running slot: {err}"),
+                    )
+                })?;
+                self.parts
+                    .push_back(Part::Local(Verified::new(file, digest, e.size)));
+            }
+            _ => {
+                let (slice, r_end) = self.slice(*start, *end)?;
+                let mut d = zstd::stream::read::Decoder::new(slice)?;
+                d.window_log_max(crate::unpack::ZSTD_WINDOW_LOG_MAX)?;
+                self.parts
+                    .push_back(Part::Remote(Verified::new(d, digest, e.size), *end, r_end));
+            }
+        }
+        let pad = (512 - (e.size % 512) as usize) % 512;
+        if pad > 0 {
+            self.parts.push_back(Part::Bytes(vec![0; pad], 0));
+        }
+        Ok(())
+    }
+}
+
+impl Read for ChunkedTar<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let Some(part) = self.parts.front_mut() else {
+                if self.ended {
+                    return Ok(0);
+                }
+                self.next_entry()?;
+                continue;
+            };
+            let n = match part {
+                Part::Bytes(v, pos) => {
+                    let n = buf.len().min(v.len() - *pos);
+                    buf[..n].copy_from_slice(&v[*pos..*pos + n]);
+                    *pos += n;
+                    n
+                }
+                Part::Local(r) => r.read(buf)?,
+                Part::Remote(r, _, _) => r.read(buf)?,
+            };
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            // This part ended (and was verified): a range's body goes back.
+            if let Some(Part::Remote(r, at, r_end)) = self.parts.pop_front() {
+                let slice = r.into_inner().finish().into_inner();
+                if slice.left != 0 {
+                    return Err(std::io::Error::other(format!(
+                        "{} bytes of a file's range were left over",
+                        slice.left
+                    )));
+                }
+                self.range = Some((slice.body, at, r_end));
+            }
+        }
+    }
+}
