@@ -1307,7 +1307,42 @@ fn os_tree(version: u32) -> Layer {
         );
         add("etc/new.conf", Regular, 0o644, 0, b"new=1\n", None);
     }
+    // A file with an xattr and an old mtime.
+    b.append_pax_extensions([("SCHILY.xattr.user.sluice", &b"labelled"[..])])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(Regular);
+    h.set_mode(0o640);
+    h.set_mtime(1_000_000_000);
+    h.set_size(4);
+    b.append_data(&mut h, "etc/labelled", &b"xatt"[..]).unwrap();
     Layer::from_tar(b.into_inner().unwrap())
+}
+
+/// What `tree` leaves out: modification time, link count and xattrs.
+fn meta_tree(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<std::path::PathBuf, (i64, u64, Vec<(String, Vec<u8>)>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    for path in tree(dir).into_keys() {
+        let full = dir.join(&path);
+        let m = std::fs::symlink_metadata(&full).unwrap();
+        let mut names = vec![0u8; 4096];
+        let n = rustix::fs::llistxattr(&full, &mut names[..]).unwrap_or(0);
+        let mut xattrs = Vec::new();
+        for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            let name = String::from_utf8_lossy(name).into_owned();
+            let mut v = vec![0u8; 4096];
+            let len = rustix::fs::lgetxattr(&full, name.as_str(), &mut v[..]).unwrap();
+            v.truncate(len);
+            xattrs.push((name, v));
+        }
+        xattrs.sort();
+        let mtime = if m.is_dir() { 0 } else { m.mtime() };
+        out.insert(path, (mtime, m.nlink(), xattrs));
+    }
+    out
 }
 
 /// What a successful run printed and logged (stdout, then stderr).
@@ -1396,7 +1431,7 @@ fn a_partial_pull_fetches_only_what_changed() {
     let (out, bytes, ranges) = c.apply_v2();
     assert!(!out.contains("partial pull failed"), "{out}");
     assert!(
-        out.contains("partial pull: 323 files")
+        out.contains("partial pull: 324 files")
             && out.contains("copied from slot B, 5 files fetched"),
         "{out}"
     );
@@ -1413,6 +1448,31 @@ fn a_partial_pull_fetches_only_what_changed() {
         "{ranges} range answers: {out}"
     );
     assert!(c.dev.path("state/contents-A.json").exists());
+
+    // Times, hard links and xattrs too: the same as a full pull of v2 by a
+    // device that does not pull partially.
+    let full = device(&c.f, &c._r, true, "dir");
+    let cfg = std::fs::read_to_string(&full.config).unwrap() + "partial_pulls = false\n";
+    std::fs::write(&full.config, cfg).unwrap();
+    ok(&full.run(&["enroll"]));
+    let out = ok_logged(&full.run(&["apply"]));
+    assert!(!out.contains("partial pull"), "{out}");
+    assert_eq!(tree(&full.path("b")), tree(&c.dev.path("a")));
+    let partial = meta_tree(&c.dev.path("a"));
+    assert_eq!(meta_tree(&full.path("b")), partial);
+    assert_eq!(
+        partial[std::path::Path::new("etc/labelled")],
+        (
+            1_000_000_000,
+            1,
+            vec![("user.sluice".to_string(), b"labelled".to_vec())]
+        )
+    );
+    assert_eq!(
+        partial[std::path::Path::new("usr/bin/sudo")].1,
+        2,
+        "a hard link"
+    );
 }
 
 /// A registry or proxy that ignores ranges, names the wrong range, serves
