@@ -734,3 +734,258 @@ impl Read for ChunkedTar<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A table as bytes, and where a blob of `data` bytes followed by it
+    /// would say it is.
+    fn table(v: serde_json::Value, data: u64) -> (Vec<u8>, TocLocation) {
+        let json = serde_json::to_vec(&v).unwrap();
+        let compressed = zstd::stream::encode_all(&json[..], 3).unwrap();
+        let loc = TocLocation {
+            offset: data,
+            length: compressed.len() as u64,
+            uncompressed: json.len() as u64,
+            digest: sluice_protocol::sha256_digest(&compressed),
+        };
+        (compressed, loc)
+    }
+
+    fn digest(n: u8) -> String {
+        format!("sha256:{}", hex::encode([n; 32]))
+    }
+
+    fn reg(name: &str, size: u64, offset: u64, end: u64) -> serde_json::Value {
+        json!({"type": "reg", "name": name, "mode": 420, "size": size, "digest": digest(size as u8),
+               "offset": offset, "endOffset": end, "modtime": "2024-05-01T10:00:00Z"})
+    }
+
+    fn refused(v: serde_json::Value, want: &str) {
+        let (bytes, loc) = table(v, 10_000);
+        let err = parse_toc(&bytes, &loc).expect_err("a lying table was accepted");
+        assert!(format!("{err:#}").contains(want), "{err:#} lacks {want:?}");
+    }
+
+    #[test]
+    fn a_table_parses_into_checked_entries() {
+        let (bytes, loc) = table(
+            json!({"version": 1, "entries": [
+                {"type": "dir", "name": "etc/", "mode": 493, "uid": 0, "gid": 0},
+                reg("etc/a", 100, 10, 90),
+                {"type": "chunk", "offset": 10, "endOffset": 50},
+                {"type": "reg", "name": "etc/empty", "mode": 384, "size": 0},
+                {"type": "symlink", "name": "l", "linkName": "etc/a"},
+                {"type": "hardlink", "name": "h", "linkName": "etc/a"},
+                {"type": "reg", "name": "x", "size": 5, "digest": digest(5), "offset": 90,
+                 "endOffset": 120, "xattrs": {"user.k": "dmFsdWU="}, "uid": 1000, "gid": 1000},
+            ]}),
+            10_000,
+        );
+        let toc = parse_toc(&bytes, &loc).unwrap();
+        assert_eq!(toc.entries.len(), 6, "the chunk entry is left out");
+        assert_eq!(toc.entries[1].content, Some((digest(100), 10, 90)));
+        assert_eq!(toc.entries[1].mtime, 1_714_557_600);
+        assert_eq!(toc.entries[2].content, None);
+        assert_eq!(toc.entries[3].kind, Kind::Symlink);
+        assert_eq!(toc.entries[4].link, "etc/a");
+        assert_eq!(
+            toc.entries[5].xattrs,
+            vec![("user.k".into(), b"value".to_vec())]
+        );
+        assert_eq!(toc.entries[5].uid, 1000);
+    }
+
+    #[test]
+    fn a_table_that_lies_is_refused() {
+        let ok = json!({"version": 1, "entries": [reg("a", 100, 0, 90)]});
+        // Its bytes: another digest, another length, another size.
+        let (bytes, loc) = table(ok.clone(), 10_000);
+        let other = TocLocation {
+            digest: digest(9),
+            ..loc.clone()
+        };
+        assert!(format!("{:#}", parse_toc(&bytes, &other).unwrap_err()).contains("hashes to"));
+        assert!(parse_toc(&bytes[1..], &loc).is_err());
+        let bigger = TocLocation {
+            uncompressed: loc.uncompressed + 1,
+            ..loc.clone()
+        };
+        assert!(
+            format!("{:#}", parse_toc(&bytes, &bigger).unwrap_err()).contains("decompresses to")
+        );
+        // What it says.
+        refused(json!({"version": 2, "entries": []}), "version 2");
+        refused(
+            json!({"version": 1, "entries": [{"type": "socket", "name": "s"}]}),
+            "unknown type",
+        );
+        refused(
+            json!({"version": 1, "entries": [reg("a", 100, 0, 20_000)]}),
+            "outside the layer's data",
+        );
+        refused(
+            json!({"version": 1, "entries": [reg("a", 100, 50, 50)]}),
+            "empty",
+        );
+        refused(
+            json!({"version": 1, "entries": [reg("a", 100, 0, 90), reg("b", 101, 80, 150)]}),
+            "ranges must ascend without overlap",
+        );
+        refused(
+            json!({"version": 1, "entries": [reg("a", 100, 500, 590), reg("b", 101, 0, 80)]}),
+            "ranges must ascend without overlap",
+        );
+        refused(
+            json!({"version": 1, "entries": [reg("a", 10, 0, 5000)]}),
+            "compressed bytes for a 10-byte file",
+        );
+        refused(
+            json!({"version": 1, "entries": [{"type": "reg", "name": "a", "size": 3, "digest": "md5:x",
+                                                "offset": 0, "endOffset": 10}]}),
+            "not a sha256 digest",
+        );
+        refused(
+            json!({"version": 1, "entries": [{"type": "dir", "name": "d", "modtime": "yesterday"}]}),
+            "modtime",
+        );
+        refused(
+            json!({"version": 1, "entries": [{"type": "reg", "name": "a", "xattrs": {"user.k": "!!"}}]}),
+            "not base64",
+        );
+        refused(json!({"version": 1, "entries": {"a": 1}}), "not valid JSON");
+        // Huge counts: more entries than the cap, in a few hundred KB.
+        let many: Vec<_> = (0..=MAX_TOC_ENTRIES)
+            .map(|_| json!({"type": "dir", "name": "d"}))
+            .collect();
+        refused(json!({"version": 1, "entries": many}), "more than 400000");
+    }
+
+    fn descriptor(annotations: &[(&str, &str)]) -> Descriptor {
+        Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
+            digest: digest(1),
+            size: 10_000,
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_table_is_located_by_the_signed_annotations() {
+        let d = digest(7);
+        let at = |pos: &str| {
+            toc_location(&descriptor(&[
+                ("io.containers.zstd-chunked.manifest-checksum", &d),
+                ("io.containers.zstd-chunked.manifest-position", pos),
+            ]))
+            .unwrap()
+        };
+        assert_eq!(
+            at("9000:500:2000:1").unwrap(),
+            TocLocation {
+                offset: 9000,
+                length: 500,
+                uncompressed: 2000,
+                digest: d.clone()
+            }
+        );
+        // The older writers' names.
+        assert!(
+            toc_location(&descriptor(&[
+                ("io.github.containers.zstd-chunked.manifest-checksum", &d),
+                (
+                    "io.github.containers.zstd-chunked.manifest-position",
+                    "1:2:3:1"
+                ),
+            ]))
+            .unwrap()
+            .is_ok()
+        );
+        assert!(
+            toc_location(&descriptor(&[])).is_none(),
+            "not a chunked layer"
+        );
+        for (pos, want) in [
+            ("9000:500:2000:2", "type 2"),
+            ("9000:500:2000", "not offset:length:size:type"),
+            ("9000:-1:2000:1", "position"),
+            ("9800:500:2000:1", "outside the 10000-byte layer"),
+            ("18446744073709551615:2:2:1", "outside"),
+            ("0:0:0:1", "past the caps"),
+            ("0:9000:99999999999:1", "past the caps"),
+        ] {
+            let err = at(pos).unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{pos}: {err:#}");
+        }
+        let half = toc_location(&descriptor(&[(
+            "io.containers.zstd-chunked.manifest-checksum",
+            &d,
+        )]));
+        assert!(half.unwrap().is_err());
+    }
+
+    /// Names from a table go through the unpacker's checks like a tar's:
+    /// `..` is refused, a symlink is never followed out of the slot, a name
+    /// longer than ustar's fields arrives whole.
+    #[test]
+    fn names_from_a_table_get_the_unpackers_checks() {
+        let registry = Registry::new(&crate::config::Registry::default()).unwrap();
+        let image = ImageRef::parse(&format!("127.0.0.1:1/x@{}", digest(1))).unwrap();
+        let layer = descriptor(&[]);
+        let stream = |entries: Vec<Entry>| {
+            let toc = Toc { entries };
+            let plan = plan(&toc, &Index::default(), None);
+            let mut v = Vec::new();
+            ChunkedTar::new(&registry, &image, &layer, None, toc, plan)
+                .read_to_end(&mut v)
+                .unwrap();
+            v
+        };
+        let entry = |kind, name: &str, link: &str| Entry {
+            kind,
+            name: name.into(),
+            link: link.into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: 0,
+            dev: (0, 0),
+            xattrs: vec![],
+            content: None,
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let slot = tmp.path().join("slot");
+        std::fs::create_dir(&slot).unwrap();
+        let mut u = crate::unpack::Unpacker::new(&slot, Default::default()).unwrap();
+        let err = u
+            .apply(&stream(vec![entry(Kind::Reg, "../escape", "")])[..])
+            .unwrap_err();
+        assert!(
+            matches!(err, crate::unpack::UnpackError::Escape { .. }),
+            "{err:?}"
+        );
+        assert!(!tmp.path().join("escape").exists());
+        let mut u = crate::unpack::Unpacker::new(&slot, Default::default()).unwrap();
+        u.apply(
+            &stream(vec![
+                entry(Kind::Symlink, "out", "/"),
+                entry(Kind::Reg, "out/tmp-file", ""),
+                entry(Kind::Reg, &format!("{}/deep", "d".repeat(200)), ""),
+            ])[..],
+        )
+        .unwrap();
+        // Resolved inside the slot, as it will be once the slot is `/`.
+        assert!(slot.join("tmp-file").exists());
+        assert!(!std::path::Path::new("/tmp-file").exists());
+        assert!(
+            slot.join("d".repeat(200)).join("deep").exists(),
+            "long names via PAX"
+        );
+    }
+}

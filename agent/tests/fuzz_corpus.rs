@@ -65,6 +65,11 @@ fn signed_response_corpus_and_regressions() {
 
 /// Every folder of inputs belongs to a target this file replays.
 #[test]
+fn toc_corpus_and_regressions() {
+    replay("toc");
+}
+
+#[test]
 fn no_inputs_for_an_unknown_target() {
     for kind in ["corpus", "regressions"] {
         for dir in files(&fuzz_dir().join(kind)) {

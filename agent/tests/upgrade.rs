@@ -1319,10 +1319,11 @@ fn os_tree(version: u32) -> Layer {
     Layer::from_tar(b.into_inner().unwrap())
 }
 
-/// What `tree` leaves out: modification time, link count and xattrs.
-fn meta_tree(
-    dir: &std::path::Path,
-) -> std::collections::BTreeMap<std::path::PathBuf, (i64, u64, Vec<(String, Vec<u8>)>)> {
+/// What `tree` leaves out of an entry: modification time, link count, xattrs.
+type Meta = (i64, u64, Vec<(String, Vec<u8>)>);
+
+/// What `tree` leaves out, by path.
+fn meta_tree(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Meta> {
     use std::os::unix::fs::MetadataExt;
     let mut out = std::collections::BTreeMap::new();
     for path in tree(dir).into_keys() {
@@ -1509,4 +1510,78 @@ fn a_partial_pull_that_cannot_be_trusted_falls_back_to_a_full_one() {
         out.contains("usr/lib/lib5.so") || out.contains("hash"),
         "{out}"
     );
+}
+
+/// A partial pull killed (SIGKILL) at random moments: the running slot and
+/// its index never change, the slot being written has no index until it is
+/// whole (so nothing is ever copied from a half-written slot), GRUB never
+/// boots it half-written, and the next run completes the upgrade, partially
+/// again.
+#[test]
+fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
+    let c = partial_case();
+    c.apply_v2();
+    ok(&c.dev.run(&["mark-good"]));
+    let v3_gzip = push_image(&[os_tree(3)], None);
+    let v3 = common::recompress(&v3_gzip, "zstd:chunked");
+    let expected = umoci_tree(&v3_gzip);
+    let a_before = tree(&c.dev.path("a"));
+    let index_a = std::fs::read(c.dev.path("state/contents-A.json")).unwrap();
+    c.f.answer.lock().unwrap().offer = Some(offer(&c.f, &v3, "3.0.0"));
+    c.f.answer.lock().unwrap().serial += 1;
+
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut kills = 0;
+    for _ in 0..12 {
+        if ab(&c.dev).trial() == Some(Slot::B) {
+            break;
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut child = c
+            .dev
+            .command(&["apply"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20 + seed % 400));
+        if child.try_wait().unwrap().is_none() {
+            rustix::process::kill_process(
+                rustix::process::Pid::from_child(&child),
+                rustix::process::Signal::KILL,
+            )
+            .unwrap();
+            kills += 1;
+        }
+        let _ = child.wait();
+        assert_eq!(tree(&c.dev.path("a")), a_before, "the running slot changed");
+        assert_eq!(
+            std::fs::read(c.dev.path("state/contents-A.json")).unwrap(),
+            index_a,
+            "the running slot's index changed"
+        );
+        if c.dev.path("state/contents-B.json").exists() {
+            assert_eq!(
+                tree(&c.dev.path("b")),
+                expected,
+                "an index describes a half-written slot B"
+            );
+        }
+        if ab(&c.dev).next_boot() == Some(Slot::B) {
+            assert_eq!(
+                tree(&c.dev.path("b")),
+                expected,
+                "GRUB would boot a half-written B"
+            );
+        }
+    }
+    assert!(kills >= 3, "only {kills} runs were killed");
+    if ab(&c.dev).trial() != Some(Slot::B) {
+        let out = ok_logged(&c.dev.run(&["apply"]));
+        assert!(out.contains("copied from slot A"), "{out}");
+    }
+    assert_eq!(ab(&c.dev).trial(), Some(Slot::B));
+    assert_eq!(tree(&c.dev.path("b")), expected);
+    assert!(c.dev.path("state/contents-B.json").exists());
 }

@@ -18,12 +18,13 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 /// The targets, as named in `fuzz/Cargo.toml`, `fuzz/corpus/` and `fuzz/regressions/`.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "unpack_layer",
     "tar_guard",
     "grubenv",
     "manifest",
     "signed_response",
+    "toc",
 ];
 
 /// Runs the check of the target named `name` on one input.
@@ -34,6 +35,7 @@ pub fn run(name: &str, data: &[u8]) {
         "grubenv" => grubenv(data),
         "manifest" => manifest(data),
         "signed_response" => signed_response(data),
+        "toc" => toc(data),
         other => panic!("no fuzz target {other}"),
     }
 }
@@ -520,4 +522,88 @@ fn check_accepted(answer: &sluice_protocol::ResolveResponse) {
         target >= current || answer.downgrade,
         "a downgrade was accepted"
     );
+}
+
+// ------------------------------------------------------------------------ toc
+
+/// Input: one flag byte, then a `zstd:chunked` table of contents: JSON the
+/// harness compresses (flag bit 1 clear), or compressed bytes as given.
+/// Either way the location names its true digest and lengths, so the parser
+/// gets past them. Whatever it accepts: at most the cap of entries, every
+/// file with content named by a sha256 digest and a non-empty range inside
+/// the data, ranges ascending without overlap and no larger than their
+/// file could compress to; and every entry's tar header records read back
+/// (through the `tar` crate) as one entry with the entry's name, link,
+/// type and size.
+pub fn toc(data: &[u8]) {
+    use sluice_agent::chunked::{Kind, TocLocation, header, parse_toc};
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let compressed = if flags & 1 == 0 {
+        zstd::stream::encode_all(rest, 1).unwrap()
+    } else {
+        rest.to_vec()
+    };
+    let mut plain = Vec::new();
+    let uncompressed = match zstd::stream::read::Decoder::new(&compressed[..]) {
+        Ok(d) => match std::io::Read::read_to_end(
+            &mut std::io::Read::take(d, sluice_agent::chunked::MAX_TOC_BYTES + 1),
+            &mut plain,
+        ) {
+            Ok(n) => n as u64,
+            Err(_) => 0,
+        },
+        Err(_) => 0,
+    };
+    const DATA: u64 = 1 << 40;
+    let loc = TocLocation {
+        offset: DATA,
+        length: compressed.len() as u64,
+        uncompressed,
+        digest: sluice_protocol::sha256_digest(&compressed),
+    };
+    let Ok(toc) = parse_toc(&compressed, &loc) else {
+        return;
+    };
+    assert!(toc.entries.len() <= sluice_agent::chunked::MAX_TOC_ENTRIES);
+    let mut end = 0;
+    for e in &toc.entries {
+        if let Some((digest, start, stop)) = &e.content {
+            assert!(sluice_protocol::is_sha256_digest(digest), "{digest}");
+            assert!(
+                *start >= end && start < stop && *stop <= DATA,
+                "{start}..{stop} after {end}"
+            );
+            assert!(stop - start <= e.size + e.size / 1024 + 1024);
+            assert!(e.kind == Kind::Reg && e.size > 0);
+            end = *stop;
+        }
+        let Ok(bytes) = header(e) else { continue };
+        assert_eq!(bytes.len() % 512, 0);
+        let mut tar_bytes = bytes.clone();
+        tar_bytes.extend(std::iter::repeat_n(
+            0u8,
+            e.size.div_ceil(512) as usize * 512 + 1024,
+        ));
+        let mut archive = tar::Archive::new(&tar_bytes[..]);
+        let mut entries = archive.entries().expect("a tar stream");
+        let got = entries
+            .next()
+            .expect("one entry")
+            .expect("a readable header");
+        let name = e.name.as_bytes();
+        // The `tar` crate drops one trailing `/` of a PAX path.
+        let got_path = got.path_bytes();
+        assert!(
+            got_path.as_ref() == name || [got_path.as_ref(), b"/"].concat() == name,
+            "{:?} read back as {:?}",
+            e.name,
+            String::from_utf8_lossy(&got_path)
+        );
+        if !e.link.is_empty() {
+            assert_eq!(got.link_name_bytes().as_deref(), Some(e.link.as_bytes()));
+        }
+        assert_eq!(got.header().entry_size().unwrap(), e.size);
+    }
 }
