@@ -600,8 +600,9 @@ impl Device {
             .iter()
             .map(|layer| {
                 let loc = crate::chunked::toc_location(layer)?;
-                let toc =
-                    loc.and_then(|loc| crate::chunked::fetch_toc(registry, image, layer, &loc));
+                let toc = loc
+                    .map_err(anyhow::Error::from)
+                    .and_then(|loc| crate::chunked::fetch_toc(registry, image, layer, &loc));
                 match toc {
                     Ok(t) => Some(t),
                     Err(e) => {

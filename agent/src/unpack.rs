@@ -120,12 +120,7 @@ pub enum Compression {
     None,
 }
 
-/// The largest zstd window a layer may use, as a power of two: 32 MiB. The
-/// `zstd` CLI's levels 1–19 use at most 8 MiB; skopeo's `zstd:chunked`
-/// writer declares 32 MiB for its streamed frames. The decoder keeps one
-/// window in memory, so a layer made with `--long=27` or `--ultra` (up to
-/// 2 GiB) is refused rather than allowed to take the device's memory.
-pub const ZSTD_WINDOW_LOG_MAX: u32 = 25;
+pub use sluice_protocol::chunked::ZSTD_WINDOW_LOG_MAX;
 
 /// The compression of a layer media type; unknown encodings are refused.
 pub fn layer_compression(media_type: &str) -> Result<Compression, UnpackError> {

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 #![forbid(unused_must_use)]
 
+pub mod chunked;
 pub mod keylist;
 pub mod keys;
 pub mod proof;

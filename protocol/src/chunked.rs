@@ -1,0 +1,340 @@
+//! The `zstd:chunked` layer format's table of contents (containers/storage;
+//! written by podman, buildah and `skopeo copy --dest-compress-format
+//! zstd:chunked`): where a layer's descriptor says it is, and what a table
+//! must say to be used. The agent uses it for partial pulls, the server to
+//! tell how many bytes an upgrade fetches. No I/O, so it can be fuzzed.
+//!
+//! A `zstd:chunked` blob is a `tar+zstd` stream in which every regular
+//! file's content is its own zstd frame, followed by the table (compressed
+//! JSON) in a skippable frame. The descriptor's annotations name the
+//! table's position and digest, and the descriptor is covered by the
+//! manifest's digest.
+
+use base64::Engine;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::io::Read;
+
+/// Why a table of contents cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TocError(pub String);
+
+/// `bail!` for [`TocError`].
+macro_rules! bail {
+    ($($t:tt)*) => { return Err(TocError(format!($($t)*))) };
+}
+
+/// The largest zstd window a layer may use, as a power of two: 32 MiB. The
+/// `zstd` CLI's levels 1–19 use at most 8 MiB; skopeo's `zstd:chunked`
+/// writer declares 32 MiB for its streamed frames. A decoder keeps one
+/// window in memory, so a layer made with `--long=27` or `--ultra` (up to
+/// 2 GiB) is refused rather than allowed to take a device's memory.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 25;
+
+/// The descriptor annotations that locate the table of contents: the
+/// current names, and the `io.github.` ones of older writers.
+const CHECKSUM_KEYS: [&str; 2] = [
+    "io.containers.zstd-chunked.manifest-checksum",
+    "io.github.containers.zstd-chunked.manifest-checksum",
+];
+const POSITION_KEYS: [&str; 2] = [
+    "io.containers.zstd-chunked.manifest-position",
+    "io.github.containers.zstd-chunked.manifest-position",
+];
+
+/// Most bytes of compressed table the agent fetches.
+pub const MAX_TOC_COMPRESSED: u64 = 8 << 20;
+/// Most bytes of table JSON it reads (a 500 MB OS image with 20 000 files
+/// has about 6 MB).
+pub const MAX_TOC_BYTES: u64 = 32 << 20;
+/// Most entries a table may list.
+pub const MAX_TOC_ENTRIES: usize = 400_000;
+
+/// Where a layer's table of contents is, from its descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TocLocation {
+    /// Its first byte in the blob.
+    pub offset: u64,
+    /// Its compressed length.
+    pub length: u64,
+    /// Its length once decompressed.
+    pub uncompressed: u64,
+    /// The digest of its compressed bytes.
+    pub digest: String,
+}
+
+/// The table's location when a layer of `size` bytes with `annotations`
+/// is `zstd:chunked` (`None` for any other layer), or why its annotations
+/// cannot be used.
+pub fn toc_location(
+    annotations: &BTreeMap<String, String>,
+    size: u64,
+) -> Option<Result<TocLocation, TocError>> {
+    let get = |keys: &[&str; 2]| keys.iter().find_map(|k| annotations.get(*k));
+    let (digest, position) = (get(&CHECKSUM_KEYS), get(&POSITION_KEYS));
+    if digest.is_none() && position.is_none() {
+        return None;
+    }
+    Some((|| {
+        let (Some(digest), Some(position)) = (digest, position) else {
+            bail!("the layer names a table of contents without both its position and checksum");
+        };
+        if !crate::is_sha256_digest(digest) {
+            bail!("the table of contents checksum {digest:?} is not a sha256 digest");
+        }
+        let parts: Vec<u64> = position
+            .split(':')
+            .map(|p| p.parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| TocError(format!("table of contents position {position:?}: {e}")))?;
+        let [offset, length, uncompressed, kind] = parts[..] else {
+            bail!("table of contents position {position:?} is not offset:length:size:type");
+        };
+        if kind != 1 {
+            bail!("table of contents type {kind} is not the one known (1)");
+        }
+        if length == 0 || length > MAX_TOC_COMPRESSED || uncompressed > MAX_TOC_BYTES {
+            bail!(
+                "table of contents of {length} bytes ({uncompressed} uncompressed) is past the caps ({MAX_TOC_COMPRESSED}, {MAX_TOC_BYTES})"
+            );
+        }
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            bail!("table of contents at {offset}+{length} lies outside the {size}-byte layer");
+        }
+        Ok(TocLocation {
+            offset,
+            length,
+            uncompressed,
+            digest: digest.clone(),
+        })
+    })())
+}
+
+/// What one entry of the table is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A regular file (whiteouts included: `.wh.` names).
+    Reg,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// A hard link to an earlier entry.
+    Hardlink,
+    /// A character device.
+    Char,
+    /// A block device.
+    Block,
+    /// A named pipe.
+    Fifo,
+}
+
+/// One entry of a checked table of contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// What it is.
+    pub kind: Kind,
+    /// Its path in the layer, as written.
+    pub name: String,
+    /// The link target (symlinks, hard links).
+    pub link: String,
+    /// Permission bits and set-id bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Content size (regular files).
+    pub size: u64,
+    /// Device numbers (devices).
+    pub dev: (u32, u32),
+    /// Extended attributes.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// The content's digest and its compressed range `[start, end)` in the
+    /// blob: regular files with content.
+    pub content: Option<(String, u64, u64)>,
+}
+
+/// A checked table of contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Toc {
+    /// Its entries in layer order (chunk entries left out).
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+struct RawToc {
+    version: u32,
+    entries: Vec<RawEntry>,
+}
+
+#[derive(Deserialize)]
+struct RawEntry {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "linkName", default)]
+    link_name: String,
+    #[serde(default)]
+    mode: u32,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    uid: u64,
+    #[serde(default)]
+    gid: u64,
+    #[serde(default)]
+    modtime: Option<String>,
+    #[serde(rename = "devMajor", default)]
+    dev_major: u32,
+    #[serde(rename = "devMinor", default)]
+    dev_minor: u32,
+    #[serde(default)]
+    xattrs: BTreeMap<String, String>,
+    #[serde(default)]
+    digest: String,
+    #[serde(default)]
+    offset: u64,
+    #[serde(rename = "endOffset", default)]
+    end_offset: u64,
+}
+
+/// The most compressed bytes a file of `size` bytes may take: zstd stores
+/// incompressible data raw, with a few bytes per 128 KiB block and frame.
+fn max_compressed(size: u64) -> u64 {
+    size.saturating_add(size / 1024).saturating_add(1024)
+}
+
+/// Checks the table's compressed bytes against `loc` (digest, length),
+/// decompresses them (at most [`MAX_TOC_BYTES`], windows capped as for
+/// layers) and checks what the table says: version 1, at most
+/// [`MAX_TOC_ENTRIES`] entries of known types, every file with content
+/// named by a sha256 digest and a non-empty range inside the blob's data
+/// (before the table), ranges in ascending order without overlap and no
+/// larger than their file could compress to. No I/O, so it can be fuzzed.
+pub fn parse_toc(compressed: &[u8], loc: &TocLocation) -> Result<Toc, TocError> {
+    if compressed.len() as u64 != loc.length {
+        bail!(
+            "the table of contents is {} bytes, not the {} its position says",
+            compressed.len(),
+            loc.length
+        );
+    }
+    let got = crate::sha256_digest(compressed);
+    if got != loc.digest {
+        bail!(
+            "the table of contents hashes to {got}, not {}: refused",
+            loc.digest
+        );
+    }
+    let mut json = Vec::new();
+    let mut decoder = zstd::stream::read::Decoder::new(compressed)
+        .and_then(|mut d| d.window_log_max(ZSTD_WINDOW_LOG_MAX).map(|()| d))
+        .map_err(|e| TocError(format!("decompressing the table of contents: {e}")))?;
+    (&mut decoder)
+        .take(MAX_TOC_BYTES + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| TocError(format!("decompressing the table of contents: {e}")))?;
+    if json.len() as u64 != loc.uncompressed {
+        bail!(
+            "the table of contents decompresses to {} bytes, not the {} its position says",
+            json.len(),
+            loc.uncompressed
+        );
+    }
+    let raw: RawToc = serde_json::from_slice(&json)
+        .map_err(|e| TocError(format!("the table of contents is not valid JSON: {e}")))?;
+    drop(json);
+    if raw.version != 1 {
+        bail!("table of contents version {} is not 1", raw.version);
+    }
+    if raw.entries.len() > MAX_TOC_ENTRIES {
+        bail!(
+            "the table of contents lists {} entries, more than {MAX_TOC_ENTRIES}",
+            raw.entries.len()
+        );
+    }
+    let mut entries = Vec::with_capacity(raw.entries.len());
+    let mut data_end = 0u64;
+    for (i, e) in raw.entries.into_iter().enumerate() {
+        let kind = match e.kind.as_str() {
+            "reg" => Kind::Reg,
+            "dir" => Kind::Dir,
+            "symlink" => Kind::Symlink,
+            "hardlink" => Kind::Hardlink,
+            "char" => Kind::Char,
+            "block" => Kind::Block,
+            "fifo" => Kind::Fifo,
+            // The pieces of a file already described whole by its entry.
+            "chunk" => continue,
+            other => bail!("table of contents entry {i} has unknown type {other:?}"),
+        };
+        let what = || format!("table of contents entry {i} ({:?})", e.name);
+        let mtime = match e.modtime.as_deref() {
+            None | Some("") => 0,
+            Some(t) => {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| TocError(format!("{}: modtime {t:?}: {e}", what())))?
+                    .unix_timestamp()
+            }
+        };
+        let mut xattrs = Vec::with_capacity(e.xattrs.len());
+        for (k, v) in e.xattrs {
+            let value = base64::engine::general_purpose::STANDARD
+                .decode(&v)
+                .map_err(|e| TocError(format!("{}: xattr {k:?} is not base64: {e}", what())))?;
+            xattrs.push((k, value));
+        }
+        let content = if kind == Kind::Reg && e.size > 0 {
+            if !crate::is_sha256_digest(&e.digest) {
+                bail!("{}: digest {:?} is not a sha256 digest", what(), e.digest);
+            }
+            if e.offset < data_end {
+                bail!(
+                    "{}: its range starts at {}, inside the one before (ending at {data_end}): ranges must ascend without overlap",
+                    what(),
+                    e.offset
+                );
+            }
+            if e.end_offset <= e.offset || e.end_offset > loc.offset {
+                bail!(
+                    "{}: range {}..{} is empty or outside the layer's data (0..{})",
+                    what(),
+                    e.offset,
+                    e.end_offset,
+                    loc.offset
+                );
+            }
+            if e.end_offset - e.offset > max_compressed(e.size) {
+                bail!(
+                    "{}: {} compressed bytes for a {}-byte file",
+                    what(),
+                    e.end_offset - e.offset,
+                    e.size
+                );
+            }
+            data_end = e.end_offset;
+            Some((e.digest, e.offset, e.end_offset))
+        } else {
+            None
+        };
+        entries.push(Entry {
+            kind,
+            name: e.name,
+            link: e.link_name,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime,
+            size: if kind == Kind::Reg { e.size } else { 0 },
+            dev: (e.dev_major, e.dev_minor),
+            xattrs,
+            content,
+        });
+    }
+    Ok(Toc { entries })
+}
