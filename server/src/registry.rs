@@ -68,6 +68,40 @@ pub struct PlatformImage {
     pub digest: String,
     /// Total size of its layers in bytes.
     pub size: u64,
+    /// Its layers, lowest first (releases published before Sluice recorded
+    /// them have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerImage>,
+}
+
+/// One layer of a platform manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LayerImage {
+    /// Its blob digest.
+    pub digest: String,
+    /// Its compressed size in bytes.
+    pub size: u64,
+    /// Its media type (`application/vnd.oci.image.layer.v1.tar+zstd`, ...).
+    pub media_type: String,
+    /// Where its `zstd:chunked` table of contents is, as its annotations
+    /// say (`io.containers.zstd-chunked.manifest-position` and
+    /// `…-checksum`); only these annotations are kept.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl LayerImage {
+    /// The table of contents' location when this is a `zstd:chunked` layer.
+    pub fn table_of_contents(
+        &self,
+    ) -> Option<
+        std::result::Result<
+            sluice_protocol::chunked::TocLocation,
+            sluice_protocol::chunked::TocError,
+        >,
+    > {
+        sluice_protocol::chunked::toc_location(&self.annotations, self.size)
+    }
 }
 
 impl PlatformImage {
@@ -231,6 +265,60 @@ impl Registry {
         let shown = show(reference);
         self.bounded(host, self.resolve_inner(reference, &shown))
             .await
+    }
+
+    /// Fetches and checks the table of contents of a `zstd:chunked` layer of
+    /// `repository` (`host/path`) with a range request.
+    pub async fn table_of_contents(
+        &self,
+        repository: &str,
+        layer: &LayerImage,
+    ) -> Result<sluice_protocol::chunked::Toc> {
+        let (host, path) = split_repository(repository)?;
+        let loc = layer
+            .table_of_contents()
+            .ok_or_else(|| {
+                Error::Unprocessable(format!("layer {} is not zstd:chunked", layer.digest))
+            })?
+            .map_err(|e| Error::Unprocessable(format!("layer {}: {e}", layer.digest)))?;
+        let what = format!(
+            "the table of contents of layer {} in {repository}",
+            layer.digest
+        );
+        self.bounded(host, async {
+            let oci_ref = Reference::with_tag(host.into(), path.into(), "latest".into());
+            let answer = self
+                .client
+                .pull_blob_stream_partial(
+                    &oci_ref,
+                    layer.digest.as_str(),
+                    loc.offset,
+                    Some(loc.length),
+                )
+                .await
+                .map_err(|e| self.map_error(host, &what, e))?;
+            let mut stream = match answer {
+                oci_client::client::BlobResponse::Partial(s) => s,
+                oci_client::client::BlobResponse::Full(_) => {
+                    return Err(Error::BadGateway(format!(
+                        "registry {host} answered a range request for {what} with the whole blob"
+                    )));
+                }
+            };
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.unreachable(host, &e.to_string()))?;
+                bytes.extend_from_slice(&chunk);
+                if bytes.len() as u64 > loc.length {
+                    return Err(Error::BadGateway(format!(
+                        "{what} is longer than its position says"
+                    )));
+                }
+            }
+            sluice_protocol::chunked::parse_toc(&bytes, &loc)
+                .map_err(|e| Error::BadGateway(format!("{what}: {e}")))
+        })
+        .await
     }
 
     /// Checks that the registry at `host` (`host[:port]`) answers `GET /v2/`.
@@ -442,12 +530,28 @@ impl Registry {
                 self.fetch_config(host, path, shown, config).await?
             }
         };
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|l| LayerImage {
+                digest: l.digest.clone(),
+                size: l.size,
+                media_type: l.media_type.clone(),
+                annotations: l
+                    .annotations
+                    .iter()
+                    .filter(|(k, _)| k.contains(".zstd-chunked.manifest-"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+            .collect();
         Ok(PlatformImage {
             os: platform.os,
             architecture: platform.architecture,
             variant: platform.variant.filter(|v| !v.is_empty()),
             digest: digest.to_string(),
             size,
+            layers,
         })
     }
 
@@ -847,6 +951,10 @@ struct Manifest {
 struct Descriptor {
     digest: String,
     size: u64,
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -145,9 +145,8 @@ pub fn push_image(layers: &[Layer], sizes: Option<&[u64]>) -> Pushed {
     }
 }
 
-/// `pushed` copied by `skopeo copy --dest-compress-format FORMAT` (`zstd`,
-/// `zstd:chunked`, `gzip`) into a new repository of the same registry, as
-/// podman and buildah push it: the layers recompressed, the manifest OCI.
+/// `pushed` recompressed as `format` (`zstd`, `zstd:chunked`) into a new
+/// repository of the same registry ([`shared::recompress`]).
 pub fn recompress(pushed: &Pushed, format: &str) -> Pushed {
     let reg = registry();
     let repo = format!(
@@ -155,52 +154,8 @@ pub fn recompress(pushed: &Pushed, format: &str) -> Pushed {
         format.replace(':', "-"),
         rand_hex()
     );
-    // Registry to folder (decompressed), folder to folder (recompressed),
-    // then pushed by hand: copying into the registry, skopeo would mount
-    // the gzip blobs its cache knows hold the same layers.
-    let tmp = tempfile::tempdir().unwrap();
-    let plain = format!("oci:{}:t", tmp.path().join("plain").display());
-    let out = tmp.path().join("out");
-    let skopeo = |args: &[&str]| {
-        let st = std::process::Command::new("skopeo")
-            .args(["copy", "--quiet"])
-            .args(args)
-            .status()
-            .expect("skopeo is installed");
-        assert!(st.success(), "skopeo copy {args:?}");
-    };
-    skopeo(&[
-        "--src-tls-verify=false",
-        "--dest-decompress",
-        &format!("docker://{}", pushed.image),
-        &plain,
-    ]);
-    skopeo(&[
-        "--dest-compress-format",
-        format,
-        &plain,
-        &format!("oci:{}:t", out.display()),
-    ]);
-    let blob = |digest: &str| {
-        std::fs::read(
-            out.join("blobs/sha256")
-                .join(digest.trim_start_matches("sha256:")),
-        )
-        .unwrap()
-    };
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
-    let manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
+    let manifest = shared::recompress(&pushed.image, format, &format!("{reg}/{repo}:v1"));
     let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    for d in std::iter::once(&m["config"]).chain(m["layers"].as_array().unwrap()) {
-        push_blob(&reg, &repo, &blob(d["digest"].as_str().unwrap()));
-    }
-    let r = http()
-        .put(&format!("http://{reg}/v2/{repo}/manifests/v1"))
-        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
-        .send(&manifest[..])
-        .unwrap();
-    assert_eq!(r.status(), 201, "manifest push");
     let digest = sluice_protocol::sha256_digest(&manifest);
     Pushed {
         image: format!("{reg}/{repo}@{digest}"),

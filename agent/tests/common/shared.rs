@@ -68,6 +68,58 @@ pub fn umoci_tree(image: &str) -> BTreeMap<PathBuf, Entry> {
     tree(&rootfs)
 }
 
+/// `image` (`host:port/repo@digest`, in the plain-HTTP test registry)
+/// copied to `dest` (`host:port/repo:tag`) with its layers recompressed as
+/// `format` (`zstd`, `zstd:chunked`, `gzip`), the way `skopeo copy
+/// --dest-compress-format` and podman push them; answers the new manifest's
+/// bytes. Through folders, decompressed then recompressed, and pushed with
+/// its digests kept: copied straight, skopeo would mount the gzip blobs its
+/// cache knows hold the same layers.
+pub fn recompress(image: &str, format: &str, dest: &str) -> Vec<u8> {
+    let d = tempfile::tempdir().unwrap();
+    let plain = format!("oci:{}:t", d.path().join("plain").display());
+    let packed = format!("oci:{}:t", d.path().join("packed").display());
+    let skopeo = |args: &[&str]| {
+        let out = std::process::Command::new("skopeo")
+            .args(args)
+            .output()
+            .expect("skopeo is installed");
+        assert!(
+            out.status.success(),
+            "skopeo {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let src = format!("docker://{image}");
+    skopeo(&[
+        "copy",
+        "-q",
+        "--src-tls-verify=false",
+        "--dest-decompress",
+        &src,
+        &plain,
+    ]);
+    skopeo(&[
+        "copy",
+        "-q",
+        "--dest-compress-format",
+        format,
+        &plain,
+        &packed,
+    ]);
+    let dest = format!("docker://{dest}");
+    skopeo(&[
+        "copy",
+        "-q",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        &packed,
+        &dest,
+    ]);
+    skopeo(&["inspect", "--raw", "--tls-verify=false", &dest])
+}
+
 /// Appends an entry to a test layer: `kind` at `path` with `mode`, owned by
 /// `uid`:`uid`, holding `data` or linking to `link`.
 pub fn tar_entry(
