@@ -35,14 +35,9 @@ use std::collections::HashMap;
 use std::io::Read;
 
 pub use sluice_protocol::chunked::{
-    Entry, Kind, MAX_TOC_BYTES, MAX_TOC_COMPRESSED, MAX_TOC_ENTRIES, Toc, TocError, TocLocation,
-    parse_toc,
+    Entry, Kind, MAX_GAP, MAX_REQUEST, MAX_TOC_BYTES, MAX_TOC_COMPRESSED, MAX_TOC_ENTRIES, Toc,
+    TocError, TocLocation, coalesce, parse_toc,
 };
-
-/// Ranges of files closer than this are fetched in one request, gap and all.
-pub const MAX_GAP: u64 = 64 << 10;
-/// Most bytes one range request asks for.
-pub const MAX_REQUEST: u64 = 64 << 20;
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -155,16 +150,13 @@ pub struct Index {
 
 impl Index {
     /// The index of an image from its layers' tables, lowest first: the
-    /// last path written with each digest.
+    /// files its layers leave (whiteouts applied,
+    /// [`sluice_protocol::chunked::image_files`]), one path per digest.
     pub fn from_tocs<'a>(tocs: impl IntoIterator<Item = &'a Toc>) -> Index {
-        let mut files = HashMap::new();
-        for toc in tocs {
-            for e in &toc.entries {
-                if let Some((digest, _, _)) = &e.content {
-                    files.insert(digest.clone(), e.name.trim_start_matches("./").to_string());
-                }
-            }
-        }
+        let files = sluice_protocol::chunked::image_files(tocs)
+            .into_iter()
+            .map(|(path, digest)| (digest, path))
+            .collect();
         Index { files }
     }
 
@@ -196,7 +188,7 @@ pub struct Plan {
 /// copied; the rest is fetched in coalesced ranges.
 pub fn plan(toc: &Toc, index: &Index, root: Option<&OwnedFd>) -> Plan {
     let mut p = Plan::default();
-    let mut open: Option<(u64, u64)> = None;
+    let mut fetch = Vec::new();
     for e in &toc.entries {
         let Some((digest, start, end)) = &e.content else {
             continue;
@@ -214,20 +206,11 @@ pub fn plan(toc: &Toc, index: &Index, root: Option<&OwnedFd>) -> Plan {
             p.copied.1 += e.size;
         } else {
             p.fetched.0 += 1;
-            open = match open {
-                Some((s, o_end)) if start - o_end <= MAX_GAP && end - s <= MAX_REQUEST => {
-                    Some((s, *end))
-                }
-                Some(prev) => {
-                    p.requests.push(prev);
-                    Some((*start, *end))
-                }
-                None => Some((*start, *end)),
-            };
+            fetch.push((*start, *end));
         }
         p.local.push(here);
     }
-    p.requests.extend(open);
+    p.requests = coalesce(fetch);
     p.fetched.1 = p.requests.iter().map(|(s, e)| e - s).sum();
     p
 }

@@ -15,6 +15,29 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::Read;
 
+/// Ranges of files to fetch closer than this are fetched in one request,
+/// gap and all.
+pub const MAX_GAP: u64 = 64 << 10;
+/// Most bytes one range request asks for.
+pub const MAX_REQUEST: u64 = 64 << 20;
+
+/// The range requests that fetch `ranges` (`[start, end)`, ascending, as a
+/// checked table lists them): neighbours closer than [`MAX_GAP`] share a
+/// request of at most [`MAX_REQUEST`] bytes. The agent fetches these; the
+/// server counts them to tell what an upgrade costs.
+pub fn coalesce(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match out.last_mut() {
+            Some((s, e)) if start >= *e && start - *e <= MAX_GAP && end - *s <= MAX_REQUEST => {
+                *e = end
+            }
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
 /// Why a table of contents cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -337,4 +360,134 @@ pub fn parse_toc(compressed: &[u8], loc: &TocLocation) -> Result<Toc, TocError> 
         });
     }
     Ok(Toc { entries })
+}
+
+/// The regular files with content an image's layers leave, by path, from
+/// their tables (lowest layer first): each layer's whiteouts (`.wh.NAME`,
+/// and `.wh..wh..opq` for a whole directory) remove what the layers below
+/// put there, then its files are added. Paths lose a leading `./`.
+pub fn image_files<'a>(tocs: impl IntoIterator<Item = &'a Toc>) -> BTreeMap<String, String> {
+    let mut files: BTreeMap<String, String> = BTreeMap::new();
+    for toc in tocs {
+        let name = |e: &Entry| {
+            e.name
+                .trim_start_matches("./")
+                .trim_end_matches('/')
+                .to_string()
+        };
+        for e in &toc.entries {
+            let path = name(e);
+            let (dir, base) = match path.rsplit_once('/') {
+                Some((d, b)) => (format!("{d}/"), b),
+                None => (String::new(), path.as_str()),
+            };
+            let gone = if base == ".wh..wh..opq" {
+                dir
+            } else if let Some(hidden) = base.strip_prefix(".wh.") {
+                let hidden = format!("{dir}{hidden}");
+                files.remove(&hidden);
+                format!("{hidden}/")
+            } else {
+                continue;
+            };
+            let under: Vec<String> = files
+                .range(gone.clone()..)
+                .take_while(|(k, _)| k.starts_with(&gone))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in under {
+                files.remove(&k);
+            }
+        }
+        for e in &toc.entries {
+            let path = name(e);
+            let whiteout = path
+                .rsplit('/')
+                .next()
+                .is_some_and(|b| b.starts_with(".wh."));
+            match &e.content {
+                Some((digest, _, _)) if !whiteout => {
+                    files.insert(path, digest.clone());
+                }
+                // Anything else at a path replaces a file there.
+                _ => {
+                    files.remove(&path);
+                }
+            }
+        }
+    }
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toc(entries: &[(&str, Option<u8>)]) -> Toc {
+        Toc {
+            entries: entries
+                .iter()
+                .map(|(name, d)| Entry {
+                    kind: if d.is_some() || name.contains(".wh.") {
+                        Kind::Reg
+                    } else {
+                        Kind::Dir
+                    },
+                    name: name.to_string(),
+                    link: String::new(),
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    mtime: 0,
+                    size: d.map_or(0, |_| 1),
+                    dev: (0, 0),
+                    xattrs: vec![],
+                    content: d.map(|n| (format!("sha256:{}", hex::encode([n; 32])), 0, 1)),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn image_files_apply_each_layers_whiteouts_to_the_layers_below() {
+        let lower = toc(&[
+            ("./etc/", None),
+            ("./etc/a", Some(1)),
+            ("./etc/b", Some(2)),
+            ("./opt/x/y", Some(3)),
+            ("./var/cache/c", Some(4)),
+            ("./keep", Some(5)),
+        ]);
+        let upper = toc(&[
+            ("etc/.wh.a", None),
+            ("opt/.wh.x", None),
+            ("var/cache/.wh..wh..opq", None),
+            ("var/cache/d", Some(6)),
+            ("etc/b", None),
+            ("./keep", Some(7)),
+        ]);
+        let files = image_files([&lower, &upper]);
+        let digest = |n: u8| format!("sha256:{}", hex::encode([n; 32]));
+        assert_eq!(
+            files,
+            BTreeMap::from([
+                ("keep".to_string(), digest(7)),
+                ("var/cache/d".to_string(), digest(6)),
+            ])
+        );
+        assert_eq!(image_files([&lower]).len(), 5);
+    }
+
+    #[test]
+    fn neighbours_share_a_request() {
+        assert_eq!(
+            coalesce([(0, 10), (20, 30), (30 + MAX_GAP + 1, 30 + MAX_GAP + 5)]),
+            vec![(0, 30), (30 + MAX_GAP + 1, 30 + MAX_GAP + 5)]
+        );
+        assert_eq!(
+            coalesce([(0, MAX_REQUEST), (MAX_REQUEST, MAX_REQUEST + 1)]),
+            vec![(0, MAX_REQUEST), (MAX_REQUEST, MAX_REQUEST + 1)]
+        );
+        assert!(coalesce([]).is_empty());
+    }
 }

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::error::{Error, problem};
 use crate::{
     audit, auth, channels, devices, health, keys, products, registry, releases, resolve, stats,
-    tokens,
+    tokens, transfer,
 };
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -51,6 +51,8 @@ pub struct Inner {
     pub limits: crate::ratelimit::Limits,
     /// Devices whose tokens are refused (revoked, deleted, reset).
     pub revocations: crate::revocations::Revocations,
+    /// Tables of contents read for transfer estimates.
+    pub transfer: crate::transfer::Cache,
 }
 
 impl Deref for AppState {
@@ -111,6 +113,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(products::router())
         .merge(releases::router())
         .merge(channels::router())
+        .merge(transfer::router())
         .merge(stats::router())
         .merge(resolve::router())
         .merge(devices::router())
@@ -415,6 +418,7 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         answers: Default::default(),
         limits,
         revocations,
+        transfer: Default::default(),
     });
     // Renews the key list at half its life even if the server never restarts.
     let weak = Arc::downgrade(&state.0);

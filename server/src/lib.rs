@@ -27,3 +27,4 @@ pub mod signing;
 pub mod stats;
 pub mod tls;
 pub mod tokens;
+pub mod transfer;

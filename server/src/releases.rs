@@ -215,7 +215,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(revoke))
 }
 
-async fn fetch(
+/// Releases of `product` (one `version`, or all), newest first.
+pub(crate) async fn fetch(
     db: &sqlx::PgPool,
     product: &str,
     version: Option<&str>,

@@ -291,6 +291,20 @@ async fn every_route_for_every_role(pool: PgPool) {
             ),
             (
                 Method::GET,
+                "/v1/products/acme/channels/stable/head-status".into(),
+                None,
+                Who::ProductReader,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
+                "/v1/products/acme/channels/stable/transfer".into(),
+                None,
+                Who::ProductReader,
+                StatusCode::OK,
+            ),
+            (
+                Method::GET,
                 "/v1/products/acme/channels/stable/stats".into(),
                 None,
                 Who::ProductReader,
@@ -428,5 +442,5 @@ async fn every_route_for_every_role(pool: PgPool) {
         failures.len(),
         failures.join("\n")
     );
-    assert_eq!(checked, 41 * ROLES.len());
+    assert_eq!(checked, 43 * ROLES.len());
 }

@@ -295,6 +295,16 @@ pub async fn umoci_tree(image: &str) -> BTreeMap<PathBuf, Entry> {
         .unwrap()
 }
 
+/// `image` recompressed as `format` (`zstd`, `zstd:chunked`) and pushed to
+/// `dest` (`host:port/repo:tag`) by skopeo; answers the new manifest's
+/// bytes.
+pub async fn recompress(image: &str, format: &str, dest: &str) -> Vec<u8> {
+    let (image, format, dest) = (image.to_string(), format.to_string(), dest.to_string());
+    tokio::task::spawn_blocking(move || shared::recompress(&image, &format, &dest))
+        .await
+        .unwrap()
+}
+
 /// A layer as pushed: the uncompressed tar and its gzip.
 pub struct TarLayer {
     /// The uncompressed tar (its digest is the config's `diff_id`).

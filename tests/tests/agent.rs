@@ -777,3 +777,124 @@ async fn enroll_with_the_product_secret(pool: PgPool) {
     // The token works: a check is answered and signed for this device.
     assert!(checked(&dev.run(&["check"]).await).contains("update available: 1.0.0"));
 }
+
+/// `GET .../channels/stable/transfer`.
+async fn transfer(app: &TestApp, token: &str) -> Value {
+    let (s, b) = app
+        .get("/v1/products/acme/channels/stable/transfer", token)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    b
+}
+
+/// The number after `before` in an agent's log line (`... fetched in 4 range
+/// requests (112846 bytes)`).
+fn logged_number(log: &str, before: &str) -> u64 {
+    let at = log
+        .find(before)
+        .unwrap_or_else(|| panic!("no {before:?} in {log}"))
+        + before.len();
+    log[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+/// `zstd:chunked` releases through the real server and agent: the channel's
+/// transfer estimate (`GET .../transfer`) says how many bytes a device on
+/// the base fetches for the head, and the agent's partial pull fetches
+/// that (plus at most the coalesced gaps), not the whole image; the slot
+/// equals umoci's unpack of the same content. A gzip head is counted whole.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn a_chunked_release_is_pulled_partially_as_the_server_estimates(pool: PgPool) {
+    let f = fleet(pool, 60, false).await;
+    let repo = f.image_1_0.split('@').next().unwrap().to_string();
+    // The compressed bytes of the head's tables of contents, from its layers.
+    let mut tables = 0;
+    for (from, version) in [(&f.image_1_0, "2.0.0"), (&f.image_1_1, "2.1.0")] {
+        recompress(from, "zstd:chunked", &format!("{repo}:{version}")).await;
+        let (s, b) = f
+            .app
+            .post(
+                "/v1/products/acme/releases",
+                &f.ci,
+                json!({"version": version, "image": format!("{repo}:{version}")}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let layers = &b["platforms"][0]["layers"];
+        assert!(
+            layers.as_array().is_some_and(|l| !l.is_empty()
+                && l.iter().all(|l| {
+                    l["annotations"]["io.containers.zstd-chunked.manifest-position"].is_string()
+                })),
+            "{b}"
+        );
+        tables = layers
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let pos = l["annotations"]["io.containers.zstd-chunked.manifest-position"]
+                    .as_str()
+                    .unwrap();
+                pos.split(':').nth(1).unwrap().parse::<u64>().unwrap()
+            })
+            .sum::<u64>();
+    }
+    // 1.0.0 (gzip, no tables) → 2.0.0: nothing to copy, every file fetched.
+    f.promote("2.0.0").await;
+    let t = transfer(&f.app, &f.ci).await;
+    assert_eq!(
+        (&t["base"], &t["head"]),
+        (&json!("1.0.0"), &json!("2.0.0")),
+        "{t}"
+    );
+    let p = &t["platforms"][0];
+    let (expected, head) = (
+        p["expected_bytes"].as_u64().unwrap(),
+        p["head_bytes"].as_u64().unwrap(),
+    );
+    assert!(expected <= head && expected >= head / 2, "{t}");
+    assert!(
+        p["note"].as_str().unwrap().contains("every file fetched"),
+        "{t}"
+    );
+
+    let dev = f.device(SlotKind::Dir, Health::Passes);
+    ok(&dev.run(&["apply"]).await);
+    assert_eq!(dev.reboot(), Slot::B);
+    ok(&dev.run(&["mark-good"]).await);
+
+    // 2.0.0 → 2.1.0, both zstd:chunked: the tables and what changed.
+    f.promote("2.1.0").await;
+    let t = transfer(&f.app, &f.ci).await;
+    let p = &t["platforms"][0];
+    let expected = p["expected_bytes"].as_u64().unwrap();
+    let head = p["head_bytes"].as_u64().unwrap();
+    assert!(
+        p["partial_layers"].as_u64().unwrap() >= 1 && p["full_layers"] == 0,
+        "{t}"
+    );
+    // (These images are small: the changed files' neighbours within 64 KiB
+    // come along, so most of the blob is fetched. `agent/tests/upgrade.rs`
+    // shows the saving on a bigger one.)
+    assert!(expected < head, "{t}");
+
+    let out = dev.run(&["apply"]).await;
+    let log = ok(&out) + &String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("applied 2.1.0"), "{log}");
+    assert!(!log.contains("partial pull failed"), "{log}");
+    // The server counts the requests the agent makes.
+    // The server counts the requests the agent makes.
+    let fetched = logged_number(&log, "range requests (");
+    assert_eq!(
+        fetched + tables,
+        expected,
+        "the agent fetched {fetched} bytes plus {tables} of tables; the server expected {expected}: {log}"
+    );
+    assert_eq!(dev.reboot(), Slot::A);
+    assert_eq!(tree(&dev.path("a")), umoci_tree(&f.image_1_1).await);
+}
