@@ -163,6 +163,12 @@ describe("dashboard", () => {
     const ch = await api.call("GET", `/v1/products/${PRODUCT}/channels/stable`);
     assert.equal(ch.head, "1.1.0");
     assert.equal(ch.rollout.percent, 50);
+    // What a device on the base downloads: gzip layers come whole.
+    const t = await api.call("GET", `/v1/products/${PRODUCT}/channels/stable/transfer`);
+    assert.equal(t.platforms[0].expected_bytes, t.platforms[0].head_bytes);
+    const line = page.getByTestId("transfer").filter({ hasText: "every layer whole" });
+    await line.waitFor();
+    assert.match(await line.innerText(), /^linux\/amd64: [\d.]+ (B|KiB|MiB) of [\d.]+ (B|KiB|MiB) — no zstd:chunked layers/);
   });
 
   test("a promote that strands devices says so, and a ramp is set from the form", async () => {

@@ -13,6 +13,7 @@ import {
   Show,
   Spinner,
   ago,
+  bytes,
   gateText,
   message,
   pct,
@@ -50,6 +51,10 @@ export function ChannelPage() {
     5000,
   );
   const [historyKey, setHistoryKey] = useState(0);
+  const transfer = useApi(
+    () => unwrap(api.GET("/v1/products/{product}/channels/{channel}/transfer", { params: { path } })),
+    [product, channel, historyKey],
+  );
   const [warnings, setWarnings] = useState<string[]>([]);
   const changed = () => {
     ch.reload();
@@ -90,6 +95,8 @@ export function ChannelPage() {
                     </button>
                   </div>
                 )}
+                <h3>Download from the base</h3>
+                <Show state={transfer}>{(t) => <Transfer t={t} />}</Show>
                 {isAdmin && (
                   <div className="buttons">
                     <Promote product={product} channel={c} done={changed} warn={setWarnings} />
@@ -479,6 +486,32 @@ const REASONS: Record<string, string> = {
 };
 
 /** Devices not on the head, counted by why (the rules resolve applies). */
+/** What a device on the base fetches to reach the head, per platform. */
+function Transfer({ t }: { t: Schemas["ChannelTransfer"] }) {
+  if (!t.head) return <p className="muted">No head yet.</p>;
+  if (t.platforms.length === 0) return <p className="muted">The head has no platforms.</p>;
+  return (
+    <ul className="transfer">
+      {t.platforms.map((p) => (
+        <li key={p.platform} data-testid="transfer">
+          <b>{p.platform}</b>:{" "}
+          {p.expected_bytes == null ? (
+            <>{bytes(p.head_bytes)} in all</>
+          ) : (
+            <>
+              {bytes(p.expected_bytes)} of {bytes(p.head_bytes)}
+              {p.head_bytes > 0 && p.expected_bytes < p.head_bytes && (
+                <> ({Math.round((100 * p.expected_bytes) / p.head_bytes)}%)</>
+              )}
+            </>
+          )}{" "}
+          <span className="muted">— {p.note}</span>
+        </li>
+      ))}
+    </ul>
+  );
+}
+
 function NotOnHead({ h }: { h: Schemas["ChannelHeadStatus"] }) {
   if (h.devices === 0) return <p className="muted">No devices on this channel yet.</p>;
   return (
