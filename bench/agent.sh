@@ -5,7 +5,8 @@
 # tmpfs and loop ext4 file systems under its own temp folder).
 #
 #   bench/agent.sh [--smoke] [--runs N] [--devices N] [--skip-upgrade]
-#                  [--skip-footprint] [--skip-fleet] [--out FILE]
+#                  [--skip-footprint] [--skip-fleet] [--skip-bandwidth]
+#                  [--only-bandwidth] [--out FILE]
 #
 # --smoke: seconds, debug builds, a ~20 MB image, one run, 150 devices; asserts
 # only that everything runs and reports (writes to a temp file unless --out).
@@ -20,7 +21,7 @@ cd "$ROOT"
 # shellcheck source=../scripts/services.sh
 . "$ROOT/scripts/services.sh"
 
-SMOKE=0 RUNS=5 DEVICES=10000 DO_UPGRADE=1 DO_FOOT=1 DO_FLEET=1 OUT=
+SMOKE=0 RUNS=5 DEVICES=10000 DO_UPGRADE=1 DO_FOOT=1 DO_FLEET=1 DO_BW=1 OUT=
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -29,8 +30,10 @@ while [ $# -gt 0 ]; do
     --skip-upgrade) DO_UPGRADE=0 ;;
     --skip-footprint) DO_FOOT=0 ;;
     --skip-fleet) DO_FLEET=0 ;;
+    --skip-bandwidth) DO_BW=0 ;;
+    --only-bandwidth) DO_UPGRADE=0 DO_FOOT=0 DO_FLEET=0 ;;
     --out) OUT=$2; shift ;;
-    -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -48,7 +51,7 @@ else
 fi
 PNG="$(dirname "$OUT")/fleet.png"
 
-need_apt skopeo umoci e2fsprogs time bc python3 python3-cryptography
+need_apt skopeo umoci e2fsprogs time bc python3 python3-cryptography zstd
 # The adoption curve's PNG; the smoke run does without.
 [ "$SMOKE" = 1 ] || need_apt python3-matplotlib
 need_rust
@@ -298,6 +301,137 @@ if [ "$DO_FOOT" = 1 ]; then
   echo "    binary $BIN_BYTES bytes (strip: $STRIPPED_BYTES), idle RSS $IDLE_KB kB, after another poll $IDLE2_KB kB (peak $IDLE_HWM_KB kB)"
 fi
 
+# ---- benchmark 7: bandwidth ----
+# v1 (the image above) → v2 (mkimage --update 0.02: about 2 % of the files
+# rewritten, a few added and removed), as 4 layers and squashed into one,
+# each as gzip, zstd and zstd:chunked. A device on tmpfs installs v1, boots
+# it, then installs v2 (timed); the registry's access log says how many
+# bytes it served. skopeo + umoci pulling v2 (gzip) is the reference.
+if [ "$DO_BW" = 1 ]; then
+  echo "==> benchmark 7: bandwidth of a v1 → v2 upgrade"
+  IMG2="$CACHE/image-$KEY-v2"
+  if [ ! -f "$IMG2/summary.json" ]; then
+    rm -rf "$IMG2"
+    "$PY" bench/mkimage.py "$IMG2.tmp" --scale "$SCALE" --version 2.0.0 --update 0.02 >"$IMG2.summary"
+    mv "$IMG2.tmp" "$IMG2" && mv "$IMG2.summary" "$IMG2/summary.json"
+  fi
+  BW="$STATE/bw"
+  mkdir -p "$BW"
+  BW_RESULTS="$BW/results.tsv"
+  : >"$BW_RESULTS"
+  # The squashed images: each version's tree as one layer.
+  for v in 1 2; do
+    src=$([ "$v" = 1 ] && echo "$IMG:1.0.0" || echo "$IMG2:2.0.0")
+    umoci raw unpack --image "$src" "$BW/tree$v" >/dev/null
+    tar -C "$BW/tree$v" --numeric-owner --xattrs -cf "$BW/tree$v.tar" .
+    [ "$v" = 1 ] && fingerprint "$BW/tree1" >"$BW/fp.v1"
+    [ "$v" = 2 ] && fingerprint "$BW/tree2" >"$BW/fp.v2"
+    rm -rf "$BW/tree$v"
+    umoci init --layout "$BW/squashed-gzip-$v" >/dev/null
+    umoci new --image "$BW/squashed-gzip-$v:t" >/dev/null
+    umoci raw add-layer --image "$BW/squashed-gzip-$v:t" "$BW/tree$v.tar" >/dev/null
+    rm -f "$BW/tree$v.tar"
+  done
+  n=0
+  for layering in layers4 squashed; do
+    for fmt in gzip zstd zstd:chunked; do
+      n=$((n + 1))
+      name="$layering-${fmt/:/-}"
+      api POST /v1/products/bench/channels "{\"name\":\"bw$n\"}" >/dev/null
+      for v in 1 2; do
+        case "$layering-$v" in
+          layers4-1) src="oci:$IMG:1.0.0" ;;
+          layers4-2) src="oci:$IMG2:2.0.0" ;;
+          *) src="oci:$BW/squashed-gzip-$v:t" ;;
+        esac
+        if [ "$fmt" != gzip ]; then
+          skopeo copy -q --dest-compress-format "$fmt" "$src" "oci:$BW/$name-$v:t" 2>/dev/null
+          src="oci:$BW/$name-$v:t"
+        fi
+        skopeo copy -q --dest-tls-verify=false --preserve-digests "$src" "docker://$REPO:bw-$name-$v" 2>/dev/null
+        "$SLUICE" release publish --product bench --version "7.$n.$v" --image "$REPO:bw-$name-$v" >/dev/null
+      done
+      "$SLUICE" channel promote --product bench --channel "bw$n" --version 7.$n.1 --percent 100 >/dev/null
+      for i in $(seq 1 "$RUNS"); do
+        mnt="$STATE/mnt"
+        fresh_fs tmpfs "$mnt"
+        d="$mnt/dev"
+        device_config "$d" "bw$n"
+        "$AGENT" --config "$d/agent.toml" apply >"$BW/v1.log" 2>&1 || { cat "$BW/v1.log" >&2; exit 1; }
+        grub-editenv "$d/grubenv" set B_TRY=1
+        cat /proc/sys/kernel/random/uuid >"$d/boot_id"
+        echo "root=/dev/vda sluice.slot=B" >"$d/cmdline"
+        "$AGENT" --config "$d/agent.toml" mark-good >"$BW/v1.log" 2>&1 || { cat "$BW/v1.log" >&2; exit 1; }
+        "$SLUICE" channel promote --product bench --channel "bw$n" --version 7.$n.2 --percent 100 >/dev/null
+        [ "$i" = 1 ] && curl -fsS -H "Authorization: Bearer $SLUICE_TOKEN" "$API/v1/products/bench/channels/bw$n/transfer" >"$BW/transfer-$name.json"
+        from=$(wc -l <"$STATE/registry.log")
+        : >"$STATE/t.agent"
+        s=$(now)
+        timed "$STATE/t.agent" "$AGENT" --config "$d/agent.toml" apply
+        sync
+        e=$(now)
+        grep -q "applied 7.$n.2" "$STATE/cmd.log" || { cat "$STATE/cmd.log" >&2; exit 1; }
+        [ "$i" = 1 ] && cp "$STATE/cmd.log" "$BW/v2-$name.log"
+        read -r _ rss <"$STATE/t.agent"
+        bytes=$(tail -n +$((from + 1)) "$STATE/registry.log" | awk '$7 ~ /\/blobs\// && $6 == "\"GET" {b += $10} END {print b + 0}')
+        [ "$i" = 1 ] && fingerprint "$d/a" >"$BW/fp.$name"
+        echo -e "$name\t$i\t$(echo "$e - $s" | bc)\t$rss\t$bytes" >>"$BW_RESULTS"
+        drop_fs "$mnt"
+        # The next run starts from v1 again.
+        "$SLUICE" channel rollback --product bench --channel "bw$n" --version 7.$n.1 >/dev/null
+      done
+      if ! cmp -s "$BW/fp.$name" "$BW/fp.v2"; then
+        echo "error: $name: the slot differs from v2's tree" >&2
+        exit 1
+      fi
+      echo "    $name: $(grep -P "^$name\t" "$BW_RESULTS" | cut -f3,5 | tr '\n\t' '; ')"
+    done
+  done
+  # The reference: skopeo + umoci pull v2 (4 gzip layers) whole.
+  for i in $(seq 1 "$RUNS"); do
+    mnt="$STATE/mnt"
+    fresh_fs tmpfs "$mnt"
+    from=$(wc -l <"$STATE/registry.log")
+    s=$(now)
+    skopeo copy -q --src-tls-verify=false "docker://$REPO:bw-layers4-gzip-2" "oci:$mnt/layout:t"
+    umoci raw unpack --rootless --image "$mnt/layout:t" "$mnt/rootfs" >/dev/null
+    sync
+    e=$(now)
+    bytes=$(tail -n +$((from + 1)) "$STATE/registry.log" | awk '$7 ~ /\/blobs\// && $6 == "\"GET" {b += $10} END {print b + 0}')
+    echo -e "reference\t$i\t$(echo "$e - $s" | bc)\t0\t$bytes" >>"$BW_RESULTS"
+    drop_fs "$mnt"
+  done
+  # What changed, compressed: the zstd:chunked v2 files whose digest v1
+  # lacks, and the tables of contents (from the layouts themselves).
+  "$PY" - "$BW" >"$BW/changed.json" <<'PY'
+import json, subprocess, sys
+bw = sys.argv[1]
+def tocs(layout):
+    idx = json.load(open(f"{layout}/index.json"))
+    m = json.load(open(f"{layout}/blobs/sha256/{idx['manifests'][0]['digest'][7:]}"))
+    out = []
+    for l in m["layers"]:
+        off, length, _, _ = map(int, l["annotations"]["io.containers.zstd-chunked.manifest-position"].split(":"))
+        with open(f"{layout}/blobs/sha256/{l['digest'][7:]}", "rb") as f:
+            f.seek(off)
+            raw = f.read(length)
+        toc = json.loads(subprocess.run(["zstd", "-dc"], input=raw, capture_output=True, check=True).stdout)
+        out.append((length, toc["entries"]))
+    return out
+res = {}
+for layering in ["layers4", "squashed"]:
+    v1 = tocs(f"{bw}/{layering}-zstd-chunked-1")
+    v2 = tocs(f"{bw}/{layering}-zstd-chunked-2")
+    held = {e["digest"] for _, es in v1 for e in es if e.get("digest")}
+    changed = sum(e["endOffset"] - e["offset"] for _, es in v2 for e in es
+                  if e["type"] == "reg" and e.get("size", 0) > 0 and e["digest"] not in held)
+    files = sum(1 for _, es in v2 for e in es if e["type"] == "reg" and e.get("size", 0) > 0 and e["digest"] not in held)
+    res[layering] = {"changed_bytes": changed, "changed_files": files, "toc_bytes": sum(n for n, _ in v2)}
+json.dump(res, sys.stdout)
+PY
+  export BW_RESULTS BW_CHANGED="$BW/changed.json" BW_DIR="$BW"
+fi
+
 # ---- benchmark 6: fleet simulation ----
 if [ "$DO_FLEET" = 1 ]; then
   echo "==> benchmark 6: fleet simulation with $DEVICES devices"
@@ -315,7 +449,8 @@ export SLUICE_BENCH_COMPARE=${SLUICE_BENCH_COMPARE:-} SLUICE_BENCH_COMPARE_LABEL
 export RESULTS OUT PNG TAR_MB GZ_MB FILES RUNS DEVICES SMOKE PROFILE SCALE DIGEST
 export BIN_BYTES=${BIN_BYTES:-} STRIPPED_BYTES=${STRIPPED_BYTES:-} IDLE_KB=${IDLE_KB:-} IDLE2_KB=${IDLE2_KB:-} IDLE_HWM_KB=${IDLE_HWM_KB:-}
 export FLEET_JSON=$([ "$DO_FLEET" = 1 ] && echo "$STATE/fleet.json" || echo "")
-export DO_UPGRADE DO_FOOT DO_FLEET POLL_S
+export DO_UPGRADE DO_FOOT DO_FLEET DO_BW POLL_S
+export BW_RESULTS=${BW_RESULTS:-} BW_CHANGED=${BW_CHANGED:-} BW_DIR=${BW_DIR:-}
 export PUBLISH_S=$(echo "$t1 - $t0" | bc)
 export CPU_MODEL=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo) NPROC=$(nproc) MEM_GB=$(free -g | awk '/Mem:/{print $2}')
 export KERNEL=$(uname -r) LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -2,7 +2,7 @@
 """Writes an OS-like OCI image layout, deterministically (same bytes for the
 same arguments and zlib), for the agent benchmark.
 
-    bench/mkimage.py OUT_DIR [--scale 1.0] [--version 1.0.0]
+    bench/mkimage.py OUT_DIR [--scale 1.0] [--version 1.0.0] [--update 0.02]
 
 Four gzip layers (level 6), about 500 MB of tar at scale 1:
   1. base:        ~36 000 small text-like files (100 B - 16 KB) in ~3 000
@@ -13,6 +13,9 @@ Four gzip layers (level 6), about 500 MB of tar at scale 1:
   4. data:        incompressible firmware blobs, whiteouts (file and opaque)
                   and a new etc/os-release
 The layout (oci-layout, index.json, blobs/sha256/...) is tagged VERSION.
+--update F makes the next version of the same image (same seed), as a
+package update would: about F of the regular files rewritten in part (same
+size, new bytes), a tenth of that many removed and as many added.
 Prints a JSON summary (digests, sizes, file counts) on stdout.
 """
 
@@ -224,8 +227,33 @@ def layer_data(seed, scale, version):
     return L
 
 
+def update(L, seed, fraction):
+    """Rewrites about `fraction` of L's regular files in part, removes a
+    tenth of that many (never a hard link's target) and adds as many."""
+    rng = random.Random(seed)
+    linked = {ti.linkname for _, ti, _ in L.entries if ti.type == tarfile.LNKTYPE}
+    out = []
+    regular = [e for e in L.entries if e[1].type == tarfile.REGTYPE and e[2] and len(e[2]) < 256 << 10]
+    for path, ti, data in L.entries:
+        name = "/".join(path)
+        if ti.type == tarfile.REGTYPE and data and ".wh." not in name:
+            r = rng.random()
+            if r < fraction / 10 and name not in linked:
+                L.files -= 1
+                continue
+            if r < fraction:
+                cut = rng.randrange(len(data))
+                n = min(len(data) - cut, max(16, len(data) // 8))
+                data = data[:cut] + rng.randbytes(n) + data[cut + n:]
+        out.append((path, ti, data))
+    L.entries = out
+    for i in range(max(1, int(len(regular) * fraction / 10)) if regular else 0):
+        _, ti, data = regular[rng.randrange(len(regular))]
+        L.file(f"usr/share/bench-update/new{i}.bin", rng.randbytes(16) + data, mode=ti.mode)
+
+
 def build(args):
-    idx, seed, scale, version = args
+    idx, seed, scale, version, fraction = args
     if idx == 0:
         L = layer_base(seed, scale)
     elif idx == 1:
@@ -234,6 +262,8 @@ def build(args):
         L = layer_large(seed, scale)
     else:
         L = layer_data(seed, scale, version)
+    if fraction > 0:
+        update(L, f"{seed}-{version}", fraction)
     files = L.files
     tar = L.finish()
     # gzip as `gzip -6 -n` would: no name, mtime 0.
@@ -265,9 +295,10 @@ def main():
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--update", type=float, default=0.0)
     a = ap.parse_args()
     os.makedirs(os.path.join(a.out, "blobs", "sha256"), exist_ok=True)
-    jobs = [(i, a.seed * 100 + i, a.scale, a.version) for i in range(4)]
+    jobs = [(i, a.seed * 100 + i, a.scale, a.version, a.update) for i in range(4)]
     with ProcessPoolExecutor(max_workers=2) as ex:
         layers = list(ex.map(build, jobs))
     descs = []
