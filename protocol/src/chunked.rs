@@ -17,7 +17,7 @@ use std::io::Read;
 
 /// Ranges of files to fetch closer than this are fetched in one request,
 /// gap and all.
-pub const MAX_GAP: u64 = 64 << 10;
+pub const MAX_GAP: u64 = 4 << 10;
 /// Most bytes one range request asks for.
 pub const MAX_REQUEST: u64 = 64 << 20;
 

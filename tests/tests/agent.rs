@@ -878,7 +878,7 @@ async fn a_chunked_release_is_pulled_partially_as_the_server_estimates(pool: PgP
         p["partial_layers"].as_u64().unwrap() >= 1 && p["full_layers"] == 0,
         "{t}"
     );
-    // (These images are small: the changed files' neighbours within 64 KiB
+    // (These images are small: the changed files' neighbours within 4 KiB
     // come along, so most of the blob is fetched. `agent/tests/upgrade.rs`
     // shows the saving on a bigger one.)
     assert!(expected < head, "{t}");
