@@ -252,6 +252,14 @@ def main():
         )
         w("```")
         w("")
+    only_bw = all(E.get(k) != "1" for k in ("DO_UPGRADE", "DO_FOOT", "DO_FLEET"))
+    if only_bw and os.path.exists(E["OUT"]):
+        # `--only-bandwidth`: the other sections stay as the last full run
+        # wrote them; section 7 is replaced (or added at the end).
+        old = open(E["OUT"]).read()
+        cut = old.find("## 7. Bandwidth")
+        L = [(old if cut < 0 else old[:cut]).rstrip("\n"), ""]
+        w = L.append
     if E.get("DO_BW") == "1" and E.get("BW_RESULTS"):
         bandwidth(w)
     with open(E["OUT"], "w") as f:
