@@ -278,6 +278,13 @@ def bandwidth(w):
     w("## 7. Bandwidth: a v1 → v2 upgrade by compression")
     w("")
     w(
+        f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit `{E.get('COMMIT', '?')}`, "
+        f"`{E.get('PROFILE', 'release')}` build, load average at the end {E.get('LOADAVG', '?')}"
+        f"{' (SMOKE RUN: tiny image, debug build, figures meaningless)' if E.get('SMOKE') == '1' else ''}. "
+        "Rerun alone: `bench/agent.sh --only-bandwidth [--runs N]`."
+    )
+    w("")
+    w(
         f"v1 is the image of benchmark 4; v2 is `bench/mkimage.py --scale {E.get('SCALE')} --version 2.0.0 --update 0.02` "
         "(the same seed: about 2 % of the regular files rewritten in part, a tenth of that many removed and as many "
         "added, as a package update does). Each as 4 layers and squashed into one layer (the worst case for layer "
