@@ -529,16 +529,19 @@ impl Device {
         crate::fsutil::remove_durably(&index_path(slot))
             .with_context(|| format!("removing {}", index_path(slot).display()))?;
         let tocs = self.tables_of_contents(&registry, &image, &manifest);
-        let booted_root = if self.cfg.registry.partial_pulls && tocs.iter().any(Option::is_some) {
-            open_root(self.cfg.booted_root(slot.other()))
-        } else {
-            None
-        };
-        let index = crate::chunked::Index::load(&index_path(slot.other()));
-        let partial = |tocs: &[Option<Toc>]| {
-            tocs.iter()
-                .map(|t| {
-                    let toc = t.clone()?;
+        // What the slot will hold, known before the tables move into the plans.
+        let new_index = tocs
+            .iter()
+            .any(Option::is_some)
+            .then(|| crate::chunked::Index::from_tocs(tocs.iter().flatten()));
+        let mut written = Err(anyhow::anyhow!("not written"));
+        if self.cfg.registry.partial_pulls && new_index.is_some() {
+            let booted_root = open_root(self.cfg.booted_root(slot.other()));
+            let index = crate::chunked::Index::load(&index_path(slot.other()));
+            let plans: Vec<Option<Partial<'_>>> = tocs
+                .into_iter()
+                .map(|toc| {
+                    let toc = toc?;
                     let plan = crate::chunked::plan(&toc, &index, booted_root.as_ref());
                     Some(Partial {
                         toc,
@@ -546,11 +549,8 @@ impl Device {
                         root: booted_root.as_ref(),
                     })
                 })
-                .collect::<Vec<_>>()
-        };
-        let mut written = Err(anyhow::anyhow!("not written"));
-        if self.cfg.registry.partial_pulls && tocs.iter().any(Option::is_some) {
-            let plans = partial(&tocs);
+                .collect();
+            drop(index);
             let (mut copied, mut fetched, mut requests) = ((0, 0), (0, 0), 0);
             for p in plans.iter().flatten() {
                 copied = (copied.0 + p.plan.copied.0, copied.1 + p.plan.copied.1);
@@ -577,8 +577,7 @@ impl Device {
             written = self.write_layers(&registry, &image, &manifest, slot, none);
         }
         written?;
-        if tocs.iter().any(Option::is_some) {
-            let index = crate::chunked::Index::from_tocs(tocs.iter().flatten());
+        if let Some(index) = new_index {
             let bytes = serde_json::to_vec(&index).context("encoding the contents index")?;
             crate::fsutil::write_atomic(&index_path(slot), &bytes)
                 .with_context(|| format!("writing {}", index_path(slot).display()))?;
