@@ -1402,12 +1402,14 @@ fn partial_case() -> PartialCase {
 }
 
 impl PartialCase {
-    /// Offers v2 and applies it; answers the agent's output and the bytes
-    /// and range answers the proxy passed.
-    fn apply_v2(&self) -> (String, u64, u64) {
+    /// Offers v2 and applies it; answers the agent's output, the bytes and
+    /// range answers the proxy passed, and how long the apply took.
+    fn apply_v2(&self) -> (String, u64, u64, std::time::Duration) {
         self.f.answer.lock().unwrap().offer = Some(offer(&self.f, &self.v2, "2.0.0"));
         self.f.answer.lock().unwrap().serial += 1;
+        let t0 = std::time::Instant::now();
         let out = ok_logged(&self.dev.run(&["apply"]));
+        let took = t0.elapsed();
         assert!(out.contains("applied 2.0.0"), "{out}");
         let (bytes, ranges) = self.proxy.take();
         assert_eq!(self.dev.reboot(), Slot::A);
@@ -1416,7 +1418,7 @@ impl PartialCase {
             umoci_tree(&self.v2_gzip),
             "slot A differs from umoci's unpack of v2"
         );
-        (out, bytes, ranges)
+        (out, bytes, ranges, took)
     }
 }
 
@@ -1429,7 +1431,7 @@ impl PartialCase {
 fn a_partial_pull_fetches_only_what_changed() {
     let c = partial_case();
     let layer = c.v2.size;
-    let (out, bytes, ranges) = c.apply_v2();
+    let (out, bytes, ranges, _) = c.apply_v2();
     assert!(!out.contains("partial pull failed"), "{out}");
     assert!(
         out.contains("partial pull: 324 files")
@@ -1490,7 +1492,7 @@ fn a_partial_pull_that_cannot_be_trusted_falls_back_to_a_full_one() {
     ] {
         let c = partial_case();
         c.proxy.set(tamper);
-        let (out, bytes, _) = c.apply_v2();
+        let (out, bytes, _, _) = c.apply_v2();
         assert!(
             out.contains("pulling it whole") || out.contains("partial pull failed"),
             "{tamper:?}: {out}"
@@ -1504,7 +1506,7 @@ fn a_partial_pull_that_cannot_be_trusted_falls_back_to_a_full_one() {
     let mut bytes = std::fs::read(&lib).unwrap();
     bytes[100] ^= 1;
     std::fs::write(&lib, bytes).unwrap();
-    let (out, _, _) = c.apply_v2();
+    let (out, _, _, _) = c.apply_v2();
     assert!(out.contains("partial pull failed"), "{out}");
     assert!(
         out.contains("usr/lib/lib5.so") || out.contains("hash"),
@@ -1520,7 +1522,8 @@ fn a_partial_pull_that_cannot_be_trusted_falls_back_to_a_full_one() {
 #[test]
 fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
     let c = partial_case();
-    c.apply_v2();
+    // How long a partial pull takes here: the kills fall within it.
+    let (_, _, _, full) = c.apply_v2();
     ok(&c.dev.run(&["mark-good"]));
     let v3_gzip = push_image(&[os_tree(3)], None);
     let v3 = common::recompress(&v3_gzip, "zstd:chunked");
@@ -1545,7 +1548,7 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20 + seed % 400));
+        std::thread::sleep(full.mul_f64((seed % 800) as f64 / 1000.0));
         if child.try_wait().unwrap().is_none() {
             rustix::process::kill_process(
                 rustix::process::Pid::from_child(&child),
