@@ -150,10 +150,36 @@ fn offer(f: &Fake, p: &Pushed, version: &str) -> Offer {
     }
 }
 
+/// The entries every test OS has: `usr/bin` with a set-id `su` and a hard
+/// link to it, a `bin` symlink, and a user's home with another owner.
+fn add_system(b: &mut tar::Builder<Vec<u8>>) {
+    use tar::EntryType::*;
+    let mut add =
+        |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
+            common::tar_entry(b, path, kind, mode, uid, data, link)
+        };
+    add("usr/", Directory, 0o755, 0, b"", None);
+    add("usr/bin/", Directory, 0o755, 0, b"", None);
+    add("usr/bin/su", Regular, 0o4755, 0, b"\x7fELF su", None);
+    add("usr/bin/sudo", Link, 0o4755, 0, b"", Some("usr/bin/su"));
+    add("bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
+    add("home/", Directory, 0o755, 0, b"", None);
+    add("home/user/", Directory, 0o700, 1000, b"", None);
+    add(
+        "home/user/.profile",
+        Regular,
+        0o644,
+        1000,
+        b"export A=1\n",
+        None,
+    );
+}
+
 /// An OS-like image: a base layer, and an upper layer with a whiteout, an
 /// opaque directory, a replaced file and owners.
 fn os_layers() -> Vec<Layer> {
     let mut b = tar::Builder::new(Vec::new());
+    add_system(&mut b);
     let mut add =
         |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
             common::tar_entry(&mut b, path, kind, mode, uid, data, link)
@@ -169,24 +195,9 @@ fn os_layers() -> Vec<Layer> {
         None,
     );
     add("etc/old.conf", Regular, 0o600, 0, b"old", None);
-    add("usr/", Directory, 0o755, 0, b"", None);
-    add("usr/bin/", Directory, 0o755, 0, b"", None);
-    add("usr/bin/su", Regular, 0o4755, 0, b"\x7fELF su", None);
-    add("usr/bin/sudo", Link, 0o4755, 0, b"", Some("usr/bin/su"));
-    add("bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
     add("var/", Directory, 0o755, 0, b"", None);
     add("var/cache/", Directory, 0o755, 0, b"", None);
     add("var/cache/junk", Regular, 0o644, 0, b"junk", None);
-    add("home/", Directory, 0o755, 0, b"", None);
-    add("home/user/", Directory, 0o700, 1000, b"", None);
-    add(
-        "home/user/.profile",
-        Regular,
-        0o644,
-        1000,
-        b"export A=1\n",
-        None,
-    );
     for i in 0..200 {
         add(
             &format!("usr/share/doc/f{i}"),
@@ -1233,6 +1244,7 @@ impl Proxy {
 /// files and drops one: a package update.
 fn os_tree(version: u32) -> Layer {
     let mut b = tar::Builder::new(Vec::new());
+    add_system(&mut b);
     let mut add =
         |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
             common::tar_entry(&mut b, path, kind, mode, uid, data, link)
@@ -1256,21 +1268,6 @@ fn os_tree(version: u32) -> Layer {
         0o644,
         0,
         format!("ID=acme\nVERSION_ID={version}\n").as_bytes(),
-        None,
-    );
-    add("usr/", Directory, 0o755, 0, b"", None);
-    add("usr/bin/", Directory, 0o755, 0, b"", None);
-    add("usr/bin/su", Regular, 0o4755, 0, b"\x7fELF su", None);
-    add("usr/bin/sudo", Link, 0o4755, 0, b"", Some("usr/bin/su"));
-    add("bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
-    add("home/", Directory, 0o755, 0, b"", None);
-    add("home/user/", Directory, 0o700, 1000, b"", None);
-    add(
-        "home/user/.profile",
-        Regular,
-        0o644,
-        1000,
-        b"export A=1\n",
         None,
     );
     add("usr/lib/", Directory, 0o755, 0, b"", None);
