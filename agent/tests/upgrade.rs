@@ -639,21 +639,14 @@ fn interrupted_upgrades_never_tear_anything() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(at);
-        if let Some(_done) = child.try_wait().unwrap() {
+        if kill_after(&mut child, at) {
+            kills += 1;
+        } else {
             // A run that finished before its moment shows an apply is
             // quicker than the probe was (a cold first run): aim the next
             // kills within the quicker time, so most runs are cut.
             full = full.min(started.elapsed());
-        } else {
-            rustix::process::kill_process(
-                rustix::process::Pid::from_child(&child),
-                rustix::process::Signal::KILL,
-            )
-            .unwrap();
-            kills += 1;
         }
-        let _ = child.wait();
         assert_eq!(tree(&dev.path("a")), a_before, "the active slot changed");
         let env = dev.grubenv();
         if let Some(env) = env {
@@ -712,6 +705,22 @@ fn upgrade_into_image_slot() {
 
 /// Reads the daemon's standard error until a line holds `want`; panics with
 /// everything it said if it exits first.
+/// Waits `at`, then SIGKILLs `child` unless it has ended; answers whether
+/// it was killed. Either way the child is reaped.
+fn kill_after(child: &mut std::process::Child, at: std::time::Duration) -> bool {
+    std::thread::sleep(at);
+    let running = child.try_wait().unwrap().is_none();
+    if running {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(child),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+    }
+    let _ = child.wait();
+    running
+}
+
 fn wait_for_line(child: &mut std::process::Child, want: &str) -> String {
     use std::io::BufRead;
     let err = child.stderr.take().expect("stderr is piped");
@@ -1556,16 +1565,9 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
             .unwrap();
         // v3 differs from v2 in fewer files than v2 from v1: its pull is
         // shorter than the one measured.
-        std::thread::sleep(full.mul_f64((seed % 400) as f64 / 1000.0));
-        if child.try_wait().unwrap().is_none() {
-            rustix::process::kill_process(
-                rustix::process::Pid::from_child(&child),
-                rustix::process::Signal::KILL,
-            )
-            .unwrap();
+        if kill_after(&mut child, full.mul_f64((seed % 400) as f64 / 1000.0)) {
             kills += 1;
         }
-        let _ = child.wait();
         assert_eq!(tree(&c.dev.path("a")), a_before, "the running slot changed");
         assert_eq!(
             std::fs::read(c.dev.path("state/contents-A.json")).unwrap(),
