@@ -5,7 +5,7 @@ same arguments and zlib), for the agent benchmark.
     bench/mkimage.py OUT_DIR [--scale 1.0] [--version 1.0.0] [--update 0.02]
 
 Four gzip layers (level 6), about 500 MB of tar at scale 1:
-  1. base:        ~36 000 small text-like files (100 B - 16 KB) in ~3 000
+  1. base:        ~31 000 small text-like files (100 B - 16 KB) in ~3 000
                   folders, symlinks, hard links, a setuid file, another owner
   2. libraries:   ~1 300 shared-library-like files (20 KB - 2 MB, about 2:1
                   compressible) and their .so symlinks
@@ -141,6 +141,13 @@ class Layer:
         self._add(path, ti)
 
     def finish(self):
+        # One entry per path, the last one given (as unpacking the tar would
+        # leave it): an OS layer does not carry a file twice.
+        last = {}
+        for e in self.entries:
+            last[e[0]] = e
+        self.entries = list(last.values())
+        self.files = sum(1 for _, ti, _ in self.entries if ti.type == tarfile.REGTYPE)
         buf = io.BytesIO()
         tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT)
         for _, ti, data in sorted(self.entries, key=lambda e: e[0]):
@@ -239,7 +246,6 @@ def update(L, seed, fraction):
         if ti.type == tarfile.REGTYPE and data and ".wh." not in name:
             r = rng.random()
             if r < fraction / 10 and name not in linked:
-                L.files -= 1
                 continue
             if r < fraction:
                 cut = rng.randrange(len(data))
@@ -264,8 +270,8 @@ def build(args):
         L = layer_data(seed, scale, version)
     if fraction > 0:
         update(L, f"{seed}-{version}", fraction)
-    files = L.files
     tar = L.finish()
+    files = L.files
     # gzip as `gzip -6 -n` would: no name, mtime 0.
     gz = io.BytesIO()
     with gzip.GzipFile(fileobj=gz, mode="wb", compresslevel=6, mtime=0) as g:
