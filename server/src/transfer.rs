@@ -58,11 +58,9 @@ pub struct PlatformTransfer {
     pub note: String,
 }
 
-/// A table of contents, its own compressed length, and each file's content
-/// digest and compressed range.
+/// A table of contents and its own compressed length.
 struct Summary {
     length: u64,
-    files: Vec<(String, u64, u64)>,
     toc: sluice_protocol::chunked::Toc,
 }
 
@@ -86,12 +84,7 @@ async fn summary(
         .table_of_contents()
         .and_then(|l| l.ok())
         .map_or(0, |l| l.length);
-    let files = toc
-        .entries
-        .iter()
-        .filter_map(|e| e.content.clone())
-        .collect();
-    let s = Arc::new(Summary { length, files, toc });
+    let s = Arc::new(Summary { length, toc });
     let mut cache = state.transfer.0.lock().expect("cache");
     if cache.len() >= CACHE_LAYERS {
         cache.clear();
@@ -160,8 +153,10 @@ async fn estimate(
                 Ok(s) => Some(
                     s.length
                         + coalesce(
-                            s.files
+                            s.toc
+                                .entries
                                 .iter()
+                                .filter_map(|e| e.content.as_ref())
                                 .filter(|(d, _, _)| !held.contains(d))
                                 .map(|(_, start, end)| (*start, *end)),
                         )
