@@ -14,7 +14,7 @@ use crate::failpoint;
 use crate::pipeline::Partial;
 use crate::registry::{ImageRef, Registry};
 use crate::server::{Expect, Server, check_offer};
-use crate::state::{Credentials, Step, Store, Target, UpdateState};
+use crate::state::{Credentials, StateLock, Step, Store, Target, UpdateState};
 use crate::unpack::{UnpackOptions, Unpacker};
 use anyhow::{Context, bail};
 use sluice_protocol::{
@@ -58,6 +58,7 @@ pub struct Device {
     /// The persisted state.
     pub store: Store,
     server: Server,
+    _lock: StateLock,
 }
 
 /// A random nonce of 32 URL-safe characters.
@@ -83,7 +84,10 @@ fn run_cmd(argv: &[String]) -> anyhow::Result<()> {
 
 impl Device {
     /// Opens a device from its configuration.
+    /// Takes the state folder's lock first (see [`StateLock`]): a device
+    /// is one command's, or one daemon turn's.
     pub fn open(cfg: Config) -> anyhow::Result<Device> {
+        let lock = StateLock::take(&cfg.state_dir)?;
         let store = Store::open(&cfg.state_dir)?;
         let trust = crate::trust::Trust::open(&cfg.keys, &cfg.state_dir)?;
         let server = Server::new(&cfg.server, cfg.server_ca.as_deref())?;
@@ -92,6 +96,7 @@ impl Device {
             trust,
             store,
             server,
+            _lock: lock,
         })
     }
 
@@ -558,7 +563,7 @@ impl Device {
                 requests += p.plan.requests.len();
             }
             crate::log(&format!(
-                "partial pull: {} files ({} bytes) copied from slot {}, {} files fetched in {requests} range requests ({} bytes)",
+                "partial pull: {} files ({} bytes) copied from slot {}, {} files fetched in {requests} ranges ({} bytes)",
                 copied.0,
                 copied.1,
                 slot.other(),

@@ -19,7 +19,12 @@
 //! the agent's index says a file there has the same digest, or from a range
 //! of the blob; either way they are hashed as they pass and a file whose
 //! bytes do not match the table's digest and size fails the layer. Ranges
-//! of neighbouring files are fetched together (gaps under [`MAX_GAP`]). The
+//! of neighbouring files are fetched together (gaps under [`MAX_GAP`]), and
+//! up to [`RANGES_PER_REQUEST`] ranges in one request, answered as
+//! `multipart/byteranges` (a registry answers each request after a few
+//! milliseconds of its own work: one request per range would cost more
+//! than the bytes); a registry that does not serve several ranges at once
+//! is asked one range at a time. On any failure the
 //! caller then writes the whole image again with full pulls: a registry or
 //! proxy that answers 200 instead of 206, a wrong `Content-Range` or length,
 //! a local file that changed, a table that does not describe the layer all
@@ -41,6 +46,10 @@ pub use sluice_protocol::chunked::{
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
+
+/// Most ranges asked for in one request: the `Range` header stays a few
+/// KiB, which proxies and registries accept.
+pub const RANGES_PER_REQUEST: usize = 100;
 
 /// The table's location when `d` is a `zstd:chunked` layer (`None` for any
 /// other layer), or why its annotations cannot be used.
@@ -254,6 +263,18 @@ impl Read for Slice {
     }
 }
 
+/// Reads and drops exactly `n` bytes of `body`.
+fn skip(body: &mut Box<dyn Read + Send>, n: u64) -> std::io::Result<()> {
+    let skipped = std::io::copy(&mut body.take(n), &mut std::io::sink())?;
+    if skipped != n {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the range answer ended {} bytes early", n - skipped),
+        ));
+    }
+    Ok(())
+}
+
 type Inflated = zstd::stream::read::Decoder<'static, std::io::BufReader<Slice>>;
 
 /// A part of the synthesized stream.
@@ -279,10 +300,18 @@ pub struct ChunkedTar<'a> {
     root: Option<&'a OwnedFd>,
     entries: std::vec::IntoIter<Entry>,
     local: std::vec::IntoIter<Option<String>>,
-    requests: std::vec::IntoIter<(u64, u64)>,
+    /// The planned ranges, and the next one to read.
+    requests: Vec<(u64, u64)>,
+    next: usize,
     /// The open range answer, the blob offset its body stands at, and where
-    /// it ends.
+    /// its current range ends.
     range: Option<(Box<dyn Read + Send>, u64, u64)>,
+    /// When the open answer is multipart: its boundary and how many of its
+    /// ranges are still to come.
+    multipart: Option<(String, usize)>,
+    /// The registry answered a multi-range request with something else: one
+    /// range per request from then on.
+    single: bool,
     parts: std::collections::VecDeque<Part>,
     ended: bool,
 }
@@ -304,41 +333,47 @@ impl<'a> ChunkedTar<'a> {
             root,
             entries: toc.entries.into_iter(),
             local: plan.local.into_iter(),
-            requests: plan.requests.into_iter(),
+            requests: plan.requests,
+            next: 0,
             range: None,
+            multipart: None,
+            single: false,
             parts: Default::default(),
             ended: false,
         }
     }
 
     /// The compressed bytes `[start, end)` of the blob, from the open range
-    /// answer or the next planned one, and where that answer ends.
+    /// answer or the next planned range, and where that range ends.
     fn slice(&mut self, start: u64, end: u64) -> std::io::Result<(Slice, u64)> {
         if self.range.as_ref().is_none_or(|(_, _, r_end)| end > *r_end) {
-            let (s, e) = self.requests.next().ok_or_else(|| {
+            let (s, e) = *self.requests.get(self.next).ok_or_else(|| {
                 std::io::Error::other("the layer plan has no range left for a file")
             })?;
+            self.next += 1;
             if start < s || end > e {
                 return Err(std::io::Error::other(
                     "a file lies outside its planned range",
                 ));
             }
-            let body = self
-                .registry
-                .range(self.image, self.layer, s, e)
-                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            let body = match (self.range.take(), self.multipart.as_mut()) {
+                // The next part of the open multipart answer.
+                (Some((mut body, at, r_end)), Some((boundary, left))) if *left > 0 => {
+                    *left -= 1;
+                    skip(&mut body, r_end - at)?;
+                    crate::registry::read_part_header(&mut body, boundary, (s, e), self.layer.size)
+                        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+                    body
+                }
+                _ => self.request(s, e)?,
+            };
             self.range = Some((body, s, e));
         }
         let (mut body, at, r_end) = self.range.take().expect("a range is open");
         if start < at {
             return Err(std::io::Error::other("file ranges out of order"));
         }
-        let mut gap = Slice {
-            body,
-            left: start - at,
-        };
-        std::io::copy(&mut gap, &mut std::io::sink())?;
-        body = gap.body;
+        skip(&mut body, start - at)?;
         // The body comes back when the file ends (`Part::Remote`).
         Ok((
             Slice {
@@ -347,6 +382,53 @@ impl<'a> ChunkedTar<'a> {
             },
             r_end,
         ))
+    }
+
+    /// Asks for the planned range `[s, e)` and those after it, up to
+    /// [`RANGES_PER_REQUEST`] of them and [`MAX_REQUEST`] bytes in all, in
+    /// one request; answers the body standing at `s`.
+    fn request(&mut self, s: u64, e: u64) -> std::io::Result<Box<dyn Read + Send>> {
+        let io = |e: anyhow::Error| std::io::Error::other(format!("{e:#}"));
+        self.multipart = None;
+        let mut batch = vec![(s, e)];
+        let mut bytes = e - s;
+        if !self.single {
+            for &(s2, e2) in &self.requests[self.next..] {
+                if batch.len() >= RANGES_PER_REQUEST || bytes + (e2 - s2) > MAX_REQUEST {
+                    break;
+                }
+                batch.push((s2, e2));
+                bytes += e2 - s2;
+            }
+        }
+        if batch.len() > 1 {
+            match self
+                .registry
+                .ranges(self.image, self.layer, &batch)
+                .map_err(io)?
+            {
+                Some((mut body, boundary)) => {
+                    crate::registry::read_part_header(
+                        &mut body,
+                        &boundary,
+                        (s, e),
+                        self.layer.size,
+                    )
+                    .map_err(io)?;
+                    self.multipart = Some((boundary, batch.len() - 1));
+                    return Ok(body);
+                }
+                None => {
+                    crate::log(
+                        "partial pull: the registry does not serve several ranges in one answer: one range per request",
+                    );
+                    self.single = true;
+                }
+            }
+        }
+        self.registry
+            .range(self.image, self.layer, s, e)
+            .map_err(io)
     }
 
     /// Queues the next entry's parts, or the end of the archive.

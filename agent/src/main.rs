@@ -101,6 +101,10 @@ fn real_main() -> anyhow::Result<u8> {
     }
     let cmd = cmd.with_context(|| USAGE.to_string())?;
     let cfg = Config::load(&config)?;
+    if cmd == "run" {
+        run(cfg)?;
+        return Ok(0);
+    }
     let mut dev = Device::open(cfg)?;
     match cmd.as_str() {
         "enroll" => {
@@ -203,7 +207,6 @@ fn real_main() -> anyhow::Result<u8> {
                 );
             }
         }
-        "run" => run(&mut dev)?,
         other => anyhow::bail!("unknown command {other:?}; {USAGE}"),
     }
     Ok(0)
@@ -239,13 +242,20 @@ fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) -> bool {
     true
 }
 
-fn run(dev: &mut Device) -> anyhow::Result<()> {
+/// The daemon. The device (and with it the state folder's lock) is held for
+/// a turn and let go while waiting: the next turn reads the state afresh, so
+/// a `mark-good` or `clear-failed` run in between is neither missed nor
+/// overwritten.
+fn run(cfg: Config) -> anyhow::Result<()> {
     // A stop request lands between steps: an upgrade in progress finishes
     // (it is safe to kill anyway), a wait ends at once.
     let stop = stop_flag()?;
-    let mut daemon = Daemon::start(dev);
+    let mut daemon = Daemon::start(&mut Device::open(cfg.clone())?);
     while !stop.load(Ordering::Relaxed) {
-        let wait = match daemon.turn(dev) {
+        let mut dev = Device::open(cfg.clone())?;
+        let turn = daemon.turn(&mut dev);
+        drop(dev);
+        let wait = match turn {
             Turn::Poll(d) => jitter(d),
             Turn::AwaitReboot(Some(d)) => d,
             // Only the reboot (or a stop) ends this wait: exiting could

@@ -319,7 +319,7 @@ impl Registry {
         url: &str,
         accept: &str,
         size: u64,
-        range: Option<(u64, u64)>,
+        range: Option<&str>,
     ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
         let mut auth = self.basic(&r.host).map(|b| format!("Basic {b}"));
         for _ in 0..2 {
@@ -330,8 +330,8 @@ impl Registry {
                 .timeout_global(Some(self.deadline(size)))
                 .build()
                 .header("Accept", accept);
-            if let Some((start, end)) = range {
-                req = req.header("Range", &format!("bytes={start}-{}", end - 1));
+            if let Some(range) = range {
+                req = req.header("Range", range);
             }
             if let Some(a) = &auth {
                 req = req.header("Authorization", a);
@@ -511,7 +511,8 @@ impl Registry {
             );
         }
         let url = format!("{}/blobs/{}", self.base(r), d.digest);
-        let resp = self.get_range(r, &url, "*/*", end - start, Some((start, end)))?;
+        let header = format!("bytes={start}-{}", end - 1);
+        let resp = self.get_range(r, &url, "*/*", end - start, Some(&header))?;
         if resp.status() != 206 {
             bail!(
                 "registry answered {} to a range request for blob {} (partial pulls need 206)",
@@ -554,6 +555,143 @@ impl Registry {
             ),
         }))
     }
+}
+
+impl Registry {
+    /// Several byte ranges of a blob in one request (`Range: bytes=a-b,c-d`),
+    /// answered as `multipart/byteranges`: the body and its boundary, each
+    /// part to be read and checked in order ([`read_part_header`]). `None`
+    /// when the registry does not serve several ranges at once (it answered
+    /// 200, or a single range): the caller asks for one range at a time.
+    /// `ranges` must be ascending, apart and inside the blob.
+    pub fn ranges(
+        &self,
+        r: &ImageRef,
+        d: &Descriptor,
+        ranges: &[(u64, u64)],
+    ) -> anyhow::Result<Option<(Box<dyn Read + Send>, String)>> {
+        let mut last = 0;
+        for &(start, end) in ranges {
+            if start < last || start >= end || end > d.size {
+                bail!(
+                    "range {start}..{end} is out of order or outside blob {} ({} bytes)",
+                    d.digest,
+                    d.size
+                );
+            }
+            last = end;
+        }
+        let bytes: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+        let header = ranges
+            .iter()
+            .map(|(s, e)| format!("{s}-{}", e - 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let url = format!("{}/blobs/{}", self.base(r), d.digest);
+        let resp = self.get_range(r, &url, "*/*", bytes, Some(&format!("bytes={header}")))?;
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let boundary = ctype
+            .strip_prefix("multipart/byteranges")
+            .and_then(|rest| {
+                rest.split(';')
+                    .find_map(|p| p.trim().strip_prefix("boundary="))
+            })
+            .map(|b| b.trim_matches('"').to_string());
+        match (status, boundary) {
+            (206, Some(b)) if !b.is_empty() && b.len() <= 70 => {
+                // Each part's headers take well under 512 bytes.
+                let limit = bytes + 512 * (ranges.len() as u64 + 1);
+                Ok(Some((
+                    Box::new(std::io::BufReader::with_capacity(
+                        64 << 10,
+                        Paced {
+                            inner: resp.into_body().into_reader().take(limit),
+                            what: format!(
+                                "registry {} too slow: {bytes} bytes of blob {} did not arrive within {} s",
+                                r.host,
+                                d.digest,
+                                self.deadline(bytes).as_secs()
+                            ),
+                        },
+                    )),
+                    b,
+                )))
+            }
+            (200 | 206, _) => Ok(None),
+            (s, _) => bail!(
+                "registry answered {s} to a range request for blob {}",
+                d.digest
+            ),
+        }
+    }
+}
+
+/// Reads the headers of the next part of a `multipart/byteranges` body
+/// (RFC 9110, 14.6): the boundary line, then header lines up to an empty
+/// one; the part must be the range `[start, end)` of a blob of `size`
+/// bytes. Lines and their number are bounded: a hostile registry cannot
+/// make it read without end.
+pub fn read_part_header(
+    body: &mut dyn Read,
+    boundary: &str,
+    (start, end): (u64, u64),
+    size: u64,
+) -> anyhow::Result<()> {
+    let mut line = || -> anyhow::Result<String> {
+        let mut l = Vec::new();
+        let mut b = [0u8];
+        loop {
+            if body.read(&mut b)? == 0 {
+                bail!("the multipart answer ended inside a part's headers");
+            }
+            if b[0] == b'\n' {
+                break;
+            }
+            l.push(b[0]);
+            if l.len() > 1024 {
+                bail!("a multipart header line is over 1024 bytes");
+            }
+        }
+        if l.last() == Some(&b'\r') {
+            l.pop();
+        }
+        Ok(String::from_utf8_lossy(&l).into_owned())
+    };
+    let delimiter = format!("--{boundary}");
+    let mut first = line()?;
+    // The CRLF that ends the previous part's data comes first.
+    if first.is_empty() {
+        first = line()?;
+    }
+    if first != delimiter {
+        bail!("the multipart answer has {first:?} where its boundary should be");
+    }
+    let want = format!("bytes {start}-{}/{size}", end - 1);
+    let mut range = None;
+    for _ in 0..16 {
+        let l = line()?;
+        if l.is_empty() {
+            return match range {
+                Some(got) if got == want => Ok(()),
+                Some(got) => {
+                    bail!("a multipart part is {got:?}, not the range asked for ({want:?})")
+                }
+                None => bail!("a multipart part has no Content-Range"),
+            };
+        }
+        if let Some((k, v)) = l.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-range")
+        {
+            range = Some(v.trim().to_string());
+        }
+    }
+    bail!("a multipart part has more than 16 header lines")
 }
 
 /// Says why a body read timed out: the slow-retrieval bound, not a network

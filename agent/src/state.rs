@@ -7,7 +7,7 @@ use crate::fsutil;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// A release written (or being written) to a slot.
@@ -234,6 +234,56 @@ impl Persisted {
     }
 }
 
+/// An exclusive lock on the state folder (`state_dir/agent.lock`), held
+/// for as long as a command runs and for each of the daemon's turns. At boot
+/// the boot-assessment service and the daemon start together, and an
+/// operator's `clear-failed` may run beside the daemon: each reads the state
+/// only once it holds the lock, so none acts on a state another changed, and
+/// none overwrites another's write. Released when dropped (or when the
+/// process dies: the kernel drops it with the file).
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    /// Takes the lock, waiting for another agent process to let it go.
+    pub fn take(state_dir: &Path) -> anyhow::Result<StateLock> {
+        use rustix::fs::{FlockOperation, flock};
+        make_state_dir(state_dir)?;
+        let path = state_dir.join("agent.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                crate::log(&format!(
+                    "waiting for another sluice-agent command to finish (it holds {})",
+                    path.display()
+                ));
+                flock(&file, FlockOperation::LockExclusive)
+                    .with_context(|| format!("locking {}", path.display()))?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+        Ok(StateLock { _file: file })
+    }
+}
+
+/// Makes the state folder if it is missing: private (0700), as it holds
+/// the device token.
+fn make_state_dir(state_dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| format!("creating state dir {}", state_dir.display()))
+}
+
 /// The state file and its contents.
 pub struct Store {
     path: PathBuf,
@@ -245,11 +295,7 @@ impl Store {
     /// Loads `state_dir/state.json`, or a fresh state. A state dir made
     /// here is private (0700): it holds the device token.
     pub fn open(state_dir: &Path) -> anyhow::Result<Store> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+        make_state_dir(state_dir)?;
         let path = state_dir.join("state.json");
         let data = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)

@@ -1117,6 +1117,10 @@ enum Tamper {
     /// Answers everything correctly, 150 ms late (so a pull lasts long
     /// enough to be killed in the middle).
     Slow,
+    /// Answers a request for several ranges with 200 and the whole blob,
+    /// as registries behind stores without multi-range support do; single
+    /// ranges as asked.
+    SingleRangesOnly,
 }
 
 /// An HTTP proxy in front of the real registry, as a mirror the agent is
@@ -1165,10 +1169,13 @@ impl Proxy {
                     std::thread::sleep(std::time::Duration::from_millis(150));
                 }
                 let mut req = upstream.get(&format!("http://{}{path}", registry()));
+                let several = headers.iter().any(|(k, v)| k == "range" && v.contains(','));
                 for (k, v) in &headers {
                     if k == "accept"
                         || k == "authorization"
-                        || (k == "range" && mode != Tamper::NoRanges)
+                        || (k == "range"
+                            && mode != Tamper::NoRanges
+                            && !(mode == Tamper::SingleRangesOnly && several))
                     {
                         req = req.header(k.as_str(), v.as_str());
                     }
@@ -1193,15 +1200,33 @@ impl Proxy {
                     .read_to_vec()
                     .unwrap();
                 let mut crange = crange;
+                let multipart = ctype
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("multipart/byteranges"));
                 if status == 206 {
                     r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     match mode {
+                        Tamper::WrongContentRange if multipart => {
+                            // The first part's range, moved by one byte.
+                            let text = String::from_utf8_lossy(&body).into_owned();
+                            let at = text.find("Content-Range: bytes ").unwrap() + 21;
+                            let dash = at + text[at..].find('-').unwrap();
+                            let first: u64 = text[at..dash].parse().unwrap();
+                            let moved = (first + 1).to_string();
+                            body.splice(at..dash, moved.into_bytes());
+                        }
                         Tamper::WrongContentRange => {
                             crange = Some(format!("bytes 0-{}/{}", body.len() - 1, body.len()));
                         }
                         Tamper::FlipByte if body.len() > 64 => {
                             let mid = body.len() / 2;
                             body[mid] ^= 0x5a;
+                        }
+                        Tamper::Short if multipart => {
+                            // The last part one byte short; the closing
+                            // boundary follows at once.
+                            let end = body.windows(4).rposition(|w| w == b"\r\n--").unwrap();
+                            body.remove(end - 1);
                         }
                         Tamper::Short => {
                             body.pop();
@@ -1457,9 +1482,10 @@ fn a_partial_pull_fetches_only_what_changed() {
         "fetched {bytes} bytes of a {layer}-byte layer (v1 took {})",
         c.v1_bytes
     );
-    // The table, then one request per group of neighbouring files.
+    // The table, then the four groups of neighbouring files in one
+    // multi-range request.
     assert!(
-        out.contains("in 4 range requests") && ranges == 5,
+        out.contains("in 4 ranges") && ranges == 2,
         "{ranges} range answers: {out}"
     );
     assert!(c.dev.path("state/contents-A.json").exists());
@@ -1488,6 +1514,20 @@ fn a_partial_pull_fetches_only_what_changed() {
         2,
         "a hard link"
     );
+}
+
+/// A registry that serves single ranges but answers a request for several
+/// with the whole blob: the agent asks for one range at a time, and the
+/// pull stays partial.
+#[test]
+fn a_registry_without_multi_range_answers_gets_one_range_per_request() {
+    let c = partial_case();
+    c.proxy.set(Tamper::SingleRangesOnly);
+    let (out, _, ranges, _) = c.apply_v2();
+    assert!(!out.contains("partial pull failed"), "{out}");
+    assert!(out.contains("one range per request"), "{out}");
+    // The table, then the four ranges one by one.
+    assert_eq!(ranges, 5, "{out}");
 }
 
 /// A registry or proxy that ignores ranges, names the wrong range, serves
@@ -1599,4 +1639,99 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
     assert_eq!(ab(&c.dev).trial(), Some(Slot::B));
     assert_eq!(tree(&c.dev.path("b")), expected);
     assert!(c.dev.path("state/contents-B.json").exists());
+}
+
+/// Replaces the device's health check with `sh -c SCRIPT`.
+fn set_health(dev: &TestDevice, script: &str) {
+    let cfg = std::fs::read_to_string(&dev.config).unwrap();
+    let line = cfg
+        .lines()
+        .find(|l| l.starts_with("health_checks"))
+        .unwrap()
+        .to_string();
+    let with = format!("health_checks = [[\"sh\", \"-c\", {script:?}]]");
+    std::fs::write(&dev.config, cfg.replace(&line, &with)).unwrap();
+}
+
+/// At boot systemd starts the boot-assessment service (`mark-good`) and the
+/// daemon (`run`) together, and both assess a slot on trial. The state
+/// folder's lock makes one wait for the other, which then reads the state
+/// the first left: the slot is assessed once, `healthy` reported once.
+#[test]
+fn the_boot_assessment_and_the_daemon_assess_a_trial_once() {
+    let f = fake();
+    let r = start(f.clone());
+    let v2 = push_image(&os_layers(), None);
+    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
+    let dev = device(&f, &r, true, "dir");
+    ok(&dev.run(&["apply"]));
+    assert_eq!(dev.reboot(), Slot::B);
+    // Checks that take a while, as `systemctl is-system-running --wait` does.
+    set_health(&dev, "sleep 2");
+    let assessment = dev
+        .command(&["mark-good"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = dev.path("daemon.log");
+    let mut daemon = dev
+        .command(&["run"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let out = assessment.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // `status` takes the lock after the daemon's assessment and first turn.
+    ok(&dev.run(&["status"]));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(stop(&mut daemon).success());
+    let said = std::fs::read_to_string(&log).unwrap();
+    let mark_good = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("waiting for another sluice-agent command")
+            || mark_good.contains("waiting for another sluice-agent command"),
+        "neither waited for the other:\n{said}\n{mark_good}"
+    );
+    let healthy = r.events().iter().filter(|e| *e == "healthy").count();
+    assert_eq!(healthy, 1, "{:?}", r.events());
+    assert!(ab(&dev).is_known_good(Slot::B));
+}
+
+/// A command killed while it holds the lock (a power cut, an OOM kill)
+/// leaves nothing held: the kernel drops the lock with the process.
+#[test]
+fn a_killed_command_never_leaves_the_state_locked() {
+    let f = fake();
+    let r = start(f.clone());
+    let dev = device(&f, &r, true, "dir");
+    ok(&dev.run(&["status"]));
+    set_health(&dev, "sleep 60");
+    let mut holder = dev
+        .command(&["mark-good"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // `status` waits while `mark-good` runs its check...
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut waiting = dev
+        .command(&["status"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(waiting.try_wait().unwrap().is_none(), "status did not wait");
+    // ... and finishes once it is killed.
+    assert!(kill_after(&mut holder, std::time::Duration::ZERO));
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("waiting for another sluice-agent command"),
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("booted:"),
+        "{out:?}"
+    );
 }

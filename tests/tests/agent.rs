@@ -888,8 +888,7 @@ async fn a_chunked_release_is_pulled_partially_as_the_server_estimates(pool: PgP
     assert!(log.contains("applied 2.1.0"), "{log}");
     assert!(!log.contains("partial pull failed"), "{log}");
     // The server counts the requests the agent makes.
-    // The server counts the requests the agent makes.
-    let fetched = logged_number(&log, "range requests (");
+    let fetched = logged_number(&log, "ranges (");
     assert_eq!(
         fetched + tables,
         expected,
