@@ -534,11 +534,15 @@ impl Device {
         crate::fsutil::remove_durably(&index_path(slot))
             .with_context(|| format!("removing {}", index_path(slot).display()))?;
         let tocs = self.tables_of_contents(&registry, &image, &manifest);
-        // What the slot will hold, known before the tables move into the plans.
+        // What the slot will hold, known before the tables move into the
+        // plans; kept encoded (half the memory of the map) until the slot
+        // is whole.
         let new_index = tocs
             .iter()
             .any(Option::is_some)
-            .then(|| crate::chunked::Index::from_tocs(tocs.iter().flatten()));
+            .then(|| serde_json::to_vec(&crate::chunked::Index::from_tocs(tocs.iter().flatten())))
+            .transpose()
+            .context("encoding the contents index")?;
         let mut written = Err(anyhow::anyhow!("not written"));
         if self.cfg.registry.partial_pulls && new_index.is_some() {
             let booted_root = open_root(self.cfg.booted_root(slot.other()));
@@ -582,8 +586,7 @@ impl Device {
             written = self.write_layers(&registry, &image, &manifest, slot, none);
         }
         written?;
-        if let Some(index) = new_index {
-            let bytes = serde_json::to_vec(&index).context("encoding the contents index")?;
+        if let Some(bytes) = new_index {
             crate::fsutil::write_atomic(&index_path(slot), &bytes)
                 .with_context(|| format!("writing {}", index_path(slot).display()))?;
         }

@@ -188,10 +188,105 @@ pub struct Toc {
     pub entries: Vec<Entry>,
 }
 
-#[derive(Deserialize)]
-struct RawToc {
-    version: u32,
-    entries: Vec<RawEntry>,
+/// The table's top level as it is read: `version`, and `entries` checked
+/// and converted one by one ([`convert`]) as they come, at most
+/// [`MAX_TOC_ENTRIES`]; other keys are skipped. Why an entry was refused is
+/// kept in `refused`, in [`TocError`]'s words (serde's error would add a
+/// position to it).
+struct TocSeed<'a> {
+    data_limit: u64,
+    refused: &'a std::cell::RefCell<Option<String>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TocSeed<'_> {
+    type Value = (u32, Vec<Entry>);
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TocSeed<'_> {
+    type Value = (u32, Vec<Entry>);
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a table of contents")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut version, mut entries) = (None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "version" => version = Some(map.next_value::<u32>()?),
+                "entries" => {
+                    entries = Some(map.next_value_seed(EntriesSeed {
+                        data_limit: self.data_limit,
+                        refused: self.refused,
+                    })?)
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let version = version.ok_or_else(|| serde::de::Error::missing_field("version"))?;
+        let entries = entries.ok_or_else(|| serde::de::Error::missing_field("entries"))?;
+        Ok((version, entries))
+    }
+}
+
+struct EntriesSeed<'a> {
+    data_limit: u64,
+    refused: &'a std::cell::RefCell<Option<String>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Vec<Entry>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = Vec<Entry>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of entries")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Entry>, A::Error> {
+        let refuse = |msg: String| {
+            *self.refused.borrow_mut() = Some(msg.clone());
+            serde::de::Error::custom(msg)
+        };
+        let mut entries = Vec::new();
+        let mut data_end = 0u64;
+        let mut i = 0usize;
+        while let Some(raw) = seq.next_element::<RawEntry>()? {
+            if i >= MAX_TOC_ENTRIES {
+                return Err(refuse(format!(
+                    "the table of contents lists more than {MAX_TOC_ENTRIES} entries"
+                )));
+            }
+            if let Some(e) =
+                convert(i, raw, &mut data_end, self.data_limit).map_err(|e| refuse(e.0))?
+            {
+                entries.push(e);
+            }
+            i += 1;
+        }
+        entries.shrink_to_fit();
+        Ok(entries)
+    }
+}
+
+/// Counts the bytes read through it.
+struct Counted<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
 }
 
 #[derive(Deserialize)]
@@ -254,112 +349,142 @@ pub fn parse_toc(compressed: &[u8], loc: &TocLocation) -> Result<Toc, TocError> 
             loc.digest
         );
     }
-    let mut json = Vec::new();
     let mut decoder = zstd::stream::read::Decoder::new(compressed)
         .and_then(|mut d| d.window_log_max(ZSTD_WINDOW_LOG_MAX).map(|()| d))
         .map_err(|e| TocError(format!("decompressing the table of contents: {e}")))?;
-    (&mut decoder)
-        .take(MAX_TOC_BYTES + 1)
-        .read_to_end(&mut json)
+    // Parsed as it is decompressed, each entry checked and converted as it
+    // comes: the JSON text and its raw entries are never all in memory.
+    let mut counted = Counted {
+        inner: (&mut decoder).take(MAX_TOC_BYTES + 1),
+        n: 0,
+    };
+    let refused = std::cell::RefCell::new(None);
+    let seed = TocSeed {
+        data_limit: loc.offset,
+        refused: &refused,
+    };
+    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(&mut counted));
+    let raw =
+        serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|t| de.end().map(|()| t));
+    drop(de);
+    if counted.n > MAX_TOC_BYTES {
+        bail!("the table of contents decompresses to more than {MAX_TOC_BYTES} bytes");
+    }
+    let raw = raw.map_err(|e| match e.io_error_kind() {
+        Some(_) => TocError(format!("decompressing the table of contents: {e}")),
+        None => TocError(
+            refused
+                .take()
+                .unwrap_or_else(|| format!("the table of contents is not valid JSON: {e}")),
+        ),
+    })?;
+    let (version, entries) = raw;
+    // The JSON may end before the stream: what follows must be nothing.
+    let mut rest = [0u8; 1];
+    let trailing = counted
+        .inner
+        .read(&mut rest)
         .map_err(|e| TocError(format!("decompressing the table of contents: {e}")))?;
-    if json.len() as u64 != loc.uncompressed {
+    let total = counted.n + trailing as u64;
+    if total != loc.uncompressed || trailing > 0 {
         bail!(
             "the table of contents decompresses to {} bytes, not the {} its position says",
-            json.len(),
+            if trailing > 0 {
+                format!("more than {}", counted.n)
+            } else {
+                total.to_string()
+            },
             loc.uncompressed
         );
     }
-    let raw: RawToc = serde_json::from_slice(&json)
-        .map_err(|e| TocError(format!("the table of contents is not valid JSON: {e}")))?;
-    drop(json);
-    if raw.version != 1 {
-        bail!("table of contents version {} is not 1", raw.version);
-    }
-    if raw.entries.len() > MAX_TOC_ENTRIES {
-        bail!(
-            "the table of contents lists {} entries, more than {MAX_TOC_ENTRIES}",
-            raw.entries.len()
-        );
-    }
-    let mut entries = Vec::with_capacity(raw.entries.len());
-    let mut data_end = 0u64;
-    for (i, e) in raw.entries.into_iter().enumerate() {
-        let kind = match e.kind.as_str() {
-            "reg" => Kind::Reg,
-            "dir" => Kind::Dir,
-            "symlink" => Kind::Symlink,
-            "hardlink" => Kind::Hardlink,
-            "char" => Kind::Char,
-            "block" => Kind::Block,
-            "fifo" => Kind::Fifo,
-            // The pieces of a file already described whole by its entry.
-            "chunk" => continue,
-            other => bail!("table of contents entry {i} has unknown type {other:?}"),
-        };
-        let what = || format!("table of contents entry {i} ({:?})", e.name);
-        let mtime = match e.modtime.as_deref() {
-            None | Some("") => 0,
-            Some(t) => {
-                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                    .map_err(|e| TocError(format!("{}: modtime {t:?}: {e}", what())))?
-                    .unix_timestamp()
-            }
-        };
-        let mut xattrs = Vec::with_capacity(e.xattrs.len());
-        for (k, v) in e.xattrs {
-            let value = base64::engine::general_purpose::STANDARD
-                .decode(&v)
-                .map_err(|e| TocError(format!("{}: xattr {k:?} is not base64: {e}", what())))?;
-            xattrs.push((k, value));
-        }
-        let content = if kind == Kind::Reg && e.size > 0 {
-            if !crate::is_sha256_digest(&e.digest) {
-                bail!("{}: digest {:?} is not a sha256 digest", what(), e.digest);
-            }
-            if e.offset < data_end {
-                bail!(
-                    "{}: its range starts at {}, inside the one before (ending at {data_end}): ranges must ascend without overlap",
-                    what(),
-                    e.offset
-                );
-            }
-            if e.end_offset <= e.offset || e.end_offset > loc.offset {
-                bail!(
-                    "{}: range {}..{} is empty or outside the layer's data (0..{})",
-                    what(),
-                    e.offset,
-                    e.end_offset,
-                    loc.offset
-                );
-            }
-            if e.end_offset - e.offset > max_compressed(e.size) {
-                bail!(
-                    "{}: {} compressed bytes for a {}-byte file",
-                    what(),
-                    e.end_offset - e.offset,
-                    e.size
-                );
-            }
-            data_end = e.end_offset;
-            Some((e.digest, e.offset, e.end_offset))
-        } else {
-            None
-        };
-        entries.push(Entry {
-            kind,
-            name: e.name,
-            link: e.link_name,
-            mode: e.mode,
-            uid: e.uid,
-            gid: e.gid,
-            mtime,
-            size: if kind == Kind::Reg { e.size } else { 0 },
-            dev: (e.dev_major, e.dev_minor),
-            xattrs,
-            content,
-        });
+    if version != 1 {
+        bail!("table of contents version {version} is not 1");
     }
     Ok(Toc { entries })
+}
+
+/// Checks one entry of the table (the `i`th) and makes it an [`Entry`]
+/// (`None` for a chunk entry); `data_end` is where the previous file's
+/// range ended, and moves on.
+fn convert(
+    i: usize,
+    e: RawEntry,
+    data_end: &mut u64,
+    data_limit: u64,
+) -> Result<Option<Entry>, TocError> {
+    let kind = match e.kind.as_str() {
+        "reg" => Kind::Reg,
+        "dir" => Kind::Dir,
+        "symlink" => Kind::Symlink,
+        "hardlink" => Kind::Hardlink,
+        "char" => Kind::Char,
+        "block" => Kind::Block,
+        "fifo" => Kind::Fifo,
+        // The pieces of a file already described whole by its entry.
+        "chunk" => return Ok(None),
+        other => bail!("table of contents entry {i} has unknown type {other:?}"),
+    };
+    let what = || format!("table of contents entry {i} ({:?})", e.name);
+    let mtime = match e.modtime.as_deref() {
+        None | Some("") => 0,
+        Some(t) => time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .map_err(|e| TocError(format!("{}: modtime {t:?}: {e}", what())))?
+            .unix_timestamp(),
+    };
+    let mut xattrs = Vec::with_capacity(e.xattrs.len());
+    for (k, v) in e.xattrs {
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(&v)
+            .map_err(|e| TocError(format!("{}: xattr {k:?} is not base64: {e}", what())))?;
+        xattrs.push((k, value));
+    }
+    let content = if kind == Kind::Reg && e.size > 0 {
+        if !crate::is_sha256_digest(&e.digest) {
+            bail!("{}: digest {:?} is not a sha256 digest", what(), e.digest);
+        }
+        if e.offset < *data_end {
+            bail!(
+                "{}: its range starts at {}, inside the one before (ending at {}): ranges must ascend without overlap",
+                what(),
+                e.offset,
+                data_end
+            );
+        }
+        if e.end_offset <= e.offset || e.end_offset > data_limit {
+            bail!(
+                "{}: range {}..{} is empty or outside the layer's data (0..{})",
+                what(),
+                e.offset,
+                e.end_offset,
+                data_limit
+            );
+        }
+        if e.end_offset - e.offset > max_compressed(e.size) {
+            bail!(
+                "{}: {} compressed bytes for a {}-byte file",
+                what(),
+                e.end_offset - e.offset,
+                e.size
+            );
+        }
+        *data_end = e.end_offset;
+        Some((e.digest, e.offset, e.end_offset))
+    } else {
+        None
+    };
+    Ok(Some(Entry {
+        kind,
+        name: e.name,
+        link: e.link_name,
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        mtime,
+        size: if kind == Kind::Reg { e.size } else { 0 },
+        dev: (e.dev_major, e.dev_minor),
+        xattrs,
+        content,
+    }))
 }
 
 /// The regular files with content an image's layers leave, by path, from
