@@ -12,19 +12,17 @@
 
 #[path = "../../server/tests/common/mod.rs"]
 mod common;
-#[path = "../../server/tests/common/images.rs"]
-mod images;
+mod machine;
 
-use common::{TestApp, registry};
-use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use machine::{Fleet, Release, Vm, has_data, images, layer_of, say, sh, work_dir};
+
+use common::registry;
+use serde_json::json;
 use sluice_tests::agent_release_bin;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The test OS's versions and how each behaves (see `tests/vm/init`).
 const VERSIONS: [(&str, &str); 6] = [
@@ -44,31 +42,8 @@ const WRITE: Duration = Duration::from_secs(240);
 /// One machine at a time: software emulation is CPU-bound.
 static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A line on stderr that the test harness does not capture: the suite's
-/// timings show in every run.
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 fn mkvm() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/mkvm.sh")
-}
-
-fn work_dir() -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm");
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn sh(cmd: &mut std::process::Command) {
-    let out = cmd.output().expect("running tests/vm/mkvm.sh");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The OS images' root filesystems and their one-layer OCI form, built once
@@ -100,110 +75,31 @@ fn os_images() -> &'static OsImages {
     })
 }
 
-/// A folder as one gzip tar layer (owners 0:0, fixed times).
-fn layer_of(dir: &Path) -> images::Layer {
-    let mut b = tar::Builder::new(Vec::new());
-    b.mode(tar::HeaderMode::Deterministic);
-    b.follow_symlinks(false);
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    names.sort();
-    for name in names {
-        let p = dir.join(&name);
-        if p.is_dir() {
-            b.append_dir_all(&name, &p).unwrap();
-        } else {
-            b.append_path_with_name(&p, &name).unwrap();
-        }
-    }
-    let tar = b.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &tar).unwrap();
-    images::Layer {
-        data: gz.finish().unwrap(),
-        diff_id: images::digest(&tar),
-    }
-}
-
-/// A server with product `acme` (its repository on the host's registry),
-/// channel `stable`, the four versions pushed and published, 1.0.0 the head.
-struct Fleet {
-    app: TestApp,
-    ci: String,
-    secret: String,
-    keys: Value,
-    digests: Vec<String>,
-    name: &'static str,
-    started: Instant,
-    _lock: tokio::sync::MutexGuard<'static, ()>,
-}
-
+/// A server with the test OS's six versions published, 1.0.0 the head.
 async fn fleet(pool: PgPool, name: &'static str) -> Fleet {
     let lock = VM_LOCK.lock().await;
-    let started = Instant::now();
     // Built before the server starts: this blocks the thread.
     let os = os_images();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = common::config(dir.path().join("data"));
-    // Devices pick up promotions within about 2 s.
-    config.poll_after_s = 2;
-    let app = TestApp::spawn_with(pool, config, dir).await;
-    let reg = registry();
-    let repo_path = images::unique_repo("vm");
-    let mut digests = Vec::new();
-    for ((version, _), layer) in VERSIONS.iter().zip(&os.layers) {
-        let (d, _) = images::push_platform(
-            &reg,
-            &repo_path,
-            Some(version),
-            images::Format::Oci,
-            "amd64",
-            std::slice::from_ref(layer),
-        )
-        .await;
-        digests.push(d);
-    }
-    let repo = format!("{reg}/{repo_path}");
-    let secret = app.product("acme", &repo).await;
-    app.channel("acme", "stable").await;
-    let ci = app.publisher(&["acme"]).await;
-    for (i, (version, _)) in VERSIONS.iter().enumerate() {
-        let mut body = json!({"version": version, "image": format!("{repo}:{version}")});
-        if i == 0 {
-            body["channels"] = json!([{"name": "stable", "percent": 100}]);
-        }
-        let (s, b) = app.post("/v1/products/acme/releases", &ci, body).await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
-    }
-    let (_, keys) = app.call(Method::GET, "/v1/keys", None, None).await;
-    Fleet {
-        app,
-        ci,
-        secret,
-        keys,
-        digests,
-        name,
-        started,
-        _lock: lock,
-    }
+    let mut f = Fleet::start(pool, name, Some(lock)).await;
+    let releases: Vec<Release> = VERSIONS
+        .iter()
+        .zip(&os.layers)
+        .map(|((version, _), layer)| Release {
+            version: version.to_string(),
+            format: images::Format::Oci,
+            layers: vec![layer.clone()],
+        })
+        .collect();
+    f.publish(&releases).await;
+    f
 }
 
-impl Fleet {
-    /// Makes `version` the head at 100 %.
-    async fn promote(&self, version: &str) {
-        let (s, b) = self
-            .app
-            .post(
-                "/v1/products/acme/channels/stable/promote",
-                &self.ci,
-                json!({"version": version, "percent": 100}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
-    }
+/// This suite's disk.
+trait BusyboxDisk {
+    fn disk(&self) -> PathBuf;
+}
 
+impl BusyboxDisk for Fleet {
     /// A fresh disk: slot A holds 1.0.0, slot B nothing, and the persistent
     /// partition this device's agent.toml and trusted keys.
     fn disk(&self) -> PathBuf {
@@ -256,190 +152,6 @@ mirrors = {{ "{reg}" = "10.0.2.2:{reg_port}" }}
             .arg(&persist));
         disk
     }
-
-    /// The server's view of the one device, with its events oldest first.
-    async fn device(&self) -> (Value, Vec<String>) {
-        let (s, list) = self
-            .app
-            .get("/v1/devices?product=acme", &self.app.admin)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{list}");
-        let items = list["items"].as_array().unwrap();
-        assert_eq!(items.len(), 1, "one machine, one device: {list}");
-        let id = items[0]["id"].as_str().unwrap();
-        let (s, b) = self
-            .app
-            .get(&format!("/v1/devices/{id}"), &self.app.admin)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
-        let mut events: Vec<String> = b["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["kind"].as_str().unwrap().to_string())
-            .collect();
-        events.reverse();
-        (b, events)
-    }
-
-    /// Waits until the server shows the device with `status` on `version`.
-    async fn wait_status(&self, status: &str, version: &str, vm: &Vm) -> (Value, Vec<String>) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (s, list) = self
-                .app
-                .get("/v1/devices?product=acme", &self.app.admin)
-                .await;
-            assert_eq!(s, StatusCode::OK);
-            if !list["items"].as_array().unwrap().is_empty() {
-                let (view, events) = self.device().await;
-                if view["status"] == status && view["status_version"] == version {
-                    return (view, events);
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the server never showed {status} on {version}: {view}\n{}",
-                    vm.tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn channel(&self) -> Value {
-        let (s, b) = self
-            .app
-            .get("/v1/products/acme/channels/stable", &self.app.admin)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
-        b
-    }
-
-    fn done(&self) {
-        say(&format!(
-            "vm: {} took {:.1?} (server, disk and machine)",
-            self.name,
-            self.started.elapsed()
-        ));
-    }
-}
-
-/// A running `qemu-system-x86_64` and what it printed on its serial port.
-struct Vm {
-    child: tokio::process::Child,
-    console: Arc<Mutex<Vec<u8>>>,
-    seen: usize,
-    log: PathBuf,
-}
-
-impl Vm {
-    /// Boots the disk (BIOS, virtio disk and network, user-mode networking).
-    fn start(disk: &Path, log: &str) -> Vm {
-        let log = work_dir().join(format!("{log}.log"));
-        let mut child = tokio::process::Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "pc,accel=tcg",
-                "-m",
-                "512",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-monitor",
-                "none",
-                "-drive",
-            ])
-            .arg(format!(
-                "file={},format=raw,if=virtio,cache=unsafe",
-                disk.display()
-            ))
-            .args([
-                "-netdev",
-                "user,id=n0",
-                "-device",
-                "virtio-net-pci,netdev=n0,romfile=",
-                "-device",
-                "virtio-rng-pci",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("qemu-system-x86_64 is installed (apt install qemu-system-x86)");
-        let console = Arc::new(Mutex::new(Vec::new()));
-        let mut out = child.stdout.take().unwrap();
-        let buf = console.clone();
-        let log_path = log.clone();
-        tokio::spawn(async move {
-            let mut file = tokio::fs::File::create(&log_path).await.unwrap();
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = out.read(&mut chunk).await {
-                if n == 0 {
-                    break;
-                }
-                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
-                let _ = file.write_all(&chunk[..n]).await;
-            }
-        });
-        Vm {
-            child,
-            console,
-            seen: 0,
-            log,
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
-    }
-
-    /// The end of the console, for failure messages.
-    fn tail(&self) -> String {
-        let t = self.text();
-        let start = t.len().saturating_sub(3000);
-        let start = (start..t.len())
-            .find(|&i| t.is_char_boundary(i))
-            .unwrap_or(0);
-        format!(
-            "--- console ({}), last lines ---\n{}",
-            self.log.display(),
-            &t[start..]
-        )
-    }
-
-    /// Waits for `what` on the console after what was matched before.
-    async fn expect(&mut self, what: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let t = self.text();
-            if let Some(i) = t.get(self.seen..).and_then(|rest| rest.find(what)) {
-                self.seen += i + what.len();
-                return;
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("qemu exited ({st}) before {what:?}\n{}", self.tail());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what:?} on the console within {timeout:?}\n{}",
-                self.tail()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The console after the last match.
-    fn rest(&self) -> String {
-        self.text().get(self.seen..).unwrap_or_default().to_string()
-    }
-
-    /// Pulls the plug: SIGKILL, nothing flushed by the guest afterwards.
-    async fn kill(mut self) {
-        self.child.kill().await.unwrap();
-    }
 }
 
 /// Byte range of MBR partition `n` (1-4) of a disk image.
@@ -451,12 +163,6 @@ fn partition(disk: &Path, n: usize) -> (u64, u64) {
     let len = u64::from(u32::from_le_bytes(e[12..16].try_into().unwrap()));
     assert!(len > 0, "partition {n} is missing");
     (start * 512, (start + len) * 512)
-}
-
-/// Whether the sparse disk file holds data (not a hole) in `start..end`.
-fn has_data(disk: &Path, start: u64, end: u64) -> bool {
-    let f = std::fs::File::open(disk).unwrap();
-    matches!(rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(start)), Ok(o) if o < end)
 }
 
 /// Follows the agent from "update to `version`" through writing it into
@@ -546,16 +252,8 @@ async fn vm_failing_health_check_rolls_back(pool: PgPool) {
     let mut vm = Vm::start(&f.disk(), "rollback");
     boot_and_upgrade_to_2(&f, &mut vm).await;
 
-    let (s, b) = f
-        .app
-        .call(
-            Method::PATCH,
-            "/v1/products/acme/channels/stable/rollout",
-            Some(&f.app.admin),
-            Some(json!({"gate": {"max_failure_percent": 20, "min_reports": 1}})),
-        )
+    f.rollout(json!({"gate": {"max_failure_percent": 20, "min_reports": 1}}))
         .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
     f.promote("3.0.0").await;
     expect_upgrade(&mut vm, "3.0.0", "A").await;
     vm.expect("SLUICE-VM: health check fails", BOOT).await;
@@ -588,16 +286,7 @@ async fn vm_failing_health_check_rolls_back(pool: PgPool) {
     // Resumed by an operator, the channel offers 3.0.0 again; the agent
     // declines it without writing anything or rebooting.
     vm.expect("SLUICE-VM: boot assessment exited 0", BOOT).await;
-    let (s, b) = f
-        .app
-        .call(
-            Method::PATCH,
-            "/v1/products/acme/channels/stable/rollout",
-            Some(&f.app.admin),
-            Some(json!({"paused": false})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
+    f.rollout(json!({"paused": false})).await;
     expect_declined(
         &f,
         &mut vm,
