@@ -266,6 +266,40 @@ impl Fleet {
         }
     }
 
+    /// The server's account of a failed trial of `version`: the device is
+    /// back on `on` in `slot`, its events after the first `before` are those
+    /// of a written, booted, failed and rolled-back release, and the health
+    /// gate (at most 20 % failing after one report) counted it and halted
+    /// the rollout. Answers the device view and its events.
+    pub async fn expect_rolled_back(
+        &self,
+        vm: &Vm,
+        version: &str,
+        on: &str,
+        slot: &str,
+        before: usize,
+    ) -> (Value, Vec<String>) {
+        let (view, events) = self.wait_status("rolled_back", version, vm).await;
+        assert_eq!(view["current_version"], on, "{view}");
+        assert_eq!(view["booted_slot"], slot, "{view}");
+        assert_eq!(
+            events[before..],
+            [
+                "download_started",
+                "downloaded",
+                "applied",
+                "rebooting",
+                "failed",
+                "rolled_back"
+            ],
+            "{events:?}"
+        );
+        let ch = self.channel().await;
+        assert_eq!(ch["gate"]["failures"], 1, "{ch}");
+        assert_eq!(ch["rollout"]["paused"], true, "{ch}");
+        (view, events)
+    }
+
     pub async fn channel(&self) -> Value {
         let (s, b) = self
             .app
