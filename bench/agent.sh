@@ -50,6 +50,8 @@ else
   OUT=${OUT:-$ROOT/bench/AGENT.md}
 fi
 PNG="$(dirname "$OUT")/fleet.png"
+# Benchmark 7's slow link: 100 Mbit/s.
+LINK_BYTES_S=${SLUICE_BENCH_LINK_BYTES_S:-12500000}
 
 need_apt skopeo umoci e2fsprogs time bc python3 python3-cryptography zstd
 # The adoption curve's PNG; the smoke run does without.
@@ -72,11 +74,12 @@ SLUICE="$CARGO_TARGET_DIR/$PROFILE/sluice"
 PY=/usr/bin/python3
 
 STATE=$(mktemp -d /var/tmp/sluice-bench.XXXXXX)
-SERVER_PID= DAEMON_PID=
+SERVER_PID= DAEMON_PID= LINK_PID=
 MOUNTS=()
 cleanup() {
   set +e
   [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null
+  [ -n "$LINK_PID" ] && kill "$LINK_PID" 2>/dev/null
   if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; fi
   for m in "${MOUNTS[@]}"; do mountpoint -q "$m" && umount "$m"; done
   stop_registry
@@ -319,67 +322,96 @@ if [ "$DO_BW" = 1 ]; then
   mkdir -p "$BW"
   BW_RESULTS="$BW/results.tsv"
   : >"$BW_RESULTS"
-  # The squashed images: each version's tree as one layer.
-  for v in 1 2; do
-    src=$([ "$v" = 1 ] && echo "$IMG:1.0.0" || echo "$IMG2:2.0.0")
-    umoci raw unpack --image "$src" "$BW/tree$v" >/dev/null
-    tar -C "$BW/tree$v" --numeric-owner --xattrs -cf "$BW/tree$v.tar" .
-    [ "$v" = 1 ] && fingerprint "$BW/tree1" >"$BW/fp.v1"
-    [ "$v" = 2 ] && fingerprint "$BW/tree2" >"$BW/fp.v2"
-    rm -rf "$BW/tree$v"
-    umoci init --layout "$BW/squashed-gzip-$v" >/dev/null
-    umoci new --image "$BW/squashed-gzip-$v:t" >/dev/null
-    umoci raw add-layer --image "$BW/squashed-gzip-$v:t" "$BW/tree$v.tar" >/dev/null
-    rm -f "$BW/tree$v.tar"
-  done
+  # The squashed images (each version's tree as one layer) and the
+  # recompressed ones are made once per image, like the image itself.
+  LAYOUTS="$CACHE/bw-$KEY"
+  mkdir -p "$LAYOUTS"
+  if [ ! -f "$LAYOUTS/squashed.done" ]; then
+    for v in 1 2; do
+      src=$([ "$v" = 1 ] && echo "$IMG:1.0.0" || echo "$IMG2:2.0.0")
+      rm -rf "$BW/tree$v" "$LAYOUTS/squashed-gzip-$v"
+      umoci raw unpack --image "$src" "$BW/tree$v" >/dev/null
+      tar -C "$BW/tree$v" --numeric-owner --xattrs -cf "$BW/tree$v.tar" .
+      fingerprint "$BW/tree$v" >"$LAYOUTS/fp.v$v"
+      rm -rf "$BW/tree$v"
+      umoci init --layout "$LAYOUTS/squashed-gzip-$v" >/dev/null
+      umoci new --image "$LAYOUTS/squashed-gzip-$v:t" >/dev/null
+      umoci raw add-layer --image "$LAYOUTS/squashed-gzip-$v:t" "$BW/tree$v.tar" >/dev/null
+      rm -f "$BW/tree$v.tar"
+    done
+    touch "$LAYOUTS/squashed.done"
+  fi
+  cp "$LAYOUTS/fp.v1" "$LAYOUTS/fp.v2" "$BW/"
+  # RUNS timed v1 → v2 upgrades of case $1 (channel bw$2); $3, when given,
+  # is the address of a slow link to the registry (bench/throttle.py): the
+  # device pulls through it, and the case is recorded as link-$1.
+  bw_runs() {
+    local name=$1 n=$2 link=${3:-} label=$1
+    [ -n "$link" ] && label="link-$1"
+    for i in $(seq 1 "$RUNS"); do
+      mnt="$STATE/mnt"
+      fresh_fs tmpfs "$mnt"
+      d="$mnt/dev"
+      device_config "$d" "bw$n"
+      if [ -n "$link" ]; then
+        printf 'insecure = ["%s", "%s"]\nmirrors = { "%s" = "%s" }\n' "$REGISTRY" "$link" "$REGISTRY" "$link" >"$d/registry.toml"
+        sed -i '/^insecure = /d' "$d/agent.toml"
+        cat "$d/registry.toml" >>"$d/agent.toml"
+      fi
+      "$AGENT" --config "$d/agent.toml" apply >"$BW/v1.log" 2>&1 || { cat "$BW/v1.log" >&2; exit 1; }
+      grub-editenv "$d/grubenv" set B_TRY=1
+      cat /proc/sys/kernel/random/uuid >"$d/boot_id"
+      echo "root=/dev/vda sluice.slot=B" >"$d/cmdline"
+      "$AGENT" --config "$d/agent.toml" mark-good >"$BW/v1.log" 2>&1 || { cat "$BW/v1.log" >&2; exit 1; }
+      "$SLUICE" channel promote --product bench --channel "bw$n" --version 7.$n.2 --percent 100 >/dev/null
+      [ "$i" = 1 ] && curl -fsS -H "Authorization: Bearer $SLUICE_TOKEN" "$API/v1/products/bench/channels/bw$n/transfer" >"$BW/transfer-$name.json"
+      from=$(wc -l <"$STATE/registry.log")
+      : >"$STATE/t.agent"
+      s=$(now)
+      timed "$STATE/t.agent" "$AGENT" --config "$d/agent.toml" apply
+      sync
+      e=$(now)
+      grep -q "applied 7.$n.2" "$STATE/cmd.log" || { cat "$STATE/cmd.log" >&2; exit 1; }
+      [ "$i" = 1 ] && cp "$STATE/cmd.log" "$BW/v2-$label.log"
+      read -r _ rss <"$STATE/t.agent"
+      bytes=$(tail -n +$((from + 1)) "$STATE/registry.log" | awk '$7 ~ /\/blobs\// && $6 == "\"GET" {b += $10} END {print b + 0}')
+      [ "$i" = 1 ] && fingerprint "$d/a" >"$BW/fp.$label"
+      echo -e "$label\t$i\t$(echo "$e - $s" | bc)\t$rss\t$bytes" >>"$BW_RESULTS"
+      drop_fs "$mnt"
+      # The next run starts from v1 again.
+      "$SLUICE" channel rollback --product bench --channel "bw$n" --version 7.$n.1 >/dev/null
+    done
+  }
   n=0
   for layering in layers4 squashed; do
     for fmt in gzip zstd zstd:chunked; do
       n=$((n + 1))
       name="$layering-${fmt/:/-}"
+      # A development knob: only these cases (space-separated names), no
+      # reference and no report (for profiling one case).
+      if [ -n "${SLUICE_BENCH_BW_ONLY:-}" ] && [[ " $SLUICE_BENCH_BW_ONLY " != *" $name "* ]]; then
+        continue
+      fi
       api POST /v1/products/bench/channels "{\"name\":\"bw$n\"}" >/dev/null
       for v in 1 2; do
         case "$layering-$v" in
           layers4-1) src="oci:$IMG:1.0.0" ;;
           layers4-2) src="oci:$IMG2:2.0.0" ;;
-          *) src="oci:$BW/squashed-gzip-$v:t" ;;
+          *) src="oci:$LAYOUTS/squashed-gzip-$v:t" ;;
         esac
         if [ "$fmt" != gzip ]; then
-          skopeo copy -q --dest-compress-format "$fmt" "$src" "oci:$BW/$name-$v:t" 2>/dev/null
-          src="oci:$BW/$name-$v:t"
+          if [ ! -d "$LAYOUTS/$name-$v" ]; then
+            rm -rf "$LAYOUTS/$name-$v.tmp"
+            skopeo copy -q --dest-compress-format "$fmt" "$src" "oci:$LAYOUTS/$name-$v.tmp:t" 2>/dev/null
+            mv "$LAYOUTS/$name-$v.tmp" "$LAYOUTS/$name-$v"
+          fi
+          src="oci:$LAYOUTS/$name-$v:t"
         fi
         skopeo copy -q --dest-tls-verify=false --preserve-digests "$src" "docker://$REPO:bw-$name-$v" 2>/dev/null
         "$SLUICE" release publish --product bench --version "7.$n.$v" --image "$REPO:bw-$name-$v" >/dev/null
       done
       "$SLUICE" channel promote --product bench --channel "bw$n" --version 7.$n.1 --percent 100 >/dev/null
-      for i in $(seq 1 "$RUNS"); do
-        mnt="$STATE/mnt"
-        fresh_fs tmpfs "$mnt"
-        d="$mnt/dev"
-        device_config "$d" "bw$n"
-        "$AGENT" --config "$d/agent.toml" apply >"$BW/v1.log" 2>&1 || { cat "$BW/v1.log" >&2; exit 1; }
-        grub-editenv "$d/grubenv" set B_TRY=1
-        cat /proc/sys/kernel/random/uuid >"$d/boot_id"
-        echo "root=/dev/vda sluice.slot=B" >"$d/cmdline"
-        "$AGENT" --config "$d/agent.toml" mark-good >"$BW/v1.log" 2>&1 || { cat "$BW/v1.log" >&2; exit 1; }
-        "$SLUICE" channel promote --product bench --channel "bw$n" --version 7.$n.2 --percent 100 >/dev/null
-        [ "$i" = 1 ] && curl -fsS -H "Authorization: Bearer $SLUICE_TOKEN" "$API/v1/products/bench/channels/bw$n/transfer" >"$BW/transfer-$name.json"
-        from=$(wc -l <"$STATE/registry.log")
-        : >"$STATE/t.agent"
-        s=$(now)
-        timed "$STATE/t.agent" "$AGENT" --config "$d/agent.toml" apply
-        sync
-        e=$(now)
-        grep -q "applied 7.$n.2" "$STATE/cmd.log" || { cat "$STATE/cmd.log" >&2; exit 1; }
-        [ "$i" = 1 ] && cp "$STATE/cmd.log" "$BW/v2-$name.log"
-        read -r _ rss <"$STATE/t.agent"
-        bytes=$(tail -n +$((from + 1)) "$STATE/registry.log" | awk '$7 ~ /\/blobs\// && $6 == "\"GET" {b += $10} END {print b + 0}')
-        [ "$i" = 1 ] && fingerprint "$d/a" >"$BW/fp.$name"
-        echo -e "$name\t$i\t$(echo "$e - $s" | bc)\t$rss\t$bytes" >>"$BW_RESULTS"
-        drop_fs "$mnt"
-        # The next run starts from v1 again.
-        "$SLUICE" channel rollback --product bench --channel "bw$n" --version 7.$n.1 >/dev/null
-      done
+      bw_runs "$name" "$n"
       if ! cmp -s "$BW/fp.$name" "$BW/fp.v2"; then
         echo "error: $name: the slot differs from v2's tree" >&2
         exit 1
@@ -387,6 +419,29 @@ if [ "$DO_BW" = 1 ]; then
       echo "    $name: $(grep -P "^$name\t" "$BW_RESULTS" | cut -f3,5 | tr '\n\t' '; ')"
     done
   done
+  # The same upgrades over a slow link (a metered or cellular line rather
+  # than loopback): the full gzip and zstd pulls and the partial ones.
+  LINK_PORT=$(free_port "$PG_PORT" "$REG_PORT" "$SRV_PORT")
+  "$PY" bench/throttle.py "$LINK_PORT" "$REGISTRY" "$LINK_BYTES_S" &
+  LINK_PID=$!
+  sleep 0.5
+  for c in 1:layers4-gzip 2:layers4-zstd 3:layers4-zstd-chunked 6:squashed-zstd-chunked; do
+    n=${c%%:*} name=${c#*:}
+    if [ -n "${SLUICE_BENCH_BW_ONLY:-}" ] && [[ " $SLUICE_BENCH_BW_ONLY " != *" $name "* ]]; then
+      continue
+    fi
+    bw_runs "$name" "$n" "127.0.0.1:$LINK_PORT"
+    if ! cmp -s "$BW/fp.link-$name" "$BW/fp.v2"; then
+      echo "error: link-$name: the slot differs from v2's tree" >&2
+      exit 1
+    fi
+    echo "    link-$name: $(grep -P "^link-$name\t" "$BW_RESULTS" | cut -f3,5 | tr '\n\t' '; ')"
+  done
+  kill "$LINK_PID" 2>/dev/null || true
+  if [ -n "${SLUICE_BENCH_BW_ONLY:-}" ]; then
+    echo "==> SLUICE_BENCH_BW_ONLY: no reference, no report"
+    exit 0
+  fi
   # The reference: skopeo + umoci pull v2 (4 gzip layers) whole.
   for i in $(seq 1 "$RUNS"); do
     mnt="$STATE/mnt"
@@ -403,7 +458,7 @@ if [ "$DO_BW" = 1 ]; then
   done
   # What changed, compressed: the zstd:chunked v2 files whose digest v1
   # lacks, and the tables of contents (from the layouts themselves).
-  "$PY" - "$BW" >"$BW/changed.json" <<'PY'
+  "$PY" - "$LAYOUTS" >"$BW/changed.json" <<'PY'
 import json, subprocess, sys
 bw = sys.argv[1]
 def tocs(layout):
@@ -450,7 +505,7 @@ export RESULTS OUT PNG TAR_MB GZ_MB FILES RUNS DEVICES SMOKE PROFILE SCALE DIGES
 export BIN_BYTES=${BIN_BYTES:-} STRIPPED_BYTES=${STRIPPED_BYTES:-} IDLE_KB=${IDLE_KB:-} IDLE2_KB=${IDLE2_KB:-} IDLE_HWM_KB=${IDLE_HWM_KB:-}
 export FLEET_JSON=$([ "$DO_FLEET" = 1 ] && echo "$STATE/fleet.json" || echo "")
 export DO_UPGRADE DO_FOOT DO_FLEET DO_BW POLL_S
-export BW_RESULTS=${BW_RESULTS:-} BW_CHANGED=${BW_CHANGED:-} BW_DIR=${BW_DIR:-}
+export BW_RESULTS=${BW_RESULTS:-} BW_CHANGED=${BW_CHANGED:-} BW_DIR=${BW_DIR:-} LINK_BYTES_S
 export PUBLISH_S=$(echo "$t1 - $t0" | bc)
 export CPU_MODEL=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo) NPROC=$(nproc) MEM_GB=$(free -g | awk '/Mem:/{print $2}')
 export KERNEL=$(uname -r) LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -318,6 +318,39 @@ def bandwidth(w):
             f"| reference: skopeo + umoci, v2 gzip 4 layers | {med([x[2] for x in ref]) / 1e6:.2f} | | "
             f"{ref_s:.2f} ({min(x[0] for x in ref):.2f}–{max(x[0] for x in ref):.2f}) | | |"
         )
+    link = {k[5:]: v for k, v in by.items() if k.startswith("link-")}
+    if link:
+        rate = float(E.get("LINK_BYTES_S") or 0)
+        w("")
+        lg = link.get("layers4-gzip")
+        eff = (
+            f" The full gzip pull averaged {med([x[2] for x in lg]) / med([x[0] for x in lg]) / 1e6:.1f} MB/s through it "
+            "(the proxy, one Python process, paces in 16 KiB steps and does not reach its ceiling)."
+            if lg
+            else ""
+        )
+        w(
+            f"The same upgrades over a slow link: `bench/throttle.py` between the device and the registry paces what "
+            f"the registry sends to at most {rate * 8 / 1e6:.0f} Mbit/s ({rate / 1e6:.1f} MB/s, one link shared by all of a "
+            f"pull's connections), as a metered or cellular line would; the rest as above.{eff}"
+        )
+        w("")
+        w("| image, over the link | fetched MB | wall s (min–max) | × full gzip over the link | peak RSS MB |")
+        w("|---|---|---|---|---|")
+        lfull = link.get("layers4-gzip")
+        lfull_s = med([x[0] for x in lfull]) if lfull else None
+        for name in ["layers4-gzip", "layers4-zstd", "layers4-zstd-chunked", "squashed-zstd-chunked"]:
+            xs = link.get(name)
+            if not xs:
+                continue
+            s = med([x[0] for x in xs])
+            layering, fmt = name.split("-", 1)
+            ratio = f"{s / lfull_s:.2f}" if lfull_s else ""
+            w(
+                f"| {layering.replace('layers4', '4 layers')}, {fmt.replace('-', ':')} | {med([x[2] for x in xs]) / 1e6:.2f} | "
+                f"{s:.2f} ({min(x[0] for x in xs):.2f}–{max(x[0] for x in xs):.2f}) | {ratio} | "
+                f"{max(x[1] for x in xs) / 1024:.1f} |"
+            )
     w("")
     w("What changed, compressed (from the `zstd:chunked` tables: v2's files whose content v1 lacks):")
     w("")
