@@ -754,6 +754,8 @@ async fn an_agent_killed_while_following_the_lists_loses_nothing(pool: PgPool) {
                     "keylist.json",
                     ".keylist.json.sluice-new",
                     "device.key",
+                    // The state folder's lock, empty; held by a live agent.
+                    "agent.lock",
                 ]
                 .contains(&n.as_str())
             })
