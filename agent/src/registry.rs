@@ -544,20 +544,28 @@ impl Registry {
                 d.digest
             );
         }
-        Ok(Box::new(Paced {
-            inner: resp.into_body().into_reader().take(end - start),
-            what: format!(
-                "registry {} too slow: {} bytes of blob {} did not arrive within {} s",
-                r.host,
-                end - start,
-                d.digest,
-                self.deadline(end - start).as_secs()
-            ),
-        }))
+        Ok(Box::new(self.paced_range(
+            r,
+            d,
+            end - start,
+            resp.into_body().into_reader().take(end - start),
+        )))
     }
-}
 
-impl Registry {
+    /// A range answer's body, whose timeout says it is `bytes` of blob `d`
+    /// that came too slowly.
+    fn paced_range<R>(&self, r: &ImageRef, d: &Descriptor, bytes: u64, inner: R) -> Paced<R> {
+        Paced {
+            inner,
+            what: format!(
+                "registry {} too slow: {bytes} bytes of blob {} did not arrive within {} s",
+                r.host,
+                d.digest,
+                self.deadline(bytes).as_secs()
+            ),
+        }
+    }
+
     /// Several byte ranges of a blob in one request (`Range: bytes=a-b,c-d`),
     /// answered as `multipart/byteranges`: the body and its boundary, each
     /// part to be read and checked in order ([`read_part_header`]). `None`
@@ -610,15 +618,7 @@ impl Registry {
                 Ok(Some((
                     Box::new(std::io::BufReader::with_capacity(
                         64 << 10,
-                        Paced {
-                            inner: resp.into_body().into_reader().take(limit),
-                            what: format!(
-                                "registry {} too slow: {bytes} bytes of blob {} did not arrive within {} s",
-                                r.host,
-                                d.digest,
-                                self.deadline(bytes).as_secs()
-                            ),
-                        },
+                        self.paced_range(r, d, bytes, resp.into_body().into_reader().take(limit)),
                     )),
                     b,
                 )))
