@@ -424,17 +424,7 @@ async fn factory_boot_and_upgrade(f: &Fleet, vm: &mut Vm, firmware: Firmware) {
     vm.seen = vm.seen.max(good);
     // The server knows the enrolled device, idle on a channel with nothing
     // to install yet (its slots are reported with its first event).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (s, list) = f.app.get("/v1/devices?product=acme", &f.app.admin).await;
-        assert_eq!(s, reqwest::StatusCode::OK, "{list}");
-        if list["items"].as_array().is_some_and(|i| !i.is_empty()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the device never showed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (view, events) = f.device().await;
+    let (view, events) = f.wait_device("the enrolled device", vm, |_| true).await;
     assert_eq!(view["status"], "idle", "{view}");
     assert_eq!(view["head_status"]["reason"], "no_head", "{view}");
     assert!(events.is_empty(), "{events:?}");

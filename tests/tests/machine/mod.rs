@@ -244,6 +244,20 @@ impl Fleet {
 
     /// Waits until the server shows the device with `status` on `version`.
     pub async fn wait_status(&self, status: &str, version: &str, vm: &Vm) -> (Value, Vec<String>) {
+        self.wait_device(&format!("{status} on {version}"), vm, |view| {
+            view["status"] == status && view["status_version"] == version
+        })
+        .await
+    }
+
+    /// Waits (a minute at most) until the server has the one device and its
+    /// view satisfies `done`; `what` names the wait in the failure.
+    pub async fn wait_device(
+        &self,
+        what: &str,
+        vm: &Vm,
+        done: impl Fn(&Value) -> bool,
+    ) -> (Value, Vec<String>) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (s, list) = self
@@ -251,17 +265,21 @@ impl Fleet {
                 .get("/v1/devices?product=acme", &self.app.admin)
                 .await;
             assert_eq!(s, StatusCode::OK);
-            if !list["items"].as_array().unwrap().is_empty() {
+            let shown = !list["items"].as_array().unwrap().is_empty();
+            let view = if shown {
                 let (view, events) = self.device().await;
-                if view["status"] == status && view["status_version"] == version {
+                if done(&view) {
                     return (view, events);
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "the server never showed {status} on {version}: {view}\n{}",
-                    vm.tail()
-                );
-            }
+                view
+            } else {
+                Value::Null
+            };
+            assert!(
+                Instant::now() < deadline,
+                "the server never showed {what}: {view}\n{}",
+                vm.tail()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
