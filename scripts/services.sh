@@ -93,11 +93,15 @@ require_port() {
   return 1
 }
 
-# Prints a port nobody listens on (random, 20000-59999), other than any given as arguments.
+# Prints a port nobody listens on (random, from 20000 to the ephemeral range), other than any given as arguments.
 free_port() {
-  local p
+  local p low
+  # Below the kernel's ephemeral range: a port there that is free now can be
+  # taken by any outgoing connection before the service binds it.
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$low" -gt 21000 ] 2>/dev/null || low=32768
   for _ in $(seq 1 200); do
-    p=$((20000 + RANDOM % 40000))
+    p=$((20000 + RANDOM % (low - 20000)))
     case " $* " in *" $p "*) continue ;; esac
     port_free "$p" && { echo "$p"; return 0; }
   done
