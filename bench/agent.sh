@@ -416,7 +416,7 @@ if [ "$DO_BW" = 1 ]; then
         echo "error: $name: the slot differs from v2's tree" >&2
         exit 1
       fi
-      echo "    $name: $(grep -P "^$name\t" "$BW_RESULTS" | cut -f3,5 | tr '\n\t' '; ')"
+      echo "    $name: $(grep -P "^$name\t" "$BW_RESULTS" | cut -f3,4,5 | tr '\n\t' '; ')"
     done
   done
   # The same upgrades over a slow link (a metered or cellular line rather
@@ -435,7 +435,7 @@ if [ "$DO_BW" = 1 ]; then
       echo "error: link-$name: the slot differs from v2's tree" >&2
       exit 1
     fi
-    echo "    link-$name: $(grep -P "^link-$name\t" "$BW_RESULTS" | cut -f3,5 | tr '\n\t' '; ')"
+    echo "    link-$name: $(grep -P "^link-$name\t" "$BW_RESULTS" | cut -f3,4,5 | tr '\n\t' '; ')"
   done
   kill "$LINK_PID" 2>/dev/null || true
   if [ -n "${SLUICE_BENCH_BW_ONLY:-}" ]; then

@@ -535,14 +535,14 @@ impl Device {
             .with_context(|| format!("removing {}", index_path(slot).display()))?;
         let tocs = self.tables_of_contents(&registry, &image, &manifest);
         // What the slot will hold, known before the tables move into the
-        // plans; kept encoded (half the memory of the map) until the slot
-        // is whole.
+        // plans: written and synced beside the state now (not kept in
+        // memory), put in place once the slot is whole.
         let new_index = tocs
             .iter()
             .any(Option::is_some)
-            .then(|| serde_json::to_vec(&crate::chunked::Index::from_tocs(tocs.iter().flatten())))
+            .then(|| crate::chunked::Index::stage(tocs.iter().flatten(), &index_path(slot)))
             .transpose()
-            .context("encoding the contents index")?;
+            .context("writing the contents index")?;
         let mut written = Err(anyhow::anyhow!("not written"));
         if self.cfg.registry.partial_pulls && new_index.is_some() {
             let booted_root = open_root(self.cfg.booted_root(slot.other()));
@@ -586,8 +586,9 @@ impl Device {
             written = self.write_layers(&registry, &image, &manifest, slot, none);
         }
         written?;
-        if let Some(bytes) = new_index {
-            crate::fsutil::write_atomic(&index_path(slot), &bytes)
+        if let Some(staged) = new_index {
+            staged
+                .commit()
                 .with_context(|| format!("writing {}", index_path(slot).display()))?;
         }
         Ok(())

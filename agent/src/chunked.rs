@@ -36,7 +36,6 @@ use crate::registry::{Descriptor, ImageRef, Registry, Verified};
 use anyhow::Context;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::io::Read;
 
 pub use sluice_protocol::chunked::{
@@ -151,39 +150,148 @@ fn pax_header(records: &[(String, Vec<u8>)]) -> Vec<u8> {
 /// The agent's index of a slot's regular files by content digest, written
 /// after the slot was written from tables of contents. It only says where
 /// to look: every byte copied from it is hashed again.
-#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+///
+/// On disk it is JSON, `{"files": {"sha256:<hex>": "<path>", ...}}`; in
+/// memory a sorted list of digests and paths (a 400 000-file slot's index
+/// takes about 40 bytes per file plus its paths).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Index {
-    /// Content digest → a path (relative to the slot root) that held it.
-    pub files: HashMap<String, String>,
+    /// Content digest and a path (relative to the slot root) that held it,
+    /// sorted by digest, one path per digest.
+    files: Vec<([u8; 32], Box<str>)>,
 }
 
 impl Index {
-    /// The index of an image from its layers' tables, lowest first: the
-    /// files its layers leave (whiteouts applied,
+    /// A path that held content `digest`.
+    pub fn get(&self, digest: &[u8; 32]) -> Option<&str> {
+        let i = self.files.binary_search_by(|(d, _)| d.cmp(digest)).ok()?;
+        Some(&self.files[i].1)
+    }
+
+    /// How many digests it knows.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether it knows none.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Reads the index at `path`; an absent or unreadable one is empty. The
+    /// file is read whole and parsed from memory (serde_json parses a slice
+    /// several times faster than a reader), before the pull starts.
+    pub fn load(path: &Path) -> Index {
+        let Ok(text) = std::fs::read(path) else {
+            return Index::default();
+        };
+        let Ok(OnDisk { files: mut list }) = serde_json::from_slice(&text) else {
+            return Index::default();
+        };
+        drop(text);
+        one_per_digest(&mut list.0);
+        list.0.shrink_to_fit();
+        Index { files: list.0 }
+    }
+
+    /// Stages (writes and syncs beside `path`, [`crate::fsutil::stage`]) the
+    /// index of an image from its layers' tables, lowest first: the files
+    /// its layers leave (whiteouts applied,
     /// [`sluice_protocol::chunked::image_files`]), one path per digest.
-    pub fn from_tocs<'a>(tocs: impl IntoIterator<Item = &'a Toc>) -> Index {
-        let files = sluice_protocol::chunked::image_files(tocs)
+    /// It is streamed to the file, never held encoded.
+    pub fn stage<'a>(
+        tocs: impl IntoIterator<Item = &'a Toc>,
+        path: &Path,
+    ) -> std::io::Result<crate::fsutil::Staged> {
+        let mut files: Vec<([u8; 32], &str)> = sluice_protocol::chunked::image_files(tocs)
             .into_iter()
             .map(|(path, digest)| (digest, path))
             .collect();
-        Index { files }
+        one_per_digest(&mut files);
+        crate::fsutil::stage(path, |w| {
+            struct Files<'b>(&'b [([u8; 32], &'b str)]);
+            impl Serialize for Files<'_> {
+                fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                    s.collect_map(
+                        self.0
+                            .iter()
+                            .map(|(d, p)| (sluice_protocol::sha256_string(d), p)),
+                    )
+                }
+            }
+            #[derive(Serialize)]
+            struct Out<'b> {
+                files: Files<'b>,
+            }
+            serde_json::to_writer(
+                w,
+                &Out {
+                    files: Files(&files),
+                },
+            )?;
+            Ok(())
+        })
     }
+}
 
-    /// Reads the index at `path`; an absent or unreadable one is empty.
-    pub fn load(path: &Path) -> Index {
-        std::fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+/// Sorts `files` by digest and keeps one path per digest (the first).
+fn one_per_digest<P>(files: &mut Vec<([u8; 32], P)>) {
+    files.sort_unstable_by_key(|a| a.0);
+    files.dedup_by(|a, b| a.0 == b.0);
+}
+
+/// The index file's shape.
+#[derive(Deserialize)]
+struct OnDisk {
+    files: DigestPaths,
+}
+
+/// `{"sha256:<hex>": "<path>", ...}`, read entry by entry into a list;
+/// an entry whose key is not a sha256 digest fails the whole index.
+struct DigestPaths(Vec<([u8; 32], Box<str>)>);
+
+impl<'de> Deserialize<'de> for DigestPaths {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DigestPaths;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of sha256 digests to paths")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<DigestPaths, A::Error> {
+                let mut out = Vec::new();
+                while let Some((digest, path)) = map.next_entry::<String, String>()? {
+                    let digest = sluice_protocol::sha256_bytes(&digest).ok_or_else(|| {
+                        serde::de::Error::custom(format!("{digest:?} is not a sha256 digest"))
+                    })?;
+                    out.push((digest, path.into_boxed_str()));
+                }
+                Ok(DigestPaths(out))
+            }
+        }
+        d.deserialize_map(V)
     }
+}
+
+/// Where a file's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A range of the blob.
+    Fetch,
+    /// The running slot, at the entry's own path.
+    Here,
+    /// The running slot, at another path.
+    Elsewhere(Box<str>),
 }
 
 /// Where each file of a layer comes from, and how many bytes that is.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Per entry with content: the path in the running slot to copy from,
-    /// or `None` to fetch it.
-    pub local: Vec<Option<String>>,
+    /// Per entry with content: where its bytes come from.
+    pub local: Vec<Source>,
     /// The range requests, `[start, end)`, in blob order.
     pub requests: Vec<(u64, u64)>,
     /// Files copied and their bytes.
@@ -203,21 +311,25 @@ pub fn plan(toc: &Toc, index: &Index, root: Option<&OwnedFd>) -> Plan {
             continue;
         };
         let here = root.and_then(|root| {
-            let path = index.files.get(digest)?;
-            let st = rustix::fs::statat(root, path.as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-                .ok()?;
+            let path = index.get(digest)?;
+            let st = rustix::fs::statat(root, path, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
             let regular = rustix::fs::FileType::from_raw_mode(st.st_mode)
                 == rustix::fs::FileType::RegularFile;
-            (regular && st.st_size as u64 == e.size).then(|| path.clone())
+            (regular && st.st_size as u64 == e.size).then_some(path)
         });
-        if here.is_some() {
-            p.copied.0 += 1;
-            p.copied.1 += e.size;
-        } else {
+        let source = match here {
+            Some(path) if path == e.path() => Source::Here,
+            Some(path) => Source::Elsewhere(path.into()),
+            None => Source::Fetch,
+        };
+        if source == Source::Fetch {
             p.fetched.0 += 1;
             fetch.push((*start, *end));
+        } else {
+            p.copied.0 += 1;
+            p.copied.1 += e.size;
         }
-        p.local.push(here);
+        p.local.push(source);
     }
     p.requests = coalesce(fetch);
     p.fetched.1 = p.requests.iter().map(|(s, e)| e - s).sum();
@@ -299,7 +411,7 @@ pub struct ChunkedTar<'a> {
     layer: &'a Descriptor,
     root: Option<&'a OwnedFd>,
     entries: std::vec::IntoIter<Entry>,
-    local: std::vec::IntoIter<Option<String>>,
+    local: std::vec::IntoIter<Source>,
     /// The planned ranges, and the next one to read.
     requests: Vec<(u64, u64)>,
     next: usize,
@@ -442,24 +554,30 @@ impl<'a> ChunkedTar<'a> {
         let Some((digest, start, end)) = &e.content else {
             return Ok(());
         };
-        let local = self.local.next().flatten();
+        let digest = sluice_protocol::sha256_string(digest);
+        let source = self.local.next().unwrap_or(Source::Fetch);
+        let local = match &source {
+            Source::Fetch => None,
+            Source::Here => Some(e.path()),
+            Source::Elsewhere(path) => Some(&**path),
+        };
         match (local, self.root) {
             (Some(path), Some(root)) => {
-                let file = open_beneath(root, &path).map_err(|err| {
+                let file = open_beneath(root, path).map_err(|err| {
                     std::io::Error::new(
                         err.kind(),
                         format!("copying {path} from the running slot: {err}"),
                     )
                 })?;
                 self.parts
-                    .push_back(Part::Local(Verified::new(file, digest, e.size)));
+                    .push_back(Part::Local(Verified::new(file, &digest, e.size)));
             }
             _ => {
                 let (slice, r_end) = self.slice(*start, *end)?;
                 let mut d = zstd::stream::read::Decoder::new(slice)?;
                 d.window_log_max(crate::unpack::ZSTD_WINDOW_LOG_MAX)?;
                 self.parts
-                    .push_back(Part::Remote(Verified::new(d, digest, e.size), *end, r_end));
+                    .push_back(Part::Remote(Verified::new(d, &digest, e.size), *end, r_end));
             }
         }
         let pad = (512 - (e.size % 512) as usize) % 512;
@@ -559,7 +677,7 @@ mod tests {
         );
         let toc = parse_toc(&bytes, &loc).unwrap();
         assert_eq!(toc.entries.len(), 6, "the chunk entry is left out");
-        assert_eq!(toc.entries[1].content, Some((digest(100), 10, 90)));
+        assert_eq!(toc.entries[1].content, Some(([100; 32], 10, 90)));
         assert_eq!(toc.entries[1].mtime, 1_714_557_600);
         assert_eq!(toc.entries[2].content, None);
         assert_eq!(toc.entries[3].kind, Kind::Symlink);
@@ -589,6 +707,18 @@ mod tests {
         assert!(
             format!("{:#}", parse_toc(&bytes, &bigger).unwrap_err()).contains("decompresses to")
         );
+        // A table that grows past its stated size stops there.
+        let smaller = TocLocation {
+            uncompressed: loc.uncompressed - 1,
+            ..loc.clone()
+        };
+        let err = format!("{:#}", parse_toc(&bytes, &smaller).unwrap_err());
+        assert!(err.contains("decompressing the table of contents"), "{err}");
+        let huge = TocLocation {
+            uncompressed: MAX_TOC_BYTES + 1,
+            ..loc.clone()
+        };
+        assert!(format!("{:#}", parse_toc(&bytes, &huge).unwrap_err()).contains("more than"));
         // What it says.
         refused(json!({"version": 2, "entries": []}), "version 2");
         refused(
@@ -634,6 +764,58 @@ mod tests {
             .map(|_| json!({"type": "dir", "name": "d"}))
             .collect();
         refused(json!({"version": 1, "entries": many}), "more than 400000");
+    }
+
+    /// The index written from tables reads back as it was meant: one path
+    /// per digest, the upper layer's whiteouts applied; a file that is not
+    /// an index reads as an empty one.
+    #[test]
+    fn an_index_round_trips_through_its_file() {
+        let entry = |name: &str, n: Option<u8>| Entry {
+            kind: Kind::Reg,
+            name: name.into(),
+            link: String::new(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: 1,
+            dev: (0, 0),
+            xattrs: vec![],
+            content: n.map(|n| ([n; 32], 0, 1)),
+        };
+        let lower = Toc {
+            entries: vec![
+                entry("./a", Some(1)),
+                entry("./b", Some(2)),
+                entry("./c", Some(1)),
+            ],
+        };
+        let upper = Toc {
+            entries: vec![entry("./.wh.b", None), entry("./d", Some(3))],
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("contents-A.json");
+        let staged = Index::stage([&lower, &upper], &path).unwrap();
+        assert_eq!(Index::load(&path), Index::default(), "not in place yet");
+        staged.commit().unwrap();
+        let index = Index::load(&path);
+        assert_eq!(index.len(), 2);
+        assert!(matches!(index.get(&[1; 32]), Some("a" | "c")));
+        assert_eq!(index.get(&[2; 32]), None, "whited out");
+        assert_eq!(index.get(&[3; 32]), Some("d"));
+        // The file is the documented JSON.
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(json["files"][digest(3)], "d");
+        for bad in [
+            &b"{\"files\": {\"md5:x\": \"a\"}}"[..],
+            b"[1, 2]",
+            b"{\"files\": ",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(Index::load(&path).is_empty());
+        }
     }
 
     fn descriptor(annotations: &[(&str, &str)]) -> Descriptor {

@@ -5,12 +5,29 @@
 
 use crate::failpoint;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Replaces `path` with `bytes` atomically and durably, mode 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    stage(path, |f| f.write_all(bytes))?.commit()
+}
+
+/// A file written and synced beside `path` ([`stage`]), not yet in place:
+/// [`Staged::commit`] renames it over `path`; dropped uncommitted, it is
+/// removed.
+pub struct Staged {
+    tmp: Option<PathBuf>,
+    path: PathBuf,
+}
+
+/// Writes what `write` writes (through a buffer) to a new private file
+/// beside `path` and syncs it, for [`Staged::commit`] to put in place later.
+pub fn stage(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+) -> std::io::Result<Staged> {
     failpoint::hit("write: before");
     let dir = parent_dir(path);
     let name = path
@@ -25,30 +42,50 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_CLOEXEC)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    failpoint::hit("write: temporary synced");
-    fs::rename(&tmp, path)?;
-    failpoint::hit("write: renamed");
-    // On FAT (the partition GRUB's environment block lives on) the renamed
-    // file's directory entry is written with the file's inode, not with the
-    // directory: without this sync a power cut after the rename can leave
-    // the old entry pointing at clusters the rename already freed (seen
-    // under QEMU, tests/tests/vm.rs). Elsewhere it costs one cheap fsync.
-    OpenOptions::new()
-        .read(true)
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
         .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_CLOEXEC)
-        .open(path)?
-        .sync_all()?;
-    sync_dir(dir)
+        .open(&tmp)?;
+    let staged = Staged {
+        tmp: Some(tmp),
+        path: path.to_path_buf(),
+    };
+    let mut w = BufWriter::new(f);
+    write(&mut w)?;
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    failpoint::hit("write: temporary synced");
+    Ok(staged)
+}
+
+impl Staged {
+    /// Renames the file over its path, durably.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        let tmp = self.tmp.take().expect("a staged file is committed once");
+        fs::rename(&tmp, &self.path)?;
+        failpoint::hit("write: renamed");
+        // On FAT (the partition GRUB's environment block lives on) the
+        // renamed file's directory entry is written with the file's inode,
+        // not with the directory: without this sync a power cut after the
+        // rename can leave the old entry pointing at clusters the rename
+        // already freed (seen under QEMU, tests/tests/vm.rs). Elsewhere it
+        // costs one cheap fsync.
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_CLOEXEC)
+            .open(&self.path)?
+            .sync_all()?;
+        sync_dir(parent_dir(&self.path))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
 }
 
 /// Removes `path` (absent is fine) and syncs its directory, so a reboot
@@ -110,5 +147,25 @@ mod tests {
         assert!(m.is_file());
         assert_eq!(m.permissions().mode() & 0o777, 0o600);
         assert_eq!(fs::read(&p).unwrap(), b"again");
+    }
+
+    /// A staged file is invisible at its path until committed, and gone
+    /// when dropped instead.
+    #[test]
+    fn a_staged_file_appears_only_when_committed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let staged = stage(&p, |w| w.write_all(b"later")).unwrap();
+        assert!(!p.exists());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+        staged.commit().unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"later");
+        drop(stage(&p, |w| w.write_all(b"never")).unwrap());
+        assert_eq!(fs::read(&p).unwrap(), b"later");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+        // A failed write leaves nothing either.
+        let err = stage(&p, |_| Err(std::io::Error::other("disk full")));
+        assert!(err.is_err());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
     }
 }

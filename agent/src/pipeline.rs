@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 /// Bytes of decompressed tar per message.
 pub const CHUNK: usize = 256 << 10;
 /// Messages the queue holds: the producer is at most this far ahead.
-pub const DEPTH: usize = 32;
+pub const DEPTH: usize = 8;
 
 enum Msg {
     /// The next layer's blob was opened (or could not be).

@@ -13,7 +13,6 @@
 use base64::Engine;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::io::Read;
 
 /// Ranges of files to fetch closer than this are fetched in one request,
 /// gap and all.
@@ -176,9 +175,17 @@ pub struct Entry {
     pub dev: (u32, u32),
     /// Extended attributes.
     pub xattrs: Vec<(String, Vec<u8>)>,
-    /// The content's digest and its compressed range `[start, end)` in the
+    /// The content's SHA-256 and its compressed range `[start, end)` in the
     /// blob: regular files with content.
-    pub content: Option<(String, u64, u64)>,
+    pub content: Option<([u8; 32], u64, u64)>,
+}
+
+impl Entry {
+    /// Its path as an unpacked tree names it: the name without a leading
+    /// `./` or a trailing `/`.
+    pub fn path(&self) -> &str {
+        self.name.trim_start_matches("./").trim_end_matches('/')
+    }
 }
 
 /// A checked table of contents.
@@ -275,20 +282,6 @@ impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
     }
 }
 
-/// Counts the bytes read through it.
-struct Counted<R> {
-    inner: R,
-    n: u64,
-}
-
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.n += n as u64;
-        Ok(n)
-    }
-}
-
 #[derive(Deserialize)]
 struct RawEntry {
     #[serde(rename = "type")]
@@ -349,54 +342,53 @@ pub fn parse_toc(compressed: &[u8], loc: &TocLocation) -> Result<Toc, TocError> 
             loc.digest
         );
     }
-    let mut decoder = zstd::stream::read::Decoder::new(compressed)
-        .and_then(|mut d| d.window_log_max(ZSTD_WINDOW_LOG_MAX).map(|()| d))
-        .map_err(|e| TocError(format!("decompressing the table of contents: {e}")))?;
-    // Parsed as it is decompressed, each entry checked and converted as it
-    // comes: the JSON text and its raw entries are never all in memory.
-    let mut counted = Counted {
-        inner: (&mut decoder).take(MAX_TOC_BYTES + 1),
-        n: 0,
-    };
+    if loc.uncompressed > MAX_TOC_BYTES {
+        bail!(
+            "the table of contents would decompress to {} bytes, more than {MAX_TOC_BYTES}",
+            loc.uncompressed
+        );
+    }
+    // Decompressed in one call into a buffer of exactly the size the signed
+    // position names: the decoder needs no window of its own (a streaming
+    // one would keep all it decodes anyway: containers/storage declares a
+    // 32 MiB window and no content size), and a table that would grow past
+    // the buffer fails here.
+    let mut text = Vec::with_capacity(loc.uncompressed as usize);
+    zstd::bulk::Decompressor::new()
+        .and_then(|mut d| {
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+            d.decompress_to_buffer(compressed, &mut text)
+        })
+        .map_err(|e| {
+            TocError(format!(
+                "decompressing the table of contents (at most the {} bytes its position says): {e}",
+                loc.uncompressed
+            ))
+        })?;
+    if text.len() as u64 != loc.uncompressed {
+        bail!(
+            "the table of contents decompresses to {} bytes, not the {} its position says",
+            text.len(),
+            loc.uncompressed
+        );
+    }
+    // Each entry is checked and converted as it is parsed: the raw entries
+    // are never all in memory.
     let refused = std::cell::RefCell::new(None);
     let seed = TocSeed {
         data_limit: loc.offset,
         refused: &refused,
     };
-    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(&mut counted));
-    let raw =
-        serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|t| de.end().map(|()| t));
-    drop(de);
-    if counted.n > MAX_TOC_BYTES {
-        bail!("the table of contents decompresses to more than {MAX_TOC_BYTES} bytes");
-    }
-    let raw = raw.map_err(|e| match e.io_error_kind() {
-        Some(_) => TocError(format!("decompressing the table of contents: {e}")),
-        None => TocError(
-            refused
-                .take()
-                .unwrap_or_else(|| format!("the table of contents is not valid JSON: {e}")),
-        ),
-    })?;
-    let (version, entries) = raw;
-    // The JSON may end before the stream: what follows must be nothing.
-    let mut rest = [0u8; 1];
-    let trailing = counted
-        .inner
-        .read(&mut rest)
-        .map_err(|e| TocError(format!("decompressing the table of contents: {e}")))?;
-    let total = counted.n + trailing as u64;
-    if total != loc.uncompressed || trailing > 0 {
-        bail!(
-            "the table of contents decompresses to {} bytes, not the {} its position says",
-            if trailing > 0 {
-                format!("more than {}", counted.n)
-            } else {
-                total.to_string()
-            },
-            loc.uncompressed
-        );
-    }
+    let mut de = serde_json::Deserializer::from_slice(&text);
+    let (version, entries) = serde::de::DeserializeSeed::deserialize(seed, &mut de)
+        .and_then(|t| de.end().map(|()| t))
+        .map_err(|e| {
+            TocError(
+                refused
+                    .take()
+                    .unwrap_or_else(|| format!("the table of contents is not valid JSON: {e}")),
+            )
+        })?;
     if version != 1 {
         bail!("table of contents version {version} is not 1");
     }
@@ -439,9 +431,9 @@ fn convert(
         xattrs.push((k, value));
     }
     let content = if kind == Kind::Reg && e.size > 0 {
-        if !crate::is_sha256_digest(&e.digest) {
+        let Some(digest) = crate::sha256_bytes(&e.digest) else {
             bail!("{}: digest {:?} is not a sha256 digest", what(), e.digest);
-        }
+        };
         if e.offset < *data_end {
             bail!(
                 "{}: its range starts at {}, inside the one before (ending at {}): ranges must ascend without overlap",
@@ -468,7 +460,7 @@ fn convert(
             );
         }
         *data_end = e.end_offset;
-        Some((e.digest, e.offset, e.end_offset))
+        Some((digest, e.offset, e.end_offset))
     } else {
         None
     };
@@ -487,56 +479,53 @@ fn convert(
     }))
 }
 
-/// The regular files with content an image's layers leave, by path, from
-/// their tables (lowest layer first): each layer's whiteouts (`.wh.NAME`,
-/// and `.wh..wh..opq` for a whole directory) remove what the layers below
-/// put there, then its files are added. Paths lose a leading `./`.
-pub fn image_files<'a>(tocs: impl IntoIterator<Item = &'a Toc>) -> BTreeMap<String, String> {
-    let mut files: BTreeMap<String, String> = BTreeMap::new();
+/// The regular files with content an image's layers leave, by path
+/// ([`Entry::path`]), from their tables (lowest layer first): each layer's
+/// whiteouts (`.wh.NAME`, and `.wh..wh..opq` for a whole directory) remove
+/// what the layers below put there, then its files are added.
+pub fn image_files<'a>(tocs: impl IntoIterator<Item = &'a Toc>) -> BTreeMap<&'a str, [u8; 32]> {
+    let mut files: BTreeMap<&'a str, [u8; 32]> = BTreeMap::new();
     for toc in tocs {
-        let name = |e: &Entry| {
-            e.name
-                .trim_start_matches("./")
-                .trim_end_matches('/')
-                .to_string()
-        };
         for e in &toc.entries {
-            let path = name(e);
+            let path = e.path();
             let (dir, base) = match path.rsplit_once('/') {
                 Some((d, b)) => (format!("{d}/"), b),
-                None => (String::new(), path.as_str()),
+                None => (String::new(), path),
             };
             let gone = if base == ".wh..wh..opq" {
                 dir
             } else if let Some(hidden) = base.strip_prefix(".wh.") {
                 let hidden = format!("{dir}{hidden}");
-                files.remove(&hidden);
+                files.remove(hidden.as_str());
                 format!("{hidden}/")
             } else {
                 continue;
             };
-            let under: Vec<String> = files
-                .range(gone.clone()..)
+            let under: Vec<&str> = files
+                .range::<str, _>((
+                    std::ops::Bound::Included(gone.as_str()),
+                    std::ops::Bound::Unbounded,
+                ))
                 .take_while(|(k, _)| k.starts_with(&gone))
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| *k)
                 .collect();
             for k in under {
-                files.remove(&k);
+                files.remove(k);
             }
         }
         for e in &toc.entries {
-            let path = name(e);
+            let path = e.path();
             let whiteout = path
                 .rsplit('/')
                 .next()
                 .is_some_and(|b| b.starts_with(".wh."));
             match &e.content {
                 Some((digest, _, _)) if !whiteout => {
-                    files.insert(path, digest.clone());
+                    files.insert(path, *digest);
                 }
                 // Anything else at a path replaces a file there.
                 _ => {
-                    files.remove(&path);
+                    files.remove(path);
                 }
             }
         }
@@ -567,7 +556,7 @@ mod tests {
                     size: d.map_or(0, |_| 1),
                     dev: (0, 0),
                     xattrs: vec![],
-                    content: d.map(|n| (format!("sha256:{}", hex::encode([n; 32])), 0, 1)),
+                    content: d.map(|n| ([n; 32], 0, 1)),
                 })
                 .collect(),
         }
@@ -592,13 +581,9 @@ mod tests {
             ("./keep", Some(7)),
         ]);
         let files = image_files([&lower, &upper]);
-        let digest = |n: u8| format!("sha256:{}", hex::encode([n; 32]));
         assert_eq!(
             files,
-            BTreeMap::from([
-                ("keep".to_string(), digest(7)),
-                ("var/cache/d".to_string(), digest(6)),
-            ])
+            BTreeMap::from([("keep", [7; 32]), ("var/cache/d", [6; 32])])
         );
         assert_eq!(image_files([&lower]).len(), 5);
     }

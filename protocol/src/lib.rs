@@ -52,6 +52,21 @@ pub fn is_sha256_digest(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The 32 bytes of a `sha256:<hex>` digest ([`is_sha256_digest`]'s form).
+pub fn sha256_bytes(s: &str) -> Option<[u8; 32]> {
+    if !is_sha256_digest(s) {
+        return None;
+    }
+    let mut out = [0; 32];
+    hex::decode_to_slice(&s[7..], &mut out).ok()?;
+    Some(out)
+}
+
+/// `sha256:<hex>` of 32 digest bytes.
+pub fn sha256_string(d: &[u8; 32]) -> String {
+    format!("sha256:{}", hex::encode(d))
+}
+
 /// The `sha256:<hex>` digest of some bytes.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     use sha2::Digest;
@@ -68,6 +83,9 @@ mod tests {
         assert!(is_sha256_digest(&good));
         assert!(!is_sha256_digest(&good.to_uppercase()));
         assert!(!is_sha256_digest(&good[..70]));
+        let bytes = sha256_bytes(&good).unwrap();
+        assert_eq!(sha256_string(&bytes), good);
+        assert_eq!(sha256_bytes(&good.to_uppercase()), None);
         assert!(!is_sha256_digest(&good.replace("sha256:", "sha512:")));
     }
 }

@@ -130,7 +130,7 @@ async fn estimate(
     });
     // What the base holds, as the agent's index of it says: the files its
     // zstd:chunked layers leave, whiteouts applied.
-    let mut held: HashSet<String> = HashSet::new();
+    let mut held: HashSet<[u8; 32]> = HashSet::new();
     let mut problems = Vec::new();
     if let Some(b) = base {
         let mut tocs = Vec::new();
