@@ -184,6 +184,25 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The kinds that say how an upgrade ended, which the health gate
+    /// counts; a device's status after one has the same name.
+    pub const OUTCOMES: [EventKind; 3] =
+        [EventKind::Healthy, EventKind::Failed, EventKind::RolledBack];
+
+    /// The outcomes that count as a failure: the one definition the gate,
+    /// the head-status explanations and the failed-image list share.
+    pub const FAILURES: [EventKind; 2] = [EventKind::Failed, EventKind::RolledBack];
+
+    /// Whether this kind is an outcome ([`Self::OUTCOMES`]).
+    pub fn is_outcome(self) -> bool {
+        Self::OUTCOMES.contains(&self)
+    }
+
+    /// The names of `kinds`, for a query's `= ANY($n)`.
+    pub fn names(kinds: &[EventKind]) -> Vec<&'static str> {
+        kinds.iter().map(|k| k.as_str()).collect()
+    }
+
     /// The name on the wire and in the database.
     pub fn as_str(self) -> &'static str {
         match self {

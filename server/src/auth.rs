@@ -562,11 +562,16 @@ async fn login(
     .fetch_optional(&state.db)
     .await?;
     // Hash even for an unknown user so timing does not tell which names exist.
-    let (hash, role) = match &user {
-        Some(u) => (u.password_hash.as_str(), Role::parse(&u.role)),
-        None => (DUMMY_HASH.as_str(), None),
+    let (hash, role) = match user {
+        Some(u) => (u.password_hash, Role::parse(&u.role)),
+        None => (DUMMY_HASH.clone(), None),
     };
-    let ok = verify_password(&req.password, hash);
+    // Argon2 takes tens of milliseconds of CPU: off the async workers, so a
+    // burst of logins does not stall device check-ins on the same threads.
+    let password = req.password.clone();
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
     let role = match (ok, role) {
         (true, Some(role)) => role,
         _ => return Err(Error::Unauthorized("wrong user name or password".into())),

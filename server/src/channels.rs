@@ -6,10 +6,13 @@ use crate::auth::{Admin, Principal, ProductReader, Publisher};
 use crate::error::{Error, Json, Path, Query, Result, on_constraint};
 use crate::paging::{Page, PageParams};
 use crate::registry::PlatformImage;
-use crate::rollout::{self, Gate};
+use crate::rules::channel::{ChannelState, PromotePlan, ReleaseRef};
+pub use crate::rules::channel::{GateSpec, RampSpec};
+use crate::rules::rollout::{self, Gate};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use sluice_protocol::EventKind;
 use sqlx::types::Json as SqlJson;
 use sqlx::{PgConnection, Postgres, Transaction};
 use time::OffsetDateTime;
@@ -26,16 +29,6 @@ pub struct NewChannel {
     /// A line about it.
     #[serde(default)]
     pub description: Option<String>,
-}
-
-/// A linear ramp as the API shows and takes it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RampSpec {
-    /// The percent the ramp ends at.
-    pub to_percent: f64,
-    /// How long it takes, in minutes.
-    pub over_minutes: f64,
 }
 
 /// A ramp in force.
@@ -102,10 +95,13 @@ pub struct Channel {
     pub description: Option<String>,
     /// The release admitted devices get.
     pub head: Option<String>,
-    /// The previous head: what everyone else gets.
+    /// The release the channel last rolled out fully: what devices outside
+    /// the rollout get.
     pub base: Option<String>,
     /// The head was set by a rollback: devices may move down to it.
     pub rolled_back: bool,
+    /// While rolled back: the head the rollback went back from.
+    pub rolled_back_from: Option<String>,
     /// The rollout.
     pub rollout: RolloutState,
     /// The health gate.
@@ -138,14 +134,23 @@ pub struct PromoteRequest {
     /// A linear ramp from `percent` upwards.
     #[serde(default)]
     pub ramp: Option<RampSpec>,
+    /// Only say what the promote would do: the answer shows the channel as
+    /// it would be, and nothing is stored.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
-/// What `POST .../promote` answers: the channel, and what the promote leaves behind.
+/// What `POST .../promote` answers: the channel, what the promote did (or,
+/// with `dry_run`, would do), and what it leaves behind.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PromoteResponse {
-    /// The channel after the promote.
+    /// The channel after the promote (with `dry_run`: as it would be).
     #[serde(flatten)]
     pub channel: Channel,
+    /// What the promote does to the head and the base, in words and fields.
+    pub plan: PromotePlan,
+    /// Whether this was a dry run: nothing was stored.
+    pub dry_run: bool,
     /// Devices the new head cannot reach, in words (e.g. no image for their
     /// architecture); empty when nothing is stranded.
     pub warnings: Vec<String>,
@@ -160,16 +165,6 @@ fn default_promote_percent() -> Option<f64> {
 
 fn promote_percent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.or_else(default_promote_percent))
-}
-
-/// The gate's settings.
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GateSpec {
-    /// Halt above this share of failures (0–100).
-    pub max_failure_percent: f64,
-    /// Judge only once this many devices reported (≥ 1).
-    pub min_reports: i64,
 }
 
 /// `PATCH .../rollout`.
@@ -222,35 +217,14 @@ pub struct HistoryEntry {
     pub after: Option<serde_json::Value>,
 }
 
-/// Rejects a percent outside 0–100.
+/// Rejects a percent outside 0–100 (none given is fine).
 pub fn check_percent(p: Option<f64>) -> Result<()> {
-    match p {
-        Some(p) if !(0.0..=100.0).contains(&p) || p.is_nan() => Err(Error::BadRequest(format!(
-            "percent {p} is out of range: use 0 to 100"
-        ))),
-        _ => Ok(()),
-    }
+    Ok(p.map_or(Ok(()), crate::rules::channel::check_percent)?)
 }
 
-fn check_ramp(r: &RampSpec, from: f64) -> Result<()> {
-    check_percent(Some(r.to_percent))?;
-    if r.to_percent < from {
-        return Err(Error::BadRequest(format!(
-            "a ramp only raises the percent: to_percent {} is below the current {from}; set `percent` to lower it",
-            r.to_percent
-        )));
-    }
-    if !(r.over_minutes > 0.0 && r.over_minutes <= 525_600.0) {
-        return Err(Error::BadRequest(
-            "ramp over_minutes must be above 0 and at most a year (525600)".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// The channel row, as stored.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChannelRow {
+/// The channel row as the queries read it.
+#[derive(Debug, Clone)]
+pub struct StoredChannel {
     /// Its id.
     pub id: Uuid,
     /// Its name.
@@ -282,7 +256,7 @@ pub struct ChannelRow {
     /// Since when.
     pub paused_at: Option<OffsetDateTime>,
     /// Head set by rollback.
-    pub downgrade: bool,
+    pub rolled_back: bool,
     /// Gate share.
     pub gate_max_failure_percent: f64,
     /// Gate minimum.
@@ -293,7 +267,7 @@ pub struct ChannelRow {
     pub updated_at: OffsetDateTime,
 }
 
-impl ChannelRow {
+impl StoredChannel {
     /// The rollout as the rules see it.
     pub fn rollout(&self) -> rollout::Rollout {
         let ramp = match (
@@ -317,21 +291,75 @@ impl ChannelRow {
             paused_at: self.paused_at,
         }
     }
+}
 
-    /// The gate's settings.
-    pub fn gate(&self) -> Gate {
-        Gate {
-            max_failure_percent: self.gate_max_failure_percent,
-            min_reports: self.gate_min_reports as i64,
+/// A channel: its name, and the state the rules read and change.
+#[derive(Debug, Clone)]
+pub struct ChannelRow {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// A line about it.
+    pub description: Option<String>,
+    /// Head, base, rollout and gate.
+    pub state: ChannelState,
+    /// Grows with every change.
+    pub serial: i64,
+    /// Last change.
+    pub updated_at: OffsetDateTime,
+}
+
+impl From<StoredChannel> for ChannelRow {
+    fn from(c: StoredChannel) -> Self {
+        let release = |id: Option<Uuid>, version: Option<String>| {
+            id.map(|id| ReleaseRef {
+                id,
+                version: version.unwrap_or_default(),
+            })
+        };
+        let rollout = c.rollout();
+        ChannelRow {
+            state: ChannelState {
+                head: release(c.head_release_id, c.head),
+                base: release(c.base_release_id, c.base),
+                rollout,
+                paused_reason: c.paused_reason,
+                rolled_back: c.rolled_back,
+                gate: Gate {
+                    max_failure_percent: c.gate_max_failure_percent,
+                    min_reports: i64::from(c.gate_min_reports),
+                },
+            },
+            id: c.id,
+            name: c.name,
+            description: c.description,
+            serial: c.serial,
+            updated_at: c.updated_at,
         }
     }
+}
 
+impl ChannelRow {
+    /// The head's version.
+    pub fn head(&self) -> Option<String> {
+        self.state.head.as_ref().map(|h| h.version.clone())
+    }
+
+    /// The base's version.
+    pub fn base(&self) -> Option<String> {
+        self.state.base.as_ref().map(|b| b.version.clone())
+    }
+
+    /// The channel as its history and the audit log record it.
     fn summary(&self) -> serde_json::Value {
+        let s = &self.state;
+        let r = &s.rollout;
         serde_json::json!({
-            "head": self.head, "base": self.base, "percent": self.percent,
-            "ramp": self.ramp_to_percent.map(|to| serde_json::json!({"to_percent": to, "over_minutes": self.ramp_over_minutes})),
-            "paused": self.paused, "paused_reason": self.paused_reason, "rolled_back": self.downgrade,
-            "gate": {"max_failure_percent": self.gate_max_failure_percent, "min_reports": self.gate_min_reports},
+            "head": self.head(), "base": self.base(), "percent": r.percent,
+            "ramp": r.ramp.as_ref().map(|x| serde_json::json!({"to_percent": x.to, "over_minutes": x.over_minutes})),
+            "paused": r.paused, "paused_reason": s.paused_reason, "rolled_back": s.rolled_back,
+            "gate": {"max_failure_percent": s.gate.max_failure_percent, "min_reports": s.gate.min_reports},
         })
     }
 }
@@ -363,17 +391,18 @@ pub async fn load(
     }
     .ok_or_else(|| Error::not_found(format!("channel {name} of product {product}")))?;
     Ok(sqlx::query_as!(
-        ChannelRow,
+        StoredChannel,
         r#"SELECT c.id, c.name, c.description, c.head_release_id, c.base_release_id,
                   h.version AS "head?", b.version AS "base?", c.percent, c.ramp_from_percent, c.ramp_to_percent,
-                  c.ramp_over_minutes, c.ramp_started_at, c.paused, c.paused_reason, c.paused_at, c.downgrade,
+                  c.ramp_over_minutes, c.ramp_started_at, c.paused, c.paused_reason, c.paused_at, c.rolled_back,
                   c.gate_max_failure_percent, c.gate_min_reports, c.serial, c.updated_at
            FROM channels c LEFT JOIN releases h ON h.id = c.head_release_id LEFT JOIN releases b ON b.id = c.base_release_id
            WHERE c.id = $1"#,
         id
     )
     .fetch_one(&mut *db)
-    .await?)
+    .await?
+    .into())
 }
 
 /// Records a change in the channel's history and the audit log, and bumps its serial.
@@ -409,65 +438,55 @@ async fn changed(
 }
 
 async fn save(tx: &mut PgConnection, c: &ChannelRow) -> Result<()> {
+    let s = &c.state;
+    let r = &s.rollout;
+    let ramp = r.ramp.as_ref();
     sqlx::query!(
         "UPDATE channels SET head_release_id = $2, base_release_id = $3, percent = $4, ramp_from_percent = $5,
             ramp_to_percent = $6, ramp_over_minutes = $7, ramp_started_at = $8, paused = $9, paused_reason = $10,
-            paused_at = $11, downgrade = $12, gate_max_failure_percent = $13, gate_min_reports = $14,
+            paused_at = $11, rolled_back = $12, gate_max_failure_percent = $13, gate_min_reports = $14,
             serial = nextval('channel_serial'), updated_at = now()
          WHERE id = $1",
         c.id,
-        c.head_release_id,
-        c.base_release_id,
-        c.percent,
-        c.ramp_from_percent,
-        c.ramp_to_percent,
-        c.ramp_over_minutes,
-        c.ramp_started_at,
-        c.paused,
-        c.paused_reason,
-        c.paused_at,
-        c.downgrade,
-        c.gate_max_failure_percent,
-        c.gate_min_reports
+        s.head.as_ref().map(|h| h.id),
+        s.base.as_ref().map(|b| b.id),
+        r.percent,
+        ramp.map(|x| x.from),
+        ramp.map(|x| x.to),
+        ramp.map(|x| x.over_minutes),
+        ramp.map(|x| x.started_at),
+        r.paused,
+        s.paused_reason,
+        r.paused_at,
+        s.rolled_back,
+        s.gate.max_failure_percent,
+        // set_gate keeps it within i32.
+        i32::try_from(s.gate.min_reports).unwrap_or(i32::MAX)
     )
     .execute(&mut *tx)
     .await?;
     Ok(())
 }
 
-fn set_ramp(c: &mut ChannelRow, ramp: Option<&RampSpec>, now: OffsetDateTime) {
-    match ramp {
-        Some(r) => {
-            c.ramp_from_percent = Some(c.percent);
-            c.ramp_to_percent = Some(r.to_percent);
-            c.ramp_over_minutes = Some(r.over_minutes);
-            c.ramp_started_at = Some(now);
-        }
-        None => {
-            c.ramp_from_percent = None;
-            c.ramp_to_percent = None;
-            c.ramp_over_minutes = None;
-            c.ramp_started_at = None;
-        }
-    }
-}
-
 /// Promoting resumes a paused channel, so only an admin may promote into
 /// one: a publisher's (CI's) promote, even of the same release, must not
 /// clear a halt the health gate or a person set.
 fn check_may_resume(who: &Principal, product: &str, c: &ChannelRow) -> Result<()> {
-    if !c.paused || who.role() == crate::auth::Role::Admin {
+    if !c.state.rollout.paused || who.role() == crate::auth::Role::Admin {
         return Ok(());
     }
     Err(Error::Conflict(format!(
         "channel {} of product {product} is paused ({}): an admin must resume it (`sluice channel rollout --resume`) or promote into it; nothing was changed",
         c.name,
-        c.paused_reason.as_deref().unwrap_or("no reason given")
+        c.state
+            .paused_reason
+            .as_deref()
+            .unwrap_or("no reason given")
     )))
 }
 
-/// Makes a release the head of a channel inside the caller's transaction; the
-/// old head becomes the base.
+/// Makes a release the head of a channel inside the caller's transaction
+/// ([`ChannelState::promote`] says what becomes the base).
 #[allow(clippy::too_many_arguments)]
 pub async fn promote_in_tx(
     tx: &mut Transaction<'static, Postgres>,
@@ -475,35 +494,23 @@ pub async fn promote_in_tx(
     product_id: Uuid,
     product: &str,
     channel: &str,
-    release_id: Uuid,
-    version: &semver::Version,
-    percent: Option<f64>,
+    release: ReleaseRef,
+    percent: f64,
     ramp: Option<&RampSpec>,
-    reason: Option<String>,
-) -> Result<ChannelRow> {
-    check_percent(percent)?;
+) -> Result<(ChannelRow, PromotePlan)> {
     let before = load(tx, product_id, product, channel, true).await?;
     check_may_resume(who, product, &before)?;
     let mut c = before.clone();
-    let percent = percent.unwrap_or(100.0);
-    if let Some(r) = ramp {
-        check_ramp(r, percent)?;
-    }
-    if c.head_release_id != Some(release_id) {
-        c.base_release_id = c.head_release_id;
-        c.base = c.head.take();
-        c.head_release_id = Some(release_id);
-        c.head = Some(version.to_string());
-    }
-    c.percent = percent;
-    let now = OffsetDateTime::now_utc();
-    set_ramp(&mut c, ramp, now);
-    c.paused = false;
-    c.paused_reason = None;
-    c.paused_at = None;
-    c.downgrade = false;
+    let version = release.version.clone();
+    let plan = c
+        .state
+        .promote(release, percent, ramp, OffsetDateTime::now_utc())?;
     save(tx, &c).await?;
-    let reason = reason.unwrap_or_else(|| format!("promoted {version} at {percent}%"));
+    let reason = format!(
+        "promoted {version} at {}%; {}",
+        rollout::fmt_percent(percent),
+        plan.message
+    );
     changed(
         tx,
         &who.actor(),
@@ -514,7 +521,7 @@ pub async fn promote_in_tx(
         &c,
     )
     .await?;
-    Ok(c)
+    Ok((c, plan))
 }
 
 /// The routes of this module.
@@ -529,9 +536,13 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(channel_head_status))
 }
 
-async fn view(db: &sqlx::PgPool, product_id: Uuid, product: &str, name: &str) -> Result<Channel> {
-    let mut conn = db.acquire().await?;
-    let c = load(&mut conn, product_id, product, name, false).await?;
+async fn view(
+    conn: &mut PgConnection,
+    product_id: Uuid,
+    product: &str,
+    name: &str,
+) -> Result<Channel> {
+    let c = load(conn, product_id, product, name, false).await?;
     let devices = sqlx::query_as!(
         DeviceCount,
         r#"SELECT current_version AS version, status, count(*) AS "count!" FROM devices
@@ -541,44 +552,75 @@ async fn view(db: &sqlx::PgPool, product_id: Uuid, product: &str, name: &str) ->
     )
     .fetch_all(&mut *conn)
     .await?;
-    let (reports, failures) = gate_counts(&mut conn, product_id, name, c.head.as_deref()).await?;
+    let head = c.head();
+    let (reports, failures) = gate_counts(conn, product_id, name, head.as_deref()).await?;
     let behind = devices
         .iter()
-        .filter(|d| c.head.is_none() || d.version != c.head)
+        .filter(|d| head.is_none() || d.version != head)
         .map(|d| d.count)
         .sum();
     let now = OffsetDateTime::now_utc();
-    let r = c.rollout();
+    let base = c.base();
+    let rolled_back_from = if c.state.rolled_back {
+        sqlx::query_scalar!(
+            r#"SELECT before->>'head' AS "head" FROM channel_history
+               WHERE channel_id = $1 AND action = 'rollback' ORDER BY id DESC LIMIT 1"#,
+            c.id
+        )
+        .fetch_optional(&mut *conn)
+        .await?
+        .flatten()
+    } else {
+        None
+    };
+    let ChannelState {
+        rollout: r,
+        paused_reason,
+        rolled_back,
+        gate,
+        ..
+    } = c.state;
     Ok(Channel {
         rollout: RolloutState {
-            percent: c.percent,
+            percent: r.percent,
             effective_percent: rollout::effective_percent(&r, now),
+            paused: r.paused,
             ramp: r.ramp.map(|x| RampState {
                 from_percent: x.from,
                 to_percent: x.to,
                 over_minutes: x.over_minutes,
                 started_at: x.started_at,
             }),
-            paused: c.paused,
-            paused_reason: c.paused_reason.clone(),
+            paused_reason,
         },
         gate: GateState {
-            max_failure_percent: c.gate_max_failure_percent,
-            min_reports: c.gate_min_reports as i64,
+            max_failure_percent: gate.max_failure_percent,
+            min_reports: gate.min_reports,
             reports,
             failures,
-            tripped: rollout::gate_tripped(c.gate(), reports, failures),
+            tripped: rollout::gate_tripped(gate, reports, failures),
         },
         name: c.name,
         description: c.description,
-        head: c.head,
-        base: c.base,
-        rolled_back: c.downgrade,
+        head,
+        base,
+        rolled_back,
+        rolled_back_from,
         serial: c.serial,
         devices,
         behind,
         updated_at: c.updated_at,
     })
+}
+
+/// [`view`] on a connection of the pool.
+async fn view_of(
+    db: &sqlx::PgPool,
+    product_id: Uuid,
+    product: &str,
+    name: &str,
+) -> Result<Channel> {
+    view(&mut *db.acquire().await?, product_id, product, name).await
 }
 
 /// Devices on the channel that reported an outcome on `head`, and how many
@@ -592,19 +634,22 @@ pub async fn gate_counts(
 ) -> Result<(i64, i64)> {
     let Some(head) = head else { return Ok((0, 0)) };
     let r = sqlx::query!(
-        r#"SELECT count(*) AS "reports!", count(*) FILTER (WHERE status IN ('failed', 'rolled_back')) AS "failures!"
+        r#"SELECT count(*) AS "reports!", count(*) FILTER (WHERE status = ANY($5)) AS "failures!"
            FROM devices WHERE product_id = $1 AND channel = $2 AND status_version = $3
-             AND status IN ('healthy', 'failed', 'rolled_back') AND status_offered"#,
+             AND status = ANY($4) AND status_offered"#,
         product_id,
         channel,
-        head
+        head,
+        &EventKind::names(&EventKind::OUTCOMES) as &[&str],
+        &EventKind::names(&EventKind::FAILURES) as &[&str]
     )
     .fetch_one(&mut *db)
     .await?;
     Ok((r.reports, r.failures))
 }
 
-/// Halts the channel's rollout if its health gate trips; answers whether it did.
+/// Halts the channel's rollout if its health gate trips
+/// ([`ChannelState::gate_halt`]); answers whether it did.
 pub async fn check_gate(
     state: &AppState,
     product_id: Uuid,
@@ -613,25 +658,15 @@ pub async fn check_gate(
 ) -> Result<bool> {
     let mut tx = state.db.begin().await?;
     let before = load(&mut tx, product_id, product, channel, true).await?;
-    if before.paused || before.head.is_none() {
-        return Ok(false);
-    }
     let (reports, failures) =
-        gate_counts(&mut tx, product_id, channel, before.head.as_deref()).await?;
-    if !rollout::gate_tripped(before.gate(), reports, failures) {
-        return Ok(false);
-    }
-    let now = OffsetDateTime::now_utc();
+        gate_counts(&mut tx, product_id, channel, before.head().as_deref()).await?;
     let mut c = before.clone();
-    let reason = format!(
-        "health gate: {failures} of {reports} devices ({:.1}%) failed or rolled back on {}, above the limit of {}%",
-        failures as f64 * 100.0 / reports as f64,
-        before.head.as_deref().unwrap_or_default(),
-        before.gate_max_failure_percent
-    );
-    c.paused = true;
-    c.paused_at = Some(now);
-    c.paused_reason = Some(reason.clone());
+    let Some(reason) = c
+        .state
+        .gate_halt(reports, failures, OffsetDateTime::now_utc())
+    else {
+        return Ok(false);
+    };
     save(&mut tx, &c).await?;
     changed(
         &mut tx,
@@ -708,7 +743,7 @@ async fn create_channel(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(view(&state.db, p.id, &product, &req.name).await?),
+        Json(view_of(&state.db, p.id, &product, &req.name).await?),
     ))
 }
 
@@ -731,7 +766,7 @@ async fn list_channels(
     .await?;
     let mut out = Vec::with_capacity(names.len());
     for n in names {
-        out.push(view(&state.db, p.id, &product, &n).await?);
+        out.push(view_of(&state.db, p.id, &product, &n).await?);
     }
     Ok(Json(out))
 }
@@ -748,10 +783,11 @@ async fn get_channel(
     Path((product, channel)): Path<(String, String)>,
 ) -> Result<Json<Channel>> {
     let p = crate::products::load(&state.db, &product).await?;
-    Ok(Json(view(&state.db, p.id, &product, &channel).await?))
+    Ok(Json(view_of(&state.db, p.id, &product, &channel).await?))
 }
 
-/// Makes a release the channel's head; the old head becomes the base.
+/// Makes a release the channel's head; the old head becomes the base only if it
+/// was fully rolled out (`plan` says which; `dry_run` only says it).
 #[utoipa::path(post, path = "/v1/products/{product}/channels/{channel}/promote", tag = "channels", request_body = PromoteRequest,
     params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name")),
     security(("bearer" = [])),
@@ -776,21 +812,30 @@ async fn promote(
             req.version
         )));
     }
-    promote_in_tx(
+    let release = ReleaseRef {
+        id: r.id,
+        version: version.to_string(),
+    };
+    let percent = req.percent.unwrap_or(DEFAULT_PROMOTE_PERCENT);
+    let (_, plan) = promote_in_tx(
         &mut tx,
         &who,
         p.id,
         &product,
         &channel,
-        r.id,
-        &version,
-        req.percent,
+        release,
+        percent,
         req.ramp.as_ref(),
-        None,
     )
     .await?;
-    tx.commit().await?;
-    state.cache.invalidate(&product);
+    // A dry run shows the channel as the promote leaves it, then undoes it all.
+    let after = view(&mut tx, p.id, &product, &channel).await?;
+    if req.dry_run {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+        state.cache.invalidate(&product);
+    }
     let warnings = crate::releases::stranded(
         &state.db,
         p.id,
@@ -801,7 +846,9 @@ async fn promote(
     )
     .await?;
     Ok(Json(PromoteResponse {
-        channel: view(&state.db, p.id, &product, &channel).await?,
+        channel: after,
+        plan,
+        dry_run: req.dry_run,
         warnings,
     }))
 }
@@ -824,66 +871,44 @@ async fn patch_rollout(
             "nothing to change: give percent, ramp, paused or gate".into(),
         ));
     }
-    check_percent(req.percent)?;
-    if let Some(g) = &req.gate
-        && (!(0.0..=100.0).contains(&g.max_failure_percent)
-            || g.min_reports < 1
-            || g.min_reports > i32::MAX as i64)
-    {
-        return Err(Error::BadRequest(
-            "gate: max_failure_percent must be 0–100 and min_reports at least 1".into(),
-        ));
-    }
     let p = crate::products::load(&state.db, &product).await?;
     let mut tx = state.db.begin().await?;
     let before = load(&mut tx, p.id, &product, &channel, true).await?;
     let mut c = before.clone();
+    let s = &mut c.state;
     let now = OffsetDateTime::now_utc();
     let mut what = Vec::new();
     if let Some(percent) = req.percent {
-        c.percent = percent;
-        set_ramp(&mut c, None, now);
-        what.push(format!("percent {percent}%"));
+        s.set_percent(percent)?;
+        what.push(format!("percent {}%", rollout::fmt_percent(percent)));
     }
     if let Some(r) = &req.ramp {
-        // A ramp starts from what is in force now.
-        c.percent = rollout::effective_percent(&c.rollout(), now);
-        check_ramp(r, c.percent)?;
-        set_ramp(&mut c, Some(r), now);
+        s.ramp(r, now)?;
         what.push(format!(
             "ramp to {}% over {} min",
-            r.to_percent, r.over_minutes
+            rollout::fmt_percent(r.to_percent),
+            rollout::fmt_percent(r.over_minutes)
+        ));
+    }
+    if let Some(g) = &req.gate {
+        s.set_gate(g)?;
+        what.push(format!(
+            "gate {}% after {} reports",
+            rollout::fmt_percent(g.max_failure_percent),
+            g.min_reports
         ));
     }
     let mut action = "rollout";
     match req.paused {
-        Some(true) if !c.paused => {
-            c.paused = true;
-            c.paused_at = Some(now);
-            c.paused_reason = Some(format!("paused by {}", who.actor()));
+        Some(true) if s.pause(format!("paused by {}", who.actor()), now) => {
             action = "pause";
             what.push("paused".into());
         }
-        Some(false) if c.paused => {
-            // The ramp stood still while paused: move its start forward by that time.
-            if let (Some(start), Some(paused_at)) = (c.ramp_started_at, c.paused_at) {
-                c.ramp_started_at = Some(start + (now - paused_at));
-            }
-            c.paused = false;
-            c.paused_at = None;
-            c.paused_reason = None;
+        Some(false) if s.resume(now) => {
             action = "resume";
             what.push("resumed".into());
         }
         _ => {}
-    }
-    if let Some(g) = &req.gate {
-        c.gate_max_failure_percent = g.max_failure_percent;
-        c.gate_min_reports = g.min_reports as i32;
-        what.push(format!(
-            "gate {}% after {} reports",
-            g.max_failure_percent, g.min_reports
-        ));
     }
     save(&mut tx, &c).await?;
     changed(
@@ -896,9 +921,10 @@ async fn patch_rollout(
         &c,
     )
     .await?;
+    let after = view(&mut tx, p.id, &product, &channel).await?;
     tx.commit().await?;
     state.cache.invalidate(&product);
-    Ok(Json(view(&state.db, p.id, &product, &channel).await?))
+    Ok(Json(after))
 }
 
 /// Rolls the channel back: the head becomes the given release (default: the
@@ -918,9 +944,9 @@ async fn rollback(
     let p = crate::products::load(&state.db, &product).await?;
     let mut tx = state.db.begin().await?;
     let before = load(&mut tx, p.id, &product, &channel, true).await?;
-    let version = match (&req.version, &before.base) {
+    let version = match (&req.version, before.base()) {
         (Some(v), _) => v.clone(),
-        (None, Some(b)) => b.clone(),
+        (None, Some(b)) => b,
         (None, None) => {
             return Err(Error::Conflict(format!(
                 "channel {channel} has no base to roll back to: name a version"
@@ -934,23 +960,11 @@ async fn rollback(
         )));
     }
     let mut c = before.clone();
-    if c.head_release_id != Some(target.id) {
-        c.base_release_id = c.head_release_id;
-        c.base = c.head.take();
-        c.head_release_id = Some(target.id);
-        c.head = Some(version.clone());
-    }
-    c.percent = 100.0;
-    set_ramp(&mut c, None, OffsetDateTime::now_utc());
-    c.paused = false;
-    c.paused_at = None;
-    c.paused_reason = None;
-    c.downgrade = true;
+    let reason = c.state.rollback(ReleaseRef {
+        id: target.id,
+        version: version.clone(),
+    });
     save(&mut tx, &c).await?;
-    let reason = format!(
-        "rolled back from {} to {version}",
-        before.head.as_deref().unwrap_or("(none)")
-    );
     changed(
         &mut tx,
         &who.actor(),
@@ -961,9 +975,10 @@ async fn rollback(
         &c,
     )
     .await?;
+    let after = view(&mut tx, p.id, &product, &channel).await?;
     tx.commit().await?;
     state.cache.invalidate(&product);
-    Ok(Json(view(&state.db, p.id, &product, &channel).await?))
+    Ok(Json(after))
 }
 
 /// Every change to the channel, newest first.
@@ -1125,10 +1140,9 @@ fn device_head_status(
     failures: &Failures,
     now: OffsetDateTime,
 ) -> HeadStatus {
-    let head = c
-        .head_release_id
-        .and_then(|id| rules.by_id.get(&id))
-        .map(|&i| &rules.rels[i]);
+    let index = |r: Option<&ReleaseRef>| r.and_then(|r| rules.by_id.get(&r.id)).copied();
+    let head_idx = index(c.state.head.as_ref());
+    let head = head_idx.map(|i| &rules.rels[i]);
     let pin_image;
     let pin = match (&d.pin_version, &d.pin_digest) {
         (Some(v), _) => rules.by_version.get(v).map(|&i| &rules.rels[i]),
@@ -1145,16 +1159,12 @@ fn device_head_status(
         _ => None,
     };
     let device_id = d.id.to_string();
-    let rollout = c.rollout();
     let input = rollout::Input {
         releases: &rules.rels,
         head,
-        base: c
-            .base_release_id
-            .and_then(|id| rules.by_id.get(&id))
-            .map(|&i| &rules.rels[i]),
-        rollout: &rollout,
-        rolled_back: c.downgrade,
+        base: index(c.state.base.as_ref()).map(|i| &rules.rels[i]),
+        rollout: &c.state.rollout,
+        rolled_back: c.state.rolled_back,
         pin,
         device_id: &device_id,
         current: d
@@ -1170,10 +1180,6 @@ fn device_head_status(
         .and_then(|t| rules.rels.iter().position(|r| std::ptr::eq(r, t)));
     let target = decision.target.map(|t| t.version.to_string());
     let target_name = target.clone().unwrap_or_default();
-    let head_idx = c
-        .head_release_id
-        .and_then(|id| rules.by_id.get(&id))
-        .copied();
     let failed = |version: &str| {
         failures
             .get(&(d.id, version.to_string()))
@@ -1188,7 +1194,7 @@ fn device_head_status(
     let facts = rollout::Facts {
         arch: d.arch.clone(),
         head_has_arch: head_idx.is_none_or(|i| rules.fits(i, &d.arch)),
-        failed_head: c.head.as_deref().and_then(failed),
+        failed_head: c.head().as_deref().and_then(failed),
         // An image pin carries its own platforms; it is explained as a pin first.
         target_has_arch: target_idx.is_none_or(|i| rules.fits(i, &d.arch)),
         failed_target: failed(&target_name),
@@ -1198,7 +1204,7 @@ fn device_head_status(
             || d.offered
                 .iter()
                 .any(|o| o.split_once('@').is_some_and(|(v, _)| v == target_name)),
-        paused_reason: c.paused_reason.clone(),
+        paused_reason: c.state.paused_reason.clone(),
         device_revoked: d.revoked,
     };
     let e = rollout::explain(&input, &decision, why, &facts);
@@ -1206,7 +1212,7 @@ fn device_head_status(
         on_head: e.on_head,
         reason: e.reason,
         message: e.message,
-        head: c.head.clone(),
+        head: c.head(),
         target,
     }
 }
@@ -1224,12 +1230,13 @@ async fn failures(
              SELECT DISTINCT ON (e.device_id, e.version) e.device_id, e.version, e.kind, e.at
              FROM device_events e JOIN devices d ON d.id = e.device_id
              WHERE d.product_id = $1 AND d.channel = $2 AND ($3::uuid IS NULL OR d.id = $3)
-               AND e.kind IN ('failed', 'rolled_back', 'failure_cleared') AND e.version IS NOT NULL
+               AND (e.kind = ANY($4) OR e.kind = 'failure_cleared') AND e.version IS NOT NULL
              ORDER BY e.device_id, e.version, e.id DESC) latest
-           WHERE kind IN ('failed', 'rolled_back')"#,
+           WHERE kind = ANY($4)"#,
         product_id,
         channel,
-        device
+        device,
+        &EventKind::names(&EventKind::FAILURES) as &[&str]
     )
     .fetch_all(&mut *db)
     .await?
@@ -1320,7 +1327,7 @@ async fn channel_head_status(
     let mut not_on_head: Vec<ReasonCount> = by_reason.into_values().collect();
     not_on_head.sort_by(|a, b| b.count.cmp(&a.count).then(a.reason.cmp(&b.reason)));
     Ok(Json(ChannelHeadStatus {
-        head: c.head,
+        head: c.head(),
         devices: devices.len() as i64,
         on_head,
         not_on_head,

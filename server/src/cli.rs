@@ -458,6 +458,10 @@ pub struct Promote {
     #[arg(long, alias = "ramp-over-minutes", requires = "ramp_to",
           value_parser = clap::value_parser!(u32).range(1..=525_600))]
     ramp_minutes: Option<u32>,
+    /// Only print what the promote would do (which release becomes the
+    /// base, which devices stay where they are); change nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Print the server's JSON answer (the channel) instead of a summary.
     #[arg(long)]
     json: bool,
@@ -478,11 +482,21 @@ impl Command for Promote {
             }
             body["ramp"] = json!({"to_percent": to, "over_minutes": over});
         }
+        if self.dry_run {
+            body["dry_run"] = json!(true);
+        }
         Ok(self.at.request(Method::POST, "promote", body))
     }
     fn output(&self, answer: Value) -> String {
         if self.json {
             return pretty(&answer);
+        }
+        let plan = answer["plan"]["message"].as_str();
+        if self.dry_run {
+            return format!(
+                "dry run, nothing was changed: {}",
+                plan.unwrap_or("the server did not say what the promote would do")
+            );
         }
         let head = text(&answer["head"]);
         let name = text(&answer["name"]);
@@ -504,6 +518,10 @@ impl Command for Promote {
                 " (raise with `sluice channel rollout --product {} --channel {name} --percent N`)",
                 self.at.product
             );
+        }
+        if let Some(plan) = plan {
+            line += "\n";
+            line += plan;
         }
         line
     }
@@ -570,7 +588,8 @@ pub struct Rollback {
     remote: Remote,
     #[command(flatten)]
     at: ChannelRef,
-    /// The release to go back to (default: the channel's base, the previous head).
+    /// The release to go back to (default: the channel's base, the release it
+    /// last rolled out fully).
     #[arg(long)]
     version: Option<String>,
 }
@@ -1405,12 +1424,11 @@ impl Command for ChannelShow {
             ("base", text(&c["base"])),
             (
                 "rolled back",
-                if c["rolled_back"] == true {
-                    "yes"
-                } else {
-                    "no"
-                }
-                .into(),
+                match (c["rolled_back"] == true, c["rolled_back_from"].as_str()) {
+                    (true, Some(from)) => format!("yes, from {from}"),
+                    (true, None) => "yes".into(),
+                    (false, _) => "no".into(),
+                },
             ),
             ("rollout", rollout),
             ("paused", paused),
@@ -1815,6 +1833,10 @@ mod tests {
             body(&[&promote[..], &["--ramp-to", "100", "--ramp-minutes", "60"]].concat()),
             json!({"version": "2.0.0", "percent": 10, "ramp": {"to_percent": 100, "over_minutes": 60}})
         );
+        assert_eq!(
+            body(&[&promote[..], &["--dry-run"]].concat()),
+            json!({"version": "2.0.0", "percent": 10, "dry_run": true})
+        );
         // Half a ramp, a ramp downwards, a percent above 100: refused before sending.
         for extra in [
             &["--ramp-to", "50"][..],
@@ -1962,6 +1984,18 @@ mod tests {
         let printed: Value =
             serde_json::from_str(&promote(&["--json"]).output(raw.clone())).unwrap();
         assert_eq!(printed, raw);
+        // The server's plan follows the summary; a dry run prints only the plan.
+        let mut planned = channel(20.0, Value::Null);
+        planned["plan"] = json!({"message": "1.4.0 becomes the head at 20 %. 1.3.0 was not fully rolled out (at 26 %), so the base stays 1.2.0."});
+        assert_eq!(
+            promote(&[]).output(planned.clone()),
+            "1.4.0 is head of stable at 20 % (base 1.3.0) (raise with `sluice channel rollout --product acme --channel stable --percent N`)\n\
+             1.4.0 becomes the head at 20 %. 1.3.0 was not fully rolled out (at 26 %), so the base stays 1.2.0."
+        );
+        assert_eq!(
+            promote(&["--dry-run"]).output(planned),
+            "dry run, nothing was changed: 1.4.0 becomes the head at 20 %. 1.3.0 was not fully rolled out (at 26 %), so the base stays 1.2.0."
+        );
     }
 
     #[test]

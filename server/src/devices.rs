@@ -652,12 +652,7 @@ async fn report_event(
     if seen.retry {
         state.cache.invalidate(&device.product);
     }
-    if d.status_offered
-        && matches!(
-            req.kind,
-            EventKind::Healthy | EventKind::Failed | EventKind::RolledBack
-        )
-    {
+    if d.status_offered && req.kind.is_outcome() {
         crate::channels::check_gate(&state, d.product_id, &device.product, &d.channel).await?;
     }
     Ok(StatusCode::NO_CONTENT)
@@ -1035,10 +1030,12 @@ async fn failed_images(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Vec<Fa
         r#"SELECT digest AS "digest!", version, kind FROM (
              SELECT DISTINCT ON (digest) digest, version, kind, id FROM device_events
              WHERE device_id = $1 AND digest IS NOT NULL
-               AND kind IN ('healthy', 'failed', 'rolled_back', 'failure_cleared')
+               AND (kind = ANY($2) OR kind = 'failure_cleared')
              ORDER BY digest, id DESC) latest
-           WHERE kind IN ('failed', 'rolled_back') ORDER BY id DESC"#,
-        id
+           WHERE kind = ANY($3) ORDER BY id DESC"#,
+        id,
+        &EventKind::names(&EventKind::OUTCOMES) as &[&str],
+        &EventKind::names(&EventKind::FAILURES) as &[&str]
     )
     .fetch_all(db)
     .await?;

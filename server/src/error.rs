@@ -186,6 +186,12 @@ impl From<JsonRejection> for Error {
     }
 }
 
+impl From<crate::rules::channel::Refused> for Error {
+    fn from(r: crate::rules::channel::Refused) -> Self {
+        Error::BadRequest(r.0)
+    }
+}
+
 impl From<PathRejection> for Error {
     fn from(r: PathRejection) -> Self {
         Error::BadRequest(format!("invalid path: {}", r.body_text()))

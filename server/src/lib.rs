@@ -22,7 +22,7 @@ pub mod registry;
 pub mod releases;
 pub mod resolve;
 pub mod revocations;
-pub mod rollout;
+pub mod rules;
 pub mod signing;
 pub mod stats;
 pub mod tls;

@@ -118,7 +118,7 @@ enum ChannelCommand {
     Create(cli::ChannelCreate),
     /// Show a channel: head, base, rollout, health gate, devices by version.
     Show(cli::ChannelShow),
-    /// Make a release the channel's head; the old head becomes its base.
+    /// Make a release the channel's head; the old head becomes its base if it was fully rolled out.
     Promote(cli::Promote),
     /// Change the channel's rollout: percent, ramp, pause, health gate.
     Rollout(cli::Rollout),

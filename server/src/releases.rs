@@ -447,8 +447,14 @@ async fn publish_release(
     )
     .await?;
     for c in &channels {
+        let release = crate::rules::channel::ReleaseRef {
+            id,
+            version: version.to_string(),
+        };
+        // Publishing into a channel is a promote at 100 % unless told otherwise.
+        let percent = c.percent.unwrap_or(100.0);
         crate::channels::promote_in_tx(
-            &mut tx, who, p.id, &product, &c.name, id, &version, c.percent, None, None,
+            &mut tx, who, p.id, &product, &c.name, release, percent, None,
         )
         .await?;
     }

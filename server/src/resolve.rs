@@ -7,7 +7,7 @@ use crate::auth::DeviceAuth;
 use crate::devices::PinPlatform;
 use crate::error::{Error, Path, Query, Result};
 use crate::registry::PlatformImage;
-use crate::rollout::{self, Rel, Rollout};
+use crate::rules::rollout::{self, Rel, Rollout};
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -234,10 +234,10 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
         });
     }
     let channels: HashMap<String, ChannelSnap> = sqlx::query_as!(
-        crate::channels::ChannelRow,
+        crate::channels::StoredChannel,
         r#"SELECT c.id, c.name, c.description, c.head_release_id, c.base_release_id,
                   NULL::text AS "head?", NULL::text AS "base?", c.percent, c.ramp_from_percent, c.ramp_to_percent,
-                  c.ramp_over_minutes, c.ramp_started_at, c.paused, c.paused_reason, c.paused_at, c.downgrade,
+                  c.ramp_over_minutes, c.ramp_started_at, c.paused, c.paused_reason, c.paused_at, c.rolled_back,
                   c.gate_max_failure_percent, c.gate_min_reports, c.serial, c.updated_at
            FROM channels c WHERE c.product_id = $1"#,
         p.id
@@ -250,7 +250,7 @@ async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
             head: c.head_release_id.and_then(|id| by_id.get(&id).copied()),
             base: c.base_release_id.and_then(|id| by_id.get(&id).copied()),
             rollout: c.rollout(),
-            rolled_back: c.downgrade,
+            rolled_back: c.rolled_back,
             serial: c.serial,
         };
         (c.name, snap)
@@ -528,7 +528,9 @@ async fn write(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ResolveQuery {
-    /// The device's architecture (`amd64`); default: the one it enrolled with.
+    /// The device's architecture (`amd64`, `arm64`, `arm/v7`); `amd64` when
+    /// absent (the agent always sends its own). It is recorded as the
+    /// device's architecture with the check-in.
     pub arch: Option<String>,
     /// The digest the device runs.
     pub current: Option<String>,

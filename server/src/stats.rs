@@ -7,6 +7,7 @@ use crate::auth::ProductReader;
 use crate::error::{Error, Json, Path, Query, Result};
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
+use sluice_protocol::EventKind;
 use time::{Duration, OffsetDateTime};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -142,20 +143,22 @@ async fn channel_stats(
                       SELECT 1 FROM device_events x WHERE x.device_id = d.id AND x.kind = 'healthy')
                       THEN d.current_version END) = $3) AS "on_head!",
                   0::bigint AS "other!",
-                  count(d.id) FILTER (WHERE o.kind IN ('failed', 'rolled_back') AND o.version = $3) AS "failed!"
+                  count(d.id) FILTER (WHERE o.kind = ANY($6) AND o.version = $3) AS "failed!"
            FROM unnest($4::timestamptz[]) AS t(at)
            LEFT JOIN devices d ON d.product_id = $1 AND d.channel = $2 AND d.created_at <= t.at
            LEFT JOIN LATERAL (SELECT e.version FROM device_events e
                               WHERE e.device_id = d.id AND e.kind = 'healthy' AND e.at <= t.at
                               ORDER BY e.id DESC LIMIT 1) v ON true
            LEFT JOIN LATERAL (SELECT e.kind, e.version FROM device_events e
-                              WHERE e.device_id = d.id AND e.kind IN ('healthy', 'failed', 'rolled_back') AND e.at <= t.at
+                              WHERE e.device_id = d.id AND e.kind = ANY($5) AND e.at <= t.at
                               ORDER BY e.id DESC LIMIT 1) o ON true
            GROUP BY t.at ORDER BY t.at"#,
         p.id,
         channel,
-        c.head,
-        &ends
+        c.head(),
+        &ends,
+        &EventKind::names(&EventKind::OUTCOMES) as &[&str],
+        &EventKind::names(&EventKind::FAILURES) as &[&str]
     )
     .fetch_all(&mut *conn)
     .await?
@@ -166,7 +169,7 @@ async fn channel_stats(
     })
     .collect();
     Ok(Json(ChannelStats {
-        head: c.head,
+        head: c.head(),
         since,
         until,
         bucket_s,

@@ -230,8 +230,8 @@ async fn channel_transfer(
             }
         }
     };
-    let head = release(c.head.clone()).await?;
-    let base = release(c.base.clone()).await?;
+    let head = release(c.head()).await?;
+    let base = release(c.base()).await?;
     let base_platforms: Option<Vec<PlatformImage>> =
         base.map(|b| b.platforms.into_iter().map(|p| p.image).collect());
     let mut platforms = Vec::new();
@@ -242,8 +242,8 @@ async fn channel_transfer(
         }
     }
     Ok(Json(ChannelTransfer {
-        head: c.head,
-        base: c.base,
+        head: c.head(),
+        base: c.base(),
         platforms,
     }))
 }

@@ -481,7 +481,8 @@ async fn releases_and_channels(pool: PgPool) {
     .await;
     assert_eq!(
         promoted.ok(),
-        "1.0.0 is head of stable at 10 % (raise with `sluice channel rollout --product acme --channel stable --percent N`)\n"
+        "1.0.0 is head of stable at 10 % (raise with `sluice channel rollout --product acme --channel stable --percent N`)\n\
+         1.0.0 becomes the channel's first head at 10 %; devices outside that share keep what they run.\n"
     );
     let (_, c) = app
         .get("/v1/products/acme/channels/stable", &app.admin)

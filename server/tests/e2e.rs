@@ -720,3 +720,210 @@ async fn a_device_naming_a_variant_gets_that_platform(pool: PgPool) {
         assert_eq!(b["update"], want.is_some(), "{arch}: {b}");
     }
 }
+
+/// The rule a release manager relies on, over a fleet: promoting over an
+/// unfinished rollout keeps the base the channel had fully rolled out. 1.2.0
+/// ramps over 1.1.0 at 26 %; promoting 1.4.0 at 20 % must not hand the 74 %
+/// still on 1.1.0 the half-tested 1.2.0, nor move the devices on 1.2.0 back.
+/// The promote says so before (dry run) and after (API, CLI).
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn promoting_over_an_unfinished_rollout_keeps_the_base(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let reg = registry();
+    let repo_path = images::unique_repo("promote");
+    let repo = format!("{reg}/{repo_path}");
+    let (d11, _) = images::push_image(&reg, &repo_path, "1.1.0").await;
+    let (d12, _) = images::push_image(&reg, &repo_path, "1.2.0").await;
+    let (d14, _) = images::push_image(&reg, &repo_path, "1.4.0").await;
+    let secret = app.product("acme", &repo).await;
+    app.channel("acme", "stable").await;
+    let ci = app.publisher(&["acme"]).await;
+    for (version, channels) in [
+        ("1.1.0", json!([{"name": "stable", "percent": 100}])),
+        ("1.2.0", json!([])),
+        ("1.4.0", json!([])),
+    ] {
+        let (s, b) = app
+            .post(
+                "/v1/products/acme/releases",
+                &ci,
+                json!({"version": version, "image": format!("{repo}:{version}"), "channels": channels}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+    }
+    let (_, keys_json) = app.call(Method::GET, "/v1/keys", None, None).await;
+    let keys: KeySet = serde_json::from_value(keys_json).unwrap();
+    let mut devices = Vec::new();
+    for i in 0..400 {
+        let (id, token) = app
+            .enroll("acme", &secret, &format!("machine-{i}"), "stable")
+            .await;
+        devices.push(Device {
+            id,
+            token,
+            current: d11.clone(),
+        });
+    }
+    let promote = |body: Value| {
+        let app = &app;
+        let ci = ci.clone();
+        async move {
+            app.post("/v1/products/acme/channels/stable/promote", &ci, body)
+                .await
+        }
+    };
+
+    // 1.2.0 reaches 26 % and those devices install it.
+    let (s, b) = promote(json!({"version": "1.2.0", "percent": 26})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        b["plan"]["base"], "1.1.0",
+        "1.1.0 was fully rolled out: {b}"
+    );
+    assert_eq!(b["plan"]["interrupted"], Value::Null);
+    let answers = resolve_all(&app, &keys, &devices).await;
+    let on_12 = offered(&answers, "1.2.0");
+    assert!((60..=150).contains(&on_12), "26 % of 400, got {on_12}");
+    for (d, a) in devices.iter_mut().zip(&answers) {
+        if a.update {
+            d.current = d12.clone();
+        }
+    }
+
+    // A dry run says what promoting 1.4.0 at 20 % would do, and changes nothing.
+    let (_, before) = app
+        .get("/v1/products/acme/channels/stable", &app.admin)
+        .await;
+    let (_, history_before) = app
+        .get("/v1/products/acme/channels/stable/history", &app.admin)
+        .await;
+    let (s, dry) = promote(json!({"version": "1.4.0", "percent": 20, "dry_run": true})).await;
+    assert_eq!(s, StatusCode::OK, "{dry}");
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(
+        (dry["head"].as_str(), dry["base"].as_str()),
+        (Some("1.4.0"), Some("1.1.0")),
+        "the channel as it would be"
+    );
+    assert_eq!(dry["plan"]["previous_head"], "1.2.0");
+    assert_eq!(dry["plan"]["base"], "1.1.0");
+    assert_eq!(dry["plan"]["interrupted"], "1.2.0");
+    let message = dry["plan"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("1.2.0 was not fully rolled out (at 26 %), so the base stays 1.1.0: devices outside that share get 1.1.0, and devices already on 1.2.0 keep it until 1.4.0 reaches them."),
+        "{message}"
+    );
+    let (_, unchanged) = app
+        .get("/v1/products/acme/channels/stable", &app.admin)
+        .await;
+    assert_eq!(unchanged["head"], "1.2.0");
+    assert_eq!(
+        unchanged["serial"], before["serial"],
+        "a dry run stores nothing"
+    );
+    let (_, history_after) = app
+        .get("/v1/products/acme/channels/stable/history", &app.admin)
+        .await;
+    assert_eq!(history_after["items"], history_before["items"]);
+    let answers = resolve_all(&app, &keys, &devices).await;
+    assert_eq!(
+        offered(&answers, "1.4.0"),
+        0,
+        "nobody is offered the dry run's head"
+    );
+
+    // The promote itself, through the CLI, which prints the plan.
+    let (code, out, err) = cli(
+        &app,
+        &ci,
+        &[
+            "channel",
+            "promote",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--version",
+            "1.4.0",
+            "--percent",
+            "20",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("1.4.0 is head of stable at 20 % (base 1.1.0)"),
+        "{out}"
+    );
+    assert!(out.contains("so the base stays 1.1.0"), "{out}");
+
+    // Every device: admitted to 1.4.0, or left where it is. Nobody on 1.1.0
+    // gets 1.2.0; nobody on 1.2.0 goes back to 1.1.0.
+    let answers = resolve_all(&app, &keys, &devices).await;
+    let mut to_14 = 0;
+    for (d, a) in devices.iter().zip(&answers) {
+        let offer = a.release.as_ref().map(|r| r.version.as_str());
+        if a.update {
+            assert_eq!(
+                offer,
+                Some("1.4.0"),
+                "{} on {} was offered {offer:?}",
+                d.id,
+                d.current
+            );
+            assert_eq!(a.release.as_ref().unwrap().digest, d14);
+            assert!(!a.downgrade);
+            to_14 += 1;
+        } else if d.current == d12 {
+            // Outside 1.4.0's cohort: its target is the base, which it does not move down to.
+            assert_eq!(offer, Some("1.1.0"));
+        } else {
+            assert_eq!((offer, d.current == d11), (Some("1.1.0"), true));
+        }
+    }
+    assert!((40..=130).contains(&to_14), "20 % of 400, got {to_14}");
+    assert_eq!(
+        offered(&answers, "1.2.0"),
+        0,
+        "the interrupted head is offered to no one"
+    );
+
+    // The history records the plan with the promote.
+    let (_, history) = app
+        .get("/v1/products/acme/channels/stable/history", &app.admin)
+        .await;
+    let last = &history["items"][0];
+    assert_eq!(last["action"], "promote");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("so the base stays 1.1.0"),
+        "{last}"
+    );
+
+    // Once 1.4.0 is everywhere, the next promote makes it the base.
+    let (s, b) = app
+        .call(
+            Method::PATCH,
+            "/v1/products/acme/channels/stable/rollout",
+            Some(&app.admin),
+            Some(json!({"percent": 100})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let answers = resolve_all(&app, &keys, &devices).await;
+    assert_eq!(
+        offered(&answers, "1.4.0") + answers.iter().filter(|a| !a.update).count(),
+        400
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.release.as_ref().is_some_and(|r| r.version == "1.4.0"))
+    );
+    let (s, b) = promote(json!({"version": "1.2.0", "percent": 0, "dry_run": true})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["plan"]["base"], "1.4.0", "{b}");
+}

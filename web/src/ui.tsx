@@ -255,7 +255,7 @@ export function HeadFacts({ c, link }: { c: ChannelT; link?: (version: string) =
         <dt>Release</dt>
         <dd data-testid="head">
           Rolled back to {v(c.head)}
-          {c.base && <> (from {v(c.base)})</>}
+          {c.rolled_back_from && <> (from {v(c.rolled_back_from)})</>}
         </dd>
       </>
     );

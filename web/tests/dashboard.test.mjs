@@ -150,8 +150,13 @@ describe("dashboard", () => {
       assert.equal(await dialog.locator("input[name=ramp_minutes]").count(), 1);
       await dialog.locator("select[name=version]").selectOption("1.1.0");
       await dialog.locator("input[name=percent]").fill("50");
+      // Before confirming, the server's dry run says what the promote will do.
+      await dialog
+        .getByTestId("promote-plan")
+        .filter({ hasText: "1.1.0 becomes the head at 50 %; 1.0.0, fully rolled out, becomes the base: devices outside that share get 1.0.0." })
+        .waitFor();
     });
-    await notice("Promoted 1.1.0 in stable to 50% of devices (base 1.0.0).");
+    await notice("Promoted 1.1.0 in stable: 1.1.0 becomes the head at 50 %; 1.0.0, fully rolled out, becomes the base");
     assert.equal(await page.getByTestId("promote-warnings").count(), 0, "nothing stranded: no warning");
     await page.getByTestId("head").filter({ hasText: "1.1.0" }).waitFor();
     assert.equal(await page.getByTestId("base").innerText(), "1.0.0");
@@ -190,7 +195,9 @@ describe("dashboard", () => {
       await dialog.locator("input[name=ramp_to]").fill("60");
       await dialog.locator("input[name=ramp_minutes]").fill("120");
     });
-    await notice("Promoted 1.1.0 in beta to 10% of devices (base none), with 1 warning.");
+    await notice(
+      "Promoted 1.1.0 in beta: 1.1.0 becomes the channel's first head at 10 %, ramping to 60 % over 120 min; devices outside that share keep what they run. With 1 warning.",
+    );
     const warning = page.getByTestId("promote-warnings");
     await warning.waitFor();
     assert.match(

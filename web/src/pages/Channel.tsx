@@ -219,11 +219,10 @@ function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: st
           }),
         );
         warn(c.warnings);
-        return `Promoted ${c.head} in ${c.name} to ${pct(c.rollout.percent)} of devices (base ${c.base ?? "none"})${c.warnings.length ? `, with ${c.warnings.length} warning${c.warnings.length > 1 ? "s" : ""}` : ""}.`;
+        return `Promoted ${c.head} in ${c.name}: ${c.plan.message}${c.warnings.length ? ` With ${c.warnings.length} warning${c.warnings.length > 1 ? "s" : ""}.` : ""}`;
       }}
       done={done}
     >
-      <p>The release becomes the head; the current head ({channel.head ?? "none"}) becomes the base.</p>
       {releases.error && <ErrorBox error={releases.error} />}
       {releases.loading && !releases.data ? (
         <Spinner />
@@ -255,7 +254,30 @@ function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: st
           <input name="ramp_minutes" type="number" value={rampMin} onChange={(e) => setRampMin(e.target.value)} />
         </label>
       </fieldset>
+      <PromotePlan product={product} channel={channel.name} version={version || options[0]?.version} percent={percent} rampTo={rampTo} rampMin={rampMin} />
     </ActionButton>
+  );
+}
+
+/** What the promote would do, as the server's dry run says it: which release becomes the base, who stays where. */
+function PromotePlan(p: { product: string; channel: string; version?: string; percent: string; rampTo: string; rampMin: string }) {
+  const plan = useApi(async () => {
+    if (!p.version) return undefined;
+    const ramp = p.rampTo || p.rampMin ? { to_percent: Number(p.rampTo), over_minutes: Number(p.rampMin) } : undefined;
+    const c = await unwrap(
+      api.POST("/v1/products/{product}/channels/{channel}/promote", {
+        params: { path: { product: p.product, channel: p.channel } },
+        body: { version: p.version, percent: num(p.percent) ?? null, ramp, dry_run: true },
+      }),
+    );
+    return c.plan;
+  }, [p.product, p.channel, p.version, p.percent, p.rampTo, p.rampMin]);
+  if (plan.error) return <p className="muted" data-testid="promote-plan">Cannot promote so: {plan.error}</p>;
+  if (!plan.data) return <Spinner label="Asking the server what the promote would do…" />;
+  return (
+    <p className={plan.data.interrupted ? "warning" : ""} data-testid="promote-plan">
+      {plan.data.message}
+    </p>
   );
 }
 

@@ -96,7 +96,7 @@ pub struct Input<'a> {
     pub releases: &'a [Rel],
     /// The channel's head.
     pub head: Option<&'a Rel>,
-    /// The channel's base (the previous head).
+    /// The channel's base (the release it last rolled out fully).
     pub base: Option<&'a Rel>,
     /// The channel's rollout.
     pub rollout: &'a Rollout,
@@ -161,6 +161,7 @@ pub fn decide<'a>(i: &Input<'a>) -> Decision<'a> {
 
 /// [`decide`], with the rules that made the decision.
 pub fn decide_why<'a>(i: &Input<'a>) -> (Decision<'a>, Why) {
+    // 4. A revoked release is never a target: rules 1–3 see releases through this.
     let usable = |r: Option<&'a Rel>| r.filter(|r| !r.revoked);
     let on = |r: &Rel| i.current.is_some_and(|c| c.version == r.version);
     let why = |rule| Why {
@@ -515,7 +516,7 @@ pub fn explain(i: &Input<'_>, d: &Decision<'_>, why: Why, facts: &Facts) -> Expl
 }
 
 /// A percent as people write it: `10`, `57.31`.
-fn fmt_percent(p: f64) -> String {
+pub fn fmt_percent(p: f64) -> String {
     let s = format!("{:.2}", p);
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
