@@ -9,11 +9,11 @@
 
 use crate::bootloader::{AbState, GrubEnv, Slot};
 use crate::chunked::Toc;
+use crate::client::{Expect, Server, check_offer};
 use crate::config::Config;
 use crate::failpoint;
 use crate::pipeline::Partial;
 use crate::registry::{ImageRef, Registry};
-use crate::server::{Expect, Server, check_offer};
 use crate::state::{Credentials, StateLock, Step, Store, Target, UpdateState};
 use crate::unpack::{UnpackOptions, Unpacker};
 use anyhow::{Context, bail};

@@ -6,8 +6,8 @@
 //! lived: it is renewed once half its life is gone, and at once when the
 //! server refuses it.
 
+use crate::client::{Refused, Server};
 use crate::config::Config;
-use crate::server::{Refused, Server};
 use crate::state::Credentials;
 use anyhow::{Context, bail};
 use sluice_protocol::{DeviceKey, DeviceProof, ProofPurpose};

@@ -8,13 +8,13 @@
 pub mod agent;
 pub mod bootloader;
 pub mod chunked;
+pub mod client;
 pub mod config;
 pub mod failpoint;
 pub mod fsutil;
 pub mod identity;
 pub mod pipeline;
 pub mod registry;
-pub mod server;
 pub mod slot;
 pub mod state;
 pub mod trust;

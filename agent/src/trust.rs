@@ -6,7 +6,7 @@
 //! newest verified list is kept in `state_dir/keylist.json` and, once there,
 //! is all that is trusted: a key it does not list (revoked) is refused.
 
-use crate::server::{Expect, Server, verify_answer as check_answer};
+use crate::client::{Expect, Server, verify_answer as check_answer};
 use anyhow::{Context, bail};
 use sluice_protocol::{KeyList, KeyLists, KeyRole, KeySet, ResolveResponse, SignedKeyList};
 use std::path::{Path, PathBuf};
@@ -232,7 +232,7 @@ impl Trust {
             .context("updating the key lists")
     }
 
-    /// Checks a resolution answer (see [`crate::server::verify_answer`]) and
+    /// Checks a resolution answer (see [`crate::client::verify_answer`]) and
     /// keeps the key lists up to date around it: an answer signed by a key
     /// this device does not know is checked again once the newer lists are
     /// fetched; an answer naming a newer list, or offering an image signed

@@ -6,8 +6,8 @@
 #![warn(missing_docs)]
 
 use sluice_agent::bootloader::{ENVBLK_HEADER, ENVBLK_SIZE, GrubEnv};
+use sluice_agent::client::{Expect, check_offer, verify_answer};
 use sluice_agent::registry::parse_manifest;
-use sluice_agent::server::{Expect, check_offer, verify_answer};
 use sluice_agent::unpack::guard::{Guard, TooBig};
 use sluice_agent::unpack::{UnpackOptions, Unpacker, layer_compression};
 use sluice_protocol::{KeyRole, KeySet, PublicKey, ResponseSigner};

@@ -1,6 +1,6 @@
-//! The Sluice server as the device sees it: enroll, token renewal, resolve
-//! (signed answers, checked here before anything acts on them) and event
-//! reports.
+//! The agent's HTTP client of the Sluice server: enroll, token renewal,
+//! resolve (signed answers, checked here before anything acts on them) and
+//! event reports.
 
 use anyhow::{Context, bail};
 use sluice_protocol::keys::SIGNATURE_HEADER;
