@@ -7,8 +7,7 @@
 
 #[path = "../../server/tests/common/mod.rs"]
 mod common;
-#[path = "../../server/tests/common/images.rs"]
-mod images;
+use common::images;
 
 use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};

@@ -1,7 +1,7 @@
 //! Builds small, real container images and pushes them to a plain-HTTP test
 //! registry through the distribution API: gzip tar layers with random files, an
 //! image config, and OCI or Docker schema 2 manifests, indexes and manifest
-//! lists. Shared by the integration tests (`#[path = "common/images.rs"] mod images;`).
+//! lists. Shared by the integration tests as `common::images`.
 #![allow(dead_code)]
 
 use rand::RngCore;

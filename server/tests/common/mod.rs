@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod images;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};

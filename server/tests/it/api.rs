@@ -1,7 +1,7 @@
 //! Failure modes of the API that need no registry: each bad input gets the
 //! right 4xx as problem+json, and nothing is half-written.
 
-mod common;
+use crate::common;
 
 use common::TestApp;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};

@@ -2,9 +2,8 @@
 //! status. Each allowed call is a valid request, so the role is the only thing
 //! that differs between a 2xx and a 401/403.
 
-mod common;
-#[path = "common/images.rs"]
-mod images;
+use crate::common;
+use crate::common::images;
 
 use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};

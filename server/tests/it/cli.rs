@@ -4,9 +4,8 @@
 //! them: promote's default percent and a publisher token reading its own
 //! product's channels.
 
-mod common;
-#[path = "common/images.rs"]
-mod images;
+use crate::common;
+use crate::common::images;
 
 use common::{TestApp, registry};
 use reqwest::StatusCode;
@@ -489,8 +488,24 @@ async fn releases_and_channels(pool: PgPool) {
         .await;
     assert_eq!(c["rollout"]["percent"], 10.0);
     assert!(c["rollout"]["ramp"].is_null());
+    // Rolled out fully, it is what the next promote makes the base.
+    run(
+        &app.admin,
+        &[
+            "channel",
+            "rollout",
+            "--product",
+            "acme",
+            "--channel",
+            "stable",
+            "--percent",
+            "100",
+        ],
+    )
+    .await
+    .ok();
 
-    // With a ramp.
+    // With a ramp; the server's plan follows the summary.
     let promoted = run(
         &ci,
         &[
@@ -513,7 +528,9 @@ async fn releases_and_channels(pool: PgPool) {
     .await;
     assert_eq!(
         promoted.ok(),
-        "1.1.0 is head of stable at 5 % (base 1.0.0), ramping to 50 % over 60 min\n"
+        "1.1.0 is head of stable at 5 % (base 1.0.0), ramping to 50 % over 60 min\n\
+         1.1.0 becomes the head at 5 %, ramping to 50 % over 60 min; 1.0.0, fully rolled out, \
+         becomes the base: devices outside that share get 1.0.0.\n"
     );
 
     // The CI token reads its own product's channel: head, base, rollout, gate, devices.

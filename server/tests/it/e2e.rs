@@ -2,9 +2,8 @@
 //! publish, stage a rollout over 1 000 devices, raise it, roll it back, and let
 //! the health gate halt a bad release by itself.
 
-mod common;
-#[path = "common/images.rs"]
-mod images;
+use crate::common;
+use crate::common::images;
 
 use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};

@@ -3,9 +3,8 @@
 //! draining requests and flushing check-ins. Each uses the real `sluice`
 //! binary or a real cluster of its own, so stopping it touches no other test.
 
-mod common;
-#[path = "common/images.rs"]
-mod images;
+use crate::common;
+use crate::common::images;
 
 use common::{ADMIN_PASSWORD, registry};
 use reqwest::StatusCode;

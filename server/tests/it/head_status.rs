@@ -4,9 +4,8 @@
 //! channel's count of devices behind the head: against a real server,
 //! Postgres and registry.
 
-mod common;
-#[path = "common/images.rs"]
-mod images;
+use crate::common;
+use crate::common::images;
 
 use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};

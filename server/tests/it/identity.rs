@@ -6,9 +6,8 @@
 //! a password guesser cannot lock the admin out, and `/readyz` tells
 //! strangers nothing.
 
-mod common;
-#[path = "common/images.rs"]
-mod images;
+use crate::common;
+use crate::common::images;
 
 use common::{TestApp, device_key, enroll_proof, now_s, registry};
 use reqwest::{Method, StatusCode};

@@ -4,9 +4,8 @@
 //! (or made by `sluice keys generate` while the server was down) is listed
 //! as `next` at the next start.
 
-mod common;
-#[path = "common/images.rs"]
-mod images;
+use crate::common;
+use crate::common::images;
 
 use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};

@@ -1,5 +1,5 @@
 //! The committed `openapi/openapi.json` is what the server generates and serves.
-//! Refresh it with `SLUICE_WRITE_OPENAPI=1 cargo test -p sluice-server --test openapi`.
+//! Refresh it with `SLUICE_WRITE_OPENAPI=1 cargo test -p sluice-server --test it openapi`.
 
 use std::path::PathBuf;
 
@@ -17,7 +17,7 @@ fn committed_openapi_matches_the_server() {
         std::fs::read_to_string(committed_path()).expect("openapi/openapi.json is committed");
     assert!(
         committed == generated,
-        "openapi/openapi.json is stale: run `SLUICE_WRITE_OPENAPI=1 cargo test -p sluice-server --test openapi` and commit it"
+        "openapi/openapi.json is stale: run `SLUICE_WRITE_OPENAPI=1 cargo test -p sluice-server --test it openapi` and commit it"
     );
     // Every operation says who may call it or is public on purpose.
     let doc: serde_json::Value = serde_json::from_str(&generated).unwrap();

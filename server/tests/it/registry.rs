@@ -2,8 +2,7 @@
 //! (`SLUICE_TEST_REGISTRY=host:port`, plain HTTP) and the real `cosign` CLI
 //! (`COSIGN`, default `cosign` on PATH) as an independent verifier.
 
-#[path = "common/images.rs"]
-mod images;
+use crate::common::images;
 
 use images::Format;
 use sluice_protocol::KeyRole;

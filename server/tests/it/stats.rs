@@ -1,9 +1,8 @@
 //! `GET .../channels/{channel}/stats`: the head's adoption over time, counted
 //! from the devices' reports, against a real server, Postgres and registry.
 
-mod common;
-#[path = "common/images.rs"]
-mod images;
+use crate::common;
+use crate::common::images;
 
 use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};

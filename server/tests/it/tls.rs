@@ -1,7 +1,7 @@
 //! HTTPS served by Sluice itself: a client that trusts our CA gets answers,
 //! one that does not is refused by its TLS stack.
 
-mod common;
+use crate::common;
 
 use common::TestApp;
 use reqwest::{Method, StatusCode};

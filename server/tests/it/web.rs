@@ -2,7 +2,7 @@
 //! `SLUICE_WEB_DIR`: the page for every app path, long-cached assets, and API
 //! paths that never turn into the page.
 
-mod common;
+use crate::common;
 
 use common::TestApp;
 use reqwest::{Method, StatusCode};

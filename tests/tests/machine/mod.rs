@@ -5,8 +5,7 @@
 
 #![allow(dead_code)] // each suite uses its part
 
-#[path = "../../../server/tests/common/images.rs"]
-pub mod images;
+pub use crate::common::images;
 
 use crate::common::{self, TestApp, registry};
 use reqwest::{Method, StatusCode};
