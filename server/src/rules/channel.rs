@@ -208,8 +208,13 @@ impl ChannelState {
                 p.version
             ),
             (Some(p), Some((_, how))) => format!(
-                "{v} becomes the head at {share}. {} was not fully rolled out ({how}), so the base stays {base}: {outside}, and devices already on {} keep it until {v} reaches them.",
-                p.version, p.version
+                "{v} becomes the head at {share}. {} was not fully rolled out ({how}), so {}: {outside}, and devices already on {} keep it until {v} reaches them.",
+                p.version,
+                match &self.base {
+                    Some(b) => format!("the base stays {}", b.version),
+                    None => "the channel still has no base".into(),
+                },
+                p.version
             ),
         };
         Ok(PromotePlan {
@@ -481,7 +486,7 @@ mod tests {
                 "1.4.0",
                 None,
                 Some("1.2.0"),
-                "base stays none: devices outside that share keep what they run",
+                "so the channel still has no base: devices outside that share keep what they run",
             ),
             (
                 "the head again",
