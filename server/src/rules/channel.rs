@@ -430,8 +430,16 @@ mod tests {
             s.rollout.ramp.as_mut().unwrap().started_at -= Duration::hours(2);
             s
         };
-        // (name, before, new head, base after, interrupted, words in the plan)
-        let rows: Vec<(&str, ChannelState, &str, Option<&str>, Option<&str>, &str)> = vec![
+        /// (name, before, new head, base after, interrupted, words in the plan)
+        type Row<'a> = (
+            &'a str,
+            ChannelState,
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+        );
+        let rows: Vec<Row> = vec![
             (
                 "first promote",
                 empty(),
@@ -520,11 +528,8 @@ mod tests {
     #[test]
     fn refused_changes_leave_the_state_as_it_was() {
         let before = at("1.2.0", 30.0, Some("1.1.0"));
-        let refused: Vec<(
-            &str,
-            Box<dyn Fn(&mut ChannelState) -> Result<(), Refused>>,
-            &str,
-        )> = vec![
+        type Change = Box<dyn Fn(&mut ChannelState) -> Result<(), Refused>>;
+        let refused: Vec<(&str, Change, &str)> = vec![
             (
                 "percent 101",
                 Box::new(|s| s.set_percent(101.0)),
