@@ -100,8 +100,13 @@ foundation() {
         mapfile -t args < <(foundation_args)
         # The downloaded packages go to and come from the cache; apt's own
         # cache inside the image is emptied by mmdebstrap afterwards.
+        # A layer carries no device nodes (the agent refuses them), so the
+        # tarball leaves /dev out (`output/dev`) and gets the empty /dev the
+        # kernel mounts its devtmpfs on appended afterwards. (Deleting the
+        # nodes with `tar --delete` instead left a corrupt end on a 140 MB
+        # archive: GNU tar then lists every member and exits 2.)
         mmdebstrap "${args[@]}" --format=tar \
-            --skip=essential/unlink \
+            --skip=essential/unlink --skip=output/dev \
             --setup-hook='mkdir -p "$1/var/cache/apt/archives/"' \
             --setup-hook="sync-in $CACHE/debs /var/cache/apt/archives/" \
             --customize-hook="sync-out /var/cache/apt/archives $CACHE/debs" \
@@ -109,9 +114,13 @@ foundation() {
             "deb $MIRROR bookworm main" \
             "deb $MIRROR bookworm-updates main" \
             "deb $SECURITY bookworm-security main" >&2 || die "mmdebstrap failed"
-        # A layer carries no device nodes (the agent refuses them): keep
-        # the empty /dev the kernel mounts its devtmpfs on.
-        tar --delete -f "$out.part" --wildcards './dev/?*'
+        local empty
+        empty=$(mktemp -d)
+        mkdir -m 0755 "$empty/dev"
+        tar --append -f "$out.part" --format=pax --numeric-owner --owner=0 --group=0 \
+            --mtime=@0 -C "$empty" ./dev || die "appending /dev to the foundation failed"
+        rm -rf "$empty"
+        tar -tf "$out.part" >/dev/null || die "the foundation tarball does not read back"
         mv "$out.part" "$out"
     fi
     echo "$out"
