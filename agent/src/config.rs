@@ -2,15 +2,17 @@
 //! so a test can put a whole device in a temporary folder.
 
 use anyhow::Context;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Where the configuration is read when neither `--config` nor
 /// `SLUICE_AGENT_CONFIG` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/sluice/agent.toml";
 
-/// The agent's configuration.
-#[derive(Debug, Clone, Deserialize)]
+/// The agent's configuration. It serializes back to the same TOML, which is
+/// how the tests, the QEMU suites and the benchmarks write `agent.toml`
+/// (from [`Config::in_folder`] and their own changes) instead of by hand.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The Sluice server's base URL.
@@ -49,7 +51,7 @@ pub struct Config {
 }
 
 /// What a slot is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SlotKind {
     /// A directory tree.
@@ -61,7 +63,7 @@ pub enum SlotKind {
 }
 
 /// `[slots]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Slots {
     /// `dir`, `image` or `block`.
@@ -86,7 +88,7 @@ pub struct Slots {
 }
 
 /// `[boot]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Boot {
     /// The GRUB environment block.
@@ -108,7 +110,7 @@ pub struct Boot {
 }
 
 /// `[registry]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Registry {
     /// `host:port` reached over plain HTTP.
@@ -211,6 +213,85 @@ pub fn default_arch() -> String {
 }
 
 impl Config {
+    /// A real device's configuration: the given server, product, channel and
+    /// slots, and every other key at its default (`state_dir`
+    /// `/var/lib/sluice`, `keys` `/etc/sluice/keys.json`, `systemctl reboot`,
+    /// `systemctl is-system-running --wait`, ...), as `agent.toml` would
+    /// leave them unsaid.
+    pub fn new(
+        server: &str,
+        product: &str,
+        channel: &str,
+        kind: SlotKind,
+        a: PathBuf,
+        b: PathBuf,
+    ) -> Config {
+        Config {
+            server: server.into(),
+            server_ca: None,
+            product: product.into(),
+            channel: channel.into(),
+            enrollment_secret: None,
+            state_dir: default_state_dir(),
+            arch: default_arch(),
+            keys: default_keys(),
+            machine_id: None,
+            slots: Slots {
+                kind,
+                a,
+                b,
+                allow_devices: false,
+                max_unpacked_bytes: None,
+                booted_root: None,
+            },
+            boot: Boot {
+                grubenv: default_grubenv(),
+                cmdline: default_cmdline(),
+                reboot: default_reboot(),
+                health_checks: default_health(),
+                boot_id: default_boot_id(),
+            },
+            registry: Registry::default(),
+        }
+    }
+
+    /// A device whose every file is inside `dir`: `dir` slots `a/` and `b/`,
+    /// `state/`, `keys.json`, `grubenv`, `cmdline`, `boot_id`; a reboot that
+    /// does nothing (`true`) and a health check that passes. Tests and
+    /// benchmarks start from this and change what they need.
+    pub fn in_folder(dir: &Path, server: &str, product: &str, channel: &str) -> Config {
+        let mut c = Config::new(
+            server,
+            product,
+            channel,
+            SlotKind::Dir,
+            dir.join("a"),
+            dir.join("b"),
+        );
+        c.state_dir = dir.join("state");
+        c.arch = "amd64".into();
+        c.keys = dir.join("keys.json");
+        c.boot = Boot {
+            grubenv: dir.join("grubenv"),
+            cmdline: dir.join("cmdline"),
+            reboot: vec!["true".into()],
+            health_checks: vec![vec!["true".into()]],
+            boot_id: dir.join("boot_id"),
+        };
+        c
+    }
+
+    /// The configuration as `agent.toml` text, which [`Config::load`] reads back.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self)
+            .expect("a configuration is plain TOML: strings, numbers, arrays and tables")
+    }
+
+    /// Writes it to `path` as `agent.toml`.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, self.to_toml())
+    }
+
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -248,6 +329,34 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a test writes is what the agent reads: every field survives
+    /// `to_toml` and `load`, including the ones TOML writes as tables.
+    #[test]
+    fn a_configuration_round_trips_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::in_folder(dir.path(), "http://127.0.0.1:1", "acme", "beta");
+        cfg.enrollment_secret = Some("s3cret \"quoted\"".into());
+        cfg.machine_id = Some("machine-1".into());
+        cfg.slots.kind = SlotKind::Image;
+        cfg.slots.max_unpacked_bytes = Some(1 << 30);
+        cfg.boot.health_checks = vec![vec!["grep".into(), "-q".into(), "sluice.slot=A".into()]];
+        cfg.registry.insecure = vec!["127.0.0.1:5000".into()];
+        cfg.registry
+            .mirrors
+            .insert("ghcr.io".into(), "127.0.0.1:5001".into());
+        cfg.registry.partial_pulls = false;
+        let path = dir.path().join("agent.toml");
+        cfg.write(&path).unwrap();
+        let back = Config::load(&path).unwrap();
+        assert_eq!(back.to_toml(), cfg.to_toml());
+        assert_eq!(back.enrollment_secret, cfg.enrollment_secret);
+        assert_eq!(back.slots.a, dir.path().join("a"));
+        assert_eq!(back.slots.max_unpacked_bytes, Some(1 << 30));
+        assert_eq!(back.registry.pull_host("ghcr.io"), "127.0.0.1:5001");
+        assert!(!back.registry.partial_pulls);
+        assert_eq!(back.boot.health_checks, cfg.boot.health_checks);
+    }
 
     #[test]
     fn the_spec_example_parses() {

@@ -409,43 +409,16 @@ impl<'w> Sim<'w> {
             serde_json::to_vec(&world.keys.key_set()).unwrap(),
         )
         .unwrap();
-        let cfg = format!(
-            r#"server = {server:?}
-product = {PRODUCT:?}
-channel = "stable"
-enrollment_secret = "secret"
-state_dir = {state:?}
-arch = "amd64"
-keys = {keys:?}
-machine_id = "model"
-
-[slots]
-kind = "dir"
-a = {a:?}
-b = {b:?}
-
-[boot]
-grubenv = {grubenv:?}
-cmdline = {cmdline:?}
-reboot = ["true"]
-health_checks = [["test", "-e", {healthy:?}]]
-boot_id = {boot_id:?}
-
-[registry]
-insecure = [{host:?}]
-"#,
-            server = world.responder.url,
-            state = p.join("state"),
-            keys = p.join("keys.json"),
-            a = p.join("a"),
-            b = p.join("b"),
-            grubenv = p.join("grubenv"),
-            cmdline = p.join("cmdline"),
-            healthy = p.join("healthy"),
-            boot_id = p.join("boot_id"),
-            host = world.responder.host,
-        );
-        std::fs::write(p.join("agent.toml"), cfg).unwrap();
+        let mut cfg = Config::in_folder(p, &world.responder.url, PRODUCT, "stable");
+        cfg.enrollment_secret = Some("secret".into());
+        cfg.machine_id = Some("model".into());
+        cfg.boot.health_checks = vec![vec![
+            "test".into(),
+            "-e".into(),
+            p.join("healthy").display().to_string(),
+        ]];
+        cfg.registry.insecure = vec![world.responder.host.clone()];
+        cfg.write(&p.join("agent.toml")).unwrap();
         Sim {
             world,
             dir,

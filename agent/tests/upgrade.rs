@@ -1408,10 +1408,11 @@ fn partial_case() -> PartialCase {
     let v2_gzip = push_image(&[os_tree(2)], None);
     let v2 = common::recompress(&v2_gzip, "zstd:chunked");
     let dev = device(&f, &r, true, "dir");
-    let mut cfg = std::fs::read_to_string(&dev.config).unwrap();
-    cfg += &format!("mirrors = {{ {:?} = {:?} }}\n", registry(), proxy.addr);
-    cfg = cfg.replace("insecure = [", &format!("insecure = [{:?}, ", proxy.addr));
-    std::fs::write(&dev.config, cfg).unwrap();
+    // The registry is reached through the counting proxy.
+    dev.edit_config(|c| {
+        c.registry.mirrors.insert(registry(), proxy.addr.clone());
+        c.registry.insecure.push(proxy.addr.clone());
+    });
     ok(&dev.run(&["enroll"]));
     f.answer.lock().unwrap().offer = Some(offer(&f, &v1, "1.0.0"));
     let out = ok_logged(&dev.run(&["apply"]));
@@ -1493,8 +1494,7 @@ fn a_partial_pull_fetches_only_what_changed() {
     // Times, hard links and xattrs too: the same as a full pull of v2 by a
     // device that does not pull partially.
     let full = device(&c.f, &c._r, true, "dir");
-    let cfg = std::fs::read_to_string(&full.config).unwrap() + "partial_pulls = false\n";
-    std::fs::write(&full.config, cfg).unwrap();
+    full.edit_config(|c| c.registry.partial_pulls = false);
     ok(&full.run(&["enroll"]));
     let out = ok_logged(&full.run(&["apply"]));
     assert!(!out.contains("partial pull"), "{out}");
@@ -1643,14 +1643,7 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
 
 /// Replaces the device's health check with `sh -c SCRIPT`.
 fn set_health(dev: &TestDevice, script: &str) {
-    let cfg = std::fs::read_to_string(&dev.config).unwrap();
-    let line = cfg
-        .lines()
-        .find(|l| l.starts_with("health_checks"))
-        .unwrap()
-        .to_string();
-    let with = format!("health_checks = [[\"sh\", \"-c\", {script:?}]]");
-    std::fs::write(&dev.config, cfg.replace(&line, &with)).unwrap();
+    dev.edit_config(|c| c.boot.health_checks = vec![vec!["sh".into(), "-c".into(), script.into()]]);
 }
 
 /// At boot systemd starts the boot-assessment service (`mark-good`) and the

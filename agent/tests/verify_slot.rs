@@ -505,9 +505,10 @@ fn a_stalled_or_trickled_download_fails_by_itself() {
             })
         });
         // About 1 MB at 1 MB/s after 2 s: the bound is ~3 s.
-        let mut cfg = std::fs::read_to_string(&s.dev.config).unwrap();
-        cfg.push_str("timeout_s = 2\nmin_bytes_per_s = 1048576\n");
-        std::fs::write(&s.dev.config, cfg).unwrap();
+        s.dev.edit_config(|c| {
+            c.registry.timeout_s = 2;
+            c.registry.min_bytes_per_s = 1 << 20;
+        });
         let mut child = s
             .dev
             .command(&["apply"])
@@ -698,9 +699,7 @@ fn credentials_go_only_to_a_safe_token_realm() {
             .unwrap(),
         )
         .unwrap();
-        let mut cfg = std::fs::read_to_string(&s.dev.config).unwrap();
-        cfg.push_str(&format!("auth = {auth:?}\n"));
-        std::fs::write(&s.dev.config, cfg).unwrap();
+        s.dev.edit_config(|c| c.registry.auth = Some(auth.clone()));
 
         ok(&s.dev.run(&["apply"]));
         let basic = |seen: Vec<Seen>| {

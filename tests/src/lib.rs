@@ -146,6 +146,13 @@ pub struct Device {
 }
 
 impl Device {
+    /// Changes the device's `agent.toml` through the agent's own type.
+    pub fn edit_config(&self, change: impl FnOnce(&mut sluice_agent::config::Config)) {
+        let mut cfg = sluice_agent::config::Config::load(&self.config).unwrap();
+        change(&mut cfg);
+        cfg.write(&self.config).unwrap();
+    }
+
     /// Builds the device and writes its `agent.toml`.
     pub fn new(o: &DeviceOpts) -> Device {
         let dir = tempfile::tempdir().unwrap();
@@ -170,57 +177,32 @@ impl Device {
         std::fs::write(p.join("cmdline"), "root=/dev/vda2 sluice.slot=A quiet\n").unwrap();
         std::fs::write(p.join("keys.json"), o.keys.to_string()).unwrap();
         std::fs::write(p.join("boot_id"), format!("{}\n", rand_hex())).unwrap();
-        let health = match o.health {
-            Health::Passes => r#"[["true"]]"#.to_string(),
-            Health::OnlyInSlotA => format!(
-                r#"[["grep", "-q", "sluice.slot=A", {:?}]]"#,
-                p.join("cmdline")
-            ),
-        };
         let machine_id = format!("machine-{}", rand_hex());
-        let cfg = format!(
-            r#"server = {server:?}
-product = {product:?}
-channel = {channel:?}
-enrollment_secret = {secret:?}
-state_dir = {state:?}
-arch = "amd64"
-keys = {keys:?}
-machine_id = {machine_id:?}
-
-[slots]
-kind = {kind:?}
-a = {a:?}
-b = {b:?}
-
-[boot]
-grubenv = {grubenv:?}
-cmdline = {cmdline:?}
-reboot = ["sh", "-c", "echo reboot >> \"$0\"", {reboots:?}]
-health_checks = {health}
-boot_id = {boot_id:?}
-
-[registry]
-insecure = [{registry:?}]
-"#,
-            server = o.server,
-            product = o.product,
-            channel = o.channel,
-            secret = o.enrollment_secret,
-            state = p.join("state"),
-            keys = p.join("keys.json"),
-            kind = match o.kind {
-                SlotKind::Dir => "dir",
-                SlotKind::Block => "block",
-            },
-            grubenv = p.join("grubenv"),
-            cmdline = p.join("cmdline"),
-            reboots = p.join("reboots"),
-            boot_id = p.join("boot_id"),
-            registry = o.registry,
-        );
+        let mut cfg = sluice_agent::config::Config::in_folder(p, &o.server, &o.product, &o.channel);
+        cfg.enrollment_secret = Some(o.enrollment_secret.clone());
+        cfg.machine_id = Some(machine_id.clone());
+        cfg.slots.kind = match o.kind {
+            SlotKind::Dir => sluice_agent::config::SlotKind::Dir,
+            SlotKind::Block => sluice_agent::config::SlotKind::Block,
+        };
+        (cfg.slots.a, cfg.slots.b) = (a, b);
+        cfg.boot.reboot = vec![
+            "sh".into(),
+            "-c".into(),
+            "echo reboot >> \"$0\"".into(),
+            p.join("reboots").display().to_string(),
+        ];
+        if o.health == Health::OnlyInSlotA {
+            cfg.boot.health_checks = vec![vec![
+                "grep".into(),
+                "-q".into(),
+                "sluice.slot=A".into(),
+                p.join("cmdline").display().to_string(),
+            ]];
+        }
+        cfg.registry.insecure = vec![o.registry.clone()];
         let config = p.join("agent.toml");
-        std::fs::write(&config, cfg).unwrap();
+        cfg.write(&config).unwrap();
         Device {
             dir,
             config,

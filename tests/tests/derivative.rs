@@ -282,31 +282,13 @@ fn sluice_layer(f: &Fleet) -> (images::Layer, PathBuf) {
     let dir = work_dir().join(format!("derivative-{}-sluice", f.name));
     std::fs::create_dir_all(&dir).unwrap();
     let toml = dir.join("agent.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            r#"# The Acme OS's agent: the host's loopback is 10.0.2.2 from inside.
-server = "{server}"
-product = "acme"
-channel = "stable"
-enrollment_secret = "{secret}"
-arch = "amd64"
-
-[slots]
-kind = "block"
-a = "/dev/disk/by-partlabel/sluice-a"
-b = "/dev/disk/by-partlabel/sluice-b"
-
-[boot]
-grubenv = "/boot/efi/grub/grubenv"
-
-{registry}"#,
-            server = f.server_url(),
-            secret = f.secret,
-            registry = f.registry_toml(),
-        ),
-    )
-    .unwrap();
+    // The Acme OS's agent: every key but these at its default.
+    let mut cfg = f.agent_config(
+        "/dev/disk/by-partlabel/sluice-a",
+        "/dev/disk/by-partlabel/sluice-b",
+    );
+    cfg.boot.grubenv = "/boot/efi/grub/grubenv".into();
+    cfg.write(&toml).unwrap();
     let keys = dir.join("keys.json");
     std::fs::write(&keys, f.keys.to_string()).unwrap();
     let layer = dir.join("layer");

@@ -100,11 +100,10 @@ async fn another_machine_cannot_take_a_machine_id(pool: PgPool) {
 
     // The impostor: its own folder (its own key), the victim's machine id, on another channel.
     let impostor = s.device();
-    let cfg = std::fs::read_to_string(&impostor.config).unwrap();
-    let cfg = cfg
-        .replace(&impostor.machine_id, &dev.machine_id)
-        .replace("channel = \"stable\"", "channel = \"beta\"");
-    std::fs::write(&impostor.config, cfg).unwrap();
+    impostor.edit_config(|c| {
+        c.machine_id = Some(dev.machine_id.clone());
+        c.channel = "beta".into();
+    });
     s.app.channel("acme", "beta").await;
     refused(
         &impostor.run(&["enroll"]).await,

@@ -9,10 +9,9 @@ use reqwest::Method;
 use sluice_tests::*;
 use sqlx::PgPool;
 
-/// Puts `server_ca = <path>` at the top of a device's agent.toml.
+/// Sets `server_ca = <path>` in a device's agent.toml.
 fn pin(dev: &Device, ca: &std::path::Path) {
-    let cfg = std::fs::read_to_string(&dev.config).unwrap();
-    std::fs::write(&dev.config, format!("server_ca = {:?}\n{cfg}", ca)).unwrap();
+    dev.edit_config(|c| c.server_ca = Some(ca.to_path_buf()));
 }
 
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]

@@ -370,12 +370,7 @@ async fn a_device_that_moves_to_another_channel_keeps_updating(pool: PgPool) {
     let dev = s.device(&s.app.url, "stable").await;
     assert_eq!(upgrade(&dev, "1.1.0").await, Slot::B);
 
-    let cfg = std::fs::read_to_string(&dev.config).unwrap();
-    std::fs::write(
-        &dev.config,
-        cfg.replace("channel = \"stable\"", "channel = \"lts\""),
-    )
-    .unwrap();
+    dev.edit_config(|c| c.channel = "lts".into());
     let out = checked(&dev.run(&["check"]).await);
     assert!(out.contains("up to date"), "1.0.0 is older: {out}");
     s.promote("lts", "1.1.0").await;

@@ -16,7 +16,6 @@ mod machine;
 
 use machine::{Fleet, Release, Vm, has_data, images, layer_of, say, sh, work_dir};
 
-use common::registry;
 use serde_json::json;
 use sluice_tests::agent_release_bin;
 use sqlx::PgPool;
@@ -107,42 +106,15 @@ impl BusyboxDisk for Fleet {
         let persist = dir.join(format!("{}-persistent", self.name));
         let _ = std::fs::remove_dir_all(&persist);
         std::fs::create_dir_all(persist.join("sluice/state")).unwrap();
-        let reg = registry();
-        let reg_port = reg.rsplit_once(':').expect("registry is host:port").1;
-        let server_port = self.app.url.rsplit_once(':').unwrap().1;
         let mut id = [0u8; 8];
         rustix::rand::getrandom(&mut id, rustix::rand::GetRandomFlags::empty()).unwrap();
-        let cfg = format!(
-            r#"# The QEMU machine's agent: the host's loopback is 10.0.2.2 from inside.
-server = "http://10.0.2.2:{server_port}"
-product = "acme"
-channel = "stable"
-enrollment_secret = "{secret}"
-state_dir = "/persistent/sluice/state"
-arch = "amd64"
-keys = "/persistent/sluice/keys.json"
-machine_id = "vm-{id}"
-
-[slots]
-kind = "block"
-a = "/dev/vda2"
-b = "/dev/vda3"
-
-[boot]
-grubenv = "/boot/grub/grubenv"
-cmdline = "/proc/cmdline"
-reboot = ["/sbin/sluice-reboot"]
-health_checks = [["/sbin/sluice-health"]]
-
-[registry]
-insecure = ["10.0.2.2:{reg_port}"]
-# The product's repository names the registry as the server reaches it.
-mirrors = {{ "{reg}" = "10.0.2.2:{reg_port}" }}
-"#,
-            secret = self.secret,
-            id = hex::encode(id),
-        );
-        std::fs::write(persist.join("sluice/agent.toml"), cfg).unwrap();
+        let mut cfg = self.agent_config("/dev/vda2", "/dev/vda3");
+        cfg.state_dir = "/persistent/sluice/state".into();
+        cfg.keys = "/persistent/sluice/keys.json".into();
+        cfg.machine_id = Some(format!("vm-{}", hex::encode(id)));
+        cfg.boot.reboot = vec!["/sbin/sluice-reboot".into()];
+        cfg.boot.health_checks = vec![vec!["/sbin/sluice-health".into()]];
+        cfg.write(&persist.join("sluice/agent.toml")).unwrap();
         std::fs::write(persist.join("sluice/keys.json"), self.keys.to_string()).unwrap();
         let disk = dir.join(format!("{}.img", self.name));
         sh(std::process::Command::new(mkvm())

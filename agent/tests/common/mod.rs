@@ -13,6 +13,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use p256::ecdsa::signature::Signer;
 use p256::pkcs8::EncodePublicKey;
+use sluice_agent::config::{Config, SlotKind};
 use sluice_protocol::keys::ALG_ECDSA_P256;
 use sluice_protocol::simplesigning::{COSIGN_TYPE, OPT_PRODUCT, OPT_VERSION};
 use sluice_protocol::{ImageSignature, KeyRole, KeySet, PublicKey, ResponseSigner, key_id};
@@ -261,52 +262,33 @@ impl TestDevice {
             "dir" => (p.join("a"), p.join("b")),
             _ => (p.join("a.img"), p.join("b.img")),
         };
-        let health = if o.healthy { "true" } else { "false" };
-        let cfg = format!(
-            r#"server = {server:?}
-product = {product:?}
-channel = {channel:?}
-enrollment_secret = {secret:?}
-state_dir = {state:?}
-arch = "amd64"
-keys = {keys:?}
-machine_id = "machine-{rand}"
-
-[slots]
-kind = {kind:?}
-a = {a:?}
-b = {b:?}
-
-[boot]
-grubenv = {grubenv:?}
-cmdline = {cmdline:?}
-reboot = ["sh", "-c", "echo reboot >> {reboots}"]
-health_checks = [["{health}"]]
-boot_id = {boot_id:?}
-
-[registry]
-insecure = {insecure:?}
-"#,
-            server = o.server,
-            product = o.product,
-            channel = o.channel,
-            secret = o.enrollment_secret,
-            state = p.join("state"),
-            keys = p.join("keys.json"),
-            rand = rand_hex(),
-            kind = o.kind,
-            a = slot_a,
-            b = slot_b,
-            grubenv = p.join("grubenv"),
-            cmdline = p.join("cmdline"),
-            reboots = p.join("reboots").display(),
-            health = health,
-            boot_id = p.join("boot_id"),
-            insecure = insecure,
-        );
+        let mut cfg = Config::in_folder(p, o.server, o.product, o.channel);
+        cfg.enrollment_secret = Some(o.enrollment_secret.into());
+        cfg.machine_id = Some(format!("machine-{}", rand_hex()));
+        cfg.slots.kind = match o.kind {
+            "dir" => SlotKind::Dir,
+            "image" => SlotKind::Image,
+            "block" => SlotKind::Block,
+            other => panic!("unknown slot kind {other}"),
+        };
+        (cfg.slots.a, cfg.slots.b) = (slot_a, slot_b);
+        cfg.boot.reboot = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo reboot >> {}", p.join("reboots").display()),
+        ];
+        cfg.boot.health_checks = vec![vec![if o.healthy { "true" } else { "false" }.into()]];
+        cfg.registry.insecure = insecure;
         let config = p.join("agent.toml");
-        std::fs::write(&config, cfg).unwrap();
+        cfg.write(&config).unwrap();
         TestDevice { dir, config }
+    }
+
+    /// Changes the device's `agent.toml` through the agent's own type.
+    pub fn edit_config(&self, change: impl FnOnce(&mut Config)) {
+        let mut cfg = Config::load(&self.config).unwrap();
+        change(&mut cfg);
+        cfg.write(&self.config).unwrap();
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

@@ -10,6 +10,7 @@ pub use crate::common::images;
 use crate::common::{self, TestApp, registry};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use sluice_agent::config::{Config, SlotKind};
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -197,15 +198,28 @@ impl Fleet {
         assert_eq!(s, StatusCode::OK, "{b}");
     }
 
-    /// The `[registry]` lines of an agent.toml in a QEMU machine: the host's
-    /// registry is 10.0.2.2 from inside, and the product's repository names
-    /// it as the server reaches it.
-    pub fn registry_toml(&self) -> String {
+    /// The agent.toml of a QEMU machine on this fleet, with block slots `a`
+    /// and `b`: the host's loopback is 10.0.2.2 from inside, for the server
+    /// and the registry (which the product's repository names as the server
+    /// reaches it).
+    pub fn agent_config(&self, a: &str, b: &str) -> Config {
         let reg = registry();
         let port = reg.rsplit_once(':').expect("registry is host:port").1;
-        format!(
-            "[registry]\ninsecure = [\"10.0.2.2:{port}\"]\nmirrors = {{ \"{reg}\" = \"10.0.2.2:{port}\" }}\n"
-        )
+        let mut c = Config::new(
+            &self.server_url(),
+            "acme",
+            "stable",
+            SlotKind::Block,
+            a.into(),
+            b.into(),
+        );
+        c.enrollment_secret = Some(self.secret.clone());
+        c.arch = "amd64".into();
+        c.registry.insecure = vec![format!("10.0.2.2:{port}")];
+        c.registry
+            .mirrors
+            .insert(reg.clone(), format!("10.0.2.2:{port}"));
+        c
     }
 
     /// The server as a QEMU machine reaches it.
