@@ -99,7 +99,7 @@ impl TestApp {
         let state = app::state_with_pool(config, pool)
             .await
             .expect("server state");
-        sluice_server::auth::bootstrap_admin(&state.db, Some(ADMIN_PASSWORD))
+        sluice_server::api::auth::bootstrap_admin(&state.db, Some(ADMIN_PASSWORD))
             .await
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -115,7 +115,7 @@ impl TestApp {
                 tokio::spawn(app::run(listener, state.clone(), shutdown)),
             ),
             Some(c) => {
-                let server = sluice_server::tls::server_config(&c.cert, &c.key).unwrap();
+                let server = sluice_server::infra::tls::server_config(&c.cert, &c.key).unwrap();
                 let ca = reqwest::Certificate::from_pem(&std::fs::read(&c.ca).unwrap()).unwrap();
                 let client = reqwest::Client::builder()
                     .tls_certs_only([ca])
@@ -270,7 +270,7 @@ impl TestApp {
     pub async fn viewer(&self) -> String {
         sqlx::query("INSERT INTO users (id, username, password_hash, role) VALUES ($1, 'viewer', $2, 'viewer') ON CONFLICT DO NOTHING")
             .bind(uuid::Uuid::new_v4())
-            .bind(sluice_server::auth::hash_password("viewer password"))
+            .bind(sluice_server::api::auth::hash_password("viewer password"))
             .execute(&self.state.db)
             .await
             .unwrap();
@@ -284,6 +284,62 @@ impl TestApp {
             .await;
         assert_eq!(s, StatusCode::OK, "{b}");
         b["token"].as_str().unwrap().to_string()
+    }
+
+    /// A product `name` ready for a rollout, in one line: its repository
+    /// (a fresh one in the test registry) holds an image for each of
+    /// `versions`, each is published, the first into channel `stable` at
+    /// 100 %, and a publisher token is made for it.
+    pub async fn product_with_releases(&self, name: &str, versions: &[&str]) -> Product {
+        let registry = registry();
+        let path = images::unique_repo(name);
+        let repo = format!("{registry}/{path}");
+        let mut digests = std::collections::BTreeMap::new();
+        for v in versions {
+            digests.insert(
+                v.to_string(),
+                images::push_image(&registry, &path, v).await.0,
+            );
+        }
+        let secret = self.product(name, &repo).await;
+        self.channel(name, "stable").await;
+        let ci = self.publisher(&[name]).await;
+        for (i, v) in versions.iter().enumerate() {
+            let channels = if i == 0 {
+                json!([{"name": "stable", "percent": 100}])
+            } else {
+                json!([])
+            };
+            let (s, b) = self
+                .post(
+                    &format!("/v1/products/{name}/releases"),
+                    &ci,
+                    json!({"version": v, "image": format!("{repo}:{v}"), "channels": channels}),
+                )
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{b}");
+        }
+        Product {
+            secret,
+            repo,
+            ci,
+            digests,
+        }
+    }
+
+    /// Changes a channel's rollout as the admin (`PATCH .../rollout`);
+    /// answers the channel.
+    pub async fn set_rollout(&self, product: &str, channel: &str, change: Value) -> Value {
+        let (s, b) = self
+            .call(
+                Method::PATCH,
+                &format!("/v1/products/{product}/channels/{channel}/rollout"),
+                Some(&self.admin),
+                Some(change),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        b
     }
 
     /// Enrolls a device with the key [`device_key`] gives its machine id;
@@ -311,6 +367,18 @@ impl TestApp {
             b["token"].as_str().unwrap().to_string(),
         )
     }
+}
+
+/// What [`TestApp::product_with_releases`] made.
+pub struct Product {
+    /// The enrollment secret.
+    pub secret: String,
+    /// `<registry>/<repository>`.
+    pub repo: String,
+    /// A publisher token for the product.
+    pub ci: String,
+    /// Each version's image digest.
+    pub digests: std::collections::BTreeMap<String, String>,
 }
 
 impl Drop for TestApp {

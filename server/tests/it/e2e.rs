@@ -728,35 +728,17 @@ async fn a_device_naming_a_variant_gets_that_platform(pool: PgPool) {
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn promoting_over_an_unfinished_rollout_keeps_the_base(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let reg = registry();
-    let repo_path = images::unique_repo("promote");
-    let repo = format!("{reg}/{repo_path}");
-    let (d11, _) = images::push_image(&reg, &repo_path, "1.1.0").await;
-    let (d12, _) = images::push_image(&reg, &repo_path, "1.2.0").await;
-    let (d14, _) = images::push_image(&reg, &repo_path, "1.4.0").await;
-    let secret = app.product("acme", &repo).await;
-    app.channel("acme", "stable").await;
-    let ci = app.publisher(&["acme"]).await;
-    for (version, channels) in [
-        ("1.1.0", json!([{"name": "stable", "percent": 100}])),
-        ("1.2.0", json!([])),
-        ("1.4.0", json!([])),
-    ] {
-        let (s, b) = app
-            .post(
-                "/v1/products/acme/releases",
-                &ci,
-                json!({"version": version, "image": format!("{repo}:{version}"), "channels": channels}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
-    }
+    let acme = app
+        .product_with_releases("acme", &["1.1.0", "1.2.0", "1.4.0"])
+        .await;
+    let (secret, ci) = (&acme.secret, &acme.ci);
+    let [d11, d12, d14] = ["1.1.0", "1.2.0", "1.4.0"].map(|v| acme.digests[v].clone());
     let (_, keys_json) = app.call(Method::GET, "/v1/keys", None, None).await;
     let keys: KeySet = serde_json::from_value(keys_json).unwrap();
     let mut devices = Vec::new();
     for i in 0..400 {
         let (id, token) = app
-            .enroll("acme", &secret, &format!("machine-{i}"), "stable")
+            .enroll("acme", secret, &format!("machine-{i}"), "stable")
             .await;
         devices.push(Device {
             id,
@@ -835,7 +817,7 @@ async fn promoting_over_an_unfinished_rollout_keeps_the_base(pool: PgPool) {
     // The promote itself, through the CLI, which prints the plan.
     let (code, out, err) = cli(
         &app,
-        &ci,
+        ci,
         &[
             "channel",
             "promote",
@@ -903,15 +885,8 @@ async fn promoting_over_an_unfinished_rollout_keeps_the_base(pool: PgPool) {
     );
 
     // Once 1.4.0 is everywhere, the next promote makes it the base.
-    let (s, b) = app
-        .call(
-            Method::PATCH,
-            "/v1/products/acme/channels/stable/rollout",
-            Some(&app.admin),
-            Some(json!({"percent": 100})),
-        )
+    app.set_rollout("acme", "stable", json!({"percent": 100}))
         .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
     let answers = resolve_all(&app, &keys, &devices).await;
     assert_eq!(
         offered(&answers, "1.4.0") + answers.iter().filter(|a| !a.update).count(),
