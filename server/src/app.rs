@@ -1,12 +1,13 @@
 //! The application: shared state, the HTTP root that merges every resource's
 //! router, and `run(listener, shutdown)` so tests can bind port 0.
 
+use crate::api::{
+    audit, auth, channels, devices, health, keys, products, releases, stats, tokens, transfer,
+};
 use crate::config::Config;
 use crate::error::{Error, problem};
-use crate::{
-    audit, auth, channels, devices, health, keys, products, registry, releases, resolve, stats,
-    tokens, transfer,
-};
+use crate::infra::registry;
+use crate::resolve;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -34,7 +35,7 @@ pub struct Inner {
     /// The configuration the server started with.
     pub config: Config,
     /// Signing keys.
-    pub keys: keys::KeyStore,
+    pub keys: crate::infra::keystore::KeyStore,
     /// JWT signing secret.
     pub jwt: auth::JwtKeys,
     /// The OCI registry client.
@@ -48,11 +49,11 @@ pub struct Inner {
     /// Resolve answers waiting for their (batched) signature.
     pub answers: resolve::AnswerSigner,
     /// Rate limits on logins, enrollments and devices.
-    pub limits: crate::ratelimit::Limits,
+    pub limits: crate::infra::ratelimit::Limits,
     /// Devices whose tokens are refused (revoked, deleted, reset).
-    pub revocations: crate::revocations::Revocations,
+    pub revocations: crate::infra::revocations::Revocations,
     /// Tables of contents read for transfer estimates.
-    pub transfer: crate::transfer::Cache,
+    pub transfer: crate::api::transfer::Cache,
 }
 
 impl Deref for AppState {
@@ -337,7 +338,8 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = router(state.clone()).into_make_service_with_connect_info::<crate::tls::ClientAddr>();
+    let app = router(state.clone())
+        .into_make_service_with_connect_info::<crate::infra::tls::ClientAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -353,8 +355,9 @@ pub async fn run_tls(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = crate::tls::TlsListener::new(listener, tls)?;
-    let app = router(state.clone()).into_make_service_with_connect_info::<crate::tls::ClientAddr>();
+    let listener = crate::infra::tls::TlsListener::new(listener, tls)?;
+    let app = router(state.clone())
+        .into_make_service_with_connect_info::<crate::infra::tls::ClientAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -379,7 +382,10 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
     std::fs::create_dir_all(&config.data_dir)?;
     let keys = {
         let (dir, pass) = (config.data_dir.clone(), config.key_passphrase.clone());
-        tokio::task::spawn_blocking(move || keys::KeyStore::load_or_create(&dir, &pass)).await??
+        tokio::task::spawn_blocking(move || {
+            crate::infra::keystore::KeyStore::load_or_create(&dir, &pass)
+        })
+        .await??
     };
     keys.sync(&db)
         .await
@@ -390,8 +396,8 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         db.clone(),
         std::time::Duration::from_millis(config.checkin_flush_ms.max(10)),
     );
-    use crate::ratelimit::Rate;
-    let limits = crate::ratelimit::Limits::new(
+    use crate::infra::ratelimit::Rate;
+    let limits = crate::infra::ratelimit::Limits::new(
         Rate {
             burst: config.device_burst,
             per_second: config.device_rate,
@@ -405,7 +411,7 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
             per_second: config.enroll_product_rate,
         },
     );
-    let revocations = crate::revocations::Revocations::spawn(db.clone()).await?;
+    let revocations = crate::infra::revocations::Revocations::spawn(db.clone()).await?;
     let state = AppState::new(Inner {
         db,
         config,

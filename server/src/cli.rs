@@ -2243,7 +2243,7 @@ mod tests {
         ])
         .unwrap();
         let state = sluice_server::app::build_state(args.config).await.unwrap();
-        sluice_server::auth::bootstrap_admin(&state.db, Some("correct horse battery"))
+        sluice_server::api::auth::bootstrap_admin(&state.db, Some("correct horse battery"))
             .await
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -6,7 +6,9 @@ mod cli;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_protocol::KeyRole;
-use sluice_server::{app, auth, config::Config, db, keys};
+use sluice_server::api::auth;
+use sluice_server::infra::keystore as keys;
+use sluice_server::{app, config::Config, db};
 use std::path::PathBuf;
 
 // mimalloc instead of glibc's malloc: the resolve path allocates a few small
@@ -350,7 +352,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {listen}"))?;
     match (&tls_cert, &tls_key) {
         (Some(cert), Some(key)) => {
-            let tls = sluice_server::tls::server_config(cert, key)?;
+            let tls = sluice_server::infra::tls::server_config(cert, key)?;
             tracing::info!(%listen, "sluice serving HTTPS");
             app::run_tls(listener, tls, state, shutdown_signal()).await
         }

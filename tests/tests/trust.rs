@@ -577,7 +577,7 @@ async fn a_revoked_response_key_is_refused(pool: PgPool) {
         .await;
     let app = &s.app;
     let stolen_id = current(&status(app).await, "response");
-    let stolen = sluice_server::keys::read_ed25519_signer(
+    let stolen = sluice_server::infra::keystore::read_ed25519_signer(
         &app.data_dir.join(format!("keys/response/{stolen_id}.key")),
         &common::config(app.data_dir.clone()).key_passphrase,
     )
@@ -643,7 +643,7 @@ async fn a_key_list_not_signed_by_the_held_root_is_refused(pool: PgPool) {
     let kept = std::fs::read(dev.path("state/keylist.json")).unwrap();
 
     let stolen_id = current(&status(app).await, "response");
-    let stolen = sluice_server::keys::read_ed25519_signer(
+    let stolen = sluice_server::infra::keystore::read_ed25519_signer(
         &app.data_dir.join(format!("keys/response/{stolen_id}.key")),
         &common::config(app.data_dir.clone()).key_passphrase,
     )

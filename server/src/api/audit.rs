@@ -1,8 +1,9 @@
 //! The audit log: every change by a person or token, written in the same
-//! transaction as the change itself, and `GET /v1/audit` to read it.
+//! transaction as the change itself (the writer is `infra::audit`), and
+//! `GET /v1/audit` to read it.
 
+use crate::api::auth::{Admin, Principal};
 use crate::app::AppState;
-use crate::auth::{Admin, Principal};
 use crate::error::{Json, Query, Result};
 use crate::paging::{Page, PageParams};
 use axum::extract::State;
@@ -20,29 +21,7 @@ pub async fn record<'e>(
     before: Option<serde_json::Value>,
     after: Option<serde_json::Value>,
 ) -> Result<()> {
-    record_as(db, &who.actor(), action, target, before, after).await
-}
-
-/// Records one change made by the server itself (`system`: the health gate, a ramp).
-pub async fn record_as<'e>(
-    db: impl sqlx::PgExecutor<'e>,
-    actor: &str,
-    action: &str,
-    target: &str,
-    before: Option<serde_json::Value>,
-    after: Option<serde_json::Value>,
-) -> Result<()> {
-    sqlx::query!(
-        "INSERT INTO audit_log (actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5)",
-        actor,
-        action,
-        target,
-        before,
-        after
-    )
-    .execute(db)
-    .await?;
-    Ok(())
+    crate::infra::audit::record_as(db, &who.actor(), action, target, before, after).await
 }
 
 /// One audit entry.

@@ -183,7 +183,7 @@ impl JwtKeys {
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret: [u8; 32] = rand::random();
-                crate::keys::write_private(&path, &secret)
+                crate::infra::keystore::write_private(&path, &secret)
                     .with_context(|| format!("writing {}", path.display()))?;
                 secret.to_vec()
             }
@@ -597,8 +597,8 @@ async fn login(
 /// started with connection info, as in router-level tests).
 pub fn client_ip(extensions: &axum::http::Extensions) -> std::net::IpAddr {
     extensions
-        .get::<axum::extract::ConnectInfo<crate::tls::ClientAddr>>()
-        .map(|axum::extract::ConnectInfo(crate::tls::ClientAddr(a))| a.ip())
+        .get::<axum::extract::ConnectInfo<crate::infra::tls::ClientAddr>>()
+        .map(|axum::extract::ConnectInfo(crate::infra::tls::ClientAddr(a))| a.ip())
         .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
 }
 

@@ -1,11 +1,11 @@
 //! Release channels: head and base, the rollout (percent, ramp, pause), the
 //! health gate, rollback, and the history of every change.
 
+use crate::api::auth::{Admin, Principal, ProductReader, Publisher};
 use crate::app::AppState;
-use crate::auth::{Admin, Principal, ProductReader, Publisher};
 use crate::error::{Error, Json, Path, Query, Result, on_constraint};
+use crate::infra::registry::PlatformImage;
 use crate::paging::{Page, PageParams};
-use crate::registry::PlatformImage;
 use crate::rules::channel::{ChannelState, PromotePlan, ReleaseRef};
 pub use crate::rules::channel::{GateSpec, RampSpec};
 use crate::rules::rollout::{self, Gate};
@@ -426,7 +426,7 @@ async fn changed(
     )
     .execute(&mut *tx)
     .await?;
-    crate::audit::record_as(
+    crate::infra::audit::record_as(
         &mut *tx,
         actor,
         &format!("channel.{action}"),
@@ -472,7 +472,7 @@ async fn save(tx: &mut PgConnection, c: &ChannelRow) -> Result<()> {
 /// one: a publisher's (CI's) promote, even of the same release, must not
 /// clear a halt the health gate or a person set.
 fn check_may_resume(who: &Principal, product: &str, c: &ChannelRow) -> Result<()> {
-    if !c.state.rollout.paused || who.role() == crate::auth::Role::Admin {
+    if !c.state.rollout.paused || who.role() == crate::api::auth::Role::Admin {
         return Ok(());
     }
     Err(Error::Conflict(format!(
@@ -702,13 +702,13 @@ async fn create_channel(
     Path(product): Path<String>,
     Json(req): Json<NewChannel>,
 ) -> Result<(StatusCode, Json<Channel>)> {
-    if !crate::products::valid_name(&req.name) {
+    if !crate::rules::names::valid_name(&req.name) {
         return Err(Error::BadRequest(format!(
             "invalid channel name {:?}: use 1–63 lowercase letters, digits and dashes",
             req.name
         )));
     }
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let mut tx = state.db.begin().await?;
     let id = Uuid::new_v4();
     sqlx::query!(
@@ -731,7 +731,7 @@ async fn create_channel(
     )
     .execute(&mut *tx)
     .await?;
-    crate::audit::record(
+    crate::api::audit::record(
         &mut *tx,
         &who,
         "channel.create",
@@ -757,7 +757,7 @@ async fn list_channels(
     _v: ProductReader,
     Path(product): Path<String>,
 ) -> Result<Json<Vec<Channel>>> {
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let names = sqlx::query_scalar!(
         "SELECT name FROM channels WHERE product_id = $1 ORDER BY name",
         p.id
@@ -782,7 +782,7 @@ async fn get_channel(
     _v: ProductReader,
     Path((product, channel)): Path<(String, String)>,
 ) -> Result<Json<Channel>> {
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     Ok(Json(view_of(&state.db, p.id, &product, &channel).await?))
 }
 
@@ -801,11 +801,11 @@ async fn promote(
     Json(req): Json<PromoteRequest>,
 ) -> Result<Json<PromoteResponse>> {
     who.check_product(&product)?;
-    let version = crate::releases::parse_version(&req.version)?;
+    let version = crate::rules::names::parse_version(&req.version)?;
     check_percent(req.percent)?;
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let mut tx = state.db.begin().await?;
-    let r = crate::releases::load(&mut *tx, p.id, &product, &req.version).await?;
+    let r = crate::api::releases::load(&mut *tx, p.id, &product, &req.version).await?;
     if r.state == "revoked" {
         return Err(Error::Conflict(format!(
             "release {} is revoked and cannot be promoted",
@@ -836,7 +836,7 @@ async fn promote(
         tx.commit().await?;
         state.cache.invalidate(&product);
     }
-    let warnings = crate::releases::stranded(
+    let warnings = crate::api::releases::stranded(
         &state.db,
         p.id,
         &product,
@@ -871,7 +871,7 @@ async fn patch_rollout(
             "nothing to change: give percent, ramp, paused or gate".into(),
         ));
     }
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let mut tx = state.db.begin().await?;
     let before = load(&mut tx, p.id, &product, &channel, true).await?;
     let mut c = before.clone();
@@ -941,7 +941,7 @@ async fn rollback(
     Path((product, channel)): Path<(String, String)>,
     Json(req): Json<RollbackRequest>,
 ) -> Result<Json<Channel>> {
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let mut tx = state.db.begin().await?;
     let before = load(&mut tx, p.id, &product, &channel, true).await?;
     let version = match (&req.version, before.base()) {
@@ -953,7 +953,7 @@ async fn rollback(
             )));
         }
     };
-    let target = crate::releases::load(&mut *tx, p.id, &product, &version).await?;
+    let target = crate::api::releases::load(&mut *tx, p.id, &product, &version).await?;
     if target.state == "revoked" {
         return Err(Error::Conflict(format!(
             "release {version} is revoked: roll back to another version"
@@ -993,7 +993,7 @@ async fn history(
     Path((product, channel)): Path<(String, String)>,
     Query(page): Query<PageParams>,
 ) -> Result<Json<Page<HistoryEntry>>> {
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let mut conn = state.db.acquire().await?;
     let c = load(&mut conn, p.id, &product, &channel, false).await?;
     let limit = page.limit();
@@ -1111,7 +1111,7 @@ impl ProductRules {
     /// Whether release `i` has an image a device asking for `arch` is
     /// offered: the same fit resolve uses (`registry::fits`).
     fn fits(&self, i: usize, arch: &str) -> bool {
-        crate::registry::best_fit(&self.archs[i], arch, |(a, v)| (a.as_str(), v.as_deref()))
+        crate::infra::registry::best_fit(&self.archs[i], arch, |(a, v)| (a.as_str(), v.as_deref()))
             .is_some()
     }
 }
@@ -1147,7 +1147,7 @@ fn device_head_status(
     let pin = match (&d.pin_version, &d.pin_digest) {
         (Some(v), _) => rules.by_version.get(v).map(|&i| &rules.rels[i]),
         (None, Some(digest)) => {
-            pin_image = semver::Version::parse(&crate::devices::pin_version_label(digest))
+            pin_image = semver::Version::parse(&crate::api::devices::pin_version_label(digest))
                 .ok()
                 .map(|version| rollout::Rel {
                     version,
@@ -1273,7 +1273,7 @@ pub async fn head_status_of(
     device: Uuid,
 ) -> Result<Option<HeadStatus>> {
     let mut conn = db.acquire().await?;
-    let p = crate::products::load(&mut *conn, product).await?;
+    let p = crate::api::products::load(&mut *conn, product).await?;
     let c = match load(&mut conn, p.id, product, channel, false).await {
         Ok(c) => c,
         Err(Error::NotFound(_)) => return Ok(None),
@@ -1299,7 +1299,7 @@ async fn channel_head_status(
     _v: ProductReader,
     Path((product, channel)): Path<(String, String)>,
 ) -> Result<Json<ChannelHeadStatus>> {
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let mut conn = state.db.acquire().await?;
     let c = load(&mut conn, p.id, &product, &channel, false).await?;
     let rules = product_rules(&mut conn, p.id).await?;

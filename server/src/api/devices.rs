@@ -3,13 +3,13 @@
 //! (which feed the health gate), the fleet view, pinning, and an admin's
 //! revoke, reset and delete.
 
+use crate::api::auth::{Admin, DeviceAuth, Viewer, client_ip, constant_time_eq, hash_secret};
 use crate::app::AppState;
-use crate::auth::{Admin, DeviceAuth, Viewer, client_ip, constant_time_eq, hash_secret};
 use crate::error::{Error, Json, Path, Query, Result};
+use crate::infra::registry::PlatformImage;
+use crate::infra::revocations::{Revoked, use_proof};
+use crate::infra::signing::{SignedDigest, sign_digest};
 use crate::paging::{Page, PageParams};
-use crate::registry::PlatformImage;
-use crate::revocations::{Revoked, use_proof};
-use crate::signing::{SignedDigest, sign_digest};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -112,7 +112,7 @@ pub struct DeviceDetail {
     pub events: Vec<Event>,
     /// Whether it runs its channel's head and, if not, why (the rules
     /// resolve applies); absent when its channel does not exist.
-    pub head_status: Option<crate::channels::HeadStatus>,
+    pub head_status: Option<crate::api::channels::HeadStatus>,
 }
 
 /// Filters of `GET /v1/devices`.
@@ -363,7 +363,7 @@ async fn enroll(
             .execute(&mut *tx)
             .await?;
             if d.rebind_allowed {
-                crate::audit::record_as(
+                crate::infra::audit::record_as(
                     &mut *tx,
                     &format!("device:{}", d.id),
                     "device.enroll_after_reset",
@@ -537,7 +537,7 @@ async fn bind_key(
             )
             .execute(&mut *tx)
             .await?;
-            crate::audit::record_as(
+            crate::infra::audit::record_as(
                 &mut *tx,
                 &format!("device:{id}"),
                 "device.bind_key",
@@ -653,7 +653,7 @@ async fn report_event(
         state.cache.invalidate(&device.product);
     }
     if d.status_offered && req.kind.is_outcome() {
-        crate::channels::check_gate(&state, d.product_id, &device.product, &d.channel).await?;
+        crate::api::channels::check_gate(&state, d.product_id, &device.product, &d.channel).await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -873,7 +873,8 @@ async fn get_device(
         None => (None, None),
     };
     let head_status =
-        crate::channels::head_status_of(&state.db, &device.product, &device.channel, id).await?;
+        crate::api::channels::head_status_of(&state.db, &device.product, &device.channel, id)
+            .await?;
     Ok(Json(DeviceDetail {
         device,
         host,
@@ -897,7 +898,7 @@ async fn set_pin(
     Json(req): Json<PinRequest>,
 ) -> Result<Json<Device>> {
     let before = fetch_device(&state.db, id).await?;
-    let p = crate::products::load(&state.db, &before.product).await?;
+    let p = crate::api::products::load(&state.db, &before.product).await?;
     let (version, image, digest, platforms, sigs) = match (&req.version, &req.image) {
         (Some(_), Some(_)) => {
             return Err(Error::BadRequest(
@@ -906,7 +907,7 @@ async fn set_pin(
         }
         (None, None) => (None, None, None, None, vec![]),
         (Some(v), None) => {
-            let r = crate::releases::load(&state.db, p.id, &p.name, v).await?;
+            let r = crate::api::releases::load(&state.db, p.id, &p.name, v).await?;
             if r.state == "revoked" {
                 return Err(Error::Conflict(format!(
                     "release {v} is revoked and cannot be pinned"
@@ -915,7 +916,7 @@ async fn set_pin(
             (Some(v.clone()), None, Some(r.digest), None, vec![])
         }
         (None, Some(img)) => {
-            let reference = crate::registry::parse_reference(img)?;
+            let reference = crate::infra::registry::parse_reference(img)?;
             if reference.repository != p.repository {
                 return Err(Error::BadRequest(format!(
                     "image {img} is outside product {}'s repository {}",
@@ -959,7 +960,7 @@ async fn set_pin(
     .execute(&mut *tx)
     .await?;
     let after = serde_json::json!({"version": version, "image": image, "digest": digest});
-    crate::audit::record(
+    crate::api::audit::record(
         &mut *tx,
         &who,
         "device.pin",
@@ -1103,7 +1104,7 @@ async fn retry_failed(
     )
     .execute(&mut *tx)
     .await?;
-    crate::audit::record(
+    crate::api::audit::record(
         &mut *tx,
         &who,
         "device.retry",
@@ -1177,7 +1178,7 @@ async fn failures_cleared(
     )
     .execute(&mut *tx)
     .await?;
-    crate::audit::record_as(
+    crate::infra::audit::record_as(
         &mut *tx,
         &format!("device:{id}"),
         "device.failure_cleared",
@@ -1197,12 +1198,12 @@ async fn failures_cleared(
 /// before and after (none: deleted).
 async fn audit(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    who: &crate::auth::Principal,
+    who: &crate::api::auth::Principal,
     action: &str,
     before: &Device,
     after: Option<&Device>,
 ) -> Result<()> {
-    crate::audit::record(
+    crate::api::audit::record(
         &mut **tx,
         who,
         action,

@@ -65,8 +65,8 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<AppState>, req: Request) -> Response {
     let (mut parts, _) = req.into_parts();
     let admin = matches!(
-        crate::auth::Principal::from_request_parts(&mut parts, &state).await,
-        Ok(p) if p.role() == crate::auth::Role::Admin
+        crate::api::auth::Principal::from_request_parts(&mut parts, &state).await,
+        Ok(p) if p.role() == crate::api::auth::Role::Admin
     );
     let limit = std::time::Duration::from_secs(2);
     let hosts = tokio::time::timeout(

@@ -1,8 +1,8 @@
 //! Products: one OS derivative each, with its OCI repository and the
 //! enrollment secret devices present once.
 
+use crate::api::auth::{Admin, Viewer, hash_secret, random_secret};
 use crate::app::AppState;
-use crate::auth::{Admin, Viewer, hash_secret, random_secret};
 use crate::error::{Error, Json, Path, Result, on_constraint};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -40,34 +40,6 @@ pub struct Product {
     /// Shown only when the product is made or the secret rotated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enrollment_secret: Option<String>,
-}
-
-/// Products are named `[a-z0-9][a-z0-9-]{0,62}`.
-pub fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-}
-
-/// A repository is `host[:port]/path` with lowercase path components, no tag or digest.
-pub fn valid_repository(repo: &str) -> bool {
-    let Some((host, path)) = repo.split_once('/') else {
-        return false;
-    };
-    !host.is_empty()
-        && host
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':'))
-        && !path.is_empty()
-        && path.split('/').all(|part| {
-            !part.is_empty()
-                && part.bytes().all(|c| {
-                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
-                })
-        })
 }
 
 /// The row behind a product, for other modules.
@@ -111,13 +83,13 @@ async fn create_product(
     Admin(who): Admin,
     Json(req): Json<NewProduct>,
 ) -> Result<(StatusCode, Json<Product>)> {
-    if !valid_name(&req.name) {
+    if !crate::rules::names::valid_name(&req.name) {
         return Err(Error::BadRequest(format!(
             "invalid product name {:?}: use 1–63 lowercase letters, digits and dashes, starting with a letter or digit",
             req.name
         )));
     }
-    if !valid_repository(&req.repository) {
+    if !crate::rules::names::valid_repository(&req.repository) {
         return Err(Error::BadRequest(format!(
             "invalid repository {:?}: give `host[:port]/path` without a tag, e.g. `registry.example.com/acme/os`",
             req.repository
@@ -147,7 +119,7 @@ async fn create_product(
         created_at,
         enrollment_secret: None,
     };
-    crate::audit::record(
+    crate::api::audit::record(
         &mut *tx,
         &who,
         "product.create",
@@ -236,7 +208,7 @@ async fn rotate_secret(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| Error::not_found(format!("product {product}")))?;
-    crate::audit::record(
+    crate::api::audit::record(
         &mut *tx,
         &who,
         "product.rotate_secret",

@@ -1,12 +1,12 @@
 //! Releases: publishing a build (resolve the reference to a digest in the
 //! registry, sign every platform digest, store), listing, and revoking.
 
+use crate::api::auth::{Admin, Principal, ProductReader, Publisher};
 use crate::app::AppState;
-use crate::auth::{Admin, Principal, ProductReader, Publisher};
 use crate::error::{Error, Json, Path, Query, Result};
+use crate::infra::registry::{PlatformImage, parse_reference};
+use crate::infra::signing::{SignedDigest, sign_digest};
 use crate::paging::{Page, PageParams};
-use crate::registry::{PlatformImage, parse_reference};
-use crate::signing::{SignedDigest, sign_digest};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -198,15 +198,6 @@ pub async fn load<'e>(
     .ok_or_else(|| Error::not_found(format!("release {version} of product {product}")))
 }
 
-/// Checks a version is SemVer 2.0.
-pub fn parse_version(v: &str) -> Result<semver::Version> {
-    semver::Version::parse(v).map_err(|e| {
-        Error::BadRequest(format!(
-            "invalid version {v:?}: {e}; use SemVer 2.0 such as 1.4.2 or 2.0.0-rc.1"
-        ))
-    })
-}
-
 /// The routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -295,7 +286,7 @@ async fn publish(
     Json(req): Json<NewRelease>,
 ) -> Result<(StatusCode, Json<Published>)> {
     let (status, release) = publish_release(&state, &who, &product, &req).await?;
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let id = load(&state.db, p.id, &product, &release.version).await?.id;
     let channels = req.channels.unwrap_or_default();
     let mut warnings = Vec::new();
@@ -326,7 +317,7 @@ async fn publish_release(
 ) -> Result<(StatusCode, Release)> {
     let product = product.to_string();
     who.check_product(&product)?;
-    let version = parse_version(&req.version)?;
+    let version = crate::rules::names::parse_version(&req.version)?;
     let metadata = match req.metadata.clone() {
         None => serde_json::json!({}),
         Some(m @ serde_json::Value::Object(_)) => m,
@@ -334,9 +325,9 @@ async fn publish_release(
     };
     let channels = req.channels.clone().unwrap_or_default();
     for c in &channels {
-        crate::channels::check_percent(c.percent)?;
+        crate::api::channels::check_percent(c.percent)?;
     }
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let image = parse_reference(&req.image)?;
     if image.repository != p.repository {
         return Err(Error::BadRequest(format!(
@@ -437,7 +428,7 @@ async fn publish_release(
         "version": req.version, "digest": resolved.digest, "floor": req.floor.unwrap_or(false),
         "platforms": resolved.platforms, "metadata": metadata,
     });
-    crate::audit::record(
+    crate::api::audit::record(
         &mut *tx,
         who,
         "release.publish",
@@ -453,7 +444,7 @@ async fn publish_release(
         };
         // Publishing into a channel is a promote at 100 % unless told otherwise.
         let percent = c.percent.unwrap_or(100.0);
-        crate::channels::promote_in_tx(
+        crate::api::channels::promote_in_tx(
             &mut tx, who, p.id, &product, &c.name, release, percent, None,
         )
         .await?;
@@ -490,7 +481,7 @@ async fn list_releases(
     Path(product): Path<String>,
     Query(page): Query<PageParams>,
 ) -> Result<Json<Page<Release>>> {
-    crate::products::load(&state.db, &product).await?;
+    crate::api::products::load(&state.db, &product).await?;
     let limit = page.limit();
     let offset = page.cursor_i64()?.unwrap_or(0).max(0);
     let rows = fetch(&state.db, &product, None, limit + 1, offset).await?;
@@ -536,7 +527,7 @@ async fn revoke_release(
     product: &str,
     version: &str,
 ) -> Result<()> {
-    let p = crate::products::load(&state.db, product).await?;
+    let p = crate::api::products::load(&state.db, product).await?;
     let mut tx = state.db.begin().await?;
     let r = load(&mut *tx, p.id, product, version).await?;
     if r.state != "revoked" {
@@ -554,7 +545,7 @@ async fn revoke_release(
         )
         .execute(&mut *tx)
         .await?;
-        crate::audit::record(
+        crate::api::audit::record(
             &mut *tx,
             who,
             "release.revoke",

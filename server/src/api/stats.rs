@@ -2,8 +2,8 @@
 //! its head over time, derived from the `healthy` (and failure) events they
 //! reported.
 
+use crate::api::auth::ProductReader;
 use crate::app::AppState;
-use crate::auth::ProductReader;
 use crate::error::{Error, Json, Path, Query, Result};
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
@@ -132,9 +132,9 @@ async fn channel_stats(
         (span / DEFAULT_POINTS + i64::from(span % DEFAULT_POINTS != 0)).clamp(1, MAX_BUCKET_S)
     });
     let ends = bucket_ends(since, until, bucket_s)?;
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let mut conn = state.db.acquire().await?;
-    let c = crate::channels::load(&mut conn, p.id, &product, &channel, false).await?;
+    let c = crate::api::channels::load(&mut conn, p.id, &product, &channel, false).await?;
     let points = sqlx::query_as!(
         StatsPoint,
         r#"SELECT t.at AS "at!",

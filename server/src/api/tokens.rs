@@ -2,8 +2,8 @@
 //! revocable. Each is a JWT whose subject is a row here; revoking the row
 //! revokes the token on its next use.
 
+use crate::api::auth::{Admin, Role};
 use crate::app::AppState;
-use crate::auth::{Admin, Role};
 use crate::error::{Error, Json, Path, Result};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -105,7 +105,7 @@ async fn create_token(
     }
     let mut tx = state.db.begin().await?;
     for p in &req.products {
-        crate::products::load(&mut *tx, p).await?;
+        crate::api::products::load(&mut *tx, p).await?;
     }
     let id = Uuid::new_v4();
     let (token, expires_at) = state.jwt.issue(
@@ -128,7 +128,7 @@ async fn create_token(
     .await?;
     let after =
         serde_json::json!({"id": id, "name": req.name, "role": req.role, "products": req.products});
-    crate::audit::record(
+    crate::api::audit::record(
         &mut *tx,
         &who,
         "token.create",
@@ -178,7 +178,7 @@ async fn revoke_token(
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| Error::not_found(format!("token {id}")))?;
-    crate::audit::record(
+    crate::api::audit::record(
         &mut *tx,
         &who,
         "token.revoke",

@@ -15,10 +15,10 @@
 //! tables (gzip, plain zstd) gives the agent nothing to copy: every file
 //! of the head is fetched.
 
+use crate::api::auth::ProductReader;
 use crate::app::AppState;
-use crate::auth::ProductReader;
 use crate::error::{Error, Json, Path, Result};
-use crate::registry::{PlatformImage, best_fit};
+use crate::infra::registry::{PlatformImage, best_fit};
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use sluice_protocol::chunked::{coalesce, image_files};
@@ -74,7 +74,7 @@ const CACHE_LAYERS: usize = 32;
 async fn summary(
     state: &AppState,
     repository: &str,
-    layer: &crate::registry::LayerImage,
+    layer: &crate::infra::registry::LayerImage,
 ) -> Result<Arc<Summary>> {
     if let Some(s) = state.transfer.0.lock().expect("cache").get(&layer.digest) {
         return Ok(s.clone());
@@ -215,16 +215,16 @@ async fn channel_transfer(
     _v: ProductReader,
     Path((product, channel)): Path<(String, String)>,
 ) -> Result<Json<ChannelTransfer>> {
-    let p = crate::products::load(&state.db, &product).await?;
+    let p = crate::api::products::load(&state.db, &product).await?;
     let mut conn = state.db.acquire().await?;
-    let c = crate::channels::load(&mut conn, p.id, &product, &channel, false).await?;
+    let c = crate::api::channels::load(&mut conn, p.id, &product, &channel, false).await?;
     drop(conn);
     let release = |v: Option<String>| {
         let (db, product) = (&state.db, &product);
         async move {
             match v {
                 None => Ok::<_, Error>(None),
-                Some(v) => Ok(crate::releases::fetch(db, product, Some(&v), 1, 0)
+                Some(v) => Ok(crate::api::releases::fetch(db, product, Some(&v), 1, 0)
                     .await?
                     .pop()),
             }

@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::signing::SignedDigest;
+use crate::infra::signing::SignedDigest;
 use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -190,7 +190,7 @@ pub fn parse_reference(reference: &str) -> Result<ImageRef> {
         Some(i) => (&rest[..slash + i], Some(rest[slash + i + 1..].to_string())),
         None => (rest, None),
     };
-    if !crate::products::valid_repository(repository)
+    if !crate::rules::names::valid_repository(repository)
         || tag
             .as_deref()
             .is_some_and(|t| t.is_empty() || t.len() > 128)

@@ -3,7 +3,7 @@
 //! `sluice.version` in its `optional` section so a signature binds a version
 //! to a digest.
 
-use crate::keys::KeyEntry;
+use crate::infra::keystore::KeyEntry;
 use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;

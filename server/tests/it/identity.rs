@@ -276,7 +276,7 @@ async fn revoke_and_reset(pool: PgPool) {
     assert_eq!(b["items"][0]["id"], id.as_str());
 
     // The revocation survives a restart of the server (loaded from the database).
-    let fresh = sluice_server::revocations::Revocations::spawn(app.state.db.clone())
+    let fresh = sluice_server::infra::revocations::Revocations::spawn(app.state.db.clone())
         .await
         .unwrap();
     assert!(fresh.check(&id.parse().unwrap(), now_s()).is_err());

@@ -287,7 +287,7 @@ async fn an_unlisted_key_file_is_listed_as_next_at_start(pool: PgPool) {
         TestApp::spawn_with(pool.clone(), config.clone(), tempfile::tempdir().unwrap()).await;
     let signer = app.state.keys.response_signer().key_id().to_string();
     app.stop().await;
-    let made = sluice_server::keys::generate(
+    let made = sluice_server::infra::keystore::generate(
         &config.data_dir.join("keys"),
         &config.key_passphrase,
         KeyRole::Response,

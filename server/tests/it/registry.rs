@@ -9,11 +9,11 @@ use sluice_protocol::KeyRole;
 use sluice_protocol::simplesigning::verify_image_signature;
 use sluice_server::config::Config;
 use sluice_server::error::Error;
-use sluice_server::keys::KeyStore;
-use sluice_server::registry::{
+use sluice_server::infra::keystore::KeyStore;
+use sluice_server::infra::registry::{
     self, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ImageRef, OCI_INDEX, OCI_MANIFEST, Registry,
 };
-use sluice_server::signing::{SignedDigest, sign_digest};
+use sluice_server::infra::signing::{SignedDigest, sign_digest};
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -417,7 +417,12 @@ async fn rotation_keeps_the_old_signature_next_to_the_new_one() {
 
     // A new image key, as `sluice keys generate` makes one (this test has no
     // database, so no key list: the `current` file says which key signs).
-    sluice_server::keys::generate(&dir.path().join("keys"), "passphrase", KeyRole::Image).unwrap();
+    sluice_server::infra::keystore::generate(
+        &dir.path().join("keys"),
+        "passphrase",
+        KeyRole::Image,
+    )
+    .unwrap();
     let keys = KeyStore::load_or_create(dir.path(), "passphrase").unwrap();
     write_pem(&keys, &pem2);
     assert_ne!(std::fs::read(&pem1).unwrap(), std::fs::read(&pem2).unwrap());

@@ -36,6 +36,6 @@ async fn serves_https_with_its_certificate(pool: PgPool) {
     );
 
     // A key that does not belong to the certificate is refused at start, with a clear message.
-    let bad = sluice_server::tls::server_config(&certs.cert, &certs.ca_key).unwrap_err();
+    let bad = sluice_server::infra::tls::server_config(&certs.cert, &certs.ca_key).unwrap_err();
     assert!(format!("{bad:#}").contains("does not match"), "{bad:#}");
 }
