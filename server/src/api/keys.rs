@@ -5,7 +5,7 @@
 use crate::api::auth::{Admin, Viewer};
 use crate::app::AppState;
 use crate::error::{Error, Json, Path, Query, Result};
-use crate::infra::keystore::*;
+use crate::infra::keystore::{ACTIVE_DAYS, Change, Holding, LISTS_PAGE, listed_since, parse_role};
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use sluice_protocol::{KeyList, KeyLists, KeyRole, KeySet, KeyState, ListedKey, SignedKeyList};
