@@ -37,7 +37,7 @@ pub struct Inner {
     /// Signing keys.
     pub keys: crate::infra::keystore::KeyStore,
     /// JWT signing secret.
-    pub jwt: auth::JwtKeys,
+    pub jwt: crate::infra::jwt::JwtKeys,
     /// The OCI registry client.
     pub registry: registry::Registry,
     /// Counters for `/metrics`.
@@ -390,7 +390,7 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
     keys.sync(&db)
         .await
         .context("making or reading the signed key list")?;
-    let jwt = auth::JwtKeys::load_or_create(&config.data_dir)?;
+    let jwt = crate::infra::jwt::JwtKeys::load_or_create(&config.data_dir)?;
     let registry = registry::Registry::new(&config)?;
     let checkins = resolve::Checkins::spawn(
         db.clone(),

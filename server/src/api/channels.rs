@@ -472,7 +472,7 @@ async fn save(tx: &mut PgConnection, c: &ChannelRow) -> Result<()> {
 /// one: a publisher's (CI's) promote, even of the same release, must not
 /// clear a halt the health gate or a person set.
 fn check_may_resume(who: &Principal, product: &str, c: &ChannelRow) -> Result<()> {
-    if !c.state.rollout.paused || who.role() == crate::api::auth::Role::Admin {
+    if !c.state.rollout.paused || who.role() == crate::infra::jwt::Role::Admin {
         return Ok(());
     }
     Err(Error::Conflict(format!(

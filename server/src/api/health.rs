@@ -66,7 +66,7 @@ async fn readyz(State(state): State<AppState>, req: Request) -> Response {
     let (mut parts, _) = req.into_parts();
     let admin = matches!(
         crate::api::auth::Principal::from_request_parts(&mut parts, &state).await,
-        Ok(p) if p.role() == crate::api::auth::Role::Admin
+        Ok(p) if p.role() == crate::infra::jwt::Role::Admin
     );
     let limit = std::time::Duration::from_secs(2);
     let hosts = tokio::time::timeout(

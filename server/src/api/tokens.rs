@@ -2,9 +2,10 @@
 //! revocable. Each is a JWT whose subject is a row here; revoking the row
 //! revokes the token on its next use.
 
-use crate::api::auth::{Admin, Role};
+use crate::api::auth::Admin;
 use crate::app::AppState;
 use crate::error::{Error, Json, Path, Result};
+use crate::infra::jwt::Role;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};

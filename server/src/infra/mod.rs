@@ -1,10 +1,11 @@
 //! What the server talks to and keeps besides its handlers: the audit
-//! log's writer, the key store (signing
+//! log's writer, the JWT secret, the key store (signing
 //! keys and key lists on disk and in PostgreSQL), cosign image signing, the
 //! OCI registry client, TLS, and the in-memory rate limits and device
 //! revocations. Handlers reach these through `AppState`.
 
 pub mod audit;
+pub mod jwt;
 pub mod keystore;
 pub mod ratelimit;
 pub mod registry;
