@@ -658,6 +658,10 @@ pub async fn check_gate(
 ) -> Result<bool> {
     let mut tx = state.db.begin().await?;
     let before = load(&mut tx, product_id, product, channel, true).await?;
+    // A paused channel (or one with no head) has nothing to halt: no count.
+    if !before.state.gate_watches() {
+        return Ok(false);
+    }
     let (reports, failures) =
         gate_counts(&mut tx, product_id, channel, before.head().as_deref()).await?;
     let mut c = before.clone();

@@ -296,6 +296,12 @@ impl ChannelState {
         Ok(())
     }
 
+    /// Whether the health gate has a rollout to halt: a head, not paused.
+    /// The handler asks before it counts reports.
+    pub fn gate_watches(&self) -> bool {
+        self.head.is_some() && !self.rollout.paused
+    }
+
     /// The health gate's judgement on `reports` outcomes on the head, of
     /// which `failures` failed: pauses the rollout when the gate trips and
     /// answers why; nothing happens (and `None`) when it does not, or when
@@ -306,10 +312,10 @@ impl ChannelState {
         failures: i64,
         now: OffsetDateTime,
     ) -> Option<String> {
-        let head = self.head.as_ref()?;
-        if self.rollout.paused || !gate_tripped(self.gate, reports, failures) {
+        if !self.gate_watches() || !gate_tripped(self.gate, reports, failures) {
             return None;
         }
+        let head = self.head.as_ref()?;
         let reason = format!(
             "health gate: {failures} of {reports} devices ({:.1}%) failed or rolled back on {}, above the limit of {}%",
             failures as f64 * 100.0 / reports as f64,
