@@ -832,14 +832,18 @@ async fn promote(
         req.ramp.as_ref(),
     )
     .await?;
-    // A dry run shows the channel as the promote leaves it, then undoes it all.
-    let after = view(&mut tx, p.id, &product, &channel).await?;
-    if req.dry_run {
+    // A dry run shows the channel as the promote leaves it, then undoes it
+    // all; a promote commits first, so the channel's lock is not held while
+    // the answer is read.
+    let after = if req.dry_run {
+        let after = view(&mut tx, p.id, &product, &channel).await?;
         tx.rollback().await?;
+        after
     } else {
         tx.commit().await?;
         state.cache.invalidate(&product);
-    }
+        view_of(&state.db, p.id, &product, &channel).await?
+    };
     let warnings = crate::api::releases::stranded(
         &state.db,
         p.id,
@@ -925,10 +929,9 @@ async fn patch_rollout(
         &c,
     )
     .await?;
-    let after = view(&mut tx, p.id, &product, &channel).await?;
     tx.commit().await?;
     state.cache.invalidate(&product);
-    Ok(Json(after))
+    Ok(Json(view_of(&state.db, p.id, &product, &channel).await?))
 }
 
 /// Rolls the channel back: the head becomes the given release (default: the
@@ -979,10 +982,9 @@ async fn rollback(
         &c,
     )
     .await?;
-    let after = view(&mut tx, p.id, &product, &channel).await?;
     tx.commit().await?;
     state.cache.invalidate(&product);
-    Ok(Json(after))
+    Ok(Json(view_of(&state.db, p.id, &product, &channel).await?))
 }
 
 /// Every change to the channel, newest first.
