@@ -2,8 +2,9 @@
 //! health gate, rollback, and the history of every change.
 
 use crate::api::auth::{Admin, Principal, ProductReader, Publisher};
+use crate::api::products::{ProductPath, ProductRow};
 use crate::app::AppState;
-use crate::error::{Error, Json, Path, Query, Result, on_constraint};
+use crate::error::{Error, Json, Query, Result, on_constraint};
 use crate::infra::registry::PlatformImage;
 use crate::paging::{Page, PageParams};
 use crate::rules::channel::{ChannelState, PromotePlan, ReleaseRef};
@@ -16,7 +17,7 @@ use sluice_protocol::EventKind;
 use sqlx::types::Json as SqlJson;
 use sqlx::{PgConnection, Postgres, Transaction};
 use time::OffsetDateTime;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
@@ -364,6 +365,38 @@ impl ChannelRow {
     }
 }
 
+/// `{product}/channels/{channel}` in a route, as crates.io's
+/// `CrateVersionPath`: the names, and loaders for the product and the channel
+/// (404 for either). A bad path is a problem+json 400.
+#[derive(Debug, Deserialize, IntoParams, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(Error))]
+#[into_params(parameter_in = Path)]
+pub struct ChannelPath {
+    /// Product name
+    pub product: String,
+    /// Channel name
+    pub channel: String,
+}
+
+impl ChannelPath {
+    /// The product, or 404.
+    pub async fn load_product<'e>(&self, db: impl sqlx::PgExecutor<'e>) -> Result<ProductRow> {
+        crate::api::products::load(db, &self.product).await
+    }
+
+    /// The product and the channel (locked until the transaction ends when
+    /// `for_update`), or 404.
+    pub async fn load(
+        &self,
+        db: &mut PgConnection,
+        for_update: bool,
+    ) -> Result<(ProductRow, ChannelRow)> {
+        let p = self.load_product(&mut *db).await?;
+        let c = load(db, p.id, &self.product, &self.channel, for_update).await?;
+        Ok((p, c))
+    }
+}
+
 /// Loads a channel (locking it when `for_update`), or 404.
 pub async fn load(
     db: &mut PgConnection,
@@ -696,14 +729,14 @@ pub async fn check_gate(
 
 /// Makes a channel.
 #[utoipa::path(post, path = "/v1/products/{product}/channels", tag = "channels", request_body = NewChannel,
-    params(("product" = String, Path, description = "Product name")), security(("bearer" = [])),
+    params(ProductPath), security(("bearer" = [])),
     responses((status = 201, body = Channel), (status = 400, body = crate::error::Problem),
               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
               (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
 async fn create_channel(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path(product): Path<String>,
+    path: ProductPath,
     Json(req): Json<NewChannel>,
 ) -> Result<(StatusCode, Json<Channel>)> {
     if !crate::rules::names::valid_name(&req.name) {
@@ -712,7 +745,8 @@ async fn create_channel(
             req.name
         )));
     }
-    let p = crate::api::products::load(&state.db, &product).await?;
+    let p = path.load(&state.db).await?;
+    let product = &p.name;
     let mut tx = state.db.begin().await?;
     let id = Uuid::new_v4();
     sqlx::query!(
@@ -747,21 +781,21 @@ async fn create_channel(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(view_of(&state.db, p.id, &product, &req.name).await?),
+        Json(view_of(&state.db, p.id, product, &req.name).await?),
     ))
 }
 
 /// The channels of a product.
 #[utoipa::path(get, path = "/v1/products/{product}/channels", tag = "channels",
-    params(("product" = String, Path, description = "Product name")), security(("bearer" = [])),
+    params(ProductPath), security(("bearer" = [])),
     responses((status = 200, body = Vec<Channel>), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn list_channels(
     State(state): State<AppState>,
     _v: ProductReader,
-    Path(product): Path<String>,
+    path: ProductPath,
 ) -> Result<Json<Vec<Channel>>> {
-    let p = crate::api::products::load(&state.db, &product).await?;
+    let p = path.load(&state.db).await?;
     let names = sqlx::query_scalar!(
         "SELECT name FROM channels WHERE product_id = $1 ORDER BY name",
         p.id
@@ -770,30 +804,32 @@ async fn list_channels(
     .await?;
     let mut out = Vec::with_capacity(names.len());
     for n in names {
-        out.push(view_of(&state.db, p.id, &product, &n).await?);
+        out.push(view_of(&state.db, p.id, &p.name, &n).await?);
     }
     Ok(Json(out))
 }
 
 /// One channel with its rollout, gate and device counts.
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}", tag = "channels",
-    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name")),
+    params(ChannelPath),
     security(("bearer" = [])),
     responses((status = 200, body = Channel), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn get_channel(
     State(state): State<AppState>,
     _v: ProductReader,
-    Path((product, channel)): Path<(String, String)>,
+    path: ChannelPath,
 ) -> Result<Json<Channel>> {
-    let p = crate::api::products::load(&state.db, &product).await?;
-    Ok(Json(view_of(&state.db, p.id, &product, &channel).await?))
+    let p = path.load_product(&state.db).await?;
+    Ok(Json(
+        view_of(&state.db, p.id, &path.product, &path.channel).await?,
+    ))
 }
 
 /// Makes a release the channel's head; the old head becomes the base only if it
 /// was fully rolled out (`plan` says which; `dry_run` only says it).
 #[utoipa::path(post, path = "/v1/products/{product}/channels/{channel}/promote", tag = "channels", request_body = PromoteRequest,
-    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name")),
+    params(ChannelPath),
     security(("bearer" = [])),
     responses((status = 200, body = PromoteResponse), (status = 400, body = crate::error::Problem),
               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
@@ -801,15 +837,15 @@ async fn get_channel(
 async fn promote(
     State(state): State<AppState>,
     Publisher(who): Publisher,
-    Path((product, channel)): Path<(String, String)>,
+    path: ChannelPath,
     Json(req): Json<PromoteRequest>,
 ) -> Result<Json<PromoteResponse>> {
-    who.check_product(&product)?;
+    who.check_product(&path.product)?;
     let version = crate::rules::names::parse_version(&req.version)?;
     check_percent(req.percent)?;
-    let p = crate::api::products::load(&state.db, &product).await?;
+    let p = path.load_product(&state.db).await?;
     let mut tx = state.db.begin().await?;
-    let r = crate::api::releases::load(&mut *tx, p.id, &product, &req.version).await?;
+    let r = crate::api::releases::load(&mut *tx, p.id, &p.name, &req.version).await?;
     if r.state == "revoked" {
         return Err(Error::Conflict(format!(
             "release {} is revoked and cannot be promoted",
@@ -825,8 +861,8 @@ async fn promote(
         &mut tx,
         &who,
         p.id,
-        &product,
-        &channel,
+        &p.name,
+        &path.channel,
         release,
         percent,
         req.ramp.as_ref(),
@@ -836,21 +872,21 @@ async fn promote(
     // all; a promote commits first, so the channel's lock is not held while
     // the answer is read.
     let after = if req.dry_run {
-        let after = view(&mut tx, p.id, &product, &channel).await?;
+        let after = view(&mut tx, p.id, &p.name, &path.channel).await?;
         tx.rollback().await?;
         after
     } else {
         tx.commit().await?;
-        state.cache.invalidate(&product);
-        view_of(&state.db, p.id, &product, &channel).await?
+        state.cache.invalidate(&p.name);
+        view_of(&state.db, p.id, &p.name, &path.channel).await?
     };
     let warnings = crate::api::releases::stranded(
         &state.db,
         p.id,
-        &product,
+        &p.name,
         r.id,
         &req.version,
-        Some(&channel),
+        Some(&path.channel),
     )
     .await?;
     Ok(Json(PromoteResponse {
@@ -863,7 +899,7 @@ async fn promote(
 
 /// Changes the rollout: percent, ramp, pause/resume, gate.
 #[utoipa::path(patch, path = "/v1/products/{product}/channels/{channel}/rollout", tag = "channels", request_body = RolloutPatch,
-    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name")),
+    params(ChannelPath),
     security(("bearer" = [])),
     responses((status = 200, body = Channel), (status = 400, body = crate::error::Problem),
               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
@@ -871,7 +907,7 @@ async fn promote(
 async fn patch_rollout(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path((product, channel)): Path<(String, String)>,
+    path: ChannelPath,
     Json(req): Json<RolloutPatch>,
 ) -> Result<Json<Channel>> {
     if req.percent.is_none() && req.ramp.is_none() && req.paused.is_none() && req.gate.is_none() {
@@ -879,9 +915,8 @@ async fn patch_rollout(
             "nothing to change: give percent, ramp, paused or gate".into(),
         ));
     }
-    let p = crate::api::products::load(&state.db, &product).await?;
     let mut tx = state.db.begin().await?;
-    let before = load(&mut tx, p.id, &product, &channel, true).await?;
+    let (p, before) = path.load(&mut tx, true).await?;
     let mut c = before.clone();
     let s = &mut c.state;
     let now = OffsetDateTime::now_utc();
@@ -922,7 +957,7 @@ async fn patch_rollout(
     changed(
         &mut tx,
         &who.actor(),
-        &product,
+        &p.name,
         &before,
         action,
         Some(what.join(", ")),
@@ -930,14 +965,16 @@ async fn patch_rollout(
     )
     .await?;
     tx.commit().await?;
-    state.cache.invalidate(&product);
-    Ok(Json(view_of(&state.db, p.id, &product, &channel).await?))
+    state.cache.invalidate(&p.name);
+    Ok(Json(
+        view_of(&state.db, p.id, &p.name, &path.channel).await?,
+    ))
 }
 
 /// Rolls the channel back: the head becomes the given release (default: the
 /// base) at 100 %, and devices may move down to it.
 #[utoipa::path(post, path = "/v1/products/{product}/channels/{channel}/rollback", tag = "channels", request_body = RollbackRequest,
-    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name")),
+    params(ChannelPath),
     security(("bearer" = [])),
     responses((status = 200, body = Channel), (status = 400, body = crate::error::Problem),
               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
@@ -945,22 +982,22 @@ async fn patch_rollout(
 async fn rollback(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path((product, channel)): Path<(String, String)>,
+    path: ChannelPath,
     Json(req): Json<RollbackRequest>,
 ) -> Result<Json<Channel>> {
-    let p = crate::api::products::load(&state.db, &product).await?;
     let mut tx = state.db.begin().await?;
-    let before = load(&mut tx, p.id, &product, &channel, true).await?;
+    let (p, before) = path.load(&mut tx, true).await?;
     let version = match (&req.version, before.base()) {
         (Some(v), _) => v.clone(),
         (None, Some(b)) => b,
         (None, None) => {
             return Err(Error::Conflict(format!(
-                "channel {channel} has no base to roll back to: name a version"
+                "channel {} has no base to roll back to: name a version",
+                path.channel
             )));
         }
     };
-    let target = crate::api::releases::load(&mut *tx, p.id, &product, &version).await?;
+    let target = crate::api::releases::load(&mut *tx, p.id, &p.name, &version).await?;
     if target.state == "revoked" {
         return Err(Error::Conflict(format!(
             "release {version} is revoked: roll back to another version"
@@ -975,7 +1012,7 @@ async fn rollback(
     changed(
         &mut tx,
         &who.actor(),
-        &product,
+        &p.name,
         &before,
         "rollback",
         Some(reason),
@@ -983,25 +1020,26 @@ async fn rollback(
     )
     .await?;
     tx.commit().await?;
-    state.cache.invalidate(&product);
-    Ok(Json(view_of(&state.db, p.id, &product, &channel).await?))
+    state.cache.invalidate(&p.name);
+    Ok(Json(
+        view_of(&state.db, p.id, &p.name, &path.channel).await?,
+    ))
 }
 
 /// Every change to the channel, newest first.
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/history", tag = "channels",
-    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name"), PageParams),
+    params(ChannelPath, PageParams),
     security(("bearer" = [])),
     responses((status = 200, body = Page<HistoryEntry>), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn history(
     State(state): State<AppState>,
     _v: ProductReader,
-    Path((product, channel)): Path<(String, String)>,
+    path: ChannelPath,
     Query(page): Query<PageParams>,
 ) -> Result<Json<Page<HistoryEntry>>> {
-    let p = crate::api::products::load(&state.db, &product).await?;
     let mut conn = state.db.acquire().await?;
-    let c = load(&mut conn, p.id, &product, &channel, false).await?;
+    let (_, c) = path.load(&mut conn, false).await?;
     let limit = page.limit();
     let rows = sqlx::query_as!(
         HistoryEntry,
@@ -1296,21 +1334,20 @@ pub async fn head_status_of(
 
 /// How many of the channel's devices run its head, and why the others do not.
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/head-status", tag = "channels",
-    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name")),
+    params(ChannelPath),
     security(("bearer" = [])),
     responses((status = 200, body = ChannelHeadStatus), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn channel_head_status(
     State(state): State<AppState>,
     _v: ProductReader,
-    Path((product, channel)): Path<(String, String)>,
+    path: ChannelPath,
 ) -> Result<Json<ChannelHeadStatus>> {
-    let p = crate::api::products::load(&state.db, &product).await?;
     let mut conn = state.db.acquire().await?;
-    let c = load(&mut conn, p.id, &product, &channel, false).await?;
+    let (p, c) = path.load(&mut conn, false).await?;
     let rules = product_rules(&mut conn, p.id).await?;
-    let failed = failures(&mut conn, p.id, &channel, None).await?;
-    let devices = device_facts(&mut conn, p.id, &channel, None).await?;
+    let failed = failures(&mut conn, p.id, &path.channel, None).await?;
+    let devices = device_facts(&mut conn, p.id, &path.channel, None).await?;
     let now = OffsetDateTime::now_utc();
     let mut by_reason: std::collections::BTreeMap<rollout::HeadReason, ReasonCount> =
         Default::default();

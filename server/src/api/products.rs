@@ -3,12 +3,12 @@
 
 use crate::api::auth::{Admin, Viewer, hash_secret, random_secret};
 use crate::app::AppState;
-use crate::error::{Error, Json, Path, Result, on_constraint};
+use crate::error::{Error, Json, Result, on_constraint};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
@@ -50,6 +50,24 @@ pub struct ProductRow {
     pub name: String,
     /// Its OCI repository.
     pub repository: String,
+}
+
+/// `{product}` in a route, as crates.io's `CratePath`: the name, and
+/// [`ProductPath::load`] for the row (404 when there is none). A bad path is
+/// a problem+json 400 like every other rejection.
+#[derive(Debug, Deserialize, IntoParams, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(Error))]
+#[into_params(parameter_in = Path)]
+pub struct ProductPath {
+    /// Product name
+    pub product: String,
+}
+
+impl ProductPath {
+    /// The product, or 404.
+    pub async fn load<'e>(&self, db: impl sqlx::PgExecutor<'e>) -> Result<ProductRow> {
+        load(db, &self.product).await
+    }
 }
 
 /// Loads a product by name, or 404.
@@ -163,13 +181,13 @@ async fn list_products(State(state): State<AppState>, _v: Viewer) -> Result<Json
 
 /// One product.
 #[utoipa::path(get, path = "/v1/products/{product}", tag = "products", security(("bearer" = [])),
-    params(("product" = String, Path, description = "Product name")),
+    params(ProductPath),
     responses((status = 200, body = Product), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn get_product(
     State(state): State<AppState>,
     _v: Viewer,
-    Path(product): Path<String>,
+    ProductPath { product }: ProductPath,
 ) -> Result<Json<Product>> {
     let r = sqlx::query!(
         "SELECT name, repository, description, created_at FROM products WHERE name = $1",
@@ -189,13 +207,13 @@ async fn get_product(
 
 /// Replaces the enrollment secret; enrolled devices keep their tokens.
 #[utoipa::path(post, path = "/v1/products/{product}/enrollment-secret", tag = "products", security(("bearer" = [])),
-    params(("product" = String, Path, description = "Product name")),
+    params(ProductPath),
     responses((status = 200, body = Product), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn rotate_secret(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path(product): Path<String>,
+    ProductPath { product }: ProductPath,
 ) -> Result<Json<Product>> {
     let secret = random_secret(24);
     let mut tx = state.db.begin().await?;

@@ -2,8 +2,9 @@
 //! registry, sign every platform digest, store), listing, and revoking.
 
 use crate::api::auth::{Admin, Principal, ProductReader, Publisher};
+use crate::api::products::ProductPath;
 use crate::app::AppState;
-use crate::error::{Error, Json, Path, Query, Result};
+use crate::error::{Error, Json, Query, Result};
 use crate::infra::registry::{PlatformImage, parse_reference};
 use crate::infra::signing::{SignedDigest, sign_digest};
 use crate::paging::{Page, PageParams};
@@ -12,7 +13,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json as SqlJson;
 use time::OffsetDateTime;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
@@ -180,6 +181,18 @@ pub struct ReleaseRow {
     pub state: String,
 }
 
+/// `{product}/releases/{version}` in a route: the names, and
+/// [`ReleasePath::load`] for the product and the release (404 for either).
+#[derive(Debug, Deserialize, IntoParams, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(Error))]
+#[into_params(parameter_in = Path)]
+pub struct ReleasePath {
+    /// Product name
+    pub product: String,
+    /// Release version
+    pub version: String,
+}
+
 /// Loads a release by product id and version, or 404.
 pub async fn load<'e>(
     db: impl sqlx::PgExecutor<'e>,
@@ -273,7 +286,7 @@ async fn fetch_one(db: &sqlx::PgPool, product: &str, version: &str) -> Result<Re
 /// and optionally promotes it. Publishing the same version and digest again
 /// answers 200 with the existing release.
 #[utoipa::path(post, path = "/v1/products/{product}/releases", tag = "releases", request_body = NewRelease,
-    params(("product" = String, Path, description = "Product name")), security(("bearer" = [])),
+    params(ProductPath), security(("bearer" = [])),
     responses((status = 201, body = Published), (status = 200, description = "Already published with this digest", body = Published),
               (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem),
@@ -282,7 +295,7 @@ async fn fetch_one(db: &sqlx::PgPool, product: &str, version: &str) -> Result<Re
 async fn publish(
     State(state): State<AppState>,
     Publisher(who): Publisher,
-    Path(product): Path<String>,
+    ProductPath { product }: ProductPath,
     Json(req): Json<NewRelease>,
 ) -> Result<(StatusCode, Json<Published>)> {
     let (status, release) = publish_release(&state, &who, &product, &req).await?;
@@ -472,16 +485,16 @@ fn conflict(version: &str, have: &str, got: &str) -> Error {
 
 /// Releases of a product, newest first.
 #[utoipa::path(get, path = "/v1/products/{product}/releases", tag = "releases",
-    params(("product" = String, Path, description = "Product name"), PageParams), security(("bearer" = [])),
+    params(ProductPath, PageParams), security(("bearer" = [])),
     responses((status = 200, body = Page<Release>), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn list_releases(
     State(state): State<AppState>,
     _v: ProductReader,
-    Path(product): Path<String>,
+    path: ProductPath,
     Query(page): Query<PageParams>,
 ) -> Result<Json<Page<Release>>> {
-    crate::api::products::load(&state.db, &product).await?;
+    let product = path.load(&state.db).await?.name;
     let limit = page.limit();
     let offset = page.cursor_i64()?.unwrap_or(0).max(0);
     let rows = fetch(&state.db, &product, None, limit + 1, offset).await?;
@@ -494,28 +507,28 @@ async fn list_releases(
 
 /// One release.
 #[utoipa::path(get, path = "/v1/products/{product}/releases/{version}", tag = "releases",
-    params(("product" = String, Path, description = "Product name"), ("version" = String, Path, description = "Release version")),
+    params(ReleasePath),
     security(("bearer" = [])),
     responses((status = 200, body = Release), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn get_release(
     State(state): State<AppState>,
     _v: ProductReader,
-    Path((product, version)): Path<(String, String)>,
+    ReleasePath { product, version }: ReleasePath,
 ) -> Result<Json<Release>> {
     Ok(Json(fetch_one(&state.db, &product, &version).await?))
 }
 
 /// Revokes a release: it is never offered again; channels whose head it is fall back to their base.
 #[utoipa::path(post, path = "/v1/products/{product}/releases/{version}/revoke", tag = "releases",
-    params(("product" = String, Path, description = "Product name"), ("version" = String, Path, description = "Release version")),
+    params(ReleasePath),
     security(("bearer" = [])),
     responses((status = 200, body = Release), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn revoke(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path((product, version)): Path<(String, String)>,
+    ReleasePath { product, version }: ReleasePath,
 ) -> Result<Json<Release>> {
     revoke_release(&state, &who, &product, &version).await?;
     Ok(Json(fetch_one(&state.db, &product, &version).await?))

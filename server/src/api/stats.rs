@@ -3,8 +3,9 @@
 //! reported.
 
 use crate::api::auth::ProductReader;
+use crate::api::channels::ChannelPath;
 use crate::app::AppState;
-use crate::error::{Error, Json, Path, Query, Result};
+use crate::error::{Error, Json, Query, Result};
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use sluice_protocol::EventKind;
@@ -108,8 +109,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// version at a moment is the version of its last `healthy` report by then
 /// (or the version it enrolled with, if it never reported healthy).
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/stats", tag = "channels",
-    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name"),
-           StatsParams),
+    params(ChannelPath, StatsParams),
     security(("bearer" = [])),
     responses((status = 200, body = ChannelStats), (status = 400, body = crate::error::Problem),
               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
@@ -117,7 +117,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn channel_stats(
     State(state): State<AppState>,
     _v: ProductReader,
-    Path((product, channel)): Path<(String, String)>,
+    path: ChannelPath,
     Query(q): Query<StatsParams>,
 ) -> Result<Json<ChannelStats>> {
     let until = q.until.unwrap_or_else(OffsetDateTime::now_utc);
@@ -132,9 +132,8 @@ async fn channel_stats(
         (span / DEFAULT_POINTS + i64::from(span % DEFAULT_POINTS != 0)).clamp(1, MAX_BUCKET_S)
     });
     let ends = bucket_ends(since, until, bucket_s)?;
-    let p = crate::api::products::load(&state.db, &product).await?;
     let mut conn = state.db.acquire().await?;
-    let c = crate::api::channels::load(&mut conn, p.id, &product, &channel, false).await?;
+    let (p, c) = path.load(&mut conn, false).await?;
     let points = sqlx::query_as!(
         StatsPoint,
         r#"SELECT t.at AS "at!",
@@ -154,7 +153,7 @@ async fn channel_stats(
                               ORDER BY e.id DESC LIMIT 1) o ON true
            GROUP BY t.at ORDER BY t.at"#,
         p.id,
-        channel,
+        path.channel,
         c.head(),
         &ends,
         &EventKind::names(&EventKind::OUTCOMES) as &[&str],

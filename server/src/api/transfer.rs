@@ -16,8 +16,9 @@
 //! of the head is fetched.
 
 use crate::api::auth::ProductReader;
+use crate::api::channels::ChannelPath;
 use crate::app::AppState;
-use crate::error::{Error, Json, Path, Result};
+use crate::error::{Error, Json, Result};
 use crate::infra::registry::{PlatformImage, best_fit};
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
@@ -206,21 +207,20 @@ async fn estimate(
 /// notes for what it leaves out). Reads the tables from the registry the
 /// first time.
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/transfer", tag = "channels",
-    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name")),
+    params(ChannelPath),
     security(("bearer" = [])),
     responses((status = 200, body = ChannelTransfer), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
 async fn channel_transfer(
     State(state): State<AppState>,
     _v: ProductReader,
-    Path((product, channel)): Path<(String, String)>,
+    path: ChannelPath,
 ) -> Result<Json<ChannelTransfer>> {
-    let p = crate::api::products::load(&state.db, &product).await?;
     let mut conn = state.db.acquire().await?;
-    let c = crate::api::channels::load(&mut conn, p.id, &product, &channel, false).await?;
+    let (p, c) = path.load(&mut conn, false).await?;
     drop(conn);
     let release = |v: Option<String>| {
-        let (db, product) = (&state.db, &product);
+        let (db, product) = (&state.db, &p.name);
         async move {
             match v {
                 None => Ok::<_, Error>(None),

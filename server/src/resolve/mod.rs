@@ -3,8 +3,9 @@
 //! are batched and written behind. Every answer is signed.
 
 use crate::api::auth::DeviceAuth;
+use crate::api::channels::ChannelPath;
 use crate::app::AppState;
-use crate::error::{Error, Path, Query, Result};
+use crate::error::{Error, Query, Result};
 use crate::rules::rollout;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
@@ -49,7 +50,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Which image the device should run: a signed decision.
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/resolve", tag = "channels",
-    params(("product" = String, Path, description = "Product name"), ("channel" = String, Path, description = "Channel name"), ResolveQuery),
+    params(ChannelPath, ResolveQuery),
     security(("bearer" = [])),
     responses((status = 200, body = ResolveResponse, description = "Signed: the `Sluice-Signature` header holds `keyid=<id>; sig=<base64 Ed25519>; batch=<index>/<size>; path=<base64 SHA-256 hashes>`: one signature over a batch of answers (over `sluice-resolve-batch-v1\\0`, the size as 8 bytes big endian and the RFC 9162 Merkle root of the answers' exact bodies), with this body's place and inclusion path. Without `batch` and `path`, the signature is over the body itself.",
                headers(("Sluice-Signature" = String, description = "keyid, signature, and this body's place and inclusion path in the signed batch"))),
@@ -58,7 +59,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn resolve(
     State(state): State<AppState>,
     device: DeviceAuth,
-    Path((product, channel)): Path<(String, String)>,
+    ChannelPath { product, channel }: ChannelPath,
     Query(q): Query<ResolveQuery>,
 ) -> Result<Response> {
     if device.product != product {
