@@ -228,41 +228,44 @@ impl TestApp {
         self.call(Method::POST, path, Some(token), Some(body)).await
     }
 
+    /// POSTs JSON as the admin and asserts the answer's status; answers its body.
+    pub async fn post_ok(&self, path: &str, body: Value, want: StatusCode) -> Value {
+        let (s, b) = self.post(path, &self.admin, body).await;
+        assert_eq!(s, want, "POST {path}: {b}");
+        b
+    }
+
     /// Makes a product in `repository`; answers its enrollment secret.
     pub async fn product(&self, name: &str, repository: &str) -> String {
-        let (s, b) = self
-            .post(
+        let b = self
+            .post_ok(
                 "/v1/products",
-                &self.admin,
                 json!({"name": name, "repository": repository}),
+                StatusCode::CREATED,
             )
             .await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
         b["enrollment_secret"].as_str().unwrap().to_string()
     }
 
     /// Makes a channel.
     pub async fn channel(&self, product: &str, name: &str) {
-        let (s, b) = self
-            .post(
-                &format!("/v1/products/{product}/channels"),
-                &self.admin,
-                json!({"name": name}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
+        self.post_ok(
+            &format!("/v1/products/{product}/channels"),
+            json!({"name": name}),
+            StatusCode::CREATED,
+        )
+        .await;
     }
 
     /// A publisher token for `products`.
     pub async fn publisher(&self, products: &[&str]) -> String {
-        let (s, b) = self
-            .post(
+        let b = self
+            .post_ok(
                 "/v1/tokens",
-                &self.admin,
                 json!({"name": "ci", "role": "publisher", "products": products}),
+                StatusCode::CREATED,
             )
             .await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
         b["token"].as_str().unwrap().to_string()
     }
 

@@ -177,14 +177,13 @@ async fn bad_tokens_are_refused(pool: PgPool) {
 
     // A revoked API token stops working at once.
     app.product("acme-os", "registry.example.com/acme/os").await;
-    let (s, b) = app
-        .post(
+    let b = app
+        .post_ok(
             "/v1/tokens",
-            &app.admin,
             json!({"name": "ci", "role": "viewer"}),
+            StatusCode::CREATED,
         )
         .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
     let (id, token) = (
         b["id"].as_str().unwrap().to_string(),
         b["token"].as_str().unwrap().to_string(),
@@ -548,14 +547,13 @@ async fn unknown_routes(pool: PgPool) {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     let (s, b) = app.get("/v1/devices?q=a%00b", &app.admin).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
-    let (s, b) = app
-        .post(
+    let b = app
+        .post_ok(
             "/v1/products",
-            &app.admin,
             json!({"name": "nul", "repository": "r.example/nul", "description": "a\u{0}b"}),
+            StatusCode::BAD_REQUEST,
         )
         .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     assert!(
         b["detail"]
             .as_str()

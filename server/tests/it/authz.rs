@@ -65,14 +65,12 @@ async fn every_route_for_every_role(pool: PgPool) {
     app.channel("acme", "stable").await;
     app.channel("other", "stable").await;
     for v in ["1.0.0", "0.9.0"] {
-        let (s, b) = app
-            .post(
-                "/v1/products/acme/releases",
-                &app.admin,
-                json!({"version": v, "image": format!("{repo}:base")}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
+        app.post_ok(
+            "/v1/products/acme/releases",
+            json!({"version": v, "image": format!("{repo}:base")}),
+            StatusCode::CREATED,
+        )
+        .await;
     }
     let (device_id, device) = app.enroll("acme", &secret, "m-1", "stable").await;
     let (_, device_other) = app.enroll("other", &other_secret, "m-1", "stable").await;

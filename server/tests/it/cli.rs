@@ -702,14 +702,12 @@ async fn promote_defaults_to_ten_percent(pool: PgPool) {
     images::push_image(&reg, &repo_path, "1.0.0").await;
     app.product("acme", &format!("{reg}/{repo_path}")).await;
     app.channel("acme", "stable").await;
-    let (s, b) = app
-        .post(
-            "/v1/products/acme/releases",
-            &app.admin,
-            json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:1.0.0")}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
+    app.post_ok(
+        "/v1/products/acme/releases",
+        json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:1.0.0")}),
+        StatusCode::CREATED,
+    )
+    .await;
     let promote = |body: Value| {
         app.post(
             "/v1/products/acme/channels/stable/promote",

@@ -433,14 +433,13 @@ async fn cosign_verifies_our_signatures_across_rotation(pool: PgPool) {
     images::push_image(&reg, &repo_path, "2.0.0").await;
     app.product("acme", &repo).await;
 
-    let (s, b) = app
-        .post(
+    let b = app
+        .post_ok(
             "/v1/products/acme/releases",
-            &app.admin,
             json!({"version": "1.0.0", "image": format!("{repo}:1.0.0")}),
+            StatusCode::CREATED,
         )
         .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
     assert_eq!(b["platforms"].as_array().unwrap().len(), 2);
     assert!(
         b["platforms"]
@@ -477,14 +476,12 @@ async fn cosign_verifies_our_signatures_across_rotation(pool: PgPool) {
         .post("/v1/keys/image/activate", &app.admin, json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    let (s, b) = app
-        .post(
-            "/v1/products/acme/releases",
-            &app.admin,
-            json!({"version": "2.0.0", "image": format!("{repo}:2.0.0")}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
+    app.post_ok(
+        "/v1/products/acme/releases",
+        json!({"version": "2.0.0", "image": format!("{repo}:2.0.0")}),
+        StatusCode::CREATED,
+    )
+    .await;
     let (_, keys) = app.call(Method::GET, "/v1/keys", None, None).await;
     let both = image_keys(&keys);
     assert_eq!(both.len(), 2, "the old key stays trusted");
@@ -512,22 +509,19 @@ async fn publish_with_the_registry_down(pool: PgPool) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let (s, b) = app
-        .post(
-            "/v1/products",
-            &app.admin,
-            json!({"name": "down", "repository": format!("{dead}/acme/os")}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
-    let (s, b) = app
-        .post(
+    app.post_ok(
+        "/v1/products",
+        json!({"name": "down", "repository": format!("{dead}/acme/os")}),
+        StatusCode::CREATED,
+    )
+    .await;
+    let b = app
+        .post_ok(
             "/v1/products/down/releases",
-            &app.admin,
             json!({"version": "1.0.0", "image": format!("{dead}/acme/os:1.0.0")}),
+            StatusCode::SERVICE_UNAVAILABLE,
         )
         .await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
     assert!(b["detail"].as_str().unwrap().contains("unreachable"), "{b}");
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM releases")
         .fetch_one(&app.state.db)
@@ -539,14 +533,13 @@ async fn publish_with_the_registry_down(pool: PgPool) {
     let reg = registry();
     let repo_path = images::unique_repo("missing");
     app.product("acme", &format!("{reg}/{repo_path}")).await;
-    let (s, b) = app
-        .post(
+    let b = app
+        .post_ok(
             "/v1/products/acme/releases",
-            &app.admin,
             json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:nope")}),
+            StatusCode::UNPROCESSABLE_ENTITY,
         )
         .await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
     assert!(
         b["detail"]
             .as_str()
@@ -670,22 +663,18 @@ async fn a_device_naming_a_variant_gets_that_platform(pool: PgPool) {
     let (_, pushed) = images::push_index(&reg, &repo_path, "1.0.0", &["amd64", "arm64"]).await;
     let secret = app.product("acme", &repo).await;
     app.channel("acme", "stable").await;
-    let (s, b) = app
-        .post(
-            "/v1/products/acme/releases",
-            &app.admin,
-            json!({"version": "1.0.0", "image": format!("{repo}:1.0.0")}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
-    let (s, b) = app
-        .post(
-            "/v1/products/acme/channels/stable/promote",
-            &app.admin,
-            json!({"version": "1.0.0", "percent": 100}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
+    app.post_ok(
+        "/v1/products/acme/releases",
+        json!({"version": "1.0.0", "image": format!("{repo}:1.0.0")}),
+        StatusCode::CREATED,
+    )
+    .await;
+    app.post_ok(
+        "/v1/products/acme/channels/stable/promote",
+        json!({"version": "1.0.0", "percent": 100}),
+        StatusCode::OK,
+    )
+    .await;
     let (_, token) = app.enroll("acme", &secret, "board-1", "stable").await;
     let digest_of = |arch: &str| {
         pushed

@@ -438,7 +438,10 @@ async fn database_outage_is_503_and_heals_by_itself() {
 
 /// SIGKILL in the middle of publishes and promotes: after a restart, every
 /// acknowledged publish is there, and no release, channel change or audit row
-/// is half-written.
+/// is half-written. The promotes go over unfinished rollouts (50 %), so by
+/// the promote rule the base stays the one release the channel had fully
+/// rolled out, whichever promote a kill cut short, and the channel stands as
+/// its last history entry says.
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn sigkill_leaves_nothing_half_written(pool: PgPool) {
     let db_name: String = sqlx::query_scalar("SELECT current_database()")
@@ -460,6 +463,17 @@ async fn sigkill_leaves_nothing_half_written(pool: PgPool) {
         let admin = s.login().await;
         if round == 0 {
             setup_product(&s, &admin, &format!("{reg}/{repo_path}")).await;
+            let (st, b) = s
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/products/acme/releases",
+                    Some(&admin),
+                    Some(json!({"version": "1.0.0", "image": image,
+                                "channels": [{"name": "stable", "percent": 100}]})),
+                )
+                .await;
+            assert_eq!(st, StatusCode::CREATED, "{b}");
+            acknowledged.push("1.0.0".into());
         }
         // Publishes and promotes in flight when the kill comes.
         let mut tasks = tokio::task::JoinSet::new();
@@ -555,6 +569,31 @@ async fn sigkill_leaves_nothing_half_written(pool: PgPool) {
         history as usize,
         versions.len(),
         "each stored release was promoted exactly once"
+    );
+    let (head, base, percent, last): (Option<String>, Option<String>, f64, serde_json::Value) =
+        sqlx::query_as(
+            "SELECT h.version, b.version, c.percent,
+                    (SELECT after FROM channel_history WHERE channel_id = c.id ORDER BY id DESC LIMIT 1)
+             FROM channels c LEFT JOIN releases h ON h.id = c.head_release_id
+                             LEFT JOIN releases b ON b.id = c.base_release_id
+             WHERE c.name = 'stable'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        base.as_deref(),
+        Some("1.0.0"),
+        "promotes over an unfinished rollout keep the fully rolled-out base (head {head:?})"
+    );
+    assert_eq!(
+        (
+            last["head"].as_str(),
+            last["base"].as_str(),
+            last["percent"].as_f64()
+        ),
+        (head.as_deref(), base.as_deref(), Some(percent)),
+        "the channel stands as its last history entry says"
     );
 }
 

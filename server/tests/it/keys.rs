@@ -162,14 +162,13 @@ async fn refusals_say_what_to_do_and_change_nothing(pool: PgPool) {
         .find(|k| k["role"] == "image" && k["state"] == "current")
         .unwrap()["key_id"]
         .clone();
-    let (s, b) = app
-        .post(
+    let b = app
+        .post_ok(
             "/v1/keys/image/revoke",
-            &app.admin,
             json!({"key_id": current}),
+            StatusCode::CONFLICT,
         )
         .await;
-    assert_eq!(s, StatusCode::CONFLICT, "{b}");
     assert!(
         b["detail"]
             .as_str()
@@ -264,14 +263,13 @@ async fn activation_waits_for_the_devices(pool: PgPool) {
         "{b}"
     );
     unchanged(&app, 2).await;
-    let (s, b) = app
-        .post(
+    let b = app
+        .post_ok(
             "/v1/keys/response/activate",
-            &app.admin,
             json!({"min_percent": 75}),
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["state"], "current");
     assert_eq!(b["list_version"], 3);
 }
@@ -308,14 +306,12 @@ async fn an_unlisted_key_file_is_listed_as_next_at_start(pool: PgPool) {
     );
 
     // Revoked, then its file put back (a backup restored): it stays out.
-    let (s, b) = app
-        .post(
-            "/v1/keys/response/revoke",
-            &app.admin,
-            json!({"key_id": made.key_id}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
+    app.post_ok(
+        "/v1/keys/response/revoke",
+        json!({"key_id": made.key_id}),
+        StatusCode::OK,
+    )
+    .await;
     app.stop().await;
     let role_dir = config.data_dir.join("keys/response");
     std::fs::copy(
@@ -347,15 +343,13 @@ async fn revoking_an_image_key_signs_its_releases_again(pool: PgPool) {
     images::push_index(&reg, &repo_path, "1.0.0", &["amd64", "arm64"]).await;
     let secret = app.product("acme", &repo).await;
     app.channel("acme", "stable").await;
-    let (s, b) = app
-        .post(
-            "/v1/products/acme/releases",
-            &app.admin,
-            json!({"version": "1.0.0", "image": format!("{repo}:1.0.0"),
+    app.post_ok(
+        "/v1/products/acme/releases",
+        json!({"version": "1.0.0", "image": format!("{repo}:1.0.0"),
                    "channels": [{"name": "stable", "percent": 100}]}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
+        StatusCode::CREATED,
+    )
+    .await;
     let old = app.state.keys.image_key().public.key_id.clone();
     for path in ["/v1/keys/image/rotate", "/v1/keys/image/activate"] {
         let (s, b) = app.post(path, &app.admin, json!({})).await;
