@@ -370,7 +370,7 @@ impl AbState {
 /// the first slot in `ORDER` that is OK (the slot on trial only while its try
 /// is unspent); for the slot on trial set its `TRY=1` and save before
 /// booting it; a known-good slot boots without a write. `None` is GRUB
-/// finding no bootable slot (it halts). `agent/tests/grubenv.rs` checks this
+/// finding no bootable slot (it halts). `agent/tests/it/grubenv.rs` checks this
 /// against the shipped snippet run by GRUB itself (`grub-emu`).
 pub fn boot(grubenv: &Path) -> anyhow::Result<Option<Slot>> {
     let mut env = GrubEnv::load(grubenv)?;

@@ -1,4 +1,4 @@
-//! Crash injection for the model test (`agent/tests/model.rs`): with the
+//! Crash injection for the model test (`agent/tests/it/model.rs`): with the
 //! `failpoints` feature, a test arms a countdown on its own thread and the
 //! agent "crashes" (panics with [`Crash`]) at the Nth durable write, slot
 //! write or command it reaches there. Without the feature [`hit`] is empty.

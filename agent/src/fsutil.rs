@@ -69,7 +69,7 @@ impl Staged {
         // renamed file's directory entry is written with the file's inode,
         // not with the directory: without this sync a power cut after the
         // rename can leave the old entry pointing at clusters the rename
-        // already freed (seen under QEMU, tests/tests/vm.rs). Elsewhere it
+        // already freed (seen under QEMU, tests/tests/it/vm.rs). Elsewhere it
         // costs one cheap fsync.
         OpenOptions::new()
             .read(true)

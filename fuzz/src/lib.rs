@@ -1,6 +1,6 @@
 //! The checks the fuzz targets run, one function per target. Each takes the
 //! fuzzer's bytes, feeds them to the agent's code and panics when a property
-//! breaks. `agent/tests/fuzz_corpus.rs` includes this file and replays the
+//! breaks. `agent/tests/it/fuzz_corpus.rs` includes this file and replays the
 //! committed corpus and regressions through the same functions on stable.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

@@ -5,7 +5,6 @@
 #![warn(missing_docs)]
 #![forbid(unused_must_use)]
 
-use sluice_agent::bootloader::{AbState, GrubEnv, Slot};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -91,130 +90,12 @@ fn build_agent(release: bool) -> PathBuf {
         .expect("cargo reported no sluice-agent executable")
 }
 
-/// What a slot is on the simulated device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotKind {
-    /// Two directories, `a/` and `b/`.
-    Dir,
-    /// Two regular files standing in for partitions, `a.part` and `b.part`.
-    Block,
-}
-
-/// The device's health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// Always passes.
-    Passes,
-    /// Passes only when slot A is booted: the new image is "broken".
-    OnlyInSlotA,
-}
-
-/// How to build a [`Device`].
-#[derive(Debug, Clone)]
-pub struct DeviceOpts {
-    /// The server's base URL.
-    pub server: String,
-    /// Product name.
-    pub product: String,
-    /// Channel name.
-    pub channel: String,
-    /// The product's enrollment secret.
-    pub enrollment_secret: String,
-    /// The body of `GET /v1/keys`: the keys the device trusts.
-    pub keys: serde_json::Value,
-    /// `host:port` of the plain-HTTP registry.
-    pub registry: String,
-    /// Slot kind.
-    pub kind: SlotKind,
-    /// Health check.
-    pub health: Health,
-}
-
-/// Size of each stand-in partition of a [`SlotKind::Block`] device.
-pub const PARTITION_BYTES: u64 = 64 << 20;
-
-/// A simulated device in a temporary folder: two slots, a grubenv, a file
-/// standing in for `/proc/cmdline` (it starts booted from slot A, which holds
-/// a factory image the server knows nothing about), and a reboot command that
-/// records each reboot in a file.
-pub struct Device {
-    dir: tempfile::TempDir,
-    /// The agent's configuration file.
-    pub config: PathBuf,
-    /// The machine id it enrolls with.
-    pub machine_id: String,
-}
+#[path = "../../agent/tests/it/common/device.rs"]
+mod device;
+pub use device::{Device, DeviceOpts, Health, PARTITION_BYTES};
+pub use sluice_agent::config::SlotKind;
 
 impl Device {
-    /// Changes the device's `agent.toml` through the agent's own type.
-    pub fn edit_config(&self, change: impl FnOnce(&mut sluice_agent::config::Config)) {
-        let mut cfg = sluice_agent::config::Config::load(&self.config).unwrap();
-        change(&mut cfg);
-        cfg.write(&self.config).unwrap();
-    }
-
-    /// Builds the device and writes its `agent.toml`.
-    pub fn new(o: &DeviceOpts) -> Device {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        let (a, b) = match o.kind {
-            SlotKind::Dir => {
-                std::fs::create_dir_all(p.join("a")).unwrap();
-                std::fs::create_dir_all(p.join("b")).unwrap();
-                std::fs::write(p.join("a/factory"), b"factory image").unwrap();
-                (p.join("a"), p.join("b"))
-            }
-            SlotKind::Block => {
-                for part in ["a.part", "b.part"] {
-                    std::fs::File::create(p.join(part))
-                        .unwrap()
-                        .set_len(PARTITION_BYTES)
-                        .unwrap();
-                }
-                (p.join("a.part"), p.join("b.part"))
-            }
-        };
-        std::fs::write(p.join("cmdline"), "root=/dev/vda2 sluice.slot=A quiet\n").unwrap();
-        std::fs::write(p.join("keys.json"), o.keys.to_string()).unwrap();
-        std::fs::write(p.join("boot_id"), format!("{}\n", rand_hex())).unwrap();
-        let machine_id = format!("machine-{}", rand_hex());
-        let mut cfg = sluice_agent::config::Config::in_folder(p, &o.server, &o.product, &o.channel);
-        cfg.enrollment_secret = Some(o.enrollment_secret.clone());
-        cfg.machine_id = Some(machine_id.clone());
-        cfg.slots.kind = match o.kind {
-            SlotKind::Dir => sluice_agent::config::SlotKind::Dir,
-            SlotKind::Block => sluice_agent::config::SlotKind::Block,
-        };
-        (cfg.slots.a, cfg.slots.b) = (a, b);
-        cfg.boot.reboot = vec![
-            "sh".into(),
-            "-c".into(),
-            "echo reboot >> \"$0\"".into(),
-            p.join("reboots").display().to_string(),
-        ];
-        if o.health == Health::OnlyInSlotA {
-            cfg.boot.health_checks = vec![vec![
-                "grep".into(),
-                "-q".into(),
-                "sluice.slot=A".into(),
-                p.join("cmdline").display().to_string(),
-            ]];
-        }
-        cfg.registry.insecure = vec![o.registry.clone()];
-        let config = p.join("agent.toml");
-        cfg.write(&config).unwrap();
-        Device {
-            dir,
-            config,
-            machine_id,
-        }
-    }
-
-    /// A path inside the device's folder.
-    pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
     /// `sluice-agent --config <this device> args...`, not yet started. Async,
     /// so a server in the test's own runtime keeps serving meanwhile.
     pub fn command(&self, args: &[&str]) -> tokio::process::Command {
@@ -228,42 +109,9 @@ impl Device {
     pub async fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().await.unwrap()
     }
-
-    /// How many times the reboot command ran.
-    pub fn reboots(&self) -> usize {
-        std::fs::read_to_string(self.path("reboots"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    }
-
-    /// The A/B variables in the grubenv.
-    pub fn ab(&self) -> AbState {
-        AbState::from_env(&GrubEnv::load(&self.path("grubenv")).unwrap())
-    }
-
-    /// Plays GRUB by the shipped snippet's rules and "boots" the slot it picks.
-    pub fn reboot(&self) -> Slot {
-        let s = sluice_agent::bootloader::boot(&self.path("grubenv"))
-            .unwrap()
-            .expect("GRUB found a bootable slot");
-        std::fs::write(
-            self.path("cmdline"),
-            format!("root=/dev/vda sluice.slot={s}\n"),
-        )
-        .unwrap();
-        // A new boot: the kernel's boot id changes.
-        std::fs::write(self.path("boot_id"), format!("{}\n", rand_hex())).unwrap();
-        s
-    }
 }
 
-fn rand_hex() -> String {
-    let mut b = [0u8; 6];
-    rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).unwrap();
-    hex::encode(b)
-}
-
-#[path = "../../agent/tests/common/shared.rs"]
+#[path = "../../agent/tests/it/common/shared.rs"]
 mod shared;
 use shared::tar_entry;
 pub use shared::{Entry, checked, ok, refused, tree};

@@ -2,7 +2,7 @@
 //! `fuzz/regressions/<target>/`) through the very checks the fuzz targets run
 //! (`fuzz/src/lib.rs`, included here), so CI keeps them passing on stable.
 
-#[path = "../../fuzz/src/lib.rs"]
+#[path = "../../../fuzz/src/lib.rs"]
 mod checks;
 
 use std::path::{Path, PathBuf};

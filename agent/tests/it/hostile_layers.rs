@@ -10,7 +10,7 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 use common::tree;
 
 /// A tar built by hand, so names the `tar` builder would refuse can be written.

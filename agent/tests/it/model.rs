@@ -24,7 +24,7 @@
 //! run first, and a failing seed is added there, with the shrunk trace
 //! printed.
 
-mod common;
+use crate::common;
 
 use common::{Keys, Layer, Request, Responder, Response};
 use rand::rngs::StdRng;

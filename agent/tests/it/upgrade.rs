@@ -3,10 +3,10 @@
 //! rollback, the attack cases, and upgrades killed at random moments.
 //! The server is played by the small responder in `common` (signing with
 //! the protocol crate) because the attack answers are ones the real server
-//! never produces; `common::TestDevice` takes any server URL, so the same
+//! never produces; `common::Device` takes any server URL, so the same
 //! flow runs against the real server once it can publish.
 
-mod common;
+use crate::common;
 
 use common::*;
 use sluice_agent::bootloader::{AbState, GrubEnv, Slot};
@@ -127,17 +127,15 @@ fn fake() -> Arc<Fake> {
     })
 }
 
-fn device(f: &Fake, r: &Responder, healthy: bool, kind: &str) -> TestDevice {
-    TestDevice::new(DeviceOpts {
-        server: &r.url,
-        product: PRODUCT,
-        channel: "stable",
-        enrollment_secret: "secret",
-        keys: &f.keys.key_set(),
-        insecure: vec![r.host.clone()],
+fn device(f: &Fake, r: &Responder, healthy: bool, kind: &str) -> Device {
+    common::device(
+        &r.url,
+        PRODUCT,
+        &f.keys.key_set(),
+        vec![r.host.clone()],
         healthy,
         kind,
-    })
+    )
 }
 
 fn offer(f: &Fake, p: &Pushed, version: &str) -> Offer {
@@ -261,10 +259,6 @@ fn umoci_tree(p: &Pushed) -> std::collections::BTreeMap<std::path::PathBuf, comm
     common::umoci_tree(&p.image)
 }
 
-fn ab(dev: &TestDevice) -> AbState {
-    AbState::from_env(&GrubEnv::load(&dev.path("grubenv")).unwrap())
-}
-
 /// enroll → update offered → pulled, verified, written to slot B (equal to
 /// umoci's unpack of the same image) → grubenv boots B → reboot (GRUB played
 /// by the snippet's rules) → healthy → marked good.
@@ -295,12 +289,12 @@ fn upgrade_into_dir_slot_then_healthy() {
         std::fs::read(dev.path("a/factory")).unwrap(),
         b"factory image"
     );
-    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(dev.ab().next_boot(), Some(Slot::B));
 
     assert_eq!(dev.reboot(), Slot::B);
     ok(&dev.run(&["mark-good"]));
     assert_eq!(r.events().last().unwrap(), "healthy");
-    let ab = ab(&dev);
+    let ab = dev.ab();
     assert!(ab.is_ok(Slot::B) && !ab.is_tried(Slot::B));
     assert_eq!(ab.next_boot(), Some(Slot::B));
     let status: serde_json::Value =
@@ -386,13 +380,13 @@ fn failing_health_check_rolls_back() {
         "{:?}",
         r.events()
     );
-    assert!(!ab(&dev).is_ok(Slot::B));
-    assert_eq!(ab(&dev).next_boot(), Some(Slot::A));
+    assert!(!dev.ab().is_ok(Slot::B));
+    assert_eq!(dev.ab().next_boot(), Some(Slot::A));
 }
 
 /// Nothing was made bootable: GRUB still boots A and B is not OK.
-fn assert_not_switched(dev: &TestDevice) {
-    let ab = ab(dev);
+fn assert_not_switched(dev: &Device) {
+    let ab = dev.ab();
     assert_eq!(ab.next_boot(), Some(Slot::A));
     assert!(!ab.is_ok(Slot::B));
     assert_eq!(dev.reboots(), 0);
@@ -517,7 +511,7 @@ fn attacks_are_refused() {
         ..base.clone()
     });
     refused(&dev.run(&["apply"]), "does not say downgrade");
-    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(dev.ab().next_boot(), Some(Slot::B));
     assert!(
         tree(&dev.path("a")).contains_key(std::path::Path::new("factory")),
         "slot A was touched"
@@ -530,7 +524,7 @@ fn attacks_are_refused() {
         ..base.clone()
     });
     ok(&dev.run(&["apply"]));
-    assert_eq!(ab(&dev).next_boot(), Some(Slot::A));
+    assert_eq!(dev.ab().next_boot(), Some(Slot::A));
 }
 
 /// Blobs that lie: bytes that do not hash to the digest, a blob longer than
@@ -624,7 +618,7 @@ fn interrupted_upgrades_never_tear_anything() {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut kills = 0;
     for _ in 0..25 {
-        if ab(&dev).trial() == Some(Slot::B) {
+        if dev.ab().trial() == Some(Slot::B) {
             // The last run finished and awaits its reboot: a staged device
             // writes nothing more, so go on with a fresh one.
             dev = device(&f, &r, true, "dir");
@@ -666,8 +660,8 @@ fn interrupted_upgrades_never_tear_anything() {
     assert!(kills >= 10, "only {kills} runs were killed");
     // The next apply finishes the upgrade (or it already did).
     let _ = dev.run(&["apply"]);
-    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
-    assert_eq!(ab(&dev).trial(), Some(Slot::B));
+    assert_eq!(dev.ab().next_boot(), Some(Slot::B));
+    assert_eq!(dev.ab().trial(), Some(Slot::B));
     assert_eq!(tree(&dev.path("b")), expected);
 }
 
@@ -700,7 +694,7 @@ fn upgrade_into_image_slot() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(dev.ab().next_boot(), Some(Slot::B));
 }
 
 /// Reads the daemon's standard error until a line holds `want`; panics with
@@ -792,7 +786,7 @@ fn failed_trial_waits_for_its_reboot() {
     assert!(stop(&mut daemon).success());
 
     assert_eq!(tree(&dev.path("a")), a_before, "slot A was written");
-    let env = ab(&dev);
+    let env = dev.ab();
     assert!(env.is_ok(Slot::A) && !env.is_ok(Slot::B), "{env:?}");
     assert_eq!(env.next_boot(), Some(Slot::A));
     let downloads = r
@@ -808,7 +802,7 @@ fn failed_trial_waits_for_its_reboot() {
     assert!(r.events().contains(&"rolled_back".to_string()));
     let out = ok(&dev.run(&["apply"]));
     assert!(out.contains("applied 3.0.0"), "{out}");
-    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(dev.ab().next_boot(), Some(Slot::B));
     assert_eq!(tree(&dev.path("a")), a_before);
 }
 
@@ -853,7 +847,7 @@ fn staged_update_waits_for_its_reboot() {
         b_staged,
         "the staged slot was rewritten"
     );
-    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(dev.ab().next_boot(), Some(Slot::B));
     assert_eq!(dev.reboot(), Slot::B);
     ok(&dev.run(&["mark-good"]));
     let status: serde_json::Value =
@@ -1015,7 +1009,7 @@ fn mark_good_before_the_reboot_assesses_nothing() {
     assert_eq!(status["state"], "staged", "{status}");
     assert_eq!(status["reboot_pending"], true, "{status}");
     assert!(!ok(&dev.run(&["status"])).contains("failed:"));
-    assert_eq!(ab(&dev).next_boot(), Some(Slot::B));
+    assert_eq!(dev.ab().next_boot(), Some(Slot::B));
     // The reboot comes: B is assessed and kept.
     assert_eq!(dev.reboot(), Slot::B);
     assert!(ok(&dev.run(&["mark-good"])).contains("slot B is good"));
@@ -1042,7 +1036,7 @@ fn a_failed_release_is_held_back_until_cleared() {
         ok(&dev.run(&["mark-good"]));
     };
     fail_once();
-    let held = |dev: &TestDevice| {
+    let held = |dev: &Device| {
         let out = checked(&dev.run(&["check"]));
         assert!(
             out.contains("offered 2.0.0") && out.contains("failed its boot assessment"),
@@ -1394,7 +1388,7 @@ struct PartialCase {
     f: Arc<Fake>,
     _r: Responder,
     proxy: Proxy,
-    dev: TestDevice,
+    dev: Device,
     v2: Pushed,
     v2_gzip: Pushed,
     v1_bytes: u64,
@@ -1591,7 +1585,7 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut kills = 0;
     for _ in 0..12 {
-        if ab(&c.dev).trial() == Some(Slot::B) {
+        if c.dev.ab().trial() == Some(Slot::B) {
             break;
         }
         seed ^= seed << 13;
@@ -1623,7 +1617,7 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
                 "an index describes a half-written slot B"
             );
         }
-        if ab(&c.dev).next_boot() == Some(Slot::B) {
+        if c.dev.ab().next_boot() == Some(Slot::B) {
             assert_eq!(
                 tree(&c.dev.path("b")),
                 expected,
@@ -1632,17 +1626,17 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
         }
     }
     assert!(kills >= 3, "only {kills} runs were killed");
-    if ab(&c.dev).trial() != Some(Slot::B) {
+    if c.dev.ab().trial() != Some(Slot::B) {
         let out = ok_logged(&c.dev.run(&["apply"]));
         assert!(out.contains("copied from slot A"), "{out}");
     }
-    assert_eq!(ab(&c.dev).trial(), Some(Slot::B));
+    assert_eq!(c.dev.ab().trial(), Some(Slot::B));
     assert_eq!(tree(&c.dev.path("b")), expected);
     assert!(c.dev.path("state/contents-B.json").exists());
 }
 
 /// Replaces the device's health check with `sh -c SCRIPT`.
-fn set_health(dev: &TestDevice, script: &str) {
+fn set_health(dev: &Device, script: &str) {
     dev.edit_config(|c| c.boot.health_checks = vec![vec!["sh".into(), "-c".into(), script.into()]]);
 }
 
@@ -1688,7 +1682,7 @@ fn the_boot_assessment_and_the_daemon_assess_a_trial_once() {
     );
     let healthy = r.events().iter().filter(|e| *e == "healthy").count();
     assert_eq!(healthy, 1, "{:?}", r.events());
-    assert!(ab(&dev).is_known_good(Slot::B));
+    assert!(dev.ab().is_known_good(Slot::B));
 }
 
 /// A command killed while it holds the lock (a power cut, an OOM kill)

@@ -6,11 +6,11 @@
 //! them) and the registry, because the real ones never produce these inputs;
 //! it records every request with its headers.
 
-mod common;
+use crate::common;
 
 use common::*;
 use flate2::write::GzEncoder;
-use sluice_agent::bootloader::{AbState, GrubEnv, Slot};
+use sluice_agent::bootloader::Slot;
 use sluice_protocol::{Offer, ResolveResponse};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -331,7 +331,7 @@ fn play_registry(s: &Stand, img: &Image) {
 
 struct Setup {
     stand: Stand,
-    dev: TestDevice,
+    dev: Device,
 }
 
 /// A stand-in playing server and registry for `img`, and a device of `kind`
@@ -342,29 +342,23 @@ fn setup(img: &Image, kind: &str) -> Setup {
     let host = stand.host.clone();
     play_registry(&stand, img);
     play_server(&stand, keys.clone(), host.clone(), img);
-    let dev = TestDevice::new(DeviceOpts {
-        server: &format!("http://{host}"),
-        product: PRODUCT,
-        channel: "stable",
-        enrollment_secret: "secret",
-        keys: &keys.key_set(),
-        insecure: vec![host],
-        healthy: true,
+    let dev = common::device(
+        &format!("http://{host}"),
+        PRODUCT,
+        &keys.key_set(),
+        vec![host],
+        true,
         kind,
-    });
+    );
     if kind == "dir" {
         std::fs::write(dev.path("b/left-over"), b"from before").unwrap();
     }
     Setup { stand, dev }
 }
 
-fn ab(dev: &TestDevice) -> AbState {
-    AbState::from_env(&GrubEnv::load(&dev.path("grubenv")).unwrap())
-}
-
 /// GRUB still boots A and B is not marked bootable.
-fn assert_not_switched(dev: &TestDevice) {
-    let ab = ab(dev);
+fn assert_not_switched(dev: &Device) {
+    let ab = dev.ab();
     assert_eq!(ab.next_boot(), Some(Slot::A));
     assert!(!ab.is_ok(Slot::B));
     assert_eq!(dev.reboots(), 0);
@@ -468,7 +462,7 @@ fn a_killed_install_leaves_no_set_id_file_and_the_next_one_completes() {
     *stalled.lock().unwrap() = false;
     ok(&s.dev.run(&["apply"]));
     let b = s.dev.path("b");
-    assert_eq!(ab(&s.dev).next_boot(), Some(Slot::B));
+    assert_eq!(s.dev.ab().next_boot(), Some(Slot::B));
     assert_eq!(set_id_files(&b), ["usr/bin/su"]);
     assert_eq!(mode(&b.join("usr/bin/su")), 0o4755);
     assert_eq!(mode(&b), 0o755, "the committed slot is open again");
@@ -642,9 +636,9 @@ fn the_default_cap_is_what_the_slot_can_hold() {
     let gz = layer(&[("usr/lib/big", noise(6 << 20, 5))]);
     let img = image(&[gz], linux_amd64());
     let s = setup(&img, "block");
-    let f = std::fs::File::create(s.dev.path("b.img")).unwrap();
+    let f = std::fs::File::create(s.dev.path("b.part")).unwrap();
     f.set_len(4 << 20).unwrap();
-    std::fs::File::create(s.dev.path("a.img"))
+    std::fs::File::create(s.dev.path("a.part"))
         .unwrap()
         .set_len(4 << 20)
         .unwrap();

@@ -3,8 +3,7 @@
 //! upgrade, boot assessment, health gate, downgrade after a rollback, the
 //! rollback command, the daemon, and the `block` slot kind.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod common;
+use crate::common;
 use common::images;
 
 use common::{TestApp, registry};
@@ -104,8 +103,8 @@ impl Fleet {
             product: "acme".into(),
             channel: "stable".into(),
             enrollment_secret: self.secret.clone(),
-            keys: self.keys.clone(),
-            registry: registry(),
+            keys: self.keys.to_string(),
+            insecure: vec![registry()],
             kind,
             health,
         }
@@ -878,7 +877,7 @@ async fn a_chunked_release_is_pulled_partially_as_the_server_estimates(pool: PgP
         "{t}"
     );
     // (These images are small: the changed files' neighbours within 4 KiB
-    // come along, so most of the blob is fetched. `agent/tests/upgrade.rs`
+    // come along, so most of the blob is fetched. `agent/tests/it/upgrade.rs`
     // shows the saving on a bigger one.)
     assert!(expected < head, "{t}");
 

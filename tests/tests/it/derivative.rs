@@ -12,9 +12,7 @@
 //! a power cut) in an OVMF one; consoles are kept in
 //! `<target>/tmp/vm/derivative-*.log`.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod common;
-mod machine;
+use crate::machine;
 
 use machine::{Firmware, Fleet, Release, Vm, images, say, sh, work_dir};
 use sluice_tests::agent_release_bin;
@@ -315,9 +313,10 @@ fn sluice_layer(f: &Fleet) -> (images::Layer, PathBuf) {
 /// A fleet with the five versions published (none on the channel), and a fresh
 /// disk whose slot A holds 1.0.0.
 async fn fleet(pool: PgPool, name: &'static str) -> (Fleet, PathBuf) {
+    let slot = machine::machine_slot().await;
     // Built before the server starts: this blocks the thread.
     let os = os();
-    let mut f = Fleet::start(pool, name, None).await;
+    let mut f = Fleet::start(pool, name, Some(slot)).await;
     let (sluice, factory) = sluice_layer(&f);
     let releases: Vec<Release> = VERSIONS
         .iter()

@@ -5,8 +5,7 @@
 //! enrolls again by itself; an ageing token is renewed with the key; a
 //! device enrolled before device keys binds one with its old token.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod common;
+use crate::common;
 
 use common::{TestApp, now_s};
 use reqwest::{Method, StatusCode};
@@ -38,8 +37,8 @@ impl Setup {
             product: "acme".into(),
             channel: "stable".into(),
             enrollment_secret: self.secret.clone(),
-            keys: self.keys.clone(),
-            registry: "127.0.0.1:9".into(),
+            keys: self.keys.to_string(),
+            insecure: vec![],
             kind: SlotKind::Dir,
             health: Health::Passes,
         })

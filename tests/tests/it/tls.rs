@@ -1,8 +1,7 @@
 //! The agent talks to the server over HTTPS and pins the CA from its config:
 //! the server's own CA is accepted, anything else refused.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod common;
+use crate::common;
 
 use common::TestApp;
 use reqwest::Method;
@@ -26,8 +25,8 @@ async fn the_agent_pins_the_servers_ca(pool: PgPool) {
         product: "acme".into(),
         channel: "stable".into(),
         enrollment_secret: secret,
-        keys,
-        registry: "127.0.0.1:9".into(),
+        keys: keys.to_string(),
+        insecure: vec![],
         kind: SlotKind::Dir,
         health: Health::Passes,
     };

@@ -5,8 +5,7 @@
 //! agents keeps updating across two rotations of each key role, with a
 //! device offline through all of them catching up.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod common;
+use crate::common;
 use common::images;
 
 use common::{TestApp, registry};
@@ -222,8 +221,8 @@ impl Setup {
             product: "acme".into(),
             channel: channel.into(),
             enrollment_secret: self.secret.clone(),
-            keys: self.keys_file().await,
-            registry: registry(),
+            keys: self.keys_file().await.to_string(),
+            insecure: vec![registry()],
             kind: SlotKind::Dir,
             health: Health::Passes,
         })

@@ -7,12 +7,10 @@
 //! by `tests/vm/mkvm.sh`. Each test asserts on the serial console (which slot
 //! GRUB picked, which version booted) and on the server's API.
 //!
-//! The machines run one at a time (software emulation takes a core);
+//! At most one machine per core runs at once (`machine::machine_slot`);
 //! consoles are kept in `<target>/tmp/vm/*.log`.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod common;
-mod machine;
+use crate::machine;
 
 use machine::{Fleet, Release, Vm, has_data, images, layer_of, say, sh, work_dir};
 
@@ -37,9 +35,6 @@ const VERSIONS: [(&str, &str); 6] = [
 const BOOT: Duration = Duration::from_secs(120);
 /// Download, unpack, mkfs.ext4 and reboot.
 const WRITE: Duration = Duration::from_secs(240);
-
-/// One machine at a time: software emulation is CPU-bound.
-static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn mkvm() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/mkvm.sh")
@@ -76,10 +71,10 @@ fn os_images() -> &'static OsImages {
 
 /// A server with the test OS's six versions published, 1.0.0 the head.
 async fn fleet(pool: PgPool, name: &'static str) -> Fleet {
-    let lock = VM_LOCK.lock().await;
+    let slot = machine::machine_slot().await;
     // Built before the server starts: this blocks the thread.
     let os = os_images();
-    let mut f = Fleet::start(pool, name, Some(lock)).await;
+    let mut f = Fleet::start(pool, name, Some(slot)).await;
     let releases: Vec<Release> = VERSIONS
         .iter()
         .zip(&os.layers)

@@ -5,21 +5,21 @@
 //! answers; broken blobs).
 #![allow(dead_code)]
 
+mod device;
 mod shared;
-#[allow(unused_imports)] // each test file uses its own share
+pub use device::{Device, DeviceOpts, Health};
 pub use shared::{Entry, checked, ok, refused, tar_entry, tree, umoci_tree};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use p256::ecdsa::signature::Signer;
 use p256::pkcs8::EncodePublicKey;
-use sluice_agent::config::{Config, SlotKind};
+use sluice_agent::config::SlotKind;
 use sluice_protocol::keys::ALG_ECDSA_P256;
 use sluice_protocol::simplesigning::{COSIGN_TYPE, OPT_PRODUCT, OPT_VERSION};
 use sluice_protocol::{ImageSignature, KeyRole, KeySet, PublicKey, ResponseSigner, key_id};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
@@ -220,81 +220,40 @@ impl Keys {
     }
 }
 
-/// A simulated device in a temporary folder: two slots, a grubenv, a file
-/// standing in for `/proc/cmdline`, a reboot command that records it.
-pub struct TestDevice {
-    pub dir: tempfile::TempDir,
-    pub config: PathBuf,
-}
-
-/// Options of a test device.
-pub struct DeviceOpts<'a> {
-    pub server: &'a str,
-    pub product: &'a str,
-    pub channel: &'a str,
-    pub enrollment_secret: &'a str,
-    /// The trusted keys file contents (`GET /v1/keys`).
-    pub keys: &'a KeySet,
-    /// Extra `insecure` registry hosts.
-    pub insecure: Vec<String>,
-    /// Whether the health check passes.
-    pub healthy: bool,
-    pub kind: &'a str,
-}
-
-impl TestDevice {
-    /// Builds the device; slot A is booted and holds a small factory tree.
-    pub fn new(o: DeviceOpts<'_>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        for s in ["a", "b", "state"] {
-            std::fs::create_dir_all(p.join(s)).unwrap();
-        }
-        std::fs::write(p.join("a/factory"), b"factory image").unwrap();
-        std::fs::write(p.join("cmdline"), "root=/dev/vda2 sluice.slot=A quiet\n").unwrap();
-        std::fs::write(p.join("keys.json"), serde_json::to_vec(o.keys).unwrap()).unwrap();
-        std::fs::write(p.join("boot_id"), format!("{}\n", rand_hex())).unwrap();
-        let mut insecure = o.insecure.clone();
-        if let Ok(r) = std::env::var("SLUICE_TEST_REGISTRY") {
-            insecure.push(r);
-        }
-        let (slot_a, slot_b) = match o.kind {
-            "dir" => (p.join("a"), p.join("b")),
-            _ => (p.join("a.img"), p.join("b.img")),
-        };
-        let mut cfg = Config::in_folder(p, o.server, o.product, o.channel);
-        cfg.enrollment_secret = Some(o.enrollment_secret.into());
-        cfg.machine_id = Some(format!("machine-{}", rand_hex()));
-        cfg.slots.kind = match o.kind {
+/// A device of `product` on channel `stable` with slot kind `kind` (`dir`,
+/// `image`, `block`) for `server`, trusting `keys`, whose health check
+/// passes when `healthy`; `insecure` as [`DeviceOpts::insecure`].
+pub fn device(
+    server: &str,
+    product: &str,
+    keys: &KeySet,
+    insecure: Vec<String>,
+    healthy: bool,
+    kind: &str,
+) -> Device {
+    Device::new(&DeviceOpts {
+        server: server.into(),
+        product: product.into(),
+        channel: "stable".into(),
+        enrollment_secret: "secret".into(),
+        keys: serde_json::to_string(keys).unwrap(),
+        insecure,
+        kind: match kind {
             "dir" => SlotKind::Dir,
             "image" => SlotKind::Image,
             "block" => SlotKind::Block,
             other => panic!("unknown slot kind {other}"),
-        };
-        (cfg.slots.a, cfg.slots.b) = (slot_a, slot_b);
-        cfg.boot.reboot = vec![
-            "sh".into(),
-            "-c".into(),
-            format!("echo reboot >> {}", p.join("reboots").display()),
-        ];
-        cfg.boot.health_checks = vec![vec![if o.healthy { "true" } else { "false" }.into()]];
-        cfg.registry.insecure = insecure;
-        let config = p.join("agent.toml");
-        cfg.write(&config).unwrap();
-        TestDevice { dir, config }
-    }
+        },
+        health: if healthy {
+            Health::Passes
+        } else {
+            Health::Fails
+        },
+    })
+}
 
-    /// Changes the device's `agent.toml` through the agent's own type.
-    pub fn edit_config(&self, change: impl FnOnce(&mut Config)) {
-        let mut cfg = Config::load(&self.config).unwrap();
-        change(&mut cfg);
-        cfg.write(&self.config).unwrap();
-    }
-
-    pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
+impl Device {
+    /// `sluice-agent --config <this device> args...`, not yet started.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_sluice-agent"));
         c.arg("--config").arg(&self.config).args(args);
@@ -304,31 +263,6 @@ impl TestDevice {
     /// Runs the agent to completion.
     pub fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().unwrap()
-    }
-
-    pub fn reboots(&self) -> usize {
-        std::fs::read_to_string(self.path("reboots"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    }
-
-    pub fn grubenv(&self) -> Option<Vec<u8>> {
-        std::fs::read(self.path("grubenv")).ok()
-    }
-
-    /// Plays GRUB (the shipped snippet's rules) and "boots" the chosen slot.
-    pub fn reboot(&self) -> sluice_agent::bootloader::Slot {
-        let s = sluice_agent::bootloader::boot(&self.path("grubenv"))
-            .unwrap()
-            .expect("GRUB found a bootable slot");
-        std::fs::write(
-            self.path("cmdline"),
-            format!("root=/dev/vda sluice.slot={s}\n"),
-        )
-        .unwrap();
-        // A new boot: the kernel's boot id changes.
-        std::fs::write(self.path("boot_id"), format!("{}\n", rand_hex())).unwrap();
-        s
     }
 }
 

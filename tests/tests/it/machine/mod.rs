@@ -3,8 +3,6 @@
 //! boots. Used by `vm.rs` (the busybox test OS) and `derivative.rs` (the
 //! systemd Debian derivative).
 
-#![allow(dead_code)] // each suite uses its part
-
 pub use crate::common::images;
 
 use crate::common::{self, TestApp, registry};
@@ -17,6 +15,21 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// At most as many machines at once, across both suites, as there are cores
+/// (two at the most): an emulated CPU takes a core of its own. The test
+/// harness runs two tests at a time on this 2-core machine, so the
+/// derivative suite's one long test runs beside the busybox suite's. A
+/// [`Fleet`] holds its permit until it is dropped.
+pub async fn machine_slot() -> tokio::sync::SemaphorePermit<'static> {
+    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    SLOTS
+        .get_or_init(|| tokio::sync::Semaphore::new(cores.clamp(1, 2)))
+        .acquire()
+        .await
+        .expect("the semaphore is never closed")
+}
 
 /// The firmware a machine boots with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +114,7 @@ pub struct Fleet {
     pub digests: Vec<String>,
     pub name: &'static str,
     pub started: Instant,
-    _lock: Option<tokio::sync::MutexGuard<'static, ()>>,
+    _slot: Option<tokio::sync::SemaphorePermit<'static>>,
 }
 
 impl Fleet {
@@ -110,7 +123,7 @@ impl Fleet {
     pub async fn start(
         pool: PgPool,
         name: &'static str,
-        lock: Option<tokio::sync::MutexGuard<'static, ()>>,
+        slot: Option<tokio::sync::SemaphorePermit<'static>>,
     ) -> Fleet {
         let started = Instant::now();
         let dir = tempfile::tempdir().unwrap();
@@ -133,7 +146,7 @@ impl Fleet {
             digests: Vec::new(),
             name,
             started,
-            _lock: lock,
+            _slot: slot,
         }
     }
 
