@@ -69,6 +69,8 @@ for p in sluice-agent sluice-server; do
   [ -n "${SLUICE_BENCH_SKIP_BUILD:-}" ] && break
   cargo build -q --profile "$([ "$PROFILE" = debug ] && echo dev || echo release)" -p "$p"
 done
+[ -n "${SLUICE_BENCH_SKIP_BUILD:-}" ] || cargo build -q --profile "$([ "$PROFILE" = debug ] && echo dev || echo release)" -p sluice-agent --example folder_device
+FOLDER_DEVICE="$CARGO_TARGET_DIR/$PROFILE/examples/folder_device"
 AGENT="${SLUICE_BENCH_AGENT:-$CARGO_TARGET_DIR/$PROFILE/sluice-agent}"
 SLUICE="$CARGO_TARGET_DIR/$PROFILE/sluice"
 PY=/usr/bin/python3
@@ -117,10 +119,8 @@ export SLUICE_LISTEN="127.0.0.1:$SRV_PORT" SLUICE_DATA_DIR="$STATE/data" SLUICE_
   SLUICE_ADMIN_PASSWORD=bench-admin-password SLUICE_INSECURE_REGISTRIES="$REGISTRY" SLUICE_POLL_AFTER_S=$POLL_S \
   SLUICE_ENROLL_BURST=10000000 SLUICE_ENROLL_RATE=100000 SLUICE_ENROLL_PRODUCT_BURST=10000000 SLUICE_ENROLL_PRODUCT_RATE=100000
 API="http://$SLUICE_LISTEN"
-"$SLUICE" serve >"$STATE/server.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 1 300); do curl -fsS "$API/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-curl -fsS "$API/healthz" >/dev/null || { tail -20 "$STATE/server.log"; exit 1; }
+start_sluice "$SLUICE" "$STATE/server.log" || { SERVER_PID=${SLUICE_PID:-}; exit 1; }
+SERVER_PID=$SLUICE_PID
 export SLUICE_SERVER=$API
 SLUICE_TOKEN=$(SLUICE_PASSWORD=bench-admin-password "$SLUICE" login --username admin)
 export SLUICE_TOKEN
@@ -139,38 +139,18 @@ DIGEST=$(jq -r '.platforms[0].digest // .digest' "$STATE/publish.json")
 curl -fsS "$API/v1/keys" >"$STATE/keys.json"
 echo "    published 1.0.0 ($DIGEST) in $(echo "$t1 - $t0" | bc) s"
 
-# A device whose slots live under $1 (a mounted file system).
+# A device whose slots live under $1 (a mounted file system); its agent.toml
+# is written by the agent's own configuration type (agent/examples/folder_device.rs).
+# Extra arguments go to folder_device (`--mirror FROM=TO`, more `--insecure`).
 device_config() {
   local d=$1 channel=${2:-stable}
-  mkdir -p "$d/a" "$d/b" "$d/state"
+  shift $(($# < 2 ? $# : 2))
+  mkdir -p "$d"
   echo "root=/dev/vda sluice.slot=A" >"$d/cmdline"
   # The kernel's boot id as the agent reads it: a simulated reboot changes it.
   cat /proc/sys/kernel/random/uuid >"$d/boot_id"
-  cat >"$d/agent.toml" <<TOML
-server = "$API"
-product = "bench"
-channel = "$channel"
-enrollment_secret = "$SECRET"
-state_dir = "$d/state"
-arch = "amd64"
-keys = "$STATE/keys.json"
-machine_id = "bench-$(basename "$d")-$RANDOM$RANDOM"
-
-[slots]
-kind = "dir"
-a = "$d/a"
-b = "$d/b"
-
-[boot]
-grubenv = "$d/grubenv"
-cmdline = "$d/cmdline"
-reboot = ["true"]
-health_checks = [["true"]]
-boot_id = "$d/boot_id"
-
-[registry]
-insecure = ["$REGISTRY"]
-TOML
+  "$FOLDER_DEVICE" "$d" --server "$API" --product bench --channel "$channel" --secret "$SECRET" \
+    --keys "$STATE/keys.json" --machine-id "bench-$(basename "$d")-$RANDOM$RANDOM" --insecure "$REGISTRY" "$@"
 }
 
 # Mounts a fresh file system of kind $1 (tmpfs | ext4) at $2.
@@ -352,11 +332,10 @@ if [ "$DO_BW" = 1 ]; then
       mnt="$STATE/mnt"
       fresh_fs tmpfs "$mnt"
       d="$mnt/dev"
-      device_config "$d" "bw$n"
       if [ -n "$link" ]; then
-        printf 'insecure = ["%s", "%s"]\nmirrors = { "%s" = "%s" }\n' "$REGISTRY" "$link" "$REGISTRY" "$link" >"$d/registry.toml"
-        sed -i '/^insecure = /d' "$d/agent.toml"
-        cat "$d/registry.toml" >>"$d/agent.toml"
+        device_config "$d" "bw$n" --insecure "$link" --mirror "$REGISTRY=$link"
+      else
+        device_config "$d" "bw$n"
       fi
       "$AGENT" --config "$d/agent.toml" apply >"$BW/v1.log" 2>&1 || { cat "$BW/v1.log" >&2; exit 1; }
       grub-editenv "$d/grubenv" set B_TRY=1

@@ -100,16 +100,11 @@ start_server() { # fleet [ceiling-bytes]
   DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/bench_$n" SLUICE_LISTEN="127.0.0.1:$port" \
     SLUICE_DATA_DIR="$STATE/data-$n" SLUICE_INSECURE_REGISTRIES="$REGISTRY" RUST_LOG=warn \
     SLUICE_DEVICE_BURST=1000000 SLUICE_DEVICE_RATE=1000 SLUICE_DEVICE_TOKEN_TTL_S=21600 \
-    SLUICE_BENCH_CEILING="${2:-}" "$SLUICE" serve >>"$STATE/server-$n.log" 2>&1 &
-  PID[$n]=$!
-  for _ in $(seq 1 300); do
-    curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && return 0
-    kill -0 "${PID[$n]}" 2>/dev/null || break
-    sleep 0.1
-  done
-  tail -20 "$STATE/server-$n.log" >&2
-  echo "error: the server for fleet $n did not start" >&2
-  return 1
+    SLUICE_BENCH_CEILING="${2:-}" start_sluice "$SLUICE" "$STATE/server-$n.log" || {
+    echo "error: the server for fleet $n did not start" >&2
+    return 1
+  }
+  PID[$n]=$SLUICE_PID
 }
 
 stop_server() { # fleet

@@ -1,5 +1,6 @@
-# Sourced by scripts/run and scripts/test: installs what is missing and starts a
-# private PostgreSQL cluster and OCI registry on loopback, under a folder we own.
+# Sourced by scripts/run, scripts/test and the benchmarks: installs what is
+# missing and starts a private PostgreSQL cluster and OCI registry on loopback,
+# under a folder we own, and `sluice serve` (start_sluice).
 # Needs: STATE (the folder), PG_PORT, REG_PORT. Exports DATABASE_URL and REGISTRY.
 # Also: port checks, the Rust toolchain and cosign checks, and the database the
 # sqlx macros check queries against at compile time (prepare_build_db).
@@ -79,6 +80,32 @@ stop_registry() {
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   rm -f "$STATE/registry.pid"
+}
+
+# start_sluice BIN [LOG]: `BIN serve` in the background with the caller's
+# SLUICE_* and DATABASE_URL environment, output to LOG (appended; none: the
+# caller's own output); waits up to 30 s for http://$SLUICE_LISTEN/healthz.
+# Sets SLUICE_PID; on failure prints the log's tail and returns 1.
+start_sluice() {
+  local bin=$1 log=${2:-} url="http://$SLUICE_LISTEN"
+  if [ -n "$log" ]; then
+    "$bin" serve >>"$log" 2>&1 9>&- &
+  else
+    "$bin" serve 9>&- &
+  fi
+  SLUICE_PID=$!
+  for _ in $(seq 1 300); do
+    curl -fsS "$url/healthz" >/dev/null 2>&1 && return 0
+    kill -0 "$SLUICE_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ -n "$log" ] && tail -20 "$log" >&2
+  if kill -0 "$SLUICE_PID" 2>/dev/null; then
+    echo "error: sluice serve did not answer $url/healthz within 30 s${log:+ (log: $log)}" >&2
+  else
+    echo "error: sluice serve exited before it answered $url/healthz${log:+ (log: $log)}" >&2
+  fi
+  return 1
 }
 
 # True when nothing accepts connections on 127.0.0.1:$1.
