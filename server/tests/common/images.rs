@@ -5,53 +5,10 @@
 #![allow(dead_code)]
 
 use rand::RngCore;
-use sha2::{Digest, Sha256};
 use std::io::Write;
 
-/// OCI image manifest.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-/// OCI image index.
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-/// Docker schema 2 manifest.
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-/// Docker manifest list.
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-
-/// Which family of media types an image uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// OCI image-spec media types.
-    Oci,
-    /// Docker schema 2 media types (what `docker push` writes).
-    Docker,
-}
-
-impl Format {
-    fn manifest(self) -> &'static str {
-        match self {
-            Format::Oci => OCI_MANIFEST,
-            Format::Docker => DOCKER_MANIFEST,
-        }
-    }
-    fn index(self) -> &'static str {
-        match self {
-            Format::Oci => OCI_INDEX,
-            Format::Docker => DOCKER_LIST,
-        }
-    }
-    fn config(self) -> &'static str {
-        match self {
-            Format::Oci => "application/vnd.oci.image.config.v1+json",
-            Format::Docker => "application/vnd.docker.container.image.v1+json",
-        }
-    }
-    fn layer(self) -> &'static str {
-        match self {
-            Format::Oci => "application/vnd.oci.image.layer.v1.tar+gzip",
-            Format::Docker => "application/vnd.docker.image.rootfs.diff.tar.gzip",
-        }
-    }
-}
+use super::push::{self, PushLayer};
+pub use super::push::{DOCKER_LIST, DOCKER_MANIFEST, Format, OCI_INDEX, OCI_MANIFEST, digest};
 
 /// One gzip-compressed tar layer.
 #[derive(Debug, Clone)]
@@ -71,11 +28,6 @@ pub struct PushedPlatform {
     pub digest: String,
     /// Sum of its compressed layer sizes.
     pub size: u64,
-}
-
-/// `sha256:<hex>` of some bytes.
-pub fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
 /// A unique repository name under `sluice-test/`, so runs never collide.
@@ -133,44 +85,16 @@ fn ustar_header(name: &str, size: u64) -> [u8; 512] {
     h
 }
 
-/// Uploads a blob (monolithic POST + PUT) and returns its digest.
+/// Uploads a blob ([`push::blob`], off the async workers); answers its digest.
 pub async fn push_blob(registry: &str, repo: &str, data: &[u8]) -> String {
-    let d = digest(data);
-    let http = reqwest::Client::new();
-    let start = http
-        .post(format!("http://{registry}/v2/{repo}/blobs/uploads/"))
-        .send()
+    let (registry, repo, data) = (registry.to_string(), repo.to_string(), data.to_vec());
+    tokio::task::spawn_blocking(move || push::blob(&registry, &repo, &data))
         .await
-        .unwrap_or_else(|e| panic!("registry {registry} unreachable: {e}"));
-    assert_eq!(
-        start.status(),
-        202,
-        "starting a blob upload to {registry}/{repo}"
-    );
-    let location = start.headers()["location"].to_str().unwrap().to_string();
-    let url = if location.starts_with("http") {
-        location
-    } else {
-        format!("http://{registry}{location}")
-    };
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let put = http
-        .put(format!("{url}{sep}digest={d}"))
-        .header("content-type", "application/octet-stream")
-        .body(data.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        put.status(),
-        201,
-        "uploading blob {d}: {}",
-        put.text().await.unwrap_or_default()
-    );
-    d
+        .unwrap()
 }
 
-/// Puts a manifest under `reference` (a tag or its own digest) and returns its digest.
+/// Puts a manifest under `reference` (a tag or its own digest) ([`push::manifest`]);
+/// answers its digest.
 pub async fn push_manifest(
     registry: &str,
     repo: &str,
@@ -178,21 +102,18 @@ pub async fn push_manifest(
     media_type: &str,
     body: &[u8],
 ) -> String {
-    let put = reqwest::Client::new()
-        .put(format!("http://{registry}/v2/{repo}/manifests/{reference}"))
-        .header("content-type", media_type)
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("registry {registry} unreachable: {e}"));
-    let status = put.status();
-    assert_eq!(
-        status,
-        201,
-        "pushing manifest {repo}:{reference}: {}",
-        put.text().await.unwrap_or_default()
+    let (registry, repo, reference, media_type, body) = (
+        registry.to_string(),
+        repo.to_string(),
+        reference.to_string(),
+        media_type.to_string(),
+        body.to_vec(),
     );
-    digest(body)
+    tokio::task::spawn_blocking(move || {
+        push::manifest(&registry, &repo, &reference, &media_type, &body)
+    })
+    .await
+    .unwrap()
 }
 
 /// Pushes layers, a config for `linux/<arch>` and a manifest; tagged with
@@ -210,7 +131,8 @@ pub async fn push_platform(
     (d, size)
 }
 
-/// [`push_platform`], also returning the manifest's own length (for index entries).
+/// [`push_platform`] ([`push::platform`]), also returning the manifest's own
+/// length (for index entries).
 async fn push_platform_sized(
     registry: &str,
     repo: &str,
@@ -219,39 +141,28 @@ async fn push_platform_sized(
     arch: &str,
     layers: &[Layer],
 ) -> (String, u64, usize) {
-    let mut descriptors = Vec::new();
-    for l in layers {
-        let d = push_blob(registry, repo, &l.data).await;
-        descriptors.push(serde_json::json!({
-            "mediaType": format.layer(), "digest": d, "size": l.data.len(),
-        }));
-    }
-    let config = serde_json::json!({
-        "architecture": arch,
-        "os": "linux",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()},
-    });
-    let config = serde_json::to_vec(&config).unwrap();
-    let config_digest = push_blob(registry, repo, &config).await;
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": format.manifest(),
-        "config": {"mediaType": format.config(), "digest": config_digest, "size": config.len()},
-        "layers": descriptors,
-    }))
-    .unwrap();
-    let d = digest(&manifest);
-    push_manifest(
-        registry,
-        repo,
-        tag.unwrap_or(&d),
-        format.manifest(),
-        &manifest,
-    )
-    .await;
-    let size = layers.iter().map(|l| l.data.len() as u64).sum();
-    (d, size, manifest.len())
+    let (registry, repo, tag, arch, layers) = (
+        registry.to_string(),
+        repo.to_string(),
+        tag.map(str::to_string),
+        arch.to_string(),
+        layers.to_vec(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let push: Vec<PushLayer<'_>> = layers
+            .iter()
+            .map(|l| PushLayer {
+                data: &l.data,
+                diff_id: l.diff_id.clone(),
+                size: l.data.len() as u64,
+            })
+            .collect();
+        let (d, manifest) = push::platform(&registry, &repo, tag.as_deref(), format, &arch, &push);
+        let size = layers.iter().map(|l| l.data.len() as u64).sum();
+        (d, size, manifest.len())
+    })
+    .await
+    .unwrap()
 }
 
 /// Pushes a `linux/amd64` OCI image of two small random layers under `tag`.

@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod images;
+pub mod push;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};

@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 mod device;
+#[path = "../../../../server/tests/common/push.rs"]
+pub mod push;
 mod shared;
 pub use device::{Device, DeviceOpts, Health};
 pub use shared::{Entry, checked, ok, refused, tar_entry, tree, umoci_tree};
@@ -68,75 +70,24 @@ pub struct Pushed {
     pub manifest: Vec<u8>,
 }
 
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
-fn push_blob(reg: &str, repo: &str, bytes: &[u8]) -> String {
-    let digest = sluice_protocol::sha256_digest(bytes);
-    let a = http();
-    let r = a
-        .post(&format!("http://{reg}/v2/{repo}/blobs/uploads/"))
-        .send_empty()
-        .unwrap();
-    assert_eq!(r.status(), 202, "upload start");
-    let loc = r.headers()["location"].to_str().unwrap().to_string();
-    let loc = if loc.starts_with("http") {
-        loc
-    } else {
-        format!("http://{reg}{loc}")
-    };
-    let sep = if loc.contains('?') { '&' } else { '?' };
-    let r = a
-        .put(&format!("{loc}{sep}digest={digest}"))
-        .header("Content-Type", "application/octet-stream")
-        .send(bytes)
-        .unwrap();
-    assert_eq!(r.status(), 201, "blob upload");
-    digest
-}
-
-/// Pushes an OCI image of gzip layers to the real registry under a fresh repository.
+/// Pushes an OCI image of gzip layers to the real registry under a fresh
+/// repository, through the tests' one pusher (`server/tests/common/push.rs`);
+/// `sizes`, when given, are the layer sizes the manifest declares (a lie
+/// the agent must catch).
 pub fn push_image(layers: &[Layer], sizes: Option<&[u64]>) -> Pushed {
     let reg = registry();
     let repo = format!("sluice-agent-test/img-{}", rand_hex());
-    let diff_ids: Vec<String> = layers
+    let push: Vec<push::PushLayer<'_>> = layers
         .iter()
-        .map(|l| sluice_protocol::sha256_digest(&l.tar))
+        .enumerate()
+        .map(|(i, l)| push::PushLayer {
+            data: &l.gz,
+            diff_id: sluice_protocol::sha256_digest(&l.tar),
+            size: sizes.map_or(l.gz.len() as u64, |s| s[i]),
+        })
         .collect();
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "config": {}
-    })
-    .to_string();
-    let cdigest = push_blob(&reg, &repo, config.as_bytes());
-    let mut descs = Vec::new();
-    for (i, l) in layers.iter().enumerate() {
-        let d = push_blob(&reg, &repo, &l.gz);
-        let size = sizes.map(|s| s[i]).unwrap_or(l.gz.len() as u64);
-        descs.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": d, "size": size}));
-    }
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": cdigest, "size": config.len()},
-        "layers": descs
-    }))
-    .unwrap();
-    let digest = sluice_protocol::sha256_digest(&manifest);
-    let r = http()
-        .put(&format!("http://{reg}/v2/{repo}/manifests/v1"))
-        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
-        .send(&manifest[..])
-        .unwrap();
-    assert_eq!(r.status(), 201, "manifest push");
+    let (digest, manifest) =
+        push::platform(&reg, &repo, Some("v1"), push::Format::Oci, "amd64", &push);
     Pushed {
         image: format!("{reg}/{repo}@{digest}"),
         repository: repo,
