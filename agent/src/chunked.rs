@@ -68,7 +68,7 @@ pub fn fetch_toc(
         .range(image, d, loc.offset, loc.offset + loc.length)?
         .read_to_end(&mut bytes)
         .context("reading the table of contents")?;
-    Ok(parse_toc(&bytes, loc)?)
+    Ok(parse_toc(bytes, loc)?)
 }
 
 /// The tar header records for `e`: a PAX header with its path, link target,
@@ -656,7 +656,7 @@ mod tests {
 
     fn refused(v: serde_json::Value, want: &str) {
         let (bytes, loc) = table(v, 10_000);
-        let err = parse_toc(&bytes, &loc).expect_err("a lying table was accepted");
+        let err = parse_toc(bytes.clone(), &loc).expect_err("a lying table was accepted");
         assert!(format!("{err:#}").contains(want), "{err:#} lacks {want:?}");
     }
 
@@ -675,7 +675,7 @@ mod tests {
             ]}),
             10_000,
         );
-        let toc = parse_toc(&bytes, &loc).unwrap();
+        let toc = parse_toc(bytes.clone(), &loc).unwrap();
         assert_eq!(toc.entries.len(), 6, "the chunk entry is left out");
         assert_eq!(toc.entries[1].content, Some(([100; 32], 10, 90)));
         assert_eq!(toc.entries[1].mtime, 1_714_557_600);
@@ -698,27 +698,32 @@ mod tests {
             digest: digest(9),
             ..loc.clone()
         };
-        assert!(format!("{:#}", parse_toc(&bytes, &other).unwrap_err()).contains("hashes to"));
-        assert!(parse_toc(&bytes[1..], &loc).is_err());
+        assert!(
+            format!("{:#}", parse_toc(bytes.clone(), &other).unwrap_err()).contains("hashes to")
+        );
+        assert!(parse_toc(bytes[1..].to_vec(), &loc).is_err());
         let bigger = TocLocation {
             uncompressed: loc.uncompressed + 1,
             ..loc.clone()
         };
         assert!(
-            format!("{:#}", parse_toc(&bytes, &bigger).unwrap_err()).contains("decompresses to")
+            format!("{:#}", parse_toc(bytes.clone(), &bigger).unwrap_err())
+                .contains("decompresses to")
         );
         // A table that grows past its stated size stops there.
         let smaller = TocLocation {
             uncompressed: loc.uncompressed - 1,
             ..loc.clone()
         };
-        let err = format!("{:#}", parse_toc(&bytes, &smaller).unwrap_err());
+        let err = format!("{:#}", parse_toc(bytes.clone(), &smaller).unwrap_err());
         assert!(err.contains("decompressing the table of contents"), "{err}");
         let huge = TocLocation {
             uncompressed: MAX_TOC_BYTES + 1,
             ..loc.clone()
         };
-        assert!(format!("{:#}", parse_toc(&bytes, &huge).unwrap_err()).contains("more than"));
+        assert!(
+            format!("{:#}", parse_toc(bytes.clone(), &huge).unwrap_err()).contains("more than")
+        );
         // What it says.
         refused(json!({"version": 2, "entries": []}), "version 2");
         refused(

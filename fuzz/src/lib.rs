@@ -563,7 +563,7 @@ pub fn toc(data: &[u8]) {
         uncompressed,
         digest: sluice_protocol::sha256_digest(&compressed),
     };
-    let Ok(toc) = parse_toc(&compressed, &loc) else {
+    let Ok(toc) = parse_toc(compressed, &loc) else {
         return;
     };
     assert!(toc.entries.len() <= sluice_agent::chunked::MAX_TOC_ENTRIES);

@@ -327,7 +327,8 @@ fn max_compressed(size: u64) -> u64 {
 /// named by a sha256 digest and a non-empty range inside the blob's data
 /// (before the table), ranges in ascending order without overlap and no
 /// larger than their file could compress to. No I/O, so it can be fuzzed.
-pub fn parse_toc(compressed: &[u8], loc: &TocLocation) -> Result<Toc, TocError> {
+/// Takes the compressed bytes to free them before the parse.
+pub fn parse_toc(compressed: Vec<u8>, loc: &TocLocation) -> Result<Toc, TocError> {
     if compressed.len() as u64 != loc.length {
         bail!(
             "the table of contents is {} bytes, not the {} its position says",
@@ -335,7 +336,7 @@ pub fn parse_toc(compressed: &[u8], loc: &TocLocation) -> Result<Toc, TocError> 
             loc.length
         );
     }
-    let got = crate::sha256_digest(compressed);
+    let got = crate::sha256_digest(&compressed);
     if got != loc.digest {
         bail!(
             "the table of contents hashes to {got}, not {}: refused",
@@ -357,7 +358,7 @@ pub fn parse_toc(compressed: &[u8], loc: &TocLocation) -> Result<Toc, TocError> 
     zstd::bulk::Decompressor::new()
         .and_then(|mut d| {
             d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
-            d.decompress_to_buffer(compressed, &mut text)
+            d.decompress_to_buffer(&compressed, &mut text)
         })
         .map_err(|e| {
             TocError(format!(
@@ -365,6 +366,10 @@ pub fn parse_toc(compressed: &[u8], loc: &TocLocation) -> Result<Toc, TocError> 
                 loc.uncompressed
             ))
         })?;
+    // The compressed bytes go before the parse: the text and the entries
+    // made from it are the agent's peak (a 31 000-file layer's table is 3 MB
+    // compressed, 19 MB of text).
+    drop(compressed);
     if text.len() as u64 != loc.uncompressed {
         bail!(
             "the table of contents decompresses to {} bytes, not the {} its position says",

@@ -315,7 +315,7 @@ impl Registry {
                     )));
                 }
             }
-            sluice_protocol::chunked::parse_toc(&bytes, &loc)
+            sluice_protocol::chunked::parse_toc(bytes, &loc)
                 .map_err(|e| Error::BadGateway(format!("{what}: {e}")))
         })
         .await
