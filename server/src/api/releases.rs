@@ -181,8 +181,9 @@ pub struct ReleaseRow {
     pub state: String,
 }
 
-/// `{product}/releases/{version}` in a route: the names, and
-/// [`ReleasePath::load`] for the product and the release (404 for either).
+/// `{product}/releases/{version}` in a route: the names and their OpenAPI
+/// parameters (the handlers read the release with [`fetch_one`] and [`load`],
+/// 404 for a product or release that does not exist).
 #[derive(Debug, Deserialize, IntoParams, axum::extract::FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(Error))]
 #[into_params(parameter_in = Path)]
