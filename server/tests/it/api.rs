@@ -533,6 +533,40 @@ async fn unknown_routes(pool: PgPool) {
         app.get("/v1/devices/not-a-uuid", &app.admin).await.0,
         StatusCode::BAD_REQUEST
     );
+    // The path extractors: a name that is not UTF-8 is the client's mistake
+    // (400), a product or channel that does not exist is a 404 naming it.
+    for path in [
+        "/v1/products/%FF/channels/stable",
+        "/v1/products/acme/channels/%FF/history",
+        "/v1/products/%FF/releases/1.0.0",
+    ] {
+        let (s, b) = app.get(path, &app.admin).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {b}");
+        assert!(
+            b["detail"].as_str().unwrap().starts_with("invalid path"),
+            "{path}: {b}"
+        );
+    }
+    let (s, b) = app
+        .get("/v1/products/ghost/channels/stable", &app.admin)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains("product ghost"),
+        "{b}"
+    );
+    app.product("acme", "r.example/acme").await;
+    let (s, b) = app
+        .get("/v1/products/acme/channels/ghost/head-status", &app.admin)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("channel ghost of product acme"),
+        "{b}"
+    );
     assert_eq!(
         app.get("/v1/devices?cursor=zzz", &app.admin).await.0,
         StatusCode::BAD_REQUEST
