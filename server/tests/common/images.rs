@@ -8,7 +8,9 @@ use rand::RngCore;
 use std::io::Write;
 
 use super::push::{self, PushLayer};
-pub use super::push::{DOCKER_LIST, DOCKER_MANIFEST, Format, OCI_INDEX, OCI_MANIFEST, digest};
+pub use super::push::{
+    DOCKER_LIST, DOCKER_MANIFEST, Format, OCI_INDEX, OCI_MANIFEST, digest, unique_repo,
+};
 
 /// One gzip-compressed tar layer.
 #[derive(Debug, Clone)]
@@ -28,13 +30,6 @@ pub struct PushedPlatform {
     pub digest: String,
     /// Sum of its compressed layer sizes.
     pub size: u64,
-}
-
-/// A unique repository name under `sluice-test/`, so runs never collide.
-pub fn unique_repo(prefix: &str) -> String {
-    let mut b = [0u8; 6];
-    rand::thread_rng().fill_bytes(&mut b);
-    format!("sluice-test/{prefix}-{}", hex::encode(b))
 }
 
 /// A gzip tar of regular files (mode 0644, owner 0:0), with the two zero

@@ -61,6 +61,14 @@ pub fn digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// A unique repository name under `sluice-test/`, so runs never collide.
+pub fn unique_repo(prefix: &str) -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 6];
+    rand::thread_rng().fill_bytes(&mut b);
+    format!("sluice-test/{prefix}-{}", hex::encode(b))
+}
+
 fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)

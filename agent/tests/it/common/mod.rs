@@ -32,12 +32,6 @@ pub fn registry() -> String {
     )
 }
 
-fn rand_hex() -> String {
-    let mut b = [0u8; 6];
-    rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).unwrap();
-    hex::encode(b)
-}
-
 /// A layer: its uncompressed tar and gzip bytes.
 pub struct Layer {
     pub tar: Vec<u8>,
@@ -76,7 +70,7 @@ pub struct Pushed {
 /// the agent must catch).
 pub fn push_image(layers: &[Layer], sizes: Option<&[u64]>) -> Pushed {
     let reg = registry();
-    let repo = format!("sluice-agent-test/img-{}", rand_hex());
+    let repo = push::unique_repo("agent-img");
     let push: Vec<push::PushLayer<'_>> = layers
         .iter()
         .enumerate()
@@ -101,11 +95,7 @@ pub fn push_image(layers: &[Layer], sizes: Option<&[u64]>) -> Pushed {
 /// repository of the same registry ([`shared::recompress`]).
 pub fn recompress(pushed: &Pushed, format: &str) -> Pushed {
     let reg = registry();
-    let repo = format!(
-        "sluice-agent-test/{}-{}",
-        format.replace(':', "-"),
-        rand_hex()
-    );
+    let repo = push::unique_repo(&format!("agent-{}", format.replace(':', "-")));
     let manifest = shared::recompress(&pushed.image, format, &format!("{reg}/{repo}:v1"));
     let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     let digest = sluice_protocol::sha256_digest(&manifest);

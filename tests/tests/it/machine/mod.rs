@@ -23,9 +23,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// [`Fleet`] holds its permit until it is dropped.
 pub async fn machine_slot() -> tokio::sync::SemaphorePermit<'static> {
     static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     SLOTS
-        .get_or_init(|| tokio::sync::Semaphore::new(cores.clamp(1, 2)))
+        .get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tokio::sync::Semaphore::new(cores.clamp(1, 2))
+        })
         .acquire()
         .await
         .expect("the semaphore is never closed")
