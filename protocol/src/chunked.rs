@@ -378,13 +378,15 @@ pub fn parse_toc(compressed: Vec<u8>, loc: &TocLocation) -> Result<Toc, TocError
         );
     }
     // Each entry is checked and converted as it is parsed: the raw entries
-    // are never all in memory.
+    // are never all in memory, and the text gives its pages back behind the
+    // parser, so the text and the entries made from it are never both whole.
     let refused = std::cell::RefCell::new(None);
     let seed = TocSeed {
         data_limit: loc.offset,
         refused: &refused,
     };
-    let mut de = serde_json::Deserializer::from_slice(&text);
+    let reader = std::io::BufReader::with_capacity(64 << 10, Releasing::new(text));
+    let mut de = serde_json::Deserializer::from_reader(reader);
     let (version, entries) = serde::de::DeserializeSeed::deserialize(seed, &mut de)
         .and_then(|t| de.end().map(|()| t))
         .map_err(|e| {
@@ -398,6 +400,72 @@ pub fn parse_toc(compressed: Vec<u8>, loc: &TocLocation) -> Result<Toc, TocError
         bail!("table of contents version {version} is not 1");
     }
     Ok(Toc { entries })
+}
+
+/// Reads a buffer once, front to back, and gives the pages it has read
+/// back to the kernel every [`Releasing::STEP`] bytes: the 19 MB text of a
+/// large table then shrinks while the entries parsed from it grow, instead
+/// of both being whole at the end of the parse (the agent's peak memory).
+struct Releasing {
+    buf: Vec<u8>,
+    /// Next byte to read.
+    pos: usize,
+    /// Bytes before this were given back (a page boundary, or 0).
+    released: usize,
+}
+
+impl Releasing {
+    /// How far the reader gets before it gives pages back.
+    const STEP: usize = 1 << 20;
+
+    fn new(buf: Vec<u8>) -> Self {
+        Releasing {
+            buf,
+            pos: 0,
+            released: 0,
+        }
+    }
+
+    /// Gives back the whole pages of `buf` that lie before `pos`.
+    fn release(&mut self) {
+        let page = rustix::param::page_size();
+        let base = self.buf.as_mut_ptr() as usize;
+        let start = (base + self.released).next_multiple_of(page);
+        let end = (base + self.pos) / page * page;
+        if end <= start {
+            return;
+        }
+        // SAFETY: [start, end) lies inside `buf`'s allocation (whole pages
+        // between its first byte and `pos <= len`), made from the `&mut`
+        // pointer of a buffer this reader owns, and no reference into it
+        // is alive: `read` copies bytes out and never looks before `pos`
+        // again. MADV_DONTNEED on private anonymous memory only makes those
+        // pages read as zeros; the allocator's own bookkeeping lies outside
+        // the range, and the memory stays mapped and writable for it.
+        // Failing to give pages back costs memory, not correctness: move on
+        // rather than ask again at every read.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            rustix::mm::madvise(
+                start as *mut std::ffi::c_void,
+                end - start,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        };
+        self.released = end - base;
+    }
+}
+
+impl std::io::Read for Releasing {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        if self.pos - self.released >= Self::STEP {
+            self.release();
+        }
+        Ok(n)
+    }
 }
 
 /// Checks one entry of the table (the `i`th) and makes it an [`Entry`]
@@ -604,5 +672,33 @@ mod tests {
             vec![(0, MAX_REQUEST), (MAX_REQUEST, MAX_REQUEST + 1)]
         );
         assert!(coalesce([]).is_empty());
+    }
+
+    #[test]
+    fn a_releasing_reader_reads_every_byte_and_gives_back_what_it_passed() {
+        use std::io::Read;
+        let data: Vec<u8> = (0..5 * Releasing::STEP + 123)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        // Reads of odd sizes cross page and step boundaries anywhere.
+        let mut r = Releasing::new(data.clone());
+        let (mut out, mut chunk) = (Vec::new(), [0u8; 4093]);
+        loop {
+            let n = r.read(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(out, data);
+        // All but the last step's pages went back, whole pages only.
+        let page = rustix::param::page_size();
+        let base = r.buf.as_ptr() as usize;
+        assert!(r.released >= 4 * Releasing::STEP, "{}", r.released);
+        assert!(r.released <= r.pos);
+        assert_eq!((base + r.released) % page, 0);
+        // What went back reads as zeros: the pages were really returned.
+        let first = (base.next_multiple_of(page) - base)..r.released;
+        assert!(r.buf[first].iter().all(|&b| b == 0));
     }
 }
