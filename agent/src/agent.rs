@@ -499,13 +499,20 @@ impl Device {
         let (env, mut ab) = self.ab()?;
         ab.stage(slot);
         self.store_ab(env, &ab)?;
+        let boot_id = self.boot_id()?;
+        self.staged(target, slot, boot_id)
+    }
+
+    /// The state says `slot` holds `target`, staged in the boot `boot_id`
+    /// (empty: a boot before this one).
+    fn staged(&mut self, target: Target, slot: Slot, boot_id: String) -> anyhow::Result<()> {
         self.store.data.set_slot(slot, Some(target.clone()));
         self.store.transition(
             Step::Stage,
             UpdateState::Staged {
                 target,
                 slot,
-                boot_id: self.boot_id()?,
+                boot_id,
             },
         )
     }
@@ -709,19 +716,12 @@ impl Device {
             && ab.trial() == Some(slot)
             && ab.is_ok(slot)
         {
-            self.store.data.set_slot(slot, Some(target.clone()));
-            self.store.transition(
-                Step::Stage,
-                UpdateState::Staged {
-                    target,
-                    slot,
-                    boot_id: if booted == slot || ab.is_tried(slot) {
-                        String::new()
-                    } else {
-                        now.clone()
-                    },
-                },
-            )?;
+            let boot_id = if booted == slot || ab.is_tried(slot) {
+                String::new()
+            } else {
+                now.clone()
+            };
+            self.staged(target, slot, boot_id)?;
         }
         if let Some(why) = self.awaited_reboot()? {
             crate::log(&format!("waiting for the reboot {why}: nothing to assess"));
@@ -763,26 +763,10 @@ impl Device {
                 ab.mark_bad(slot);
                 self.store_ab(env, &ab)?;
                 self.store.data.record_failure(&target.digest);
-                self.store.data.last_result = Some(format!("rolled back from {}", target.version));
-                self.store.transition(Step::FellBack, UpdateState::Idle)?;
-                // Reports follow the transition, so the host status sent
-                // with them is the one the device now has.
-                self.report(
-                    EventKind::RolledBack,
-                    &target,
-                    Some(format!("booted slot {booted}, not {slot}")),
-                );
-                Ok(())
+                self.rolled_back(&target, slot, booted)
             }
             UpdateState::Failed { target, slot, .. } if slot != booted => {
-                self.store.data.last_result = Some(format!("rolled back from {}", target.version));
-                self.store.transition(Step::FellBack, UpdateState::Idle)?;
-                self.report(
-                    EventKind::RolledBack,
-                    &target,
-                    Some(format!("booted slot {booted}, not {slot}")),
-                );
-                Ok(())
+                self.rolled_back(&target, slot, booted)
             }
             UpdateState::Failed { target, .. } => {
                 // Booted the slot marked bad anyway: assess it again.
@@ -852,6 +836,21 @@ impl Device {
                 )
             }
         }
+    }
+
+    /// GRUB fell back from `slot` to `booted`: back to idle, and
+    /// `rolled_back` reported.
+    fn rolled_back(&mut self, target: &Target, slot: Slot, booted: Slot) -> anyhow::Result<()> {
+        self.store.data.last_result = Some(format!("rolled back from {}", target.version));
+        self.store.transition(Step::FellBack, UpdateState::Idle)?;
+        // Reports follow the transition, so the host status sent with them
+        // is the one the device now has.
+        self.report(
+            EventKind::RolledBack,
+            target,
+            Some(format!("booted slot {booted}, not {slot}")),
+        );
+        Ok(())
     }
 
     fn healthy(&mut self, target: Target, slot: Slot) -> anyhow::Result<()> {

@@ -358,10 +358,8 @@ mod tests {
         assert_eq!(back.boot.health_checks, cfg.boot.health_checks);
     }
 
-    #[test]
-    fn the_spec_example_parses() {
-        let cfg: Config = toml::from_str(
-            r#"
+    /// The example of the specification.
+    const SPEC_EXAMPLE: &str = r#"
 server = "https://updates.example.com"
 product = "acme-os"
 channel = "stable"
@@ -383,9 +381,11 @@ health_checks = [["systemctl", "is-system-running", "--wait"]]
 [registry]
 insecure = []
 auth = "/etc/sluice/registry-auth.json"
-"#,
-        )
-        .unwrap();
+"#;
+
+    #[test]
+    fn the_spec_example_parses() {
+        let cfg: Config = toml::from_str(SPEC_EXAMPLE).unwrap();
         assert_eq!(cfg.slots.kind, SlotKind::Dir);
         assert_eq!(cfg.arch, default_arch());
         assert!(toml::from_str::<Config>("server = 1").is_err());
@@ -395,22 +395,9 @@ auth = "/etc/sluice/registry-auth.json"
 
     #[test]
     fn mirrors_map_registry_hosts() {
-        let cfg: Config = toml::from_str(
-            r#"
-server = "http://10.0.2.2:8080"
-product = "acme-os"
-channel = "stable"
-[slots]
-kind = "block"
-a = "/dev/vda2"
-b = "/dev/vda3"
-[boot]
-[registry]
-insecure = ["10.0.2.2:5000"]
-mirrors = { "127.0.0.1:5000" = "10.0.2.2:5000" }
-"#,
-        )
-        .unwrap();
+        // `[registry]` is the example's last table.
+        let text = format!(r#"{SPEC_EXAMPLE}mirrors = {{ "127.0.0.1:5000" = "10.0.2.2:5000" }}"#);
+        let cfg: Config = toml::from_str(&text).unwrap();
         assert_eq!(cfg.registry.pull_host("127.0.0.1:5000"), "10.0.2.2:5000");
         assert_eq!(cfg.registry.pull_host("10.0.2.2:5000"), "10.0.2.2:5000");
     }

@@ -283,42 +283,8 @@ fn unknown_key(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD as B64;
-    use p256::ecdsa::signature::Signer;
-    use p256::pkcs8::EncodePublicKey;
-    use sluice_protocol::keylist::{EnvelopeSignature, PAYLOAD_TYPE, pae};
-    use sluice_protocol::{KeyState, ListedKey, ResponseSigner};
-
-    fn ed(n: u8) -> ResponseSigner {
-        ResponseSigner::from_seed(&[n; 32])
-    }
-
-    fn ed_key(n: u8, role: KeyRole, state: KeyState) -> ListedKey {
-        let p = ed(n).public_key();
-        ListedKey {
-            key_id: p.key_id,
-            role,
-            algorithm: p.algorithm,
-            public_key_pem: p.public_key_pem,
-            state,
-        }
-    }
-
-    fn ec(n: u8) -> p256::ecdsa::SigningKey {
-        p256::ecdsa::SigningKey::from_slice(&[n; 32]).unwrap()
-    }
-
-    fn ec_key(n: u8, state: KeyState) -> ListedKey {
-        let vk = *ec(n).verifying_key();
-        ListedKey {
-            key_id: sluice_protocol::key_id(vk.to_public_key_der().unwrap().as_bytes()),
-            role: KeyRole::Image,
-            algorithm: sluice_protocol::keys::ALG_ECDSA_P256.into(),
-            public_key_pem: vk.to_public_key_pem(Default::default()).unwrap(),
-            state,
-        }
-    }
+    use sluice_protocol::KeyState;
+    use sluice_protocol::keylist::testing::{ec_key, ed, ed_key, sign};
 
     /// A server's lists: root `root`, response `resp`, image `img` per version.
     struct Lists(Vec<SignedKeyList>);
@@ -343,21 +309,7 @@ mod tests {
                 ec_key(img, KeyState::Current),
             ],
         };
-        let payload = serde_json::to_vec(&list).unwrap();
-        let m = pae(PAYLOAD_TYPE, &payload);
-        let mut sigs = Vec::new();
-        for n in [root, prev_root, resp] {
-            sigs.push(EnvelopeSignature {
-                keyid: ed(n).key_id().into(),
-                sig: B64.encode(ed(n).sign_message(&m)),
-            });
-        }
-        let s: p256::ecdsa::Signature = ec(img).sign(&m);
-        sigs.push(EnvelopeSignature {
-            keyid: ec_key(img, KeyState::Current).key_id,
-            sig: B64.encode(s.to_der().as_bytes()),
-        });
-        SignedKeyList::new(&payload, sigs)
+        sign(&list, &[root, prev_root, resp], &[img])
     }
 
     impl Lists {

@@ -423,19 +423,23 @@ impl SignedKeyList {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// Keys a test server holds, by number (Ed25519 seeds, P-256 scalars), and
+/// lists they sign: for the tests here and the agent's (feature `testing`,
+/// a dev-dependency's: no shipped build has it).
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
     use super::*;
     use crate::ResponseSigner;
     use p256::ecdsa::signature::Signer;
     use p256::pkcs8::EncodePublicKey;
 
-    /// Keys a test server holds: Ed25519 seeds and P-256 scalars by number.
-    fn ed(n: u8) -> ResponseSigner {
+    /// The Ed25519 key of seed `n`.
+    pub fn ed(n: u8) -> ResponseSigner {
         ResponseSigner::from_seed(&[n; 32])
     }
 
-    fn ed_key(n: u8, role: KeyRole, state: KeyState) -> ListedKey {
+    /// [`ed`]`(n)` listed as `role` in `state`.
+    pub fn ed_key(n: u8, role: KeyRole, state: KeyState) -> ListedKey {
         let p = ed(n).public_key();
         ListedKey {
             key_id: p.key_id,
@@ -446,11 +450,13 @@ mod tests {
         }
     }
 
-    fn ec(n: u8) -> p256::ecdsa::SigningKey {
+    /// The P-256 key of scalar `n`.
+    pub fn ec(n: u8) -> p256::ecdsa::SigningKey {
         p256::ecdsa::SigningKey::from_slice(&[n; 32]).unwrap()
     }
 
-    fn ec_key(n: u8, state: KeyState) -> ListedKey {
+    /// [`ec`]`(n)` listed as an image key in `state`.
+    pub fn ec_key(n: u8, state: KeyState) -> ListedKey {
         let vk = *ec(n).verifying_key();
         ListedKey {
             key_id: crate::key_id(vk.to_public_key_der().unwrap().as_bytes()),
@@ -461,18 +467,8 @@ mod tests {
         }
     }
 
-    fn list(version: u64, keys: Vec<ListedKey>) -> KeyList {
-        KeyList {
-            version,
-            issued_at: time::macros::datetime!(2026-01-01 00:00 UTC),
-            expires_at: time::macros::datetime!(2027-01-01 00:00 UTC),
-            threshold: 1,
-            keys,
-        }
-    }
-
-    /// Signs with Ed25519 seeds `eds` and P-256 scalars `ecs`.
-    fn sign(l: &KeyList, eds: &[u8], ecs: &[u8]) -> SignedKeyList {
+    /// `l` signed by the Ed25519 keys `eds` and the P-256 keys `ecs`.
+    pub fn sign(l: &KeyList, eds: &[u8], ecs: &[u8]) -> SignedKeyList {
         let payload = serde_json::to_vec(l).unwrap();
         let m = pae(PAYLOAD_TYPE, &payload);
         let mut sigs = Vec::new();
@@ -490,6 +486,22 @@ mod tests {
             });
         }
         SignedKeyList::new(&payload, sigs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    fn list(version: u64, keys: Vec<ListedKey>) -> KeyList {
+        KeyList {
+            version,
+            issued_at: time::macros::datetime!(2026-01-01 00:00 UTC),
+            expires_at: time::macros::datetime!(2027-01-01 00:00 UTC),
+            threshold: 1,
+            keys,
+        }
     }
 
     /// Root 1, response 2, image 3.

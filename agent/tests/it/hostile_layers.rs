@@ -71,6 +71,21 @@ impl Tar {
             0o644,
         )
     }
+    /// A metadata record (GNU long name or link, PAX header) for the next entry.
+    fn record(&mut self, kind: tar::EntryType, data: &[u8]) -> &mut Self {
+        self.raw(b"././@LongLink", kind, data, b"", 0o644)
+    }
+    /// A GNU long-name record naming the next entry `name`.
+    fn long_name(&mut self, name: &str) -> &mut Self {
+        self.record(
+            tar::EntryType::GNULongName,
+            &[name.as_bytes(), b"\0"].concat(),
+        )
+    }
+    /// A PAX header of one record, `key=value`, for the next entry.
+    fn pax(&mut self, key: &str, value: &[u8]) -> &mut Self {
+        self.record(tar::EntryType::XHeader, &pax_record(key, value))
+    }
     fn finish(&self) -> Vec<u8> {
         let mut b = self.bytes.clone();
         b.extend(std::iter::repeat_n(0u8, 1024));
@@ -141,6 +156,15 @@ impl Device {
     ) -> Result<(), UnpackError> {
         let mut u = Unpacker::new(&self.slot, opts)?;
         u.apply_blob(media_type, layer).map(|_| ())
+    }
+
+    /// An unpacker into the slot that creates device nodes when `allow_devices`.
+    fn unpacker(&self, allow_devices: bool) -> Unpacker {
+        let opts = UnpackOptions {
+            allow_devices,
+            ..UnpackOptions::default()
+        };
+        Unpacker::new(&self.slot, opts).unwrap()
     }
 
     #[track_caller]
@@ -516,11 +540,7 @@ fn device_nodes_are_refused_unless_allowed() {
     d.refused(&t.gzip(), "device node");
     assert!(!d.slot.join("dev/sda").exists());
     if rustix::process::geteuid().is_root() {
-        let opts = UnpackOptions {
-            allow_devices: true,
-            ..UnpackOptions::default()
-        };
-        let mut u = Unpacker::new(&d.slot, opts).unwrap();
+        let mut u = d.unpacker(true);
         u.apply_blob("application/vnd.oci.image.layer.v1.tar+gzip", &t.gzip()[..])
             .unwrap();
         u.commit().unwrap();
@@ -537,23 +557,11 @@ fn long_and_pax_names_are_checked() {
     let long = format!("{}/../../outside/secret", "x".repeat(150));
     // A GNU long-name record (`L` entry) carrying the name.
     let mut t = Tar::default();
-    let mut name = long.clone().into_bytes();
-    name.push(0);
-    t.raw(
-        b"././@LongLink",
-        tar::EntryType::GNULongName,
-        &name,
-        b"",
-        0o644,
-    )
-    .file("innocent", b"pwned");
+    t.long_name(&long).file("innocent", b"pwned");
     d.refused(&t.gzip(), "`..` in path");
-    // A PAX record, written by hand.
+    // A PAX record.
     let mut t = Tar::default();
-    let rec = format!(" path={long}\n");
-    let rec = format!("{}{rec}", rec.len() + (rec.len() + 3).to_string().len());
-    t.raw(b"pax", tar::EntryType::XHeader, rec.as_bytes(), b"", 0o644)
-        .file("innocent", b"pwned");
+    t.pax("path", long.as_bytes()).file("innocent", b"pwned");
     d.refused(&t.gzip(), "`..` in path");
 }
 
@@ -566,10 +574,8 @@ fn a_failure_while_filling_a_file_fails_the_layer() {
     for size in [10usize, 1 << 20] {
         let d = Device::new();
         let mut t = Tar::default();
-        let rec = " SCHILY.xattr.bogus.sluice=1\n";
-        let rec = format!("{}{rec}", rec.len() + (rec.len() + 2).to_string().len());
         t.file("before", b"first")
-            .raw(b"pax", tar::EntryType::XHeader, rec.as_bytes(), b"", 0o644)
+            .pax("SCHILY.xattr.bogus.sluice", b"1")
             .file("bad", &vec![7u8; size])
             .file("after", b"last");
         d.refused(&t.gzip(), "xattr bogus.sluice of bad");
@@ -583,7 +589,7 @@ fn a_failure_while_filling_a_file_fails_the_layer() {
 #[test]
 fn a_normal_layer_keeps_metadata_and_whiteouts_apply() {
     let d = Device::new();
-    let mut u = Unpacker::new(&d.slot, UnpackOptions::default()).unwrap();
+    let mut u = d.unpacker(false);
     let mut lower = Tar::default();
     lower
         .dir("etc")
@@ -713,14 +719,8 @@ fn metadata_records_past_their_caps_are_refused() {
     ] {
         let d = Device::new();
         let mut t = Tar::default();
-        t.raw(
-            b"././@LongLink",
-            kind,
-            &vec![b'a'; cap as usize + 1],
-            b"",
-            0o644,
-        )
-        .file("after", b"x");
+        t.record(kind, &vec![b'a'; cap as usize + 1])
+            .file("after", b"x");
         let err = d.apply(&t.gzip()).unwrap_err();
         assert!(matches!(err, UnpackError::Record { .. }), "{err:?}");
         let msg = err.to_string();
@@ -748,7 +748,7 @@ fn a_pax_header_at_the_cap_is_applied() {
         .unwrap();
     rec.extend_from_slice(&comment);
     let mut t = Tar::default();
-    t.raw(b"pax", tar::EntryType::XHeader, &rec, b"", 0o644)
+    t.record(tar::EntryType::XHeader, &rec)
         .file("original", b"data");
     d.apply(&t.gzip()).unwrap();
     assert_eq!(std::fs::read(d.slot.join("renamed")).unwrap(), b"data");
@@ -764,33 +764,18 @@ fn the_record_caps_stay_in_step_with_the_tar_stream() {
     let long = format!("dir/{}", "n".repeat(200));
     let (sparse, sparse_content) = sparse_file("holes");
     let mut t = Tar::default();
-    t.dir("dir").raw(
-        b"pax",
-        tar::EntryType::XHeader,
-        &pax_record("size", b"1000"),
-        b"",
-        0o644,
-    );
+    t.dir("dir").pax("size", b"1000");
     // The file's ustar size says 0: the PAX size (1000) wins.
     t.raw(b"paxsized", tar::EntryType::Regular, b"", b"", 0o644);
     t.bytes.extend_from_slice(&body);
     t.bytes.extend(std::iter::repeat_n(0u8, 24));
-    let mut name = long.clone().into_bytes();
-    name.push(0);
-    t.raw(
-        b"././@LongLink",
-        tar::EntryType::GNULongName,
-        &name,
-        b"",
-        0o644,
-    )
-    .file("short", b"long-named");
+    t.long_name(&long).file("short", b"long-named");
     t.bytes.extend_from_slice(&sparse);
     t.file("last", b"end");
     let good = t.clone_tar();
 
     let d = Device::new();
-    let mut u = Unpacker::new(&d.slot, UnpackOptions::default()).unwrap();
+    let mut u = d.unpacker(false);
     u.apply(&good.finish()[..]).unwrap();
     u.commit().unwrap();
     assert_eq!(std::fs::read(d.slot.join("paxsized")).unwrap(), body);
@@ -800,14 +785,8 @@ fn the_record_caps_stay_in_step_with_the_tar_stream() {
 
     let mut bad = good.clone_tar();
     let huge = vec![b'a'; sluice_agent::unpack::MAX_LONG_NAME as usize + 1];
-    bad.raw(
-        b"././@LongLink",
-        tar::EntryType::GNULongName,
-        &huge,
-        b"",
-        0o644,
-    )
-    .file("x", b"x");
+    bad.record(tar::EntryType::GNULongName, &huge)
+        .file("x", b"x");
     let d = Device::new();
     let err = d.apply(&bad.gzip()).unwrap_err();
     assert!(matches!(err, UnpackError::Record { .. }), "{err:?}");
@@ -847,34 +826,14 @@ fn paths_link_names_and_xattrs_have_caps() {
     let d = Device::new();
     let long = "d/".repeat(2100);
     let mut t = Tar::default();
-    t.raw(
-        b"pax",
-        tar::EntryType::XHeader,
-        &pax_record("path", long.as_bytes()),
-        b"",
-        0o644,
-    )
-    .file("f", b"x");
+    t.pax("path", long.as_bytes()).file("f", b"x");
     d.refused(&t.gzip(), "longer than 4096 bytes");
     let mut t = Tar::default();
-    t.raw(
-        b"pax",
-        tar::EntryType::XHeader,
-        &pax_record("linkpath", long.as_bytes()),
-        b"",
-        0o644,
-    )
-    .symlink("l", "short");
+    t.pax("linkpath", long.as_bytes()).symlink("l", "short");
     d.refused(&t.gzip(), "longer than 4096 bytes");
     let mut t = Tar::default();
-    t.raw(
-        b"pax",
-        tar::EntryType::XHeader,
-        &pax_record("SCHILY.xattr.user.big", &vec![b'v'; 65537]),
-        b"",
-        0o644,
-    )
-    .file("f", b"x");
+    t.pax("SCHILY.xattr.user.big", &vec![b'v'; 65537])
+        .file("f", b"x");
     d.refused(&t.gzip(), "xattr user.big");
 }
 
@@ -901,11 +860,7 @@ fn has_caps(p: &Path) -> bool {
 fn privileged_metadata_waits_for_commit() {
     let root = rustix::process::geteuid().is_root();
     let d = Device::new();
-    let opts = UnpackOptions {
-        allow_devices: true,
-        ..UnpackOptions::default()
-    };
-    let mut u = Unpacker::new(&d.slot, opts).unwrap();
+    let mut u = d.unpacker(true);
     assert_eq!(mode(&d.slot), 0o700, "the slot is open while unverified");
     let mut t = Tar::default();
     t.raw(b"./", tar::EntryType::Directory, b"", b"", 0o750)
@@ -920,15 +875,9 @@ fn privileged_metadata_waits_for_commit() {
         .hardlink("bin/su-link", "bin/su")
         .raw(b"shared", tar::EntryType::Directory, b"", b"", 0o2775);
     if root {
-        t.raw(
-            b"pax",
-            tar::EntryType::XHeader,
-            &pax_record("SCHILY.xattr.security.capability", &net_bind_cap()),
-            b"",
-            0o644,
-        )
-        .raw(b"bin/ping", tar::EntryType::Regular, b"ping", b"", 0o755)
-        .raw(b"dev/null", tar::EntryType::Char, b"", b"", 0o666);
+        t.pax("SCHILY.xattr.security.capability", &net_bind_cap())
+            .raw(b"bin/ping", tar::EntryType::Regular, b"ping", b"", 0o755)
+            .raw(b"dev/null", tar::EntryType::Char, b"", b"", 0o666);
     }
     u.apply(&t.finish()[..]).unwrap();
     for f in ["bin/su", "bin/big", "bin/su-link"] {
@@ -968,11 +917,7 @@ fn privileged_metadata_waits_for_commit() {
 fn privileged_metadata_follows_later_layers() {
     let root = rustix::process::geteuid().is_root();
     let d = Device::new();
-    let opts = UnpackOptions {
-        allow_devices: true,
-        ..UnpackOptions::default()
-    };
-    let mut u = Unpacker::new(&d.slot, opts).unwrap();
+    let mut u = d.unpacker(true);
     let mut lower = Tar::default();
     lower
         .raw(b"bin/su", tar::EntryType::Regular, b"su", b"", 0o4755)

@@ -26,20 +26,19 @@
 
 use crate::common;
 
-use common::{Keys, Layer, Request, Responder, Response};
+use common::{Keys, Layer, Request, Responder, Response, device_routes, resolution};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice_agent::agent::{Daemon, Device, Turn};
 use sluice_agent::bootloader::{AbState, GrubEnv, Slot, SlotBoot};
 use sluice_agent::config::Config;
 use sluice_agent::failpoint::{self, Crash};
-use sluice_protocol::{Offer, ResolveResponse};
+use sluice_protocol::Offer;
 use std::collections::{BTreeMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
-use time::OffsetDateTime;
 
 const PRODUCT: &str = "acme-os";
 const REGRESSIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/model-regressions.txt");
@@ -177,27 +176,14 @@ impl World {
             let weak = weak.clone();
             let responder = Responder::start(Arc::new(move |req: &Request| match weak.upgrade() {
                 Some(w) => w.serve(req),
-                None => Response {
-                    status: 503,
-                    headers: vec![],
-                    body: vec![],
-                },
+                None => Response::plain(503, []),
             }));
             let mut blobs = BTreeMap::new();
             let mut make = |version: &'static str, lie: bool| {
                 let (layer, tree) = release_layer(version);
                 let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-                let cdigest = sluice_protocol::sha256_digest(config);
-                blobs.insert(cdigest.clone(), config.to_vec());
-                let manifest = serde_json::to_vec(&serde_json::json!({
-                    "schemaVersion": 2,
-                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                               "digest": cdigest, "size": config.len()},
-                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                                "digest": layer.digest(), "size": layer.gz.len()}]
-                }))
-                .unwrap();
+                blobs.insert(sluice_protocol::sha256_digest(config), config.to_vec());
+                let manifest = common::manifest(config, &[(&layer.digest(), layer.gz.len())]);
                 let digest = sluice_protocol::sha256_digest(&manifest);
                 let mut gz = layer.gz.clone();
                 if lie {
@@ -245,20 +231,8 @@ impl World {
     }
 
     fn serve(&self, req: &Request) -> Response {
-        let json = |v: serde_json::Value| Response {
-            status: 200,
-            headers: vec![("Content-Type".into(), "application/json".into())],
-            body: serde_json::to_vec(&v).unwrap(),
-        };
-        if req.path == "/v1/devices/enroll" {
-            return json(serde_json::json!({"device_id": "dev-1", "token": "tok-1"}));
-        }
-        if req.path.ends_with("/events") {
-            return Response {
-                status: 204,
-                headers: vec![],
-                body: vec![],
-            };
+        if let Some(r) = device_routes(req) {
+            return r;
         }
         if req.path.ends_with("/resolve") {
             let answer = *self.answer.lock().unwrap();
@@ -288,62 +262,27 @@ impl World {
                     false,
                     None,
                 ),
-                Answer::Down => {
-                    return Response {
-                        status: 503,
-                        headers: vec![],
-                        body: b"down".to_vec(),
-                    };
-                }
+                Answer::Down => return Response::plain(503, "down"),
                 Answer::Replay => (None, false, false, Some("an-old-nonce".to_string())),
             };
-            let now = OffsetDateTime::now_utc();
-            let r = ResolveResponse {
-                update: offer
-                    .as_ref()
-                    .is_some_and(|o| req.q("current") != Some(o.digest.as_str())),
-                downgrade,
-                release: offer,
-                poll_after_s: 60,
-                device_id: "dev-1".into(),
-                nonce: nonce.unwrap_or_else(|| req.q("nonce").unwrap_or("").to_string()),
-                serial: self.serial.fetch_add(1, Ordering::Relaxed),
-                issued_at: now,
-                expires_at: now + time::Duration::seconds(60),
-                wire: sluice_protocol::WIRE_VERSION,
-                product: Some(PRODUCT.into()),
-                channel: req.path.split('/').nth(5).map(str::to_string),
-                arch: req.q("arch").map(str::to_string),
-                current: req.q("current").map(str::to_string),
-                keys_version: None,
-                retry: Vec::new(),
-            };
-            let body = serde_json::to_vec(&r).unwrap();
+            let mut r = resolution(req, offer, self.serial.fetch_add(1, Ordering::Relaxed));
+            r.downgrade = downgrade;
+            if let Some(nonce) = nonce {
+                r.nonce = nonce;
+            }
             let signer = if foreign {
                 &self.other.response
             } else {
                 &self.keys.response
             };
-            return Response {
-                status: 200,
-                headers: vec![("sluice-signature".into(), signer.sign_header(&body))],
-                body,
-            };
+            return Response::signed(&r, signer);
         }
         if let Some((_, digest)) = req.path.rsplit_once('/')
             && let Some(b) = self.blobs.get(digest)
         {
-            return Response {
-                status: 200,
-                headers: vec![],
-                body: b.clone(),
-            };
+            return Response::plain(200, b.clone());
         }
-        Response {
-            status: 404,
-            headers: vec![],
-            body: b"not found".to_vec(),
-        }
+        Response::plain(404, "not found")
     }
 
     /// Which signed release (or the factory image) a slot holds exactly.

@@ -10,9 +10,8 @@ use crate::common;
 
 use common::*;
 use sluice_agent::bootloader::{AbState, GrubEnv, Slot};
-use sluice_protocol::{Offer, ResolveResponse};
+use sluice_protocol::Offer;
 use std::sync::{Arc, Mutex};
-use time::OffsetDateTime;
 
 const PRODUCT: &str = "acme-os";
 
@@ -43,75 +42,33 @@ struct Fake {
 fn start(fake: Arc<Fake>) -> Responder {
     let f = fake.clone();
     Responder::start(Arc::new(move |req: &Request| {
-        let json = |v: serde_json::Value| Response {
-            status: 200,
-            headers: vec![("Content-Type".into(), "application/json".into())],
-            body: serde_json::to_vec(&v).unwrap(),
-        };
-        if req.path == "/v1/devices/enroll" {
-            return json(serde_json::json!({"device_id": "dev-1", "token": "tok-1"}));
-        }
-        if req.path.ends_with("/events") || req.path.ends_with("/failures/cleared") {
-            return Response {
-                status: 204,
-                headers: vec![],
-                body: vec![],
-            };
+        if let Some(r) = device_routes(req) {
+            return r;
         }
         if req.path.ends_with("/resolve") {
             let a = f.answer.lock().unwrap().clone();
-            let now = OffsetDateTime::now_utc();
-            let update = a
-                .offer
-                .as_ref()
-                .is_some_and(|o| req.q("current") != Some(o.digest.as_str()));
-            let r = ResolveResponse {
-                update,
-                downgrade: a.downgrade,
-                release: a.offer.clone(),
-                poll_after_s: 60,
-                device_id: "dev-1".into(),
-                nonce: a
-                    .nonce
-                    .clone()
-                    .unwrap_or_else(|| req.q("nonce").unwrap().to_string()),
-                serial: a.serial,
-                issued_at: now,
-                expires_at: now + time::Duration::seconds(if a.ttl == 0 { 60 } else { a.ttl }),
-                wire: sluice_protocol::WIRE_VERSION,
-                product: Some(PRODUCT.into()),
-                channel: req.path.split('/').nth(5).map(str::to_string),
-                arch: req.q("arch").map(str::to_string),
-                current: req.q("current").map(str::to_string),
-                keys_version: None,
-                retry: a.retry.clone(),
-            };
-            let body = serde_json::to_vec(&r).unwrap();
+            let mut r = resolution(req, a.offer, a.serial);
+            r.downgrade = a.downgrade;
+            r.retry = a.retry;
+            if let Some(nonce) = a.nonce {
+                r.nonce = nonce;
+            }
+            if a.ttl != 0 {
+                r.expires_at = r.issued_at + time::Duration::seconds(a.ttl);
+            }
             let signer = if a.foreign_signer {
                 &f.other.response
             } else {
                 &f.keys.response
             };
-            return Response {
-                status: 200,
-                headers: vec![("sluice-signature".into(), signer.sign_header(&body))],
-                body,
-            };
+            return Response::signed(&r, signer);
         }
         for (d, b) in f.blobs.lock().unwrap().iter() {
             if req.path.ends_with(d.as_str()) {
-                return Response {
-                    status: 200,
-                    headers: vec![],
-                    body: b.clone(),
-                };
+                return Response::plain(200, b.clone());
             }
         }
-        Response {
-            status: 404,
-            headers: vec![],
-            body: b"not found".to_vec(),
-        }
+        Response::plain(404, "not found")
     }))
 }
 
@@ -127,128 +84,143 @@ fn fake() -> Arc<Fake> {
     })
 }
 
-fn device(f: &Fake, r: &Responder, healthy: bool, kind: &str) -> Device {
-    common::device(
-        &r.url,
-        PRODUCT,
-        &f.keys.key_set(),
-        vec![r.host.clone()],
-        healthy,
-        kind,
-    )
-}
+impl Fake {
+    /// A device of `kind` polling the responder `r` that plays this server,
+    /// trusting its keys; its health check passes when `healthy`.
+    fn device(&self, r: &Responder, healthy: bool, kind: &str) -> Device {
+        common::device(
+            &r.url,
+            PRODUCT,
+            &self.keys.key_set(),
+            vec![r.host.clone()],
+            healthy,
+            kind,
+        )
+    }
 
-fn offer(f: &Fake, p: &Pushed, version: &str) -> Offer {
-    Offer {
-        version: version.into(),
-        digest: p.digest.clone(),
-        image: p.image.clone(),
-        size: p.size,
-        signature: f.keys.sign_image(&p.digest, PRODUCT, version),
+    /// `p` offered as `version`, its image signed with the trusted key.
+    fn offer(&self, p: &Pushed, version: &str) -> Offer {
+        Offer {
+            version: version.into(),
+            digest: p.digest.clone(),
+            image: p.image.clone(),
+            size: p.size,
+            signature: self.keys.sign_image(&p.digest, PRODUCT, version),
+        }
+    }
+
+    /// From now on answers with `p` offered as `version`, under a higher
+    /// serial, as the server does when a channel moves.
+    fn offers(&self, p: &Pushed, version: &str) {
+        let mut a = self.answer.lock().unwrap();
+        a.offer = Some(self.offer(p, version));
+        a.serial += 1;
     }
 }
 
-/// The entries every test OS has: `usr/bin` with a set-id `su` and a hard
-/// link to it, a `bin` symlink, and a user's home with another owner.
-fn add_system(b: &mut tar::Builder<Vec<u8>>) {
-    use tar::EntryType::*;
-    let mut add =
-        |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
-            common::tar_entry(b, path, kind, mode, uid, data, link)
-        };
-    add("usr/", Directory, 0o755, 0, b"", None);
-    add("usr/bin/", Directory, 0o755, 0, b"", None);
-    add("usr/bin/su", Regular, 0o4755, 0, b"\x7fELF su", None);
-    add("usr/bin/sudo", Link, 0o4755, 0, b"", Some("usr/bin/su"));
-    add("bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
-    add("home/", Directory, 0o755, 0, b"", None);
-    add("home/user/", Directory, 0o700, 1000, b"", None);
-    add(
-        "home/user/.profile",
-        Regular,
-        0o644,
-        1000,
-        b"export A=1\n",
-        None,
-    );
+/// What most tests start from: the stand-in server, and a device of `kind`
+/// polling it whose health check passes when `healthy`.
+struct Stage {
+    f: Arc<Fake>,
+    r: Responder,
+    dev: Device,
+}
+
+impl Stage {
+    fn new(healthy: bool, kind: &str) -> Stage {
+        let f = fake();
+        let r = start(f.clone());
+        let dev = f.device(&r, healthy, kind);
+        Stage { f, r, dev }
+    }
+
+    /// A stage whose server offers [`os_layers`], pushed, as 2.0.0; and
+    /// that image.
+    fn offering(healthy: bool, kind: &str) -> (Stage, Pushed) {
+        let s = Stage::new(healthy, kind);
+        let pushed = push_image(&os_layers(), None);
+        s.f.offers(&pushed, "2.0.0");
+        (s, pushed)
+    }
+}
+
+/// Files and folders owned by root: path, type, mode, content.
+type Files<'a> = [(&'a str, tar::EntryType, u32, &'a [u8])];
+
+/// Appends `files` to a test layer.
+fn add_files(b: &mut tar::Builder<Vec<u8>>, files: &Files) {
+    for (path, kind, mode, data) in files {
+        common::tar_entry(b, path, *kind, *mode, 0, data, None);
+    }
+}
+
+/// Appends `usr/share/doc/f{i}` for each of `docs`, holding `doc {i}`
+/// `lines` times.
+fn add_docs(b: &mut tar::Builder<Vec<u8>>, docs: impl Iterator<Item = usize>, lines: usize) {
+    for i in docs {
+        let doc = format!("doc {i}\n").repeat(lines);
+        let path = format!("usr/share/doc/f{i}");
+        add_files(
+            b,
+            &[(&path, tar::EntryType::Regular, 0o644, doc.as_bytes())],
+        );
+    }
+}
+
+/// A test OS layer's start: the system entries ([`add_system`]), `etc/`
+/// and an `etc/os-release` of `version`.
+fn os_base(version: u32) -> tar::Builder<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    add_system(&mut b);
+    let release = format!("ID=acme\nVERSION_ID={version}\n");
+    let etc: &Files = &[
+        ("etc/", tar::EntryType::Directory, 0o755, b""),
+        (
+            "etc/os-release",
+            tar::EntryType::Regular,
+            0o644,
+            release.as_bytes(),
+        ),
+    ];
+    add_files(&mut b, etc);
+    b
 }
 
 /// An OS-like image: a base layer, and an upper layer with a whiteout, an
 /// opaque directory, a replaced file and owners.
 fn os_layers() -> Vec<Layer> {
-    let mut b = tar::Builder::new(Vec::new());
-    add_system(&mut b);
-    let mut add =
-        |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
-            common::tar_entry(&mut b, path, kind, mode, uid, data, link)
-        };
     use tar::EntryType::*;
-    add("etc/", Directory, 0o755, 0, b"", None);
-    add(
-        "etc/os-release",
-        Regular,
-        0o644,
-        0,
-        b"ID=acme\nVERSION_ID=1\n",
-        None,
-    );
-    add("etc/old.conf", Regular, 0o600, 0, b"old", None);
-    add("var/", Directory, 0o755, 0, b"", None);
-    add("var/cache/", Directory, 0o755, 0, b"", None);
-    add("var/cache/junk", Regular, 0o644, 0, b"junk", None);
-    for i in 0..200 {
-        add(
-            &format!("usr/share/doc/f{i}"),
-            Regular,
-            0o644,
-            0,
-            format!("doc {i}\n").as_bytes(),
-            None,
-        );
-    }
-    let base = Layer::from_tar(b.into_inner().unwrap());
-
-    let mut b = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_mtime(1_700_000_100);
-        h.set_size(data.len() as u64);
-        b.append_data(&mut h, path, data).unwrap();
-    };
-    add("etc/.wh.old.conf", Regular, 0o644, b"");
-    add("etc/os-release", Regular, 0o644, b"ID=acme\nVERSION_ID=2\n");
-    add("var/cache/", Directory, 0o755, b"");
-    add("var/cache/.wh..wh..opq", Regular, 0o644, b"");
-    add("var/cache/fresh", Regular, 0o644, b"fresh");
-    let upper = Layer::from_tar(b.into_inner().unwrap());
-    vec![base, upper]
+    let mut base = os_base(1);
+    let files: &Files = &[
+        ("etc/old.conf", Regular, 0o600, b"old"),
+        ("var/", Directory, 0o755, b""),
+        ("var/cache/", Directory, 0o755, b""),
+        ("var/cache/junk", Regular, 0o644, b"junk"),
+    ];
+    add_files(&mut base, files);
+    add_docs(&mut base, 0..200, 1);
+    let mut upper = tar::Builder::new(Vec::new());
+    let files: &Files = &[
+        ("etc/.wh.old.conf", Regular, 0o644, b""),
+        ("etc/os-release", Regular, 0o644, b"ID=acme\nVERSION_ID=2\n"),
+        ("var/cache/", Directory, 0o755, b""),
+        ("var/cache/.wh..wh..opq", Regular, 0o644, b""),
+        ("var/cache/fresh", Regular, 0o644, b"fresh"),
+    ];
+    add_files(&mut upper, files);
+    [base, upper]
+        .map(|b| Layer::from_tar(b.into_inner().unwrap()))
+        .into()
 }
 
 /// A big image for the kill test: many files and a few MB of noise.
 fn big_layers() -> Vec<Layer> {
     let mut layers = os_layers();
     let mut b = tar::Builder::new(Vec::new());
-    let mut seed = 0x1234_5678u64;
     for i in 0..3000 {
-        let mut h = tar::Header::new_ustar();
-        let mut data = vec![0u8; 1024 + (i % 7) * 512];
-        for x in data.iter_mut() {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            *x = seed as u8;
-        }
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(data.len() as u64);
-        b.append_data(
-            &mut h,
-            format!("usr/lib/mod{}/lib{i}.so", i % 50),
-            &data[..],
-        )
-        .unwrap();
+        let data = noise(1024 + (i % 7) * 512, i as u64);
+        let path = format!("usr/lib/mod{}/lib{i}.so", i % 50);
+        add_files(&mut b, &[(&path, tar::EntryType::Regular, 0o644, &data)]);
     }
     layers.insert(1, Layer::from_tar(b.into_inner().unwrap()));
     layers
@@ -264,11 +236,7 @@ fn umoci_tree(p: &Pushed) -> std::collections::BTreeMap<std::path::PathBuf, comm
 /// by the snippet's rules) → healthy → marked good.
 #[test]
 fn upgrade_into_dir_slot_then_healthy() {
-    let f = fake();
-    let r = start(f.clone());
-    let pushed = push_image(&os_layers(), None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
-    let dev = device(&f, &r, true, "dir");
+    let (Stage { r, dev, .. }, pushed) = Stage::offering(true, "dir");
 
     ok(&dev.run(&["enroll"]));
     let out = checked(&dev.run(&["check"]));
@@ -318,11 +286,9 @@ fn upgrade_into_dir_slot_then_healthy() {
 /// to the same tree as its gzip original, one after the other on one device.
 #[test]
 fn zstd_images_from_skopeo_upgrade_to_the_same_tree() {
-    let f = fake();
-    let r = start(f.clone());
+    let Stage { f, r, dev } = Stage::new(true, "dir");
     let gzip = push_image(&os_layers(), None);
     let expected = umoci_tree(&gzip);
-    let dev = device(&f, &r, true, "dir");
     ok(&dev.run(&["enroll"]));
     for (major, format) in [(2, "zstd"), (3, "zstd:chunked")] {
         let pushed = common::recompress(&gzip, format);
@@ -342,8 +308,7 @@ fn zstd_images_from_skopeo_upgrade_to_the_same_tree() {
             );
         }
         let v = format!("{major}.0.0");
-        f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, &v));
-        f.answer.lock().unwrap().serial += 1;
+        f.offers(&pushed, &v);
         let out = ok(&dev.run(&["apply"]));
         assert!(out.contains(&format!("applied {v}")), "{format}: {out}");
         let slot = dev.reboot();
@@ -361,11 +326,7 @@ fn zstd_images_from_skopeo_upgrade_to_the_same_tree() {
 /// falls back to A, where the agent reports `rolled_back`.
 #[test]
 fn failing_health_check_rolls_back() {
-    let f = fake();
-    let r = start(f.clone());
-    let pushed = push_image(&os_layers(), None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
-    let dev = device(&f, &r, false, "dir");
+    let (Stage { r, dev, .. }, _) = Stage::offering(false, "dir");
     ok(&dev.run(&["apply"]));
     assert_eq!(dev.reboot(), Slot::B);
     refused(&dev.run(&["mark-good"]), "unhealthy");
@@ -398,7 +359,7 @@ fn attacks_are_refused() {
     let f = fake();
     let r = start(f.clone());
     let pushed = push_image(&os_layers(), None);
-    let good = offer(&f, &pushed, "2.0.0");
+    let good = f.offer(&pushed, "2.0.0");
     let set = |a: Answer| *f.answer.lock().unwrap() = a;
     let base = Answer {
         offer: Some(good.clone()),
@@ -470,7 +431,7 @@ fn attacks_are_refused() {
         ),
     ];
     for (what, answer, want) in cases {
-        let dev = device(&f, &r, true, "dir");
+        let dev = f.device(&r, true, "dir");
         set(answer);
         let out = dev.run(&["apply"]);
         refused(&out, want);
@@ -482,7 +443,7 @@ fn attacks_are_refused() {
     }
 
     // A lower serial than one already accepted.
-    let dev = device(&f, &r, true, "dir");
+    let dev = f.device(&r, true, "dir");
     set(Answer {
         offer: None,
         serial: 10,
@@ -506,7 +467,7 @@ fn attacks_are_refused() {
     ok(&dev.run(&["mark-good"]));
     let old = push_image(&os_layers()[..1], None);
     set(Answer {
-        offer: Some(offer(&f, &old, "1.0.0")),
+        offer: Some(f.offer(&old, "1.0.0")),
         serial: 12,
         ..base.clone()
     });
@@ -518,7 +479,7 @@ fn attacks_are_refused() {
     );
     // With `downgrade: true` (a channel rollback) it goes through.
     set(Answer {
-        offer: Some(offer(&f, &old, "1.0.0")),
+        offer: Some(f.offer(&old, "1.0.0")),
         serial: 12,
         downgrade: true,
         ..base.clone()
@@ -553,15 +514,7 @@ fn broken_blobs_are_refused() {
         // When longer: the digest is of the declared prefix, the extra bytes follow.
         let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
         let cdigest = sluice_protocol::sha256_digest(&config);
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": cdigest, "size": config.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                        "digest": digest, "size": declared}]
-        }))
-        .unwrap();
+        let manifest = common::manifest(&config, &[(&digest, declared)]);
         let mdigest = sluice_protocol::sha256_digest(&manifest);
         *f.blobs.lock().unwrap() = vec![
             (mdigest.clone(), manifest),
@@ -576,11 +529,11 @@ fn broken_blobs_are_refused() {
             manifest: vec![],
         };
         *f.answer.lock().unwrap() = Answer {
-            offer: Some(offer(&f, &pushed, "2.0.0")),
+            offer: Some(f.offer(&pushed, "2.0.0")),
             serial: 1,
             ..Answer::default()
         };
-        let dev = device(&f, &r, true, "dir");
+        let dev = f.device(&r, true, "dir");
         let out = dev.run(&["apply"]);
         refused(
             &out,
@@ -603,17 +556,17 @@ fn interrupted_upgrades_never_tear_anything() {
     let f = fake();
     let r = start(f.clone());
     let pushed = push_image(&big_layers(), None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
+    f.offers(&pushed, "2.0.0");
     let expected = umoci_tree(&pushed);
 
     // How long one apply takes here.
-    let probe = device(&f, &r, true, "dir");
+    let probe = f.device(&r, true, "dir");
     let t0 = std::time::Instant::now();
     ok(&probe.run(&["apply"]));
     let mut full = t0.elapsed();
     assert_eq!(tree(&probe.path("b")), expected);
 
-    let mut dev = device(&f, &r, true, "dir");
+    let mut dev = f.device(&r, true, "dir");
     let a_before = tree(&dev.path("a"));
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut kills = 0;
@@ -621,19 +574,11 @@ fn interrupted_upgrades_never_tear_anything() {
         if dev.ab().trial() == Some(Slot::B) {
             // The last run finished and awaits its reboot: a staged device
             // writes nothing more, so go on with a fresh one.
-            dev = device(&f, &r, true, "dir");
+            dev = f.device(&r, true, "dir");
         }
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let at = full.mul_f64((seed % 1000) as f64 / 1000.0);
+        let at = full.mul_f64((xorshift(&mut seed) % 1000) as f64 / 1000.0);
         let started = std::time::Instant::now();
-        let mut child = dev
-            .command(&["apply"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        if kill_after(&mut child, at) {
+        if apply_killed_after(&dev, at) {
             kills += 1;
         } else {
             // A run that finished before its moment shows an apply is
@@ -668,11 +613,7 @@ fn interrupted_upgrades_never_tear_anything() {
 /// The `image` slot kind: an ext4 image built with `mkfs.ext4 -d`, no mount.
 #[test]
 fn upgrade_into_image_slot() {
-    let f = fake();
-    let r = start(f.clone());
-    let pushed = push_image(&os_layers(), None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
-    let dev = device(&f, &r, true, "image");
+    let (Stage { dev, .. }, _) = Stage::offering(true, "image");
     ok(&dev.run(&["apply"]));
     let img = dev.path("b.img");
     let out = std::process::Command::new("debugfs")
@@ -739,6 +680,28 @@ fn wait_for_line(child: &mut std::process::Child, want: &str) -> String {
     panic!("the daemon never said {want:?}; it said:\n{said}");
 }
 
+/// Runs `apply` on `dev` and SIGKILLs it after `at` unless it has ended;
+/// answers whether it was killed.
+fn apply_killed_after(dev: &Device, at: std::time::Duration) -> bool {
+    let mut child = dev
+        .command(&["apply"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    kill_after(&mut child, at)
+}
+
+/// Starts the daemon on `dev`, sees it wait for the reboot, and stops it.
+fn daemon_waits_for_the_reboot(dev: &Device) {
+    let mut daemon = dev
+        .command(&["run"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_line(&mut daemon, "waiting for the reboot");
+    assert!(stop(&mut daemon).success());
+}
+
 /// Stops a daemon with SIGTERM and answers its exit status.
 fn stop(child: &mut std::process::Child) -> std::process::ExitStatus {
     rustix::process::kill_process(
@@ -758,32 +721,18 @@ fn stop(child: &mut std::process::Child) -> std::process::ExitStatus {
 /// A) the newer release goes into B as usual.
 #[test]
 fn failed_trial_waits_for_its_reboot() {
-    let f = fake();
-    let r = start(f.clone());
-    let v2 = push_image(&os_layers(), None);
+    let (Stage { f, r, dev }, _) = Stage::offering(false, "dir");
     let v3 = push_image(&os_layers()[..1], None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
-    let dev = device(&f, &r, false, "dir");
     ok(&dev.run(&["apply"]));
     assert_eq!(dev.reboot(), Slot::B);
     // The channel moves on while B boots.
-    *f.answer.lock().unwrap() = Answer {
-        offer: Some(offer(&f, &v3, "3.0.0")),
-        serial: 2,
-        ..Answer::default()
-    };
+    f.offers(&v3, "3.0.0");
     let a_before = tree(&dev.path("a"));
 
     refused(&dev.run(&["mark-good"]), "unhealthy");
     assert_eq!(dev.reboots(), 2, "the assessment asked for the reboot");
     refused(&dev.run(&["apply"]), "waiting for the reboot");
-    let mut daemon = dev
-        .command(&["run"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_line(&mut daemon, "waiting for the reboot");
-    assert!(stop(&mut daemon).success());
+    daemon_waits_for_the_reboot(&dev);
 
     assert_eq!(tree(&dev.path("a")), a_before, "slot A was written");
     let env = dev.ab();
@@ -811,19 +760,11 @@ fn failed_trial_waits_for_its_reboot() {
 /// and the daemon started then only waits.
 #[test]
 fn staged_update_waits_for_its_reboot() {
-    let f = fake();
-    let r = start(f.clone());
-    let v2 = push_image(&os_layers(), None);
+    let (Stage { f, dev, .. }, _) = Stage::offering(true, "dir");
     let v3 = push_image(&os_layers()[..1], None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
-    let dev = device(&f, &r, true, "dir");
     ok(&dev.run(&["apply"]));
     let b_staged = tree(&dev.path("b"));
-    *f.answer.lock().unwrap() = Answer {
-        offer: Some(offer(&f, &v3, "3.0.0")),
-        serial: 2,
-        ..Answer::default()
-    };
+    f.offers(&v3, "3.0.0");
     refused(&dev.run(&["apply"]), "waiting for the reboot");
     // What a person reading `status` sees meanwhile.
     let text = ok(&dev.run(&["status"]));
@@ -835,13 +776,7 @@ fn staged_update_waits_for_its_reboot() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} missing: {text}");
     }
-    let mut daemon = dev
-        .command(&["run"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_line(&mut daemon, "waiting for the reboot");
-    assert!(stop(&mut daemon).success());
+    daemon_waits_for_the_reboot(&dev);
     assert_eq!(
         tree(&dev.path("b")),
         b_staged,
@@ -860,14 +795,12 @@ fn staged_update_waits_for_its_reboot() {
 /// every boot set `A_TRY=1` and a second boot found nothing to boot.
 #[test]
 fn power_cuts_while_the_good_slot_boots_never_leave_nothing_to_boot() {
-    let f = fake();
-    let r = start(f.clone());
-    let dev = device(&f, &r, true, "dir");
+    let Stage { f, dev, .. } = Stage::new(true, "dir");
     for _ in 0..3 {
         assert_eq!(dev.reboot(), Slot::A);
     }
     let pushed = push_image(&os_layers(), None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
+    f.offers(&pushed, "2.0.0");
     ok(&dev.run(&["apply"]));
     assert_eq!(dev.reboot(), Slot::B);
     ok(&dev.run(&["mark-good"]));
@@ -883,11 +816,7 @@ fn power_cuts_while_the_good_slot_boots_never_leave_nothing_to_boot() {
 #[test]
 fn state_files_are_private_and_links_are_not_followed() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let f = fake();
-    let r = start(f.clone());
-    let pushed = push_image(&os_layers(), None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &pushed, "2.0.0"));
-    let dev = device(&f, &r, true, "dir");
+    let (Stage { dev, .. }, _) = Stage::offering(true, "dir");
     let outside = dev.path("outside");
     std::os::unix::fs::symlink(&outside, dev.path("state/.device.json.sluice-new")).unwrap();
     std::os::unix::fs::symlink(&outside, dev.path(".grubenv.sluice-new")).unwrap();
@@ -984,11 +913,7 @@ fn cleared(r: &Responder) -> Vec<serde_json::Value> {
 /// for good.
 #[test]
 fn mark_good_before_the_reboot_assesses_nothing() {
-    let f = fake();
-    let r = start(f.clone());
-    let v2 = push_image(&os_layers(), None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
-    let dev = device(&f, &r, true, "dir");
+    let (Stage { r, dev, .. }, _) = Stage::offering(true, "dir");
     let out = checked(&dev.run(&["check"]));
     assert!(out.contains("update available: 2.0.0"), "{out}");
     ok(&dev.run(&["apply"]));
@@ -1023,11 +948,7 @@ fn mark_good_before_the_reboot_assesses_nothing() {
 /// told which and by whom. A forged answer's `retry` clears nothing.
 #[test]
 fn a_failed_release_is_held_back_until_cleared() {
-    let f = fake();
-    let r = start(f.clone());
-    let v2 = push_image(&os_layers(), None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
-    let dev = device(&f, &r, false, "dir");
+    let (Stage { f, r, dev }, v2) = Stage::offering(false, "dir");
     let fail_once = || {
         ok(&dev.run(&["apply"]));
         assert_eq!(dev.reboot(), Slot::B);
@@ -1271,72 +1192,25 @@ impl Proxy {
 /// an xattr. `version` 2 rewrites two libraries and os-release, adds two
 /// files and drops one: a package update.
 fn os_tree(version: u32) -> Layer {
-    let mut b = tar::Builder::new(Vec::new());
-    add_system(&mut b);
-    let mut add =
-        |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
-            common::tar_entry(&mut b, path, kind, mode, uid, data, link)
-        };
     use tar::EntryType::*;
-    let noise = |seed: u64, len: usize| {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>()
-    };
-    add("etc/", Directory, 0o755, 0, b"", None);
-    add(
-        "etc/os-release",
-        Regular,
-        0o644,
-        0,
-        format!("ID=acme\nVERSION_ID={version}\n").as_bytes(),
-        None,
-    );
-    add("usr/lib/", Directory, 0o755, 0, b"", None);
+    let mut b = os_base(version);
+    add_files(&mut b, &[("usr/lib/", Directory, 0o755, b"")]);
     for i in 0..24u64 {
         let seed = if version >= 2 && (i == 3 || i == 17) {
             i + 1000
         } else {
             i
         };
-        add(
-            &format!("usr/lib/lib{i}.so"),
-            Regular,
-            0o755,
-            0,
-            &noise(seed, 40 << 10),
-            None,
-        );
+        let path = format!("usr/lib/lib{i}.so");
+        add_files(&mut b, &[(&path, Regular, 0o755, &noise(40 << 10, seed))]);
     }
-    for i in 0..300 {
-        if version >= 2 && i == 7 {
-            continue;
-        }
-        add(
-            &format!("usr/share/doc/f{i}"),
-            Regular,
-            0o644,
-            0,
-            format!("doc {i}\n").repeat(20).as_bytes(),
-            None,
-        );
-    }
+    add_docs(&mut b, (0..300).filter(|i| version < 2 || *i != 7), 20);
     if version >= 2 {
-        add(
-            "usr/bin/new-tool",
-            Regular,
-            0o755,
-            0,
-            &noise(77, 30 << 10),
-            None,
-        );
-        add("etc/new.conf", Regular, 0o644, 0, b"new=1\n", None);
+        let files: &Files = &[
+            ("usr/bin/new-tool", Regular, 0o755, &noise(30 << 10, 77)),
+            ("etc/new.conf", Regular, 0o644, b"new=1\n"),
+        ];
+        add_files(&mut b, files);
     }
     // A file with an xattr and an old mtime.
     b.append_pax_extensions([("SCHILY.xattr.user.sluice", &b"labelled"[..])])
@@ -1395,20 +1269,18 @@ struct PartialCase {
 }
 
 fn partial_case() -> PartialCase {
-    let f = fake();
-    let r = start(f.clone());
+    let Stage { f, r, dev } = Stage::new(true, "dir");
     let proxy = Proxy::start();
     let v1 = common::recompress(&push_image(&[os_tree(1)], None), "zstd:chunked");
     let v2_gzip = push_image(&[os_tree(2)], None);
     let v2 = common::recompress(&v2_gzip, "zstd:chunked");
-    let dev = device(&f, &r, true, "dir");
     // The registry is reached through the counting proxy.
     dev.edit_config(|c| {
         c.registry.mirrors.insert(registry(), proxy.addr.clone());
         c.registry.insecure.push(proxy.addr.clone());
     });
     ok(&dev.run(&["enroll"]));
-    f.answer.lock().unwrap().offer = Some(offer(&f, &v1, "1.0.0"));
+    f.offers(&v1, "1.0.0");
     let out = ok_logged(&dev.run(&["apply"]));
     // Nothing to copy from the factory slot: every file is fetched.
     assert!(
@@ -1434,11 +1306,12 @@ fn partial_case() -> PartialCase {
 }
 
 impl PartialCase {
-    /// Offers v2 and applies it; answers the agent's output, the bytes and
-    /// range answers the proxy passed, and how long the apply took.
-    fn apply_v2(&self) -> (String, u64, u64, std::time::Duration) {
-        self.f.answer.lock().unwrap().offer = Some(offer(&self.f, &self.v2, "2.0.0"));
-        self.f.answer.lock().unwrap().serial += 1;
+    /// Offers v2 and applies it through the proxy tampering as `tamper`
+    /// says; answers the agent's output, the bytes and range answers the
+    /// proxy passed, and how long the apply took.
+    fn apply_v2(&self, tamper: Tamper) -> (String, u64, u64, std::time::Duration) {
+        self.proxy.set(tamper);
+        self.f.offers(&self.v2, "2.0.0");
         let t0 = std::time::Instant::now();
         let out = ok_logged(&self.dev.run(&["apply"]));
         let took = t0.elapsed();
@@ -1463,7 +1336,7 @@ impl PartialCase {
 fn a_partial_pull_fetches_only_what_changed() {
     let c = partial_case();
     let layer = c.v2.size;
-    let (out, bytes, ranges, _) = c.apply_v2();
+    let (out, bytes, ranges, _) = c.apply_v2(Tamper::None);
     assert!(!out.contains("partial pull failed"), "{out}");
     assert!(
         out.contains("partial pull: 324 files")
@@ -1487,7 +1360,7 @@ fn a_partial_pull_fetches_only_what_changed() {
 
     // Times, hard links and xattrs too: the same as a full pull of v2 by a
     // device that does not pull partially.
-    let full = device(&c.f, &c._r, true, "dir");
+    let full = c.f.device(&c._r, true, "dir");
     full.edit_config(|c| c.registry.partial_pulls = false);
     ok(&full.run(&["enroll"]));
     let out = ok_logged(&full.run(&["apply"]));
@@ -1516,8 +1389,7 @@ fn a_partial_pull_fetches_only_what_changed() {
 #[test]
 fn a_registry_without_multi_range_answers_gets_one_range_per_request() {
     let c = partial_case();
-    c.proxy.set(Tamper::SingleRangesOnly);
-    let (out, _, ranges, _) = c.apply_v2();
+    let (out, _, ranges, _) = c.apply_v2(Tamper::SingleRangesOnly);
     assert!(!out.contains("partial pull failed"), "{out}");
     assert!(out.contains("one range per request"), "{out}");
     // The table, then the four ranges one by one.
@@ -1537,8 +1409,7 @@ fn a_partial_pull_that_cannot_be_trusted_falls_back_to_a_full_one() {
         Tamper::Short,
     ] {
         let c = partial_case();
-        c.proxy.set(tamper);
-        let (out, bytes, _, _) = c.apply_v2();
+        let (out, bytes, _, _) = c.apply_v2(tamper);
         assert!(
             out.contains("pulling it whole") || out.contains("partial pull failed"),
             "{tamper:?}: {out}"
@@ -1552,7 +1423,7 @@ fn a_partial_pull_that_cannot_be_trusted_falls_back_to_a_full_one() {
     let mut bytes = std::fs::read(&lib).unwrap();
     bytes[100] ^= 1;
     std::fs::write(&lib, bytes).unwrap();
-    let (out, _, _, _) = c.apply_v2();
+    let (out, _, _, _) = c.apply_v2(Tamper::None);
     assert!(out.contains("partial pull failed"), "{out}");
     assert!(
         out.contains("usr/lib/lib5.so") || out.contains("hash"),
@@ -1570,8 +1441,7 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
     let c = partial_case();
     // How long a partial pull takes through a slow registry: the kills
     // fall within it.
-    c.proxy.set(Tamper::Slow);
-    let (_, _, _, full) = c.apply_v2();
+    let (_, _, _, full) = c.apply_v2(Tamper::Slow);
     ok(&c.dev.run(&["mark-good"]));
     let v3_gzip = push_image(&[os_tree(3)], None);
     let v3 = common::recompress(&v3_gzip, "zstd:chunked");
@@ -1579,8 +1449,7 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
     let a_before = tree(&c.dev.path("a"));
     let b_before = tree(&c.dev.path("b"));
     let index_a = std::fs::read(c.dev.path("state/contents-A.json")).unwrap();
-    c.f.answer.lock().unwrap().offer = Some(offer(&c.f, &v3, "3.0.0"));
-    c.f.answer.lock().unwrap().serial += 1;
+    c.f.offers(&v3, "3.0.0");
 
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut kills = 0;
@@ -1588,18 +1457,10 @@ fn a_killed_partial_pull_never_leaves_an_index_of_a_half_written_slot() {
         if c.dev.ab().trial() == Some(Slot::B) {
             break;
         }
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let mut child = c
-            .dev
-            .command(&["apply"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let at = full.mul_f64((xorshift(&mut seed) % 400) as f64 / 1000.0);
         // v3 differs from v2 in fewer files than v2 from v1: its pull is
         // shorter than the one measured.
-        if kill_after(&mut child, full.mul_f64((seed % 400) as f64 / 1000.0)) {
+        if apply_killed_after(&c.dev, at) {
             kills += 1;
         }
         assert_eq!(tree(&c.dev.path("a")), a_before, "the running slot changed");
@@ -1646,11 +1507,7 @@ fn set_health(dev: &Device, script: &str) {
 /// the first left: the slot is assessed once, `healthy` reported once.
 #[test]
 fn the_boot_assessment_and_the_daemon_assess_a_trial_once() {
-    let f = fake();
-    let r = start(f.clone());
-    let v2 = push_image(&os_layers(), None);
-    f.answer.lock().unwrap().offer = Some(offer(&f, &v2, "2.0.0"));
-    let dev = device(&f, &r, true, "dir");
+    let (Stage { r, dev, .. }, _) = Stage::offering(true, "dir");
     ok(&dev.run(&["apply"]));
     assert_eq!(dev.reboot(), Slot::B);
     // Checks that take a while, as `systemctl is-system-running --wait` does.
@@ -1689,9 +1546,7 @@ fn the_boot_assessment_and_the_daemon_assess_a_trial_once() {
 /// leaves nothing held: the kernel drops the lock with the process.
 #[test]
 fn a_killed_command_never_leaves_the_state_locked() {
-    let f = fake();
-    let r = start(f.clone());
-    let dev = device(&f, &r, true, "dir");
+    let Stage { dev, .. } = Stage::new(true, "dir");
     ok(&dev.run(&["status"]));
     set_health(&dev, "sleep 60");
     let mut holder = dev

@@ -11,25 +11,15 @@ use crate::common;
 use common::*;
 use flate2::write::GzEncoder;
 use sluice_agent::bootloader::Slot;
-use sluice_protocol::{Offer, ResolveResponse};
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use sluice_protocol::Offer;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use time::OffsetDateTime;
 
 const PRODUCT: &str = "acme-os";
 const REPO: &str = "acme/os";
-
-/// One request the stand-in saw: method, path, headers (lower-case names).
-#[derive(Clone, Debug)]
-struct Seen {
-    path: String,
-    query: String,
-    headers: BTreeMap<String, String>,
-}
 
 /// How the stand-in answers one request.
 enum Reply {
@@ -41,13 +31,19 @@ enum Reply {
     Trickle(Vec<u8>),
 }
 
-type Route = dyn Fn(&Seen) -> Option<Reply> + Send + Sync;
+impl From<Response> for Reply {
+    fn from(r: Response) -> Reply {
+        Reply::Full(r.status, r.headers, r.body)
+    }
+}
+
+type Route = dyn Fn(&Request) -> Option<Reply> + Send + Sync;
 
 /// A loopback HTTP/1.1 listener answering from a list of routes, one request
 /// per connection; every request is recorded.
 struct Stand {
     host: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
+    seen: Arc<Mutex<Vec<Request>>>,
     routes: Arc<Mutex<Vec<Box<Route>>>>,
 }
 
@@ -67,12 +63,12 @@ impl Stand {
         Stand { host, seen, routes }
     }
 
-    fn route(&self, f: impl Fn(&Seen) -> Option<Reply> + Send + Sync + 'static) {
+    fn route(&self, f: impl Fn(&Request) -> Option<Reply> + Send + Sync + 'static) {
         self.routes.lock().unwrap().push(Box::new(f));
     }
 
     /// The requests whose path starts with `prefix`.
-    fn seen(&self, prefix: &str) -> Vec<Seen> {
+    fn seen(&self, prefix: &str) -> Vec<Request> {
         self.seen
             .lock()
             .unwrap()
@@ -83,34 +79,9 @@ impl Stand {
     }
 }
 
-fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>, routes: &Mutex<Vec<Box<Route>>>) {
-    let mut r = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    if r.read_line(&mut line).unwrap_or(0) == 0 {
+fn serve(conn: TcpStream, seen: &Mutex<Vec<Request>>, routes: &Mutex<Vec<Box<Route>>>) {
+    let Some(req) = read_request(&conn) else {
         return;
-    }
-    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut headers = BTreeMap::new();
-    loop {
-        let mut l = String::new();
-        if r.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; len];
-    let _ = r.read_exact(&mut body);
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let req = Seen {
-        path: path.to_string(),
-        query: query.to_string(),
-        headers,
     };
     seen.lock().unwrap().push(req.clone());
     // The newest route that answers wins, so a test can change its mind.
@@ -134,15 +105,7 @@ fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>, routes: &Mutex<Vec<Box<Route>
             (200, vec![], b, 0)
         }
     };
-    let mut head = format!(
-        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for (k, v) in &extra {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let _ = out.write_all(head.as_bytes());
+    write_head(&mut out, status, body.len(), &extra);
     if trickle {
         // Never idle long enough for a read timeout; ends when the agent
         // hangs up.
@@ -163,14 +126,6 @@ fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>, routes: &Mutex<Vec<Box<Route>
     }
 }
 
-fn json(v: serde_json::Value) -> Reply {
-    Reply::Full(
-        200,
-        vec![("Content-Type".into(), "application/json".into())],
-        serde_json::to_vec(&v).unwrap(),
-    )
-}
-
 /// An image as the stand-in registry serves it.
 #[derive(Clone)]
 struct Image {
@@ -188,24 +143,15 @@ fn gzip(tar: &[u8]) -> Vec<u8> {
 /// An image of the given gzip layers and config JSON.
 fn image(layers: &[Vec<u8>], config: serde_json::Value) -> Image {
     let config = serde_json::to_vec(&config).unwrap();
-    let cdigest = sluice_protocol::sha256_digest(&config);
-    let mut blobs = vec![(cdigest.clone(), config.clone())];
-    let mut descs = Vec::new();
+    let mut blobs = vec![(sluice_protocol::sha256_digest(&config), config.clone())];
     for gz in layers {
-        let d = sluice_protocol::sha256_digest(gz);
-        descs.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": d, "size": gz.len()}));
-        blobs.push((d, gz.clone()));
+        blobs.push((sluice_protocol::sha256_digest(gz), gz.clone()));
     }
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": cdigest, "size": config.len()},
-        "layers": descs
-    }))
-    .unwrap();
+    let descs: Vec<(&str, usize)> = blobs[1..]
+        .iter()
+        .map(|(d, gz)| (d.as_str(), gz.len()))
+        .collect();
+    let manifest = common::manifest(&config, &descs);
     Image {
         digest: sluice_protocol::sha256_digest(&manifest),
         manifest,
@@ -218,37 +164,15 @@ fn linux_amd64() -> serde_json::Value {
         "rootfs": {"type": "layers", "diff_ids": []}, "config": {}})
 }
 
-/// A layer with a set-id binary first, then `rest`.
+/// A layer with the test OS's set-id `su` and `sudo` first
+/// ([`add_system`]), then `rest`.
 fn layer(rest: &[(&str, Vec<u8>)]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    use tar::EntryType::*;
-    tar_entry(&mut b, "usr/", Directory, 0o755, 0, b"", None);
-    tar_entry(&mut b, "usr/bin/", Directory, 0o755, 0, b"", None);
-    tar_entry(
-        &mut b,
-        "usr/bin/su",
-        Regular,
-        0o4755,
-        0,
-        b"\x7fELF su",
-        None,
-    );
+    add_system(&mut b);
     for (p, data) in rest {
-        tar_entry(&mut b, p, Regular, 0o644, 0, data, None);
+        tar_entry(&mut b, p, tar::EntryType::Regular, 0o644, 0, data, None);
     }
     gzip(&b.into_inner().unwrap())
-}
-
-/// Bytes no compressor shrinks.
-fn noise(n: usize, mut seed: u64) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
 }
 
 /// The server's side of the stand-in: enroll, events, and a signed answer
@@ -256,55 +180,21 @@ fn noise(n: usize, mut seed: u64) -> Vec<u8> {
 fn play_server(s: &Stand, keys: Arc<Keys>, registry: String, img: &Image) {
     let digest = img.digest.clone();
     s.route(move |req| {
-        if req.path == "/v1/devices/enroll" {
-            return Some(json(
-                serde_json::json!({"device_id": "dev-1", "token": "tok-1"}),
-            ));
-        }
-        if req.path.ends_with("/events") {
-            return Some(Reply::Full(204, vec![], vec![]));
+        if let Some(r) = device_routes(req) {
+            return Some(r.into());
         }
         if !req.path.ends_with("/resolve") {
             return None;
         }
-        let now = OffsetDateTime::now_utc();
-        let q = |k: &str| {
-            req.query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
-                .map(str::to_string)
+        let offer = Offer {
+            version: "2.0.0".into(),
+            digest: digest.clone(),
+            image: format!("{registry}/{REPO}@{digest}"),
+            size: 1,
+            signature: keys.sign_image(&digest, PRODUCT, "2.0.0"),
         };
-        let nonce = q("nonce").unwrap_or_default();
-        let r = ResolveResponse {
-            update: true,
-            downgrade: false,
-            release: Some(Offer {
-                version: "2.0.0".into(),
-                digest: digest.clone(),
-                image: format!("{registry}/{REPO}@{digest}"),
-                size: 1,
-                signature: keys.sign_image(&digest, PRODUCT, "2.0.0"),
-            }),
-            poll_after_s: 60,
-            device_id: "dev-1".into(),
-            nonce,
-            serial: 1,
-            issued_at: now,
-            expires_at: now + time::Duration::seconds(60),
-            wire: sluice_protocol::WIRE_VERSION,
-            product: Some(PRODUCT.into()),
-            channel: req.path.split('/').nth(5).map(str::to_string),
-            arch: q("arch"),
-            current: q("current"),
-            keys_version: None,
-            retry: Vec::new(),
-        };
-        let body = serde_json::to_vec(&r).unwrap();
-        Some(Reply::Full(
-            200,
-            vec![("sluice-signature".into(), keys.response.sign_header(&body))],
-            body,
-        ))
+        let r = resolution(req, Some(offer), 1);
+        Some(Response::signed(&r, &keys.response).into())
     });
 }
 
@@ -463,7 +353,7 @@ fn a_killed_install_leaves_no_set_id_file_and_the_next_one_completes() {
     ok(&s.dev.run(&["apply"]));
     let b = s.dev.path("b");
     assert_eq!(s.dev.ab().next_boot(), Some(Slot::B));
-    assert_eq!(set_id_files(&b), ["usr/bin/su"]);
+    assert_eq!(set_id_files(&b), ["usr/bin/su", "usr/bin/sudo"]);
     assert_eq!(mode(&b.join("usr/bin/su")), 0o4755);
     assert_eq!(mode(&b), 0o755, "the committed slot is open again");
     assert!(
@@ -664,8 +554,9 @@ fn credentials_go_only_to_a_safe_token_realm() {
         } else {
             format!("http://{}/token", elsewhere.host)
         };
-        let token = |req: &Seen| {
-            (req.path == "/token").then(|| json(serde_json::json!({"token": "t0k3n"})))
+        let token = |req: &Request| {
+            (req.path == "/token")
+                .then(|| Response::json(&serde_json::json!({"token": "t0k3n"})).into())
         };
         s.stand.route(token);
         elsewhere.route(token);
@@ -696,7 +587,7 @@ fn credentials_go_only_to_a_safe_token_realm() {
         s.dev.edit_config(|c| c.registry.auth = Some(auth.clone()));
 
         ok(&s.dev.run(&["apply"]));
-        let basic = |seen: Vec<Seen>| {
+        let basic = |seen: Vec<Request>| {
             seen.iter()
                 .filter(|r| {
                     r.headers

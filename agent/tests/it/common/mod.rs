@@ -19,7 +19,10 @@ use p256::pkcs8::EncodePublicKey;
 use sluice_agent::config::SlotKind;
 use sluice_protocol::keys::ALG_ECDSA_P256;
 use sluice_protocol::simplesigning::{COSIGN_TYPE, OPT_PRODUCT, OPT_VERSION};
-use sluice_protocol::{ImageSignature, KeyRole, KeySet, PublicKey, ResponseSigner, key_id};
+use sluice_protocol::{
+    ImageSignature, KeyRole, KeySet, Offer, PublicKey, ResolveResponse, ResponseSigner, key_id,
+};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Output};
@@ -207,12 +210,14 @@ impl Device {
     }
 }
 
-/// One request the responder saw.
+/// One request a stand-in saw.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub method: String,
     pub path: String,
     pub query: Vec<(String, String)>,
+    /// By lower-case name.
+    pub headers: BTreeMap<String, String>,
     pub body: Vec<u8>,
 }
 
@@ -225,11 +230,183 @@ impl Request {
     }
 }
 
+/// Reads one HTTP/1.1 request; `None` when the peer hung up first.
+pub fn read_request(conn: &TcpStream) -> Option<Request> {
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).ok()?;
+    let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
+    let query = qs
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").to_string()))
+        .collect();
+    Some(Request {
+        method,
+        path: path.to_string(),
+        query,
+        headers,
+        body,
+    })
+}
+
 /// A response: status, headers, body.
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl Response {
+    /// `status` with `body` and no headers.
+    pub fn plain(status: u16, body: impl Into<Vec<u8>>) -> Response {
+        Response {
+            status,
+            headers: vec![],
+            body: body.into(),
+        }
+    }
+
+    /// 200 with `v` as JSON.
+    pub fn json(v: &serde_json::Value) -> Response {
+        Response {
+            status: 200,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: serde_json::to_vec(v).unwrap(),
+        }
+    }
+
+    /// 200 with `r`, signed by `signer` as the server signs its answers.
+    pub fn signed(r: &ResolveResponse, signer: &ResponseSigner) -> Response {
+        let body = serde_json::to_vec(r).unwrap();
+        Response {
+            status: 200,
+            headers: vec![("sluice-signature".into(), signer.sign_header(&body))],
+            body,
+        }
+    }
+}
+
+/// What every stand-in server answers alike: an enrollment (device `dev-1`,
+/// token `tok-1`) and the device's reports (events, cleared failures).
+pub fn device_routes(req: &Request) -> Option<Response> {
+    if req.path == "/v1/devices/enroll" {
+        return Some(Response::json(
+            &serde_json::json!({"device_id": "dev-1", "token": "tok-1"}),
+        ));
+    }
+    (req.path.ends_with("/events") || req.path.ends_with("/failures/cleared"))
+        .then(|| Response::plain(204, []))
+}
+
+/// The answer to the `resolve` `req` asks, as the server builds it: `offer`
+/// (an update unless the device runs it already) under `serial`, for
+/// device `dev-1`, naming the question, valid for a minute.
+pub fn resolution(req: &Request, offer: Option<Offer>, serial: i64) -> ResolveResponse {
+    let now = time::OffsetDateTime::now_utc();
+    let segment = |i| req.path.split('/').nth(i).map(str::to_string);
+    ResolveResponse {
+        update: offer
+            .as_ref()
+            .is_some_and(|o| req.q("current") != Some(o.digest.as_str())),
+        downgrade: false,
+        release: offer,
+        poll_after_s: 60,
+        device_id: "dev-1".into(),
+        nonce: req.q("nonce").unwrap_or("").to_string(),
+        serial,
+        issued_at: now,
+        expires_at: now + time::Duration::seconds(60),
+        wire: sluice_protocol::WIRE_VERSION,
+        // `/v1/products/{product}/channels/{channel}/resolve`
+        product: segment(3),
+        channel: segment(5),
+        arch: req.q("arch").map(str::to_string),
+        current: req.q("current").map(str::to_string),
+        keys_version: None,
+        retry: Vec::new(),
+    }
+}
+
+/// Appends the entries every test OS has to a layer: `usr/bin` with a
+/// set-id `su` and a hard link to it, a `bin` symlink, and a user's home
+/// with another owner.
+pub fn add_system(b: &mut tar::Builder<Vec<u8>>) {
+    use tar::EntryType::*;
+    let mut add =
+        |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
+            tar_entry(b, path, kind, mode, uid, data, link)
+        };
+    add("usr/", Directory, 0o755, 0, b"", None);
+    add("usr/bin/", Directory, 0o755, 0, b"", None);
+    add("usr/bin/su", Regular, 0o4755, 0, b"\x7fELF su", None);
+    add("usr/bin/sudo", Link, 0o4755, 0, b"", Some("usr/bin/su"));
+    add("bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
+    add("home/", Directory, 0o755, 0, b"", None);
+    add("home/user/", Directory, 0o700, 1000, b"", None);
+    add(
+        "home/user/.profile",
+        Regular,
+        0o644,
+        1000,
+        b"export A=1\n",
+        None,
+    );
+}
+
+/// An OCI image manifest naming `config` and gzip layers by digest and size.
+pub fn manifest(config: &[u8], layers: &[(&str, usize)]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(digest, size)| {
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                               "digest": digest, "size": size})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": sluice_protocol::sha256_digest(config), "size": config.len()},
+        "layers": layers
+    }))
+    .unwrap()
+}
+
+/// The next number of a xorshift sequence (`x` not 0): cheap noise that
+/// no compressor shrinks.
+pub fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// `len` bytes of noise, the same for the same `seed`.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len).map(|_| xorshift(&mut x) as u8).collect()
 }
 
 type Handler = dyn Fn(&Request) -> Response + Send + Sync;
@@ -279,53 +456,22 @@ impl Responder {
     }
 }
 
-fn serve(conn: TcpStream, h: &Handler, seen: &Mutex<Vec<Request>>) {
-    let mut r = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    if r.read_line(&mut line).unwrap_or(0) == 0 {
+fn serve(mut conn: TcpStream, h: &Handler, seen: &Mutex<Vec<Request>>) {
+    let Some(req) = read_request(&conn) else {
         return;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let target = parts.next().unwrap_or("").to_string();
-    let mut len = 0usize;
-    loop {
-        let mut l = String::new();
-        if r.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            len = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).unwrap();
-    let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
-    let query = qs
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").to_string()))
-        .collect();
-    let req = Request {
-        method,
-        path: path.to_string(),
-        query,
-        body,
     };
     seen.lock().unwrap().push(req.clone());
     let resp = h(&req);
-    let mut out = conn;
-    let mut head = format!(
-        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-        resp.status,
-        resp.body.len()
-    );
-    for (k, v) in &resp.headers {
+    write_head(&mut conn, resp.status, resp.body.len(), &resp.headers);
+    let _ = conn.write_all(&resp.body);
+}
+
+/// Writes a response's status line and headers, for a body of `len` bytes.
+pub fn write_head(out: &mut TcpStream, status: u16, len: usize, headers: &[(String, String)]) {
+    let mut head = format!("HTTP/1.1 {status} X\r\nContent-Length: {len}\r\nConnection: close\r\n");
+    for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
     let _ = out.write_all(head.as_bytes());
-    let _ = out.write_all(&resp.body);
 }
