@@ -7,11 +7,14 @@ use crate::api::{
 use crate::config::Config;
 use crate::error::{Error, problem};
 use crate::infra::registry;
+use crate::infra::tls::ClientAddr;
 use crate::resolve;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::extract::connect_info::Connected;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use axum::serve::IncomingStream;
 use sqlx::PgPool;
 use std::future::Future;
 use std::ops::Deref;
@@ -19,6 +22,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, RefOr, Response, ResponseBuilder};
 use utoipa_axum::router::OpenApiRouter;
 
 /// Largest request body accepted.
@@ -75,6 +79,8 @@ impl AppState {
 #[openapi(
     info(title = "Sluice", description = "Image-based OS releases: publish, sign, roll out, resolve."),
     modifiers(&BearerAuth),
+    // Listed here as well: operations that name their errors by `Problems` refer to it only by name.
+    components(schemas(crate::error::Problem)),
     tags(
         (name = "auth", description = "Logging in"),
         (name = "tokens", description = "API tokens for CI"),
@@ -130,19 +136,62 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc
 }
 
+/// The media type of every error answer.
+const PROBLEM: &str = "application/problem+json";
+
+/// A [`crate::error::Problem`] body, as the document lists it.
+fn problem_response(description: &str) -> RefOr<Response> {
+    let content = ContentBuilder::new()
+        .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+            "Problem",
+        ))))
+        .build();
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(PROBLEM, content)
+            .build(),
+    )
+}
+
+/// The error statuses an operation lists, each a problem answer:
+/// `responses((status = 200, body = Device), Problems<400, 401, 403, 404>)`.
+/// Places left out are 0 and list nothing.
+pub struct Problems<
+    const A: u16,
+    const B: u16 = 0,
+    const C: u16 = 0,
+    const D: u16 = 0,
+    const E: u16 = 0,
+    const F: u16 = 0,
+    const G: u16 = 0,
+    const H: u16 = 0,
+>;
+
+impl<
+    const A: u16,
+    const B: u16,
+    const C: u16,
+    const D: u16,
+    const E: u16,
+    const F: u16,
+    const G: u16,
+    const H: u16,
+> utoipa::IntoResponses for Problems<A, B, C, D, E, F, G, H>
+{
+    fn responses() -> std::collections::BTreeMap<String, RefOr<Response>> {
+        [A, B, C, D, E, F, G, H]
+            .into_iter()
+            .filter(|&status| status != 0)
+            .map(|status| (status.to_string(), problem_response("")))
+            .collect()
+    }
+}
+
 /// Every error answer is `application/problem+json`, and any status an
 /// operation does not list (413, 415, 429, 503, ...) is covered by a
 /// `default` problem response.
 fn problem_responses(doc: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
-    const PROBLEM: &str = "application/problem+json";
-    let problem = || {
-        ContentBuilder::new()
-            .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
-                "Problem",
-            ))))
-            .build()
-    };
     for (path, item) in doc.paths.paths.iter_mut() {
         // `/readyz` answers its own JSON body with 503, on purpose.
         if path == "/readyz" {
@@ -166,14 +215,7 @@ fn problem_responses(doc: &mut utoipa::openapi::OpenApi) {
             op.responses
                 .responses
                 .entry("default".into())
-                .or_insert_with(|| {
-                    RefOr::T(
-                        ResponseBuilder::new()
-                            .description("An error, as RFC 9457 problem details")
-                            .content(PROBLEM, problem())
-                            .build(),
-                    )
-                });
+                .or_insert_with(|| problem_response("An error, as RFC 9457 problem details"));
         }
     }
 }
@@ -338,14 +380,7 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = router(state.clone())
-        .into_make_service_with_connect_info::<crate::infra::tls::ClientAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    // Check-ins are written behind: none may be lost on a clean shutdown.
-    state.checkins.flush().await;
-    Ok(())
+    serve(listener, state, shutdown).await
 }
 
 /// Like [`run`], over HTTPS with the given rustls configuration.
@@ -356,11 +391,25 @@ pub async fn run_tls(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let listener = crate::infra::tls::TlsListener::new(listener, tls)?;
-    let app = router(state.clone())
-        .into_make_service_with_connect_info::<crate::infra::tls::ClientAddr>();
+    serve(listener, state, shutdown).await
+}
+
+/// [`run`] and [`run_tls`] over either listener.
+async fn serve<L>(
+    listener: L,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+    ClientAddr: for<'a> Connected<IncomingStream<'a, L>>,
+{
+    let app = router(state.clone()).into_make_service_with_connect_info::<ClientAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
+    // Check-ins are written behind: none may be lost on a clean shutdown.
     state.checkins.flush().await;
     Ok(())
 }

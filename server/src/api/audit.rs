@@ -3,7 +3,7 @@
 //! `GET /v1/audit` to read it.
 
 use crate::api::auth::{Admin, Principal};
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Json, Query, Result};
 use crate::paging::{Page, PageParams};
 use axum::extract::State;
@@ -12,16 +12,13 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-/// Records one change. Pass the transaction that makes the change.
-pub async fn record<'e>(
-    db: impl sqlx::PgExecutor<'e>,
-    who: &Principal,
-    action: &str,
-    target: &str,
-    before: Option<serde_json::Value>,
-    after: Option<serde_json::Value>,
-) -> Result<()> {
-    crate::infra::audit::record_as(db, &who.actor(), action, target, before, after).await
+/// Records one change by the caller. Pass the transaction that makes the change.
+pub use crate::infra::audit::record_as as record;
+
+impl crate::infra::audit::Actor for Principal {
+    fn actor(&self) -> String {
+        Principal::actor(self)
+    }
 }
 
 /// One audit entry.
@@ -64,8 +61,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// The audit log, newest first.
 #[utoipa::path(get, path = "/v1/audit", tag = "audit",
     params(AuditFilter, PageParams), security(("bearer" = [])),
-    responses((status = 200, body = Page<AuditEntry>), (status = 401, body = crate::error::Problem),
-               (status = 403, body = crate::error::Problem)))]
+    responses((status = 200, body = Page<AuditEntry>), Problems<401, 403>))]
 async fn list_audit(
     State(state): State<AppState>,
     _admin: Admin,

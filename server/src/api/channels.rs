@@ -3,7 +3,7 @@
 
 use crate::api::auth::{Admin, Principal, ProductReader, Publisher};
 use crate::api::products::{ProductPath, ProductRow};
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Error, Json, Query, Result, on_constraint};
 use crate::infra::registry::PlatformImage;
 use crate::paging::{Page, PageParams};
@@ -438,7 +438,8 @@ pub async fn load(
     .into())
 }
 
-/// Records a change in the channel's history and the audit log, and bumps its serial.
+/// Saves a changed channel (bumping its serial) and records the change in its
+/// history and the audit log.
 async fn changed(
     tx: &mut PgConnection,
     actor: &str,
@@ -448,6 +449,7 @@ async fn changed(
     reason: Option<String>,
     after: &ChannelRow,
 ) -> Result<()> {
+    save(tx, after).await?;
     sqlx::query!(
         "INSERT INTO channel_history (channel_id, actor, action, reason, before, after) VALUES ($1, $2, $3, $4, $5, $6)",
         before.id,
@@ -470,6 +472,7 @@ async fn changed(
     .await
 }
 
+/// Writes the channel's state; only [`changed`] calls it, so every change is recorded.
 async fn save(tx: &mut PgConnection, c: &ChannelRow) -> Result<()> {
     let s = &c.state;
     let r = &s.rollout;
@@ -538,7 +541,6 @@ pub async fn promote_in_tx(
     let plan = c
         .state
         .promote(release, percent, ramp, OffsetDateTime::now_utc())?;
-    save(tx, &c).await?;
     let reason = format!(
         "promoted {version} at {}%; {}",
         rollout::fmt_percent(percent),
@@ -656,6 +658,19 @@ async fn view_of(
     view(&mut *db.acquire().await?, product_id, product, name).await
 }
 
+/// Commits a change to the channel, drops the product's resolve snapshot,
+/// and reads the channel back as it now stands.
+async fn committed(
+    state: &AppState,
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    p: &ProductRow,
+    channel: &str,
+) -> Result<Channel> {
+    tx.commit().await?;
+    state.cache.invalidate(&p.name);
+    view_of(&state.db, p.id, &p.name, channel).await
+}
+
 /// Devices on the channel that reported an outcome on `head`, and how many
 /// of those failed. Only reports about a release the device was offered
 /// count: a device cannot vote on a rollout it is not part of.
@@ -704,7 +719,6 @@ pub async fn check_gate(
     else {
         return Ok(false);
     };
-    save(&mut tx, &c).await?;
     changed(
         &mut tx,
         "system",
@@ -730,9 +744,7 @@ pub async fn check_gate(
 /// Makes a channel.
 #[utoipa::path(post, path = "/v1/products/{product}/channels", tag = "channels", request_body = NewChannel,
     params(ProductPath), security(("bearer" = [])),
-    responses((status = 201, body = Channel), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
+    responses((status = 201, body = Channel), Problems<400, 401, 403, 404, 409>))]
 async fn create_channel(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -788,8 +800,7 @@ async fn create_channel(
 /// The channels of a product.
 #[utoipa::path(get, path = "/v1/products/{product}/channels", tag = "channels",
     params(ProductPath), security(("bearer" = [])),
-    responses((status = 200, body = Vec<Channel>), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    responses((status = 200, body = Vec<Channel>), Problems<401, 403, 404>))]
 async fn list_channels(
     State(state): State<AppState>,
     _v: ProductReader,
@@ -811,10 +822,8 @@ async fn list_channels(
 
 /// One channel with its rollout, gate and device counts.
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}", tag = "channels",
-    params(ChannelPath),
-    security(("bearer" = [])),
-    responses((status = 200, body = Channel), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    params(ChannelPath), security(("bearer" = [])),
+    responses((status = 200, body = Channel), Problems<401, 403, 404>))]
 async fn get_channel(
     State(state): State<AppState>,
     _v: ProductReader,
@@ -829,11 +838,8 @@ async fn get_channel(
 /// Makes a release the channel's head; the old head becomes the base only if it
 /// was fully rolled out (`plan` says which; `dry_run` only says it).
 #[utoipa::path(post, path = "/v1/products/{product}/channels/{channel}/promote", tag = "channels", request_body = PromoteRequest,
-    params(ChannelPath),
-    security(("bearer" = [])),
-    responses((status = 200, body = PromoteResponse), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
+    params(ChannelPath), security(("bearer" = [])),
+    responses((status = 200, body = PromoteResponse), Problems<400, 401, 403, 404, 409>))]
 async fn promote(
     State(state): State<AppState>,
     Publisher(who): Publisher,
@@ -876,9 +882,7 @@ async fn promote(
         tx.rollback().await?;
         after
     } else {
-        tx.commit().await?;
-        state.cache.invalidate(&p.name);
-        view_of(&state.db, p.id, &p.name, &path.channel).await?
+        committed(&state, tx, &p, &path.channel).await?
     };
     let warnings = crate::api::releases::stranded(
         &state.db,
@@ -899,11 +903,8 @@ async fn promote(
 
 /// Changes the rollout: percent, ramp, pause/resume, gate.
 #[utoipa::path(patch, path = "/v1/products/{product}/channels/{channel}/rollout", tag = "channels", request_body = RolloutPatch,
-    params(ChannelPath),
-    security(("bearer" = [])),
-    responses((status = 200, body = Channel), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)))]
+    params(ChannelPath), security(("bearer" = [])),
+    responses((status = 200, body = Channel), Problems<400, 401, 403, 404>))]
 async fn patch_rollout(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -953,7 +954,6 @@ async fn patch_rollout(
         }
         _ => {}
     }
-    save(&mut tx, &c).await?;
     changed(
         &mut tx,
         &who.actor(),
@@ -964,21 +964,14 @@ async fn patch_rollout(
         &c,
     )
     .await?;
-    tx.commit().await?;
-    state.cache.invalidate(&p.name);
-    Ok(Json(
-        view_of(&state.db, p.id, &p.name, &path.channel).await?,
-    ))
+    Ok(Json(committed(&state, tx, &p, &path.channel).await?))
 }
 
 /// Rolls the channel back: the head becomes the given release (default: the
 /// base) at 100 %, and devices may move down to it.
 #[utoipa::path(post, path = "/v1/products/{product}/channels/{channel}/rollback", tag = "channels", request_body = RollbackRequest,
-    params(ChannelPath),
-    security(("bearer" = [])),
-    responses((status = 200, body = Channel), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
+    params(ChannelPath), security(("bearer" = [])),
+    responses((status = 200, body = Channel), Problems<400, 401, 403, 404, 409>))]
 async fn rollback(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -1008,7 +1001,6 @@ async fn rollback(
         id: target.id,
         version: version.clone(),
     });
-    save(&mut tx, &c).await?;
     changed(
         &mut tx,
         &who.actor(),
@@ -1019,19 +1011,13 @@ async fn rollback(
         &c,
     )
     .await?;
-    tx.commit().await?;
-    state.cache.invalidate(&p.name);
-    Ok(Json(
-        view_of(&state.db, p.id, &p.name, &path.channel).await?,
-    ))
+    Ok(Json(committed(&state, tx, &p, &path.channel).await?))
 }
 
 /// Every change to the channel, newest first.
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/history", tag = "channels",
-    params(ChannelPath, PageParams),
-    security(("bearer" = [])),
-    responses((status = 200, body = Page<HistoryEntry>), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    params(ChannelPath, PageParams), security(("bearer" = [])),
+    responses((status = 200, body = Page<HistoryEntry>), Problems<401, 403, 404>))]
 async fn history(
     State(state): State<AppState>,
     _v: ProductReader,
@@ -1334,10 +1320,8 @@ pub async fn head_status_of(
 
 /// How many of the channel's devices run its head, and why the others do not.
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/head-status", tag = "channels",
-    params(ChannelPath),
-    security(("bearer" = [])),
-    responses((status = 200, body = ChannelHeadStatus), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    params(ChannelPath), security(("bearer" = [])),
+    responses((status = 200, body = ChannelHeadStatus), Problems<401, 403, 404>))]
 async fn channel_head_status(
     State(state): State<AppState>,
     _v: ProductReader,

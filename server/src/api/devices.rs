@@ -4,8 +4,8 @@
 //! revoke, reset and delete.
 
 use crate::api::auth::{Admin, DeviceAuth, Viewer, client_ip, constant_time_eq, hash_secret};
-use crate::app::AppState;
-use crate::error::{Error, Json, Path, Query, Result};
+use crate::app::{AppState, Problems};
+use crate::error::{Error, Json, Query, Result};
 use crate::infra::registry::PlatformImage;
 use crate::infra::revocations::{Revoked, use_proof};
 use crate::infra::signing::{SignedDigest, sign_digest};
@@ -113,6 +113,17 @@ pub struct DeviceDetail {
     /// Whether it runs its channel's head and, if not, why (the rules
     /// resolve applies); absent when its channel does not exist.
     pub head_status: Option<crate::api::channels::HeadStatus>,
+}
+
+/// `{id}` in a device's routes, as `ProductPath` is `{product}`. Transparent,
+/// so a bad id is refused in the same words as a bare `Path<Uuid>`.
+#[derive(Debug, Deserialize, IntoParams, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(Error))]
+#[into_params(parameter_in = Path)]
+#[serde(transparent)]
+pub struct DevicePath {
+    /// Device id
+    pub id: Uuid,
 }
 
 /// Filters of `GET /v1/devices`.
@@ -234,10 +245,7 @@ fn proof_refused(e: ProofError) -> Error {
 /// (the device enrolling again), or to any key once an admin reset it; the
 /// secret alone never takes over an enrolled machine id.
 #[utoipa::path(post, path = "/v1/devices/enroll", tag = "devices", request_body = EnrollRequest,
-    responses((status = 200, body = EnrollResponse), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-              (status = 429, body = crate::error::Problem)))]
+    responses((status = 200, body = EnrollResponse), Problems<400, 401, 403, 404, 409, 429>))]
 async fn enroll(
     State(state): State<AppState>,
     extensions: axum::http::Extensions,
@@ -363,13 +371,11 @@ async fn enroll(
             .execute(&mut *tx)
             .await?;
             if d.rebind_allowed {
-                crate::infra::audit::record_as(
-                    &mut *tx,
-                    &format!("device:{}", d.id),
+                audit_by_device(
+                    &mut tx,
+                    d.id,
                     "device.enroll_after_reset",
-                    &format!("device:{}", d.id),
-                    None,
-                    Some(serde_json::json!({"key_id": device_key_id(&public_key)})),
+                    serde_json::json!({"key_id": device_key_id(&public_key)}),
                 )
                 .await?;
             }
@@ -438,14 +444,11 @@ async fn key_row(db: impl sqlx::PgExecutor<'_>, id: Uuid, lock: bool) -> Result<
 /// A fresh token for a device that proves it holds its key (purpose
 /// `renew`). Needs no bearer token, so an expired one is no obstacle.
 #[utoipa::path(post, path = "/v1/devices/{id}/token", tag = "devices", request_body = TokenRequest,
-    params(("id" = Uuid, Path, description = "Device id")),
-    responses((status = 200, body = DeviceToken), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-              (status = 429, body = crate::error::Problem)))]
+    params(DevicePath),
+    responses((status = 200, body = DeviceToken), Problems<400, 401, 403, 404, 409, 429>))]
 async fn renew_token(
     State(state): State<AppState>,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
     Json(req): Json<TokenRequest>,
 ) -> Result<Json<DeviceToken>> {
     state.limits.device.check(&id)?;
@@ -504,14 +507,12 @@ fn check_proof(
 /// working. Binding the key already bound answers a token again; another key
 /// is refused (an admin must reset the device).
 #[utoipa::path(post, path = "/v1/devices/{id}/key", tag = "devices", request_body = TokenRequest,
-    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
-    responses((status = 200, body = DeviceToken), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 200, body = DeviceToken), Problems<400, 401, 403, 404, 409>))]
 async fn bind_key(
     State(state): State<AppState>,
     device: DeviceAuth,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
     Json(req): Json<TokenRequest>,
 ) -> Result<Json<DeviceToken>> {
     if device.id != id {
@@ -537,13 +538,11 @@ async fn bind_key(
             )
             .execute(&mut *tx)
             .await?;
-            crate::infra::audit::record_as(
-                &mut *tx,
-                &format!("device:{id}"),
+            audit_by_device(
+                &mut tx,
+                id,
                 "device.bind_key",
-                &format!("device:{id}"),
-                None,
-                Some(serde_json::json!({"key_id": device_key_id(&public_key)})),
+                serde_json::json!({"key_id": device_key_id(&public_key)}),
             )
             .await?;
         }
@@ -556,13 +555,12 @@ async fn bind_key(
 
 /// A device reports what happened; outcomes on a channel's head feed its health gate.
 #[utoipa::path(post, path = "/v1/devices/{id}/events", tag = "devices", request_body = EventRequest,
-    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
-    responses((status = 204), (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 204), Problems<400, 401, 403, 404>))]
 async fn report_event(
     State(state): State<AppState>,
     device: DeviceAuth,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
     Json(req): Json<EventRequest>,
 ) -> Result<StatusCode> {
     if device.id != id {
@@ -751,8 +749,7 @@ impl From<DeviceRow> for Device {
 
 /// The fleet, filtered, in pages.
 #[utoipa::path(get, path = "/v1/devices", tag = "devices", params(DeviceFilter, PageParams), security(("bearer" = [])),
-    responses((status = 200, body = Page<Device>), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem)))]
+    responses((status = 200, body = Page<Device>), Problems<400, 401, 403>))]
 async fn list_devices(
     State(state): State<AppState>,
     _v: Viewer,
@@ -843,14 +840,12 @@ async fn fetch_device(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Device>
 
 /// A device with its event timeline.
 #[utoipa::path(get, path = "/v1/devices/{id}", tag = "devices",
-    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
-    responses((status = 200, body = DeviceDetail), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)))]
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 200, body = DeviceDetail), Problems<400, 401, 403, 404>))]
 async fn get_device(
     State(state): State<AppState>,
     _v: Viewer,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
 ) -> Result<Json<DeviceDetail>> {
     let device = fetch_device(&state.db, id).await?;
     let events = sqlx::query_as!(
@@ -886,15 +881,12 @@ async fn get_device(
 
 /// Pins a device to a release or an image, or unpins it (neither given).
 #[utoipa::path(put, path = "/v1/devices/{id}/pin", tag = "devices", request_body = PinRequest,
-    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
-    responses((status = 200, body = Device), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-              (status = 422, body = crate::error::Problem), (status = 503, body = crate::error::Problem)))]
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 200, body = Device), Problems<400, 401, 403, 404, 409, 422, 503>))]
 async fn set_pin(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
     Json(req): Json<PinRequest>,
 ) -> Result<Json<Device>> {
     let before = fetch_device(&state.db, id).await?;
@@ -990,14 +982,12 @@ fn summary(d: &Device) -> serde_json::Value {
 /// new one, and its machine id cannot enroll again until an admin resets
 /// or deletes it. Revoking a revoked device changes nothing.
 #[utoipa::path(post, path = "/v1/devices/{id}/revoke", tag = "devices", request_body = RevokeRequest,
-    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
-    responses((status = 200, body = Device), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)))]
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 200, body = Device), Problems<400, 401, 403, 404>))]
 async fn revoke_device(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
     Json(req): Json<RevokeRequest>,
 ) -> Result<Json<Device>> {
     if let Some(r) = &req.reason {
@@ -1056,14 +1046,12 @@ async fn failed_images(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Vec<Fa
 /// when the cause was outside the release (a power cut during the trial, a
 /// health check that was wrong). Audited.
 #[utoipa::path(post, path = "/v1/devices/{id}/retry", tag = "devices", request_body = RetryRequest,
-    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
-    responses((status = 200, body = RetryResponse), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)))]
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 200, body = RetryResponse), Problems<400, 401, 403, 404, 409>))]
 async fn retry_failed(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
     Json(req): Json<RetryRequest>,
 ) -> Result<Json<RetryResponse>> {
     if let Some(v) = &req.version {
@@ -1123,13 +1111,12 @@ async fn retry_failed(
 /// it (`by: local`). Recorded as `failure_cleared` events and in the audit log.
 #[utoipa::path(post, path = "/v1/devices/{id}/failures/cleared", tag = "devices",
     request_body = sluice_protocol::FailuresCleared,
-    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
-    responses((status = 204), (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 204), Problems<400, 401, 403, 404>))]
 async fn failures_cleared(
     State(state): State<AppState>,
     device: DeviceAuth,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
     Json(req): Json<sluice_protocol::FailuresCleared>,
 ) -> Result<StatusCode> {
     if device.id != id {
@@ -1178,13 +1165,11 @@ async fn failures_cleared(
     )
     .execute(&mut *tx)
     .await?;
-    crate::infra::audit::record_as(
-        &mut *tx,
-        &format!("device:{id}"),
+    audit_by_device(
+        &mut tx,
+        id,
         "device.failure_cleared",
-        &format!("device:{id}"),
-        None,
-        Some(serde_json::json!({ "digests": req.digests, "by": by })),
+        serde_json::json!({ "digests": req.digests, "by": by }),
     )
     .await?;
     tx.commit().await?;
@@ -1195,6 +1180,18 @@ async fn failures_cleared(
 }
 
 /// Records an admin's change of a device in the audit log, as the summaries
+/// Records a change a device made to itself (enrolling after a reset,
+/// binding its key, confirming cleared failures).
+async fn audit_by_device(
+    tx: &mut sqlx::PgConnection,
+    id: Uuid,
+    action: &str,
+    after: serde_json::Value,
+) -> Result<()> {
+    let device = format!("device:{id}");
+    crate::infra::audit::record_as(tx, device.as_str(), action, &device, None, Some(after)).await
+}
+
 /// before and after (none: deleted).
 async fn audit(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
@@ -1220,14 +1217,12 @@ async fn audit(
 /// keeping its id, pin and history. For a device that lost its key
 /// (reinstalled) or was revoked by mistake.
 #[utoipa::path(post, path = "/v1/devices/{id}/reset", tag = "devices",
-    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
-    responses((status = 200, body = Device), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)))]
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 200, body = Device), Problems<400, 401, 403, 404>))]
 async fn reset_device(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
 ) -> Result<Json<Device>> {
     let before = fetch_device(&state.db, id).await?;
     let mut tx = state.db.begin().await?;
@@ -1253,14 +1248,12 @@ async fn reset_device(
 /// machine id may enroll again, as a new device; to keep a machine out,
 /// revoke it instead.
 #[utoipa::path(delete, path = "/v1/devices/{id}", tag = "devices",
-    params(("id" = Uuid, Path, description = "Device id")), security(("bearer" = [])),
-    responses((status = 204), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)))]
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 204), Problems<400, 401, 403, 404>))]
 async fn delete_device(
     State(state): State<AppState>,
     Admin(who): Admin,
-    Path(id): Path<Uuid>,
+    DevicePath { id }: DevicePath,
 ) -> Result<StatusCode> {
     let before = fetch_device(&state.db, id).await?;
     let mut tx = state.db.begin().await?;

@@ -3,11 +3,23 @@
 
 use crate::error::Result;
 
-/// Records one change by `actor` (`user:<name>`, `token:<id>`, `device:<id>`,
-/// or `system` for the health gate). Pass the transaction that makes the change.
+/// Whoever the log names as making a change.
+pub trait Actor {
+    /// `user:<name>`, `token:<id>`, `device:<id>`, or `system` for the health gate.
+    fn actor(&self) -> String;
+}
+
+impl Actor for str {
+    fn actor(&self) -> String {
+        self.to_owned()
+    }
+}
+
+/// Records one change by `actor` (a name as [`Actor`] says, or an API caller).
+/// Pass the transaction that makes the change.
 pub async fn record_as<'e>(
     db: impl sqlx::PgExecutor<'e>,
-    actor: &str,
+    actor: &(impl Actor + ?Sized),
     action: &str,
     target: &str,
     before: Option<serde_json::Value>,
@@ -15,7 +27,7 @@ pub async fn record_as<'e>(
 ) -> Result<()> {
     sqlx::query!(
         "INSERT INTO audit_log (actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5)",
-        actor,
+        actor.actor(),
         action,
         target,
         before,

@@ -80,40 +80,33 @@ fn ustar_header(name: &str, size: u64) -> [u8; 512] {
     h
 }
 
+/// Runs one of [`push`]'s blocking calls off the async workers.
+async fn blocking<T: Send + 'static>(push: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(push).await.unwrap()
+}
+
+/// Our layers as [`push::platform`] takes them, with their total size.
+fn push_layers(layers: &[Layer]) -> (Vec<PushLayer<'_>>, u64) {
+    let push = layers
+        .iter()
+        .map(|l| PushLayer {
+            data: &l.data,
+            diff_id: l.diff_id.clone(),
+            size: l.data.len() as u64,
+        })
+        .collect();
+    (push, layers.iter().map(|l| l.data.len() as u64).sum())
+}
+
 /// Uploads a blob ([`push::blob`], off the async workers); answers its digest.
 pub async fn push_blob(registry: &str, repo: &str, data: &[u8]) -> String {
     let (registry, repo, data) = (registry.to_string(), repo.to_string(), data.to_vec());
-    tokio::task::spawn_blocking(move || push::blob(&registry, &repo, &data))
-        .await
-        .unwrap()
+    blocking(move || push::blob(&registry, &repo, &data)).await
 }
 
-/// Puts a manifest under `reference` (a tag or its own digest) ([`push::manifest`]);
-/// answers its digest.
-pub async fn push_manifest(
-    registry: &str,
-    repo: &str,
-    reference: &str,
-    media_type: &str,
-    body: &[u8],
-) -> String {
-    let (registry, repo, reference, media_type, body) = (
-        registry.to_string(),
-        repo.to_string(),
-        reference.to_string(),
-        media_type.to_string(),
-        body.to_vec(),
-    );
-    tokio::task::spawn_blocking(move || {
-        push::manifest(&registry, &repo, &reference, &media_type, &body)
-    })
-    .await
-    .unwrap()
-}
-
-/// Pushes layers, a config for `linux/<arch>` and a manifest; tagged with
-/// `tag` when given, else stored by digest only. Returns the manifest digest
-/// and the sum of the compressed layer sizes.
+/// Pushes layers, a config for `linux/<arch>` and a manifest ([`push::platform`]);
+/// tagged with `tag` when given, else stored by digest only. Returns the
+/// manifest digest and the sum of the compressed layer sizes.
 pub async fn push_platform(
     registry: &str,
     repo: &str,
@@ -122,20 +115,6 @@ pub async fn push_platform(
     arch: &str,
     layers: &[Layer],
 ) -> (String, u64) {
-    let (d, size, _) = push_platform_sized(registry, repo, tag, format, arch, layers).await;
-    (d, size)
-}
-
-/// [`push_platform`] ([`push::platform`]), also returning the manifest's own
-/// length (for index entries).
-async fn push_platform_sized(
-    registry: &str,
-    repo: &str,
-    tag: Option<&str>,
-    format: Format,
-    arch: &str,
-    layers: &[Layer],
-) -> (String, u64, usize) {
     let (registry, repo, tag, arch, layers) = (
         registry.to_string(),
         repo.to_string(),
@@ -143,21 +122,12 @@ async fn push_platform_sized(
         arch.to_string(),
         layers.to_vec(),
     );
-    tokio::task::spawn_blocking(move || {
-        let push: Vec<PushLayer<'_>> = layers
-            .iter()
-            .map(|l| PushLayer {
-                data: &l.data,
-                diff_id: l.diff_id.clone(),
-                size: l.data.len() as u64,
-            })
-            .collect();
-        let (d, manifest) = push::platform(&registry, &repo, tag.as_deref(), format, &arch, &push);
-        let size = layers.iter().map(|l| l.data.len() as u64).sum();
-        (d, size, manifest.len())
+    blocking(move || {
+        let (push, size) = push_layers(&layers);
+        let (d, _) = push::platform(&registry, &repo, tag.as_deref(), format, &arch, &push);
+        (d, size)
     })
     .await
-    .unwrap()
 }
 
 /// Pushes a `linux/amd64` OCI image of two small random layers under `tag`.
@@ -184,34 +154,44 @@ pub async fn push_index_with(
     arches: &[&str],
     extra: &[serde_json::Value],
 ) -> (String, Vec<PushedPlatform>) {
-    let mut entries = Vec::new();
-    let mut pushed = Vec::new();
-    for arch in arches {
-        let layers = [random_layer(1024), random_layer(512)];
-        let (d, size, manifest_size) =
-            push_platform_sized(registry, repo, None, format, arch, &layers).await;
-        let mut platform = serde_json::json!({"os": "linux", "architecture": arch});
-        if *arch == "arm64" {
-            platform["variant"] = "v8".into();
+    let (registry, repo, tag, extra) = (
+        registry.to_string(),
+        repo.to_string(),
+        tag.to_string(),
+        extra.to_vec(),
+    );
+    let arches: Vec<String> = arches.iter().map(|a| a.to_string()).collect();
+    blocking(move || {
+        let mut entries = Vec::new();
+        let mut pushed = Vec::new();
+        for arch in arches {
+            let layers = [random_layer(1024), random_layer(512)];
+            let (push, size) = push_layers(&layers);
+            let (d, manifest) = push::platform(&registry, &repo, None, format, &arch, &push);
+            let mut platform = serde_json::json!({"os": "linux", "architecture": arch});
+            if arch == "arm64" {
+                platform["variant"] = "v8".into();
+            }
+            entries.push(serde_json::json!({
+                "mediaType": format.manifest(), "digest": d, "size": manifest.len(), "platform": platform,
+            }));
+            pushed.push(PushedPlatform {
+                arch,
+                digest: d,
+                size,
+            });
         }
-        entries.push(serde_json::json!({
-            "mediaType": format.manifest(), "digest": d, "size": manifest_size, "platform": platform,
-        }));
-        pushed.push(PushedPlatform {
-            arch: arch.to_string(),
-            digest: d,
-            size,
-        });
-    }
-    entries.extend(extra.iter().cloned());
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": format.index(),
-        "manifests": entries,
-    }))
-    .unwrap();
-    let d = push_manifest(registry, repo, tag, format.index(), &index).await;
-    (d, pushed)
+        entries.extend(extra);
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": format.index(),
+            "manifests": entries,
+        }))
+        .unwrap();
+        let d = push::manifest(&registry, &repo, &tag, format.index(), &index);
+        (d, pushed)
+    })
+    .await
 }
 
 /// Pushes a multi-arch OCI index of `arches` (arm64 gets variant `v8`).
@@ -223,20 +203,6 @@ pub async fn push_index(
     arches: &[&str],
 ) -> (String, Vec<(String, String, u64)>) {
     let (d, p) = push_index_with(registry, repo, tag, Format::Oci, arches, &[]).await;
-    (
-        d,
-        p.into_iter().map(|p| (p.arch, p.digest, p.size)).collect(),
-    )
-}
-
-/// Like [`push_index`], as a Docker schema 2 manifest list.
-pub async fn push_docker_list(
-    registry: &str,
-    repo: &str,
-    tag: &str,
-    arches: &[&str],
-) -> (String, Vec<(String, String, u64)>) {
-    let (d, p) = push_index_with(registry, repo, tag, Format::Docker, arches, &[]).await;
     (
         d,
         p.into_iter().map(|p| (p.arch, p.digest, p.size)).collect(),

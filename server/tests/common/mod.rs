@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod cli;
 pub mod images;
 pub mod push;
 
@@ -22,6 +23,15 @@ pub fn registry() -> String {
     std::env::var("SLUICE_TEST_REGISTRY").expect(
         "SLUICE_TEST_REGISTRY is not set: run the tests with scripts/test, which starts a registry",
     )
+}
+
+/// A loopback port free right now, for a process the test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running server.
@@ -231,8 +241,20 @@ impl TestApp {
 
     /// POSTs JSON as the admin and asserts the answer's status; answers its body.
     pub async fn post_ok(&self, path: &str, body: Value, want: StatusCode) -> Value {
-        let (s, b) = self.post(path, &self.admin, body).await;
+        self.post_as(&self.admin, path, body, want).await
+    }
+
+    /// POSTs JSON as `token` and asserts the answer's status; answers its body.
+    pub async fn post_as(&self, token: &str, path: &str, body: Value, want: StatusCode) -> Value {
+        let (s, b) = self.post(path, token, body).await;
         assert_eq!(s, want, "POST {path}: {b}");
+        b
+    }
+
+    /// GETs as the admin and asserts a 200; answers the body.
+    pub async fn get_ok(&self, path: &str) -> Value {
+        let (s, b) = self.get(path, &self.admin).await;
+        assert_eq!(s, StatusCode::OK, "GET {path}: {b}");
         b
     }
 
@@ -290,11 +312,10 @@ impl TestApp {
         b["token"].as_str().unwrap().to_string()
     }
 
-    /// A product `name` ready for a rollout, in one line: its repository
-    /// (a fresh one in the test registry) holds an image for each of
-    /// `versions`, each is published, the first into channel `stable` at
-    /// 100 %, and a publisher token is made for it.
-    pub async fn product_with_releases(&self, name: &str, versions: &[&str]) -> Product {
+    /// A product `name` with nothing published yet: its repository (a fresh
+    /// one in the test registry) holds an image tagged with each of
+    /// `versions`, it has a channel `stable`, and a publisher token.
+    pub async fn product_with_images(&self, name: &str, versions: &[&str]) -> Product {
         let registry = registry();
         let path = images::unique_repo(name);
         let repo = format!("{registry}/{path}");
@@ -308,27 +329,35 @@ impl TestApp {
         let secret = self.product(name, &repo).await;
         self.channel(name, "stable").await;
         let ci = self.publisher(&[name]).await;
-        for (i, v) in versions.iter().enumerate() {
-            let channels = if i == 0 {
-                json!([{"name": "stable", "percent": 100}])
-            } else {
-                json!([])
-            };
-            let (s, b) = self
-                .post(
-                    &format!("/v1/products/{name}/releases"),
-                    &ci,
-                    json!({"version": v, "image": format!("{repo}:{v}"), "channels": channels}),
-                )
-                .await;
-            assert_eq!(s, StatusCode::CREATED, "{b}");
-        }
         Product {
             secret,
             repo,
             ci,
             digests,
         }
+    }
+
+    /// A product `name` ready for a rollout, in one line: as
+    /// [`Self::product_with_images`], each version published, the first into
+    /// channel `stable` at 100 %.
+    pub async fn product_with_releases(&self, name: &str, versions: &[&str]) -> Product {
+        let product = self.product_with_images(name, versions).await;
+        let (repo, ci) = (&product.repo, &product.ci);
+        for (i, v) in versions.iter().enumerate() {
+            let channels = if i == 0 {
+                json!([{"name": "stable", "percent": 100}])
+            } else {
+                json!([])
+            };
+            self.post_as(
+                ci,
+                &format!("/v1/products/{name}/releases"),
+                json!({"version": v, "image": format!("{repo}:{v}"), "channels": channels}),
+                StatusCode::CREATED,
+            )
+            .await;
+        }
+        product
     }
 
     /// Changes a channel's rollout as the admin (`PATCH .../rollout`);

@@ -7,110 +7,62 @@
 use crate::common;
 use crate::common::images;
 
+use common::cli::sluice;
 use common::{TestApp, registry};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-/// What a run of the CLI gave.
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
-
-impl Run {
-    /// Asserts success and answers stdout.
-    fn ok(&self) -> &str {
-        assert_eq!(self.code, 0, "stdout: {}\nstderr: {}", self.out, self.err);
-        assert!(self.err.is_empty(), "nothing on stderr: {}", self.err);
-        &self.out
-    }
-
-    /// Asserts the exit code and that stderr is one `error:` line holding `needle`.
-    fn fails(&self, code: i32, needle: &str) {
-        assert_eq!(
-            self.code, code,
-            "stdout: {}\nstderr: {}",
-            self.out, self.err
-        );
-        assert!(
-            self.err.contains(needle),
-            "stderr lacks {needle:?}: {}",
-            self.err
-        );
-        assert!(!self.err.contains("panicked"), "{}", self.err);
-        assert!(self.out.is_empty(), "nothing on stdout: {}", self.out);
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(self.ok()).expect("--json prints JSON")
-    }
-}
-
-/// Runs the `sluice` CLI as `token` against `server`; async, so the server in
-/// this test's runtime keeps serving.
-async fn sluice(server: &str, token: &str, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_SERVER", server)
-        .env("SLUICE_TOKEN", token)
-        .output()
-        .await
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&out.stdout).into(),
-        err: String::from_utf8_lossy(&out.stderr).into(),
-    }
-}
-
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn products(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let admin = |args: &'static [&'static str]| sluice(&app.url, &app.admin, args);
+    let admin = app.admin.as_str();
     let repo = "r.example/acme/os";
 
-    let created = admin(&[
-        "product",
-        "create",
-        "--name",
-        "acme",
-        "--repository",
-        "r.example/acme/os",
-        "--description",
-        "Acme OS",
-    ])
+    let created = sluice(
+        &app.url,
+        admin,
+        &[
+            "product",
+            "create",
+            "--name",
+            "acme",
+            "--repository",
+            repo,
+            "--description",
+            "Acme OS",
+        ],
+    )
     .await
     .json();
     assert_eq!(created["name"], "acme");
     let first_secret = created["enrollment_secret"].as_str().unwrap().to_owned();
     assert!(first_secret.len() >= 20);
-    admin(&[
-        "product",
-        "create",
-        "--name",
-        "acme",
-        "--repository",
-        "r.example/acme/os",
-    ])
+    app.cli(
+        admin,
+        "product create --name acme --repository r.example/acme/os",
+    )
     .await
     .fails(4, "product acme already exists (HTTP 409)");
-    admin(&[
-        "product",
-        "create",
-        "--name",
-        "Not OK",
-        "--repository",
-        "r.example/x",
-    ])
+    sluice(
+        &app.url,
+        admin,
+        &[
+            "product",
+            "create",
+            "--name",
+            "Not OK",
+            "--repository",
+            "r.example/x",
+        ],
+    )
     .await
     .fails(5, "invalid product name");
-    admin(&["product", "create", "--name", "x"])
+    app.cli(admin, "product create --name x")
         .await
         .fails(2, "--repository");
 
-    let list = admin(&["product", "list"]).await;
+    let list = app.cli(admin, "product list").await;
     let lines: Vec<&str> = list.ok().lines().collect();
     assert_eq!(lines.len(), 2, "{}", list.out);
     assert!(lines[0].starts_with("NAME"), "{}", list.out);
@@ -119,34 +71,38 @@ async fn products(pool: PgPool) {
         "{}",
         list.out
     );
-    let list = admin(&["product", "list", "--json"]).await.json();
+    let list = app.cli(admin, "product list --json").await.json();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["repository"], repo);
     assert!(list[0].get("enrollment_secret").is_none());
 
-    let show = admin(&["product", "show", "acme"]).await;
+    let show = app.cli(admin, "product show acme").await;
     assert!(
         show.ok().contains(&format!("repository   {repo}")),
         "{}",
         show.out
     );
     assert_eq!(
-        admin(&["product", "show", "acme", "--json"]).await.json()["description"],
+        app.cli(admin, "product show acme --json").await.json()["description"],
         "Acme OS"
     );
-    admin(&["product", "show", "nope"])
+    app.cli(admin, "product show nope")
         .await
         .fails(5, "product nope not found (HTTP 404)");
 
-    let channel = admin(&[
-        "channel",
-        "create",
-        "--product",
-        "acme",
-        "stable",
-        "--description",
-        "what customers run",
-    ])
+    let channel = sluice(
+        &app.url,
+        admin,
+        &[
+            "channel",
+            "create",
+            "--product",
+            "acme",
+            "stable",
+            "--description",
+            "what customers run",
+        ],
+    )
     .await
     .json();
     assert_eq!(
@@ -154,19 +110,21 @@ async fn products(pool: PgPool) {
         (&json!("stable"), &json!("what customers run"), &Value::Null),
         "{channel}"
     );
-    admin(&["channel", "create", "--product", "acme", "stable"])
+    app.cli(admin, "channel create --product acme stable")
         .await
         .fails(
             4,
             "channel stable already exists in product acme (HTTP 409)",
         );
-    admin(&["channel", "create", "--product", "nope", "beta"])
+    app.cli(admin, "channel create --product nope beta")
         .await
         .fails(5, "product nope not found (HTTP 404)");
     // The secret cannot be shown, only replaced, and only when asked to.
-    let r = admin(&["product", "enrollment-secret", "acme"]).await;
+    let r = app.cli(admin, "product enrollment-secret acme").await;
     r.fails(2, "--rotate");
-    let r = admin(&["product", "enrollment-secret", "acme", "--rotate"]).await;
+    let r = app
+        .cli(admin, "product enrollment-secret acme --rotate")
+        .await;
     let secret = r.ok().trim().to_owned();
     assert_eq!(r.out, format!("{secret}\n"), "the secret alone on stdout");
     assert_ne!(secret, first_secret);
@@ -183,7 +141,8 @@ async fn products(pool: PgPool) {
         )
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
-    let rotated = admin(&["product", "enrollment-secret", "acme", "--rotate", "--json"])
+    let rotated = app
+        .cli(admin, "product enrollment-secret acme --rotate --json")
         .await
         .json();
     assert_eq!(rotated["name"], "acme");
@@ -193,63 +152,41 @@ async fn products(pool: PgPool) {
             .is_some_and(|s| s != secret)
     );
     // No secret in the audit log.
-    let (_, audit) = app.get("/v1/audit", &app.admin).await;
+    let (_, audit) = app.get("/v1/audit", admin).await;
     let audit = audit.to_string();
     assert!(audit.contains("product.rotate_secret"), "{audit}");
     assert!(!audit.contains(&secret) && !audit.contains(&first_secret));
-    admin(&["product", "enrollment-secret", "nope", "--rotate"])
+    app.cli(admin, "product enrollment-secret nope --rotate")
         .await
         .fails(5, "product nope not found");
 
     // A viewer reads but may not rotate.
     let viewer = app.viewer().await;
-    assert!(
-        sluice(&app.url, &viewer, &["product", "list"])
-            .await
-            .ok()
-            .contains("acme")
-    );
-    sluice(
-        &app.url,
-        &viewer,
-        &["product", "enrollment-secret", "acme", "--rotate"],
-    )
-    .await
-    .fails(3, "this needs an admin (HTTP 403)");
-    // No token: told how to get one.
-    sluice(&app.url, "", &["product", "list"])
+    assert!(app.cli(&viewer, "product list").await.ok().contains("acme"));
+    app.cli(&viewer, "product enrollment-secret acme --rotate")
         .await
-        .fails(3, "SLUICE_TOKEN");
+        .fails(3, "this needs an admin (HTTP 403)");
+    // No token: told how to get one.
+    app.cli("", "product list").await.fails(3, "SLUICE_TOKEN");
 }
 
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn tokens(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     app.product("acme", "r.example/acme/os").await;
-    let admin = |args: Vec<&str>| {
-        let args: Vec<String> = args.into_iter().map(String::from).collect();
-        let url = app.url.clone();
-        let token = app.admin.clone();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            sluice(&url, &token, &args).await
-        }
-    };
+    let admin = app.admin.as_str();
 
-    let created = admin(vec![
-        "token",
-        "create",
-        "--name",
-        "ci acme",
-        "--product",
-        "acme",
-    ])
+    let created = sluice(
+        &app.url,
+        admin,
+        &["token", "create", "--name", "ci acme", "--product", "acme"],
+    )
     .await
     .json();
     let id = created["id"].as_str().unwrap().to_owned();
     let ci = created["token"].as_str().unwrap().to_owned();
 
-    let listed = admin(vec!["token", "list", "--json"]).await.json();
+    let listed = app.cli(admin, "token list --json").await.json();
     let mine = listed
         .as_array()
         .unwrap()
@@ -260,7 +197,7 @@ async fn tokens(pool: PgPool) {
     assert_eq!(mine["products"], json!(["acme"]));
     assert!(mine["revoked_at"].is_null());
     assert!(mine.get("token").is_none(), "never the secret");
-    let table = admin(vec!["token", "list"]).await;
+    let table = app.cli(admin, "token list").await;
     let row = table
         .ok()
         .lines()
@@ -277,17 +214,17 @@ async fn tokens(pool: PgPool) {
     assert!(!table.out.contains(&ci));
 
     // A publisher token may neither list nor revoke tokens.
-    sluice(&app.url, &ci, &["token", "list"])
+    app.cli(&ci, "token list")
         .await
         .fails(3, "this needs an admin (HTTP 403)");
 
-    let r = admin(vec!["token", "revoke", &id]).await;
+    let r = app.cli(admin, &format!("token revoke {id}")).await;
     assert_eq!(r.ok(), format!("token {id} revoked\n"));
     // It stops working at once, and the list says so.
-    sluice(&app.url, &ci, &["product", "list"])
+    app.cli(&ci, "product list")
         .await
         .fails(3, "the token has been revoked (HTTP 401)");
-    let table = admin(vec!["token", "list"]).await;
+    let table = app.cli(admin, "token list").await;
     assert!(
         table
             .ok()
@@ -297,10 +234,10 @@ async fn tokens(pool: PgPool) {
         table.out
     );
     let unknown = uuid::Uuid::new_v4().to_string();
-    admin(vec!["token", "revoke", &unknown])
+    app.cli(admin, &format!("token revoke {unknown}"))
         .await
         .fails(5, &format!("token {unknown} not found (HTTP 404)"));
-    admin(vec!["token", "revoke", "not-a-uuid"])
+    app.cli(admin, "token revoke not-a-uuid")
         .await
         .fails(2, "not-a-uuid");
 }
@@ -308,62 +245,41 @@ async fn tokens(pool: PgPool) {
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn releases_and_channels(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let reg = registry();
-    let repo_path = images::unique_repo("cli");
-    let repo = format!("{reg}/{repo_path}");
-    let (d1, _) = images::push_image(&reg, &repo_path, "1.0.0").await;
-    let (d2, _) = images::push_image(&reg, &repo_path, "1.1.0").await;
-    let secret = app.product("acme", &repo).await;
+    let acme = app.product_with_images("acme", &["1.0.0", "1.1.0"]).await;
+    let (repo, secret, ci) = (&acme.repo, &acme.secret, acme.ci.as_str());
+    let (d1, d2) = (&acme.digests["1.0.0"], &acme.digests["1.1.0"]);
+    let admin = app.admin.as_str();
     app.product(
         "other",
-        &format!("{reg}/{}", images::unique_repo("cli-other")),
+        &format!("{}/{}", registry(), images::unique_repo("cli-other")),
     )
     .await;
-    app.channel("acme", "stable").await;
-    let ci = app.publisher(&["acme"]).await;
     let other_ci = app.publisher(&["other"]).await;
-    let run = |token: &str, args: &[&str]| {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let (url, token) = (app.url.clone(), token.to_owned());
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            sluice(&url, &token, &args).await
-        }
-    };
 
     // Nothing published yet.
-    let empty = run(&ci, &["release", "list", "--product", "acme"]).await;
+    let empty = app.cli(ci, "release list --product acme").await;
     assert!(
         empty.ok().starts_with("no releases in product acme"),
         "{}",
         empty.out
     );
     for v in ["1.0.0", "1.1.0"] {
-        let image = format!("{repo}:{v}");
-        let published = run(
-            &ci,
-            &[
-                "release",
-                "publish",
-                "--product",
-                "acme",
-                "--version",
-                v,
-                "--image",
-                &image,
-            ],
-        )
-        .await;
+        let published = app
+            .cli(
+                ci,
+                &format!("release publish --product acme --version {v} --image {repo}:{v}"),
+            )
+            .await;
         // No `warnings` in the answer: nothing but the JSON.
         assert!(published.json()["digest"].is_string());
     }
 
-    let list = run(&ci, &["release", "list", "--product", "acme"]).await;
+    let list = app.cli(ci, "release list --product acme").await;
     let lines: Vec<&str> = list.ok().lines().collect();
     assert_eq!(lines.len(), 3, "{}", list.out);
     assert!(lines[0].starts_with("VERSION"));
     assert!(
-        lines[1].starts_with("1.1.0 ") && lines[1].ends_with(&d2),
+        lines[1].starts_with("1.1.0 ") && lines[1].ends_with(d2.as_str()),
         "{}",
         list.out
     );
@@ -372,62 +288,35 @@ async fn releases_and_channels(pool: PgPool) {
         "{}",
         list.out
     );
-    let page = run(
-        &ci,
-        &[
-            "release",
-            "list",
-            "--product",
-            "acme",
-            "--limit",
-            "1",
-            "--json",
-        ],
-    )
-    .await
-    .json();
+    let page = app
+        .cli(ci, "release list --product acme --limit 1 --json")
+        .await
+        .json();
     assert_eq!(page["items"][0]["version"], "1.1.0");
     assert_eq!(page["next_cursor"], "1");
-    let next = run(
-        &ci,
-        &[
-            "release",
-            "list",
-            "--product",
-            "acme",
-            "--limit",
-            "1",
-            "--cursor",
-            "1",
-        ],
-    )
-    .await;
+    let next = app
+        .cli(ci, "release list --product acme --limit 1 --cursor 1")
+        .await;
     assert!(
         next.ok().contains("1.0.0") && !next.out.contains("1.1.0"),
         "{}",
         next.out
     );
-    let more = run(
-        &ci,
-        &["release", "list", "--product", "acme", "--limit", "1"],
-    )
-    .await;
+    let more = app.cli(ci, "release list --product acme --limit 1").await;
     assert!(
         more.ok().ends_with("(more: add --cursor 1)\n"),
         "{}",
         more.out
     );
-    run(&app.admin, &["release", "list", "--product", "nope"])
+    app.cli(admin, "release list --product nope")
         .await
         .fails(5, "product nope not found (HTTP 404)");
 
-    run(&ci, &["release", "list", "--product", "nope"])
-        .await
-        .fails(
-            3,
-            "only its own products (acme), not product nope (HTTP 403)",
-        );
-    let show = run(&ci, &["release", "show", "--product", "acme", "1.0.0"]).await;
+    app.cli(ci, "release list --product nope").await.fails(
+        3,
+        "only its own products (acme), not product nope (HTTP 403)",
+    );
+    let show = app.cli(ci, "release show --product acme 1.0.0").await;
     assert!(
         show.ok().contains(&format!("image       {repo}@{d1}")),
         "{}",
@@ -438,92 +327,50 @@ async fn releases_and_channels(pool: PgPool) {
         "{}",
         show.out
     );
-    let shown = run(
-        &ci,
-        &[
-            "release",
-            "show",
-            "--product",
-            "acme",
-            "--version",
-            "1.0.0",
-            "--json",
-        ],
-    )
-    .await
-    .json();
-    assert_eq!(shown["digest"], d1);
+    let shown = app
+        .cli(ci, "release show --product acme --version 1.0.0 --json")
+        .await
+        .json();
+    assert_eq!(&shown["digest"], d1);
     assert!(
         !shown["platforms"][0]["signed_by"]
             .as_array()
             .unwrap()
             .is_empty()
     );
-    run(&ci, &["release", "show", "--product", "acme", "9.9.9"])
+    app.cli(ci, "release show --product acme 9.9.9")
         .await
         .fails(5, "release 9.9.9 of product acme not found (HTTP 404)");
 
     // Promote: a staged rollout of 10 % by default, and the line says so.
-    let promoted = run(
-        &ci,
-        &[
-            "channel",
-            "promote",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-            "--version",
-            "1.0.0",
-        ],
-    )
-    .await;
+    let promote = |token: &str, product: &str, extra: &str| {
+        let line = format!("channel promote --product {product} --channel stable {extra}");
+        let token = token.to_owned();
+        let app = &app;
+        async move { app.cli(&token, &line).await }
+    };
+    let promoted = promote(ci, "acme", "--version 1.0.0").await;
     assert_eq!(
         promoted.ok(),
         "1.0.0 is head of stable at 10 % (raise with `sluice channel rollout --product acme --channel stable --percent N`)\n\
          1.0.0 becomes the channel's first head at 10 %; devices outside that share keep what they run.\n"
     );
-    let (_, c) = app
-        .get("/v1/products/acme/channels/stable", &app.admin)
-        .await;
+    let (_, c) = app.get("/v1/products/acme/channels/stable", admin).await;
     assert_eq!(c["rollout"]["percent"], 10.0);
     assert!(c["rollout"]["ramp"].is_null());
     // Rolled out fully, it is what the next promote makes the base.
-    run(
-        &app.admin,
-        &[
-            "channel",
-            "rollout",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-            "--percent",
-            "100",
-        ],
+    app.cli(
+        admin,
+        "channel rollout --product acme --channel stable --percent 100",
     )
     .await
     .ok();
 
     // With a ramp; the server's plan follows the summary.
-    let promoted = run(
-        &ci,
-        &[
-            "channel",
-            "promote",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-            "--version",
-            "1.1.0",
-            "--percent",
-            "5",
-            "--ramp-to",
-            "50",
-            "--ramp-minutes",
-            "60",
-        ],
+    let promoted = promote(
+        ci,
+        "acme",
+        "--version 1.1.0 --percent 5 --ramp-to 50 --ramp-minutes 60",
     )
     .await;
     assert_eq!(
@@ -534,13 +381,11 @@ async fn releases_and_channels(pool: PgPool) {
     );
 
     // The CI token reads its own product's channel: head, base, rollout, gate, devices.
-    app.enroll("acme", &secret, "m-1", "stable").await;
-    let c = run(
-        &ci,
-        &["channel", "show", "--product", "acme", "stable", "--json"],
-    )
-    .await
-    .json();
+    app.enroll("acme", secret, "m-1", "stable").await;
+    let c = app
+        .cli(ci, "channel show --product acme stable --json")
+        .await
+        .json();
     assert_eq!(
         (c["head"].as_str(), c["base"].as_str()),
         (Some("1.1.0"), Some("1.0.0"))
@@ -550,18 +395,9 @@ async fn releases_and_channels(pool: PgPool) {
     assert_eq!(c["rollout"]["ramp"]["over_minutes"], 60.0);
     assert_eq!(c["gate"]["tripped"], false);
     assert_eq!(c["devices"][0]["count"], 1);
-    let show = run(
-        &ci,
-        &[
-            "channel",
-            "show",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-        ],
-    )
-    .await;
+    let show = app
+        .cli(ci, "channel show --product acme --channel stable")
+        .await;
     let text = show.ok();
     for want in [
         "channel      stable of acme",
@@ -574,119 +410,58 @@ async fn releases_and_channels(pool: PgPool) {
     ] {
         assert!(text.contains(want), "{want:?} not in\n{text}");
     }
-    run(&ci, &["channel", "show", "--product", "acme", "nope"])
+    app.cli(ci, "channel show --product acme nope")
         .await
         .fails(5, "channel nope of product acme not found (HTTP 404)");
     // Another product's token may not read it, nor change it.
-    run(
-        &other_ci,
-        &["channel", "show", "--product", "acme", "stable"],
-    )
-    .await
-    .fails(3, "not product acme (HTTP 403)");
-    run(
-        &ci,
-        &[
-            "channel",
-            "rollout",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-            "--percent",
-            "50",
-        ],
+    app.cli(&other_ci, "channel show --product acme stable")
+        .await
+        .fails(3, "not product acme (HTTP 403)");
+    app.cli(
+        ci,
+        "channel rollout --product acme --channel stable --percent 50",
     )
     .await
     .fails(3, "this needs an admin (HTTP 403)");
 
     // Bad input: unknown version or product, a ramp downwards.
-    run(
-        &ci,
-        &[
-            "channel",
-            "promote",
-            "--product",
+    for (token, product, extra, code, error) in [
+        (
+            ci,
             "acme",
-            "--channel",
-            "stable",
-            "--version",
-            "9.9.9",
-        ],
-    )
-    .await
-    .fails(5, "release 9.9.9 of product acme not found (HTTP 404)");
-    run(
-        &ci,
-        &[
-            "channel",
-            "promote",
-            "--product",
+            "--version 9.9.9",
+            5,
+            "release 9.9.9 of product acme not found (HTTP 404)",
+        ),
+        (
+            ci,
             "nope",
-            "--channel",
-            "stable",
-            "--version",
-            "1.0.0",
-        ],
-    )
-    .await
-    .fails(3, "not allowed to publish to product nope (HTTP 403)");
-    run(
-        &app.admin,
-        &[
-            "channel",
-            "promote",
-            "--product",
+            "--version 1.0.0",
+            3,
+            "not allowed to publish to product nope (HTTP 403)",
+        ),
+        (
+            admin,
             "nope",
-            "--channel",
-            "stable",
-            "--version",
-            "1.0.0",
-        ],
-    )
-    .await
-    .fails(5, "product nope not found (HTTP 404)");
-    run(
-        &ci,
-        &[
-            "channel",
-            "promote",
-            "--product",
+            "--version 1.0.0",
+            5,
+            "product nope not found (HTTP 404)",
+        ),
+        (
+            ci,
             "acme",
-            "--channel",
-            "stable",
-            "--version",
-            "1.0.0",
-            "--percent",
-            "60",
-            "--ramp-to",
-            "50",
-            "--ramp-minutes",
-            "5",
-        ],
-    )
-    .await
-    .fails(2, "only raises the percent");
+            "--version 1.0.0 --percent 60 --ramp-to 50 --ramp-minutes 5",
+            2,
+            "only raises the percent",
+        ),
+    ] {
+        promote(token, product, extra).await.fails(code, error);
+    }
 
     // `--json` on promote prints the channel, for scripts.
-    let c = run(
-        &app.admin,
-        &[
-            "channel",
-            "promote",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-            "--version",
-            "1.0.0",
-            "--percent",
-            "100",
-            "--json",
-        ],
-    )
-    .await
-    .json();
+    let c = promote(admin, "acme", "--version 1.0.0 --percent 100 --json")
+        .await
+        .json();
     assert_eq!(
         (c["head"].as_str(), c["rollout"]["percent"].as_f64()),
         (Some("1.0.0"), Some(100.0))
@@ -697,14 +472,10 @@ async fn releases_and_channels(pool: PgPool) {
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn promote_defaults_to_ten_percent(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let reg = registry();
-    let repo_path = images::unique_repo("cli-default");
-    images::push_image(&reg, &repo_path, "1.0.0").await;
-    app.product("acme", &format!("{reg}/{repo_path}")).await;
-    app.channel("acme", "stable").await;
+    let acme = app.product_with_images("acme", &["1.0.0"]).await;
     app.post_ok(
         "/v1/products/acme/releases",
-        json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:1.0.0")}),
+        json!({"version": "1.0.0", "image": format!("{}:1.0.0", acme.repo)}),
         StatusCode::CREATED,
     )
     .await;
@@ -832,35 +603,18 @@ async fn warnings_go_to_stderr() {
             });
         }
     });
-    for args in [
-        &[
-            "release",
-            "publish",
-            "--product",
-            "acme",
-            "--version",
-            "1.4.0",
-            "--image",
-            "r.example/acme:1.4.0",
-        ][..],
-        &[
-            "channel",
-            "promote",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-            "--version",
-            "1.4.0",
-        ],
+    for line in [
+        "release publish --product acme --version 1.4.0 --image r.example/acme:1.4.0",
+        "channel promote --product acme --channel stable --version 1.4.0",
     ] {
-        let r = sluice(&url, "t", args).await;
-        assert_eq!(r.code, 0, "{args:?}: {}", r.err);
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let r = sluice(&url, "t", &args).await;
+        assert_eq!(r.code, 0, "{line}: {}", r.err);
         assert_eq!(
             r.err, "warning: no device on stable runs 1.3.0\nwarning: the gate is off\n",
-            "{args:?}"
+            "{line}"
         );
-        assert!(r.out.contains("1.4.0"), "{args:?}: {}", r.out);
+        assert!(r.out.contains("1.4.0"), "{line}: {}", r.out);
     }
 }
 
@@ -886,16 +640,13 @@ async fn device_retry(pool: PgPool) {
             .await;
         assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
     }
-    let admin = |args: Vec<&str>| {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let (url, token) = (app.url.clone(), app.admin.clone());
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            sluice(&url, &token, &args).await
-        }
+    let retry = |extra: &str| {
+        let line = format!("device retry {extra}");
+        let app = &app;
+        async move { app.cli(&app.admin, &line).await }
     };
 
-    let r = admin(vec!["device", "retry", &id, "--version", "1.2.0"]).await;
+    let r = retry(&format!("{id} --version 1.2.0")).await;
     assert_eq!(
         r.ok(),
         format!("device {id} will try again at its next check-in: 1.2.0 ({d2})\n")
@@ -909,29 +660,19 @@ async fn device_retry(pool: PgPool) {
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["retry"], json!([d2]), "{b}");
-    let r = admin(vec!["device", "retry", &id]).await;
+    let r = retry(&id).await;
     assert!(r.ok().contains(&format!("1.1.0 ({d1})")), "{}", r.out);
 
-    admin(vec!["device", "retry", &id, "--version", "9.9.9"])
+    retry(&format!("{id} --version 9.9.9"))
         .await
         .fails(4, "has no failed release 9.9.9 to try again (it reported none, or cleared it since) (HTTP 409)");
-    admin(vec!["device", "retry", &id, "--digest", "sha256:short"])
+    retry(&format!("{id} --digest sha256:short"))
         .await
         .fails(5, "digest must be `sha256:<64 hex>`");
-    admin(vec![
-        "device",
-        "retry",
-        &id,
-        "--version",
-        "1.1.0",
-        "--digest",
-        &d1,
-    ])
-    .await
-    .fails(2, "cannot be used with");
-    admin(vec!["device", "retry", "not-a-uuid"])
+    retry(&format!("{id} --version 1.1.0 --digest {d1}"))
         .await
-        .fails(2, "invalid value");
+        .fails(2, "cannot be used with");
+    retry("not-a-uuid").await.fails(2, "invalid value");
     // Audited with the admin's name.
     let (_, audit) = app.get("/v1/audit", &app.admin).await;
     assert_eq!(

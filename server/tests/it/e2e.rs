@@ -59,6 +59,22 @@ async fn resolve_all(app: &TestApp, keys: &KeySet, devices: &[Device]) -> Vec<Re
     out
 }
 
+/// `n` devices enrolled in acme's `stable`, each running `current`.
+async fn fleet(app: &TestApp, secret: &str, n: usize, current: &str) -> Vec<Device> {
+    let mut devices = Vec::with_capacity(n);
+    for i in 0..n {
+        let (id, token) = app
+            .enroll("acme", secret, &format!("machine-{i}"), "stable")
+            .await;
+        devices.push(Device {
+            id,
+            token,
+            current: current.to_owned(),
+        });
+    }
+    devices
+}
+
 async fn report(app: &TestApp, d: &Device, kind: &str, digest: &str) -> (StatusCode, Value) {
     let body = json!({"kind": kind, "version": "1.2.0", "digest": digest});
     app.post(&format!("/v1/devices/{}/events", d.id), &d.token, body)
@@ -70,22 +86,6 @@ fn offered(answers: &[ResolveResponse], version: &str) -> usize {
         .iter()
         .filter(|a| a.update && a.release.as_ref().is_some_and(|r| r.version == version))
         .count()
-}
-
-/// Runs the `sluice` CLI; async, so the server in this test's runtime keeps serving.
-async fn cli(app: &TestApp, token: &str, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_SERVER", &app.url)
-        .env("SLUICE_TOKEN", token)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 fn cosign_verify(pem: &str, image: &str) -> bool {
@@ -125,88 +125,35 @@ fn image_keys(keys: &Value) -> Vec<(String, String)> {
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let reg = registry();
-    let repo_path = images::unique_repo("e2e");
-    let repo = format!("{reg}/{repo_path}");
-    let (d1, _) = images::push_image(&reg, &repo_path, "1.0.0").await;
-    let (d2, _) = images::push_image(&reg, &repo_path, "1.1.0").await;
-    let (d3, _) = images::push_image(&reg, &repo_path, "1.2.0").await;
-
-    let secret = app.product("acme", &repo).await;
-    app.channel("acme", "stable").await;
-    let ci = app.publisher(&["acme"]).await;
+    let acme = app
+        .product_with_images("acme", &["1.0.0", "1.1.0", "1.2.0"])
+        .await;
+    let (repo, secret, ci) = (&acme.repo, &acme.secret, acme.ci.as_str());
+    let [d1, d2, d3] = ["1.0.0", "1.1.0", "1.2.0"].map(|v| acme.digests[v].clone());
+    let publish = |version: &str, tag: &str, extra: &str| {
+        let line = format!(
+            "release publish --product acme --version {version} --image {repo}:{tag} {extra}"
+        );
+        let app = &app;
+        async move { app.cli(ci, &line).await }
+    };
 
     // The base, published with the CLI in one line and made head at 100 %.
-    let (code, out, err) = cli(
-        &app,
-        &ci,
-        &[
-            "release",
-            "publish",
-            "--product",
-            "acme",
-            "--version",
-            "1.0.0",
-            "--image",
-            &format!("{repo}:1.0.0"),
-            "--channel",
-            "stable:100",
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let published: Value = serde_json::from_str(&out).expect("the CLI prints the release as JSON");
+    let published = publish("1.0.0", "1.0.0", "--channel stable:100")
+        .await
+        .json();
     assert_eq!(published["digest"], d1);
     // Publishing again is idempotent; another digest for the same version is refused.
-    let (code, _, err) = cli(
-        &app,
-        &ci,
-        &[
-            "release",
-            "publish",
-            "--product",
-            "acme",
-            "--version",
-            "1.0.0",
-            "--image",
-            &format!("{repo}:1.0.0"),
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
-    let (code, _, err) = cli(
-        &app,
-        &ci,
-        &[
-            "release",
-            "publish",
-            "--product",
-            "acme",
-            "--version",
-            "1.0.0",
-            "--image",
-            &format!("{repo}:1.1.0"),
-        ],
-    )
-    .await;
-    assert_ne!(code, 0);
-    assert!(err.contains("already published"), "{err}");
+    publish("1.0.0", "1.0.0", "").await.ok();
+    publish("1.0.0", "1.1.0", "")
+        .await
+        .fails(4, "already published");
 
     let (_, keys_json) = app.call(Method::GET, "/v1/keys", None, None).await;
     let keys: KeySet = serde_json::from_value(keys_json.clone()).unwrap();
 
     // 1 000 devices on the base.
-    let mut devices = Vec::new();
-    for i in 0..1000 {
-        let (id, token) = app
-            .enroll("acme", &secret, &format!("machine-{i}"), "stable")
-            .await;
-        devices.push(Device {
-            id,
-            token,
-            current: d1.clone(),
-        });
-    }
+    let mut devices = fleet(&app, secret, 1000, &d1).await;
     let answers = resolve_all(&app, &keys, &devices).await;
     assert_eq!(
         answers.iter().filter(|a| a.update).count(),
@@ -221,24 +168,7 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     );
 
     // 1.1.0 at 10 %: about a hundred devices are offered it, and the offer is signed for it.
-    let (code, _, err) = cli(
-        &app,
-        &ci,
-        &[
-            "release",
-            "publish",
-            "--product",
-            "acme",
-            "--version",
-            "1.1.0",
-            "--image",
-            &format!("{repo}:1.1.0"),
-            "--channel",
-            "stable:10",
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
+    publish("1.1.0", "1.1.0", "--channel stable:10").await.ok();
     let answers = resolve_all(&app, &keys, &devices).await;
     let n = offered(&answers, "1.1.0");
     assert!((60..=140).contains(&n), "10 % of 1000 devices, got {n}");
@@ -270,22 +200,12 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     assert!(again.iter().all(|a| a.serial == answers[0].serial));
 
     // 100 %: everyone.
-    let (code, _, err) = cli(
-        &app,
+    app.cli(
         &app.admin,
-        &[
-            "channel",
-            "rollout",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-            "--percent",
-            "100",
-        ],
+        "channel rollout --product acme --channel stable --percent 100",
     )
-    .await;
-    assert_eq!(code, 0, "{err}");
+    .await
+    .ok();
     let answers100 = resolve_all(&app, &keys, &devices).await;
     assert_eq!(offered(&answers100, "1.1.0"), 1000);
     assert!(
@@ -307,20 +227,12 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     }
 
     // Roll back: the upgraded devices are offered the base with `downgrade: true`.
-    let (code, _, err) = cli(
-        &app,
+    app.cli(
         &app.admin,
-        &[
-            "channel",
-            "rollback",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-        ],
+        "channel rollback --product acme --channel stable",
     )
-    .await;
-    assert_eq!(code, 0, "{err}");
+    .await
+    .ok();
     let answers = resolve_all(&app, &keys, &devices).await;
     for (a, d) in answers.iter().zip(&devices) {
         let r = a.release.as_ref().unwrap();
@@ -333,68 +245,51 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
     }
 
     // 1.2.0 with a strict gate: failures above it halt the rollout by itself.
-    let (s, b) = app
-        .post(
-            "/v1/products/acme/releases",
-            &ci,
-            json!({"version": "1.2.0", "image": format!("{repo}:1.2.0")}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
-    let (s, b) = app
-        .post(
-            "/v1/products/acme/channels/stable/promote",
-            &ci,
-            json!({"version": "1.2.0", "percent": 100}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
-    let (s, b) = app
-        .call(
-            Method::PATCH,
-            "/v1/products/acme/channels/stable/rollout",
-            Some(&app.admin),
-            Some(json!({"gate": {"max_failure_percent": 20, "min_reports": 10}})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
+    app.post_as(
+        ci,
+        "/v1/products/acme/releases",
+        json!({"version": "1.2.0", "image": format!("{repo}:1.2.0")}),
+        StatusCode::CREATED,
+    )
+    .await;
+    app.post_as(
+        ci,
+        "/v1/products/acme/channels/stable/promote",
+        json!({"version": "1.2.0", "percent": 100}),
+        StatusCode::OK,
+    )
+    .await;
+    app.set_rollout(
+        "acme",
+        "stable",
+        json!({"gate": {"max_failure_percent": 20, "min_reports": 10}}),
+    )
+    .await;
     // Outcomes count only from devices that were offered the release.
     let answers = resolve_all(&app, &keys, &devices[..10]).await;
     assert_eq!(offered(&answers, "1.2.0"), 10);
-    for d in &devices[..7] {
+    // 7 healthy and 2 failed are below min_reports; a 10th, rolled back,
+    // makes 3 of 10 bad, above 20 %.
+    for (i, d) in devices[..10].iter().enumerate() {
+        let kind = match i {
+            0..7 => "healthy",
+            7..9 => "failed",
+            _ => "rolled_back",
+        };
+        assert_eq!(report(&app, d, kind, &d3).await.0, StatusCode::NO_CONTENT);
+        let ch = app.get_ok("/v1/products/acme/channels/stable").await;
         assert_eq!(
-            report(&app, d, "healthy", &d3).await.0,
-            StatusCode::NO_CONTENT
+            ch["rollout"]["paused"],
+            i == 9,
+            "after {} reports: {ch}",
+            i + 1
         );
     }
-    for d in &devices[7..9] {
-        assert_eq!(
-            report(&app, d, "failed", &d3).await.0,
-            StatusCode::NO_CONTENT
-        );
-    }
-    let (_, ch) = app
-        .get("/v1/products/acme/channels/stable", &app.admin)
-        .await;
-    assert_eq!(
-        ch["rollout"]["paused"], false,
-        "9 reports are below min_reports: {ch}"
-    );
-    assert_eq!(
-        report(&app, &devices[9], "rolled_back", &d3).await.0,
-        StatusCode::NO_CONTENT
-    );
-    let (_, ch) = app
-        .get("/v1/products/acme/channels/stable", &app.admin)
-        .await;
-    assert_eq!(
-        ch["rollout"]["paused"], true,
-        "3 of 10 bad is above 20 %: {ch}"
-    );
+    let ch = app.get_ok("/v1/products/acme/channels/stable").await;
     assert_eq!(ch["gate"]["reports"], 10);
     assert_eq!(ch["gate"]["failures"], 3);
-    let (_, history) = app
-        .get("/v1/products/acme/channels/stable/history", &app.admin)
+    let history = app
+        .get_ok("/v1/products/acme/channels/stable/history")
         .await;
     let last = &history["items"][0];
     assert_eq!(last["action"], "gate");
@@ -403,7 +298,7 @@ async fn staged_rollout_rollback_and_gate(pool: PgPool) {
         last["reason"].as_str().unwrap().contains("3 of 10 devices"),
         "{last}"
     );
-    let (_, audit) = app.get("/v1/audit?action=channel.gate", &app.admin).await;
+    let audit = app.get_ok("/v1/audit?action=channel.gate").await;
     assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
     // Paused: devices not on the head are not offered it.
     let answers = resolve_all(&app, &keys, &devices[10..]).await;
@@ -567,49 +462,44 @@ async fn publish_with_the_registry_down(pool: PgPool) {
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn pins_override_the_channel(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let reg = registry();
-    let repo_path = images::unique_repo("pin");
-    let repo = format!("{reg}/{repo_path}");
-    let (d1, _) = images::push_image(&reg, &repo_path, "1.0.0").await;
-    let (d2, _) = images::push_image(&reg, &repo_path, "2.0.0").await;
-    let (dx, _) = images::push_image(&reg, &repo_path, "experimental").await;
-    let secret = app.product("acme", &repo).await;
-    app.channel("acme", "stable").await;
-    for (v, tag) in [("1.0.0", "1.0.0"), ("2.0.0", "2.0.0")] {
-        let (s, b) = app.post("/v1/products/acme/releases", &app.admin, json!({"version": v, "image": format!("{repo}:{tag}"), "channels": [{"name": "stable", "percent": 100}]})).await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
+    let acme = app
+        .product_with_images("acme", &["1.0.0", "2.0.0", "experimental"])
+        .await;
+    let (repo, secret) = (&acme.repo, &acme.secret);
+    let [d1, d2, dx] = ["1.0.0", "2.0.0", "experimental"].map(|v| acme.digests[v].clone());
+    for v in ["1.0.0", "2.0.0"] {
+        app.post_ok(
+            "/v1/products/acme/releases",
+            json!({"version": v, "image": format!("{repo}:{v}"), "channels": [{"name": "stable", "percent": 100}]}),
+            StatusCode::CREATED,
+        )
+        .await;
     }
     let (_, keys) = app.call(Method::GET, "/v1/keys", None, None).await;
     let keys: KeySet = serde_json::from_value(keys).unwrap();
-    let (id, token) = app.enroll("acme", &secret, "pinned", "stable").await;
+    let (id, token) = app.enroll("acme", secret, "pinned", "stable").await;
     let dev = [Device {
         id: id.clone(),
         token,
         current: d2.clone(),
     }];
     assert!(!resolve_all(&app, &keys, &dev).await[0].update);
+    let pin = |body: Value| {
+        let path = format!("/v1/devices/{id}/pin");
+        let app = &app;
+        async move {
+            app.call(Method::PUT, &path, Some(&app.admin), Some(body))
+                .await
+        }
+    };
 
-    let (s, b) = app
-        .call(
-            Method::PUT,
-            &format!("/v1/devices/{id}/pin"),
-            Some(&app.admin),
-            Some(json!({"version": "1.0.0"})),
-        )
-        .await;
+    let (s, b) = pin(json!({"version": "1.0.0"})).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let a = &resolve_all(&app, &keys, &dev).await[0];
     assert!(a.update && a.downgrade);
     assert_eq!(a.release.as_ref().unwrap().digest, d1);
 
-    let (s, b) = app
-        .call(
-            Method::PUT,
-            &format!("/v1/devices/{id}/pin"),
-            Some(&app.admin),
-            Some(json!({"image": format!("{repo}:experimental")})),
-        )
-        .await;
+    let (s, b) = pin(json!({"image": format!("{repo}:experimental")})).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["pin"]["digest"], dx);
     let a = &resolve_all(&app, &keys, &dev).await[0];
@@ -625,23 +515,9 @@ async fn pins_override_the_channel(pool: PgPool) {
     )
     .unwrap();
 
-    let (s, b) = app
-        .call(
-            Method::PUT,
-            &format!("/v1/devices/{id}/pin"),
-            Some(&app.admin),
-            Some(json!({"image": "elsewhere.example/x:1"})),
-        )
-        .await;
+    let (s, b) = pin(json!({"image": "elsewhere.example/x:1"})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
-    let (s, _) = app
-        .call(
-            Method::PUT,
-            &format!("/v1/devices/{id}/pin"),
-            Some(&app.admin),
-            Some(json!({})),
-        )
-        .await;
+    let (s, _) = pin(json!({})).await;
     assert_eq!(s, StatusCode::OK);
     assert!(
         !resolve_all(&app, &keys, &dev).await[0].update,
@@ -724,17 +600,7 @@ async fn promoting_over_an_unfinished_rollout_keeps_the_base(pool: PgPool) {
     let [d11, d12, d14] = ["1.1.0", "1.2.0", "1.4.0"].map(|v| acme.digests[v].clone());
     let (_, keys_json) = app.call(Method::GET, "/v1/keys", None, None).await;
     let keys: KeySet = serde_json::from_value(keys_json).unwrap();
-    let mut devices = Vec::new();
-    for i in 0..400 {
-        let (id, token) = app
-            .enroll("acme", secret, &format!("machine-{i}"), "stable")
-            .await;
-        devices.push(Device {
-            id,
-            token,
-            current: d11.clone(),
-        });
-    }
+    let mut devices = fleet(&app, secret, 400, &d11).await;
     let promote = |body: Value| {
         let app = &app;
         let ci = ci.clone();
@@ -762,11 +628,9 @@ async fn promoting_over_an_unfinished_rollout_keeps_the_base(pool: PgPool) {
     }
 
     // A dry run says what promoting 1.4.0 at 20 % would do, and changes nothing.
-    let (_, before) = app
-        .get("/v1/products/acme/channels/stable", &app.admin)
-        .await;
-    let (_, history_before) = app
-        .get("/v1/products/acme/channels/stable/history", &app.admin)
+    let before = app.get_ok("/v1/products/acme/channels/stable").await;
+    let history_before = app
+        .get_ok("/v1/products/acme/channels/stable/history")
         .await;
     let (s, dry) = promote(json!({"version": "1.4.0", "percent": 20, "dry_run": true})).await;
     assert_eq!(s, StatusCode::OK, "{dry}");
@@ -784,16 +648,14 @@ async fn promoting_over_an_unfinished_rollout_keeps_the_base(pool: PgPool) {
         message.contains("1.2.0 was not fully rolled out (at 26 %), so the base stays 1.1.0: devices outside that share get 1.1.0, and devices already on 1.2.0 keep it until 1.4.0 reaches them."),
         "{message}"
     );
-    let (_, unchanged) = app
-        .get("/v1/products/acme/channels/stable", &app.admin)
-        .await;
+    let unchanged = app.get_ok("/v1/products/acme/channels/stable").await;
     assert_eq!(unchanged["head"], "1.2.0");
     assert_eq!(
         unchanged["serial"], before["serial"],
         "a dry run stores nothing"
     );
-    let (_, history_after) = app
-        .get("/v1/products/acme/channels/stable/history", &app.admin)
+    let history_after = app
+        .get_ok("/v1/products/acme/channels/stable/history")
         .await;
     assert_eq!(history_after["items"], history_before["items"]);
     let answers = resolve_all(&app, &keys, &devices).await;
@@ -804,24 +666,13 @@ async fn promoting_over_an_unfinished_rollout_keeps_the_base(pool: PgPool) {
     );
 
     // The promote itself, through the CLI, which prints the plan.
-    let (code, out, err) = cli(
-        &app,
-        ci,
-        &[
-            "channel",
-            "promote",
-            "--product",
-            "acme",
-            "--channel",
-            "stable",
-            "--version",
-            "1.4.0",
-            "--percent",
-            "20",
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
+    let run = app
+        .cli(
+            ci,
+            "channel promote --product acme --channel stable --version 1.4.0 --percent 20",
+        )
+        .await;
+    let out = run.ok();
     assert!(
         out.contains("1.4.0 is head of stable at 20 % (base 1.1.0)"),
         "{out}"
@@ -860,8 +711,8 @@ async fn promoting_over_an_unfinished_rollout_keeps_the_base(pool: PgPool) {
     );
 
     // The history records the plan with the promote.
-    let (_, history) = app
-        .get("/v1/products/acme/channels/stable/history", &app.admin)
+    let history = app
+        .get_ok("/v1/products/acme/channels/stable/history")
         .await;
     let last = &history["items"][0];
     assert_eq!(last["action"], "promote");

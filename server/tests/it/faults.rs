@@ -6,7 +6,7 @@
 use crate::common;
 use crate::common::images;
 
-use common::{ADMIN_PASSWORD, registry};
+use common::{ADMIN_PASSWORD, free_port, registry};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -16,14 +16,6 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn as_postgres(cmd: &str) {
     let out = Command::new("su")
@@ -255,6 +247,17 @@ impl Server {
         (status, v)
     }
 
+    /// POSTs JSON as `token`.
+    async fn post(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(token), Some(body))
+            .await
+    }
+
+    /// GETs as `token` (none: anonymously).
+    async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, token, None).await
+    }
+
     async fn login(&self) -> String {
         let (s, b) = self
             .call(
@@ -269,34 +272,37 @@ impl Server {
     }
 }
 
+/// The URL of `pool`'s database (the test's own), for a `sluice` process.
+async fn database_url(pool: &PgPool) -> String {
+    let db_name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").unwrap();
+    format!("{}/{db_name}", base.rsplit_once('/').unwrap().0)
+}
+
 async fn setup_product(s: &Server, admin: &str, repo: &str) -> String {
     let (st, b) = s
-        .call(
-            reqwest::Method::POST,
+        .post(
             "/v1/products",
-            Some(admin),
-            Some(json!({"name": "acme", "repository": repo})),
+            admin,
+            json!({"name": "acme", "repository": repo}),
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{b}");
     let (st, b) = s
-        .call(
-            reqwest::Method::POST,
+        .post(
             "/v1/products/acme/channels",
-            Some(admin),
-            Some(json!({"name": "stable"})),
+            admin,
+            json!({"name": "stable"}),
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{b}");
 
     {
         let (st, b) = s
-            .call(
-                reqwest::Method::POST,
-                "/v1/products/acme/enrollment-secret",
-                Some(admin),
-                Some(json!({})),
-            )
+            .post("/v1/products/acme/enrollment-secret", admin, json!({}))
             .await;
         assert_eq!(st, StatusCode::OK, "{b}");
         b["enrollment_secret"].as_str().unwrap().to_string()
@@ -333,29 +339,22 @@ async fn database_outage_is_503_and_heals_by_itself() {
     let repo_path = images::unique_repo("outage");
     let (digest, _) = images::push_image(&reg, &repo_path, "1.0.0").await;
     let secret = setup_product(&s, &admin, &format!("{reg}/{repo_path}")).await;
+    let image = format!("{reg}/{repo_path}:1.0.0");
     let (st, b) = s
-        .call(
-            reqwest::Method::POST,
+        .post(
             "/v1/products/acme/releases",
-            Some(&admin),
-            Some(json!({"version": "1.0.0", "image": format!("{reg}/{repo_path}:1.0.0"), "channels": [{"name": "stable"}]})),
+            &admin,
+            json!({"version": "1.0.0", "image": image, "channels": [{"name": "stable"}]}),
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{b}");
     let (device_id, device) = enroll(&s, &secret, "m-1").await;
     let resolve =
         format!("/v1/products/acme/channels/stable/resolve?nonce=nonce-0001&current={digest}");
-    assert_eq!(
-        s.call(reqwest::Method::GET, &resolve, Some(&device), None)
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(s.get(&resolve, Some(&device)).await.0, StatusCode::OK);
 
     pg.down().await;
-    let (st, b) = s
-        .call(reqwest::Method::GET, "/v1/products", Some(&admin), None)
-        .await;
+    let (st, b) = s.get("/v1/products", Some(&admin)).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{b}");
     assert!(
         b["detail"]
@@ -364,58 +363,38 @@ async fn database_outage_is_503_and_heals_by_itself() {
             .contains("database is unavailable"),
         "{b}"
     );
-    let (st, b) = s.call(reqwest::Method::GET, "/readyz", None, None).await;
+    let (st, b) = s.get("/readyz", None).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(b, json!({"status": "not ready"}));
-    let (st, b) = s
-        .call(reqwest::Method::GET, "/readyz", Some(&admin), None)
-        .await;
+    let (st, b) = s.get("/readyz", Some(&admin)).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         b["database"].as_str().unwrap().starts_with("unavailable"),
         "{b}"
     );
-    // Publishing fails cleanly too.
+    // Publishing fails cleanly too (and the same publish succeeds once the database is back).
+    let publish = json!({"version": "1.0.1", "image": image});
     let (st, b) = s
-        .call(
-            reqwest::Method::POST,
-            "/v1/products/acme/releases",
-            Some(&admin),
-            Some(json!({"version": "1.0.1", "image": format!("{reg}/{repo_path}:1.0.0")})),
-        )
+        .post("/v1/products/acme/releases", &admin, publish.clone())
         .await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{b}");
     // Devices still get signed answers from the last snapshot, even past its refresh time.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let (st, b) = s
-        .call(
-            reqwest::Method::GET,
-            &resolve.replace("0001", "0002"),
-            Some(&device),
-            None,
-        )
-        .await;
+    let (st, b) = s.get(&resolve.replace("0001", "0002"), Some(&device)).await;
     assert_eq!(st, StatusCode::OK, "{b}");
     assert_eq!(b["release"]["version"], "1.0.0");
 
     pg.up().await;
     let mut healed = false;
     for _ in 0..100 {
-        if s.call(reqwest::Method::GET, "/readyz", None, None).await.0 == StatusCode::OK {
+        if s.get("/readyz", None).await.0 == StatusCode::OK {
             healed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(healed, "service must resume without restarting Sluice");
-    let (st, b) = s
-        .call(
-            reqwest::Method::POST,
-            "/v1/products/acme/releases",
-            Some(&admin),
-            Some(json!({"version": "1.0.1", "image": format!("{reg}/{repo_path}:1.0.0")})),
-        )
-        .await;
+    let (st, b) = s.post("/v1/products/acme/releases", &admin, publish).await;
     assert_eq!(st, StatusCode::CREATED, "{b}");
     // The check-in made during the outage is written once the database is back.
     let db = PgPool::connect(&pg.url()).await.unwrap();
@@ -444,12 +423,7 @@ async fn database_outage_is_503_and_heals_by_itself() {
 /// its last history entry says.
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn sigkill_leaves_nothing_half_written(pool: PgPool) {
-    let db_name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
+    let url = database_url(&pool).await;
     let data = tempfile::tempdir().unwrap();
     let reg = registry();
     let repo_path = images::unique_repo("sigkill");
@@ -464,12 +438,11 @@ async fn sigkill_leaves_nothing_half_written(pool: PgPool) {
         if round == 0 {
             setup_product(&s, &admin, &format!("{reg}/{repo_path}")).await;
             let (st, b) = s
-                .call(
-                    reqwest::Method::POST,
+                .post(
                     "/v1/products/acme/releases",
-                    Some(&admin),
-                    Some(json!({"version": "1.0.0", "image": image,
-                                "channels": [{"name": "stable", "percent": 100}]})),
+                    &admin,
+                    json!({"version": "1.0.0", "image": image,
+                           "channels": [{"name": "stable", "percent": 100}]}),
                 )
                 .await;
             assert_eq!(st, StatusCode::CREATED, "{b}");
@@ -601,12 +574,7 @@ async fn sigkill_leaves_nothing_half_written(pool: PgPool) {
 /// batched check-ins and exits 0.
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn sigterm_flushes_checkins(pool: PgPool) {
-    let db_name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
+    let url = database_url(&pool).await;
     let data = tempfile::tempdir().unwrap();
     // Check-ins are written only every minute, so only the shutdown can write them in time.
     let mut s =
@@ -622,12 +590,7 @@ async fn sigterm_flushes_checkins(pool: PgPool) {
         let path = format!(
             "/v1/products/acme/channels/stable/resolve?nonce=nonce-{i:04}&current={digest}"
         );
-        assert_eq!(
-            s.call(reqwest::Method::GET, &path, Some(token), None)
-                .await
-                .0,
-            StatusCode::OK
-        );
+        assert_eq!(s.get(&path, Some(token)).await.0, StatusCode::OK);
     }
     // The check-ins are still in memory; SIGTERM must write them.
     let pid = s.child.id().unwrap() as i32;

@@ -40,6 +40,26 @@ async fn renew(app: &TestApp, device_id: &str, key: &DeviceKey) -> (StatusCode, 
     .await
 }
 
+/// Device `id` reports a `kind` event about release 1.0.0; answers the status.
+async fn send_event(app: &TestApp, id: &str, token: &str, kind: &str) -> StatusCode {
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    app.post(
+        &format!("/v1/devices/{id}/events"),
+        token,
+        json!({"kind": kind, "version": "1.0.0", "digest": digest}),
+    )
+    .await
+    .0
+}
+
+/// The admin deletes device `id`; answers the status.
+async fn delete_device(app: &TestApp, id: &str) -> StatusCode {
+    let path = format!("/v1/devices/{id}");
+    app.call(Method::DELETE, &path, Some(&app.admin), None)
+        .await
+        .0
+}
+
 fn resolve_path(n: u32) -> String {
     format!("/v1/products/acme/channels/stable/resolve?nonce=nonce-{n:06}")
 }
@@ -240,9 +260,7 @@ async fn tokens_are_short_lived_and_renewed_with_the_key(pool: PgPool) {
 async fn revoke_and_reset(pool: PgPool) {
     let (app, secret) = setup(pool).await;
     let key = device_key("acme", "m-1");
-    let (_, b) = enroll_as(&app, enroll_body(&secret, "m-1", &key)).await;
-    let id = b["device_id"].as_str().unwrap().to_string();
-    let token = b["token"].as_str().unwrap().to_string();
+    let (id, token) = app.enroll("acme", &secret, "m-1", "stable").await;
     assert_eq!(app.get(&resolve_path(1), &token).await.0, StatusCode::OK);
 
     let b = app
@@ -257,15 +275,10 @@ async fn revoke_and_reset(pool: PgPool) {
     let (s, b) = app.get(&resolve_path(2), &token).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
     assert!(b["detail"].as_str().unwrap().contains("revoked"));
-    let digest = format!("sha256:{}", "ab".repeat(32));
-    let (s, _) = app
-        .post(
-            &format!("/v1/devices/{id}/events"),
-            &token,
-            json!({"kind": "failed", "version": "1.0.0", "digest": digest}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send_event(&app, &id, &token, "failed").await,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(renew(&app, &id, &key).await.0, StatusCode::FORBIDDEN);
     let (s, b) = enroll_as(&app, enroll_body(&secret, "m-1", &key)).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
@@ -328,27 +341,12 @@ async fn revoke_and_reset(pool: PgPool) {
 async fn delete_a_device(pool: PgPool) {
     let (app, secret) = setup(pool).await;
     let key = device_key("acme", "m-1");
-    let (_, b) = enroll_as(&app, enroll_body(&secret, "m-1", &key)).await;
-    let id = b["device_id"].as_str().unwrap().to_string();
-    let token = b["token"].as_str().unwrap().to_string();
-    let digest = format!("sha256:{}", "ab".repeat(32));
-    let (s, _) = app
-        .post(
-            &format!("/v1/devices/{id}/events"),
-            &token,
-            json!({"kind": "downloaded", "version": "1.0.0", "digest": digest}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, _) = app
-        .call(
-            Method::DELETE,
-            &format!("/v1/devices/{id}"),
-            Some(&app.admin),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (id, token) = app.enroll("acme", &secret, "m-1", "stable").await;
+    assert_eq!(
+        send_event(&app, &id, &token, "downloaded").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(delete_device(&app, &id).await, StatusCode::NO_CONTENT);
     let (s, b) = app.get(&resolve_path(1), &token).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
     assert_eq!(
@@ -360,15 +358,7 @@ async fn delete_a_device(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(events, 0);
-    let (s, _) = app
-        .call(
-            Method::DELETE,
-            &format!("/v1/devices/{id}"),
-            Some(&app.admin),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(delete_device(&app, &id).await, StatusCode::NOT_FOUND);
     let (_, audit) = app.get("/v1/audit?action=device.delete", &app.admin).await;
     assert_eq!(audit["items"][0]["before"]["machine_id"], "m-1", "{audit}");
     let (s, b) = enroll_as(&app, enroll_body(&secret, "m-1", &key)).await;
@@ -554,9 +544,9 @@ async fn only_offered_devices_move_the_gate(pool: PgPool) {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
-    let report = |id: String, token: String, kind: &str, version: &str, digest: &str| {
+    let report = |(id, token): &(String, String), kind: &str, version: &str, digest: &str| {
         let body = json!({"kind": kind, "version": version, "digest": digest});
-        let app = &app;
+        let (id, token, app) = (id.clone(), token.clone(), &app);
         async move {
             let (s, b) = app
                 .post(&format!("/v1/devices/{id}/events"), &token, body)
@@ -576,7 +566,7 @@ async fn only_offered_devices_move_the_gate(pool: PgPool) {
         let (id, token) = app
             .enroll("acme", &secret, &format!("fake-{i}"), "stable")
             .await;
-        report(id, token, "failed", "1.0.0", &d1).await;
+        report(&(id, token), "failed", "1.0.0", &d1).await;
     }
     let ch = gate().await;
     assert_eq!(ch["rollout"]["paused"], false, "{ch}");
@@ -605,28 +595,14 @@ async fn only_offered_devices_move_the_gate(pool: PgPool) {
     }
     // An offered device reporting 1.1.0's version with another digest, or
     // the offered digest under another version, does not count.
-    report(real[0].0.clone(), real[0].1.clone(), "failed", "1.1.0", &d1).await;
-    report(real[1].0.clone(), real[1].1.clone(), "failed", "1.0.0", &d2).await;
+    report(&real[0], "failed", "1.1.0", &d1).await;
+    report(&real[1], "failed", "1.0.0", &d2).await;
     assert_eq!(gate().await["gate"]["reports"], 0);
     // Reports on what they were offered do (the offer reaches the database
     // with the report, even before the check-in batch is written).
-    report(real[0].0.clone(), real[0].1.clone(), "failed", "1.1.0", &d2).await;
-    report(
-        real[1].0.clone(),
-        real[1].1.clone(),
-        "rolled_back",
-        "1.1.0",
-        &d2,
-    )
-    .await;
-    report(
-        real[2].0.clone(),
-        real[2].1.clone(),
-        "healthy",
-        "1.1.0",
-        &d2,
-    )
-    .await;
+    for (device, kind) in real.iter().zip(["failed", "rolled_back", "healthy"]) {
+        report(device, kind, "1.1.0", &d2).await;
+    }
     let ch = gate().await;
     assert_eq!(ch["gate"]["reports"], 3, "{ch}");
     assert_eq!(ch["rollout"]["paused"], true, "2 of 3 failed: {ch}");

@@ -12,6 +12,7 @@ use sluice_server::error::Error;
 use sluice_server::infra::keystore::KeyStore;
 use sluice_server::infra::registry::{
     self, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ImageRef, OCI_INDEX, OCI_MANIFEST, Registry,
+    ResolvedImage,
 };
 use sluice_server::infra::signing::{SignedDigest, sign_digest};
 use std::path::Path;
@@ -33,28 +34,12 @@ fn cosign_bin() -> String {
     std::env::var("COSIGN").unwrap_or_else(|_| "cosign".into())
 }
 
+/// A server configuration (the test servers' own) whose registry client
+/// speaks plain HTTP to `insecure`.
 fn config(insecure: &[&str], data_dir: &Path) -> Config {
     Config {
-        database_url: "postgres://unused".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.to_path_buf(),
-        admin_password: None,
-        key_passphrase: "passphrase".into(),
         insecure_registries: insecure.iter().map(|s| s.to_string()).collect(),
-        registry_auth: None,
-        poll_after_s: 300,
-        response_ttl_s: 3600,
-        checkin_flush_ms: 1000,
-        device_burst: 60,
-        device_rate: 1.0,
-        device_token_ttl_s: 6 * 3600,
-        enroll_burst: 10_000,
-        enroll_rate: 100.0,
-        enroll_product_burst: 10_000,
-        enroll_product_rate: 100.0,
-        tls_cert: None,
-        tls_key: None,
-        web_dir: None,
+        ..crate::common::config(data_dir.to_path_buf())
     }
 }
 
@@ -63,6 +48,18 @@ fn test_registry() -> (String, Registry) {
     let dir = std::env::temp_dir();
     let reg = Registry::new(&config(&[&addr], &dir)).expect("registry client");
     (addr, reg)
+}
+
+/// The platforms a resolution found, as the pusher describes what it pushed.
+fn pushed_platforms(r: &ResolvedImage) -> Vec<images::PushedPlatform> {
+    r.platforms
+        .iter()
+        .map(|p| images::PushedPlatform {
+            arch: p.architecture.clone(),
+            digest: p.digest.clone(),
+            size: p.size,
+        })
+        .collect()
 }
 
 fn by_tag(repository: &str, tag: &str) -> ImageRef {
@@ -191,16 +188,7 @@ async fn resolves_an_oci_index_per_platform_skipping_attestations() {
         let r = reg.resolve(&reference).await.unwrap();
         assert_eq!(r.digest, index_digest);
         assert_eq!(r.media_type, OCI_INDEX);
-        let got: Vec<_> = r
-            .platforms
-            .iter()
-            .map(|p| (p.architecture.clone(), p.digest.clone(), p.size))
-            .collect();
-        let want: Vec<_> = pushed
-            .iter()
-            .map(|p| (p.arch.clone(), p.digest.clone(), p.size))
-            .collect();
-        assert_eq!(got, want);
+        assert_eq!(pushed_platforms(&r), pushed);
         assert!(r.platforms.iter().all(|p| p.os == "linux"));
         assert_eq!(r.platforms[1].variant.as_deref(), Some("v8"));
         assert_ne!(r.platforms[0].digest, r.platforms[1].digest);
@@ -212,19 +200,21 @@ async fn resolves_an_oci_index_per_platform_skipping_attestations() {
 async fn resolves_a_docker_manifest_list() {
     let (addr, reg) = test_registry();
     let repo = images::unique_repo("list");
-    let (list_digest, pushed) =
-        images::push_docker_list(&addr, &repo, "3.0", &["amd64", "arm64"]).await;
+    let (list_digest, pushed) = images::push_index_with(
+        &addr,
+        &repo,
+        "3.0",
+        Format::Docker,
+        &["amd64", "arm64"],
+        &[],
+    )
+    .await;
     let repository = format!("{addr}/{repo}");
 
     let r = reg.resolve(&by_tag(&repository, "3.0")).await.unwrap();
     assert_eq!(r.digest, list_digest);
     assert_eq!(r.media_type, DOCKER_MANIFEST_LIST);
-    let got: Vec<_> = r
-        .platforms
-        .iter()
-        .map(|p| (p.architecture.clone(), p.digest.clone(), p.size))
-        .collect();
-    assert_eq!(got, pushed);
+    assert_eq!(pushed_platforms(&r), pushed);
 }
 
 /// A tag that was never pushed, a digest that is not there, and a repository

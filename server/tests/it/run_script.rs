@@ -4,6 +4,7 @@
 //! dashboard, seeds the demo without putting the admin password on any
 //! command line, and stops everything on Ctrl-C.
 
+use crate::common::free_port;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,14 +13,6 @@ use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Ctrl-C for `scripts/run` when the test ends, however it ends.
