@@ -156,6 +156,13 @@ class Layer:
         return buf.getvalue()
 
 
+def pools(seed, text_size):
+    """A layer's random source, and the text and binary pools it draws first."""
+    rng = random.Random(seed)
+    text = text_pool(rng, text_size)
+    return rng, text, binary_pool(rng, 16 << 20, text)
+
+
 def layer_base(seed, scale):
     rng = random.Random(seed)
     text = text_pool(rng, 8 << 20)
@@ -196,9 +203,7 @@ def layer_base(seed, scale):
 
 
 def layer_libs(seed, scale):
-    rng = random.Random(seed)
-    text = text_pool(rng, 2 << 20)
-    pool = binary_pool(rng, 16 << 20, text)
+    rng, _, pool = pools(seed, 2 << 20)
     L = Layer()
     for i in range(max(4, int(1300 * scale))):
         size = int(min(2 << 20, max(20000, rng.lognormvariate(11.3, 1.0))))
@@ -209,9 +214,7 @@ def layer_libs(seed, scale):
 
 
 def layer_large(seed, scale):
-    rng = random.Random(seed)
-    text = text_pool(rng, 4 << 20)
-    pool = binary_pool(rng, 16 << 20, text)
+    rng, text, pool = pools(seed, 4 << 20)
     L = Layer()
     mb = 1 << 20
     L.file("usr/lib/locale/locale-archive", take(rng, text, int(60 * mb * scale)))

@@ -48,6 +48,9 @@ DATA_MB=512
 
 die() { echo "mkos.sh: $*" >&2; exit 1; }
 
+# shellcheck source=scripts/abdisk.sh
+. "$REPO/scripts/abdisk.sh"
+
 # The foundation's recipe. Kernel modules are limited to what a virtio
 # machine needs (virtio, ext4, FAT, NLS, efivarfs): the full set is 390 MB
 # that every slot write would carry. Documentation, manual pages and
@@ -200,67 +203,38 @@ disk() {
     local work
     work=$(mktemp -d)
     trap 'rm -rf "$work"' RETURN
-    local mib=2048 # sectors
-    local p1=$mib p2 p3 p4 p5 end
-    p2=$((p1 + BIOS_MB * mib))
-    p3=$((p2 + ESP_MB * mib))
-    p4=$((p3 + SLOT_MB * mib))
-    p5=$((p4 + SLOT_MB * mib))
-    end=$((p5 + DATA_MB * mib))
+    disk_layout "$out" "$BIOS_MB" "$ESP_MB" "$SLOT_MB" "$SLOT_MB" "$DATA_MB"
+    disk_partition "$out" gpt bios-boot "esp fat16" "sluice-a ext4" "sluice-b ext4" "sluice-data ext4"
+    parted -s "$out" set 1 bios_grub on set 2 esp on
 
-    rm -f "$out"
-    truncate -s $(((end + mib) * 512)) "$out"
-    parted -s "$out" mklabel gpt \
-        mkpart bios-boot ${p1}s $((p2 - 1))s set 1 bios_grub on \
-        mkpart esp fat16 ${p2}s $((p3 - 1))s set 2 esp on \
-        mkpart sluice-a ext4 ${p3}s $((p4 - 1))s \
-        mkpart sluice-b ext4 ${p4}s $((p5 - 1))s \
-        mkpart sluice-data ext4 ${p5}s $((end - 1))s
-
-    local modules="part_gpt fat ext2 normal configfile loadenv test echo linux boot serial terminal sleep halt cat"
     # BIOS: boot.img's code in sector 0 (parted's protective MBR stays),
     # pointed at the core image in the BIOS boot partition, whose first
     # sector (diskboot) is pointed at the rest of it: what grub-bios-setup
     # writes, without a device to write to.
     # shellcheck disable=SC2086
-    grub-mkimage -O i386-pc -o "$work/core.img" -p '(hd0,gpt2)/grub' biosdisk $modules
+    grub-mkimage -O i386-pc -o "$work/core.img" -p '(hd0,gpt2)/grub' biosdisk part_gpt $GRUB_MODULES
     [ "$(stat -c %s "$work/core.img")" -le $((BIOS_MB * 1024 * 1024)) ] || die "core.img too large"
-    printf "$(le64 $((p1 + 1)))" | dd of="$work/core.img" bs=1 seek=$((512 - 12)) conv=notrunc status=none
+    printf "$(le64 $((PART[1] + 1)))" | dd of="$work/core.img" bs=1 seek=$((512 - 12)) conv=notrunc status=none
     dd if=/usr/lib/grub/i386-pc/boot.img of="$out" bs=440 count=1 conv=notrunc status=none
-    printf "$(le64 $p1)" | dd of="$out" bs=1 seek=$((0x5c)) conv=notrunc status=none
-    dd if="$work/core.img" of="$out" bs=512 seek=$p1 conv=notrunc status=none
+    printf "$(le64 "${PART[1]}")" | dd of="$out" bs=1 seek=$((0x5c)) conv=notrunc status=none
+    disk_put "$out" 1 "$work/core.img"
 
     # UEFI: the removable-media path OVMF boots without boot entries.
     # shellcheck disable=SC2086
-    grub-mkimage -O x86_64-efi -o "$work/BOOTX64.EFI" -p '(hd0,gpt2)/grub' $modules
-
-    cat >"$work/grub.cfg" <<'EOF'
-serial --unit=0 --speed=115200
-terminal_input serial
-terminal_output serial
-set timeout=0
-set default=0
+    grub-mkimage -O x86_64-efi -o "$work/BOOTX64.EFI" -p '(hd0,gpt2)/grub' part_gpt $GRUB_MODULES
+    disk_grub_fat "$work/esp" ESP "$ESP_MB" <<'EOF'
 set sluice_part_A=(hd0,gpt3)
 set sluice_part_B=(hd0,gpt4)
 set sluice_root_A=PARTLABEL=sluice-a
 set sluice_root_B=PARTLABEL=sluice-b
 set sluice_cmdline="console=ttyS0,115200 rw panic=5 loglevel=4"
-source $prefix/sluice.cfg
-echo "GRUB-SLUICE: booting slot $sluice_slot ($grub_platform)"
 EOF
-    grub-editenv "$work/grubenv" create
-    grub-editenv "$work/grubenv" set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0
-    mkfs.vfat -F 16 -n ESP -C "$work/esp" $((ESP_MB * 1024)) >/dev/null
-    mmd -i "$work/esp" ::/EFI ::/EFI/BOOT ::/grub
+    mmd -i "$work/esp" ::/EFI ::/EFI/BOOT
     mcopy -i "$work/esp" "$work/BOOTX64.EFI" ::/EFI/BOOT/
-    mcopy -i "$work/esp" "$work/grub.cfg" "$REPO/agent/grub/sluice.cfg" "$work/grubenv" ::/grub/
-    dd if="$work/esp" of="$out" bs=512 seek=$p2 conv=notrunc,sparse status=none
+    disk_put "$out" 2 "$work/esp"
 
-    mkfs.ext4 -q -F -E root_owner=0:0 -d "$rootfs" "$work/a" ${SLOT_MB}M >/dev/null
-    dd if="$work/a" of="$out" bs=1M seek=$((p3 / mib)) conv=notrunc,sparse status=none
-    rm -f "$work/a"
-    mkfs.ext4 -q -F -L sluice-data "$work/data" ${DATA_MB}M >/dev/null
-    dd if="$work/data" of="$out" bs=1M seek=$((p5 / mib)) conv=notrunc,sparse status=none
+    disk_ext4 "$out" 3 "$SLOT_MB" -E root_owner=0:0 -d "$rootfs"
+    disk_ext4 "$out" 5 "$DATA_MB" -L sluice-data
 }
 
 cmd=${1:-}

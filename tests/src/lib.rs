@@ -93,6 +93,7 @@ fn build_agent(release: bool) -> PathBuf {
 #[path = "../../agent/tests/it/common/device.rs"]
 mod device;
 pub use device::{Device, DeviceOpts, Health, PARTITION_BYTES};
+pub use sluice_agent::bootloader::Slot;
 pub use sluice_agent::config::SlotKind;
 
 impl Device {
@@ -109,6 +110,30 @@ impl Device {
     pub async fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().await.unwrap()
     }
+
+    /// `status --json`, which must succeed.
+    pub async fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&ok(&self.run(&["status", "--json"]).await)).unwrap()
+    }
+
+    /// Applies the offered release `version`, reboots into it and marks it
+    /// good; answers the slot it now runs from.
+    pub async fn upgrade(&self, version: &str) -> Slot {
+        let out = ok(&self.run(&["apply"]).await);
+        assert!(out.contains(&format!("applied {version}")), "{out}");
+        let slot = self.reboot();
+        ok(&self.run(&["mark-good"]).await);
+        slot
+    }
+}
+
+/// The events a device reports for one upgrade, oldest first: the
+/// download, the write and the reboot, then how the new slot ended
+/// (`["healthy"]`, `["failed", "rolled_back"]`, ...).
+pub fn upgrade_events(ending: &[&'static str]) -> Vec<&'static str> {
+    let mut events = vec!["download_started", "downloaded", "applied", "rebooting"];
+    events.extend_from_slice(ending);
+    events
 }
 
 #[path = "../../agent/tests/it/common/shared.rs"]
@@ -143,9 +168,48 @@ pub struct TarLayer {
     pub gz: Vec<u8>,
 }
 
-impl TarLayer {
-    fn new(b: tar::Builder<Vec<u8>>) -> TarLayer {
-        let tar = b.into_inner().unwrap();
+/// A test layer written entry by entry (fixed times, owned by root until
+/// [`LayerWriter::owner`] says otherwise).
+struct LayerWriter {
+    tar: tar::Builder<Vec<u8>>,
+    uid: u64,
+}
+
+impl LayerWriter {
+    fn new() -> LayerWriter {
+        LayerWriter {
+            tar: tar::Builder::new(Vec::new()),
+            uid: 0,
+        }
+    }
+
+    fn entry(&mut self, path: &str, kind: tar::EntryType, mode: u32, data: &[u8]) -> &mut Self {
+        tar_entry(&mut self.tar, path, kind, mode, self.uid, data, None);
+        self
+    }
+
+    fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
+        self.entry(path, tar::EntryType::Directory, mode, b"")
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
+        self.entry(path, tar::EntryType::Regular, mode, data)
+    }
+
+    /// A hard link (`Link`) or a symbolic one (`Symlink`) to `target`.
+    fn link(&mut self, path: &str, kind: tar::EntryType, mode: u32, target: &str) -> &mut Self {
+        tar_entry(&mut self.tar, path, kind, mode, self.uid, b"", Some(target));
+        self
+    }
+
+    /// The owner (uid and gid) of the entries that follow.
+    fn owner(&mut self, uid: u64) -> &mut Self {
+        self.uid = uid;
+        self
+    }
+
+    fn finish(self) -> TarLayer {
+        let tar = self.tar.into_inner().unwrap();
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(&tar).unwrap();
         TarLayer {
@@ -160,90 +224,38 @@ impl TarLayer {
 /// and an upper layer with a whiteout, an opaque directory and a replaced
 /// `etc/os-release` naming the version.
 pub fn os_layers(version: &str) -> Vec<TarLayer> {
-    use tar::EntryType::*;
-    let mut b = tar::Builder::new(Vec::new());
-    tar_entry(&mut b, "etc/", Directory, 0o755, 0, b"", None);
-    tar_entry(
-        &mut b,
-        "etc/os-release",
-        Regular,
-        0o644,
-        0,
-        b"ID=acme\n",
-        None,
-    );
-    tar_entry(&mut b, "etc/old.conf", Regular, 0o600, 0, b"old", None);
-    tar_entry(&mut b, "usr/", Directory, 0o755, 0, b"", None);
-    tar_entry(&mut b, "usr/bin/", Directory, 0o755, 0, b"", None);
-    tar_entry(
-        &mut b,
-        "usr/bin/su",
-        Regular,
-        0o4755,
-        0,
-        b"\x7fELF su",
-        None,
-    );
-    tar_entry(
-        &mut b,
-        "usr/bin/sudo",
-        Link,
-        0o4755,
-        0,
-        b"",
-        Some("usr/bin/su"),
-    );
-    tar_entry(&mut b, "bin", Symlink, 0o777, 0, b"", Some("usr/bin"));
-    tar_entry(&mut b, "var/", Directory, 0o755, 0, b"", None);
-    tar_entry(&mut b, "var/cache/", Directory, 0o755, 0, b"", None);
-    tar_entry(&mut b, "var/cache/junk", Regular, 0o644, 0, b"junk", None);
-    tar_entry(&mut b, "home/", Directory, 0o755, 0, b"", None);
-    tar_entry(&mut b, "home/user/", Directory, 0o700, 1000, b"", None);
-    tar_entry(
-        &mut b,
-        "home/user/.profile",
-        Regular,
-        0o644,
-        1000,
-        b"A=1\n",
-        None,
-    );
+    let mut base = LayerWriter::new();
+    base.dir("etc/", 0o755)
+        .file("etc/os-release", 0o644, b"ID=acme\n")
+        .file("etc/old.conf", 0o600, b"old")
+        .dir("usr/", 0o755)
+        .dir("usr/bin/", 0o755)
+        .file("usr/bin/su", 0o4755, b"\x7fELF su")
+        .link("usr/bin/sudo", tar::EntryType::Link, 0o4755, "usr/bin/su")
+        .link("bin", tar::EntryType::Symlink, 0o777, "usr/bin")
+        .dir("var/", 0o755)
+        .dir("var/cache/", 0o755)
+        .file("var/cache/junk", 0o644, b"junk")
+        .dir("home/", 0o755)
+        .owner(1000)
+        .dir("home/user/", 0o700)
+        .file("home/user/.profile", 0o644, b"A=1\n")
+        .owner(0);
     for i in 0..50 {
         let doc = format!("doc {i} of {version}\n");
-        tar_entry(
-            &mut b,
-            &format!("usr/share/doc/f{i}"),
-            Regular,
-            0o644,
-            0,
-            doc.as_bytes(),
-            None,
-        );
+        base.file(&format!("usr/share/doc/f{i}"), 0o644, doc.as_bytes());
     }
-    let base = TarLayer::new(b);
 
-    let mut b = tar::Builder::new(Vec::new());
-    tar_entry(&mut b, "etc/.wh.old.conf", Regular, 0o644, 0, b"", None);
-    let release = format!("ID=acme\nVERSION_ID={version}\n");
-    tar_entry(
-        &mut b,
-        "etc/os-release",
-        Regular,
-        0o644,
-        0,
-        release.as_bytes(),
-        None,
-    );
-    tar_entry(&mut b, "var/cache/", Directory, 0o755, 0, b"", None);
-    tar_entry(
-        &mut b,
-        "var/cache/.wh..wh..opq",
-        Regular,
-        0o644,
-        0,
-        b"",
-        None,
-    );
-    tar_entry(&mut b, "var/cache/fresh", Regular, 0o644, 0, b"fresh", None);
-    vec![base, TarLayer::new(b)]
+    let mut upper = LayerWriter::new();
+    upper
+        .file("etc/.wh.old.conf", 0o644, b"")
+        .file(
+            "etc/os-release",
+            0o644,
+            format!("ID=acme\nVERSION_ID={version}\n").as_bytes(),
+        )
+        .dir("var/cache/", 0o755)
+        .file("var/cache/.wh..wh..opq", 0o644, b"")
+        .file("var/cache/fresh", 0o644, b"fresh");
+    vec![base.finish(), upper.finish()]
 }

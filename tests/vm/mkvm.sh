@@ -32,6 +32,9 @@ PERSIST_MB=96
 
 die() { echo "mkvm.sh: $*" >&2; exit 1; }
 
+# shellcheck source=scripts/abdisk.sh
+. "$REPO/scripts/abdisk.sh"
+
 kernel() {
     mkdir -p "$CACHE"
     local deb
@@ -116,55 +119,28 @@ disk() {
     local work
     work=$(mktemp -d)
     trap 'rm -rf "$work"' RETURN
-    local mib=2048 # sectors
-    local p1=$mib p2 p3 p4 end
-    p2=$((p1 + FAT_MB * mib))
-    p3=$((p2 + SLOT_MB * mib))
-    p4=$((p3 + SLOT_MB * mib))
-    end=$((p4 + PERSIST_MB * mib))
-
-    rm -f "$out"
-    truncate -s $(((end + mib) * 512)) "$out"
-    parted -s "$out" mklabel msdos \
-        mkpart primary fat16 ${p1}s $((p2 - 1))s \
-        mkpart primary ext4 ${p2}s $((p3 - 1))s \
-        mkpart primary ext4 ${p3}s $((p4 - 1))s \
-        mkpart primary ext4 ${p4}s $((end - 1))s
+    disk_layout "$out" "$FAT_MB" "$SLOT_MB" "$SLOT_MB" "$PERSIST_MB"
+    disk_partition "$out" msdos "primary fat16" "primary ext4" "primary ext4" "primary ext4"
 
     # BIOS GRUB: boot.img's code (not its partition table) in sector 0, the
     # core image from sector 1 on; grub-mkimage fills in core's block list.
-    grub-mkimage -O i386-pc -o "$work/core.img" -p '(hd0,msdos1)/grub' \
-        biosdisk part_msdos fat ext2 normal configfile loadenv test echo \
-        linux boot serial terminal sleep halt cat
-    [ "$(stat -c %s "$work/core.img")" -lt $(((p1 - 1) * 512)) ] || die "core.img too large"
+    # shellcheck disable=SC2086
+    grub-mkimage -O i386-pc -o "$work/core.img" -p '(hd0,msdos1)/grub' biosdisk part_msdos $GRUB_MODULES
+    [ "$(stat -c %s "$work/core.img")" -lt $(((PART[1] - 1) * 512)) ] || die "core.img too large"
     dd if=/usr/lib/grub/i386-pc/boot.img of="$out" bs=440 count=1 conv=notrunc status=none
     dd if="$work/core.img" of="$out" bs=512 seek=1 conv=notrunc status=none
 
     # p1: GRUB's configuration, the shipped A/B snippet and the environment block.
-    cat >"$work/grub.cfg" <<'EOF'
-serial --unit=0 --speed=115200
-terminal_input serial
-terminal_output serial
-set timeout=0
-set default=0
+    disk_grub_fat "$work/p1" SLUICEBOOT "$FAT_MB" <<'EOF'
 set sluice_part_A=(hd0,msdos2)
 set sluice_part_B=(hd0,msdos3)
 set sluice_cmdline="console=ttyS0 panic=1 loglevel=4"
-source $prefix/sluice.cfg
-echo "GRUB-SLUICE: booting slot $sluice_slot"
 EOF
-    grub-editenv "$work/grubenv" create
-    grub-editenv "$work/grubenv" set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0
-    mkfs.vfat -F 16 -n SLUICEBOOT -C "$work/p1" $((FAT_MB * 1024)) >/dev/null
-    mmd -i "$work/p1" ::/grub
-    mcopy -i "$work/p1" "$work/grub.cfg" "$REPO/agent/grub/sluice.cfg" "$work/grubenv" ::/grub/
-    dd if="$work/p1" of="$out" bs=512 seek=$p1 conv=notrunc,sparse status=none
+    disk_put "$out" 1 "$work/p1"
 
     # p2: slot A holds the factory image; p3: slot B empty; p4: persistent data.
-    mkfs.ext4 -q -F -E root_owner=0:0 -d "$rootfs" "$work/p2" ${SLOT_MB}M >/dev/null
-    dd if="$work/p2" of="$out" bs=1M seek=$((p2 / mib)) conv=notrunc,sparse status=none
-    mkfs.ext4 -q -F -E root_owner=0:0 -d "$persist" -L persistent "$work/p4" ${PERSIST_MB}M >/dev/null
-    dd if="$work/p4" of="$out" bs=1M seek=$((p4 / mib)) conv=notrunc,sparse status=none
+    disk_ext4 "$out" 2 "$SLOT_MB" -E root_owner=0:0 -d "$rootfs"
+    disk_ext4 "$out" 4 "$PERSIST_MB" -E root_owner=0:0 -d "$persist" -L persistent
 }
 
 cmd=${1:-}

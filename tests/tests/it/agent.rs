@@ -3,13 +3,12 @@
 //! upgrade, boot assessment, health gate, downgrade after a rollback, the
 //! rollback command, the daemon, and the `block` slot kind.
 
-use crate::common;
+use crate::{common, kit};
 use common::images;
 
 use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use sluice_agent::bootloader::Slot;
 use sluice_tests::*;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
@@ -32,33 +31,10 @@ struct Fleet {
 async fn fleet(pool: PgPool, poll_after_s: u64, promote: bool) -> Fleet {
     // Built before the server starts: locating the binary may block this thread.
     agent_bin();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = common::config(dir.path().join("data"));
-    config.poll_after_s = poll_after_s;
-    let app = TestApp::spawn_with(pool, config, dir).await;
-    let reg = registry();
+    let app = kit::server(pool, poll_after_s).await;
     let repo_path = images::unique_repo("agent-e2e");
-    let repo = format!("{reg}/{repo_path}");
-    let mut digests = Vec::new();
-    for v in ["1.0.0", "1.1.0"] {
-        let layers: Vec<images::Layer> = os_layers(v)
-            .into_iter()
-            .map(|l| images::Layer {
-                diff_id: images::digest(&l.tar),
-                data: l.gz,
-            })
-            .collect();
-        let (d, _) = images::push_platform(
-            &reg,
-            &repo_path,
-            Some(v),
-            images::Format::Oci,
-            "amd64",
-            &layers,
-        )
-        .await;
-        digests.push(d);
-    }
+    let repo = format!("{}/{repo_path}", registry());
+    let digests = kit::push_os_images(&repo_path, &["1.0.0", "1.1.0"]).await;
     let secret = app.product("acme", &repo).await;
     app.channel("acme", "stable").await;
     let ci = app.publisher(&["acme"]).await;
@@ -116,49 +92,22 @@ impl Fleet {
 
     /// Makes `version` the head at 100 % (the old head becomes the base).
     async fn promote(&self, version: &str) {
-        let (s, b) = self
-            .app
-            .post(
-                "/v1/products/acme/channels/stable/promote",
-                &self.ci,
-                json!({"version": version, "percent": 100}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
+        kit::promote(&self.app, &self.ci, "stable", version).await;
     }
 
     /// The server's view of a device, with its events oldest first.
     async fn server_view(&self, dev: &Device) -> (Value, Vec<String>) {
-        let id = device_id(dev).await;
-        let (s, b) = self
-            .app
-            .get(&format!("/v1/devices/{id}"), &self.app.admin)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
-        let mut events: Vec<String> = b["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["kind"].as_str().unwrap().to_string())
-            .collect();
-        events.reverse();
-        (b, events)
+        kit::device_view(&self.app, &device_id(dev).await).await
     }
 
     async fn channel(&self) -> Value {
-        let (s, b) = self
-            .app
-            .get("/v1/products/acme/channels/stable", &self.app.admin)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
-        b
+        kit::channel(&self.app).await
     }
 }
 
 /// The device id the agent stored at enrollment (`status --json`).
 async fn device_id(dev: &Device) -> String {
-    let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
-    status["device_id"]
+    dev.status().await["device_id"]
         .as_str()
         .expect("the device is enrolled")
         .to_string()
@@ -239,16 +188,7 @@ async fn upgrade_to_the_promoted_release_and_report_healthy(pool: PgPool) {
         "the factory slot stays the fallback: {view}"
     );
     assert!(host["staged"].is_null(), "{view}");
-    assert_eq!(
-        events,
-        [
-            "download_started",
-            "downloaded",
-            "applied",
-            "rebooting",
-            "healthy"
-        ]
-    );
+    assert_eq!(events, upgrade_events(&["healthy"]));
     let ch = f.channel().await;
     assert_eq!(ch["gate"]["reports"], 1, "{ch}");
     assert_eq!(ch["gate"]["failures"], 0, "{ch}");
@@ -259,16 +199,6 @@ async fn upgrade_to_the_promoted_release_and_report_healthy(pool: PgPool) {
     assert_eq!(dev.reboot(), Slot::B);
 }
 
-/// Applies the offered release, reboots into it and marks it good; answers
-/// the slot it now runs from.
-async fn upgrade(dev: &Device, version: &str) -> Slot {
-    let out = ok(&dev.run(&["apply"]).await);
-    assert!(out.contains(&format!("applied {version}")), "{out}");
-    let slot = dev.reboot();
-    ok(&dev.run(&["mark-good"]).await);
-    slot
-}
-
 /// A health check that fails in the new slot: `failed` reported, the slot
 /// marked bad, a reboot; GRUB falls back to A, where the agent reports
 /// `rolled_back`. The channel's gate counts the device once, and with
@@ -276,16 +206,13 @@ async fn upgrade(dev: &Device, version: &str) -> Slot {
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn failing_health_check_falls_back_and_trips_the_gate(pool: PgPool) {
     let f = fleet(pool, 60, true).await;
-    let (s, b) = f
-        .app
-        .call(
-            Method::PATCH,
-            "/v1/products/acme/channels/stable/rollout",
-            Some(&f.app.admin),
-            Some(json!({"gate": {"max_failure_percent": 20, "min_reports": 1}})),
+    f.app
+        .set_rollout(
+            "acme",
+            "stable",
+            json!({"gate": {"max_failure_percent": 20, "min_reports": 1}}),
         )
         .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
     let dev = f.device(SlotKind::Dir, Health::OnlyInSlotA);
 
     ok(&dev.run(&["apply"]).await);
@@ -312,17 +239,7 @@ async fn failing_health_check_falls_back_and_trips_the_gate(pool: PgPool) {
     assert_eq!(view["status_version"], "1.1.0");
     assert_eq!(view["booted_slot"], "A");
     assert!(view["current_version"].is_null(), "never ran 1.1.0: {view}");
-    assert_eq!(
-        events,
-        [
-            "download_started",
-            "downloaded",
-            "applied",
-            "rebooting",
-            "failed",
-            "rolled_back"
-        ]
-    );
+    assert_eq!(events, upgrade_events(&["failed", "rolled_back"]));
 
     let ch = f.channel().await;
     assert_eq!(ch["gate"]["reports"], 1, "one device, counted once: {ch}");
@@ -341,16 +258,9 @@ async fn failing_health_check_falls_back_and_trips_the_gate(pool: PgPool) {
 
     // Resumed by an operator, the channel offers 1.1.0 again; the agent does
     // not go round the same failure: nothing written, no reboot, no event.
-    let (s, b) = f
-        .app
-        .call(
-            Method::PATCH,
-            "/v1/products/acme/channels/stable/rollout",
-            Some(&f.app.admin),
-            Some(json!({"paused": false})),
-        )
+    f.app
+        .set_rollout("acme", "stable", json!({"paused": false}))
         .await;
-    assert_eq!(s, StatusCode::OK, "{b}");
     let out = checked(&dev.run(&["check"]).await);
     assert!(
         out.contains("offered 1.1.0") && out.contains("failed its boot assessment"),
@@ -508,7 +418,7 @@ async fn a_failed_release_is_tried_again_when_an_admin_or_the_device_clears_it(p
 async fn server_rollback_downgrades_the_device(pool: PgPool) {
     let f = fleet(pool, 60, true).await;
     let dev = f.device(SlotKind::Dir, Health::Passes);
-    assert_eq!(upgrade(&dev, "1.1.0").await, Slot::B);
+    assert_eq!(dev.upgrade("1.1.0").await, Slot::B);
 
     let (s, b) = f
         .app
@@ -527,7 +437,7 @@ async fn server_rollback_downgrades_the_device(pool: PgPool) {
         )),
         "{out}"
     );
-    assert_eq!(upgrade(&dev, "1.0.0").await, Slot::A);
+    assert_eq!(dev.upgrade("1.0.0").await, Slot::A);
     assert_eq!(
         tree(&dev.path("a")),
         umoci_tree(&f.image_1_0).await,
@@ -564,9 +474,9 @@ async fn rollback_command_switches_to_the_other_slot(pool: PgPool) {
     assert_eq!(std::fs::read(dev.path("grubenv")).ok(), before);
     assert_eq!(dev.reboots(), 0);
 
-    assert_eq!(upgrade(&dev, "1.0.0").await, Slot::B);
+    assert_eq!(dev.upgrade("1.0.0").await, Slot::B);
     f.promote("1.1.0").await;
-    assert_eq!(upgrade(&dev, "1.1.0").await, Slot::A);
+    assert_eq!(dev.upgrade("1.1.0").await, Slot::A);
     assert_eq!(dev.reboots(), 2);
 
     let out = ok(&dev.run(&["rollback"]).await);
@@ -578,7 +488,7 @@ async fn rollback_command_switches_to_the_other_slot(pool: PgPool) {
     let ab = dev.ab();
     assert!(ab.is_ok(Slot::B) && !ab.is_tried(Slot::B), "{ab:?}");
     assert!(ab.is_ok(Slot::A), "A stays a fallback: {ab:?}");
-    let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
+    let status = dev.status().await;
     assert_eq!(status["booted"]["slot"], "B");
     assert_eq!(status["booted"]["version"], "1.0.0");
     assert_eq!(status["booted"]["boot"], "good");
@@ -622,7 +532,7 @@ async fn asks_for_reboot(dev: &Device, daemon: &mut tokio::process::Child, n: us
         assert!(Instant::now() < deadline, "no reboot {n} asked for");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
+    let status = dev.status().await;
     assert_eq!(status["reboot_pending"], true, "{status}");
     assert_eq!(status["state"], "staged", "{status}");
     assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
@@ -678,7 +588,7 @@ async fn daemon_follows_promotions_and_stops_on_sigterm(pool: PgPool) {
     );
     assert!(asked.elapsed() < Duration::from_secs(3));
     assert_eq!(dev.reboots(), 2);
-    let status: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
+    let status = dev.status().await;
     assert_eq!(status["state"], "idle", "{status}");
     assert_eq!(status["booted"]["version"], "1.1.0");
 }
@@ -691,7 +601,7 @@ async fn daemon_follows_promotions_and_stops_on_sigterm(pool: PgPool) {
 async fn block_slot_gets_an_ext4_filesystem(pool: PgPool) {
     let f = fleet(pool, 60, true).await;
     let dev = f.device(SlotKind::Block, Health::Passes);
-    assert_eq!(upgrade(&dev, "1.1.0").await, Slot::B);
+    assert_eq!(dev.upgrade("1.1.0").await, Slot::B);
 
     let part = dev.path("b.part");
     assert_eq!(std::fs::metadata(&part).unwrap().len(), PARTITION_BYTES);

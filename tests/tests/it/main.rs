@@ -7,6 +7,7 @@
 
 #[path = "../../../server/tests/common/mod.rs"]
 mod common;
+mod kit;
 mod machine;
 
 mod agent;

@@ -5,13 +5,12 @@
 //! agents keeps updating across two rotations of each key role, with a
 //! device offline through all of them catching up.
 
-use crate::common;
+use crate::{common, kit};
 use common::images;
 
 use common::{TestApp, registry};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use sluice_agent::bootloader::Slot;
 use sluice_tests::*;
 use sqlx::PgPool;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -144,33 +143,11 @@ struct Setup {
 
 async fn setup(pool: PgPool, versions: &[&str]) -> Setup {
     agent_bin();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = common::config(dir.path().join("data"));
-    config.poll_after_s = 60;
-    let app = TestApp::spawn_with(pool, config, dir).await;
-    let reg = registry();
+    let app = kit::server(pool, 60).await;
     let repo_path = images::unique_repo("trust-e2e");
-    let repo = format!("{reg}/{repo_path}");
-    let mut digests = Vec::new();
-    for v in versions {
-        let layers: Vec<images::Layer> = os_layers(v)
-            .into_iter()
-            .map(|l| images::Layer {
-                diff_id: images::digest(&l.tar),
-                data: l.gz,
-            })
-            .collect();
-        let (d, _) = images::push_platform(
-            &reg,
-            &repo_path,
-            Some(v),
-            images::Format::Oci,
-            "amd64",
-            &layers,
-        )
-        .await;
-        digests.push((v.to_string(), d));
-    }
+    let repo = format!("{}/{repo_path}", registry());
+    let pushed = kit::push_os_images(&repo_path, versions).await;
+    let digests = versions.iter().map(|v| v.to_string()).zip(pushed).collect();
     let secret = app.product("acme", &repo).await;
     app.channel("acme", "stable").await;
     app.channel("acme", "lts").await;
@@ -200,15 +177,7 @@ impl Setup {
     }
 
     async fn promote(&self, channel: &str, version: &str) {
-        let (s, b) = self
-            .app
-            .post(
-                &format!("/v1/products/acme/channels/{channel}/promote"),
-                &self.app.admin,
-                json!({"version": version, "percent": 100}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
+        kit::promote(&self.app, &self.app.admin, channel, version).await;
     }
 
     async fn keys_file(&self) -> Value {
@@ -227,15 +196,6 @@ impl Setup {
             health: Health::Passes,
         })
     }
-}
-
-/// Applies the offered release, reboots into it and marks it good.
-async fn upgrade(dev: &Device, version: &str) -> Slot {
-    let out = ok(&dev.run(&["apply"]).await);
-    assert!(out.contains(&format!("applied {version}")), "{out}");
-    let slot = dev.reboot();
-    ok(&dev.run(&["mark-good"]).await);
-    slot
 }
 
 /// What a refused attack must leave: nothing written, nothing switched.
@@ -280,7 +240,7 @@ async fn an_answer_for_a_rewritten_channel_is_refused(pool: PgPool) {
     assert_eq!(st, StatusCode::OK, "{b}");
     let proxy = Proxy::start(&s.app.url);
     let dev = s.device(&proxy.url, "stable").await;
-    assert_eq!(upgrade(&dev, "1.1.0").await, Slot::B);
+    assert_eq!(dev.upgrade("1.1.0").await, Slot::B);
 
     proxy.set(|r| r.request_line = vec![("/channels/stable/".into(), "/channels/lts/".into())]);
     let (grubenv, reboots, a) = (
@@ -343,7 +303,7 @@ async fn an_answer_for_a_rewritten_current_digest_is_refused(pool: PgPool) {
         .await;
     let proxy = Proxy::start(&s.app.url);
     let dev = s.device(&proxy.url, "stable").await;
-    assert_eq!(upgrade(&dev, "1.1.0").await, Slot::B);
+    assert_eq!(dev.upgrade("1.1.0").await, Slot::B);
 
     let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
     proxy.set(|r| r.request_line = vec![(hex(s.digest("1.1.0")), hex(s.digest("1.0.0")))]);
@@ -367,7 +327,7 @@ async fn a_device_that_moves_to_another_channel_keeps_updating(pool: PgPool) {
     s.publish("1.1.0", json!([{"name": "stable", "percent": 100}]))
         .await;
     let dev = s.device(&s.app.url, "stable").await;
-    assert_eq!(upgrade(&dev, "1.1.0").await, Slot::B);
+    assert_eq!(dev.upgrade("1.1.0").await, Slot::B);
 
     dev.edit_config(|c| c.channel = "lts".into());
     let out = checked(&dev.run(&["check"]).await);
@@ -408,8 +368,7 @@ async fn post_ok(app: &TestApp, path: &str, body: Value) -> Value {
 
 /// `keys_version` of a device's status.
 async fn held(dev: &Device) -> u64 {
-    let s: Value = serde_json::from_str(&ok(&dev.run(&["status", "--json"]).await)).unwrap();
-    s["keys_version"].as_u64().unwrap_or(0)
+    dev.status().await["keys_version"].as_u64().unwrap_or(0)
 }
 
 /// A fleet of real agents, each built with `GET /v1/keys` as its keys
@@ -431,7 +390,7 @@ async fn a_fleet_keeps_updating_across_rotations(pool: PgPool) {
     let offline = s.device(&app.url, "stable").await;
     let late = s.device(&app.url, "stable").await;
     for d in fleet.iter().chain([&offline]) {
-        assert_eq!(upgrade(d, "1.0.0").await, Slot::B);
+        assert_eq!(d.upgrade("1.0.0").await, Slot::B);
         assert_eq!(held(d).await, first["version"].as_u64().unwrap());
     }
 
@@ -479,7 +438,7 @@ async fn a_fleet_keeps_updating_across_rotations(pool: PgPool) {
     s.publish("1.1.0", json!([{"name": "stable", "percent": 100}]))
         .await;
     for d in &fleet {
-        assert_eq!(upgrade(d, "1.1.0").await, Slot::A);
+        assert_eq!(d.upgrade("1.1.0").await, Slot::A);
     }
 
     // Image key, then root, then a second round of each, activated at once
@@ -513,7 +472,7 @@ async fn a_fleet_keeps_updating_across_rotations(pool: PgPool) {
     s.publish("1.2.0", json!([{"name": "stable", "percent": 100}]))
         .await;
     for d in &fleet {
-        assert_eq!(upgrade(d, "1.2.0").await, Slot::B);
+        assert_eq!(d.upgrade("1.2.0").await, Slot::B);
     }
 
     // The first response and image keys are revoked: they leave the list.
@@ -531,7 +490,7 @@ async fn a_fleet_keeps_updating_across_rotations(pool: PgPool) {
     s.publish("1.3.0", json!([{"name": "stable", "percent": 100}]))
         .await;
     for d in &fleet {
-        assert_eq!(upgrade(d, "1.3.0").await, Slot::A);
+        assert_eq!(d.upgrade("1.3.0").await, Slot::A);
     }
     let newest = status(app).await["version"].as_u64().unwrap();
     for d in &fleet {
@@ -540,15 +499,15 @@ async fn a_fleet_keeps_updating_across_rotations(pool: PgPool) {
 
     // Offline through two rotations of every role: it follows the chain
     // (through both root rotations) and installs the newest release.
-    assert_eq!(upgrade(&offline, "1.3.0").await, Slot::A);
+    assert_eq!(offline.upgrade("1.3.0").await, Slot::A);
     assert_eq!(held(&offline).await, newest);
     // Built with the first keys file, whose keys are all revoked or retired
     // by now: it starts from the newest list they signed and follows on.
-    assert_eq!(upgrade(&late, "1.3.0").await, Slot::B);
+    assert_eq!(late.upgrade("1.3.0").await, Slot::B);
     assert_eq!(held(&late).await, newest);
     // Built today, with today's `GET /v1/keys`.
     let today = s.device(&app.url, "stable").await;
-    assert_eq!(upgrade(&today, "1.3.0").await, Slot::B);
+    assert_eq!(today.upgrade("1.3.0").await, Slot::B);
     assert_eq!(held(&today).await, newest);
 }
 

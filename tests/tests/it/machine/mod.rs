@@ -5,10 +5,12 @@
 
 pub use crate::common::images;
 
-use crate::common::{self, TestApp, registry};
+use crate::common::{TestApp, registry};
+use crate::kit;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sluice_agent::config::{Config, SlotKind};
+use sluice_tests::upgrade_events;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -128,11 +130,8 @@ impl Fleet {
         slot: Option<tokio::sync::SemaphorePermit<'static>>,
     ) -> Fleet {
         let started = Instant::now();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = common::config(dir.path().join("data"));
         // Devices pick up promotions within about 2 s.
-        config.poll_after_s = 2;
-        let app = TestApp::spawn_with(pool, config, dir).await;
+        let app = kit::server(pool, 2).await;
         let repo_path = images::unique_repo("vm");
         let repo = format!("{}/{repo_path}", registry());
         let secret = app.product("acme", &repo).await;
@@ -188,29 +187,12 @@ impl Fleet {
 
     /// Makes `version` the head at 100 %.
     pub async fn promote(&self, version: &str) {
-        let (s, b) = self
-            .app
-            .post(
-                "/v1/products/acme/channels/stable/promote",
-                &self.ci,
-                json!({"version": version, "percent": 100}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
+        kit::promote(&self.app, &self.ci, "stable", version).await;
     }
 
     /// Sets the channel's rollout fields (`gate`, `paused`, ...).
     pub async fn rollout(&self, body: Value) {
-        let (s, b) = self
-            .app
-            .call(
-                Method::PATCH,
-                "/v1/products/acme/channels/stable/rollout",
-                Some(&self.app.admin),
-                Some(body),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
+        self.app.set_rollout("acme", "stable", body).await;
     }
 
     /// The agent.toml of a QEMU machine on this fleet, with block slots `a`
@@ -254,20 +236,7 @@ impl Fleet {
         assert_eq!(s, StatusCode::OK, "{list}");
         let items = list["items"].as_array().unwrap();
         assert_eq!(items.len(), 1, "one machine, one device: {list}");
-        let id = items[0]["id"].as_str().unwrap();
-        let (s, b) = self
-            .app
-            .get(&format!("/v1/devices/{id}"), &self.app.admin)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
-        let mut events: Vec<String> = b["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["kind"].as_str().unwrap().to_string())
-            .collect();
-        events.reverse();
-        (b, events)
+        kit::device_view(&self.app, items[0]["id"].as_str().unwrap()).await
     }
 
     /// Waits until the server shows the device with `status` on `version`.
@@ -330,14 +299,7 @@ impl Fleet {
         assert_eq!(view["booted_slot"], slot, "{view}");
         assert_eq!(
             events[before..],
-            [
-                "download_started",
-                "downloaded",
-                "applied",
-                "rebooting",
-                "failed",
-                "rolled_back"
-            ],
+            upgrade_events(&["failed", "rolled_back"]),
             "{events:?}"
         );
         let ch = self.channel().await;
@@ -347,12 +309,7 @@ impl Fleet {
     }
 
     pub async fn channel(&self) -> Value {
-        let (s, b) = self
-            .app
-            .get("/v1/products/acme/channels/stable", &self.app.admin)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
-        b
+        kit::channel(&self.app).await
     }
 
     pub fn done(&self) {
