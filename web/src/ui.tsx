@@ -1,5 +1,5 @@
-// Small shared pieces: loading data, showing API errors, confirming actions,
-// and formatting times, sizes and digests.
+// Small shared pieces: loading data (a page at a time, too), showing API
+// errors, confirming actions, tables, and formatting times, sizes and digests.
 import { createContext, useCallback, useContext, useEffect, useRef, useState, type FormEvent, type ReactNode } from "react";
 import { ApiError } from "./api/client";
 
@@ -53,6 +53,48 @@ export function useApi<T>(load: () => Promise<T>, deps: unknown[], refreshMs?: n
   }, [refreshMs]);
   const reload = useCallback(() => setTick((x) => x + 1), []);
   return { data, error, loading, reload };
+}
+
+/**
+ * A listing loaded a page at a time: `first` is its first page (loaded as
+ * [`useApi`] loads), `more` the items of the pages `loadMore` fetched after
+ * it, `next` the cursor of the page after those (none at the end), `error`
+ * the last `loadMore`'s failure; `reset` forgets the pages after the first.
+ */
+export function usePages<T>(load: (cursor?: string) => Promise<{ items: T[]; next_cursor?: string | null }>, deps: unknown[]) {
+  const first = useApi(() => load(), deps);
+  const [more, setMore] = useState<T[]>([]);
+  const [cursor, setCursor] = useState<string | null>();
+  const [error, setError] = useState<string>();
+  const next = cursor === undefined ? first.data?.next_cursor : cursor;
+  const loadMore = async () => {
+    try {
+      const p = await load(next ?? undefined);
+      setMore((m) => [...m, ...p.items]);
+      setCursor(p.next_cursor ?? null);
+    } catch (e) {
+      setError(message(e));
+    }
+  };
+  const reset = () => {
+    setMore([]);
+    setCursor(undefined);
+  };
+  return { first, more, next, error, loadMore, reset };
+}
+
+/** Under a [`usePages`] listing: the error of the last page asked for, and a button for the next page while there is one. */
+export function MoreButton({ pages, label }: { pages: { next?: string | null; error?: string; loadMore: () => Promise<void> }; label: string }) {
+  return (
+    <>
+      <ErrorBox error={pages.error} />
+      {pages.next && (
+        <button className="link" onClick={() => void pages.loadMore()}>
+          {label}
+        </button>
+      )}
+    </>
+  );
 }
 
 export function Spinner({ label = "Loading…" }: { label?: string }) {
@@ -214,6 +256,28 @@ export function short(digest: string | null | undefined): string {
   if (!digest) return "—";
   const [alg, hex] = digest.split(":");
   return hex ? `${alg}:${hex.slice(0, 12)}` : digest;
+}
+
+/**
+ * A table in its scrolling frame: `head` names the columns ("" for one of
+ * buttons), the children are its rows, `footer` follows it in the frame.
+ */
+export function Table(p: { className?: string; head: string[]; children: ReactNode; footer?: ReactNode }) {
+  return (
+    <div className="table-wrap">
+      <table className={p.className}>
+        <thead>
+          <tr>
+            {p.head.map((h) => (
+              <th key={h}>{h}</th>
+            ))}
+          </tr>
+        </thead>
+        <tbody>{p.children}</tbody>
+      </table>
+      {p.footer}
+    </div>
+  );
 }
 
 export function StatusBadge({ status }: { status: string }) {

@@ -2,7 +2,7 @@
 // change them (each confirmed), the head's adoption over time and the history.
 import { useState } from "react";
 import { Link, useParams } from "react-router";
-import { api, unwrap, type Channel, type HistoryEntry, type Schemas } from "../api/client";
+import { api, unwrap, type Channel, type Schemas } from "../api/client";
 import { AdoptionChart, VersionStatusChart } from "../charts";
 import { useSession } from "../session";
 import {
@@ -10,14 +10,16 @@ import {
   ChannelStateBadge,
   ErrorBox,
   HeadFacts,
+  MoreButton,
   Show,
   Spinner,
+  Table,
   ago,
   bytes,
   gateText,
-  message,
   pct,
   useApi,
+  usePages,
   when,
 } from "../ui";
 
@@ -192,12 +194,47 @@ function num(s: string): number | undefined {
   return s.trim() === "" ? undefined : Number(s);
 }
 
+/** The percent of devices and the optional ramp after it, as typed into a promote or a rollout change. */
+function useRolloutForm(initialPercent: string) {
+  const [percent, setPercent] = useState(initialPercent);
+  const [rampTo, setRampTo] = useState("");
+  const [rampMin, setRampMin] = useState("");
+  return { percent, setPercent, rampTo, setRampTo, rampMin, setRampMin };
+}
+
+/** The ramp the form asks for: none while both its fields are empty. */
+function rampOf(rampTo: string, rampMin: string) {
+  return rampTo || rampMin ? { to_percent: Number(rampTo), over_minutes: Number(rampMin) } : undefined;
+}
+
+/** The fields of [`useRolloutForm`]; `legend` and `toLabel` word the ramp for the form it is in. */
+function RolloutFields({ form, legend, toLabel }: { form: ReturnType<typeof useRolloutForm>; legend: string; toLabel: string }) {
+  return (
+    <>
+      <label>
+        Percent of devices
+        <input name="percent" type="number" inputMode="decimal" value={form.percent} onChange={(e) => form.setPercent(e.target.value)} />
+      </label>
+      <fieldset>
+        <legend>{legend}</legend>
+        <label>
+          {toLabel}
+          <input name="ramp_to" type="number" value={form.rampTo} onChange={(e) => form.setRampTo(e.target.value)} />
+        </label>
+        <label>
+          over minutes
+          <input name="ramp_minutes" type="number" value={form.rampMin} onChange={(e) => form.setRampMin(e.target.value)} />
+        </label>
+      </fieldset>
+    </>
+  );
+}
+
 function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: string[]) => void }) {
   const [version, setVersion] = useState("");
   // Start small: 10 % first, then raise it or let a ramp do it.
-  const [percent, setPercent] = useState("10");
-  const [rampTo, setRampTo] = useState("");
-  const [rampMin, setRampMin] = useState("");
+  const form = useRolloutForm("10");
+  const { percent, rampTo, rampMin } = form;
   const releases = useApi(
     () => unwrap(api.GET("/v1/products/{product}/releases", { params: { path: { product }, query: { limit: 100 } } })),
     [product],
@@ -211,7 +248,7 @@ function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: st
       run={async () => {
         const v = version || options[0]?.version;
         if (!v) throw new Error("no release to promote: publish one first");
-        const ramp = rampTo || rampMin ? { to_percent: Number(rampTo), over_minutes: Number(rampMin) } : undefined;
+        const ramp = rampOf(rampTo, rampMin);
         const c = await unwrap(
           api.POST("/v1/products/{product}/channels/{channel}/promote", {
             params: { path: { product, channel: channel.name } },
@@ -239,21 +276,7 @@ function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: st
           </select>
         </label>
       )}
-      <label>
-        Percent of devices
-        <input name="percent" type="number" inputMode="decimal" value={percent} onChange={(e) => setPercent(e.target.value)} />
-      </label>
-      <fieldset>
-        <legend>Then ramp up (optional)</legend>
-        <label>
-          to %
-          <input name="ramp_to" type="number" value={rampTo} onChange={(e) => setRampTo(e.target.value)} />
-        </label>
-        <label>
-          over minutes
-          <input name="ramp_minutes" type="number" value={rampMin} onChange={(e) => setRampMin(e.target.value)} />
-        </label>
-      </fieldset>
+      <RolloutFields form={form} legend="Then ramp up (optional)" toLabel="to %" />
       <PromotePlan product={product} channel={channel.name} version={version || options[0]?.version} percent={percent} rampTo={rampTo} rampMin={rampMin} />
     </ActionButton>
   );
@@ -263,7 +286,7 @@ function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: st
 function PromotePlan(p: { product: string; channel: string; version?: string; percent: string; rampTo: string; rampMin: string }) {
   const plan = useApi(async () => {
     if (!p.version) return undefined;
-    const ramp = p.rampTo || p.rampMin ? { to_percent: Number(p.rampTo), over_minutes: Number(p.rampMin) } : undefined;
+    const ramp = rampOf(p.rampTo, p.rampMin);
     const c = await unwrap(
       api.POST("/v1/products/{product}/channels/{channel}/promote", {
         params: { path: { product: p.product, channel: p.channel } },
@@ -282,9 +305,7 @@ function PromotePlan(p: { product: string; channel: string; version?: string; pe
 }
 
 function SetPercent({ product, channel, done }: ControlProps) {
-  const [percent, setPercent] = useState(String(channel.rollout.percent));
-  const [rampTo, setRampTo] = useState("");
-  const [rampMin, setRampMin] = useState("");
+  const form = useRolloutForm(String(channel.rollout.percent));
   return (
     <ActionButton
       label="Change percent…"
@@ -292,32 +313,17 @@ function SetPercent({ product, channel, done }: ControlProps) {
       confirmLabel="Apply"
       disabled={!channel.head}
       run={async () => {
-        const ramp = rampTo || rampMin ? { to_percent: Number(rampTo), over_minutes: Number(rampMin) } : undefined;
         const c = await unwrap(
           api.PATCH("/v1/products/{product}/channels/{channel}/rollout", {
             params: { path: { product, channel: channel.name } },
-            body: { percent: num(percent), ramp },
+            body: { percent: num(form.percent), ramp: rampOf(form.rampTo, form.rampMin) },
           }),
         );
         return `Rollout of ${c.head} in ${c.name} is now ${pct(c.rollout.effective_percent)}${c.rollout.ramp ? `, ramping to ${pct(c.rollout.ramp.to_percent)}` : ""}.`;
       }}
       done={done}
     >
-      <label>
-        Percent of devices
-        <input name="percent" type="number" inputMode="decimal" value={percent} onChange={(e) => setPercent(e.target.value)} />
-      </label>
-      <fieldset>
-        <legend>Ramp from there (optional)</legend>
-        <label>
-          up to %
-          <input name="ramp_to" type="number" value={rampTo} onChange={(e) => setRampTo(e.target.value)} />
-        </label>
-        <label>
-          over minutes
-          <input name="ramp_minutes" type="number" value={rampMin} onChange={(e) => setRampMin(e.target.value)} />
-        </label>
-      </fieldset>
+      <RolloutFields form={form} legend="Ramp from there (optional)" toLabel="up to %" />
     </ActionButton>
   );
 }
@@ -415,78 +421,43 @@ function GateSettings({ product, channel, done }: ControlProps) {
 }
 
 function History({ product, channel }: { product: string; channel: string }) {
-  const [pages, setPages] = useState<HistoryEntry[][]>([]);
-  const [cursor, setCursor] = useState<string | null>();
-  const [error, setError] = useState<string>();
-  const first = useApi(
-    () =>
+  const pages = usePages(
+    (cursor) =>
       unwrap(
-        api.GET("/v1/products/{product}/channels/{channel}/history", { params: { path: { product, channel }, query: { limit: 20 } } }),
+        api.GET("/v1/products/{product}/channels/{channel}/history", { params: { path: { product, channel }, query: { limit: 20, cursor } } }),
       ),
     [product, channel],
   );
-  const more = async () => {
-    try {
-      const p = await unwrap(
-        api.GET("/v1/products/{product}/channels/{channel}/history", {
-          params: { path: { product, channel }, query: { limit: 20, cursor: cursor ?? first.data?.next_cursor ?? undefined } },
-        }),
-      );
-      setPages((x) => [...x, p.items]);
-      setCursor(p.next_cursor ?? null);
-    } catch (e) {
-      setError(message(e));
-    }
-  };
-  const next = cursor === undefined ? first.data?.next_cursor : cursor;
   return (
     <section className="card">
       <h2>History</h2>
-      <Show state={first}>
+      <Show state={pages.first}>
         {(p) => (
-          <div className="table-wrap">
-            <table className="history">
-              <thead>
-                <tr>
-                  <th>When</th>
-                  <th>Who</th>
-                  <th>What</th>
-                  <th>Why</th>
-                  <th>Head / percent after</th>
+          <Table className="history" head={["When", "Who", "What", "Why", "Head / percent after"]}>
+            {[...p.items, ...pages.more].map((h) => {
+              const after = (h.after ?? {}) as { head?: string; percent?: number; paused?: boolean };
+              return (
+                <tr key={h.id}>
+                  <td title={when(h.at)}>{ago(h.at)}</td>
+                  <td title={h.actor} data-testid="actor">
+                    {h.actor_name}
+                  </td>
+                  <td>
+                    <span className={`badge a-${h.action}`}>{h.action}</span>
+                  </td>
+                  <td>{h.reason ?? ""}</td>
+                  <td>
+                    {after.head ?? "—"}
+                    {after.percent !== undefined && ` · ${pct(after.percent)}`}
+                    {after.paused && " · paused"}
+                  </td>
                 </tr>
-              </thead>
-              <tbody>
-                {[p.items, ...pages].flat().map((h) => {
-                  const after = (h.after ?? {}) as { head?: string; percent?: number; paused?: boolean };
-                  return (
-                    <tr key={h.id}>
-                      <td title={when(h.at)}>{ago(h.at)}</td>
-                      <td title={h.actor} data-testid="actor">
-                        {h.actor_name}
-                      </td>
-                      <td>
-                        <span className={`badge a-${h.action}`}>{h.action}</span>
-                      </td>
-                      <td>{h.reason ?? ""}</td>
-                      <td>
-                        {after.head ?? "—"}
-                        {after.percent !== undefined && ` · ${pct(after.percent)}`}
-                        {after.paused && " · paused"}
-                      </td>
-                    </tr>
-                  );
-                })}
-              </tbody>
-            </table>
-          </div>
+              );
+            })}
+          </Table>
         )}
       </Show>
-      <ErrorBox error={error} />
-      {next && (
-        <button className="link" onClick={() => void more()}>
-          Older changes…
-        </button>
-      )}
+      <MoreButton pages={pages} label="Older changes…" />
     </section>
   );
 }

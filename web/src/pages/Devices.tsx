@@ -1,11 +1,11 @@
 // The fleet as a table with search, filters and paging, and one device with
 // its event timeline, slot, versions, pin and identity (revoke, reset, delete).
-import { useState, type FormEvent } from "react";
+import { useState, type FormEvent, type ReactNode } from "react";
 import { Link, useNavigate, useParams, useSearchParams } from "react-router";
-import { api, unwrap } from "../api/client";
+import { api, unwrap, type Device } from "../api/client";
 import { STATUSES } from "../charts";
 import { useSession } from "../session";
-import { ActionButton, Show, StatusBadge, ago, short, useApi, when } from "../ui";
+import { ActionButton, Show, StatusBadge, Table, ago, short, useApi, when } from "../ui";
 
 const FILTERS = ["q", "product", "channel", "version", "status", "label", "not_seen_for_s"] as const;
 const QUIET: [string, string][] = [
@@ -136,45 +136,27 @@ export function Devices() {
       <Show state={page}>
         {(p) => (
           <>
-            <div className="table-wrap">
-              <table className="devices">
-                <thead>
-                  <tr>
-                    <th>Machine</th>
-                    <th>Product / channel</th>
-                    <th>Version</th>
-                    <th>Status</th>
-                    <th>Slot</th>
-                    <th>Labels</th>
-                    <th>Last seen</th>
-                  </tr>
-                </thead>
-                <tbody>
-                  {p.items.map((d) => (
-                    <tr key={d.id}>
-                      <td>
-                        <Link to={`/devices/${d.id}`}>{d.machine_id}</Link>
+            <Table className="devices" head={["Machine", "Product / channel", "Version", "Status", "Slot", "Labels", "Last seen"]}>
+              {p.items.map((d) => (
+                <tr key={d.id}>
+                  <DeviceCells
+                    d={d}
+                    badges={
+                      <>
                         {d.pin && <span className="badge floor">pinned</span>}
                         {d.revoked_at && <span className="badge s-failed">revoked</span>}
-                      </td>
-                      <td>
-                        {d.product} / {d.channel}
-                      </td>
-                      <td>{d.current_version ?? "—"}</td>
-                      <td>
-                        <StatusBadge status={d.status} />
-                        {d.status_version && d.status_version !== d.current_version && <span className="muted"> {d.status_version}</span>}
-                      </td>
-                      <td>{d.booted_slot ?? "—"}</td>
-                      <td>
-                        <Labels labels={d.labels} />
-                      </td>
-                      <td title={when(d.last_seen)}>{ago(d.last_seen)}</td>
-                    </tr>
-                  ))}
-                </tbody>
-              </table>
-            </div>
+                      </>
+                    }
+                    detail={d.status_version && d.status_version !== d.current_version && <span className="muted"> {d.status_version}</span>}
+                  />
+                  <td>{d.booted_slot ?? "—"}</td>
+                  <td>
+                    <Labels labels={d.labels} />
+                  </td>
+                  <td title={when(d.last_seen)}>{ago(d.last_seen)}</td>
+                </tr>
+              ))}
+            </Table>
             {p.items.length === 0 && <p className="muted">No device matches.</p>}
             <div className="pager">
               <button disabled={!cursor} onClick={() => go(trail[trail.length - 1] || undefined, true)}>
@@ -190,6 +172,29 @@ export function Devices() {
           </>
         )}
       </Show>
+    </>
+  );
+}
+
+/**
+ * The cells every list of devices starts with: the machine (a link to its
+ * page, then `badges`), product / channel, version, and status (then `detail`).
+ */
+export function DeviceCells({ d, badges, detail }: { d: Device; badges?: ReactNode; detail?: ReactNode }) {
+  return (
+    <>
+      <td>
+        <Link to={`/devices/${d.id}`}>{d.machine_id}</Link>
+        {badges}
+      </td>
+      <td>
+        {d.product} / {d.channel}
+      </td>
+      <td>{d.current_version ?? "—"}</td>
+      <td>
+        <StatusBadge status={d.status} />
+        {detail}
+      </td>
     </>
   );
 }

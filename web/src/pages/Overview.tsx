@@ -3,7 +3,8 @@
 import { Link } from "react-router";
 import { api, unwrap, type Channel, type Product } from "../api/client";
 import { VersionStatusChart } from "../charts";
-import { ChannelStateBadge, HeadFacts, Show, StatusBadge, ago, gateText, rampText, useApi } from "../ui";
+import { ChannelStateBadge, HeadFacts, Show, Table, ago, gateText, rampText, useApi } from "../ui";
+import { DeviceCells } from "./Devices";
 
 const QUIET_S = 3600;
 
@@ -41,39 +42,18 @@ export function Overview() {
             page.items.length === 0 ? (
               <p className="muted">Every device checked in within the last hour.</p>
             ) : (
-              <div className="table-wrap">
-                <table className="quiet">
-                  <thead>
-                    <tr>
-                      <th>Device</th>
-                      <th>Product / channel</th>
-                      <th>Version</th>
-                      <th>Status</th>
-                      <th>Last seen</th>
-                    </tr>
-                  </thead>
-                  <tbody>
-                    {page.items.map((d) => (
-                      <tr key={d.id}>
-                        <td>
-                          <Link to={`/devices/${d.id}`}>{d.machine_id}</Link>
-                        </td>
-                        <td>
-                          {d.product} / {d.channel}
-                        </td>
-                        <td>{d.current_version ?? "—"}</td>
-                        <td>
-                          <StatusBadge status={d.status} />
-                        </td>
-                        <td>{ago(d.last_seen)}</td>
-                      </tr>
-                    ))}
-                  </tbody>
-                </table>
-                {page.next_cursor && (
-                  <Link to={`/devices?not_seen_for_s=${QUIET_S}`}>All quiet devices →</Link>
-                )}
-              </div>
+              <Table
+                className="quiet"
+                head={["Device", "Product / channel", "Version", "Status", "Last seen"]}
+                footer={page.next_cursor && <Link to={`/devices?not_seen_for_s=${QUIET_S}`}>All quiet devices →</Link>}
+              >
+                {page.items.map((d) => (
+                  <tr key={d.id}>
+                    <DeviceCells d={d} />
+                    <td>{ago(d.last_seen)}</td>
+                  </tr>
+                ))}
+              </Table>
             )
           }
         </Show>

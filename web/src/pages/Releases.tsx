@@ -4,7 +4,7 @@ import { useState } from "react";
 import { Link, useParams, useSearchParams } from "react-router";
 import { api, unwrap, type Release } from "../api/client";
 import { useSession } from "../session";
-import { ActionButton, ErrorBox, Show, ago, bytes, message, short, useApi, when } from "../ui";
+import { ActionButton, ErrorBox, Show, Table, ago, bytes, message, short, useApi, when } from "../ui";
 
 export function Releases() {
   const [params, setParams] = useSearchParams();
@@ -66,39 +66,25 @@ function ReleaseList({ product }: { product: string }) {
       {(p) => (
         <>
           {p.items.length === 0 && <p className="muted">No releases yet: publish one with `sluice release publish`.</p>}
-          <div className="table-wrap">
-            <table className="releases">
-              <thead>
-                <tr>
-                  <th>Version</th>
-                  <th>Platforms</th>
-                  <th>Size</th>
-                  <th>Signed</th>
-                  <th>Flags</th>
-                  <th>Published</th>
-                </tr>
-              </thead>
-              <tbody>
-                {[...p.items, ...more].map((r) => (
-                  <tr key={r.version} className={r.state === "revoked" ? "revoked" : ""}>
-                    <td>
-                      <Link to={`/releases/${product}/${encodeURIComponent(r.version)}`}>{r.version}</Link>
-                    </td>
-                    <td>{r.platforms.map((x) => x.architecture + (x.variant ? `/${x.variant}` : "")).join(", ")}</td>
-                    <td>{bytes(Math.max(0, ...r.platforms.map((x) => x.size)))}</td>
-                    <td>{r.platforms.every((x) => x.signed_by.length > 0) ? "✓ signed" : <span className="badge s-failed">unsigned</span>}</td>
-                    <td>
-                      {r.floor && <span className="badge floor">floor</span>}
-                      {r.state === "revoked" && <span className="badge s-failed">revoked</span>}
-                    </td>
-                    <td title={when(r.created_at)}>
-                      {ago(r.created_at)} by {r.publisher}
-                    </td>
-                  </tr>
-                ))}
-              </tbody>
-            </table>
-          </div>
+          <Table className="releases" head={["Version", "Platforms", "Size", "Signed", "Flags", "Published"]}>
+            {[...p.items, ...more].map((r) => (
+              <tr key={r.version} className={r.state === "revoked" ? "revoked" : ""}>
+                <td>
+                  <Link to={`/releases/${product}/${encodeURIComponent(r.version)}`}>{r.version}</Link>
+                </td>
+                <td>{r.platforms.map((x) => x.architecture + (x.variant ? `/${x.variant}` : "")).join(", ")}</td>
+                <td>{bytes(Math.max(0, ...r.platforms.map((x) => x.size)))}</td>
+                <td>{r.platforms.every((x) => x.signed_by.length > 0) ? "✓ signed" : <span className="badge s-failed">unsigned</span>}</td>
+                <td>
+                  {r.floor && <span className="badge floor">floor</span>}
+                  {r.state === "revoked" && <span className="badge s-failed">revoked</span>}
+                </td>
+                <td title={when(r.created_at)}>
+                  {ago(r.created_at)} by {r.publisher}
+                </td>
+              </tr>
+            ))}
+          </Table>
           <ErrorBox error={error} />
           {next && (
             <button className="link" onClick={() => void loadMore()}>
@@ -212,33 +198,21 @@ export function ReleasePage() {
               </div>
               <section className="card">
                 <h2>Platforms</h2>
-                <div className="table-wrap">
-                  <table>
-                    <thead>
-                      <tr>
-                        <th>Platform</th>
-                        <th>Digest</th>
-                        <th>Size</th>
-                        <th>Signed by</th>
-                      </tr>
-                    </thead>
-                    <tbody>
-                      {rel.platforms.map((p) => (
-                        <tr key={p.digest}>
-                          <td>
-                            {p.os}/{p.architecture}
-                            {p.variant ? `/${p.variant}` : ""}
-                          </td>
-                          <td className="mono" title={p.digest}>
-                            {short(p.digest)}
-                          </td>
-                          <td>{bytes(p.size)}</td>
-                          <td className="mono">{p.signed_by.length ? p.signed_by.join(", ") : <span className="badge s-failed">unsigned</span>}</td>
-                        </tr>
-                      ))}
-                    </tbody>
-                  </table>
-                </div>
+                <Table head={["Platform", "Digest", "Size", "Signed by"]}>
+                  {rel.platforms.map((p) => (
+                    <tr key={p.digest}>
+                      <td>
+                        {p.os}/{p.architecture}
+                        {p.variant ? `/${p.variant}` : ""}
+                      </td>
+                      <td className="mono" title={p.digest}>
+                        {short(p.digest)}
+                      </td>
+                      <td>{bytes(p.size)}</td>
+                      <td className="mono">{p.signed_by.length ? p.signed_by.join(", ") : <span className="badge s-failed">unsigned</span>}</td>
+                    </tr>
+                  ))}
+                </Table>
               </section>
             </>
           );

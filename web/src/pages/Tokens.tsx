@@ -2,7 +2,7 @@
 import { useState } from "react";
 import { api, unwrap, type Role } from "../api/client";
 import { useSession } from "../session";
-import { ActionButton, Show, ago, useApi, when } from "../ui";
+import { ActionButton, Show, Table, ago, useApi, when } from "../ui";
 
 export function Tokens() {
   const { isAdmin } = useSession();
@@ -77,59 +77,44 @@ export function Tokens() {
       )}
       <Show state={tokens}>
         {(ts) => (
-          <div className="table-wrap">
-            <table className="tokens">
-              <thead>
-                <tr>
-                  <th>Name</th>
-                  <th>Role</th>
-                  <th>Products</th>
-                  <th>Created</th>
-                  <th>Expires</th>
-                  <th>State</th>
-                  <th />
-                </tr>
-              </thead>
-              <tbody>
-                {ts.length === 0 && (
-                  <tr>
-                    <td colSpan={7} className="muted">
-                      No tokens yet.
-                    </td>
-                  </tr>
-                )}
-                {ts.map((t) => (
-                  <tr key={t.id} className={t.revoked_at ? "revoked" : ""} data-token={t.name}>
-                    <td>{t.name}</td>
-                    <td>{t.role}</td>
-                    <td>{t.products.join(", ") || "—"}</td>
-                    <td title={when(t.created_at)}>
-                      {ago(t.created_at)} by {t.created_by}
-                    </td>
-                    <td>{when(t.expires_at)}</td>
-                    <td>{t.revoked_at ? <span className="badge s-failed">revoked {ago(t.revoked_at)}</span> : "active"}</td>
-                    <td>
-                      {!t.revoked_at && (
-                        <ActionButton
-                          label="Revoke"
-                          title={`Revoke token ${t.name}?`}
-                          confirmLabel="Revoke"
-                          danger
-                          run={async () => {
-                            await unwrap(api.DELETE("/v1/tokens/{id}", { params: { path: { id: t.id } } }));
-                            return `Revoked token ${t.name}: it stops working at once.`;
-                          }}
-                          done={tokens.reload}
-                        >
-                          <p>Anything using it will be refused from now on.</p>
-                        </ActionButton>
-                      )}
-                    </td>
-                  </tr>
-                ))}
-              </tbody>
-            </table>
-          </div>
+          <Table className="tokens" head={["Name", "Role", "Products", "Created", "Expires", "State", ""]}>
+            {ts.length === 0 && (
+              <tr>
+                <td colSpan={7} className="muted">
+                  No tokens yet.
+                </td>
+              </tr>
+            )}
+            {ts.map((t) => (
+              <tr key={t.id} className={t.revoked_at ? "revoked" : ""} data-token={t.name}>
+                <td>{t.name}</td>
+                <td>{t.role}</td>
+                <td>{t.products.join(", ") || "—"}</td>
+                <td title={when(t.created_at)}>
+                  {ago(t.created_at)} by {t.created_by}
+                </td>
+                <td>{when(t.expires_at)}</td>
+                <td>{t.revoked_at ? <span className="badge s-failed">revoked {ago(t.revoked_at)}</span> : "active"}</td>
+                <td>
+                  {!t.revoked_at && (
+                    <ActionButton
+                      label="Revoke"
+                      title={`Revoke token ${t.name}?`}
+                      confirmLabel="Revoke"
+                      danger
+                      run={async () => {
+                        await unwrap(api.DELETE("/v1/tokens/{id}", { params: { path: { id: t.id } } }));
+                        return `Revoked token ${t.name}: it stops working at once.`;
+                      }}
+                      done={tokens.reload}
+                    >
+                      <p>Anything using it will be refused from now on.</p>
+                    </ActionButton>
+                  )}
+                </td>
+              </tr>
+            ))}
+          </Table>
         )}
       </Show>
     </>
