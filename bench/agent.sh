@@ -355,6 +355,17 @@ if [ "$DO_BW" = 1 ]; then
       read -r _ rss <"$STATE/t.agent"
       bytes=$(tail -n +$((from + 1)) "$STATE/registry.log" | awk '$7 ~ /\/blobs\// && $6 == "\"GET" {b += $10} END {print b + 0}')
       [ "$i" = 1 ] && fingerprint "$d/a" >"$BW/fp.$label"
+      # The floor under any A/B writer over loopback: copying the new slot's
+      # files locally, no network and no hashing (beside the squashed
+      # partial pull, on the same file system).
+      if [ "$label" = squashed-zstd-chunked ]; then
+        local c0 c1
+        c0=$(now)
+        cp -a "$d/a" "$mnt/floor"
+        sync
+        c1=$(now)
+        echo -e "floor\t$i\t$(echo "$c1 - $c0" | bc)\t0\t0" >>"$BW_RESULTS"
+      fi
       echo -e "$label\t$i\t$(echo "$e - $s" | bc)\t$rss\t$bytes" >>"$BW_RESULTS"
       drop_fs "$mnt"
       # The next run starts from v1 again.

@@ -318,6 +318,15 @@ def bandwidth(w):
             f"| reference: skopeo + umoci, v2 gzip 4 layers | {med([x[2] for x in ref]) / 1e6:.2f} | | "
             f"{ref_s:.2f} ({min(x[0] for x in ref):.2f}–{max(x[0] for x in ref):.2f}) | | |"
         )
+    floor = by.get("floor")
+    if floor:
+        sq = by.get("squashed-gzip")
+        ratio = f"{med([x[0] for x in floor]) / med([x[0] for x in sq]):.2f}" if sq else ""
+        w(
+            f"| floor: copying v2's slot locally (`cp -a` + `sync`, no network, no hashing) | | | "
+            f"{med([x[0] for x in floor]):.2f} ({min(x[0] for x in floor):.2f}–{max(x[0] for x in floor):.2f}) | "
+            f"{ratio} | |"
+        )
     link = {k[5:]: v for k, v in by.items() if k.startswith("link-")}
     if link:
         rate = float(E.get("LINK_BYTES_S") or 0)
@@ -369,8 +378,9 @@ def bandwidth(w):
     w("")
     w(
         "Targets (issue 16): the partial upgrade fetches ≤ 1.5 × the changed files' zstd bytes plus the tables, "
-        "takes ≤ 0.3 × the time of the full gzip upgrade; a full zstd upgrade is no slower than a full gzip one; "
-        "peak RSS ≤ 32 MB. The server's estimate for each channel (`GET .../transfer`) is in "
+        "takes ≤ 0.3 × the time of the full gzip upgrade (read over the link; over loopback the floor row, copying "
+        "the slot and nothing else, bounds any A/B writer: docs/DECISIONS.md); a full zstd upgrade is no slower than a "
+        "full gzip one; peak RSS ≤ 32 MB. The server's estimate for each channel (`GET .../transfer`) is in "
         "`transfer-*.json` of the run folder; the agent's own account is its log line `partial pull: ...`."
     )
     w("")
