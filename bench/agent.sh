@@ -346,6 +346,8 @@ if [ "$DO_BW" = 1 ]; then
       [ "$i" = 1 ] && curl -fsS -H "Authorization: Bearer $SLUICE_TOKEN" "$API/v1/products/bench/channels/bw$n/transfer" >"$BW/transfer-$name.json"
       from=$(wc -l <"$STATE/registry.log")
       : >"$STATE/t.agent"
+      # Nothing written before (a layout just made) is flushed in the timing.
+      sync
       s=$(now)
       timed "$STATE/t.agent" "$AGENT" --config "$d/agent.toml" apply
       sync
