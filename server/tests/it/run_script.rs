@@ -62,7 +62,11 @@ fn help_is_the_header_and_nothing_else() {
 async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines() {
     let state = tempfile::tempdir().unwrap();
     let (pg, reg, port) = (free_port(), free_port(), free_port());
-    let mut child = Command::new("bash")
+    // SIGINT as a terminal gives it: a shell without job control starts its
+    // background jobs with SIGINT ignored, and bash cannot trap a signal
+    // ignored when it started.
+    let mut child = Command::new("env")
+        .args(["--default-signal=INT", "bash"])
         .arg(root().join("scripts/run"))
         .arg("--demo")
         .env("SLUICE_STATE_DIR", state.path())
