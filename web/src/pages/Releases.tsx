@@ -1,10 +1,9 @@
 // Releases of a product: the list, and one release with its platform digests,
 // signatures, metadata and changelog; admins can revoke.
-import { useState } from "react";
 import { Link, useParams, useSearchParams } from "react-router";
-import { api, unwrap, type Release } from "../api/client";
+import { api, unwrap } from "../api/client";
 import { useSession } from "../session";
-import { ActionButton, ErrorBox, Show, Table, ago, bytes, message, short, useApi, when } from "../ui";
+import { ActionButton, MoreButton, Show, Table, ago, bytes, short, useApi, usePages, when } from "../ui";
 
 export function Releases() {
   const [params, setParams] = useSearchParams();
@@ -42,32 +41,17 @@ export function Releases() {
 }
 
 function ReleaseList({ product }: { product: string }) {
-  const first = useApi(
-    () => unwrap(api.GET("/v1/products/{product}/releases", { params: { path: { product }, query: { limit: 50 } } })),
+  const pages = usePages(
+    (cursor) => unwrap(api.GET("/v1/products/{product}/releases", { params: { path: { product }, query: { limit: 50, cursor } } })),
     [product],
   );
-  const [more, setMore] = useState<Release[]>([]);
-  const [cursor, setCursor] = useState<string | null>();
-  const [error, setError] = useState<string>();
-  const next = cursor === undefined ? first.data?.next_cursor : cursor;
-  const loadMore = async () => {
-    try {
-      const p = await unwrap(
-        api.GET("/v1/products/{product}/releases", { params: { path: { product }, query: { limit: 50, cursor: next ?? undefined } } }),
-      );
-      setMore((m) => [...m, ...p.items]);
-      setCursor(p.next_cursor ?? null);
-    } catch (e) {
-      setError(message(e));
-    }
-  };
   return (
-    <Show state={first}>
+    <Show state={pages.first}>
       {(p) => (
         <>
           {p.items.length === 0 && <p className="muted">No releases yet: publish one with `sluice release publish`.</p>}
           <Table className="releases" head={["Version", "Platforms", "Size", "Signed", "Flags", "Published"]}>
-            {[...p.items, ...more].map((r) => (
+            {[...p.items, ...pages.more].map((r) => (
               <tr key={r.version} className={r.state === "revoked" ? "revoked" : ""}>
                 <td>
                   <Link to={`/releases/${product}/${encodeURIComponent(r.version)}`}>{r.version}</Link>
@@ -85,12 +69,7 @@ function ReleaseList({ product }: { product: string }) {
               </tr>
             ))}
           </Table>
-          <ErrorBox error={error} />
-          {next && (
-            <button className="link" onClick={() => void loadMore()}>
-              Older releases…
-            </button>
-          )}
+          <MoreButton pages={pages} label="Older releases…" />
         </>
       )}
     </Show>
