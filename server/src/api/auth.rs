@@ -2,7 +2,7 @@
 //! of `infra::jwt`, and the extractors (`Admin`, `Viewer`, `Publisher`,
 //! `DeviceAuth`) whose presence in a handler's signature says who may call it.
 
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Error, Json, Result};
 use crate::infra::jwt::Role;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -341,8 +341,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Logs in a person and answers a JWT, also set as an HttpOnly cookie.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth",
     request_body = LoginRequest,
-    responses((status = 200, body = LoginResponse), (status = 401, body = crate::error::Problem),
-        (status = 429, body = crate::error::Problem)))]
+    responses((status = 200, body = LoginResponse), Problems<401, 429>))]
 async fn login(
     axum::extract::State(state): axum::extract::State<AppState>,
     extensions: axum::http::Extensions,

@@ -3,7 +3,7 @@
 //! store behind them is `infra::keystore`.
 
 use crate::api::auth::{Admin, Viewer};
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Error, Json, Path, Query, Result};
 use crate::infra::keystore::{ACTIVE_DAYS, Change, Holding, LISTS_PAGE, listed_since, parse_role};
 use axum::extract::State;
@@ -44,7 +44,7 @@ pub struct ListsQuery {
 /// The signed key lists after a version, for devices catching up: each is
 /// signed by the root keys of the one before (DSSE envelopes).
 #[utoipa::path(get, path = "/v1/keys/lists", tag = "keys", params(ListsQuery),
-    responses((status = 200, body = KeyLists), (status = 400, body = crate::error::Problem)))]
+    responses((status = 200, body = KeyLists), Problems<400>))]
 async fn key_lists(
     State(state): State<AppState>,
     Query(q): Query<ListsQuery>,
@@ -70,8 +70,7 @@ async fn key_lists(
 /// root keys too).
 #[utoipa::path(get, path = "/v1/keys/lists/{version}", tag = "keys",
     params(("version" = String, Path, description = "A version number or `latest`")),
-    responses((status = 200, body = SignedKeyList), (status = 400, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)))]
+    responses((status = 200, body = SignedKeyList), Problems<400, 404>))]
 async fn key_list(
     State(state): State<AppState>,
     Path(version): Path<String>,
@@ -132,8 +131,7 @@ pub struct KeysOverview {
 /// The newest key list, each key's state, and how many active devices hold
 /// it ("devices that hold key K: N of M").
 #[utoipa::path(get, path = "/v1/keys/status", tag = "keys", security(("bearer" = [])),
-    responses((status = 200, body = KeysOverview), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem)))]
+    responses((status = 200, body = KeysOverview), Problems<401, 403>))]
 async fn key_status(State(state): State<AppState>, _v: Viewer) -> Result<Json<KeysOverview>> {
     let (list, _) = state
         .keys
@@ -181,9 +179,7 @@ fn role_of(role: &str) -> Result<KeyRole> {
 #[utoipa::path(post, path = "/v1/keys/{role}/rotate", tag = "keys",
     params(("role" = String, Path, description = "`image`, `response` or `root`")),
     security(("bearer" = [])),
-    responses((status = 200, body = KeyChanged), (status = 400, body = crate::error::Problem),
-               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-               (status = 409, body = crate::error::Problem)))]
+    responses((status = 200, body = KeyChanged), Problems<400, 401, 403, 409>))]
 async fn rotate_key(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -224,9 +220,7 @@ pub struct ActivateRequest {
     params(("role" = String, Path, description = "`image` or `response`")),
     request_body = ActivateRequest,
     security(("bearer" = [])),
-    responses((status = 200, body = KeyChanged), (status = 400, body = crate::error::Problem),
-               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-               (status = 409, body = crate::error::Problem)))]
+    responses((status = 200, body = KeyChanged), Problems<400, 401, 403, 409>))]
 async fn activate_key(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -285,10 +279,7 @@ pub struct RevokeRequest {
     params(("role" = String, Path, description = "`image`, `response` or `root`")),
     request_body = RevokeRequest,
     security(("bearer" = [])),
-    responses((status = 200, body = KeyChanged), (status = 400, body = crate::error::Problem),
-               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-               (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-               (status = 503, body = crate::error::Problem)))]
+    responses((status = 200, body = KeyChanged), Problems<400, 401, 403, 404, 409, 503>))]
 async fn revoke_key(
     State(state): State<AppState>,
     Admin(who): Admin,

@@ -2,7 +2,7 @@
 //! enrollment secret devices present once.
 
 use crate::api::auth::{Admin, Viewer, hash_secret, random_secret};
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Error, Json, Result, on_constraint};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -93,9 +93,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Makes a product; the answer holds its enrollment secret, shown this once.
 #[utoipa::path(post, path = "/v1/products", tag = "products", request_body = NewProduct,
     security(("bearer" = [])),
-    responses((status = 201, body = Product), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 409, body = crate::error::Problem)))]
+    responses((status = 201, body = Product), Problems<400, 401, 403, 409>))]
 async fn create_product(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -158,8 +156,7 @@ async fn create_product(
 
 /// Every product.
 #[utoipa::path(get, path = "/v1/products", tag = "products", security(("bearer" = [])),
-    responses((status = 200, body = Vec<Product>), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem)))]
+    responses((status = 200, body = Vec<Product>), Problems<401, 403>))]
 async fn list_products(State(state): State<AppState>, _v: Viewer) -> Result<Json<Vec<Product>>> {
     let rows = sqlx::query!(
         "SELECT name, repository, description, created_at FROM products ORDER BY name"
@@ -182,8 +179,7 @@ async fn list_products(State(state): State<AppState>, _v: Viewer) -> Result<Json
 /// One product.
 #[utoipa::path(get, path = "/v1/products/{product}", tag = "products", security(("bearer" = [])),
     params(ProductPath),
-    responses((status = 200, body = Product), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    responses((status = 200, body = Product), Problems<401, 403, 404>))]
 async fn get_product(
     State(state): State<AppState>,
     _v: Viewer,
@@ -208,8 +204,7 @@ async fn get_product(
 /// Replaces the enrollment secret; enrolled devices keep their tokens.
 #[utoipa::path(post, path = "/v1/products/{product}/enrollment-secret", tag = "products", security(("bearer" = [])),
     params(ProductPath),
-    responses((status = 200, body = Product), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    responses((status = 200, body = Product), Problems<401, 403, 404>))]
 async fn rotate_secret(
     State(state): State<AppState>,
     Admin(who): Admin,

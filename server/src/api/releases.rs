@@ -3,7 +3,7 @@
 
 use crate::api::auth::{Admin, Principal, ProductReader, Publisher};
 use crate::api::products::ProductPath;
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Error, Json, Query, Result};
 use crate::infra::registry::{PlatformImage, parse_reference};
 use crate::infra::signing::{SignedDigest, sign_digest};
@@ -288,11 +288,7 @@ async fn fetch_one(db: &sqlx::PgPool, product: &str, version: &str) -> Result<Re
 /// answers 200 with the existing release.
 #[utoipa::path(post, path = "/v1/products/{product}/releases", tag = "releases", request_body = NewRelease,
     params(ProductPath), security(("bearer" = [])),
-    responses((status = 201, body = Published), (status = 200, description = "Already published with this digest", body = Published),
-              (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem),
-              (status = 409, body = crate::error::Problem), (status = 422, body = crate::error::Problem),
-              (status = 503, body = crate::error::Problem)))]
+    responses((status = 201, body = Published), (status = 200, description = "Already published with this digest", body = Published), Problems<400, 401, 403, 404, 409, 422, 503>))]
 async fn publish(
     State(state): State<AppState>,
     Publisher(who): Publisher,
@@ -487,8 +483,7 @@ fn conflict(version: &str, have: &str, got: &str) -> Error {
 /// Releases of a product, newest first.
 #[utoipa::path(get, path = "/v1/products/{product}/releases", tag = "releases",
     params(ProductPath, PageParams), security(("bearer" = [])),
-    responses((status = 200, body = Page<Release>), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    responses((status = 200, body = Page<Release>), Problems<401, 403, 404>))]
 async fn list_releases(
     State(state): State<AppState>,
     _v: ProductReader,
@@ -510,8 +505,7 @@ async fn list_releases(
 #[utoipa::path(get, path = "/v1/products/{product}/releases/{version}", tag = "releases",
     params(ReleasePath),
     security(("bearer" = [])),
-    responses((status = 200, body = Release), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    responses((status = 200, body = Release), Problems<401, 403, 404>))]
 async fn get_release(
     State(state): State<AppState>,
     _v: ProductReader,
@@ -524,8 +518,7 @@ async fn get_release(
 #[utoipa::path(post, path = "/v1/products/{product}/releases/{version}/revoke", tag = "releases",
     params(ReleasePath),
     security(("bearer" = [])),
-    responses((status = 200, body = Release), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    responses((status = 200, body = Release), Problems<401, 403, 404>))]
 async fn revoke(
     State(state): State<AppState>,
     Admin(who): Admin,

@@ -4,7 +4,7 @@
 
 use crate::api::auth::ProductReader;
 use crate::api::channels::ChannelPath;
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Error, Json, Query, Result};
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
@@ -111,9 +111,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/stats", tag = "channels",
     params(ChannelPath, StatsParams),
     security(("bearer" = [])),
-    responses((status = 200, body = ChannelStats), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)))]
+    responses((status = 200, body = ChannelStats), Problems<400, 401, 403, 404>))]
 async fn channel_stats(
     State(state): State<AppState>,
     _v: ProductReader,

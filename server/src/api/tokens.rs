@@ -3,7 +3,7 @@
 //! revokes the token on its next use.
 
 use crate::api::auth::Admin;
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Error, Json, Path, Result};
 use crate::infra::jwt::Role;
 use axum::extract::State;
@@ -75,9 +75,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Makes an API token.
 #[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = NewToken, security(("bearer" = [])),
-    responses((status = 201, body = CreatedToken), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)))]
+    responses((status = 201, body = CreatedToken), Problems<400, 401, 403, 404>))]
 async fn create_token(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -151,8 +149,7 @@ async fn create_token(
 
 /// Every API token (without secrets).
 #[utoipa::path(get, path = "/v1/tokens", tag = "tokens", security(("bearer" = [])),
-    responses((status = 200, body = Vec<TokenInfo>), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem)))]
+    responses((status = 200, body = Vec<TokenInfo>), Problems<401, 403>))]
 async fn list_tokens(State(state): State<AppState>, _a: Admin) -> Result<Json<Vec<TokenInfo>>> {
     let rows = sqlx::query_as!(
         TokenInfo,
@@ -167,8 +164,7 @@ async fn list_tokens(State(state): State<AppState>, _a: Admin) -> Result<Json<Ve
 /// Revokes an API token: it stops working at once.
 #[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Token id")),
-    responses((status = 204), (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    responses((status = 204), Problems<400, 401, 403, 404>))]
 async fn revoke_token(
     State(state): State<AppState>,
     Admin(who): Admin,

@@ -17,7 +17,7 @@
 
 use crate::api::auth::ProductReader;
 use crate::api::channels::ChannelPath;
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Error, Json, Result};
 use crate::infra::registry::{PlatformImage, best_fit};
 use axum::extract::State;
@@ -209,8 +209,7 @@ async fn estimate(
 #[utoipa::path(get, path = "/v1/products/{product}/channels/{channel}/transfer", tag = "channels",
     params(ChannelPath),
     security(("bearer" = [])),
-    responses((status = 200, body = ChannelTransfer), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+    responses((status = 200, body = ChannelTransfer), Problems<401, 403, 404>))]
 async fn channel_transfer(
     State(state): State<AppState>,
     _v: ProductReader,

@@ -4,7 +4,7 @@
 
 use crate::api::auth::DeviceAuth;
 use crate::api::channels::ChannelPath;
-use crate::app::AppState;
+use crate::app::{AppState, Problems};
 use crate::error::{Error, Query, Result};
 use crate::rules::rollout;
 use axum::extract::State;
@@ -53,9 +53,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     params(ChannelPath, ResolveQuery),
     security(("bearer" = [])),
     responses((status = 200, body = ResolveResponse, description = "Signed: the `Sluice-Signature` header holds `keyid=<id>; sig=<base64 Ed25519>; batch=<index>/<size>; path=<base64 SHA-256 hashes>`: one signature over a batch of answers (over `sluice-resolve-batch-v1\\0`, the size as 8 bytes big endian and the RFC 9162 Merkle root of the answers' exact bodies), with this body's place and inclusion path. Without `batch` and `path`, the signature is over the body itself.",
-               headers(("Sluice-Signature" = String, description = "keyid, signature, and this body's place and inclusion path in the signed batch"))),
-              (status = 400, body = crate::error::Problem), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)))]
+               headers(("Sluice-Signature" = String, description = "keyid, signature, and this body's place and inclusion path in the signed batch"))), Problems<400, 401, 403, 404>))]
 async fn resolve(
     State(state): State<AppState>,
     device: DeviceAuth,
