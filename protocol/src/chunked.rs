@@ -366,9 +366,9 @@ pub fn parse_toc(compressed: Vec<u8>, loc: &TocLocation) -> Result<Toc, TocError
                 loc.uncompressed
             ))
         })?;
-    // The compressed bytes go before the parse: the text and the entries
-    // made from it are the agent's peak (a 31 000-file layer's table is 3 MB
-    // compressed, 19 MB of text).
+    // The compressed bytes go before the parse: the text is the agent's
+    // largest buffer (a 31 000-file layer's table is 3 MB compressed, 19 MB
+    // of text), and the parse below gives it back as the entries grow.
     drop(compressed);
     if text.len() as u64 != loc.uncompressed {
         bail!(
