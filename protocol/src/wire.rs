@@ -152,6 +152,92 @@ pub struct ResolveResponse {
     /// `POST /v1/devices/{id}/failures/cleared`. Absent when none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry: Vec<String>,
+    /// When the device may reboot into a release it staged, and whether it
+    /// must first take a reboot lease. Absent (servers before it, or a
+    /// channel with no reboot policy): reboot when staged, no lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootAdvice>,
+}
+
+/// Why a device may or may not reboot now, in [`RebootAdvice`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RebootReason {
+    /// No maintenance window applies to the device: any time.
+    NoWindow,
+    /// A maintenance window that applies to the device is open now.
+    InWindow,
+    /// An admin marked the offered release urgent: windows do not hold it back.
+    Urgent,
+    /// Windows apply to the device and none is open now.
+    OutsideWindow,
+}
+
+/// The channel's reboot policy as it applies to one device now, in the
+/// signed answer: a device stages (downloads and writes the inactive slot)
+/// at any time, and boots into it only when `allowed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RebootAdvice {
+    /// The device may reboot into what it staged now.
+    pub allowed: bool,
+    /// Why.
+    pub reason: RebootReason,
+    /// The maintenance windows that apply to the device, in words
+    /// (`Sat 02:00–04:00 Europe/Berlin`); absent when none applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    /// When the next window opens (the open one's start while inside it).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub opens_at: Option<OffsetDateTime>,
+    /// When that window closes.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub closes_at: Option<OffsetDateTime>,
+    /// The reboot-lease group: before it reboots, the device takes a lease
+    /// in this group (`POST /v1/pre-reboot`, the FleetLock protocol) and
+    /// gives it back once the new slot passed its boot assessment
+    /// (`POST /v1/steady-state`). Absent: no lease is needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_group: Option<String>,
+}
+
+/// The body of FleetLock's `POST /v1/pre-reboot` and `POST /v1/steady-state`
+/// (as Zincati sends it, with the header `fleet-lock-protocol: true`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FleetLockRequest {
+    /// Who asks.
+    pub client_params: FleetLockClient,
+}
+
+/// The client of a [`FleetLockRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FleetLockClient {
+    /// The machine's id: a lease belongs to it (a Sluice device sends its
+    /// device id).
+    pub id: String,
+    /// The reboot group (`[a-zA-Z0-9.-]+`; Zincati's default is `default`).
+    pub group: String,
+}
+
+/// A FleetLock error body: `kind` for machines, `value` for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FleetLockError {
+    /// A short machine-readable kind (`lease_unavailable`, `bad_request`, …).
+    pub kind: String,
+    /// What happened and what to do, in words.
+    pub value: String,
 }
 
 /// The resolution answer's format this crate writes: 2 binds the answer to
@@ -173,6 +259,10 @@ pub enum EventKind {
     Downloaded,
     /// The image was written to the inactive slot and the bootloader switched.
     Applied,
+    /// The image was written to the inactive slot, verified, and waits for
+    /// the reboot policy (a maintenance window, a reboot lease, a person);
+    /// the message says which. The bootloader still boots the running slot.
+    Staged,
     /// The device is rebooting into the new slot.
     Rebooting,
     /// The new slot passed its health checks.
@@ -209,6 +299,7 @@ impl EventKind {
             EventKind::DownloadStarted => "download_started",
             EventKind::Downloaded => "downloaded",
             EventKind::Applied => "applied",
+            EventKind::Staged => "staged",
             EventKind::Rebooting => "rebooting",
             EventKind::Healthy => "healthy",
             EventKind::Failed => "failed",
@@ -221,6 +312,7 @@ impl EventKind {
         match self {
             EventKind::DownloadStarted | EventKind::Downloaded => DeviceStatus::Downloading,
             EventKind::Applied => DeviceStatus::Applying,
+            EventKind::Staged => DeviceStatus::Staged,
             EventKind::Rebooting => DeviceStatus::Rebooting,
             EventKind::Healthy => DeviceStatus::Healthy,
             EventKind::Failed => DeviceStatus::Failed,
@@ -240,6 +332,8 @@ pub enum DeviceStatus {
     Downloading,
     /// Writing an image.
     Applying,
+    /// A written image waits for the reboot policy.
+    Staged,
     /// Rebooting into a new slot.
     Rebooting,
     /// Running a slot that passed its health checks.
@@ -257,6 +351,7 @@ impl DeviceStatus {
             DeviceStatus::Idle => "idle",
             DeviceStatus::Downloading => "downloading",
             DeviceStatus::Applying => "applying",
+            DeviceStatus::Staged => "staged",
             DeviceStatus::Rebooting => "rebooting",
             DeviceStatus::Healthy => "healthy",
             DeviceStatus::Failed => "failed",
@@ -346,7 +441,9 @@ pub struct SlotStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HostStatus {
-    /// The agent's update state (`idle`, `writing`, `staged`, `failed`).
+    /// The agent's update state (`idle`, `writing`, `ready` (written and
+    /// verified, waiting for the reboot policy, not bootable yet), `staged`,
+    /// `failed`).
     pub state: String,
     /// The agent waits for a reboot it asked for and writes nothing until then.
     #[serde(default)]
@@ -403,6 +500,7 @@ mod tests {
             current: None,
             keys_version: Some(4),
             retry: vec![format!("sha256:{}", "ab".repeat(32))],
+            reboot: None,
         }
     }
 

@@ -58,6 +58,8 @@ pub struct Inner {
     pub revocations: crate::infra::revocations::Revocations,
     /// Tables of contents read for transfer estimates.
     pub transfer: crate::api::transfer::Cache,
+    /// The time the fleet policy reads (waves, windows, leases).
+    pub clock: crate::infra::clock::Clock,
 }
 
 impl Deref for AppState {
@@ -88,6 +90,7 @@ impl AppState {
         (name = "releases", description = "Published builds"),
         (name = "channels", description = "Release channels and rollouts"),
         (name = "devices", description = "Enrolled devices and their reports"),
+        (name = "leases", description = "Reboot leases (the FleetLock protocol)"),
         (name = "audit", description = "Who changed what"),
         (name = "keys", description = "Public keys"),
         (name = "health", description = "Liveness, readiness, metrics"),
@@ -124,6 +127,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(stats::router())
         .merge(resolve::router())
         .merge(devices::router())
+        .merge(crate::api::fleetlock::router())
         .merge(keys::router())
         .merge(audit::router())
         .merge(health::router())
@@ -193,8 +197,12 @@ impl<
 /// `default` problem response.
 fn problem_responses(doc: &mut utoipa::openapi::OpenApi) {
     for (path, item) in doc.paths.paths.iter_mut() {
-        // `/readyz` answers its own JSON body with 503, on purpose.
-        if path == "/readyz" {
+        // `/readyz` answers its own JSON body with 503, on purpose; the
+        // FleetLock protocol's errors are its own `{kind, value}`.
+        if path == "/readyz"
+            || path.ends_with("/v1/pre-reboot")
+            || path.ends_with("/v1/steady-state")
+        {
             continue;
         }
         let ops = [
@@ -474,6 +482,7 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         limits,
         revocations,
         transfer: Default::default(),
+        clock: Default::default(),
     });
     // Renews the key list at half its life even if the server never restarts.
     let weak = Arc::downgrade(&state.0);

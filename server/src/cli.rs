@@ -483,6 +483,12 @@ pub struct PromoteArgs {
     #[arg(long, alias = "ramp-over-minutes", requires = "ramp_to",
           value_parser = clap::value_parser!(u32).range(1..=525_600))]
     ramp_minutes: Option<u32>,
+    /// Roll out in waves instead, in order, repeatable:
+    /// `SELECTOR[:PERCENT[:RAMP_MINUTES[:HOLD_MINUTES]]]`, e.g.
+    /// `--wave ring=canary:100:0:60 --wave region=eu:100:120 --wave ''`
+    /// (an empty selector is every device).
+    #[arg(long = "wave", value_parser = parse_wave, conflicts_with_all = ["percent", "ramp_to"])]
+    waves: Vec<Value>,
     /// Only print what the promote would do (which release becomes the
     /// base, which devices stay where they are); change nothing.
     #[arg(long)]
@@ -492,9 +498,34 @@ pub struct PromoteArgs {
     json: bool,
 }
 
+/// `SELECTOR[:PERCENT[:RAMP_MINUTES[:HOLD_MINUTES]]]` as a wave of `POST .../promote`.
+fn parse_wave(s: &str) -> Result<Value, String> {
+    let mut parts = s.split(':');
+    let selector = parts.next().unwrap_or_default().trim();
+    let mut wave = json!({ "selector": selector });
+    for (name, part) in ["percent", "ramp_minutes", "hold_minutes"]
+        .into_iter()
+        .zip(parts.by_ref())
+    {
+        let n: f64 = part.trim().parse().map_err(|_| {
+            format!("{name} {part:?} in wave {s:?} is not a number: write SELECTOR[:PERCENT[:RAMP_MINUTES[:HOLD_MINUTES]]]")
+        })?;
+        wave[name] = json!(n);
+    }
+    if parts.next().is_some() {
+        return Err(format!(
+            "wave {s:?} has too many parts: write SELECTOR[:PERCENT[:RAMP_MINUTES[:HOLD_MINUTES]]]"
+        ));
+    }
+    Ok(wave)
+}
+
 impl Call for PromoteArgs {
     fn request(&self) -> Result<Request, Failure> {
-        let mut body = json!({"version": self.version, "percent": self.percent});
+        let mut body = match self.waves.is_empty() {
+            true => json!({"version": self.version, "percent": self.percent}),
+            false => json!({"version": self.version, "waves": self.waves}),
+        };
         if let (Some(to), Some(over)) = (self.ramp_to, self.ramp_minutes) {
             if to < self.percent {
                 return Err(Failure::usage(format!(
@@ -524,7 +555,21 @@ impl Call for PromoteArgs {
         let name = text(&answer["name"]);
         let rollout = &answer["rollout"];
         let percent = rollout["percent"].as_f64().unwrap_or(f64::NAN);
-        let mut line = format!("{head} is head of {name} at {} %", num(percent));
+        let waves = &answer["waves"];
+        let mut line = match waves["waves"].as_array() {
+            Some(w) => format!(
+                "{head} is head of {name}, rolling out in {} waves ({})",
+                w.len(),
+                w.iter()
+                    .map(|w| match w["selector"].as_str() {
+                        Some("") | None => "everyone",
+                        Some(s) => s,
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", then ")
+            ),
+            None => format!("{head} is head of {name} at {} %", num(percent)),
+        };
         if let Some(base) = answer["base"].as_str() {
             line += &format!(" (base {base})");
         }
@@ -535,7 +580,7 @@ impl Call for PromoteArgs {
                 num(ramp["to_percent"].as_f64().unwrap_or(f64::NAN)),
                 num(ramp["over_minutes"].as_f64().unwrap_or(f64::NAN))
             );
-        } else if percent < 100.0 {
+        } else if percent < 100.0 && waves.is_null() {
             line += &format!(
                 " (raise with `sluice channel rollout --product {} --channel {name} --percent N`)",
                 self.at.product
@@ -622,6 +667,204 @@ impl Call for RollbackArgs {
             None => json!({}),
         };
         Ok(self.at.request(Method::POST, "rollback", body))
+    }
+}
+
+/// `sluice channel reboot-policy`: replaces the channel's reboot policy.
+pub type RebootPolicy = Client<RebootPolicyArgs>;
+
+/// The flags of [`RebootPolicy`].
+#[derive(Debug, Args)]
+pub struct RebootPolicyArgs {
+    #[command(flatten)]
+    at: ChannelRef,
+    /// A maintenance window, repeatable: `DAYS HH:MM-HH:MM ZONE [SELECTOR]`,
+    /// e.g. `"Sat 02:00-04:00 Europe/Berlin"`, `"Mon-Fri 22:00-02:00 UTC
+    /// region=eu"`. Devices it applies to reboot into a staged release only
+    /// while one of their windows is open. None: any time.
+    #[arg(long = "window", value_parser = parse_window)]
+    windows: Vec<Value>,
+    /// Reboot leases: at most this many devices between reboot and boot
+    /// assessment at once ...
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    lease_max: Option<u32>,
+    /// ... or at most this percent of the group's devices (with both, the lower).
+    #[arg(long, value_parser = parse_percent_f64)]
+    lease_max_percent: Option<f64>,
+    /// One lease group per value of this label (e.g. `site`), instead of one
+    /// for the channel.
+    #[arg(long)]
+    lease_per_label: Option<String>,
+    /// A lease not given back expires after this many minutes.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1440))]
+    lease_ttl_minutes: u32,
+}
+
+/// `DAYS HH:MM-HH:MM ZONE [SELECTOR]` as a window of `PUT .../reboot-policy`.
+fn parse_window(s: &str) -> Result<Value, String> {
+    let usage = "write DAYS HH:MM-HH:MM ZONE [SELECTOR], e.g. \"Sat 02:00-04:00 Europe/Berlin\"";
+    let words: Vec<&str> = s.split_whitespace().collect();
+    let (days, times, zone, selector) = match words[..] {
+        [d, t, z] => (d, t, z, ""),
+        [d, t, z, sel] => (d, t, z, sel),
+        _ => return Err(format!("window {s:?}: {usage}")),
+    };
+    let (start, end) = times
+        .split_once(['-', '–'])
+        .ok_or_else(|| format!("window {s:?}: the times must be HH:MM-HH:MM; {usage}"))?;
+    Ok(json!({"days": days, "start": start, "end": end, "time_zone": zone, "selector": selector}))
+}
+
+impl Call for RebootPolicyArgs {
+    fn request(&self) -> Result<Request, Failure> {
+        let mut body = json!({ "windows": self.windows });
+        if self.lease_max.is_some() || self.lease_max_percent.is_some() {
+            body["lease"] = json!({
+                "max_devices": self.lease_max,
+                "max_percent": self.lease_max_percent,
+                "per_label": self.lease_per_label,
+                "ttl_minutes": self.lease_ttl_minutes,
+            });
+        } else if self.lease_per_label.is_some() {
+            return Err(Failure::usage(
+                "--lease-per-label needs --lease-max or --lease-max-percent",
+            ));
+        }
+        Ok(self.at.request(Method::PUT, "reboot-policy", body))
+    }
+    fn output(&self, answer: Value) -> String {
+        let policy = &answer["reboot_policy"];
+        let specs = policy["windows"].as_array().cloned().unwrap_or_default();
+        let windows: Vec<String> = policy["windows_described"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .zip(specs.iter().map(|w| w["selector"].as_str().unwrap_or("")))
+            .map(|(w, selector)| match selector {
+                "" => text(w),
+                s => format!("{} ({s})", text(w)),
+            })
+            .collect();
+        let mut line = match windows.is_empty() {
+            true => "devices reboot at any time".to_string(),
+            false => format!("devices reboot in {}", windows.join("; ")),
+        };
+        let lease = &policy["lease"];
+        if lease.is_object() {
+            let limits: Vec<String> = [
+                lease["max_devices"]
+                    .as_u64()
+                    .map(|n| format!("{n} devices")),
+                lease["max_percent"]
+                    .as_f64()
+                    .map(|p| format!("{} %", num(p))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            line += &format!(
+                "; at most {} between reboot and boot assessment{}, leases expiring after {} min",
+                limits.join(" and "),
+                lease["per_label"]
+                    .as_str()
+                    .map(|k| format!(" per {k}"))
+                    .unwrap_or_default(),
+                text(&lease["ttl_minutes"])
+            );
+        }
+        line
+    }
+}
+
+/// `sluice release urgent`.
+pub type ReleaseUrgent = Client<ReleaseUrgentArgs>;
+
+/// The flags of [`ReleaseUrgent`].
+#[derive(Debug, Args)]
+pub struct ReleaseUrgentArgs {
+    /// The product.
+    #[arg(long)]
+    product: String,
+    /// The release.
+    #[arg(long)]
+    version: String,
+    /// Give the maintenance windows back (the release is no longer urgent).
+    #[arg(long)]
+    off: bool,
+}
+
+impl Call for ReleaseUrgentArgs {
+    fn request(&self) -> Result<Request, Failure> {
+        Ok(Request::new(
+            Method::POST,
+            &[
+                "v1",
+                "products",
+                &self.product,
+                "releases",
+                &self.version,
+                "urgent",
+            ],
+            Some(json!({"urgent": !self.off})),
+        ))
+    }
+    fn output(&self, answer: Value) -> String {
+        match answer["urgent"].as_bool() {
+            Some(true) => format!(
+                "{} is urgent: devices reboot into it outside their maintenance windows",
+                self.version
+            ),
+            _ => format!("{} follows the maintenance windows", self.version),
+        }
+    }
+}
+
+/// `sluice device labels <id> key=value ...`: replaces a device's labels.
+pub type DeviceLabels = Client<DeviceLabelsArgs>;
+
+/// The flags of [`DeviceLabels`].
+#[derive(Debug, Args)]
+pub struct DeviceLabelsArgs {
+    /// The device id.
+    id: uuid::Uuid,
+    /// The labels as `key=value`; they replace all the device had (none: remove all).
+    #[arg(value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must be key=value"))
+}
+
+impl Call for DeviceLabelsArgs {
+    fn request(&self) -> Result<Request, Failure> {
+        let labels: serde_json::Map<String, Value> = self
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        Ok(Request::new(
+            Method::PUT,
+            &["v1", "devices", &self.id.to_string(), "labels"],
+            Some(json!({ "labels": labels })),
+        ))
+    }
+    fn output(&self, answer: Value) -> String {
+        let labels = answer["labels"]
+            .as_object()
+            .map(|l| {
+                l.iter()
+                    .map(|(k, v)| format!("{k}={}", text(v)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        match labels.is_empty() {
+            true => format!("device {} has no labels", self.id),
+            false => format!("device {} has labels {labels}", self.id),
+        }
     }
 }
 
@@ -764,6 +1007,9 @@ pub struct DeviceListArgs {
     /// Only revoked devices (`true`) or only the others (`false`).
     #[arg(long)]
     revoked: Option<bool>,
+    /// Only devices this label selector selects: `ring=canary,region!=us`.
+    #[arg(long)]
+    label: Option<String>,
     /// The `next_cursor` of the previous page.
     #[arg(long)]
     cursor: Option<String>,
@@ -776,6 +1022,7 @@ impl Call for DeviceListArgs {
             ("product", self.product.clone()),
             ("q", self.q.clone()),
             ("revoked", self.revoked.map(|r| r.to_string())),
+            ("label", self.label.clone()),
             ("cursor", self.cursor.clone()),
         ];
         r.query = pairs

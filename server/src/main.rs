@@ -89,6 +89,8 @@ enum DeviceCommand {
     /// Let a device try again a release it reported as failed or rolled back
     /// (all of them, or one --version or --digest).
     Retry(cli::DeviceRetry),
+    /// Replace a device's labels (`ring=canary site=berlin`; none: remove all).
+    Labels(cli::DeviceLabels),
 }
 
 #[derive(Subcommand)]
@@ -111,6 +113,9 @@ enum ReleaseCommand {
     List(cli::ReleaseList),
     /// Show one release: digest, platforms and their signatures, metadata.
     Show(cli::ReleaseShow),
+    /// Mark a release urgent: devices reboot into it outside their
+    /// maintenance windows (--off gives the windows back).
+    Urgent(cli::ReleaseUrgent),
 }
 
 #[derive(Subcommand)]
@@ -126,6 +131,9 @@ enum ChannelCommand {
     Rollout(cli::Rollout),
     /// Go back to the base (or --version) for every device, downgrading them.
     Rollback(cli::Rollback),
+    /// Set when devices may reboot into a staged release (maintenance
+    /// windows) and how many at once (reboot leases); replaces the policy.
+    RebootPolicy(cli::RebootPolicy),
 }
 
 #[derive(Subcommand)]
@@ -195,6 +203,7 @@ fn client_command(command: Command) -> Result<Box<dyn cli::Command>, Box<Command
             ReleaseCommand::Publish(c) => Box::new(c),
             ReleaseCommand::List(c) => Box::new(c),
             ReleaseCommand::Show(c) => Box::new(c),
+            ReleaseCommand::Urgent(c) => Box::new(c),
         },
         Command::Channel { command } => match command {
             ChannelCommand::Create(c) => Box::new(c),
@@ -202,6 +211,7 @@ fn client_command(command: Command) -> Result<Box<dyn cli::Command>, Box<Command
             ChannelCommand::Promote(c) => Box::new(c),
             ChannelCommand::Rollout(c) => Box::new(c),
             ChannelCommand::Rollback(c) => Box::new(c),
+            ChannelCommand::RebootPolicy(c) => Box::new(c),
         },
         Command::Token { command } => match command {
             TokenCommand::Create(c) => Box::new(c),
@@ -226,6 +236,7 @@ fn client_command(command: Command) -> Result<Box<dyn cli::Command>, Box<Command
             DeviceCommand::Reset(c) => Box::new(c.with_action("reset")),
             DeviceCommand::Delete(c) => Box::new(c.with_action("delete")),
             DeviceCommand::Retry(c) => Box::new(c),
+            DeviceCommand::Labels(c) => Box::new(c),
         },
         Command::Login(c) => Box::new(c),
         other => return Err(Box::new(other)),

@@ -9,6 +9,7 @@ use crate::infra::registry::PlatformImage;
 use crate::paging::{Page, PageParams};
 use crate::rules::channel::{ChannelState, PromotePlan, ReleaseRef};
 pub use crate::rules::channel::{GateSpec, RampSpec};
+use crate::rules::policy::{Labels, RebootPolicy, RebootPolicySpec, WavePlan, WaveSpec};
 use crate::rules::rollout::{self, Gate};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -117,6 +118,39 @@ pub struct Channel {
     /// Last change.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// The waves the rollout proceeds in, if it does.
+    pub waves: Option<WavesState>,
+    /// Maintenance windows and reboot leases.
+    pub reboot_policy: RebootPolicyState,
+}
+
+/// A rollout in waves, and where it stands.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WavesState {
+    /// The waves, in order.
+    pub waves: Vec<WaveSpec>,
+    /// When the first wave started (moved forward by time spent paused).
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// The wave that ramps or soaks now (0-based; the last once all are done).
+    pub current: usize,
+    /// That wave's percent in force.
+    pub current_percent: f64,
+    /// When the next wave starts.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_starts_at: Option<OffsetDateTime>,
+    /// Every wave ramped and soaked.
+    pub done: bool,
+}
+
+/// A channel's reboot policy.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RebootPolicyState {
+    /// The policy as set (`PUT .../reboot-policy`).
+    #[serde(flatten)]
+    pub policy: RebootPolicySpec,
+    /// Each window in words (`Sat 02:00–04:00 Europe/Berlin`).
+    pub windows_described: Vec<String>,
 }
 
 /// `POST .../promote`.
@@ -126,15 +160,18 @@ pub struct PromoteRequest {
     /// The release to make head.
     pub version: String,
     /// Rollout percent (default 10: a staged rollout; raise it with `PATCH .../rollout`).
-    #[serde(
-        default = "default_promote_percent",
-        deserialize_with = "promote_percent"
-    )]
+    #[serde(default)]
     #[schema(default = 10)]
     pub percent: Option<f64>,
     /// A linear ramp from `percent` upwards.
     #[serde(default)]
     pub ramp: Option<RampSpec>,
+    /// Roll out in waves by label selector instead of one percent (e.g.
+    /// `ring=canary`, then `region=eu`, then everyone): each wave with its
+    /// own percent, ramp and soak; the health gate watches throughout.
+    /// Not together with `percent` or `ramp`.
+    #[serde(default)]
+    pub waves: Option<Vec<WaveSpec>>,
     /// Only say what the promote would do: the answer shows the channel as
     /// it would be, and nothing is stored.
     #[serde(default)]
@@ -160,12 +197,13 @@ pub struct PromoteResponse {
 /// The percent a promote without one (or with `null`) starts at.
 pub const DEFAULT_PROMOTE_PERCENT: f64 = 10.0;
 
-fn default_promote_percent() -> Option<f64> {
-    Some(DEFAULT_PROMOTE_PERCENT)
-}
-
-fn promote_percent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.or_else(default_promote_percent))
+/// How a promote rolls the new head out.
+#[derive(Debug, Clone, Copy)]
+pub enum Promotion<'a> {
+    /// To a share of the channel's devices, optionally ramping up.
+    Percent(f64, Option<&'a RampSpec>),
+    /// In waves by label selector.
+    Waves(&'a [WaveSpec]),
 }
 
 /// `PATCH .../rollout`.
@@ -266,6 +304,12 @@ pub struct StoredChannel {
     pub serial: i64,
     /// Last change.
     pub updated_at: OffsetDateTime,
+    /// The waves as asked for (`[WaveSpec]`), if the rollout goes in waves.
+    pub waves: Option<serde_json::Value>,
+    /// When the first wave started.
+    pub waves_started_at: Option<OffsetDateTime>,
+    /// The reboot policy as asked for (`RebootPolicySpec`).
+    pub reboot_policy: serde_json::Value,
 }
 
 impl StoredChannel {
@@ -290,7 +334,32 @@ impl StoredChannel {
             ramp,
             paused: self.paused,
             paused_at: self.paused_at,
+            waves: self.wave_plan(),
         }
+    }
+
+    /// The stored waves, checked again as the rules read them (they were
+    /// checked when stored; a row that no longer parses is logged and read
+    /// as no waves rather than failing every request on the channel).
+    fn wave_plan(&self) -> Option<WavePlan> {
+        let (waves, started_at) = (self.waves.as_ref()?, self.waves_started_at?);
+        let plan = serde_json::from_value::<Vec<WaveSpec>>(waves.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|specs| WavePlan::new(&specs, started_at).map_err(|e| e.0));
+        plan.inspect_err(|e| tracing::error!(channel = %self.name, "stored waves unreadable: {e}"))
+            .ok()
+    }
+
+    /// The stored reboot policy, read as [`StoredChannel::wave_plan`] reads waves.
+    pub(crate) fn reboot_policy(&self) -> RebootPolicy {
+        let policy = serde_json::from_value::<RebootPolicySpec>(self.reboot_policy.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|spec| RebootPolicy::new(&spec).map_err(|e| e.0));
+        policy
+            .inspect_err(
+                |e| tracing::error!(channel = %self.name, "stored reboot policy unreadable: {e}"),
+            )
+            .unwrap_or_default()
     }
 }
 
@@ -320,6 +389,7 @@ impl From<StoredChannel> for ChannelRow {
             })
         };
         let rollout = c.rollout();
+        let reboot = c.reboot_policy();
         ChannelRow {
             state: ChannelState {
                 head: release(c.head_release_id, c.head),
@@ -331,6 +401,7 @@ impl From<StoredChannel> for ChannelRow {
                     max_failure_percent: c.gate_max_failure_percent,
                     min_reports: i64::from(c.gate_min_reports),
                 },
+                reboot,
             },
             id: c.id,
             name: c.name,
@@ -361,6 +432,8 @@ impl ChannelRow {
             "ramp": r.ramp.as_ref().map(|x| serde_json::json!({"to_percent": x.to, "over_minutes": x.over_minutes})),
             "paused": r.paused, "paused_reason": s.paused_reason, "rolled_back": s.rolled_back,
             "gate": {"max_failure_percent": s.gate.max_failure_percent, "min_reports": s.gate.min_reports},
+            "waves": r.waves.as_ref().map(|w| w.specs()),
+            "reboot_policy": s.reboot.spec(),
         })
     }
 }
@@ -428,7 +501,8 @@ pub async fn load(
         r#"SELECT c.id, c.name, c.description, c.head_release_id, c.base_release_id,
                   h.version AS "head?", b.version AS "base?", c.percent, c.ramp_from_percent, c.ramp_to_percent,
                   c.ramp_over_minutes, c.ramp_started_at, c.paused, c.paused_reason, c.paused_at, c.rolled_back,
-                  c.gate_max_failure_percent, c.gate_min_reports, c.serial, c.updated_at
+                  c.gate_max_failure_percent, c.gate_min_reports, c.serial, c.updated_at,
+                  c.waves, c.waves_started_at, c.reboot_policy
            FROM channels c LEFT JOIN releases h ON h.id = c.head_release_id LEFT JOIN releases b ON b.id = c.base_release_id
            WHERE c.id = $1"#,
         id
@@ -481,6 +555,7 @@ async fn save(tx: &mut PgConnection, c: &ChannelRow) -> Result<()> {
         "UPDATE channels SET head_release_id = $2, base_release_id = $3, percent = $4, ramp_from_percent = $5,
             ramp_to_percent = $6, ramp_over_minutes = $7, ramp_started_at = $8, paused = $9, paused_reason = $10,
             paused_at = $11, rolled_back = $12, gate_max_failure_percent = $13, gate_min_reports = $14,
+            waves = $15, waves_started_at = $16, reboot_policy = $17,
             serial = nextval('channel_serial'), updated_at = now()
          WHERE id = $1",
         c.id,
@@ -497,7 +572,14 @@ async fn save(tx: &mut PgConnection, c: &ChannelRow) -> Result<()> {
         s.rolled_back,
         s.gate.max_failure_percent,
         // set_gate keeps it within i32.
-        i32::try_from(s.gate.min_reports).unwrap_or(i32::MAX)
+        i32::try_from(s.gate.min_reports).unwrap_or(i32::MAX),
+        r.waves
+            .as_ref()
+            .map(|w| serde_json::to_value(w.specs()))
+            .transpose()
+            .map_err(anyhow::Error::from)?,
+        r.waves.as_ref().map(|w| w.started_at),
+        serde_json::to_value(s.reboot.spec()).map_err(anyhow::Error::from)?
     )
     .execute(&mut *tx)
     .await?;
@@ -531,21 +613,24 @@ pub async fn promote_in_tx(
     product: &str,
     channel: &str,
     release: ReleaseRef,
-    percent: f64,
-    ramp: Option<&RampSpec>,
+    how: Promotion<'_>,
+    now: OffsetDateTime,
 ) -> Result<(ChannelRow, PromotePlan)> {
     let before = load(tx, product_id, product, channel, true).await?;
     check_may_resume(who, product, &before)?;
     let mut c = before.clone();
     let version = release.version.clone();
-    let plan = c
-        .state
-        .promote(release, percent, ramp, OffsetDateTime::now_utc())?;
-    let reason = format!(
-        "promoted {version} at {}%; {}",
-        rollout::fmt_percent(percent),
-        plan.message
-    );
+    let (plan, share) = match how {
+        Promotion::Percent(percent, ramp) => (
+            c.state.promote(release, percent, ramp, now)?,
+            format!("at {}%", rollout::fmt_percent(percent)),
+        ),
+        Promotion::Waves(waves) => (
+            c.state.promote_in_waves(release, waves, now)?,
+            format!("in {} waves", waves.len()),
+        ),
+    };
+    let reason = format!("promoted {version} {share}; {}", plan.message);
     changed(
         tx,
         &who.actor(),
@@ -566,6 +651,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_channel))
         .routes(routes!(promote))
         .routes(routes!(patch_rollout))
+        .routes(routes!(put_reboot_policy))
         .routes(routes!(rollback))
         .routes(routes!(history))
         .routes(routes!(channel_head_status))
@@ -576,6 +662,7 @@ async fn view(
     product_id: Uuid,
     product: &str,
     name: &str,
+    now: OffsetDateTime,
 ) -> Result<Channel> {
     let c = load(conn, product_id, product, name, false).await?;
     let devices = sqlx::query_as!(
@@ -594,7 +681,6 @@ async fn view(
         .filter(|d| head.is_none() || d.version != head)
         .map(|d| d.count)
         .sum();
-    let now = OffsetDateTime::now_utc();
     let base = c.base();
     let rolled_back_from = if c.state.rolled_back {
         sqlx::query_scalar!(
@@ -613,12 +699,33 @@ async fn view(
         paused_reason,
         rolled_back,
         gate,
+        reboot,
         ..
     } = c.state;
+    let standing = rollout::wave_standing(&r, now);
+    let waves = r
+        .waves
+        .as_ref()
+        .zip(standing.as_ref())
+        .map(|(plan, at)| WavesState {
+            waves: plan.specs(),
+            started_at: plan.started_at,
+            current: at.index,
+            current_percent: at.percent,
+            next_starts_at: at.next_starts_at,
+            done: at.done,
+        });
     Ok(Channel {
+        waves,
+        reboot_policy: RebootPolicyState {
+            windows_described: reboot.windows.iter().map(|w| w.describe()).collect(),
+            policy: reboot.spec(),
+        },
         rollout: RolloutState {
             percent: r.percent,
-            effective_percent: rollout::effective_percent(&r, now),
+            // With waves: the current wave's.
+            effective_percent: standing
+                .map_or_else(|| rollout::effective_percent(&r, now), |w| w.percent),
             paused: r.paused,
             ramp: r.ramp.map(|x| RampState {
                 from_percent: x.from,
@@ -648,14 +755,17 @@ async fn view(
     })
 }
 
-/// [`view`] on a connection of the pool.
-async fn view_of(
-    db: &sqlx::PgPool,
-    product_id: Uuid,
-    product: &str,
-    name: &str,
-) -> Result<Channel> {
-    view(&mut *db.acquire().await?, product_id, product, name).await
+/// [`view`] on a connection of the pool, at the server's clock.
+async fn view_of(state: &AppState, product_id: Uuid, product: &str, name: &str) -> Result<Channel> {
+    let now = state.clock.now();
+    view(
+        &mut *state.db.acquire().await?,
+        product_id,
+        product,
+        name,
+        now,
+    )
+    .await
 }
 
 /// Commits a change to the channel, drops the product's resolve snapshot,
@@ -668,7 +778,7 @@ async fn committed(
 ) -> Result<Channel> {
     tx.commit().await?;
     state.cache.invalidate(&p.name);
-    view_of(&state.db, p.id, &p.name, channel).await
+    view_of(state, p.id, &p.name, channel).await
 }
 
 /// Devices on the channel that reported an outcome on `head`, and how many
@@ -713,10 +823,7 @@ pub async fn check_gate(
     let (reports, failures) =
         gate_counts(&mut tx, product_id, channel, before.head().as_deref()).await?;
     let mut c = before.clone();
-    let Some(reason) = c
-        .state
-        .gate_halt(reports, failures, OffsetDateTime::now_utc())
-    else {
+    let Some(reason) = c.state.gate_halt(reports, failures, state.clock.now()) else {
         return Ok(false);
     };
     changed(
@@ -793,7 +900,7 @@ async fn create_channel(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(view_of(&state.db, p.id, product, &req.name).await?),
+        Json(view_of(&state, p.id, product, &req.name).await?),
     ))
 }
 
@@ -815,7 +922,7 @@ async fn list_channels(
     .await?;
     let mut out = Vec::with_capacity(names.len());
     for n in names {
-        out.push(view_of(&state.db, p.id, &p.name, &n).await?);
+        out.push(view_of(&state, p.id, &p.name, &n).await?);
     }
     Ok(Json(out))
 }
@@ -831,7 +938,7 @@ async fn get_channel(
 ) -> Result<Json<Channel>> {
     let p = path.load_product(&state.db).await?;
     Ok(Json(
-        view_of(&state.db, p.id, &path.product, &path.channel).await?,
+        view_of(&state, p.id, &path.product, &path.channel).await?,
     ))
 }
 
@@ -862,7 +969,20 @@ async fn promote(
         id: r.id,
         version: version.to_string(),
     };
-    let percent = req.percent.unwrap_or(DEFAULT_PROMOTE_PERCENT);
+    let how = match &req.waves {
+        Some(_) if req.percent.is_some() || req.ramp.is_some() => {
+            return Err(Error::BadRequest(
+                "give either waves or percent (and ramp): each wave has its own percent and ramp"
+                    .into(),
+            ));
+        }
+        Some(waves) => Promotion::Waves(waves),
+        None => Promotion::Percent(
+            req.percent.unwrap_or(DEFAULT_PROMOTE_PERCENT),
+            req.ramp.as_ref(),
+        ),
+    };
+    let now = state.clock.now();
     let (_, plan) = promote_in_tx(
         &mut tx,
         &who,
@@ -870,15 +990,15 @@ async fn promote(
         &p.name,
         &path.channel,
         release,
-        percent,
-        req.ramp.as_ref(),
+        how,
+        now,
     )
     .await?;
     // A dry run shows the channel as the promote leaves it, then undoes it
     // all; a promote commits first, so the channel's lock is not held while
     // the answer is read.
     let after = if req.dry_run {
-        let after = view(&mut tx, p.id, &p.name, &path.channel).await?;
+        let after = view(&mut tx, p.id, &p.name, &path.channel, now).await?;
         tx.rollback().await?;
         after
     } else {
@@ -920,7 +1040,7 @@ async fn patch_rollout(
     let (p, before) = path.load(&mut tx, true).await?;
     let mut c = before.clone();
     let s = &mut c.state;
-    let now = OffsetDateTime::now_utc();
+    let now = state.clock.now();
     let mut what = Vec::new();
     if let Some(percent) = req.percent {
         s.set_percent(percent)?;
@@ -961,6 +1081,69 @@ async fn patch_rollout(
         &before,
         action,
         Some(what.join(", ")),
+        &c,
+    )
+    .await?;
+    Ok(Json(committed(&state, tx, &p, &path.channel).await?))
+}
+
+/// Sets the channel's reboot policy: maintenance windows (weekly, in a named
+/// time zone, optionally per label selector) and reboot leases (at most N
+/// devices, or N %, of a group between reboot and boot assessment). Devices
+/// stage at any time and reboot only as the policy allows; the signed
+/// resolve answer tells each device (`reboot`).
+#[utoipa::path(put, path = "/v1/products/{product}/channels/{channel}/reboot-policy", tag = "channels", request_body = RebootPolicySpec,
+    params(ChannelPath), security(("bearer" = [])),
+    responses((status = 200, body = Channel), Problems<400, 401, 403, 404>))]
+async fn put_reboot_policy(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    path: ChannelPath,
+    Json(req): Json<RebootPolicySpec>,
+) -> Result<Json<Channel>> {
+    let mut tx = state.db.begin().await?;
+    let (p, before) = path.load(&mut tx, true).await?;
+    let mut c = before.clone();
+    c.state.set_reboot_policy(&req)?;
+    let r = &c.state.reboot;
+    let windows = match r.windows.len() {
+        0 => "reboots at any time".to_string(),
+        _ => format!(
+            "reboots in {}",
+            r.windows
+                .iter()
+                .map(|w| w.describe())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    };
+    let lease = match &r.lease {
+        None => "no reboot lease".to_string(),
+        Some(l) => format!(
+            "reboot leases: {}{}{}",
+            [
+                l.max_devices.map(|n| format!("at most {n} devices")),
+                l.max_percent
+                    .map(|x| format!("at most {} %", rollout::fmt_percent(x))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" and "),
+            l.per_label
+                .as_ref()
+                .map(|k| format!(" per {k}"))
+                .unwrap_or_default(),
+            format_args!(", expiring after {} min", l.ttl_minutes)
+        ),
+    };
+    changed(
+        &mut tx,
+        &who.actor(),
+        &p.name,
+        &before,
+        "reboot_policy",
+        Some(format!("{windows}; {lease}")),
         &c,
     )
     .await?;
@@ -1158,6 +1341,9 @@ struct DeviceFacts {
     pin_digest: Option<String>,
     offered: Vec<String>,
     revoked: bool,
+    labels: SqlJson<Labels>,
+    /// While staged: what it said it waits for.
+    staged: Option<String>,
 }
 
 /// The latest failure report per device and version: (kind, when).
@@ -1197,6 +1383,7 @@ fn device_head_status(
         rolled_back: c.state.rolled_back,
         pin,
         device_id: &device_id,
+        labels: &d.labels.0,
         current: d
             .current_digest
             .as_ref()
@@ -1230,6 +1417,10 @@ fn device_head_status(
         failed_target: failed(&target_name),
         updating: matches!(d.status.as_str(), "downloading" | "applying" | "rebooting")
             && d.status_version.as_deref() == Some(target_name.as_str()),
+        staged: d
+            .staged
+            .clone()
+            .filter(|_| d.status_version.as_deref() == Some(target_name.as_str())),
         asked_since_change: d.last_seen >= c.updated_at
             || d.offered
                 .iter()
@@ -1284,7 +1475,11 @@ async fn device_facts(
     Ok(sqlx::query_as!(
         DeviceFacts,
         r#"SELECT id, arch, current_digest, status, status_version, last_seen, pin_version, pin_digest, offered,
-                  revoked_at IS NOT NULL AS "revoked!"
+                  revoked_at IS NOT NULL AS "revoked!", labels AS "labels: SqlJson<Labels>",
+                  CASE WHEN status = 'staged' THEN
+                    coalesce((SELECT e.message FROM device_events e WHERE e.device_id = devices.id AND e.kind = 'staged'
+                              ORDER BY e.id DESC LIMIT 1), 'the reboot policy')
+                  END AS staged
            FROM devices WHERE product_id = $1 AND channel = $2 AND ($3::uuid IS NULL OR id = $3)"#,
         product_id,
         channel,
@@ -1297,12 +1492,12 @@ async fn device_facts(
 /// Where one device stands against its channel's head (`None` when its
 /// channel does not exist).
 pub async fn head_status_of(
-    db: &sqlx::PgPool,
+    state: &AppState,
     product: &str,
     channel: &str,
     device: Uuid,
 ) -> Result<Option<HeadStatus>> {
-    let mut conn = db.acquire().await?;
+    let mut conn = state.db.acquire().await?;
     let p = crate::api::products::load(&mut *conn, product).await?;
     let c = match load(&mut conn, p.id, product, channel, false).await {
         Ok(c) => c,
@@ -1311,7 +1506,7 @@ pub async fn head_status_of(
     };
     let rules = product_rules(&mut conn, p.id).await?;
     let failed = failures(&mut conn, p.id, channel, Some(device)).await?;
-    let now = OffsetDateTime::now_utc();
+    let now = state.clock.now();
     Ok(device_facts(&mut conn, p.id, channel, Some(device))
         .await?
         .first()
@@ -1332,7 +1527,7 @@ async fn channel_head_status(
     let rules = product_rules(&mut conn, p.id).await?;
     let failed = failures(&mut conn, p.id, &path.channel, None).await?;
     let devices = device_facts(&mut conn, p.id, &path.channel, None).await?;
-    let now = OffsetDateTime::now_utc();
+    let now = state.clock.now();
     let mut by_reason: std::collections::BTreeMap<rollout::HeadReason, ReasonCount> =
         Default::default();
     let mut on_head = 0;

@@ -10,6 +10,7 @@ use crate::infra::registry::PlatformImage;
 use crate::infra::revocations::{Revoked, use_proof};
 use crate::infra::signing::{SignedDigest, sign_digest};
 use crate::paging::{Page, PageParams};
+use crate::rules::policy::{Labels, Selector, Term, check_labels};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -138,7 +139,8 @@ pub struct DeviceFilter {
     pub version: Option<String>,
     /// Status.
     pub status: Option<String>,
-    /// A label as `key=value`.
+    /// A label selector: `ring=canary`, or several terms, all of which must
+    /// hold: `ring=canary,region!=us`.
     pub label: Option<String>,
     /// Only devices not seen for at least this many seconds.
     pub not_seen_for_s: Option<i64>,
@@ -217,6 +219,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_devices))
         .routes(routes!(get_device, delete_device))
         .routes(routes!(set_pin))
+        .routes(routes!(set_labels))
         .routes(routes!(revoke_device))
         .routes(routes!(reset_device))
         .routes(routes!(retry_failed))
@@ -255,6 +258,7 @@ async fn enroll(
     check_text("machine_id", &req.machine_id, 256)?;
     check_text("arch", &req.arch, 32)?;
     check_text("channel", &req.channel, 63)?;
+    check_labels(&req.labels)?;
     if let Some(d) = &req.current_digest
         && !is_sha256_digest(d)
     {
@@ -311,6 +315,8 @@ async fn enroll(
     use_proof(&state.db, &proof.signature).await?;
     let labels = serde_json::to_value(&req.labels).map_err(anyhow::Error::from)?;
     let mut tx = state.db.begin().await?;
+    // The device's labels select its waves, windows and lease group.
+    state.cache.invalidate(&req.product);
     let existing = sqlx::query!(
         r#"SELECT id, public_key, rebind_allowed, revoked_at IS NOT NULL AS "revoked!",
                   ceil(extract(epoch FROM tokens_not_before))::bigint AS not_before
@@ -659,7 +665,7 @@ async fn report_event(
 /// A host status is the device's word about itself: bounded like the rest
 /// of a report, so it cannot fill the database or the dashboard.
 fn check_host(h: &sluice_protocol::HostStatus) -> Result<()> {
-    const STATES: [&str; 4] = ["idle", "writing", "staged", "failed"];
+    const STATES: [&str; 5] = ["idle", "writing", "ready", "staged", "failed"];
     if !STATES.contains(&h.state.as_str()) {
         return Err(Error::BadRequest(format!(
             "host.state must be one of {}",
@@ -747,6 +753,72 @@ impl From<DeviceRow> for Device {
     }
 }
 
+/// A label selector as the devices query takes it: the labels a device must
+/// have (one object, for `@>` on the GIN index), and those it must not
+/// (one object per `key!=value`).
+fn selector_filter(
+    selector: Option<&str>,
+) -> Result<(Option<serde_json::Value>, Vec<serde_json::Value>)> {
+    let Some(s) = selector else {
+        return Ok((None, Vec::new()));
+    };
+    let selector =
+        Selector::parse(s).map_err(|e| Error::BadRequest(format!("label filter {s:?}: {e}")))?;
+    let mut has = serde_json::Map::new();
+    let mut has_not = Vec::new();
+    for t in selector.terms {
+        match t {
+            Term::Is(k, v) => {
+                has.insert(k, v.into());
+            }
+            Term::IsNot(k, v) => has_not.push(serde_json::json!({ k: v })),
+        }
+    }
+    Ok((Some(has.into()), has_not))
+}
+
+/// `PUT /v1/devices/{id}/labels`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsRequest {
+    /// The device's labels, replacing what it had (`{}` removes them all).
+    pub labels: Labels,
+}
+
+/// Sets a device's labels (what rollout waves, maintenance windows and
+/// reboot-lease groups select by). The agent's `labels` in `agent.toml`
+/// are given at enrollment; an admin's change holds until the device
+/// enrolls again.
+#[utoipa::path(put, path = "/v1/devices/{id}/labels", tag = "devices", request_body = LabelsRequest,
+    params(DevicePath), security(("bearer" = [])),
+    responses((status = 200, body = Device), Problems<400, 401, 403, 404>))]
+async fn set_labels(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    DevicePath { id }: DevicePath,
+    Json(req): Json<LabelsRequest>,
+) -> Result<Json<Device>> {
+    check_labels(&req.labels)?;
+    let before = fetch_device(&state.db, id).await?;
+    let labels = serde_json::to_value(&req.labels).map_err(anyhow::Error::from)?;
+    let mut tx = state.db.begin().await?;
+    sqlx::query!("UPDATE devices SET labels = $2 WHERE id = $1", id, labels)
+        .execute(&mut *tx)
+        .await?;
+    crate::api::audit::record(
+        &mut *tx,
+        &who,
+        "device.labels",
+        &format!("device:{id}"),
+        Some(before.labels.clone()),
+        Some(labels),
+    )
+    .await?;
+    tx.commit().await?;
+    state.cache.invalidate(&before.product);
+    Ok(Json(fetch_device(&state.db, id).await?))
+}
+
 /// The fleet, filtered, in pages.
 #[utoipa::path(get, path = "/v1/devices", tag = "devices", params(DeviceFilter, PageParams), security(("bearer" = [])),
     responses((status = 200, body = Page<Device>), Problems<400, 401, 403>))]
@@ -775,17 +847,7 @@ async fn list_devices(
             "not_seen_for_s must be between 0 and ten years in seconds".into(),
         ));
     }
-    let (label_key, label_value) = match f.label.as_deref() {
-        None => (None, None),
-        Some(l) => match l.split_once('=') {
-            Some((k, v)) => (Some(k.to_string()), Some(v.to_string())),
-            None => {
-                return Err(Error::BadRequest(format!(
-                    "label filter {l:?} must be `key=value`"
-                )));
-            }
-        },
-    };
+    let (has, has_not) = selector_filter(f.label.as_deref())?;
     let rows = sqlx::query_as!(
         DeviceRow,
         r#"SELECT d.id, p.name AS product, d.machine_id, d.channel, d.arch, d.labels, d.current_version, d.current_digest,
@@ -797,7 +859,7 @@ async fn list_devices(
              AND ($3::text IS NULL OR d.channel = $3)
              AND ($4::text IS NULL OR d.current_version = $4)
              AND ($5::text IS NULL OR d.status = $5)
-             AND ($6::text IS NULL OR d.labels ->> $6 = $7)
+             AND ($6::jsonb IS NULL OR d.labels @> $6) AND NOT (d.labels @> ANY($7::jsonb[]))
              AND ($8::bigint IS NULL OR d.last_seen < now() - make_interval(secs => $8))
              AND ($9::text IS NULL OR strpos(d.machine_id, $9) > 0 OR strpos(d.id::text, $9) > 0)
              AND ($11::bool IS NULL OR (d.revoked_at IS NOT NULL) = $11)
@@ -807,8 +869,8 @@ async fn list_devices(
         f.channel,
         f.version,
         f.status,
-        label_key,
-        label_value,
+        has,
+        &has_not as &[serde_json::Value],
         f.not_seen_for_s.map(|s| s as f64) as Option<f64>,
         f.q,
         limit + 1,
@@ -868,8 +930,7 @@ async fn get_device(
         None => (None, None),
     };
     let head_status =
-        crate::api::channels::head_status_of(&state.db, &device.product, &device.channel, id)
-            .await?;
+        crate::api::channels::head_status_of(&state, &device.product, &device.channel, id).await?;
     Ok(Json(DeviceDetail {
         device,
         host,

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod channels;
 pub mod devices;
+pub mod fleetlock;
 pub mod health;
 pub mod keys;
 pub mod products;

@@ -74,6 +74,9 @@ pub struct Release {
     pub metadata: serde_json::Value,
     /// A mandatory step for devices below it.
     pub floor: bool,
+    /// Devices reboot into it outside their maintenance windows
+    /// (`POST .../urgent`).
+    pub urgent: bool,
     /// `active` or `revoked`.
     pub state: String,
     /// Who published it.
@@ -218,6 +221,71 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(publish, list_releases))
         .routes(routes!(get_release))
         .routes(routes!(revoke))
+        .routes(routes!(set_urgent))
+}
+
+/// `POST .../urgent`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UrgentRequest {
+    /// Whether devices reboot into the release outside their maintenance
+    /// windows (a security fix); false gives the windows back.
+    pub urgent: bool,
+}
+
+/// Marks a release urgent (or not): devices that stage it reboot into it
+/// at once instead of waiting for their maintenance window. Reboot leases
+/// and a device's own `reboot = "manual"` still hold.
+#[utoipa::path(post, path = "/v1/products/{product}/releases/{version}/urgent", tag = "releases",
+    params(ReleasePath), request_body = UrgentRequest,
+    security(("bearer" = [])),
+    responses((status = 200, body = Release), Problems<400, 401, 403, 404, 409>))]
+async fn set_urgent(
+    State(state): State<AppState>,
+    Admin(who): Admin,
+    ReleasePath { product, version }: ReleasePath,
+    Json(req): Json<UrgentRequest>,
+) -> Result<Json<Release>> {
+    let p = crate::api::products::load(&state.db, &product).await?;
+    let mut tx = state.db.begin().await?;
+    let r = load(&mut *tx, p.id, &product, &version).await?;
+    if r.state == "revoked" && req.urgent {
+        return Err(Error::Conflict(format!(
+            "release {version} is revoked: it is never offered, so it cannot be urgent"
+        )));
+    }
+    let before = sqlx::query_scalar!("SELECT urgent FROM releases WHERE id = $1 FOR UPDATE", r.id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if before != req.urgent {
+        sqlx::query!(
+            "UPDATE releases SET urgent = $2 WHERE id = $1",
+            r.id,
+            req.urgent
+        )
+        .execute(&mut *tx)
+        .await?;
+        // Devices must see a new serial: their answer changes.
+        sqlx::query!(
+            "UPDATE channels SET serial = nextval('channel_serial'), updated_at = now()
+             WHERE head_release_id = $1 OR base_release_id = $1",
+            r.id
+        )
+        .execute(&mut *tx)
+        .await?;
+        crate::api::audit::record(
+            &mut *tx,
+            &who,
+            "release.urgent",
+            &format!("release:{product}/{version}"),
+            Some(serde_json::json!({"urgent": before})),
+            Some(serde_json::json!({"urgent": req.urgent})),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    state.cache.invalidate(&product);
+    Ok(Json(fetch_one(&state.db, &product, &version).await?))
 }
 
 /// Releases of `product` (one `version`, or all), newest first.
@@ -230,7 +298,7 @@ pub(crate) async fn fetch(
 ) -> Result<Vec<Release>> {
     let rows = sqlx::query!(
         r#"SELECT r.id, r.version, r.digest, r.media_type, r.platforms AS "platforms: SqlJson<Vec<PlatformImage>>",
-                  r.metadata, r.floor, r.state, r.publisher, r.created_at, r.revoked_at, p.repository,
+                  r.metadata, r.floor, r.urgent, r.state, r.publisher, r.created_at, r.revoked_at, p.repository,
                   coalesce((SELECT json_agg(json_build_array(s.digest, s.key_id)) FROM signatures s WHERE s.release_id = r.id), '[]')
                     AS "sigs!: SqlJson<Vec<(String, String)>>"
            FROM releases r JOIN products p ON p.id = r.product_id
@@ -267,6 +335,7 @@ pub(crate) async fn fetch(
                 media_type: r.media_type,
                 metadata: r.metadata,
                 floor: r.floor,
+                urgent: r.urgent,
                 state: r.state,
                 publisher: r.publisher,
                 created_at: r.created_at,
@@ -455,7 +524,14 @@ async fn publish_release(
         // Publishing into a channel is a promote at 100 % unless told otherwise.
         let percent = c.percent.unwrap_or(100.0);
         crate::api::channels::promote_in_tx(
-            &mut tx, who, p.id, &product, &c.name, release, percent, None,
+            &mut tx,
+            who,
+            p.id,
+            &product,
+            &c.name,
+            release,
+            crate::api::channels::Promotion::Percent(percent, None),
+            state.clock.now(),
         )
         .await?;
     }

@@ -5,6 +5,7 @@
 //! revocations. Handlers reach these through `AppState`.
 
 pub mod audit;
+pub mod clock;
 pub mod jwt;
 pub mod keystore;
 pub mod ratelimit;

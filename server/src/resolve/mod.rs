@@ -6,6 +6,7 @@ use crate::api::auth::DeviceAuth;
 use crate::api::channels::ChannelPath;
 use crate::app::{AppState, Problems};
 use crate::error::{Error, Query, Result};
+use crate::rules::policy::{self, Labels};
 use crate::rules::rollout;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
@@ -93,6 +94,9 @@ async fn resolve(
         .get(&channel)
         .ok_or_else(|| Error::not_found(format!("channel {channel} of product {product}")))?;
     let now = OffsetDateTime::now_utc();
+    // The fleet policy's clock (waves, windows); the system's own time
+    // outside tests. The answer's validity stays on the system's time.
+    let policy_now = state.clock.now();
     let current_idx = q
         .current
         .as_ref()
@@ -113,10 +117,12 @@ async fn resolve(
         rolled_back: ch.rolled_back,
         pin: pin_rel,
         device_id: &device_id,
+        labels: snap.labels.get(&device.id).unwrap_or(&NO_LABELS),
         current: current_idx.map(|i| &snap.rels[i]),
-        now,
+        now: policy_now,
     };
     let decision = rollout::decide(&input);
+    let mut urgent = false;
     let offer = decision.target.and_then(|t| {
         let (version, platforms) = match pin {
             Some(PinSnap::Image { rel, platforms }) if std::ptr::eq(t, rel) => {
@@ -124,6 +130,7 @@ async fn resolve(
             }
             _ => {
                 let i = snap.rels.iter().position(|r| std::ptr::eq(r, t))?;
+                urgent = snap.releases[i].urgent;
                 (
                     snap.releases[i].version.clone(),
                     &snap.releases[i].platforms,
@@ -147,11 +154,23 @@ async fn resolve(
         .as_ref()
         .is_some_and(|o| q.current.as_deref() == Some(o.digest.as_str()));
     let update = decision.update && offer.is_some() && !running;
+    let labels = input.labels;
+    let reboot = (!ch.reboot.windows.is_empty() || ch.reboot.lease.is_some()).then(|| {
+        let mut advice = policy::reboot_advice(&ch.reboot, labels, urgent, policy_now);
+        advice.lease_group = ch.reboot.lease_group(&product, &channel, labels);
+        advice
+    });
+    let poll_after_s = match &reboot {
+        Some(a) if update && !a.allowed => {
+            poll_until_window(state.config.poll_after_s, a, &device_id, policy_now)
+        }
+        _ => state.config.poll_after_s,
+    };
     let answer = ResolveResponse {
         update,
         downgrade: update && decision.downgrade,
         release: offer,
-        poll_after_s: state.config.poll_after_s,
+        poll_after_s,
         device_id,
         nonce: q.nonce,
         serial: snap.serial,
@@ -166,6 +185,7 @@ async fn resolve(
         current: q.current.clone(),
         keys_version: state.keys.list_version(),
         retry: snap.retries.get(&device.id).cloned().unwrap_or_default(),
+        reboot,
     };
     state.checkins.seen(
         device.id,
@@ -205,4 +225,25 @@ async fn resolve(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+static NO_LABELS: Labels = Labels::new();
+
+/// When a device that staged a release outside its maintenance window asks
+/// again: no later than its usual poll, and otherwise a little after the
+/// window opens, spread over the window's first half (at most 15 min) by
+/// the device's bucket, so a fleet does not ask in the same second.
+fn poll_until_window(
+    usual_s: u64,
+    advice: &sluice_protocol::RebootAdvice,
+    device_id: &str,
+    now: OffsetDateTime,
+) -> u64 {
+    let (Some(opens), Some(closes)) = (advice.opens_at, advice.closes_at) else {
+        return usual_s;
+    };
+    let wait = (opens - now).whole_seconds().max(0) as u64;
+    let spread = ((closes - opens).whole_seconds().max(2) as u64 / 2).min(900);
+    let jitter = rollout::bucket(device_id, "reboot-window") % spread;
+    usual_s.min(wait + jitter).max(1)
 }

@@ -6,6 +6,7 @@ use crate::api::devices::PinPlatform;
 use crate::app::AppState;
 use crate::error::Result;
 use crate::infra::registry::PlatformImage;
+use crate::rules::policy::{Labels, RebootPolicy};
 use crate::rules::rollout::{Rel, Rollout};
 use serde::Deserialize;
 use sluice_protocol::ImageSignature;
@@ -33,6 +34,8 @@ pub(crate) struct PlatformOffer {
 #[derive(Debug)]
 pub(crate) struct ReleaseSnap {
     pub(crate) version: String,
+    /// Devices reboot into it outside their maintenance windows.
+    pub(crate) urgent: bool,
     pub(crate) platforms: Vec<PlatformOffer>,
 }
 
@@ -43,6 +46,7 @@ pub(crate) struct ChannelSnap {
     pub(crate) rollout: Rollout,
     pub(crate) rolled_back: bool,
     pub(crate) serial: i64,
+    pub(crate) reboot: RebootPolicy,
 }
 
 #[derive(Debug)]
@@ -70,6 +74,10 @@ pub struct Snapshot {
     pub(crate) pins: HashMap<Uuid, PinSnap>,
     /// Devices an admin asked to try failed digests again, with the digests.
     pub(crate) retries: HashMap<Uuid, Vec<String>>,
+    /// The labels of the product's labelled devices, loaded only while one
+    /// of its channels selects by label (waves, a reboot policy): the
+    /// common case holds none of them.
+    pub(crate) labels: HashMap<Uuid, Labels>,
 }
 
 /// Product snapshots, dropped whenever something they hold changes.
@@ -173,7 +181,7 @@ pub(crate) async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
     let mut conn = db.acquire().await?;
     let p = crate::api::products::load(&mut *conn, product).await?;
     let rows = sqlx::query!(
-        r#"SELECT r.id, r.version, r.digest, r.floor, r.state, r.platforms AS "platforms: SqlJson<Vec<PlatformImage>>",
+        r#"SELECT r.id, r.version, r.digest, r.floor, r.urgent, r.state, r.platforms AS "platforms: SqlJson<Vec<PlatformImage>>",
                   coalesce((SELECT json_agg(json_build_object('digest', s.digest, 'payload', s.payload,
                        'signature', s.signature, 'key_id', s.key_id) ORDER BY s.created_at DESC)
                      FROM signatures s WHERE s.release_id = r.id), '[]') AS "sigs!: SqlJson<Vec<SigRow>>"
@@ -215,6 +223,7 @@ pub(crate) async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
             .collect();
         releases.push(ReleaseSnap {
             version: r.version,
+            urgent: r.urgent,
             platforms,
         });
         rels.push(Rel {
@@ -228,7 +237,8 @@ pub(crate) async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
         r#"SELECT c.id, c.name, c.description, c.head_release_id, c.base_release_id,
                   NULL::text AS "head?", NULL::text AS "base?", c.percent, c.ramp_from_percent, c.ramp_to_percent,
                   c.ramp_over_minutes, c.ramp_started_at, c.paused, c.paused_reason, c.paused_at, c.rolled_back,
-                  c.gate_max_failure_percent, c.gate_min_reports, c.serial, c.updated_at
+                  c.gate_max_failure_percent, c.gate_min_reports, c.serial, c.updated_at,
+                  c.waves, c.waves_started_at, c.reboot_policy
            FROM channels c WHERE c.product_id = $1"#,
         p.id
     )
@@ -242,6 +252,7 @@ pub(crate) async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
             rollout: c.rollout(),
             rolled_back: c.rolled_back,
             serial: c.serial,
+            reboot: c.reboot_policy(),
         };
         (c.name, snap)
     })
@@ -290,7 +301,25 @@ pub(crate) async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
     .into_iter()
     .map(|d| (d.id, d.retry_digests))
     .collect();
+    let by_label = channels.values().any(|c| {
+        c.rollout.waves.is_some() || !c.reboot.windows.is_empty() || c.reboot.lease.is_some()
+    });
+    let labels = if by_label {
+        sqlx::query!(
+            r#"SELECT id, labels AS "labels: SqlJson<Labels>" FROM devices
+               WHERE product_id = $1 AND labels <> '{}'::jsonb"#,
+            p.id
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|d| (d.id, d.labels.0))
+        .collect()
+    } else {
+        HashMap::new()
+    };
     Ok(Snapshot {
+        labels,
         loaded_at: Instant::now(),
         repository: p.repository,
         releases,

@@ -1,6 +1,7 @@
 //! A channel's state and every change to it, as methods of one value with no
-//! database and no HTTP: promote, percent, ramp, pause, resume, the gate's
-//! settings, the health gate's halt and rollback. The handlers in
+//! database and no HTTP: promote (at a percent or in waves), percent, ramp,
+//! pause, resume, the gate's settings, the reboot policy, the health gate's
+//! halt and rollback. The handlers in
 //! `channels.rs` load the state, call one of these, store the result and
 //! record the change; `rollout::decide` reads the state to answer devices.
 //!
@@ -8,14 +9,18 @@
 //! below checks both over random sequences):
 //! - **the base is a release the channel rolled out fully**: a promote makes
 //!   the old head the base only when the head was in force for every device
-//!   (100 %, not paused); over an unfinished rollout the base stays, so the
+//!   (100 %, or in waves a wave of every device at 100 %; not paused); over
+//!   an unfinished rollout the base stays, so the
 //!   devices it had not reached stay where they were instead of jumping to a
 //!   half-tested release;
 //! - **no device is moved down without a rollback**: only [`ChannelState::rollback`]
 //!   marks the channel rolled back, the one state in which `decide` offers a
 //!   device an older release than it runs (pins aside).
 
-use super::rollout::{Gate, Ramp, Rollout, effective_percent, fmt_percent, gate_tripped};
+use super::policy::{RebootPolicy, RebootPolicySpec, WavePlan, WaveSpec};
+use super::rollout::{
+    Gate, Ramp, Rollout, effective_percent, fmt_percent, gate_tripped, wave_standing,
+};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -38,7 +43,7 @@ pub struct ChannelState {
     /// The release the channel last rolled out fully: what devices outside
     /// the rollout get.
     pub base: Option<ReleaseRef>,
-    /// Percent, ramp and pause.
+    /// Percent, ramp or waves, and pause.
     pub rollout: Rollout,
     /// Why the rollout is paused (a person, or the health gate).
     pub paused_reason: Option<String>,
@@ -46,6 +51,8 @@ pub struct ChannelState {
     pub rolled_back: bool,
     /// The health gate's settings.
     pub gate: Gate,
+    /// Maintenance windows and reboot leases.
+    pub reboot: RebootPolicy,
 }
 
 /// A change the rules refuse, with a message that says what to do instead.
@@ -119,28 +126,67 @@ fn or_none(r: Option<&ReleaseRef>) -> &str {
     r.map_or("none", |r| r.version.as_str())
 }
 
+/// The waves in words: `ring=canary at 100 % (ramp 60 min, hold 120 min),
+/// then every device at 100 %`.
+fn describe_waves(plan: &WavePlan) -> String {
+    let wave = |w: &super::policy::Wave| {
+        let mut s = format!("{} at {} %", w.selector.describe(), fmt_percent(w.percent));
+        let timing: Vec<String> = [("ramp", w.ramp_minutes), ("hold", w.hold_minutes)]
+            .into_iter()
+            .filter(|(_, m)| *m > 0.0)
+            .map(|(what, m)| format!("{what} {} min", fmt_percent(m)))
+            .collect();
+        if !timing.is_empty() {
+            s += &format!(" ({})", timing.join(", "));
+        }
+        s
+    };
+    plan.waves
+        .iter()
+        .map(wave)
+        .collect::<Vec<_>>()
+        .join(", then ")
+}
+
 impl ChannelState {
-    /// Whether the head is in force for every device: 100 %, not paused.
+    /// Whether the head is in force for every device, not paused: at 100 %,
+    /// or, in waves, once a wave of every device reached 100 %.
     pub fn fully_rolled_out(&self, now: OffsetDateTime) -> bool {
         self.head.is_some()
             && !self.rollout.paused
-            && effective_percent(&self.rollout, now) >= 100.0
+            && match &self.rollout.waves {
+                Some(plan) => plan.reaches_everyone(now),
+                None => effective_percent(&self.rollout, now) >= 100.0,
+            }
     }
 
-    /// How far the head's rollout got, in words: `at 26 %`, `paused at 26 % (…)`.
+    /// How far the head's rollout got, in words: `at 26 %`, `paused at 26 %:
+    /// …`, `in wave 2 of 3 at 40 %`.
     fn standing(&self, now: OffsetDateTime) -> String {
-        let at = fmt_percent(effective_percent(&self.rollout, now));
+        let at = match wave_standing(&self.rollout, now) {
+            Some(w) => format!(
+                "in wave {} of {} at {} %",
+                w.index + 1,
+                self.rollout.waves.as_ref().map_or(0, |p| p.waves.len()),
+                fmt_percent(w.percent)
+            ),
+            None => format!(
+                "at {} %",
+                fmt_percent(effective_percent(&self.rollout, now))
+            ),
+        };
         match (&self.rollout.paused, &self.paused_reason) {
-            (true, Some(why)) => format!("paused at {at} %: {why}"),
-            (true, None) => format!("paused at {at} %"),
-            (false, _) => format!("at {at} %"),
+            (true, Some(why)) => format!("paused {at}: {why}"),
+            (true, None) => format!("paused {at}"),
+            (false, _) => at,
         }
     }
 
     /// Makes `to` the head at `percent`, optionally ramping up from there,
-    /// and resumes the rollout. The old head becomes the base only if it was
-    /// fully rolled out; otherwise the base stays (see the module's
-    /// promises). Promoting the head again only sets its rollout.
+    /// and resumes the rollout; waves in force end. The old head becomes
+    /// the base only if it was fully rolled out; otherwise the base stays
+    /// (see the module's promises). Promoting the head again only sets its
+    /// rollout.
     pub fn promote(
         &mut self,
         to: ReleaseRef,
@@ -152,6 +198,83 @@ impl ChannelState {
         if let Some(r) = ramp {
             check_ramp(r, percent)?;
         }
+        let rollout = Rollout {
+            percent,
+            ramp: ramp.map(|r| Ramp {
+                from: percent,
+                to: r.to_percent,
+                started_at: now,
+                over_minutes: r.over_minutes,
+            }),
+            paused: false,
+            paused_at: None,
+            waves: None,
+        };
+        let mut share = format!("at {} %", fmt_percent(percent));
+        if let Some(r) = ramp {
+            share += &format!(
+                ", ramping to {} % over {} min",
+                fmt_percent(r.to_percent),
+                fmt_percent(r.over_minutes)
+            );
+        }
+        Ok(self.make_head(to, rollout, &share, "devices outside that share", now))
+    }
+
+    /// Makes `to` the head rolled out in `waves` (by label selector, each
+    /// with its percent, ramp and hold), the first starting `now`, and
+    /// resumes the rollout; the base and an interrupted head are handled as
+    /// [`ChannelState::promote`] handles them. Promoting the head again
+    /// starts its waves over.
+    pub fn promote_in_waves(
+        &mut self,
+        to: ReleaseRef,
+        waves: &[WaveSpec],
+        now: OffsetDateTime,
+    ) -> Result<PromotePlan, Refused> {
+        let plan = WavePlan::new(waves, now)?;
+        let share = format!(
+            "in {} wave{}: {}",
+            plan.waves.len(),
+            if plan.waves.len() == 1 { "" } else { "s" },
+            describe_waves(&plan)
+        );
+        let everyone = plan
+            .waves
+            .iter()
+            .any(|w| w.selector.is_everyone() && w.percent >= 100.0);
+        let rollout = Rollout {
+            percent: 0.0,
+            ramp: None,
+            paused: false,
+            paused_at: None,
+            waves: Some(plan),
+        };
+        let mut promoted = self.make_head(
+            to,
+            rollout,
+            &share,
+            "devices the waves have not reached",
+            now,
+        );
+        if !everyone {
+            promoted.message +=
+                " No wave reaches every device at 100 %: promote again to roll it out to the rest.";
+        }
+        Ok(promoted)
+    }
+
+    /// What both promotes share, once their rollout is checked: the head,
+    /// the base, the interrupted head and the plan in words (`share` says
+    /// how the head goes out, `outside` who does not have it yet).
+    fn make_head(
+        &mut self,
+        to: ReleaseRef,
+        rollout: Rollout,
+        share: &str,
+        outside: &str,
+        now: OffsetDateTime,
+    ) -> PromotePlan {
         let previous = self.head.clone();
         let mut interrupted = None;
         let same = previous.as_ref().is_some_and(|p| p.id == to.id);
@@ -167,48 +290,30 @@ impl ChannelState {
             }
             self.head = Some(to.clone());
         }
-        self.rollout = Rollout {
-            percent,
-            ramp: ramp.map(|r| Ramp {
-                from: percent,
-                to: r.to_percent,
-                started_at: now,
-                over_minutes: r.over_minutes,
-            }),
-            paused: false,
-            paused_at: None,
-        };
+        self.rollout = rollout;
         self.paused_reason = None;
         self.rolled_back = false;
 
-        let mut share = format!("{} %", fmt_percent(percent));
-        if let Some(r) = ramp {
-            share += &format!(
-                ", ramping to {} % over {} min",
-                fmt_percent(r.to_percent),
-                fmt_percent(r.over_minutes)
-            );
-        }
         let base = or_none(self.base.as_ref());
         let outside = match &self.base {
-            Some(b) => format!("devices outside that share get {}", b.version),
-            None => "devices outside that share keep what they run".into(),
+            Some(b) => format!("{outside} get {}", b.version),
+            None => format!("{outside} keep what they run"),
         };
         let v = &to.version;
         let message = match (&previous, &interrupted) {
-            (None, _) => format!("{v} becomes the channel's first head at {share}; {outside}."),
+            (None, _) => format!("{v} becomes the channel's first head {share}; {outside}."),
             (Some(_), _) if same => {
-                format!("{v} stays the head, now at {share}; the base stays {base}.")
+                format!("{v} stays the head, now {share}; the base stays {base}.")
             }
             (Some(_), None) if head_is_base => {
-                format!("{v} becomes the head at {share}; the base stays {base}: {outside}.")
+                format!("{v} becomes the head {share}; the base stays {base}: {outside}.")
             }
             (Some(p), None) => format!(
-                "{v} becomes the head at {share}; {}, fully rolled out, becomes the base: {outside}.",
+                "{v} becomes the head {share}; {}, fully rolled out, becomes the base: {outside}.",
                 p.version
             ),
             (Some(p), Some((_, how))) => format!(
-                "{v} becomes the head at {share}. {} was not fully rolled out ({how}), so {}: {outside}, and devices already on {} keep it until {v} reaches them.",
+                "{v} becomes the head {share}. {} was not fully rolled out ({how}), so {}: {outside}, and devices already on {} keep it until {v} reaches them.",
                 p.version,
                 match &self.base {
                     Some(b) => format!("the base stays {}", b.version),
@@ -217,25 +322,41 @@ impl ChannelState {
                 p.version
             ),
         };
-        Ok(PromotePlan {
+        PromotePlan {
             previous_head: previous.map(|p| p.version),
             base: self.base.as_ref().map(|b| b.version.clone()),
             interrupted: interrupted.map(|(v, _)| v),
             message,
-        })
+        }
     }
 
-    /// Sets the percent by hand; a ramp in force ends.
+    /// Refuses a percent or a ramp while waves are in force: the waves
+    /// decide who gets the head, and a promote says how to replace them.
+    fn check_no_waves(&self, what: &str) -> Result<(), Refused> {
+        if self.rollout.waves.is_none() {
+            return Ok(());
+        }
+        let head = or_none(self.head.as_ref());
+        Err(Refused(format!(
+            "the rollout of {head} goes in waves, which a {what} cannot change: promote {head} again with a percent (or with new waves)"
+        )))
+    }
+
+    /// Sets the percent by hand; a ramp in force ends. Refused while waves
+    /// are in force (a percent would silently drop them): promote again.
     pub fn set_percent(&mut self, percent: f64) -> Result<(), Refused> {
         check_percent(percent)?;
+        self.check_no_waves("percent")?;
         self.rollout.percent = percent;
         self.rollout.ramp = None;
         Ok(())
     }
 
     /// Ramps from the percent in force now up to `r.to_percent`. Set while
-    /// paused, the ramp starts when the rollout resumes.
+    /// paused, the ramp starts when the rollout resumes. Refused while waves
+    /// are in force, as [`ChannelState::set_percent`] is.
     pub fn ramp(&mut self, r: &RampSpec, now: OffsetDateTime) -> Result<(), Refused> {
+        self.check_no_waves("ramp")?;
         let from = effective_percent(&self.rollout, now);
         check_ramp(r, from)?;
         let started_at = match (self.rollout.paused, self.rollout.paused_at) {
@@ -263,15 +384,21 @@ impl ChannelState {
         true
     }
 
-    /// Resumes a paused rollout; a ramp continues where it stood. Answers
-    /// false when it was not paused.
+    /// Resumes a paused rollout; a ramp or the waves continue where they
+    /// stood. Answers false when it was not paused.
     pub fn resume(&mut self, now: OffsetDateTime) -> bool {
         if !self.rollout.paused {
             return false;
         }
-        // The ramp stood still while paused: move its start forward by that time.
-        if let (Some(ramp), Some(paused_at)) = (&mut self.rollout.ramp, self.rollout.paused_at) {
-            ramp.started_at += now - paused_at.min(now);
+        // Ramp and waves stood still while paused: move their start forward by that time.
+        if let Some(paused_at) = self.rollout.paused_at {
+            let paused_for = now - paused_at.min(now);
+            if let Some(ramp) = &mut self.rollout.ramp {
+                ramp.started_at += paused_for;
+            }
+            if let Some(plan) = &mut self.rollout.waves {
+                plan.started_at += paused_for;
+            }
         }
         self.rollout.paused = false;
         self.rollout.paused_at = None;
@@ -293,6 +420,12 @@ impl ChannelState {
             max_failure_percent: g.max_failure_percent,
             min_reports: g.min_reports,
         };
+        Ok(())
+    }
+
+    /// Sets the maintenance windows and reboot leases.
+    pub fn set_reboot_policy(&mut self, spec: &RebootPolicySpec) -> Result<(), Refused> {
+        self.reboot = RebootPolicy::new(spec)?;
         Ok(())
     }
 
@@ -326,8 +459,8 @@ impl ChannelState {
         Some(reason)
     }
 
-    /// Rolls back to `to`: it becomes head and base at 100 %, without ramp
-    /// or pause, and the channel is marked rolled back, so devices on newer
+    /// Rolls back to `to`: it becomes head and base at 100 %, without ramp,
+    /// waves or pause, and the channel is marked rolled back, so devices on newer
     /// versions move down to it. Answers the change in words.
     pub fn rollback(&mut self, to: ReleaseRef) -> String {
         let reason = format!(
@@ -342,6 +475,7 @@ impl ChannelState {
             ramp: None,
             paused: false,
             paused_at: None,
+            waves: None,
         };
         self.paused_reason = None;
         self.rolled_back = true;
@@ -352,7 +486,8 @@ impl ChannelState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::rollout::{Input, Rel, decide};
+    use crate::rules::policy::Labels;
+    use crate::rules::rollout::{Input, Rel, Rule, decide, decide_why};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     use semver::Version;
@@ -384,6 +519,7 @@ mod tests {
                 ramp: None,
                 paused: false,
                 paused_at: None,
+                waves: None,
             },
             paused_reason: None,
             rolled_back: false,
@@ -391,6 +527,7 @@ mod tests {
                 max_failure_percent: 20.0,
                 min_reports: 10,
             },
+            reboot: RebootPolicy::default(),
         }
     }
 
@@ -697,17 +834,255 @@ mod tests {
         assert!(!s.rolled_back);
     }
 
+    fn wave(selector: &str, percent: f64, ramp: f64, hold: f64) -> WaveSpec {
+        WaveSpec {
+            selector: selector.into(),
+            percent,
+            ramp_minutes: ramp,
+            hold_minutes: hold,
+        }
+    }
+
+    /// Canaries at once, held an hour; then everyone over two hours.
+    fn two_waves() -> Vec<WaveSpec> {
+        vec![
+            wave("ring=canary", 100.0, 0.0, 60.0),
+            wave("", 100.0, 120.0, 0.0),
+        ]
+    }
+
+    fn mins(m: i64) -> OffsetDateTime {
+        t0() + Duration::minutes(m)
+    }
+
+    /// Promote in waves over each standing of the previous head, as
+    /// `promote` does: a head rolled out to everyone becomes the base, an
+    /// unfinished one (at a percent or in waves) is interrupted.
+    #[test]
+    fn promote_in_waves_keeps_the_base_over_an_unfinished_rollout() {
+        let mut s = at("1.2.0", 100.0, Some("1.1.0"));
+        let plan = s
+            .promote_in_waves(rel("1.4.0"), &two_waves(), t0())
+            .unwrap();
+        assert_eq!(versions(&s), (Some("1.4.0"), Some("1.2.0")));
+        assert_eq!(
+            (plan.base.as_deref(), plan.interrupted),
+            (Some("1.2.0"), None)
+        );
+        assert_eq!(
+            plan.message,
+            "1.4.0 becomes the head in 2 waves: ring=canary at 100 % (hold 60 min), then every device at 100 % (ramp 120 min); 1.2.0, fully rolled out, becomes the base: devices the waves have not reached get 1.2.0."
+        );
+        assert_eq!(s.rollout.waves.as_ref().unwrap().started_at, t0());
+        assert!(!s.fully_rolled_out(mins(179)));
+        assert!(s.fully_rolled_out(mins(180)));
+
+        // Over waves under way: interrupted, the base stays.
+        let mut waving = s.clone();
+        let plan = waving
+            .promote_in_waves(rel("1.5.0"), &two_waves(), mins(30))
+            .unwrap();
+        assert_eq!(versions(&waving), (Some("1.5.0"), Some("1.2.0")));
+        assert_eq!(plan.interrupted.as_deref(), Some("1.4.0"));
+        assert!(
+            plan.message.contains(
+                "1.4.0 was not fully rolled out (in wave 1 of 2 at 100 %), so the base stays 1.2.0"
+            ),
+            "{}",
+            plan.message
+        );
+
+        // Over waves that reached everyone but were halted: interrupted.
+        let mut halted = s.clone();
+        assert!(halted.gate_halt(10, 9, mins(200)).is_some());
+        let plan = halted.promote(rel("1.5.0"), 10.0, None, mins(300)).unwrap();
+        assert_eq!(plan.interrupted.as_deref(), Some("1.4.0"));
+        assert!(
+            plan.message
+                .contains("(paused in wave 2 of 2 at 100 %: health gate"),
+            "{}",
+            plan.message
+        );
+
+        // Over waves that reached everyone: a plain promote makes it the base
+        // and ends the waves.
+        let plan = s.promote(rel("1.5.0"), 10.0, None, mins(200)).unwrap();
+        assert_eq!(
+            (plan.base.as_deref(), plan.interrupted),
+            (Some("1.4.0"), None)
+        );
+        assert!(s.rollout.waves.is_none());
+
+        // Over 26 %: interrupted.
+        let mut s = at("1.2.0", 26.0, Some("1.1.0"));
+        let plan = s
+            .promote_in_waves(rel("1.4.0"), &two_waves(), t0())
+            .unwrap();
+        assert_eq!(
+            (plan.base.as_deref(), plan.interrupted.as_deref()),
+            (Some("1.1.0"), Some("1.2.0"))
+        );
+        // The same head again starts its waves over.
+        let plan = s
+            .promote_in_waves(
+                rel("1.4.0"),
+                &[wave("ring=canary", 50.0, 0.0, 0.0)],
+                mins(10),
+            )
+            .unwrap();
+        assert_eq!(versions(&s), (Some("1.4.0"), Some("1.1.0")));
+        assert_eq!(
+            plan.message,
+            "1.4.0 stays the head, now in 1 wave: ring=canary at 50 %; the base stays 1.1.0. No wave reaches every device at 100 %: promote again to roll it out to the rest."
+        );
+        assert_eq!(s.rollout.waves.as_ref().unwrap().started_at, mins(10));
+        // A rollback ends the waves too.
+        s.rollback(rel("1.1.0"));
+        assert!(s.rollout.waves.is_none() && s.rolled_back);
+    }
+
+    /// While waves are in force, a percent or a ramp is refused with what to
+    /// do instead; refused waves and reboot policies change nothing.
+    #[test]
+    fn waves_refuse_a_percent_and_bad_changes_change_nothing() {
+        let mut waving = at("1.2.0", 100.0, Some("1.1.0"));
+        waving
+            .promote_in_waves(rel("1.3.0"), &two_waves(), t0())
+            .unwrap();
+        type Change = Box<dyn Fn(&mut ChannelState) -> Result<(), Refused>>;
+        let refused: Vec<(&str, Change, &str)> = vec![
+            (
+                "percent",
+                Box::new(|s| s.set_percent(50.0)),
+                "the rollout of 1.3.0 goes in waves, which a percent cannot change: promote 1.3.0 again with a percent (or with new waves)",
+            ),
+            (
+                "ramp",
+                Box::new(|s| s.ramp(&ramp(100.0, 10.0), t0())),
+                "which a ramp cannot change",
+            ),
+            (
+                "no waves",
+                Box::new(|s| s.promote_in_waves(rel("1.4.0"), &[], t0()).map(drop)),
+                "1 to 16 waves, not 0",
+            ),
+            (
+                "a bad wave",
+                Box::new(|s| {
+                    s.promote_in_waves(
+                        rel("1.4.0"),
+                        &[wave("", 100.0, 0.0, 0.0), wave("ring", 5.0, 0.0, 0.0)],
+                        t0(),
+                    )
+                    .map(drop)
+                }),
+                "wave 2: selector \"ring\"",
+            ),
+            (
+                "a bad window",
+                Box::new(|s| {
+                    s.set_reboot_policy(&RebootPolicySpec {
+                        windows: vec![crate::rules::policy::WindowSpec {
+                            days: "Sat".into(),
+                            start: "02:00".into(),
+                            end: "04:00".into(),
+                            time_zone: "Europe/Berln".into(),
+                            selector: String::new(),
+                        }],
+                        lease: None,
+                    })
+                }),
+                "window 1: unknown time zone \"Europe/Berln\"",
+            ),
+        ];
+        for (name, change, words) in refused {
+            let mut s = waving.clone();
+            let e = change(&mut s).expect_err(name);
+            assert!(e.0.contains(words), "{name}: {e}");
+            assert_eq!(s, waving, "{name} changed the state");
+        }
+        let mut s = waving.clone();
+        let spec: RebootPolicySpec = serde_json::from_str(
+            r#"{"windows": [{"days": "Sat", "start": "02:00", "end": "04:00", "time_zone": "UTC"}], "lease": {"max_devices": 2}}"#,
+        )
+        .unwrap();
+        s.set_reboot_policy(&spec).unwrap();
+        assert_eq!((s.reboot.windows.len(), s.reboot.spec()), (1, spec));
+    }
+
+    /// Paused waves stand still, and resume where they stood: the devices
+    /// admitted when it paused are the ones admitted when it resumes.
+    #[test]
+    fn paused_waves_resume_where_they_stood() {
+        let mut s = at("1.0.0", 100.0, Some("1.0.0"));
+        let waves = [
+            wave("ring=canary", 100.0, 60.0, 0.0),
+            wave("", 100.0, 60.0, 0.0),
+        ];
+        s.promote_in_waves(rel("1.1.0"), &waves, t0()).unwrap();
+        let rels: Vec<Rel> = ["1.0.0", "1.1.0"]
+            .iter()
+            .map(|v| Rel {
+                version: Version::parse(v).unwrap(),
+                floor: false,
+                revoked: false,
+            })
+            .collect();
+        let canary = Labels::from([("ring".to_string(), "canary".to_string())]);
+        let admitted = |s: &ChannelState, now| -> Vec<bool> {
+            (0..300)
+                .map(|n| {
+                    decide(&Input {
+                        releases: &rels,
+                        head: Some(&rels[1]),
+                        base: Some(&rels[0]),
+                        rollout: &s.rollout,
+                        rolled_back: false,
+                        pin: None,
+                        device_id: &format!("d{n}"),
+                        labels: &canary,
+                        current: Some(&rels[0]),
+                        now,
+                    })
+                    .update
+                })
+                .collect()
+        };
+        let at_30 = admitted(&s, mins(30));
+        let n = at_30.iter().filter(|a| **a).count();
+        assert!((100..200).contains(&n), "half the canaries: {n}");
+        assert!(s.pause("by hand".into(), mins(30)));
+        assert!(
+            admitted(&s, mins(400)).iter().all(|a| !a),
+            "paused: nobody new"
+        );
+        assert_eq!(wave_standing(&s.rollout, mins(400)).unwrap().percent, 50.0);
+        assert!(!s.fully_rolled_out(mins(400)));
+        assert!(s.resume(mins(400)));
+        assert_eq!(s.rollout.waves.as_ref().unwrap().started_at, mins(370));
+        assert_eq!(admitted(&s, mins(400)), at_30);
+        let w = wave_standing(&s.rollout, mins(430)).unwrap();
+        assert_eq!((w.index, w.percent, w.next_starts_at), (1, 0.0, None));
+        assert!(!s.fully_rolled_out(mins(489)));
+        assert!(s.fully_rolled_out(mins(490)));
+    }
+
     /// The releases of the random sequences: versions 1.0.0 to 1.5.0.
     const VERSIONS: [&str; 6] = ["1.0.0", "1.1.0", "1.2.0", "1.3.0", "1.4.0", "1.5.0"];
 
-    /// Random sequences of transitions over a fleet of simulated devices
-    /// that take what `decide` offers them (most of the time). After every
-    /// step, for every device:
+    /// Random sequences of transitions (promotes at a percent or in random
+    /// waves, percents, ramps, pauses, resumes, gate halts, rollbacks and
+    /// time passing) over a fleet of simulated devices with random labels
+    /// that take what `decide` offers them (most of the time). A refused
+    /// change must leave the state as it was. After every step, for every
+    /// device:
     /// - a move down is offered only after a rollback, and only to the
     ///   release that rollback went back to;
     /// - a device that is not moving to the head is offered only a release
     ///   the channel had in force for every device (100 %, not paused) or
-    ///   went back to by a rollback: never an interrupted head.
+    ///   went back to by a rollback: never an interrupted head;
+    /// - while the head counts as fully rolled out, the device is admitted
+    ///   to it, whatever its labels.
     ///
     /// `SLUICE_CHANNEL_CASES` sequences (default 300) from a random seed
     /// (`SLUICE_CHANNEL_SEED` to repeat one); a failure prints its seed and steps.
@@ -737,6 +1112,31 @@ mod tests {
         }
     }
 
+    /// One to three waves from a few selectors; now and then a percent the
+    /// rules refuse.
+    fn random_waves(rng: &mut StdRng) -> Vec<WaveSpec> {
+        let selectors = [
+            "",
+            "ring=canary",
+            "region=eu",
+            "region!=us",
+            "ring=canary,region=eu",
+            "ring=beta",
+        ];
+        (0..rng.gen_range(1..=3))
+            .map(|_| WaveSpec {
+                selector: selectors[rng.gen_range(0..selectors.len())].into(),
+                percent: if rng.gen_bool(0.05) {
+                    150.0
+                } else {
+                    [10.0, 50.0, 100.0][rng.gen_range(0..3)]
+                },
+                ramp_minutes: [0.0, 30.0, 90.0][rng.gen_range(0..3)],
+                hold_minutes: [0.0, 20.0, 60.0][rng.gen_range(0..3)],
+            })
+            .collect()
+    }
+
     fn run_sequence(seed: u64, rels: &[Rel]) -> Result<(), String> {
         let mut rng = StdRng::seed_from_u64(seed);
         let by_version: HashMap<&str, &Rel> = VERSIONS.iter().copied().zip(rels).collect();
@@ -745,6 +1145,18 @@ mod tests {
         // Every device starts on 1.0.0, which the channel had in force everywhere.
         let mut devices: Vec<(String, &str)> =
             (0..60).map(|i| (format!("device-{i}"), "1.0.0")).collect();
+        // Random labels, which the random waves select by.
+        let device_labels: Vec<Labels> = (0..devices.len())
+            .map(|_| {
+                let mut l = Labels::new();
+                for (key, values) in [("ring", ["canary", "beta"]), ("region", ["eu", "us"])] {
+                    if let Some(v) = [Some(values[0]), Some(values[1]), None][rng.gen_range(0..3)] {
+                        l.insert(key.into(), v.into());
+                    }
+                }
+                l
+            })
+            .collect();
         s.promote(rel("1.0.0"), 100.0, None, now).unwrap();
         // What the harness knows independently of the code under test.
         let mut full: BTreeSet<&str> = BTreeSet::from(["1.0.0"]);
@@ -753,7 +1165,8 @@ mod tests {
         for step in 0..40 {
             let v = VERSIONS[rng.gen_range(0..VERSIONS.len())];
             let percent = [0.0, 10.0, 26.0, 50.0, 100.0][rng.gen_range(0..5)];
-            let what = match rng.gen_range(0..9) {
+            let before = s.clone();
+            let what = match rng.gen_range(0..11) {
                 0 | 1 => {
                     let r = rng
                         .gen_bool(0.3)
@@ -766,13 +1179,42 @@ mod tests {
                     )
                 }
                 2 => {
-                    let _ = s.set_percent(percent);
-                    format!("percent {percent}")
+                    let ok = s.set_percent(percent).is_ok();
+                    if !ok && s != before {
+                        return Err(format!("{trace}a refused percent changed the state"));
+                    }
+                    format!("percent {percent} ({})", if ok { "set" } else { "refused" })
                 }
                 3 => {
                     let r = ramp(percent, rng.gen_range(1..120) as f64);
                     let ok = s.ramp(&r, now).is_ok();
+                    if !ok && s != before {
+                        return Err(format!("{trace}a refused ramp changed the state"));
+                    }
                     format!("ramp to {percent} ({})", if ok { "set" } else { "refused" })
+                }
+                9 | 10 => {
+                    let waves = random_waves(&mut rng);
+                    let ok = s.promote_in_waves(rel(v), &waves, now).is_ok();
+                    if ok {
+                        rolled_back_to = None;
+                    } else if s != before {
+                        return Err(format!("{trace}refused waves changed the state"));
+                    }
+                    let words: Vec<String> = waves
+                        .iter()
+                        .map(|w| {
+                            format!(
+                                "[{}] {} % ramp {} hold {}",
+                                w.selector, w.percent, w.ramp_minutes, w.hold_minutes
+                            )
+                        })
+                        .collect();
+                    format!(
+                        "promote {v} in waves {} ({})",
+                        words.join(", "),
+                        if ok { "set" } else { "refused" }
+                    )
                 }
                 4 => {
                     s.pause("by hand".into(), now);
@@ -808,16 +1250,20 @@ mod tests {
                 );
             }
             trace += &format!(
-                "{step}: {what} -> head {:?} base {:?} {} % {}\n",
+                "{step}: {what} -> head {:?} base {:?} {} {}\n",
                 versions(&s).0,
                 versions(&s).1,
-                fmt_percent(effective_percent(&s.rollout, now)),
+                match wave_standing(&s.rollout, now) {
+                    Some(w) => format!("wave {} at {} %", w.index + 1, fmt_percent(w.percent)),
+                    None => format!("{} %", fmt_percent(effective_percent(&s.rollout, now))),
+                },
                 if s.rollout.paused { "paused" } else { "" }
             );
+            let fully = s.fully_rolled_out(now);
             let head = s.head.as_ref().map(|h| by_version[h.version.as_str()]);
             let base = s.base.as_ref().map(|b| by_version[b.version.as_str()]);
-            for (id, current) in devices.iter_mut() {
-                let d = decide(&Input {
+            for ((id, current), labels) in devices.iter_mut().zip(&device_labels) {
+                let input = Input {
                     releases: rels,
                     head,
                     base,
@@ -825,9 +1271,17 @@ mod tests {
                     rolled_back: s.rolled_back,
                     pin: None,
                     device_id: id,
+                    labels,
                     current: Some(by_version[*current]),
                     now,
-                });
+                };
+                let (d, why) = decide_why(&input);
+                // "Fully rolled out" must mean every device, whatever its labels.
+                if fully && !matches!(why.rule, Rule::OnHead | Rule::Admitted) {
+                    return Err(format!(
+                        "{trace}{id} ({labels:?}) is not admitted ({why:?}) though the head counts as fully rolled out"
+                    ));
+                }
                 let (Some(target), true) = (d.target, d.update) else {
                     continue;
                 };

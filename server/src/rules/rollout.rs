@@ -1,8 +1,10 @@
 //! The channel resolution rules as plain functions, with no I/O: the bucket a
-//! device falls in, the effective percent of a ramp, which release a device
-//! should run (pin, head or base, floors, revocation, downgrade) and when the
-//! health gate halts a rollout. Handlers load, call these, and answer.
+//! device falls in, the effective percent of a ramp or of the waves, which
+//! release a device should run (pin, head or base, floors, revocation,
+//! downgrade) and when the health gate halts a rollout. Handlers load, call
+//! these, and answer.
 
+use super::policy::{Labels, WavePlan, WaveStanding};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -53,16 +55,25 @@ pub struct Rollout {
     pub paused: bool,
     /// When it was paused: a ramp stands still from then on.
     pub paused_at: Option<OffsetDateTime>,
+    /// The waves the rollout proceeds in, by label selector; when set,
+    /// `percent` and `ramp` are not used.
+    pub waves: Option<WavePlan>,
 }
 
-/// The percent in force at `now`: a ramp grows linearly and never shrinks,
-/// and stands still while the rollout is paused.
-pub fn effective_percent(r: &Rollout, now: OffsetDateTime) -> f64 {
-    let at = if r.paused {
+/// The rollout's clock at `now`: it stands still from the moment the rollout
+/// was paused, so ramps and waves pick up where they stood on resume.
+pub fn rollout_clock(r: &Rollout, now: OffsetDateTime) -> OffsetDateTime {
+    if r.paused {
         r.paused_at.unwrap_or(now).min(now)
     } else {
         now
-    };
+    }
+}
+
+/// The percent in force at `now` of a rollout without waves: a ramp grows
+/// linearly and never shrinks, and stands still while the rollout is paused.
+pub fn effective_percent(r: &Rollout, now: OffsetDateTime) -> f64 {
+    let at = rollout_clock(r, now);
     let p = match &r.ramp {
         None => r.percent,
         Some(ramp) => {
@@ -76,6 +87,58 @@ pub fn effective_percent(r: &Rollout, now: OffsetDateTime) -> f64 {
         }
     };
     p.clamp(0.0, 100.0)
+}
+
+/// The percent that admits a device with `labels` at `now`: its waves'
+/// (see [`WavePlan::percent_for`]) when the rollout has waves, else
+/// [`effective_percent`].
+pub fn percent_for(r: &Rollout, labels: &Labels, now: OffsetDateTime) -> f64 {
+    match &r.waves {
+        Some(plan) => plan.percent_for(labels, rollout_clock(r, now)),
+        None => effective_percent(r, now),
+    }
+}
+
+/// Where a rollout's waves stand at `now` (standing still while paused);
+/// None for a rollout without waves.
+pub fn wave_standing(r: &Rollout, now: OffsetDateTime) -> Option<WaveStanding> {
+    r.waves
+        .as_ref()
+        .map(|plan| plan.standing(rollout_clock(r, now)))
+}
+
+/// What the waves hold for one device not admitted now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prospect {
+    /// It matches none of the waves.
+    NoWave,
+    /// Wave `.0` has started and will admit it as it ramps on.
+    Ramping(usize),
+    /// Wave `.0` has not started and will admit it.
+    Later(usize),
+    /// No wave it matches ever admits it; `.0` goes furthest.
+    Never(usize),
+}
+
+fn prospect(plan: &WavePlan, labels: &Labels, bucket: u64, clock: OffsetDateTime) -> Prospect {
+    let matched: Vec<usize> = (0..plan.waves.len())
+        .filter(|&i| plan.waves[i].selector.matches(labels))
+        .collect();
+    let admits = |i: &&usize| admitted(bucket, plan.waves[**i].percent);
+    let started = |i: &&usize| plan.starts_at(**i) <= clock;
+    if let Some(&i) = matched.iter().filter(started).find(admits) {
+        return Prospect::Ramping(i);
+    }
+    if let Some(&i) = matched.iter().find(admits) {
+        return Prospect::Later(i);
+    }
+    match matched
+        .iter()
+        .max_by(|a, b| plan.waves[**a].percent.total_cmp(&plan.waves[**b].percent))
+    {
+        Some(&i) => Prospect::Never(i),
+        None => Prospect::NoWave,
+    }
 }
 
 /// A release as the rules see it.
@@ -106,6 +169,8 @@ pub struct Input<'a> {
     pub pin: Option<&'a Rel>,
     /// The device id (for its bucket).
     pub device_id: &'a str,
+    /// The device's labels (for the waves).
+    pub labels: &'a Labels,
     /// The release the device runs, when its digest is a known release.
     pub current: Option<&'a Rel>,
     /// The time of the decision.
@@ -138,7 +203,11 @@ pub enum Rule {
     /// 2. Not admitted: the rollout is paused.
     Paused,
     /// 2. Not admitted: the bucket is outside the percent in force.
+    ///
+    /// In waves: a started wave ramps on to it, or no wave ever admits it.
     OutsideCohort,
+    /// 2. Not admitted: its wave has not started, or it is in no wave.
+    LaterWave,
     /// 2. The channel has no usable head (none yet, or revoked).
     NoHead,
 }
@@ -196,15 +265,21 @@ pub fn decide_why<'a>(i: &Input<'a>) -> (Decision<'a>, Why) {
     let (channel_target, rule) = match head {
         Some(h) if on(h) => (Some(h), Rule::OnHead),
         Some(_) if i.rollout.paused => (usable(i.base), Rule::Paused),
-        Some(h)
-            if admitted(
-                bucket(i.device_id, &h.version.to_string()),
-                effective_percent(i.rollout, i.now),
-            ) =>
-        {
-            (Some(h), Rule::Admitted)
+        Some(h) => {
+            let b = bucket(i.device_id, &h.version.to_string());
+            if admitted(b, percent_for(i.rollout, i.labels, i.now)) {
+                (Some(h), Rule::Admitted)
+            } else if let Some(plan) = &i.rollout.waves
+                && matches!(
+                    prospect(plan, i.labels, b, rollout_clock(i.rollout, i.now)),
+                    Prospect::NoWave | Prospect::Later(_)
+                )
+            {
+                (usable(i.base), Rule::LaterWave)
+            } else {
+                (usable(i.base), Rule::OutsideCohort)
+            }
         }
-        Some(_) => (usable(i.base), Rule::OutsideCohort),
         None => (usable(i.base), Rule::NoHead),
     };
     let mut why = why(rule);
@@ -279,6 +354,9 @@ pub enum HeadReason {
     Paused,
     /// Outside the percent of devices the rollout admits now.
     OutsideCohort,
+    /// The rollout goes in waves, and the wave that admits it has not
+    /// started (or it matches none of them).
+    WaitingForWave,
     /// It must first step through a floor release.
     Floor,
     /// It runs a newer version, and devices only move down after a rollback.
@@ -289,6 +367,9 @@ pub enum HeadReason {
     FailedBefore,
     /// It is downloading, applying or rebooting into it.
     Updating,
+    /// It wrote it and waits for the reboot policy (a maintenance window, a
+    /// reboot lease, a person).
+    Staged,
     /// It has not asked for an update since the channel changed.
     NotCheckedIn,
     /// It was offered the release and has not reported installing it yet.
@@ -312,6 +393,9 @@ pub struct Facts {
     pub failed_target: Option<(String, String)>,
     /// The device is downloading, applying or rebooting into the target.
     pub updating: bool,
+    /// The device wrote the target and waits for the channel's reboot
+    /// policy: what it said it waits for (a window, a lease, a person).
+    pub staged: Option<String>,
     /// The device asked for an update since the channel last changed.
     pub asked_since_change: bool,
     /// Why the rollout is paused, when it is.
@@ -407,7 +491,7 @@ pub fn explain(i: &Input<'_>, d: &Decision<'_>, why: Why, facts: &Facts) -> Expl
                 ),
             );
         }
-        Rule::Paused | Rule::OutsideCohort | Rule::OnHead | Rule::Admitted => {}
+        Rule::Paused | Rule::OutsideCohort | Rule::LaterWave | Rule::OnHead | Rule::Admitted => {}
     }
     // The same three reasons hold for the head and, once the device is in
     // the cohort, for the release it is offered instead (its target).
@@ -466,7 +550,14 @@ pub fn explain(i: &Input<'_>, d: &Decision<'_>, why: Why, facts: &Facts) -> Expl
                 ),
             );
         }
-        Rule::OutsideCohort => {
+        Rule::OutsideCohort | Rule::LaterWave if i.rollout.waves.is_some() => {
+            let b = i
+                .head
+                .map_or(0, |h| bucket(i.device_id, &h.version.to_string()));
+            let (reason, message) = explain_waves(i, d, b);
+            return say(reason, message);
+        }
+        Rule::OutsideCohort | Rule::LaterWave => {
             let b = i
                 .head
                 .map_or(0, |h| bucket(i.device_id, &h.version.to_string()));
@@ -498,6 +589,12 @@ pub fn explain(i: &Input<'_>, d: &Decision<'_>, why: Why, facts: &Facts) -> Expl
             ),
         );
     }
+    if let Some(waits) = &facts.staged {
+        return say(
+            HeadReason::Staged,
+            format!("It wrote {target} and waits to reboot into it: {waits}."),
+        );
+    }
     if facts.updating {
         return say(HeadReason::Updating, format!("It is installing {target}."));
     }
@@ -512,6 +609,85 @@ pub fn explain(i: &Input<'_>, d: &Decision<'_>, why: Why, facts: &Facts) -> Expl
     say(
         HeadReason::Offered,
         format!("It was offered {target} and has not reported installing it yet."),
+    )
+}
+
+/// Why waves keep a device with bucket `b` off the head, in words.
+fn explain_waves(i: &Input<'_>, d: &Decision<'_>, b: u64) -> (HeadReason, String) {
+    let Some(plan) = &i.rollout.waves else {
+        return (HeadReason::OutsideCohort, String::new());
+    };
+    let clock = rollout_clock(i.rollout, i.now);
+    let head = i
+        .head
+        .map_or_else(|| "none".into(), |h| h.version.to_string());
+    let n = plan.waves.len();
+    let wave = |k: usize| {
+        format!(
+            "wave {} of {n} ({})",
+            k + 1,
+            plan.waves[k].selector.describe()
+        )
+    };
+    let reaches = fmt_percent((b + 1) as f64 / 100.0);
+    // What it runs meanwhile: the base it is offered, or what it has.
+    let current = i.current.map(|c| c.version.to_string());
+    let meanwhile = match (d.target, d.update) {
+        (Some(t), true) => format!("it gets {}", t.version),
+        _ => format!(
+            "it stays on {}",
+            current.as_deref().unwrap_or("what it runs")
+        ),
+    };
+    match prospect(plan, i.labels, b, clock) {
+        Prospect::NoWave => (
+            HeadReason::WaitingForWave,
+            format!(
+                "Matches none of the rollout's waves ({}): {meanwhile} until a promote includes it.",
+                plan.waves
+                    .iter()
+                    .map(|w| w.selector.describe())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        ),
+        Prospect::Later(k) => (
+            HeadReason::WaitingForWave,
+            format!(
+                "Waits for {}, which starts at {}: it gets {head} once that wave reaches {reaches}%.",
+                wave(k),
+                fmt_utc(plan.starts_at(k))
+            ),
+        ),
+        Prospect::Ramping(k) => (
+            HeadReason::OutsideCohort,
+            format!(
+                "In {}, which admits {}% of its devices to {head} now: it is admitted once the wave reaches {reaches}%.",
+                wave(k),
+                fmt_percent(plan.wave_percent(k, clock))
+            ),
+        ),
+        Prospect::Never(k) => (
+            HeadReason::OutsideCohort,
+            format!(
+                "Outside the {}% of devices {} admits to {head}, and no other wave includes it: {meanwhile} until a promote includes it.",
+                fmt_percent(plan.waves[k].percent),
+                wave(k)
+            ),
+        ),
+    }
+}
+
+/// A moment as the explanations say it: `2027-03-28 02:00 UTC`.
+fn fmt_utc(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute()
     )
 }
 
@@ -539,6 +715,8 @@ pub fn gate_tripped(gate: Gate, reports: i64, failures: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::policy::WaveSpec;
+    use std::collections::BTreeSet;
     use time::Duration;
 
     fn rel(v: &str) -> Rel {
@@ -549,12 +727,15 @@ mod tests {
         }
     }
 
+    static NO_LABELS: Labels = Labels::new();
+
     fn rollout(percent: f64) -> Rollout {
         Rollout {
             percent,
             ramp: None,
             paused: false,
             paused_at: None,
+            waves: None,
         }
     }
 
@@ -578,6 +759,7 @@ mod tests {
             rolled_back: false,
             pin: None,
             device_id: dev,
+            labels: &NO_LABELS,
             current: cur,
             now: now(),
         }
@@ -655,6 +837,7 @@ mod tests {
             }),
             paused: false,
             paused_at: None,
+            waves: None,
         };
         let mut last = 0.0;
         for m in 0..60 {
@@ -901,6 +1084,15 @@ mod tests {
         let mut f = facts(true);
         f.updating = true;
         assert_eq!(explained(&i, &f).reason, HeadReason::Updating);
+        f.staged = Some("waits for window Sat 02:00–04:00 Europe/Berlin".into());
+        let e = explained(&i, &f);
+        assert_eq!(e.reason, HeadReason::Staged);
+        assert!(
+            e.message.contains("Sat 02:00–04:00 Europe/Berlin"),
+            "{}",
+            e.message
+        );
+        f.staged = None;
         f.failed_head = Some(("rolled_back".into(), "12:00".into()));
         let e = explained(&i, &f);
         assert_eq!(e.reason, HeadReason::FailedBefore);
@@ -957,5 +1149,203 @@ mod tests {
         let mut i = input(&all, &head, &base, &full, "x", Some(&base));
         i.head = None;
         assert_eq!(explained(&i, &facts(true)).reason, HeadReason::NoHead);
+    }
+
+    fn waves(specs: &[(&str, f64, f64, f64)]) -> Rollout {
+        let specs: Vec<WaveSpec> = specs
+            .iter()
+            .map(|(selector, percent, ramp, hold)| WaveSpec {
+                selector: selector.to_string(),
+                percent: *percent,
+                ramp_minutes: *ramp,
+                hold_minutes: *hold,
+            })
+            .collect();
+        Rollout {
+            waves: Some(WavePlan::new(&specs, now()).unwrap()),
+            ..rollout(0.0)
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Canary devices go first, ramping; the rest wait for their wave.
+    #[test]
+    fn waves_admit_by_label() {
+        let (base, head) = (rel("1.0.0"), rel("1.1.0"));
+        let all = [base.clone(), head.clone()];
+        let r = waves(&[("ring=canary", 100.0, 60.0, 30.0), ("", 100.0, 0.0, 0.0)]);
+        let canary = labels(&[("ring", "canary")]);
+        let (mut canaries, mut others) = (0, 0);
+        for n in 0..400 {
+            let id = format!("d{n}");
+            let mut i = input(&all, &head, &base, &r, &id, Some(&base));
+            i.now = now() + Duration::minutes(30);
+            let (d, why) = decide_why(&i);
+            assert!(!d.update || why.rule == Rule::Admitted);
+            assert_eq!(why.rule == Rule::LaterWave, !d.update, "{id}: {why:?}");
+            others += usize::from(d.update);
+            i.labels = &canary;
+            let (d, why) = decide_why(&i);
+            canaries += usize::from(d.update);
+            assert!(matches!(why.rule, Rule::Admitted | Rule::OutsideCohort));
+            // Once the canaries held, everyone is admitted.
+            i.now = now() + Duration::minutes(90);
+            assert!(decide(&i).update);
+            i.labels = &NO_LABELS;
+            assert!(decide(&i).update);
+        }
+        assert_eq!(others, 0, "the second wave has not started");
+        assert!(
+            (150..250).contains(&canaries),
+            "half the canaries: {canaries}"
+        );
+    }
+
+    /// While paused, the waves' percent stands where it stood at the pause.
+    #[test]
+    fn paused_waves_stand_still() {
+        let mut r = waves(&[("ring=canary", 100.0, 60.0, 0.0), ("", 50.0, 100.0, 0.0)]);
+        let canary = labels(&[("ring", "canary")]);
+        let at = |m: i64| now() + Duration::minutes(m);
+        assert_eq!(percent_for(&r, &canary, at(30)), 50.0);
+        assert_eq!(wave_standing(&r, at(110)).unwrap().index, 1);
+        r.paused = true;
+        r.paused_at = Some(at(30));
+        for m in [30, 31, 90, 10_000] {
+            assert_eq!(percent_for(&r, &canary, at(m)), 50.0, "minute {m}");
+            assert_eq!(percent_for(&r, &NO_LABELS, at(m)), 0.0, "minute {m}");
+            let w = wave_standing(&r, at(m)).unwrap();
+            assert_eq!((w.index, w.percent, w.done), (0, 50.0, false));
+        }
+        assert_eq!(wave_standing(&rollout(10.0), at(0)), None);
+        // Without waves, the percent is the ramp's.
+        assert_eq!(percent_for(&rollout(12.0), &canary, at(0)), 12.0);
+    }
+
+    /// A device that matches no wave is never admitted, and is told so.
+    #[test]
+    fn a_device_in_no_wave_stays_until_a_promote_includes_it() {
+        let (base, head) = (rel("1.2.0"), rel("1.3.0"));
+        let all = [base.clone(), head.clone()];
+        let r = waves(&[
+            ("ring=canary", 100.0, 0.0, 60.0),
+            ("region=eu", 100.0, 0.0, 0.0),
+        ]);
+        let us = labels(&[("region", "us")]);
+        for n in 0..200 {
+            let id = format!("d{n}");
+            for m in [0, 60, 600, 1_000_000] {
+                let mut i = input(&all, &head, &base, &r, &id, Some(&base));
+                i.labels = &us;
+                i.now = now() + Duration::minutes(m);
+                let e = explained(&i, &facts(true));
+                assert_eq!(e.reason, HeadReason::WaitingForWave, "{id} at {m}");
+                assert_eq!(
+                    e.message,
+                    "Matches none of the rollout's waves (ring=canary; region=eu): it stays on 1.2.0 until a promote includes it."
+                );
+            }
+        }
+        let old = rel("1.0.0");
+        let mut i = input(&all, &head, &base, &r, "x", Some(&old));
+        i.labels = &us;
+        assert!(
+            explained(&i, &facts(true))
+                .message
+                .contains(": it gets 1.2.0 until a promote includes it."),
+        );
+    }
+
+    /// Waiting for a later wave names it and when it starts; a wave that
+    /// ramps or stops short is named too, with the percent that admits.
+    #[test]
+    fn wave_explanations_say_when() {
+        let (base, head) = (rel("1.2.0"), rel("1.3.0"));
+        let all = [base.clone(), head.clone()];
+        let r = waves(&[
+            ("ring=canary", 100.0, 0.0, 120.0),
+            ("region=eu", 40.0, 60.0, 0.0),
+            ("", 100.0, 0.0, 0.0),
+        ]);
+        let eu = labels(&[("region", "eu")]);
+        let plan = r.waves.as_ref().unwrap();
+        let mut seen = BTreeSet::new();
+        for n in 0..300 {
+            let id = format!("d{n}");
+            let b = bucket(&id, "1.3.0");
+            let mut i = input(&all, &head, &base, &r, &id, Some(&base));
+            i.labels = &eu;
+            let e = explained(&i, &facts(true));
+            assert_eq!(e.reason, HeadReason::WaitingForWave, "{id}");
+            let (wave, starts) = if admitted(b, 40.0) {
+                ("wave 2 of 3 (region=eu)", "2027-01-15 10:00 UTC")
+            } else {
+                ("wave 3 of 3 (every device)", "2027-01-15 11:00 UTC")
+            };
+            assert!(e.message.starts_with(&format!("Waits for {wave}, which starts at {starts}: it gets 1.3.0 once that wave reaches ")), "{}", e.message);
+            seen.insert(wave);
+            // Halfway through wave 2's ramp (20 %): ramping, or stopping short of it.
+            i.now = plan.starts_at(1) + Duration::minutes(30);
+            let (d, why) = decide_why(&i);
+            let e = explain(&i, &d, why, &facts(true));
+            if admitted(b, 20.0) {
+                assert!(d.update);
+            } else if admitted(b, 40.0) {
+                assert_eq!(e.reason, HeadReason::OutsideCohort);
+                let reaches: f64 = e
+                    .message
+                    .split("once the wave reaches ")
+                    .nth(1)
+                    .and_then(|m| m.strip_suffix("%."))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    admitted(b, reaches) && !admitted(b, reaches - 0.01),
+                    "{}",
+                    e.message
+                );
+                assert!(
+                    e.message.starts_with(
+                        "In wave 2 of 3 (region=eu), which admits 20% of its devices to 1.3.0 now"
+                    ),
+                    "{}",
+                    e.message
+                );
+            } else {
+                assert_eq!(why.rule, Rule::LaterWave, "wave 3 will take it");
+            }
+        }
+        assert_eq!(seen.len(), 2);
+        let starts = plan.starts_at(1);
+        assert_eq!(starts, now() + Duration::minutes(120));
+
+        // No wave but one that stops at 10 %: outside it for good.
+        let short = waves(&[("ring=canary", 10.0, 0.0, 0.0)]);
+        let canary = labels(&[("ring", "canary")]);
+        let id = (0..)
+            .map(|n| format!("d{n}"))
+            .find(|id| !admitted(bucket(id, "1.3.0"), 10.0))
+            .unwrap();
+        let mut i = input(&all, &head, &base, &short, &id, Some(&base));
+        i.labels = &canary;
+        let e = explained(&i, &facts(true));
+        assert_eq!(e.reason, HeadReason::OutsideCohort);
+        assert_eq!(
+            e.message,
+            "Outside the 10% of devices wave 1 of 1 (ring=canary) admits to 1.3.0, and no other wave includes it: it stays on 1.2.0 until a promote includes it."
+        );
+        // Paused waves say paused, as a paused percent does.
+        let mut paused = r.clone();
+        paused.paused = true;
+        let mut i = input(&all, &head, &base, &paused, "x", Some(&base));
+        i.labels = &eu;
+        assert_eq!(explained(&i, &facts(true)).reason, HeadReason::Paused);
     }
 }

@@ -12,6 +12,8 @@ mod authz;
 mod cli;
 mod e2e;
 mod faults;
+mod fleet_policy;
+mod fleetlock;
 mod head_status;
 mod identity;
 mod keys;
