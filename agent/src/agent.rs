@@ -1,16 +1,23 @@
-//! One device: the upgrade step by step, the boot assessment after
-//! reboot, rollback, status and the daemon's turns. Each step is a method on
-//! [`Device`]; the update state changes only through [`Store::transition`],
-//! which refuses a step from a state it may not start from. Two guards hold
-//! above it: once a reboot was asked for (a slot staged, or the booted slot
-//! failed its assessment) nothing is written until the machine has rebooted
-//! (the kernel's boot id changed), and no slot is written while the booted
-//! slot is not known good (on trial, or marked bad).
+//! One device: the upgrade step by step, the reboot policy, the boot
+//! assessment after reboot, rollback, status and the daemon's turns. Each
+//! step is a method on [`Device`]; the update state changes only through
+//! [`Store::transition`], which refuses a step from a state it may not start
+//! from. Two guards hold above it: once a reboot was asked for (a slot
+//! staged, or the booted slot failed its assessment) nothing is written
+//! until the machine has rebooted (the kernel's boot id changed), and no
+//! slot is written while the booted slot is not known good (on trial, or
+//! marked bad).
+//!
+//! An update is written and verified first (`ready`: GRUB does not boot the
+//! slot yet), then armed only when the reboot policy allows it: the
+//! server's advice in the signed answer (maintenance windows), the
+//! configured `boot.reboot_policy`, and a reboot lease (FleetLock) when the
+//! server names a lease group.
 
 use crate::bootloader::{AbState, GrubEnv, Slot};
 use crate::chunked::Toc;
-use crate::client::{Expect, Server, check_offer};
-use crate::config::Config;
+use crate::client::{Expect, Lease, Server, check_offer};
+use crate::config::{Config, RebootPolicy};
 use crate::failpoint;
 use crate::pipeline::Partial;
 use crate::registry::{ImageRef, Registry};
@@ -18,7 +25,7 @@ use crate::state::{Credentials, StateLock, Step, Store, Target, UpdateState};
 use crate::unpack::{UnpackOptions, Unpacker};
 use anyhow::{Context, bail};
 use sluice_protocol::{
-    ClearedBy, EnrollRequest, EventKind, EventRequest, FailuresCleared, HostStatus,
+    ClearedBy, EnrollRequest, EventKind, EventRequest, FailuresCleared, HostStatus, RebootAdvice,
     ResolveResponse, SlotStatus,
 };
 use std::collections::BTreeMap;
@@ -36,6 +43,17 @@ pub enum Outcome {
     /// The offered release already failed its boot assessment here: not
     /// applied again (a release with another digest is).
     Skipped(Target),
+    /// The release is written and verified (`ready`) and waits for the
+    /// reboot policy: `why` says for what, in words; ask again no later
+    /// than `retry_at` (a maintenance window opens then).
+    Waiting {
+        /// The release staged.
+        target: Target,
+        /// What it waits for (`staged 1.3.0, waits for window ...`).
+        why: String,
+        /// When the wait may end by itself, if known.
+        retry_at: Option<OffsetDateTime>,
+    },
 }
 
 /// What an answer offers this device, as `apply` would see it.
@@ -151,7 +169,7 @@ impl Device {
             channel: self.cfg.channel.clone(),
             current_version: current.as_ref().map(|t| t.version.clone()),
             current_digest: current.map(|t| t.digest),
-            labels: Default::default(),
+            labels: self.cfg.labels.clone(),
             proof: Some(proof),
         })?;
         let c = Credentials {
@@ -432,25 +450,70 @@ impl Device {
         self.forget_failures(&digests, ClearedBy::Local)
     }
 
-    /// Check and, if an update is offered, write it into the other slot,
-    /// stage it and ask for the reboot. Refused while a reboot is awaited or
-    /// the booted slot is not known good.
+    /// Check and, if an update is offered, write it into the other slot
+    /// (`ready`), and arm it and ask for the reboot when the reboot policy
+    /// allows it; in `ready`, decide again (the same release stays, another
+    /// one is written instead, one no longer offered is forgotten). Refused
+    /// while a reboot is awaited or the booted slot is not known good.
     pub fn apply(&mut self) -> anyhow::Result<Outcome> {
+        self.adopt_armed()?;
         self.refuse_if_rebooting("apply")?;
-        let answer = self.check()?;
-        let target = match self.offer_in(&answer)? {
-            Offered::UpToDate => return Ok(Outcome::UpToDate),
-            Offered::FailedHere(target) => {
-                crate::log(&format!(
-                    "not applying {} ({}): it failed its boot assessment on this device \
-                     (`sluice-agent clear-failed {}` or an admin's retry clears that)",
-                    target.version, target.digest, target.digest
-                ));
-                return Ok(Outcome::Skipped(target));
+        if matches!(
+            self.store.data.update,
+            UpdateState::Idle | UpdateState::Writing { .. }
+        ) {
+            // Held for the last reboot: its assessment is over.
+            self.release_lease();
+        }
+        let mut answer = self.check()?;
+        let mut wrote = false;
+        loop {
+            let offered = self.offer_in(&answer)?;
+            if let UpdateState::Ready { target, slot, seal } = self.store.data.update.clone() {
+                match &offered {
+                    Offered::Update(t) if t.digest == target.digest => {
+                        match self.still_sealed(&target, slot, &seal) {
+                            Ok(()) => return self.decide(target, slot, &answer, false),
+                            Err(e) if wrote => return Err(e),
+                            Err(e) => crate::log(&format!("{e:#}: writing it again")),
+                        }
+                    }
+                    Offered::Update(t) => crate::log(&format!(
+                        "{} is offered instead of the staged {}: writing it into slot {slot}",
+                        t.version, target.version
+                    )),
+                    Offered::UpToDate | Offered::FailedHere(_) => {
+                        self.forget(&target, slot)?;
+                        self.release_lease();
+                    }
+                }
             }
-            Offered::Update(target) => target,
-        };
-        let slot = self.may_write(&target)?;
+            let target = match offered {
+                Offered::UpToDate => return Ok(Outcome::UpToDate),
+                Offered::FailedHere(target) => {
+                    crate::log(&format!(
+                        "not applying {} ({}): it failed its boot assessment on this device \
+                         (`sluice-agent clear-failed {}` or an admin's retry clears that)",
+                        target.version, target.digest, target.digest
+                    ));
+                    return Ok(Outcome::Skipped(target));
+                }
+                Offered::Update(target) => target,
+            };
+            self.write(&target)?;
+            wrote = true;
+            if answer.expires_at <= OffsetDateTime::now_utc() {
+                // The write outlasted the answer, which must not be acted
+                // on any more: ask again before following its advice.
+                answer = self.check()?;
+            }
+        }
+    }
+
+    /// Writes `target` into the slot that is not booted and verifies it:
+    /// `ready`, GRUB unchanged (the slot stays unbootable).
+    fn write(&mut self, target: &Target) -> anyhow::Result<()> {
+        let slot = self.may_write(target)?;
         crate::log(&format!(
             "update to {} ({}) into slot {slot}",
             target.version, target.digest
@@ -459,6 +522,7 @@ impl Device {
         // The state says the slot is no longer what it held before GRUB
         // learns it, and GRUB never picks it while it is half written.
         self.store.data.set_slot(slot, None);
+        self.store.data.waiting = None;
         self.store.transition(
             Step::Write,
             UpdateState::Writing {
@@ -472,34 +536,281 @@ impl Device {
         self.store_ab(env, &ab)?;
         self.report(
             EventKind::DownloadStarted,
-            &target,
+            target,
             Some(format!("slot {slot}")),
         );
         failpoint::hit("slot: write");
-        if let Err(e) = self.write_slot(&target, slot) {
+        if let Err(e) = self.write_slot(target, slot) {
             let msg = format!("{e:#}");
             self.store.data.last_result = Some(format!("failed {}: {msg}", target.version));
             self.store
                 .transition(Step::WriteFailed, UpdateState::Idle)?;
-            self.report(EventKind::Failed, &target, Some(msg));
+            self.report(EventKind::Failed, target, Some(msg));
             return Err(e);
         }
         failpoint::hit("slot: written");
-        self.report(EventKind::Downloaded, &target, None);
-        self.stage(target.clone(), slot)?;
-        self.report(EventKind::Applied, &target, Some(format!("slot {slot}")));
-        self.report(EventKind::Rebooting, &target, None);
-        self.request_reboot()?;
+        let seal = crate::slot::seal(self.cfg.slots.kind, self.cfg.slot_path(slot))?;
+        self.store.data.set_slot(slot, Some(target.clone()));
+        self.store.transition(
+            Step::Written,
+            UpdateState::Ready {
+                target: target.clone(),
+                slot,
+                seal,
+            },
+        )?;
+        self.report(EventKind::Downloaded, target, None);
+        Ok(())
+    }
+
+    /// Whether the ready `slot` still holds the `target` verified into it:
+    /// the state records it there, it is not the booted slot, the booted
+    /// one is known good, and its seal ([`crate::slot::seal`]) is unchanged.
+    fn still_sealed(&self, target: &Target, slot: Slot, seal: &str) -> anyhow::Result<()> {
+        if self.store.data.slot(slot) != Some(target) {
+            bail!(
+                "the state no longer records {} in slot {slot}",
+                target.version
+            );
+        }
+        let booted = self.booted()?;
+        let (_, ab) = self.ab()?;
+        if booted == slot || !ab.is_known_good(booted) {
+            bail!("slot {booted} booted, not the known-good slot beside the staged slot {slot}");
+        }
+        let now = crate::slot::seal(self.cfg.slots.kind, self.cfg.slot_path(slot))?;
+        if now != seal {
+            bail!(
+                "slot {slot} changed since {} was verified into it",
+                target.version
+            );
+        }
+        Ok(())
+    }
+
+    /// In `ready`, offered the same release: arm and reboot if the policy
+    /// allows it now (`manual`: a person asked, windows do not hold it
+    /// back), else say what it waits for.
+    fn decide(
+        &mut self,
+        target: Target,
+        slot: Slot,
+        answer: &ResolveResponse,
+        manual: bool,
+    ) -> anyhow::Result<Outcome> {
+        let advice = answer.reboot.as_ref();
+        let wait = match self.cfg.boot.reboot_policy {
+            _ if manual => None,
+            RebootPolicy::Manual => Some((
+                format!(
+                    "staged {}, waits for a manual reboot (sluice-agent reboot)",
+                    target.version
+                ),
+                None,
+            )),
+            RebootPolicy::Window => advice
+                .filter(|a| !a.allowed)
+                .map(|a| (window_wait(&target.version, a), a.opens_at)),
+            RebootPolicy::Immediate => None,
+        };
+        if let Some((why, retry_at)) = wait {
+            // A lease taken before a crash is not kept while waiting.
+            self.release_lease();
+            return self.wait(&target, why, retry_at);
+        }
+        if let Some(group) = advice.and_then(|a| a.lease_group.as_deref())
+            && let Some(refused) = self.take_lease(group)?
+        {
+            let why = format!(
+                "staged {}, waits for reboot lease ({refused})",
+                target.version
+            );
+            return self.wait(&target, why, None);
+        }
+        self.arm(target.clone(), slot)?;
         Ok(Outcome::Rebooting(target))
     }
 
-    /// The slot is complete: GRUB boots it next, on trial (the booted slot
-    /// is the fallback), then the state says so.
-    fn stage(&mut self, target: Target, slot: Slot) -> anyhow::Result<()> {
+    /// Says what the ready release waits for: logged, kept in the state for
+    /// `status`, and reported as a `staged` event when it changed.
+    fn wait(
+        &mut self,
+        target: &Target,
+        why: String,
+        retry_at: Option<OffsetDateTime>,
+    ) -> anyhow::Result<Outcome> {
+        if self.store.data.waiting.as_deref() != Some(why.as_str()) {
+            crate::log(&why);
+            self.store.data.waiting = Some(why.clone());
+            self.store.save()?;
+            self.report(EventKind::Staged, target, Some(why.clone()));
+        }
+        Ok(Outcome::Waiting {
+            target: target.clone(),
+            why,
+            retry_at,
+        })
+    }
+
+    /// Takes a reboot lease in `group` (`POST /v1/pre-reboot`): `None` when
+    /// held, else the server's reason in words.
+    fn take_lease(&mut self, group: &str) -> anyhow::Result<Option<String>> {
+        if group.is_empty()
+            || group.len() > 253
+            || !group
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
+            bail!(
+                "the server names the lease group {:?}, which is not a FleetLock group \
+                 (1 to 253 characters of a-z A-Z 0-9 . -): not rebooting",
+                crate::client::one_line(group, 80)
+            );
+        }
+        let c = self.enroll()?;
+        if self.store.data.lease.as_deref() != Some(group) {
+            // One lease at a time: one of another group goes back first.
+            self.release_lease();
+            // Durable before asking: a crash after the server granted it
+            // still gives it back.
+            self.store.data.lease = Some(group.to_string());
+            self.store.save()?;
+        }
+        failpoint::hit("command: pre-reboot");
+        match self.server.pre_reboot(&c.device_id, &c.token, group)? {
+            Lease::Done => {
+                crate::log(&format!("took the reboot lease in group {group}"));
+                Ok(None)
+            }
+            Lease::Refused(why) => {
+                self.store.data.lease = None;
+                self.store.save()?;
+                Ok(Some(why))
+            }
+        }
+    }
+
+    /// Gives back the reboot lease the state says may be held
+    /// (`POST /v1/steady-state`). Best effort: tried again at every turn
+    /// until the server confirms, and never in the boot assessment's way.
+    pub fn release_lease(&mut self) {
+        let Some(group) = self.store.data.lease.clone() else {
+            return;
+        };
+        let Ok(Some(c)) = self.credentials() else {
+            return;
+        };
+        failpoint::hit("command: steady-state");
+        match self.server.steady_state(&c.device_id, &c.token, &group) {
+            Ok(Lease::Done) => {
+                self.store.data.lease = None;
+                match self.store.save() {
+                    Ok(()) => crate::log(&format!("gave back the reboot lease in group {group}")),
+                    Err(e) => crate::log(&format!("forgetting the reboot lease: {e:#}")),
+                }
+            }
+            Ok(Lease::Refused(why)) => crate::log(&format!(
+                "giving back the reboot lease in group {group} refused: {why}; trying again at the next poll"
+            )),
+            Err(e) => crate::log(&format!(
+                "giving back the reboot lease in group {group}: {e:#}; trying again at the next poll"
+            )),
+        }
+    }
+
+    /// The server no longer offers the ready release: back to idle; the
+    /// slot stays unbootable and no longer counts as holding it.
+    fn forget(&mut self, target: &Target, slot: Slot) -> anyhow::Result<()> {
+        crate::log(&format!(
+            "the server no longer offers the staged {}: forgetting it",
+            target.version
+        ));
+        self.store.data.set_slot(slot, None);
+        self.store.data.waiting = None;
+        self.store.data.last_result = Some(format!(
+            "forgot the staged {}: no longer offered",
+            target.version
+        ));
+        self.store.transition(Step::Forget, UpdateState::Idle)
+    }
+
+    /// The ready slot is armed: GRUB boots it next, on trial (the booted
+    /// slot is the fallback), then the state says so, then the reboot.
+    fn arm(&mut self, target: Target, slot: Slot) -> anyhow::Result<()> {
         let (env, mut ab) = self.ab()?;
         ab.stage(slot);
         self.store_ab(env, &ab)?;
+        self.store.data.waiting = None;
         let boot_id = self.boot_id()?;
+        self.staged(target.clone(), slot, boot_id)?;
+        self.report(EventKind::Applied, &target, Some(format!("slot {slot}")));
+        self.report(EventKind::Rebooting, &target, None);
+        self.request_reboot()
+    }
+
+    /// `sluice-agent reboot`: boots the ready release now, whatever the
+    /// policy and the windows say, after taking the reboot lease when the
+    /// server names a lease group. Refused when nothing is ready, when the
+    /// server no longer offers it, or when the lease is not granted.
+    pub fn reboot_now(&mut self) -> anyhow::Result<Target> {
+        self.adopt_armed()?;
+        self.refuse_if_rebooting("reboot")?;
+        let UpdateState::Ready { target, slot, seal } = self.store.data.update.clone() else {
+            let state = self.store.data.update.name();
+            return Err(self.store.refuse(
+                "reboot",
+                format!("nothing is staged to reboot into (state {state}): `sluice-agent apply` stages the offered release"),
+            ));
+        };
+        let answer = self.check()?;
+        let now = match self.offer_in(&answer)? {
+            Offered::Update(t) if t.digest == target.digest => None,
+            Offered::Update(t) => Some(format!("it offers {} now", t.version)),
+            Offered::UpToDate | Offered::FailedHere(_) => Some("it offers nothing newer".into()),
+        };
+        if let Some(now) = now {
+            return Err(self.store.refuse(
+                "reboot",
+                format!(
+                    "the server no longer offers the staged {} ({now}): `sluice-agent apply` follows it",
+                    target.version
+                ),
+            ));
+        }
+        if let Err(e) = self.still_sealed(&target, slot, &seal) {
+            return Err(self.store.refuse(
+                "reboot",
+                format!("{e:#}: `sluice-agent apply` writes it again"),
+            ));
+        }
+        match self.decide(target, slot, &answer, true)? {
+            Outcome::Rebooting(t) => Ok(t),
+            Outcome::Waiting { why, .. } => Err(self.store.refuse("reboot", why)),
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+
+    /// The agent died after GRUB was armed for a complete slot (`ready`,
+    /// or `writing` in a state file of an agent before download-only
+    /// staging) and before the state said so: it is staged, in this boot
+    /// unless the slot already booted (or spent its try).
+    fn adopt_armed(&mut self) -> anyhow::Result<()> {
+        let (target, slot) = match &self.store.data.update {
+            UpdateState::Writing { target, slot, .. } | UpdateState::Ready { target, slot, .. } => {
+                (target.clone(), *slot)
+            }
+            _ => return Ok(()),
+        };
+        let (_, ab) = self.ab()?;
+        if ab.trial() != Some(slot) || !ab.is_ok(slot) {
+            return Ok(());
+        }
+        let boot_id = if self.booted()? == slot || ab.is_tried(slot) {
+            String::new()
+        } else {
+            self.boot_id()?
+        };
+        self.store.data.waiting = None;
         self.staged(target, slot, boot_id)
     }
 
@@ -708,21 +1019,8 @@ impl Device {
     /// for a known-good slot, which only reports: it stays the slot to boot.
     pub fn assess(&mut self, always: bool) -> anyhow::Result<()> {
         let booted = self.booted()?;
-        let now = self.boot_id()?;
+        self.adopt_armed()?;
         let (env, mut ab) = self.ab()?;
-        // The agent died after GRUB was switched to a complete slot and
-        // before the state said so: it is staged.
-        if let UpdateState::Writing { target, slot, .. } = self.store.data.update.clone()
-            && ab.trial() == Some(slot)
-            && ab.is_ok(slot)
-        {
-            let boot_id = if booted == slot || ab.is_tried(slot) {
-                String::new()
-            } else {
-                now.clone()
-            };
-            self.staged(target, slot, boot_id)?;
-        }
         if let Some(why) = self.awaited_reboot()? {
             crate::log(&format!("waiting for the reboot {why}: nothing to assess"));
             return Ok(());
@@ -772,7 +1070,7 @@ impl Device {
                 // Booted the slot marked bad anyway: assess it again.
                 self.assess_trial(Some(target), env, ab)
             }
-            UpdateState::Idle | UpdateState::Writing { .. } => {
+            UpdateState::Idle | UpdateState::Writing { .. } | UpdateState::Ready { .. } => {
                 if ab.trial() == Some(booted) {
                     let target = self.store.data.slot(booted).cloned();
                     return self.assess_trial(target, env, ab);
@@ -866,14 +1164,25 @@ impl Device {
     /// boot assessment then reports `healthy` for its release (so the server
     /// learns what the device runs) or falls back.
     pub fn rollback(&mut self) -> anyhow::Result<Slot> {
+        self.adopt_armed()?;
         self.refuse_if_rebooting("rollback")?;
         let booted = self.booted()?;
         let other = booted.other();
-        if let UpdateState::Writing { .. } = self.store.data.update {
-            return Err(self.store.refuse(
-                "rollback",
-                format!("slot {other} is being written: nothing to roll back to"),
-            ));
+        match &self.store.data.update {
+            UpdateState::Writing { .. } => {
+                return Err(self.store.refuse(
+                    "rollback",
+                    format!("slot {other} is being written: nothing to roll back to"),
+                ));
+            }
+            UpdateState::Ready { target, .. } => {
+                let v = target.version.clone();
+                return Err(self.store.refuse(
+                    "rollback",
+                    format!("slot {other} holds the staged {v}, which never ran here, not an earlier release: nothing to roll back to (`sluice-agent reboot` boots {v})"),
+                ));
+            }
+            _ => {}
         }
         let (env, mut ab) = self.ab()?;
         if !ab.is_known_good(booted) {
@@ -923,6 +1232,7 @@ impl Device {
         };
         let staged = match &self.store.data.update {
             UpdateState::Writing { target, slot, .. }
+            | UpdateState::Ready { target, slot, .. }
             | UpdateState::Staged { target, slot, .. }
                 if Some(*slot) != booted =>
             {
@@ -966,6 +1276,11 @@ impl Device {
             last_result: self.store.data.last_result.clone(),
             device_id: self.credentials().ok().flatten().map(|c| c.device_id),
             refusals: self.store.data.refusals.clone(),
+            waiting: match self.store.data.update {
+                UpdateState::Ready { .. } => self.store.data.waiting.clone(),
+                _ => None,
+            },
+            lease: self.store.data.lease.clone(),
         })
     }
 }
@@ -988,6 +1303,38 @@ pub struct Status {
     pub device_id: Option<String>,
     /// How often each step was refused.
     pub refusals: BTreeMap<String, u64>,
+    /// While `ready`: what the staged release waits for, in words.
+    pub waiting: Option<String>,
+    /// The reboot-lease group a lease may be held in, until it is given back.
+    pub lease: Option<String>,
+}
+
+/// What a ready release waits for when the server's advice holds it back:
+/// `staged 1.3.0, waits for window Sat 02:00–04:00 Europe/Berlin (opens
+/// 2027-03-27 01:00 UTC)`.
+pub fn window_wait(version: &str, advice: &RebootAdvice) -> String {
+    let window = match &advice.window {
+        Some(w) => format!("window {}", crate::client::one_line(w, 200)),
+        None => "a maintenance window".to_string(),
+    };
+    let opens = advice
+        .opens_at
+        .map(|t| format!(" (opens {})", utc_minute(t)))
+        .unwrap_or_default();
+    format!("staged {version}, waits for {window}{opens}")
+}
+
+/// `2027-03-27 01:00 UTC`.
+fn utc_minute(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute()
+    )
 }
 
 /// What the daemon does after a turn.
@@ -995,6 +1342,9 @@ pub struct Status {
 pub enum Turn {
     /// Poll again after about this long.
     Poll(Duration),
+    /// Poll again after this long exactly (no jitter): a maintenance
+    /// window opens then.
+    PollAt(Duration),
     /// A reboot is awaited: do nothing; ask for it again after this long
     /// when asking failed.
     AwaitReboot(Option<Duration>),
@@ -1068,14 +1418,19 @@ impl Daemon {
             }
             Ok(Outcome::UpToDate | Outcome::Skipped(_)) => {
                 self.backoff = BACKOFF_MIN;
-                // The server paces the fleet; 0 would mean a busy loop.
-                let poll = dev
-                    .store
-                    .data
-                    .last_poll_after_s
-                    .unwrap_or(300)
-                    .clamp(1, 86_400);
-                Turn::Poll(Duration::from_secs(poll))
+                next_poll(
+                    dev.store.data.last_poll_after_s,
+                    None,
+                    OffsetDateTime::now_utc(),
+                )
+            }
+            Ok(Outcome::Waiting { retry_at, .. }) => {
+                self.backoff = BACKOFF_MIN;
+                next_poll(
+                    dev.store.data.last_poll_after_s,
+                    retry_at,
+                    OffsetDateTime::now_utc(),
+                )
             }
             Err(e) => {
                 let w = self.back_off();
@@ -1090,6 +1445,31 @@ impl Daemon {
                 Turn::Poll(w)
             }
         }
+    }
+}
+
+/// The shortest wait before asking again about a window that opens.
+const MIN_WINDOW_POLL: Duration = Duration::from_secs(5);
+
+/// When the daemon asks again: after the server's `poll_after_s` (300 s
+/// when it gave none), but no later than `retry_at` (a maintenance window
+/// opens), and not sooner than [`MIN_WINDOW_POLL`].
+pub fn next_poll(
+    poll_after_s: Option<u64>,
+    retry_at: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> Turn {
+    // The server paces the fleet; 0 would mean a busy loop.
+    let poll = Duration::from_secs(poll_after_s.unwrap_or(300).clamp(1, 86_400));
+    let Some(at) = retry_at else {
+        return Turn::Poll(poll);
+    };
+    let until = Duration::try_from(at - now).unwrap_or(Duration::ZERO);
+    // Jitter (±10 %) could carry the poll past the opening.
+    if until < poll.mul_f64(1.1) {
+        Turn::PollAt(until.max(MIN_WINDOW_POLL).min(poll))
+    } else {
+        Turn::Poll(poll)
     }
 }
 
@@ -1113,4 +1493,88 @@ fn open_root(path: &std::path::Path) -> Option<std::os::fd::OwnedFd> {
         ))
     })
     .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_protocol::RebootReason;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2027-03-26 22:00 UTC);
+
+    /// The daemon asks again no later than a window opens, not sooner than
+    /// 5 s apart, and at the server's pace otherwise.
+    #[test]
+    fn polls_wait_for_the_server_but_not_past_a_window() {
+        let hour = Some(3600);
+        assert_eq!(
+            next_poll(hour, None, NOW),
+            Turn::Poll(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            next_poll(None, None, NOW),
+            Turn::Poll(Duration::from_secs(300))
+        );
+        assert_eq!(
+            next_poll(Some(0), None, NOW),
+            Turn::Poll(Duration::from_secs(1))
+        );
+        // Opens in 10 minutes: then, without jitter.
+        let at = NOW + time::Duration::minutes(10);
+        assert_eq!(
+            next_poll(hour, Some(at), NOW),
+            Turn::PollAt(Duration::from_secs(600))
+        );
+        // Opens in two hours: the server's hour comes first.
+        let at = NOW + time::Duration::hours(2);
+        assert_eq!(
+            next_poll(hour, Some(at), NOW),
+            Turn::Poll(Duration::from_secs(3600))
+        );
+        // Just past the server's pace: jitter could overshoot, so exactly it.
+        let at = NOW + time::Duration::seconds(3700);
+        assert_eq!(
+            next_poll(hour, Some(at), NOW),
+            Turn::PollAt(Duration::from_secs(3600))
+        );
+        // Opening now, or already past (a stale advice): not a busy loop.
+        for at in [
+            NOW,
+            NOW - time::Duration::hours(1),
+            NOW + time::Duration::seconds(1),
+        ] {
+            assert_eq!(
+                next_poll(hour, Some(at), NOW),
+                Turn::PollAt(MIN_WINDOW_POLL)
+            );
+        }
+    }
+
+    #[test]
+    fn the_window_wait_in_words() {
+        let mut a = RebootAdvice {
+            allowed: false,
+            reason: RebootReason::OutsideWindow,
+            window: Some("Sat 02:00–04:00 Europe/Berlin".into()),
+            opens_at: Some(datetime!(2027-03-27 02:00 +01:00)),
+            closes_at: None,
+            lease_group: None,
+        };
+        assert_eq!(
+            window_wait("1.3.0", &a),
+            "staged 1.3.0, waits for window Sat 02:00–04:00 Europe/Berlin (opens 2027-03-27 01:00 UTC)"
+        );
+        a.window = Some("evil\nline".into());
+        a.opens_at = None;
+        assert_eq!(
+            window_wait("1.3.0", &a),
+            "staged 1.3.0, waits for window evil line"
+        );
+        a.window = None;
+        assert_eq!(
+            window_wait("1.3.0", &a),
+            "staged 1.3.0, waits for a maintenance window"
+        );
+    }
 }

@@ -1,12 +1,13 @@
 //! The agent's HTTP client of the Sluice server: enroll, token renewal,
-//! resolve (signed answers, checked here before anything acts on them) and
-//! event reports.
+//! resolve (signed answers, checked here before anything acts on them),
+//! event reports and reboot leases (FleetLock).
 
 use anyhow::{Context, bail};
 use sluice_protocol::keys::SIGNATURE_HEADER;
 use sluice_protocol::{
-    DeviceProof, DeviceToken, EnrollRequest, EnrollResponse, EventRequest, KeyLists, KeySet, Offer,
-    ResolveResponse, TokenRequest, WIRE_VERSION, simplesigning::verify_image_signature,
+    DeviceProof, DeviceToken, EnrollRequest, EnrollResponse, EventRequest, FleetLockClient,
+    FleetLockError, FleetLockRequest, KeyLists, KeySet, Offer, ResolveResponse, TokenRequest,
+    WIRE_VERSION, simplesigning::verify_image_signature,
 };
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -285,6 +286,93 @@ impl Server {
             return Err(refused("failures cleared", &mut resp));
         }
         Ok(())
+    }
+}
+
+/// How a FleetLock request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    /// 2xx: the lease is held (`pre-reboot`) or given back (`steady-state`).
+    Done,
+    /// A 4xx answer: the server's `value` in words (or the status and
+    /// body when it sent no FleetLock error), cut to one short line. Any
+    /// other answer is an error: whether the lease is held is not known.
+    Refused(String),
+}
+
+/// Most characters of a FleetLock refusal kept: it is shown in `status`
+/// and sent back in events, and the answer is not signed.
+const MAX_REFUSAL: usize = 200;
+
+impl Server {
+    /// `POST /v1/pre-reboot` (FleetLock): take a reboot lease in `group`.
+    pub fn pre_reboot(&self, device_id: &str, token: &str, group: &str) -> anyhow::Result<Lease> {
+        self.fleet_lock("pre-reboot", device_id, token, group)
+    }
+
+    /// `POST /v1/steady-state` (FleetLock): give the lease in `group` back.
+    pub fn steady_state(&self, device_id: &str, token: &str, group: &str) -> anyhow::Result<Lease> {
+        self.fleet_lock("steady-state", device_id, token, group)
+    }
+
+    fn fleet_lock(
+        &self,
+        route: &str,
+        device_id: &str,
+        token: &str,
+        group: &str,
+    ) -> anyhow::Result<Lease> {
+        let url = format!("{}/v1/{route}", self.base);
+        let body = FleetLockRequest {
+            client_params: FleetLockClient {
+                id: device_id.to_string(),
+                group: group.to_string(),
+            },
+        };
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("fleet-lock-protocol", "true")
+            .header("Content-Type", "application/json")
+            .send(serde_json::to_vec(&body)?)
+            .with_context(|| format!("server {} unreachable", self.base))?;
+        if resp.status().is_success() {
+            return Ok(Lease::Done);
+        }
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 10)
+            .read_to_string()
+            .unwrap_or_default();
+        // Only a client error says no for sure: after a 5xx the lease may
+        // be held (or given back) all the same.
+        if !resp.status().is_client_error() {
+            bail!(
+                "{route} failed ({status}): {}",
+                one_line(&text, MAX_REFUSAL)
+            );
+        }
+        let why = match serde_json::from_str::<FleetLockError>(&text) {
+            Ok(e) => e.value,
+            Err(_) => format!("{route} answered {status}: {text}"),
+        };
+        Ok(Lease::Refused(one_line(&why, MAX_REFUSAL)))
+    }
+}
+
+/// `s` as one line of at most `max` characters, without control characters.
+pub fn one_line(s: &str, max: usize) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let clean = clean.trim();
+    match clean.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &clean[..i]),
+        None => clean.to_string(),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Where the configuration is read when neither `--config` nor
@@ -41,6 +42,11 @@ pub struct Config {
     /// The machine id sent at enrollment; default: `/etc/machine-id`.
     #[serde(default)]
     pub machine_id: Option<String>,
+    /// Labels sent at enrollment (`ring = "canary"`), which the server's
+    /// rollout waves, maintenance windows and lease groups select by;
+    /// checked by [`check_labels`] when the file is loaded.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// The A/B slots.
     pub slots: Slots,
     /// Bootloader, reboot and health checks.
@@ -107,6 +113,35 @@ pub struct Boot {
     /// from a reboot (a reboot asked for is awaited until this changes).
     #[serde(default = "default_boot_id")]
     pub boot_id: PathBuf,
+    /// When the device reboots into a release it staged.
+    #[serde(default)]
+    pub reboot_policy: RebootPolicy,
+}
+
+/// `boot.reboot_policy`: when a staged release is booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RebootPolicy {
+    /// As the server advises: inside the channel's maintenance windows (or
+    /// any time when none applies), with a reboot lease when it names one.
+    #[default]
+    Window,
+    /// As soon as it is staged, whatever the windows; still with a reboot
+    /// lease when the server names a lease group.
+    Immediate,
+    /// Never by itself: a person runs `sluice-agent reboot`.
+    Manual,
+}
+
+impl RebootPolicy {
+    /// Its name in `agent.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RebootPolicy::Window => "window",
+            RebootPolicy::Immediate => "immediate",
+            RebootPolicy::Manual => "manual",
+        }
+    }
 }
 
 /// `[registry]`.
@@ -236,6 +271,7 @@ impl Config {
             arch: default_arch(),
             keys: default_keys(),
             machine_id: None,
+            labels: BTreeMap::new(),
             slots: Slots {
                 kind,
                 a,
@@ -250,6 +286,7 @@ impl Config {
                 reboot: default_reboot(),
                 health_checks: default_health(),
                 boot_id: default_boot_id(),
+                reboot_policy: RebootPolicy::default(),
             },
             registry: Registry::default(),
         }
@@ -277,6 +314,7 @@ impl Config {
             reboot: vec!["true".into()],
             health_checks: vec![vec!["true".into()]],
             boot_id: dir.join("boot_id"),
+            reboot_policy: RebootPolicy::default(),
         };
         c
     }
@@ -304,6 +342,8 @@ impl Config {
         if cfg.boot.reboot.is_empty() {
             anyhow::bail!("boot.reboot is empty: give the command that reboots this device");
         }
+        check_labels(&cfg.labels)
+            .with_context(|| format!("the configuration {}", path.display()))?;
         Ok(cfg)
     }
 
@@ -324,6 +364,45 @@ impl Config {
             (None, _) => Path::new("/"),
         }
     }
+}
+
+/// Most labels a device may have.
+pub const MAX_LABELS: usize = 32;
+
+/// Checks labels by the server's rules, so a bad one is refused here and
+/// not at enrollment: at most [`MAX_LABELS`], keys 1–63 characters of
+/// `A-Z a-z 0-9 . _ / -` starting with a letter or digit, values 0–63
+/// characters of `A-Z a-z 0-9 . _ -`.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    if labels.len() > MAX_LABELS {
+        anyhow::bail!(
+            "labels: {} labels, at most {MAX_LABELS} are allowed",
+            labels.len()
+        );
+    }
+    for (k, v) in labels {
+        let key_ok = (1..=63).contains(&k.len())
+            && k.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c));
+        if !key_ok {
+            anyhow::bail!(
+                "labels: key {k:?} is not a label key: 1 to 63 characters of A-Z a-z 0-9 . _ / - \
+                 starting with a letter or digit"
+            );
+        }
+        if v.len() > 63
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            anyhow::bail!(
+                "labels: the value {v:?} of {k:?} is not a label value: at most 63 characters \
+                 of A-Z a-z 0-9 . _ -"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -391,6 +470,68 @@ auth = "/etc/sluice/registry-auth.json"
         assert!(toml::from_str::<Config>("server = 1").is_err());
         assert!(cfg.registry.mirrors.is_empty());
         assert_eq!(cfg.registry.pull_host("ghcr.io"), "ghcr.io");
+    }
+
+    /// Labels and the reboot policy as `agent.toml` writes them, and back.
+    #[test]
+    fn labels_and_the_reboot_policy_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "labels = {{ ring = \"canary\", \"site/x\" = \"\" }}\n{}",
+            SPEC_EXAMPLE.replace("[boot]\n", "[boot]\nreboot_policy = \"manual\"\n")
+        );
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, &text).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.labels["ring"], "canary");
+        assert_eq!(cfg.labels["site/x"], "");
+        assert_eq!(cfg.boot.reboot_policy, RebootPolicy::Manual);
+        cfg.write(&path).unwrap();
+        let back = Config::load(&path).unwrap();
+        assert_eq!(back.labels, cfg.labels);
+        assert_eq!(back.boot.reboot_policy, RebootPolicy::Manual);
+        // Left out: no labels, the window policy.
+        let cfg: Config = toml::from_str(SPEC_EXAMPLE).unwrap();
+        assert!(cfg.labels.is_empty());
+        assert_eq!(cfg.boot.reboot_policy, RebootPolicy::Window);
+        let bad = SPEC_EXAMPLE.replace("[boot]\n", "[boot]\nreboot_policy = \"sometimes\"\n");
+        let e = toml::from_str::<Config>(&bad).unwrap_err().to_string();
+        assert!(e.contains("window") && e.contains("manual"), "{e}");
+    }
+
+    /// The server's label rules, each side of every edge.
+    #[test]
+    fn labels_are_checked_as_the_server_checks_them() {
+        let one = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        for (k, v) in [
+            ("ring", "canary"),
+            ("a", ""),
+            ("k8s.io/zone-1_a", "eu-west.1_b"),
+            (&"k".repeat(63), &"v".repeat(63)),
+            ("9lives", "x"),
+        ] {
+            check_labels(&one(k, v)).unwrap_or_else(|e| panic!("{k}={v}: {e}"));
+        }
+        for (k, v, want) in [
+            ("", "x", "is not a label key"),
+            ("-ring", "x", "is not a label key"),
+            ("/ring", "x", "is not a label key"),
+            ("ri ng", "x", "is not a label key"),
+            ("ringé", "x", "is not a label key"),
+            (&"k".repeat(64), "x", "is not a label key"),
+            ("ring", "a/b", "is not a label value"),
+            ("ring", "a b", "is not a label value"),
+            ("ring", &"v".repeat(64), "is not a label value"),
+        ] {
+            let e = check_labels(&one(k, v)).unwrap_err().to_string();
+            assert!(e.contains(want), "{k}={v}: {e}");
+        }
+        let many: BTreeMap<String, String> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
+        let e = check_labels(&many).unwrap_err().to_string();
+        assert!(e.contains("33 labels, at most 32"), "{e}");
+        check_labels(&many.into_iter().take(MAX_LABELS).collect()).unwrap();
     }
 
     #[test]

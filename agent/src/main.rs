@@ -1,4 +1,4 @@
-//! `sluice-agent`: run, check, apply, status, mark-good, rollback,
+//! `sluice-agent`: run, check, apply, reboot, status, mark-good, rollback,
 //! clear-failed, enroll.
 #![deny(unsafe_code)]
 
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: sluice-agent [--config PATH] <run|check|apply|status [--json]|mark-good|rollback|clear-failed [DIGEST]|enroll>";
+const USAGE: &str = "usage: sluice-agent [--config PATH] <run|check|apply|reboot|status [--json]|mark-good|rollback|clear-failed [DIGEST]|enroll>";
 
 /// `check`'s exit status when `apply` would write an update (as
 /// `dnf check-update`): scripts tell "update available" from "up to date" (0)
@@ -28,8 +28,11 @@ commands:
   run        the daemon: assess the booted slot, then poll, apply and reboot
   check      ask the server once; print what it offers, change nothing
              (exit 100 when `apply` would install an update)
-  apply      check, and write an offered release into the other slot, stage
-             it and ask for the reboot
+  apply      check, and write an offered release into the other slot; arm
+             it and ask for the reboot when boot.reboot_policy and the
+             server's maintenance windows allow it (else it waits, ready)
+  reboot     boot the release that waits (ready) now, whatever the windows:
+             takes the reboot lease when the server asks for one
   status     the slots (booted, staged, rollback), the state, the key list
              held; --json for the whole status as the server receives it
   mark-good  assess the booted slot now (health checks): keep it, or mark it
@@ -131,12 +134,17 @@ fn real_main() -> anyhow::Result<u8> {
         "apply" => match dev.apply()? {
             Outcome::UpToDate => println!("up to date"),
             Outcome::Rebooting(t) => println!("applied {} ({}); rebooting", t.version, t.digest),
+            Outcome::Waiting { why, .. } => println!("{why}"),
             Outcome::Skipped(t) => println!(
                 "not applying {} ({}): it failed its boot assessment on this device \
                  (`sluice-agent clear-failed {}` clears that)",
                 t.version, t.digest, t.digest
             ),
         },
+        "reboot" => {
+            let t = dev.reboot_now()?;
+            println!("rebooting into {} ({})", t.version, t.digest);
+        }
         "status" => {
             let s = dev.status()?;
             if json {
@@ -155,7 +163,14 @@ fn real_main() -> anyhow::Result<u8> {
                     ),
                 };
                 println!("booted:   {}", slot(&s.host.booted));
-                println!("staged:   {}", slot(&s.host.staged));
+                match (&s.host.staged, s.host.state == "ready") {
+                    (Some(st), true) => println!(
+                        "staged:   slot {} {} (ready: not bootable until armed)",
+                        st.slot,
+                        st.version.as_deref().unwrap_or("(unknown image)")
+                    ),
+                    _ => println!("staged:   {}", slot(&s.host.staged)),
+                }
                 println!("rollback: {}", slot(&s.host.rollback));
                 println!(
                     "state:    {}{}",
@@ -166,6 +181,14 @@ fn real_main() -> anyhow::Result<u8> {
                         ""
                     }
                 );
+                if let Some(w) = &s.waiting {
+                    println!("waiting:  {w}");
+                }
+                if let Some(g) = &s.lease {
+                    println!(
+                        "lease:    reboot lease in group {g}, given back once the new slot is assessed"
+                    );
+                }
                 match s.keys_version {
                     Some(v) => println!("keys:     signed key list version {v}"),
                     None => println!("keys:     the keys file (no signed key list fetched yet)"),
@@ -257,6 +280,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         drop(dev);
         let wait = match turn {
             Turn::Poll(d) => jitter(d),
+            Turn::PollAt(d) => d,
             Turn::AwaitReboot(Some(d)) => d,
             // Only the reboot (or a stop) ends this wait: exiting could
             // have a restart write what must wait for the reboot.

@@ -130,3 +130,48 @@ pub fn finish(kind: SlotKind, root: &Path, slot: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A cheap fingerprint of a written slot, taken once it is verified and
+/// compared before GRUB is armed, so a slot changed while it waited (a
+/// mount, a format, files added or removed at its top) is written again
+/// rather than booted. `dir`: the folder's inode, mode, times; `image`:
+/// the file's inode, size and times and its ext4 superblock; `block`: the
+/// superblock (mount counts and times, free counts, the UUID a new format
+/// changes). Not a digest of the content: reading the whole slot again
+/// would cost as much as writing it.
+pub fn seal(kind: SlotKind, slot: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = |m: &std::fs::Metadata| {
+        format!(
+            "ino={} mode={:o} size={} mtime={}.{} ctime={}.{}",
+            m.ino(),
+            m.mode(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        )
+    };
+    let superblock = || -> anyhow::Result<String> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(slot)?;
+        f.seek(std::io::SeekFrom::Start(1024))?;
+        let mut sb = vec![0u8; 1024];
+        f.read_exact(&mut sb)?;
+        Ok(sluice_protocol::sha256_digest(&sb))
+    };
+    let m = std::fs::metadata(slot).with_context(|| format!("reading {}", slot.display()))?;
+    Ok(match kind {
+        SlotKind::Dir => format!("dir {}", meta(&m)),
+        SlotKind::Image => format!(
+            "image {} sb={}",
+            meta(&m),
+            superblock().with_context(|| format!("reading {}", slot.display()))?
+        ),
+        SlotKind::Block => format!(
+            "block sb={}",
+            superblock().with_context(|| format!("reading {}", slot.display()))?
+        ),
+    })
+}

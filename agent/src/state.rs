@@ -39,6 +39,20 @@ pub enum UpdateState {
         #[serde(default)]
         boot_id: String,
     },
+    /// `slot` holds `target`, written and verified, but GRUB does not boot
+    /// it: it waits for the reboot policy (a maintenance window, a reboot
+    /// lease, a person). A power cut or an unplanned reboot boots the
+    /// running slot, so this state survives reboots (no boot id).
+    Ready {
+        /// What was written.
+        target: Target,
+        /// Into which slot.
+        slot: Slot,
+        /// The slot's seal when it was verified ([`crate::slot::seal`]):
+        /// checked again before GRUB is armed.
+        #[serde(default)]
+        seal: String,
+    },
     /// `slot` holds `target` and GRUB boots it next, on trial: until the
     /// boot `boot_id` ends the agent only waits for the reboot.
     Staged {
@@ -70,6 +84,7 @@ impl UpdateState {
         match self {
             UpdateState::Idle => "idle",
             UpdateState::Writing { .. } => "writing",
+            UpdateState::Ready { .. } => "ready",
             UpdateState::Staged { .. } => "staged",
             UpdateState::Failed { .. } => "failed",
         }
@@ -106,10 +121,15 @@ impl UpdateState {
 /// from; [`Store::transition`] refuses (logs and counts) any other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// Begin (or begin again) writing the inactive slot.
+    /// Begin (or begin again) writing the inactive slot: from idle, after
+    /// an interrupted write, or when another release replaces a ready one.
     Write,
-    /// The slot is complete and GRUB boots it next, on trial.
+    /// The slot is written and verified; GRUB does not boot it yet.
+    Written,
+    /// The ready slot is armed: GRUB boots it next, on trial.
     Stage,
+    /// The server no longer offers the ready release: it is forgotten.
+    Forget,
     /// The write failed; nothing was made bootable.
     WriteFailed,
     /// The slot on trial passed its assessment.
@@ -129,7 +149,9 @@ impl Step {
     pub fn name(self) -> &'static str {
         match self {
             Step::Write => "write",
+            Step::Written => "written",
             Step::Stage => "stage",
+            Step::Forget => "forget",
             Step::WriteFailed => "write_failed",
             Step::Healthy => "healthy",
             Step::AssessmentFailed => "assessment_failed",
@@ -142,11 +164,15 @@ impl Step {
     /// The states it may start from.
     pub fn from(self) -> &'static [&'static str] {
         match self {
-            Step::Write => &["idle", "writing"],
-            Step::Stage => &["writing"],
+            Step::Write => &["idle", "writing", "ready"],
+            Step::Written => &["writing"],
+            // From writing: GRUB armed by an agent before download-only
+            // staging, whose state file still says writing.
+            Step::Stage => &["ready", "writing"],
+            Step::Forget => &["ready"],
             Step::WriteFailed => &["writing"],
-            Step::Healthy => &["idle", "writing", "staged", "failed"],
-            Step::AssessmentFailed => &["idle", "writing", "staged", "failed"],
+            Step::Healthy => &["idle", "writing", "ready", "staged", "failed"],
+            Step::AssessmentFailed => &["idle", "writing", "ready", "staged", "failed"],
             Step::FellBack => &["staged", "failed"],
             Step::Cancel => &["staged"],
             Step::Rollback => &["idle"],
@@ -188,6 +214,15 @@ pub struct Persisted {
     /// How many times each transition or write was refused, by name.
     #[serde(default)]
     pub refusals: BTreeMap<String, u64>,
+    /// The reboot-lease group this device may hold a lease in: set before
+    /// `POST /v1/pre-reboot`, cleared once `POST /v1/steady-state` succeeded
+    /// (after the boot assessment, or when it waits after all).
+    #[serde(default)]
+    pub lease: Option<String>,
+    /// While ready: what it waits for, in words (the last `staged` event's
+    /// message), so `status` says it without asking the server.
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 /// How many failed digests are remembered.
@@ -204,6 +239,8 @@ impl Default for Persisted {
             last_poll_after_s: None,
             failed_digests: Vec::new(),
             refusals: BTreeMap::new(),
+            lease: None,
+            waiting: None,
         }
     }
 }
@@ -398,6 +435,57 @@ mod tests {
         let s = Store::open(d.path()).unwrap();
         assert_eq!(s.data.update, writing);
         assert_eq!(s.data.refusals["rollback"], 1);
+    }
+
+    /// Download-only staging: written → ready → armed, or ready → written
+    /// again, or ready → forgotten; nothing else leaves or enters ready.
+    #[test]
+    fn ready_has_its_own_transitions() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        let t = Target {
+            version: "1.3.0".into(),
+            digest: "sha256:13".into(),
+            image: "r/x@sha256:13".into(),
+        };
+        let ready = UpdateState::Ready {
+            target: t.clone(),
+            slot: Slot::B,
+            seal: "dir ino=1".into(),
+        };
+        let writing = UpdateState::Writing {
+            target: t.clone(),
+            slot: Slot::B,
+            boot_id: "b1".into(),
+        };
+        s.transition(Step::Written, ready.clone()).unwrap_err();
+        s.transition(Step::Write, writing.clone()).unwrap();
+        s.transition(Step::Written, ready.clone()).unwrap();
+        s.data.lease = Some("acme.stable".into());
+        s.data.waiting = Some("staged 1.3.0, waits for window".into());
+        s.save().unwrap();
+        // It survives a restart, with what it waits for and the lease.
+        let mut s = Store::open(d.path()).unwrap();
+        assert_eq!(s.data.update, ready);
+        assert_eq!(s.data.update.name(), "ready");
+        assert_eq!(
+            s.data.update.awaits_reboot(),
+            None,
+            "ready awaits no reboot"
+        );
+        assert_eq!(s.data.lease.as_deref(), Some("acme.stable"));
+        for step in [
+            Step::Rollback,
+            Step::WriteFailed,
+            Step::Cancel,
+            Step::FellBack,
+        ] {
+            s.transition(step, UpdateState::Idle).unwrap_err();
+        }
+        s.transition(Step::Write, writing).unwrap();
+        s.transition(Step::Written, ready.clone()).unwrap();
+        s.transition(Step::Forget, UpdateState::Idle).unwrap();
+        s.transition(Step::Forget, UpdateState::Idle).unwrap_err();
     }
 
     /// State files of earlier agents (no boot ids) still load.

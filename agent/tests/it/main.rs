@@ -11,5 +11,6 @@ mod fuzz_corpus;
 mod grubenv;
 mod hostile_layers;
 mod model;
+mod reboot_policy;
 mod upgrade;
 mod verify_slot;

@@ -8,15 +8,24 @@
 //! Random sequences of: server answers (a new release, the same one, an older
 //! one with or without `downgrade`, revoked, forged, an image signature for
 //! another digest, a registry that lies about a blob, a server that is down,
-//! a replayed answer), reboots with healthy or unhealthy checks, agent
-//! restarts, `rollback`, and crashes at any durable write, slot write or
-//! command, each followed by a restart in the same boot or a power cut.
-//! After every step:
+//! a replayed answer), each with reboot advice (none, a closed or an open
+//! maintenance window, a reboot lease with or without room), under a
+//! reboot policy per sequence (`window`, `immediate`, `manual` with
+//! `sluice-agent reboot` now and then), reboots with healthy or unhealthy
+//! checks, agent restarts, `rollback`, and crashes at any durable write,
+//! slot write or command, each followed by a restart in the same boot or a
+//! power cut. After every step:
 //! - GRUB boots a known-good slot, or a slot on trial whose fallback (once
 //!   its try is spent) is known good;
 //! - every slot GRUB could boot holds exactly a release signed for this
 //!   device (or the factory image): no unverified or half-written byte;
 //! - a known-good slot holds what already ran from it;
+//! - a `ready` slot holds exactly its release and GRUB does not boot it;
+//! - a slot is armed (put on trial) in a poll only when the policy and the
+//!   advice allow it, and, when the advice names a lease group, only while
+//!   the device holds a lease (checked before a crash's aftermath too);
+//! - a lease the server says the device holds is recorded in its state;
+//!   a poll from idle that ends without a staged slot leaves none held;
 //! - the agent never panics but where a crash was injected.
 //!
 //! `SLUICE_MODEL_CASES` sequences run (default 500), from a random base seed
@@ -26,14 +35,14 @@
 
 use crate::common;
 
-use common::{Keys, Layer, Request, Responder, Response, device_routes, resolution};
+use common::{Keys, Layer, Leases, Request, Responder, Response, device_routes, resolution};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice_agent::agent::{Daemon, Device, Turn};
 use sluice_agent::bootloader::{AbState, GrubEnv, Slot, SlotBoot};
-use sluice_agent::config::Config;
+use sluice_agent::config::{Config, RebootPolicy};
 use sluice_agent::failpoint::{self, Crash};
-use sluice_protocol::Offer;
+use sluice_protocol::{Offer, RebootAdvice, RebootReason};
 use std::collections::{BTreeMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -96,6 +105,51 @@ enum Answer {
     Replay,
 }
 
+/// The reboot advice in an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Advice {
+    /// None: any time, no lease.
+    Any,
+    /// Outside the maintenance window.
+    Closed,
+    /// Inside it.
+    Open,
+    /// Any time, with a lease in [`GROUP`]; `room`: one is free.
+    Lease { room: bool },
+}
+
+const GROUP: &str = "acme-os.stable";
+
+impl Advice {
+    fn advice(self) -> Option<RebootAdvice> {
+        let window = |allowed| RebootAdvice {
+            allowed,
+            reason: if allowed {
+                RebootReason::InWindow
+            } else {
+                RebootReason::OutsideWindow
+            },
+            window: Some("Sat 02:00–04:00 Europe/Berlin".into()),
+            opens_at: Some(time::OffsetDateTime::now_utc() + time::Duration::hours(30)),
+            closes_at: None,
+            lease_group: None,
+        };
+        match self {
+            Advice::Any => None,
+            Advice::Closed => Some(window(false)),
+            Advice::Open => Some(window(true)),
+            Advice::Lease { .. } => Some(RebootAdvice {
+                allowed: true,
+                reason: RebootReason::NoWindow,
+                window: None,
+                opens_at: None,
+                closes_at: None,
+                lease_group: Some(GROUP.into()),
+            }),
+        }
+    }
+}
+
 /// What happens after an injected crash.
 #[derive(Debug, Clone, Copy)]
 enum Then {
@@ -107,8 +161,10 @@ enum Then {
 
 #[derive(Debug, Clone, Copy)]
 enum Action {
-    /// One daemon turn while the server answers so.
-    Poll(Answer, Option<(u32, Then)>),
+    /// One daemon turn while the server answers so, with this advice.
+    Poll(Answer, Advice, Option<(u32, Then)>),
+    /// A person runs `sluice-agent reboot` (manual policy).
+    ManualReboot(Option<(u32, Then)>),
     /// The machine reboots (the reboot asked for happens, or any reboot).
     Reboot {
         healthy: bool,
@@ -131,6 +187,8 @@ struct World {
     /// Registry content by digest (the lying release's layer corrupted).
     blobs: BTreeMap<String, Vec<u8>>,
     answer: Mutex<Answer>,
+    advice: Mutex<Advice>,
+    leases: Mutex<Leases>,
     serial: AtomicI64,
     responder: Responder,
 }
@@ -214,6 +272,8 @@ impl World {
                 factory: BTreeMap::from([("factory".to_string(), Some(b"factory image".to_vec()))]),
                 blobs,
                 answer: Mutex::new(Answer::Revoked),
+                advice: Mutex::new(Advice::Any),
+                leases: Mutex::new(Leases::new()),
                 serial: AtomicI64::new(1),
                 responder,
             }
@@ -233,6 +293,20 @@ impl World {
     fn serve(&self, req: &Request) -> Response {
         if let Some(r) = device_routes(req) {
             return r;
+        }
+        if req.path.starts_with("/v1/pre-reboot") || req.path.starts_with("/v1/steady-state") {
+            if matches!(*self.answer.lock().unwrap(), Answer::Down) {
+                return Response::plain(503, "down");
+            }
+            let room = !matches!(*self.advice.lock().unwrap(), Advice::Lease { room: false });
+            let mut leases = self.leases.lock().unwrap();
+            let held = leases.holders.entry(GROUP.into()).or_default();
+            // Another device takes the one lease when there is no room.
+            held.retain(|h| h != "other");
+            if !room && held.is_empty() {
+                held.push("other".into());
+            }
+            return leases.answer(req).expect("a FleetLock route");
         }
         if req.path.ends_with("/resolve") {
             let answer = *self.answer.lock().unwrap();
@@ -270,6 +344,7 @@ impl World {
             if let Some(nonce) = nonce {
                 r.nonce = nonce;
             }
+            r.reboot = self.advice.lock().unwrap().advice();
             let signer = if foreign {
                 &self.other.response
             } else {
@@ -305,6 +380,14 @@ struct Sim<'w> {
     daemon: Option<Daemon>,
     /// (slot, content) pairs that booted here.
     ran: HashSet<(Slot, String)>,
+    policy: RebootPolicy,
+    /// Polls that ended with a release ready (waiting).
+    readies: u64,
+    /// The slot on trial when the step began.
+    trial_before: Option<Slot>,
+    /// Whether the step may arm a slot: `None`, any step but a poll or a
+    /// manual reboot (a rollback arms; a boot or restart adopts).
+    may_arm: Option<bool>,
     trace: Vec<String>,
     boots: u64,
 }
@@ -336,7 +419,7 @@ fn tempdir() -> tempfile::TempDir {
 }
 
 impl<'w> Sim<'w> {
-    fn new(world: &'w World) -> Sim<'w> {
+    fn new(world: &'w World, policy: RebootPolicy) -> Sim<'w> {
         let dir = tempdir();
         let p = dir.path();
         for s in ["a", "b", "state"] {
@@ -357,13 +440,20 @@ impl<'w> Sim<'w> {
             p.join("healthy").display().to_string(),
         ]];
         cfg.registry.insecure = vec![world.responder.host.clone()];
+        cfg.boot.reboot_policy = policy;
         cfg.write(&p.join("agent.toml")).unwrap();
+        // Every sequence starts with no lease held.
+        world.leases.lock().unwrap().holders.clear();
         Sim {
             world,
             dir,
             dev: None,
             daemon: None,
             ran: HashSet::new(),
+            policy,
+            readies: 0,
+            trial_before: None,
+            may_arm: None,
             trace: Vec::new(),
             boots: 0,
         }
@@ -392,6 +482,8 @@ impl<'w> Sim<'w> {
         }
         let r = catch_unwind(AssertUnwindSafe(|| f(self)));
         failpoint::disarm();
+        // Before a crash's aftermath boots what was armed.
+        self.check_arming()?;
         match r {
             Ok(()) => Ok(()),
             Err(p) => {
@@ -481,9 +573,20 @@ impl<'w> Sim<'w> {
 
     fn step(&mut self, a: Action) -> Outcome {
         self.trace.push(format!("{a:?}"));
+        self.trial_before = self.grub().trial();
+        self.may_arm = None;
         match a {
-            Action::Poll(answer, crash) => {
+            Action::Poll(answer, advice, crash) => {
                 *self.world.answer.lock().unwrap() = answer;
+                *self.world.advice.lock().unwrap() = advice;
+                let lease_ok = || advice != Advice::Lease { room: false };
+                self.may_arm = Some(match self.policy {
+                    RebootPolicy::Manual => false,
+                    RebootPolicy::Window => advice != Advice::Closed && lease_ok(),
+                    RebootPolicy::Immediate => lease_ok(),
+                });
+                let from = self.state()["update"]["state"].clone();
+                let crashes = self.crashes();
                 if self.dev.is_none() {
                     self.restart(None)?;
                 }
@@ -493,10 +596,44 @@ impl<'w> Sim<'w> {
                     };
                     let t = daemon.turn(dev);
                     let line = match t {
-                        Turn::Poll(_) => "  polls on".to_string(),
+                        Turn::Poll(_) | Turn::PollAt(_) => format!(
+                            "  polls on ({})",
+                            dev.store.data.waiting.as_deref().unwrap_or("-")
+                        ),
                         Turn::AwaitReboot(_) => "  waits for the reboot".to_string(),
                     };
                     s.trace.push(line);
+                })?;
+                // A poll from idle that leaves nothing staged holds no lease.
+                let to = self.state()["update"]["state"].clone();
+                self.readies += u64::from(to == "ready");
+                if self.crashes() == crashes
+                    && !matches!(answer, Answer::Down)
+                    && (from == "idle" || from == "writing")
+                    && to != "staged"
+                    && self.held()
+                {
+                    return Err(format!(
+                        "a poll from {from} ended in {to} with the reboot lease still held"
+                    ));
+                }
+                Ok(())
+            }
+            Action::ManualReboot(crash) => {
+                // A lease is needed when the last answer named a group.
+                self.may_arm =
+                    Some(*self.world.advice.lock().unwrap() != Advice::Lease { room: false });
+                if self.dev.is_none() {
+                    self.restart(None)?;
+                }
+                self.guarded(crash, |s| {
+                    if let Some(dev) = s.dev.as_mut() {
+                        let r = dev.reboot_now();
+                        s.trace.push(format!(
+                            "  reboot: {:?}",
+                            r.map(|t| t.version).map_err(|e| e.to_string())
+                        ));
+                    }
                 })
             }
             Action::Reboot { healthy, crash } => self.boot(healthy, crash),
@@ -514,6 +651,61 @@ impl<'w> Sim<'w> {
                 })
             }
         }
+    }
+
+    fn grub(&self) -> AbState {
+        AbState::from_env(&GrubEnv::load(&self.path("grubenv")).unwrap_or_else(|_| GrubEnv::new()))
+    }
+
+    fn state(&self) -> serde_json::Value {
+        std::fs::read(self.path("state/state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn crashes(&self) -> usize {
+        self.trace
+            .iter()
+            .filter(|l| l.starts_with("  crash"))
+            .count()
+    }
+
+    /// Whether the server says this device holds a lease.
+    fn held(&self) -> bool {
+        self.world
+            .leases
+            .lock()
+            .unwrap()
+            .held(GROUP)
+            .contains(&"dev-1".to_string())
+    }
+
+    /// A slot armed in this step was allowed to be: by the policy and
+    /// advice, and with the lease held when the advice names a group.
+    fn check_arming(&self) -> Outcome {
+        let Some(may) = self.may_arm else {
+            return Ok(());
+        };
+        let ab = self.grub();
+        let Some(t) = ab.trial() else {
+            return Ok(());
+        };
+        if self.trial_before == Some(t) || ab.slot_boot(t) != SlotBoot::Trial {
+            return Ok(());
+        }
+        if !may {
+            return Err(format!(
+                "slot {t} was armed against the {:?} policy and the advice {:?}",
+                self.policy,
+                *self.world.advice.lock().unwrap()
+            ));
+        }
+        let leased = matches!(*self.world.advice.lock().unwrap(), Advice::Lease { .. });
+        if leased && !self.held() {
+            return Err(format!("slot {t} was armed without the reboot lease"));
+        }
+        Ok(())
     }
 
     /// The invariants, after every step.
@@ -562,6 +754,30 @@ impl<'w> Sim<'w> {
                 ));
             }
         }
+        let state = self.state();
+        let update = &state["update"];
+        if update["state"] == "ready" {
+            let slot = Slot::parse(update["slot"].as_str().unwrap()).unwrap();
+            let version = update["target"]["version"].as_str().unwrap();
+            if ab.slot_boot(slot) != SlotBoot::Bad {
+                return Err(format!(
+                    "slot {slot} is ready, yet GRUB may boot it: {ab:?}"
+                ));
+            }
+            let fp = fingerprint(&self.slot_dir(slot));
+            if self.world.signed_content(&fp).as_deref() != Some(version) {
+                return Err(format!(
+                    "slot {slot} is ready with {version} but holds {:?}",
+                    self.world.signed_content(&fp)
+                ));
+            }
+        }
+        if self.held() && state["lease"] != GROUP {
+            return Err(format!(
+                "the device holds a reboot lease its state does not record: {}",
+                state["lease"]
+            ));
+        }
         Ok(())
     }
 }
@@ -579,11 +795,21 @@ fn gen_crash(rng: &mut StdRng, p: f64) -> Option<(u32, Then)> {
     })
 }
 
-fn gen_actions(seed: u64) -> Vec<Action> {
+/// A sequence: the reboot policy and the actions. The policy, the advice
+/// and manual reboots come from a second generator, so a seed's other
+/// actions are what they were before reboot policies.
+fn gen_actions(seed: u64) -> (RebootPolicy, Vec<Action>) {
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut policy_rng = StdRng::seed_from_u64(seed ^ 0x185e_ed18);
+    let policy = match policy_rng.gen_range(0..100) {
+        0..=59 => RebootPolicy::Window,
+        60..=79 => RebootPolicy::Immediate,
+        _ => RebootPolicy::Manual,
+    };
     let n = rng.gen_range(4..36);
-    (0..n)
-        .map(|_| match rng.gen_range(0..100) {
+    let mut actions = Vec::new();
+    for _ in 0..n {
+        let a = match rng.gen_range(0..100) {
             0..=54 => {
                 let answer = match rng.gen_range(0..100) {
                     0..=54 => Answer::Offer(rng.gen_range(0..4), rng.gen_bool(0.5)),
@@ -594,7 +820,14 @@ fn gen_actions(seed: u64) -> Vec<Action> {
                     91..=95 => Answer::Down,
                     _ => Answer::Replay,
                 };
-                Action::Poll(answer, gen_crash(&mut rng, 0.3))
+                let advice = match policy_rng.gen_range(0..100) {
+                    0..=34 => Advice::Any,
+                    35..=59 => Advice::Closed,
+                    60..=74 => Advice::Open,
+                    75..=89 => Advice::Lease { room: true },
+                    _ => Advice::Lease { room: false },
+                };
+                Action::Poll(answer, advice, gen_crash(&mut rng, 0.3))
             }
             55..=84 => Action::Reboot {
                 healthy: rng.gen_bool(0.7),
@@ -602,8 +835,16 @@ fn gen_actions(seed: u64) -> Vec<Action> {
             },
             85..=94 => Action::Restart(gen_crash(&mut rng, 0.2)),
             _ => Action::Rollback(gen_crash(&mut rng, 0.3)),
-        })
-        .collect()
+        };
+        let manual = policy == RebootPolicy::Manual
+            && matches!(a, Action::Poll(..))
+            && policy_rng.gen_bool(0.4);
+        actions.push(a);
+        if manual {
+            actions.push(Action::ManualReboot(gen_crash(&mut policy_rng, 0.3)));
+        }
+    }
+    (policy, actions)
 }
 
 /// Statistics over all sequences, to show the test reached what it claims.
@@ -612,14 +853,16 @@ struct Seen {
     crashes: AtomicU64,
     boots: AtomicU64,
     upgrades: AtomicU64,
+    readies: AtomicU64,
 }
 
 fn run(
     world: &World,
+    policy: RebootPolicy,
     actions: &[Action],
     seen: Option<&Seen>,
 ) -> Result<(), (String, Vec<String>)> {
-    let mut sim = Sim::new(world);
+    let mut sim = Sim::new(world, policy);
     let mut go = || -> Outcome {
         sim.boot(true, None)?;
         sim.check()?;
@@ -640,17 +883,18 @@ fn run(
         seen.boots.fetch_add(sim.boots, Ordering::Relaxed);
         let upgrades = sim.ran.iter().filter(|(_, c)| c != "factory").count();
         seen.upgrades.fetch_add(upgrades as u64, Ordering::Relaxed);
+        seen.readies.fetch_add(sim.readies, Ordering::Relaxed);
     }
     r.map_err(|e| (e, sim.trace))
 }
 
 /// Drops actions while the sequence still fails: the shortest trace to read.
-fn shrink(world: &World, mut actions: Vec<Action>) -> Vec<Action> {
+fn shrink(world: &World, policy: RebootPolicy, mut actions: Vec<Action>) -> Vec<Action> {
     let mut i = 0;
     while i < actions.len() {
         let mut fewer = actions.clone();
         fewer.remove(i);
-        if run(world, &fewer, None).is_err() {
+        if run(world, policy, &fewer, None).is_err() {
             actions = fewer;
         } else {
             i += 1;
@@ -720,13 +964,13 @@ fn random_sequences_keep_the_device_bootable_and_verified() {
                         break;
                     }
                     let seed = seeds[i];
-                    let actions = gen_actions(seed);
-                    if let Err((e, _)) = run(&world, &actions, Some(&seen)) {
+                    let (policy, actions) = gen_actions(seed);
+                    if let Err((e, _)) = run(&world, policy, &actions, Some(&seen)) {
                         save_regression(seed);
-                        let small = shrink(&world, actions);
-                        let (e2, trace) = run(&world, &small, None).err().unwrap_or((e.clone(), vec![]));
+                        let small = shrink(&world, policy, actions);
+                        let (e2, trace) = run(&world, policy, &small, None).err().unwrap_or((e.clone(), vec![]));
                         *failure.lock().unwrap() = Some(format!(
-                            "seed {seed:016x} (saved in {REGRESSIONS}): {e}\nshrunk to {} actions: {e2}\n{}",
+                            "seed {seed:016x} (saved in {REGRESSIONS}): {e}\nshrunk to {} actions ({policy:?} policy): {e2}\n{}",
                             small.len(),
                             trace.join("\n")
                         ));
@@ -739,19 +983,20 @@ fn random_sequences_keep_the_device_bootable_and_verified() {
     if let Some(f) = failure.into_inner().unwrap() {
         panic!("{f}");
     }
-    let (crashes, boots, upgrades) = (
+    let (crashes, boots, upgrades, readies) = (
         seen.crashes.into_inner(),
         seen.boots.into_inner(),
         seen.upgrades.into_inner(),
+        seen.readies.into_inner(),
     );
     eprintln!(
-        "model: {} sequences, {boots} boots, {crashes} injected crashes, {upgrades} releases booted, in {:.1?}",
+        "model: {} sequences, {boots} boots, {crashes} injected crashes, {upgrades} releases booted, {readies} polls left a release waiting, in {:.1?}",
         seeds.len(),
         started.elapsed()
     );
     assert!(
-        crashes > cases && boots > cases && upgrades > cases / 4,
-        "the sequences reached too little: {crashes} crashes, {boots} boots, {upgrades} upgrades"
+        crashes > cases && boots > cases && upgrades > cases / 4 && readies > cases / 4,
+        "the sequences reached too little: {crashes} crashes, {boots} boots, {upgrades} upgrades, {readies} waits"
     );
 }
 
@@ -763,24 +1008,24 @@ fn a_failed_trial_writes_nothing_before_its_reboot() {
     quiet_crashes();
     let world = World::new();
     let actions = [
-        Action::Poll(Answer::Offer(0, false), None),
+        Action::Poll(Answer::Offer(0, false), Advice::Any, None),
         Action::Reboot {
             healthy: false,
             crash: None,
         },
-        Action::Poll(Answer::Offer(1, false), None),
-        Action::Poll(Answer::Offer(1, false), None),
+        Action::Poll(Answer::Offer(1, false), Advice::Any, None),
+        Action::Poll(Answer::Offer(1, false), Advice::Any, None),
         Action::Reboot {
             healthy: true,
             crash: None,
         },
-        Action::Poll(Answer::Offer(1, false), None),
+        Action::Poll(Answer::Offer(1, false), Advice::Any, None),
         Action::Reboot {
             healthy: true,
             crash: None,
         },
     ];
-    let mut sim = Sim::new(&world);
+    let mut sim = Sim::new(&world, RebootPolicy::Window);
     sim.boot(true, None).unwrap();
     for a in actions {
         let r = sim.step(a).and_then(|()| sim.check());

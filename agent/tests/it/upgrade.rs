@@ -17,26 +17,30 @@ const PRODUCT: &str = "acme-os";
 
 /// How the stand-in server shapes its resolution answers.
 #[derive(Clone, Default)]
-struct Answer {
-    offer: Option<Offer>,
-    downgrade: bool,
-    serial: i64,
+pub(crate) struct Answer {
+    pub(crate) offer: Option<Offer>,
+    pub(crate) downgrade: bool,
+    pub(crate) serial: i64,
     /// Sign with these keys instead of the trusted ones.
-    foreign_signer: bool,
+    pub(crate) foreign_signer: bool,
     /// Echo this nonce instead of the device's.
-    nonce: Option<String>,
+    pub(crate) nonce: Option<String>,
     /// Seconds until expiry (negative: already expired).
-    ttl: i64,
+    pub(crate) ttl: i64,
     /// Digests an admin asked the device to try again.
-    retry: Vec<String>,
+    pub(crate) retry: Vec<String>,
+    /// The reboot advice (`None`: reboot any time, no lease).
+    pub(crate) reboot: Option<sluice_protocol::RebootAdvice>,
 }
 
-struct Fake {
-    keys: Keys,
+pub(crate) struct Fake {
+    pub(crate) keys: Keys,
     other: Keys,
-    answer: Mutex<Answer>,
+    pub(crate) answer: Mutex<Answer>,
     /// Registry blobs served by the responder itself (broken-blob cases).
     blobs: Mutex<Vec<(String, Vec<u8>)>>,
+    /// The reboot leases (FleetLock routes).
+    pub(crate) leases: Mutex<Leases>,
 }
 
 fn start(fake: Arc<Fake>) -> Responder {
@@ -45,11 +49,15 @@ fn start(fake: Arc<Fake>) -> Responder {
         if let Some(r) = device_routes(req) {
             return r;
         }
+        if let Some(r) = f.leases.lock().unwrap().answer(req) {
+            return r;
+        }
         if req.path.ends_with("/resolve") {
             let a = f.answer.lock().unwrap().clone();
             let mut r = resolution(req, a.offer, a.serial);
             r.downgrade = a.downgrade;
             r.retry = a.retry;
+            r.reboot = a.reboot;
             if let Some(nonce) = a.nonce {
                 r.nonce = nonce;
             }
@@ -81,6 +89,7 @@ fn fake() -> Arc<Fake> {
             ..Answer::default()
         }),
         blobs: Mutex::new(Vec::new()),
+        leases: Mutex::new(Leases::new()),
     })
 }
 
@@ -111,7 +120,7 @@ impl Fake {
 
     /// From now on answers with `p` offered as `version`, under a higher
     /// serial, as the server does when a channel moves.
-    fn offers(&self, p: &Pushed, version: &str) {
+    pub(crate) fn offers(&self, p: &Pushed, version: &str) {
         let mut a = self.answer.lock().unwrap();
         a.offer = Some(self.offer(p, version));
         a.serial += 1;
@@ -120,14 +129,14 @@ impl Fake {
 
 /// What most tests start from: the stand-in server, and a device of `kind`
 /// polling it whose health check passes when `healthy`.
-struct Stage {
-    f: Arc<Fake>,
-    r: Responder,
-    dev: Device,
+pub(crate) struct Stage {
+    pub(crate) f: Arc<Fake>,
+    pub(crate) r: Responder,
+    pub(crate) dev: Device,
 }
 
 impl Stage {
-    fn new(healthy: bool, kind: &str) -> Stage {
+    pub(crate) fn new(healthy: bool, kind: &str) -> Stage {
         let f = fake();
         let r = start(f.clone());
         let dev = f.device(&r, healthy, kind);
@@ -136,7 +145,7 @@ impl Stage {
 
     /// A stage whose server offers [`os_layers`], pushed, as 2.0.0; and
     /// that image.
-    fn offering(healthy: bool, kind: &str) -> (Stage, Pushed) {
+    pub(crate) fn offering(healthy: bool, kind: &str) -> (Stage, Pushed) {
         let s = Stage::new(healthy, kind);
         let pushed = push_image(&os_layers(), None);
         s.f.offers(&pushed, "2.0.0");
@@ -188,7 +197,7 @@ fn os_base(version: u32) -> tar::Builder<Vec<u8>> {
 
 /// An OS-like image: a base layer, and an upper layer with a whiteout, an
 /// opaque directory, a replaced file and owners.
-fn os_layers() -> Vec<Layer> {
+pub(crate) fn os_layers() -> Vec<Layer> {
     use tar::EntryType::*;
     let mut base = os_base(1);
     let files: &Files = &[
@@ -214,7 +223,7 @@ fn os_layers() -> Vec<Layer> {
 }
 
 /// A big image for the kill test: many files and a few MB of noise.
-fn big_layers() -> Vec<Layer> {
+pub(crate) fn big_layers() -> Vec<Layer> {
     let mut layers = os_layers();
     let mut b = tar::Builder::new(Vec::new());
     for i in 0..3000 {
@@ -227,7 +236,9 @@ fn big_layers() -> Vec<Layer> {
 }
 
 /// What `umoci raw unpack` makes of the same image in the same registry.
-fn umoci_tree(p: &Pushed) -> std::collections::BTreeMap<std::path::PathBuf, common::Entry> {
+pub(crate) fn umoci_tree(
+    p: &Pushed,
+) -> std::collections::BTreeMap<std::path::PathBuf, common::Entry> {
     common::umoci_tree(&p.image)
 }
 
@@ -642,7 +653,7 @@ fn upgrade_into_image_slot() {
 /// everything it said if it exits first.
 /// Waits `at`, then SIGKILLs `child` unless it has ended; answers whether
 /// it was killed. Either way the child is reaped.
-fn kill_after(child: &mut std::process::Child, at: std::time::Duration) -> bool {
+pub(crate) fn kill_after(child: &mut std::process::Child, at: std::time::Duration) -> bool {
     std::thread::sleep(at);
     let running = child.try_wait().unwrap().is_none();
     if running {
@@ -656,7 +667,7 @@ fn kill_after(child: &mut std::process::Child, at: std::time::Duration) -> bool 
     running
 }
 
-fn wait_for_line(child: &mut std::process::Child, want: &str) -> String {
+pub(crate) fn wait_for_line(child: &mut std::process::Child, want: &str) -> String {
     use std::io::BufRead;
     let err = child.stderr.take().expect("stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -703,7 +714,7 @@ fn daemon_waits_for_the_reboot(dev: &Device) {
 }
 
 /// Stops a daemon with SIGTERM and answers its exit status.
-fn stop(child: &mut std::process::Child) -> std::process::ExitStatus {
+pub(crate) fn stop(child: &mut std::process::Child) -> std::process::ExitStatus {
     rustix::process::kill_process(
         rustix::process::Pid::from_child(child),
         rustix::process::Signal::TERM,

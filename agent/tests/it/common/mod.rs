@@ -320,6 +320,105 @@ pub fn device_routes(req: &Request) -> Option<Response> {
         .then(|| Response::plain(204, []))
 }
 
+/// The server's FleetLock routes as the stand-ins play them: `POST
+/// /v1/pre-reboot` and `POST /v1/steady-state`, each with the headers
+/// `fleet-lock-protocol: true` and `Authorization: Bearer tok-1` and the
+/// body `{"client_params": {"id": "dev-1", "group": "<group>"}}`. A lease
+/// is granted (200) while fewer than `max` ids hold one in the group (the
+/// holder asking again is granted again), else refused with 409 and
+/// `{"kind": "lease_unavailable", "value": "group <g> holds <n> of <max>
+/// reboot leases ..."}`; `steady-state` gives the caller's lease back (200,
+/// held or not). A request without the headers or with another body is a
+/// 400 `bad_request`.
+#[derive(Debug, Default)]
+pub struct Leases {
+    /// Most holders per group.
+    pub max: usize,
+    /// Who holds a lease, by group.
+    pub holders: BTreeMap<String, Vec<String>>,
+    /// Answer `steady-state` with 503 this many more times.
+    pub steady_state_down: u32,
+    /// Refuse every `pre-reboot` with this `value` (a hostile server).
+    pub refusal: Option<String>,
+}
+
+impl Leases {
+    /// One lease per group.
+    pub fn new() -> Leases {
+        Leases {
+            max: 1,
+            ..Leases::default()
+        }
+    }
+
+    /// Who holds leases in `group`.
+    pub fn held(&self, group: &str) -> Vec<String> {
+        self.holders.get(group).cloned().unwrap_or_default()
+    }
+
+    /// The answer to `req` when it is a FleetLock route.
+    pub fn answer(&mut self, req: &Request) -> Option<Response> {
+        let pre = match req.path.as_str() {
+            "/v1/pre-reboot" => true,
+            "/v1/steady-state" => false,
+            _ => return None,
+        };
+        let bad = |why: &str| {
+            let mut r = Response::json(&serde_json::json!({"kind": "bad_request", "value": why}));
+            r.status = 400;
+            r
+        };
+        if req.method != "POST" {
+            return Some(bad("POST only"));
+        }
+        if req.headers.get("fleet-lock-protocol").map(String::as_str) != Some("true") {
+            return Some(bad("missing fleet-lock-protocol: true"));
+        }
+        if req.headers.get("authorization").map(String::as_str) != Some("Bearer tok-1") {
+            return Some(Response::plain(401, "no device token"));
+        }
+        let Ok(body) = serde_json::from_slice::<sluice_protocol::FleetLockRequest>(&req.body)
+        else {
+            return Some(bad("not a FleetLock body"));
+        };
+        let (id, group) = (body.client_params.id, body.client_params.group);
+        if id != "dev-1" {
+            return Some(bad("another device's id"));
+        }
+        let held = self.holders.entry(group.clone()).or_default();
+        if !pre {
+            if self.steady_state_down > 0 {
+                self.steady_state_down -= 1;
+                return Some(Response::plain(503, "down"));
+            }
+            held.retain(|h| *h != id);
+            return Some(Response::json(&serde_json::json!({})));
+        }
+        if let Some(value) = &self.refusal {
+            let mut r = Response::json(&serde_json::json!({"kind": "k", "value": value}));
+            r.status = 409;
+            return Some(r);
+        }
+        if held.contains(&id) || held.len() < self.max {
+            if !held.contains(&id) {
+                held.push(id);
+            }
+            return Some(Response::json(&serde_json::json!({})));
+        }
+        let mut r = Response::json(&serde_json::json!({
+            "kind": "lease_unavailable",
+            "value": format!(
+                "group {group} holds {} of {} reboot leases ({}); try again later",
+                held.len(),
+                self.max,
+                held.join(", ")
+            ),
+        }));
+        r.status = 409;
+        Some(r)
+    }
+}
+
 /// The answer to the `resolve` `req` asks, as the server builds it: `offer`
 /// (an update unless the device runs it already) under `serial`, for
 /// device `dev-1`, naming the question, valid for a minute.
@@ -346,6 +445,7 @@ pub fn resolution(req: &Request, offer: Option<Offer>, serial: i64) -> ResolveRe
         current: req.q("current").map(str::to_string),
         keys_version: None,
         retry: Vec::new(),
+        reboot: None,
     }
 }
 
