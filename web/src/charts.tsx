@@ -23,7 +23,7 @@ function useWidth(fallback: number): [(el: Element | null) => void, number] {
   return [setEl, w];
 }
 
-export const STATUSES = ["healthy", "idle", "downloading", "applying", "rebooting", "failed", "rolled_back"] as const;
+export const STATUSES = ["healthy", "idle", "downloading", "applying", "staged", "rebooting", "failed", "rolled_back"] as const;
 
 type DeviceCount = Schemas["DeviceCount"];
 

@@ -171,6 +171,8 @@ export function ActionButton(props: {
   confirmLabel?: string;
   danger?: boolean;
   disabled?: boolean;
+  /** A wider dialog, for forms of rows. */
+  wide?: boolean;
   children?: ReactNode;
   run: () => Promise<string>;
   done?: () => void;
@@ -206,7 +208,7 @@ export function ActionButton(props: {
       <button className={props.danger ? "danger" : ""} disabled={props.disabled} onClick={() => setOpen(true)}>
         {props.label}
       </button>
-      <dialog ref={ref} onClose={() => setOpen(false)} aria-label={props.title}>
+      <dialog ref={ref} className={props.wide ? "wide" : undefined} onClose={() => setOpen(false)} aria-label={props.title}>
         {open && (
           <form onSubmit={submit} noValidate>
             <h3>{props.title}</h3>
@@ -225,6 +227,17 @@ export function ActionButton(props: {
       </dialog>
     </>
   );
+}
+
+/** The rows of a form (windows, waves, labels): the list, and changing, adding and removing one. */
+export function useRows<T>(initial: () => T[]) {
+  const [rows, setRows] = useState<T[]>(initial);
+  return {
+    rows,
+    set: (i: number, patch: Partial<T>) => setRows((r) => r.map((x, j) => (j === i ? { ...x, ...patch } : x))),
+    add: (row: T) => setRows((r) => [...r, row]),
+    remove: (i: number) => setRows((r) => r.filter((_, j) => j !== i)),
+  };
 }
 
 export function ago(iso: string | null | undefined): string {

@@ -499,12 +499,234 @@ describe("dashboard", () => {
     });
   });
 
+  /** FleetLock `pre-reboot` as the agent sends it: answers the status. */
+  async function preReboot(d, group) {
+    const r = await fetch(`${server.url}/v1/pre-reboot`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${d.token}`, "fleet-lock-protocol": "true", "content-type": "application/json" },
+      body: JSON.stringify({ client_params: { group, id: d.id } }),
+    });
+    await r.text();
+    return r.status;
+  }
+
+  test("an admin sets the reboot policy from the form, and frees a stuck reboot lease", async () => {
+    await page.goto(channelUrl());
+    const reboots = page.getByTestId("reboots");
+    await reboots.getByTestId("windows").filter({ hasText: "none: devices reboot once they staged" }).waitFor();
+    assert.equal(await reboots.getByTestId("lease").innerText(), "none: any number of devices reboot at once");
+    await reboots.getByTestId("no-holders").waitFor();
+
+    // A misspelt zone: the server's message, in the dialog, which stays open.
+    const dialog = await act("Reboot policy…", "Save", async (d) => {
+      await d.getByRole("button", { name: "Add a window" }).click();
+      const w = d.locator("fieldset.window").nth(0);
+      await w.locator("input[name=days]").fill("Sat");
+      await w.locator("input[name=start]").fill("02:00");
+      await w.locator("input[name=end]").fill("04:00");
+      await w.locator("input[name=time_zone]").fill("Europe/Berln");
+      await d.locator("input[name=max_devices]").fill("1");
+      await d.locator("input[name=per_label]").fill("site");
+    });
+    await dialog
+      .getByRole("alert")
+      .filter({ hasText: 'unknown time zone "Europe/Berln": use an IANA name such as Europe/Berlin, America/New_York or UTC' })
+      .waitFor();
+    await dialog.locator("fieldset.window input[name=time_zone]").fill("Europe/Berlin");
+    await dialog.getByRole("button", { name: "Add a window" }).click();
+    const w2 = dialog.locator("fieldset.window").nth(1);
+    await w2.locator("input[name=days]").fill("Mon-Fri");
+    await w2.locator("input[name=start]").fill("22:00");
+    await w2.locator("input[name=end]").fill("02:00");
+    await w2.locator("input[name=time_zone]").fill("UTC");
+    await w2.locator("input[name=selector]").fill("site=lyon");
+    await dialog.getByRole("button", { name: "Save", exact: true }).click();
+    await notice("Devices of stable reboot in Sat 02:00–04:00 Europe/Berlin; Mon-Fri 22:00–02:00 UTC");
+
+    // The windows in words, each with the devices it applies to; the lease policy.
+    await reboots.getByTestId("window").nth(1).waitFor();
+    assert.deepEqual(await reboots.getByTestId("window").allInnerTexts(), [
+      "Sat 02:00–04:00 Europe/Berlin for every device",
+      "Mon-Fri 22:00–02:00 UTC for site=lyon",
+    ]);
+    assert.equal(await reboots.getByTestId("lease").innerText(), "at most 1 device at once, per site; a lease expires after 30 min");
+    const ch = await api.call("GET", `/v1/products/${PRODUCT}/channels/stable`);
+    assert.deepEqual(ch.reboot_policy.windows_described, ["Sat 02:00–04:00 Europe/Berlin", "Mon-Fri 22:00–02:00 UTC"]);
+    assert.deepEqual(ch.reboot_policy.lease, { max_devices: 1, max_percent: null, per_label: "site", ttl_minutes: 30 });
+
+    // The form opens again with what is stored.
+    await page.getByRole("button", { name: "Reboot policy…" }).click();
+    const again = page.locator("dialog[open]");
+    assert.equal(await again.locator("fieldset.window").count(), 2);
+    assert.equal(await again.locator("fieldset.window input[name=time_zone]").first().inputValue(), "Europe/Berlin");
+    assert.equal(await again.locator("input[name=per_label]").inputValue(), "site");
+    await again.getByRole("button", { name: "Cancel" }).click();
+
+    // One device per site takes its site's lease (the group its resolve names).
+    const [lyon, berlin] = [devices[0], devices[1]];
+    assert.equal((await lyon.resolve()).reboot.lease_group, `${PRODUCT}.stable.lyon`);
+    assert.equal(await preReboot(lyon, `${PRODUCT}.stable.lyon`), 200);
+    assert.equal(await preReboot(berlin, `${PRODUCT}.stable.berlin`), 200);
+    const holders = reboots.getByTestId("lease-holder");
+    await eventually("two lease holders", async () => (await holders.count()) === 2);
+    const stuck = reboots.locator(`tr[data-id='${lyon.id}']`);
+    await stuck.getByRole("link", { name: lyon.machineId }).waitFor();
+    assert.match(await stuck.innerText(), new RegExp(`${PRODUCT}\\.stable\\.lyon`));
+
+    await stuck.getByRole("button", { name: "Free…" }).click();
+    await page.locator("dialog[open]").getByRole("button", { name: "Free", exact: true }).click();
+    await notice(`Freed the reboot lease of ${lyon.machineId} in ${PRODUCT}.stable.lyon.`);
+    await stuck.waitFor({ state: "detached" });
+    assert.equal(await holders.count(), 1);
+    const left = await api.call("GET", `/v1/products/${PRODUCT}/channels/stable/leases`);
+    assert.deepEqual(
+      left.map((l) => [l.group, l.id]),
+      [[`${PRODUCT}.stable.berlin`, berlin.id]],
+    );
+  });
+
+  test("a promote in waves shows its waves; labels set on a device select it; a device says why it waits", async () => {
+    images["1.2.0"] = await pushImage(REGISTRY, repoPath, "1.2.0");
+    await api.call("POST", `/v1/products/${PRODUCT}/releases`, { version: "1.2.0", image: `${repo}:1.2.0` });
+    const enroll = async (machineId) => {
+      const d = new SimDevice(api, { product: PRODUCT, secret, channel: "beta", machineId, version: "1.1.0", digest: images["1.1.0"].digest });
+      await d.enroll();
+      await d.report("healthy", "1.1.0", d.digest);
+      return d;
+    };
+    const canary = await enroll("wave-canary");
+    const plain = await enroll("wave-plain");
+
+    // An admin labels a device from its page.
+    await page.goto(`${server.url}/devices/${canary.id}`);
+    await page.getByRole("heading", { name: canary.machineId }).waitFor();
+    assert.equal(await page.getByTestId("labels").innerText(), "none");
+    await act("Labels…", "Save", async (d) => {
+      await d.getByRole("button", { name: "Add a label" }).click();
+      await d.getByRole("button", { name: "Add a label" }).click();
+      const rows = d.locator("fieldset.label-row");
+      await rows.nth(0).locator("input[name=label_key]").fill("ring");
+      await rows.nth(0).locator("input[name=label_value]").fill("canary");
+      await rows.nth(1).locator("input[name=label_key]").fill("region");
+      await rows.nth(1).locator("input[name=label_value]").fill("eu");
+    });
+    await notice(`Labels of ${canary.machineId}: region=eu, ring=canary.`);
+    await page.getByTestId("labels").filter({ hasText: "region=eu" }).waitFor();
+    assert.deepEqual((await api.call("GET", `/v1/devices/${canary.id}`)).labels, { region: "eu", ring: "canary" });
+
+    // The list filters by a selector; a bad one shows the server's message.
+    await page.getByRole("navigation").getByRole("link", { name: "Devices" }).click();
+    await page.fill("input[name=label]", "ring=canary,region!=us");
+    await page.getByRole("button", { name: "Filter" }).click();
+    await page.waitForURL(/label=ring%3Dcanary%2Cregion%21%3Dus/);
+    await eventually("only the canary listed", async () => {
+      const rows = await page.locator("table.devices tbody tr").allInnerTexts();
+      return rows.length === 1 && rows[0].includes(canary.machineId) && rows[0].includes("ring=canary");
+    });
+    await page.fill("input[name=label]", "ring=canary,region!=eu");
+    await page.getByRole("button", { name: "Filter" }).click();
+    await page.getByText("No device matches.").waitFor();
+    await page.fill("input[name=label]", "ring canary");
+    await page.getByRole("button", { name: "Filter" }).click();
+    const bad = await api.raw("GET", "/v1/devices?label=ring%20canary");
+    assert.equal(bad.status, 400, JSON.stringify(bad.body));
+    await page.getByRole("alert").filter({ hasText: bad.body.detail }).waitFor();
+
+    // Promote in two waves from the form: the canaries, then everyone.
+    await page.goto(`${server.url}/products/${PRODUCT}/channels/beta`);
+    await page.getByTestId("head").filter({ hasText: "1.1.0" }).waitFor();
+    await act("Promote…", "Promote", async (d) => {
+      await d.locator("select[name=version]").selectOption("1.2.0");
+      await d.getByRole("button", { name: "Roll out in waves instead…" }).click();
+      // Each wave has its own percent and ramp: the single ones go.
+      assert.equal(await d.locator("input[name=percent]").count(), 0);
+      await d.getByRole("button", { name: "Add a wave" }).click();
+      const waves = d.locator("fieldset.wave");
+      await waves.nth(0).locator("input[name=selector]").fill("ring=canary");
+      assert.equal(await waves.nth(0).locator("input[name=wave_hold]").inputValue(), "60");
+      await waves.nth(1).locator("input[name=wave_ramp]").fill("30");
+      await d.getByTestId("promote-plan").filter({ hasText: "1.2.0" }).waitFor();
+    });
+    await notice("Promoted 1.2.0 in beta");
+    const now = page.getByTestId("waves-now");
+    await now.waitFor();
+    assert.match(await now.innerText(), /^Wave 1 of 2 \(ring=canary\) at 100%; the next starts .+\.$/);
+    assert.deepEqual(
+      await page.getByTestId("wave").evaluateAll((trs) => trs.map((tr) => [tr.dataset.state, tr.cells[1].innerText, tr.cells[3].innerText, tr.cells[4].innerText])),
+      [
+        ["current", "ring=canary", "at once", "60 min"],
+        ["waiting", "every device", "30 min", "—"],
+      ],
+    );
+    const ch = await api.call("GET", `/v1/products/${PRODUCT}/channels/beta`);
+    assert.equal(ch.waves.current, 0);
+    assert.equal(ch.waves.waves.length, 2);
+    assert.ok(new Date(ch.waves.next_starts_at) > new Date(), ch.waves.next_starts_at);
+
+    // The canary gets 1.2.0 and stages it; the other waits for its wave. Each
+    // device's page says why it has not moved.
+    const offered = await canary.resolve();
+    assert.equal(offered.update, true);
+    assert.equal(offered.release.version, "1.2.0");
+    const waitsFor = "staged 1.2.0, waits for window Sat 02:00–04:00 Europe/Berlin";
+    await canary.report("download_started", "1.2.0", images["1.2.0"].digest);
+    await canary.report("staged", "1.2.0", images["1.2.0"].digest, waitsFor);
+    assert.equal((await plain.resolve()).update, false);
+
+    await page.goto(`${server.url}/devices/${canary.id}`);
+    await page.getByTestId("staged").filter({ hasText: waitsFor }).waitFor();
+    assert.match(await page.locator("h1").innerText(), /staged/);
+
+    await page.goto(`${server.url}/devices/${plain.id}`);
+    const status = page.getByTestId("head-status");
+    await status.filter({ hasText: "Waits for wave 2 of 2 (every device)" }).waitFor();
+    assert.equal(await status.getAttribute("data-reason"), "waiting_for_wave");
+    // The channel counts it among those waiting for their wave.
+    await page.goto(`${server.url}/products/${PRODUCT}/channels/beta`);
+    await page.getByTestId("not-on-head").locator("tr[data-reason=waiting_for_wave]").waitFor();
+  });
+
+  test("an admin marks a release urgent from the list, and unmarks it", async () => {
+    await page.goto(`${server.url}/releases?product=${PRODUCT}`);
+    const row = page.locator("table.releases tr[data-version='1.2.0']");
+    await row.waitFor();
+    assert.equal(await row.locator(".badge", { hasText: "urgent" }).count(), 0);
+    await row.getByRole("button", { name: "Mark urgent…" }).click();
+    await page.locator("dialog[open]").getByRole("button", { name: "Mark urgent", exact: true }).click();
+    await notice("1.2.0 is urgent: devices reboot into it without waiting for their maintenance window.");
+    await row.locator(".badge", { hasText: "urgent" }).waitFor();
+    assert.equal((await api.call("GET", `/v1/products/${PRODUCT}/releases/1.2.0`)).urgent, true);
+
+    await page.getByRole("link", { name: "1.2.0" }).click();
+    await page.getByTestId("release-urgent").filter({ hasText: "yes" }).waitFor();
+    await act("Not urgent…", "Not urgent");
+    await notice("1.2.0 is not urgent");
+    await page.getByTestId("release-urgent").filter({ hasText: "no" }).waitFor();
+    assert.equal((await api.call("GET", `/v1/products/${PRODUCT}/releases/1.2.0`)).urgent, false);
+
+    // Marked again for the viewer, who sees it and cannot change it.
+    await api.call("POST", `/v1/products/${PRODUCT}/releases/1.2.0/urgent`, { urgent: true });
+  });
+
   test("the channel page fits a phone's width", async () => {
     await page.setViewportSize({ width: 390, height: 844 });
     await page.goto(channelUrl());
     await page.getByTestId("head").waitFor();
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     assert.ok(overflow <= 0, `the page is ${overflow}px wider than the phone`);
+    await page.getByTestId("window").first().waitFor();
+    // The reboot policy's form fits too: its rows wrap.
+    await page.getByRole("button", { name: "Reboot policy…" }).click();
+    const dialog = page.locator("dialog[open]");
+    await dialog.locator("fieldset.window").first().waitFor();
+    const form = await dialog.evaluate((d) => [d.scrollWidth - d.clientWidth, d.getBoundingClientRect().right - window.innerWidth]);
+    assert.ok(form[0] <= 0 && form[1] <= 0, `the reboot policy form overflows the phone: ${form}`);
+    await dialog.getByRole("button", { name: "Cancel" }).click();
+    // And a rollout in waves.
+    await page.goto(`${server.url}/products/${PRODUCT}/channels/beta`);
+    await page.getByTestId("waves-now").waitFor();
+    const beta = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(beta <= 0, `the beta page is ${beta}px wider than the phone`);
     await page.setViewportSize({ width: 1280, height: 900 });
   });
 
@@ -523,7 +745,17 @@ describe("dashboard", () => {
     await v.getByTestId("head").filter({ hasText: "1.0.0" }).waitFor();
     await v.locator("figure[aria-label='Adoption of the head over time']").waitFor();
     await v.locator("table.history tbody tr").first().waitFor();
+    // The reboot policy and who holds a lease, without a control.
+    await v.getByTestId("lease-holder").first().waitFor();
+    assert.equal(await v.getByTestId("window").count(), 2);
     assert.equal(await v.locator("main button:not(.link)").count(), 0, "no control on the channel page");
+    await v.goto(`${server.url}/products/${PRODUCT}/channels/beta`);
+    await v.getByTestId("waves-now").waitFor();
+    assert.equal(await v.locator("main button:not(.link)").count(), 0, "no control on a channel in waves");
+
+    await v.goto(`${server.url}/releases?product=${PRODUCT}`);
+    await v.locator("table.releases tr[data-version='1.2.0'] .badge", { hasText: "urgent" }).waitFor();
+    assert.equal(await v.locator("main table button").count(), 0, "no urgent control for a viewer");
 
     await v.goto(`${server.url}/releases/${PRODUCT}/1.1.0`);
     await v.getByRole("heading", { name: "1.1.0" }).waitFor();
@@ -536,6 +768,7 @@ describe("dashboard", () => {
     await v.goto(`${server.url}/devices/${devices[0].id}`);
     await v.getByRole("heading", { name: devices[0].machineId }).waitFor();
     assert.equal(await v.getByRole("button", { name: "Pin…" }).count(), 0);
+    assert.equal(await v.getByRole("button", { name: "Labels…" }).count(), 0);
     assert.equal(await v.getByRole("button", { name: "Revoke…" }).count(), 0);
     assert.equal(await v.getByRole("button", { name: "Delete…" }).count(), 0);
 

@@ -127,7 +127,7 @@ export class SimDevice {
     if (!this.slot) return undefined;
     const other = this.slot === "A" ? "B" : "A";
     const booted = { slot: this.slot, version: this.version ?? null, digest: this.digest ?? null, boot: "good" };
-    const waiting = kind === "applied" || kind === "rebooting";
+    const waiting = kind === "applied" || kind === "staged" || kind === "rebooting";
     const writing = kind === "download_started" || kind === "downloaded";
     return {
       state: waiting ? "staged" : writing ? "writing" : "idle",

@@ -1,5 +1,6 @@
-// One channel: head and base, the rollout and its gate, the controls that
-// change them (each confirmed), the head's adoption over time and the history.
+// One channel: head and base, the rollout (its waves) and its gate, the reboot
+// policy and who holds a reboot lease, the controls that change them (each
+// confirmed), the head's adoption over time and the history.
 import { useState } from "react";
 import { Link, useParams } from "react-router";
 import { api, unwrap, type Channel, type Schemas } from "../api/client";
@@ -20,6 +21,7 @@ import {
   pct,
   useApi,
   usePages,
+  useRows,
   when,
 } from "../ui";
 
@@ -118,6 +120,7 @@ export function ChannelPage() {
                 )}
               </section>
             </div>
+            <Reboots product={product} channel={c} isAdmin={isAdmin} done={changed} />
             <div className="grid2">
               <section className="card">
                 <h2>Devices by version and status</h2>
@@ -164,7 +167,9 @@ function RolloutFacts({ c }: { c: Channel }) {
       <dd>
         {r.ramp
           ? `${pct(r.ramp.from_percent)} → ${pct(r.ramp.to_percent)} over ${r.ramp.over_minutes} min, since ${when(r.ramp.started_at)}`
-          : "none"}
+          : c.waves
+            ? "per wave"
+            : "none"}
       </dd>
       <dt>State</dt>
       <dd data-testid="state">
@@ -179,7 +184,265 @@ function RolloutFacts({ c }: { c: Channel }) {
         {g.failures} of {g.reports} failed{" "}
         <span className={`badge ${gateText(g).cls}`}>{g.tripped ? "tripped" : g.reports < g.min_reports ? "waiting for reports" : "ok"}</span>
       </dd>
+      {c.waves && (
+        <>
+          <dt>Waves</dt>
+          <dd>
+            <Waves w={c.waves} />
+          </dd>
+        </>
+      )}
     </dl>
+  );
+}
+
+/** A wave's devices in words. */
+const devicesOf = (selector: string | undefined) => (selector ? selector : "every device");
+
+/** A rollout in waves: where it stands, then each wave (done, current, waiting). */
+function Waves({ w }: { w: Schemas["WavesState"] }) {
+  const n = w.waves.length;
+  const cur = w.waves[w.current];
+  return (
+    <div data-testid="waves">
+      <p data-testid="waves-now">
+        {w.done
+          ? `All ${n} waves done.`
+          : `Wave ${w.current + 1} of ${n} (${devicesOf(cur?.selector)}) at ${pct(w.current_percent)}${w.next_starts_at ? `; the next starts ${when(w.next_starts_at)}.` : "; it is the last."}`}
+      </p>
+      <Table className="waves" head={["#", "Devices", "Percent", "Ramp", "Soak"]}>
+        {w.waves.map((x, i) => {
+          const state = w.done || i < w.current ? "done" : i === w.current ? "current" : "waiting";
+          return (
+            <tr key={i} className={`wave-${state}`} data-testid="wave" data-state={state}>
+              <td>
+                {i + 1} {state === "current" && <span className="badge s-healthy">now</span>}
+                {state === "done" && <span className="badge">done</span>}
+              </td>
+              <td>{devicesOf(x.selector)}</td>
+              <td>{pct(x.percent ?? 100)}</td>
+              <td>{x.ramp_minutes ? `${x.ramp_minutes} min` : "at once"}</td>
+              <td>{x.hold_minutes ? `${x.hold_minutes} min` : "—"}</td>
+            </tr>
+          );
+        })}
+      </Table>
+      <p className="muted small">First wave started {when(w.started_at)}.</p>
+    </div>
+  );
+}
+
+/** A lease policy in words. */
+function leaseText(l: Schemas["LeaseSpec"] | null | undefined): string {
+  if (!l) return "none: any number of devices reboot at once";
+  const limits = [l.max_devices != null && `${l.max_devices} device${l.max_devices === 1 ? "" : "s"}`, l.max_percent != null && pct(l.max_percent)].filter(Boolean).join(" and ");
+  return `at most ${limits || "1 device"} at once${l.per_label ? `, per ${l.per_label}` : ""}; a lease expires after ${l.ttl_minutes ?? 30} min`;
+}
+
+/** When devices reboot into what they staged: the windows, the leases, who holds one now. */
+function Reboots({ product, channel, isAdmin, done }: ControlProps & { isAdmin: boolean }) {
+  const p = channel.reboot_policy;
+  const leases = useApi(
+    () => unwrap(api.GET("/v1/products/{product}/channels/{channel}/leases", { params: { path: { product, channel: channel.name } } })),
+    [product, channel.name],
+    5000,
+  );
+  return (
+    <section className="card" data-testid="reboots">
+      <h2>Reboots</h2>
+      <dl className="facts">
+        <dt>Windows</dt>
+        <dd data-testid="windows">
+          {p.windows_described.length === 0 ? (
+            "none: devices reboot once they staged"
+          ) : (
+            <ul className="plain">
+              {p.windows_described.map((text, i) => (
+                <li key={i} data-testid="window">
+                  {text} <span className="muted">for {devicesOf(p.windows?.[i]?.selector)}</span>
+                </li>
+              ))}
+            </ul>
+          )}
+        </dd>
+        <dt>Leases</dt>
+        <dd data-testid="lease">{leaseText(p.lease)}</dd>
+      </dl>
+      <h3>Holding a reboot lease now</h3>
+      <Show state={leases}>
+        {(ls) =>
+          ls.length === 0 ? (
+            <p className="muted" data-testid="no-holders">
+              No device.
+            </p>
+          ) : (
+            <Table className="leases" head={["Device", "Group", "Since", "Expires", ...(isAdmin ? [""] : [])]}>
+              {ls.map((l) => (
+                <LeaseRow key={`${l.group}/${l.id}`} l={l} isAdmin={isAdmin} done={leases.reload} />
+              ))}
+            </Table>
+          )
+        }
+      </Show>
+      {isAdmin && (
+        <div className="buttons">
+          <RebootPolicyForm key={JSON.stringify(p)} product={product} channel={channel} done={done} />
+        </div>
+      )}
+    </section>
+  );
+}
+
+/**
+ * One lease and its holder: a device's machine id and link when it is one of
+ * ours (a FleetLock client's id as sent otherwise); an admin can free it.
+ */
+function LeaseRow({ l, isAdmin, done }: { l: Schemas["ChannelLease"]; isAdmin: boolean; done: () => void }) {
+  const isUuid = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(l.id);
+  const d = useApi(async () => (isUuid ? unwrap(api.GET("/v1/devices/{id}", { params: { path: { id: l.id } } })) : undefined), [l.id]);
+  const name = d.data?.machine_id ?? l.id;
+  return (
+    <tr data-testid="lease-holder" data-id={l.id}>
+      <td>
+        {isUuid ? (
+          <Link to={`/devices/${l.id}`} title={l.id}>
+            {name}
+          </Link>
+        ) : (
+          <span className="mono">{l.id}</span>
+        )}
+      </td>
+      <td className="mono">{l.group}</td>
+      <td title={when(l.acquired_at)}>{ago(l.acquired_at)}</td>
+      <td>{when(l.expires_at)}</td>
+      {isAdmin && (
+        <td>
+          <ActionButton
+            label="Free…"
+            title={`Free the reboot lease of ${name}?`}
+            confirmLabel="Free"
+            danger
+            run={async () => {
+              await unwrap(api.DELETE("/v1/leases/{group}/{id}", { params: { path: { group: l.group, id: l.id } } }));
+              return `Freed the reboot lease of ${name} in ${l.group}.`;
+            }}
+            done={done}
+          >
+            <p>
+              Another device of {l.group} may then reboot. Free a lease only when its holder is stuck: if it still reboots, it counts against no
+              limit.
+            </p>
+          </ActionButton>
+        </td>
+      )}
+    </tr>
+  );
+}
+
+interface WindowRow {
+  days: string;
+  start: string;
+  end: string;
+  time_zone: string;
+  selector: string;
+}
+
+/** The browser's zone, the likeliest one for a new window. */
+const HERE = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+
+function RebootPolicyForm({ product, channel, done }: ControlProps) {
+  const p = channel.reboot_policy;
+  const windows = useRows<WindowRow>(() =>
+    (p.windows ?? []).map((w) => ({ days: w.days, start: w.start, end: w.end, time_zone: w.time_zone, selector: w.selector ?? "" })),
+  );
+  const [maxDevices, setMaxDevices] = useState(String(p.lease?.max_devices ?? ""));
+  const [maxPercent, setMaxPercent] = useState(String(p.lease?.max_percent ?? ""));
+  const [perLabel, setPerLabel] = useState(p.lease?.per_label ?? "");
+  const [ttl, setTtl] = useState(String(p.lease?.ttl_minutes ?? ""));
+  return (
+    <ActionButton
+      label="Reboot policy…"
+      title={`Reboot policy of ${channel.name}`}
+      confirmLabel="Save"
+      wide
+      run={async () => {
+        const lease =
+          maxDevices.trim() || maxPercent.trim() || perLabel.trim() || ttl.trim()
+            ? { max_devices: num(maxDevices) ?? null, max_percent: num(maxPercent) ?? null, per_label: perLabel.trim() || null, ttl_minutes: num(ttl) }
+            : null;
+        const c = await unwrap(
+          api.PUT("/v1/products/{product}/channels/{channel}/reboot-policy", {
+            params: { path: { product, channel: channel.name } },
+            body: { windows: windows.rows.map((w) => ({ ...w, selector: w.selector.trim() })), lease },
+          }),
+        );
+        const r = c.reboot_policy;
+        return `Devices of ${c.name} reboot ${r.windows_described.length ? `in ${r.windows_described.join("; ")}` : "at any time"}; reboot leases: ${leaseText(r.lease)}.`;
+      }}
+      done={done}
+    >
+      <p className="muted">
+        Devices download and write a new release at any time, and reboot into it only inside a window that applies to them (none: any time).
+        An urgent release does not wait for its window.
+      </p>
+      {windows.rows.map((w, i) => (
+        <fieldset className="rows window" key={i}>
+          <legend>Window {i + 1}</legend>
+          <label>
+            Days
+            <input name="days" placeholder="Sat, Mon-Fri, daily" value={w.days} onChange={(e) => windows.set(i, { days: e.target.value })} />
+          </label>
+          <label>
+            From
+            <input name="start" placeholder="02:00" value={w.start} onChange={(e) => windows.set(i, { start: e.target.value })} />
+          </label>
+          <label>
+            To
+            <input name="end" placeholder="04:00" value={w.end} onChange={(e) => windows.set(i, { end: e.target.value })} />
+          </label>
+          <label>
+            Time zone
+            <input name="time_zone" list="time-zones" value={w.time_zone} onChange={(e) => windows.set(i, { time_zone: e.target.value })} />
+          </label>
+          <label>
+            Devices
+            <input name="selector" placeholder="every device, or ring=canary" value={w.selector} onChange={(e) => windows.set(i, { selector: e.target.value })} />
+          </label>
+          <button type="button" className="link" onClick={() => windows.remove(i)}>
+            Remove
+          </button>
+        </fieldset>
+      ))}
+      <datalist id="time-zones">
+        {Intl.supportedValuesOf("timeZone").map((z) => (
+          <option key={z} value={z} />
+        ))}
+      </datalist>
+      <div className="buttons">
+        <button type="button" onClick={() => windows.add({ days: "Sat", start: "02:00", end: "04:00", time_zone: HERE, selector: "" })}>
+          Add a window
+        </button>
+      </div>
+      <fieldset className="rows lease">
+        <legend>Reboot leases: at most so many devices of a group between reboot and boot check (empty: no limit)</legend>
+        <label>
+          Devices
+          <input name="max_devices" type="number" value={maxDevices} onChange={(e) => setMaxDevices(e.target.value)} />
+        </label>
+        <label>
+          or % of the group
+          <input name="max_percent" type="number" inputMode="decimal" value={maxPercent} onChange={(e) => setMaxPercent(e.target.value)} />
+        </label>
+        <label>
+          A group per label
+          <input name="per_label" placeholder="site" value={perLabel} onChange={(e) => setPerLabel(e.target.value)} />
+        </label>
+        <label>
+          Expires after min
+          <input name="ttl_minutes" type="number" placeholder="30" value={ttl} onChange={(e) => setTtl(e.target.value)} />
+        </label>
+      </fieldset>
+    </ActionButton>
   );
 }
 
@@ -230,11 +493,31 @@ function RolloutFields({ form, legend, toLabel }: { form: ReturnType<typeof useR
   );
 }
 
+interface WaveRow {
+  selector: string;
+  percent: string;
+  ramp: string;
+  hold: string;
+}
+
+/** The waves as the API takes them. */
+function wavesOf(rows: WaveRow[]): Schemas["WaveSpec"][] {
+  return rows.map((w) => ({ selector: w.selector.trim(), percent: num(w.percent), ramp_minutes: num(w.ramp), hold_minutes: num(w.hold) }));
+}
+
+/** The promote's body: waves when there are any, else the percent and ramp. */
+function promoteBody(version: string, percent: string, rampTo: string, rampMin: string, waves: WaveRow[]) {
+  return waves.length
+    ? { version, percent: null, waves: wavesOf(waves) }
+    : { version, percent: num(percent) ?? null, ramp: rampOf(rampTo, rampMin) };
+}
+
 function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: string[]) => void }) {
   const [version, setVersion] = useState("");
   // Start small: 10 % first, then raise it or let a ramp do it.
   const form = useRolloutForm("10");
   const { percent, rampTo, rampMin } = form;
+  const waves = useRows<WaveRow>(() => []);
   const releases = useApi(
     () => unwrap(api.GET("/v1/products/{product}/releases", { params: { path: { product }, query: { limit: 100 } } })),
     [product],
@@ -245,14 +528,14 @@ function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: st
       label="Promote…"
       title={`Promote a release in ${channel.name}`}
       confirmLabel="Promote"
+      wide={waves.rows.length > 0}
       run={async () => {
         const v = version || options[0]?.version;
         if (!v) throw new Error("no release to promote: publish one first");
-        const ramp = rampOf(rampTo, rampMin);
         const c = await unwrap(
           api.POST("/v1/products/{product}/channels/{channel}/promote", {
             params: { path: { product, channel: channel.name } },
-            body: { version: v, percent: num(percent) ?? null, ramp },
+            body: promoteBody(v, percent, rampTo, rampMin, waves.rows),
           }),
         );
         warn(c.warnings);
@@ -276,25 +559,61 @@ function Promote({ product, channel, done, warn }: ControlProps & { warn: (w: st
           </select>
         </label>
       )}
-      <RolloutFields form={form} legend="Then ramp up (optional)" toLabel="to %" />
-      <PromotePlan product={product} channel={channel.name} version={version || options[0]?.version} percent={percent} rampTo={rampTo} rampMin={rampMin} />
+      {waves.rows.length === 0 && <RolloutFields form={form} legend="Then ramp up (optional)" toLabel="to %" />}
+      {waves.rows.map((w, i) => (
+        <fieldset className="rows wave" key={i}>
+          <legend>Wave {i + 1}</legend>
+          <label>
+            Devices
+            <input name="selector" placeholder="every device, or ring=canary" value={w.selector} onChange={(e) => waves.set(i, { selector: e.target.value })} />
+          </label>
+          <label>
+            Percent
+            <input name="wave_percent" type="number" value={w.percent} onChange={(e) => waves.set(i, { percent: e.target.value })} />
+          </label>
+          <label>
+            Ramp min
+            <input name="wave_ramp" type="number" value={w.ramp} onChange={(e) => waves.set(i, { ramp: e.target.value })} />
+          </label>
+          <label>
+            Then soak min
+            <input name="wave_hold" type="number" value={w.hold} onChange={(e) => waves.set(i, { hold: e.target.value })} />
+          </label>
+          <button type="button" className="link" onClick={() => waves.remove(i)}>
+            Remove
+          </button>
+        </fieldset>
+      ))}
+      <div className="buttons">
+        <button type="button" onClick={() => waves.add({ selector: "", percent: "100", ramp: "0", hold: waves.rows.length ? "0" : "60" })}>
+          {waves.rows.length ? "Add a wave" : "Roll out in waves instead…"}
+        </button>
+      </div>
+      <PromotePlan
+        product={product}
+        channel={channel.name}
+        version={version || options[0]?.version}
+        percent={percent}
+        rampTo={rampTo}
+        rampMin={rampMin}
+        waves={waves.rows}
+      />
     </ActionButton>
   );
 }
 
 /** What the promote would do, as the server's dry run says it: which release becomes the base, who stays where. */
-function PromotePlan(p: { product: string; channel: string; version?: string; percent: string; rampTo: string; rampMin: string }) {
+function PromotePlan(p: { product: string; channel: string; version?: string; percent: string; rampTo: string; rampMin: string; waves: WaveRow[] }) {
   const plan = useApi(async () => {
     if (!p.version) return undefined;
-    const ramp = rampOf(p.rampTo, p.rampMin);
     const c = await unwrap(
       api.POST("/v1/products/{product}/channels/{channel}/promote", {
         params: { path: { product: p.product, channel: p.channel } },
-        body: { version: p.version, percent: num(p.percent) ?? null, ramp, dry_run: true },
+        body: { ...promoteBody(p.version, p.percent, p.rampTo, p.rampMin, p.waves), dry_run: true },
       }),
     );
     return c.plan;
-  }, [p.product, p.channel, p.version, p.percent, p.rampTo, p.rampMin]);
+  }, [p.product, p.channel, p.version, p.percent, p.rampTo, p.rampMin, JSON.stringify(p.waves)]);
   if (plan.error) return <p className="muted" data-testid="promote-plan">Cannot promote so: {plan.error}</p>;
   if (!plan.data) return <Spinner label="Asking the server what the promote would do…" />;
   return (
@@ -464,6 +783,7 @@ function History({ product, channel }: { product: string; channel: string }) {
 
 const REASONS: Record<string, string> = {
   outside_cohort: "outside the rollout's percent",
+  waiting_for_wave: "waiting for their wave",
   paused: "rollout paused",
   no_platform: "no image for their architecture",
   failed_before: "failed on it before",
@@ -474,6 +794,7 @@ const REASONS: Record<string, string> = {
   no_head: "no head",
   not_checked_in: "not checked in since the change",
   updating: "installing it now",
+  staged: "written, waiting to reboot",
   offered: "offered, not installed yet",
   device_revoked: "device revoked",
 };

@@ -1,11 +1,12 @@
-// The fleet as a table with search, filters and paging, and one device with
-// its event timeline, slot, versions, pin and identity (revoke, reset, delete).
+// The fleet as a table with search, filters (a label selector too) and paging,
+// and one device with its event timeline, slot, versions, why it has not
+// moved, labels, pin and identity (revoke, reset, delete).
 import { useState, type FormEvent, type ReactNode } from "react";
 import { Link, useNavigate, useParams, useSearchParams } from "react-router";
 import { api, unwrap, type Device } from "../api/client";
 import { STATUSES } from "../charts";
 import { useSession } from "../session";
-import { ActionButton, Show, StatusBadge, Table, ago, short, useApi, when } from "../ui";
+import { ActionButton, Show, StatusBadge, Table, ago, short, useApi, useRows, when } from "../ui";
 
 const FILTERS = ["q", "product", "channel", "version", "status", "label", "not_seen_for_s"] as const;
 const QUIET: [string, string][] = [
@@ -104,8 +105,8 @@ export function Devices() {
           </select>
         </label>
         <label>
-          Label
-          <input name="label" placeholder="key=value" value={draft.label} onChange={set("label")} />
+          Labels
+          <input name="label" placeholder="ring=canary,region!=us" title="A label selector: key=value, key!=value, key, !key; all must hold" value={draft.label} onChange={set("label")} />
         </label>
         <label>
           Last seen
@@ -199,8 +200,11 @@ export function DeviceCells({ d, badges, detail }: { d: Device; badges?: ReactNo
   );
 }
 
+/** A device's labels (typed loosely in the API). */
+const labelsOf = (labels: unknown) => (labels ?? {}) as Record<string, string>;
+
 function Labels({ labels }: { labels: unknown }) {
-  const entries = Object.entries((labels ?? {}) as Record<string, string>);
+  const entries = Object.entries(labelsOf(labels));
   return (
     <>
       {entries.map(([k, v]) => (
@@ -247,8 +251,8 @@ export function DevicePage() {
                   <dt>Arch</dt>
                   <dd>{dev.arch}</dd>
                   <dt>Labels</dt>
-                  <dd>
-                    <Labels labels={dev.labels} />
+                  <dd data-testid="labels">
+                    {Object.keys(labelsOf(dev.labels)).length ? <Labels labels={dev.labels} /> : <span className="muted">none</span>}
                   </dd>
                   <dt>Enrolled</dt>
                   <dd>{when(dev.created_at)}</dd>
@@ -263,6 +267,11 @@ export function DevicePage() {
                     {dev.revoked_at ? `revoked ${when(dev.revoked_at)}${dev.revoked_reason ? `: ${dev.revoked_reason}` : ""}` : "allowed"}
                   </dd>
                 </dl>
+                {isAdmin && (
+                  <div className="buttons">
+                    <LabelControls key={JSON.stringify(dev.labels)} id={dev.id} machine={dev.machine_id} labels={labelsOf(dev.labels)} done={d.reload} />
+                  </div>
+                )}
                 {isAdmin && <IdentityControls id={dev.id} machine={dev.machine_id} revoked={!!dev.revoked_at} done={d.reload} />}
               </section>
               <section className="card">
@@ -279,6 +288,11 @@ export function DevicePage() {
                   <dt>Status</dt>
                   <dd>
                     <StatusBadge status={dev.status} /> {dev.status_version && `on ${dev.status_version}`}
+                    {dev.status === "staged" && (
+                      <div className="muted" data-testid="staged">
+                        {dev.events.find((e) => e.kind === "staged")?.message ?? "written to the other slot, waiting to reboot into it"}
+                      </div>
+                    )}
                   </dd>
                   <dt>Channel head</dt>
                   <dd data-testid="head-status" data-reason={dev.head_status?.reason ?? ""}>
@@ -363,6 +377,47 @@ export function DevicePage() {
         )}
       </Show>
     </>
+  );
+}
+
+/** An admin sets a device's labels, as rows of key and value; they replace what it had. */
+function LabelControls({ id, machine, labels, done }: { id: string; machine: string; labels: Record<string, string>; done: () => void }) {
+  const rows = useRows(() => Object.entries(labels).map(([key, value]) => ({ key, value })));
+  return (
+    <ActionButton
+      label="Labels…"
+      title={`Labels of ${machine}`}
+      confirmLabel="Save"
+      run={async () => {
+        const body = Object.fromEntries(rows.rows.filter((r) => r.key.trim() || r.value.trim()).map((r) => [r.key.trim(), r.value.trim()]));
+        const d = await unwrap(api.PUT("/v1/devices/{id}/labels", { params: { path: { id } }, body: { labels: body } }));
+        const now = Object.entries(labelsOf(d.labels)).map(([k, v]) => `${k}=${v}`);
+        return now.length ? `Labels of ${d.machine_id}: ${now.join(", ")}.` : `${d.machine_id} has no labels now.`;
+      }}
+      done={done}
+    >
+      <p className="muted">Rollout waves, maintenance windows and reboot-lease groups select devices by label. These replace the device's labels until it enrolls again.</p>
+      {rows.rows.map((r, i) => (
+        <fieldset className="rows label-row" key={i}>
+          <label>
+            Key
+            <input name="label_key" value={r.key} onChange={(e) => rows.set(i, { key: e.target.value })} />
+          </label>
+          <label>
+            Value
+            <input name="label_value" value={r.value} onChange={(e) => rows.set(i, { value: e.target.value })} />
+          </label>
+          <button type="button" className="link" onClick={() => rows.remove(i)}>
+            Remove
+          </button>
+        </fieldset>
+      ))}
+      <div className="buttons">
+        <button type="button" onClick={() => rows.add({ key: "", value: "" })}>
+          Add a label
+        </button>
+      </div>
+    </ActionButton>
   );
 }
 

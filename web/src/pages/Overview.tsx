@@ -3,7 +3,7 @@
 import { Link } from "react-router";
 import { api, unwrap, type Channel, type Product } from "../api/client";
 import { VersionStatusChart } from "../charts";
-import { ChannelStateBadge, HeadFacts, Show, Table, ago, gateText, rampText, useApi } from "../ui";
+import { ChannelStateBadge, HeadFacts, Show, Table, ago, gateText, pct, rampText, useApi } from "../ui";
 import { DeviceCells } from "./Devices";
 
 const QUIET_S = 3600;
@@ -85,7 +85,13 @@ function ProductSection({ product, channels }: { product: Product; channels: Cha
               <dl className="facts">
                 <HeadFacts c={c} />
                 <dt>Rollout</dt>
-                <dd data-testid="card-rollout">{rampText(c.rollout)}</dd>
+                <dd data-testid="card-rollout">
+                  {c.waves
+                    ? c.waves.done
+                      ? `${c.waves.waves.length} waves, all done`
+                      : `wave ${c.waves.current + 1} of ${c.waves.waves.length} at ${pct(c.waves.current_percent)}`
+                    : rampText(c.rollout)}
+                </dd>
                 <dt>Gate</dt>
                 <dd data-testid="card-gate">
                   <span className={`badge ${gateText(c.gate).cls}`}>{gateText(c.gate).label}</span>

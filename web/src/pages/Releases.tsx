@@ -1,7 +1,7 @@
 // Releases of a product: the list, and one release with its platform digests,
-// signatures, metadata and changelog; admins can revoke.
+// signatures, metadata and changelog; admins can mark one urgent, or revoke it.
 import { Link, useParams, useSearchParams } from "react-router";
-import { api, unwrap } from "../api/client";
+import { api, unwrap, type Release } from "../api/client";
 import { useSession } from "../session";
 import { ActionButton, MoreButton, Show, Table, ago, bytes, short, useApi, usePages, when } from "../ui";
 
@@ -40,7 +40,38 @@ export function Releases() {
   );
 }
 
+/** Marks a release urgent, or gives its devices their maintenance windows back. */
+function UrgentButton({ product, release, done }: { product: string; release: Release; done: () => void }) {
+  const urgent = release.urgent;
+  return (
+    <ActionButton
+      label={urgent ? "Not urgent…" : "Mark urgent…"}
+      title={urgent ? `${release.version} is not urgent?` : `Mark ${release.version} urgent?`}
+      confirmLabel={urgent ? "Not urgent" : "Mark urgent"}
+      run={async () => {
+        const r = await unwrap(
+          api.POST("/v1/products/{product}/releases/{version}/urgent", {
+            params: { path: { product, version: release.version } },
+            body: { urgent: !urgent },
+          }),
+        );
+        return r.urgent
+          ? `${r.version} is urgent: devices reboot into it without waiting for their maintenance window.`
+          : `${r.version} is not urgent: devices reboot into it in their maintenance windows.`;
+      }}
+      done={done}
+    >
+      <p>
+        {urgent
+          ? "Devices that staged it will wait for their maintenance windows again."
+          : "Devices that stage it reboot into it at once, outside their maintenance windows (reboot leases and devices set to reboot manually still hold). For a security fix."}
+      </p>
+    </ActionButton>
+  );
+}
+
 function ReleaseList({ product }: { product: string }) {
+  const { isAdmin } = useSession();
   const pages = usePages(
     (cursor) => unwrap(api.GET("/v1/products/{product}/releases", { params: { path: { product }, query: { limit: 50, cursor } } })),
     [product],
@@ -50,9 +81,9 @@ function ReleaseList({ product }: { product: string }) {
       {(p) => (
         <>
           {p.items.length === 0 && <p className="muted">No releases yet: publish one with `sluice release publish`.</p>}
-          <Table className="releases" head={["Version", "Platforms", "Size", "Signed", "Flags", "Published"]}>
+          <Table className="releases" head={["Version", "Platforms", "Size", "Signed", "Flags", "Published", ...(isAdmin ? [""] : [])]}>
             {[...p.items, ...pages.more].map((r) => (
-              <tr key={r.version} className={r.state === "revoked" ? "revoked" : ""}>
+              <tr key={r.version} className={r.state === "revoked" ? "revoked" : ""} data-version={r.version}>
                 <td>
                   <Link to={`/releases/${product}/${encodeURIComponent(r.version)}`}>{r.version}</Link>
                 </td>
@@ -60,12 +91,27 @@ function ReleaseList({ product }: { product: string }) {
                 <td>{bytes(Math.max(0, ...r.platforms.map((x) => x.size)))}</td>
                 <td>{r.platforms.every((x) => x.signed_by.length > 0) ? "✓ signed" : <span className="badge s-failed">unsigned</span>}</td>
                 <td>
+                  {r.urgent && <span className="badge s-failed">urgent</span>}
                   {r.floor && <span className="badge floor">floor</span>}
                   {r.state === "revoked" && <span className="badge s-failed">revoked</span>}
                 </td>
                 <td title={when(r.created_at)}>
                   {ago(r.created_at)} by {r.publisher}
                 </td>
+                {isAdmin && (
+                  <td>
+                    {r.state === "active" && (
+                      <UrgentButton
+                        product={product}
+                        release={r}
+                        done={() => {
+                          pages.reset();
+                          pages.first.reload();
+                        }}
+                      />
+                    )}
+                  </td>
+                )}
               </tr>
             ))}
           </Table>
@@ -93,6 +139,7 @@ export function ReleasePage() {
       <h1>
         {version} {r.data?.state === "revoked" && <span className="badge s-failed">revoked</span>}
         {r.data?.floor && <span className="badge floor">floor</span>}
+        {r.data?.urgent && <span className="badge s-failed">urgent</span>}
       </h1>
       <Show state={r}>
         {(rel) => {
@@ -116,11 +163,14 @@ export function ReleasePage() {
                     </dd>
                     <dt>Floor</dt>
                     <dd>{rel.floor ? "yes: devices below it step through it" : "no"}</dd>
+                    <dt>Urgent</dt>
+                    <dd data-testid="release-urgent">{rel.urgent ? "yes: devices reboot into it outside their maintenance windows" : "no"}</dd>
                     <dt>State</dt>
                     <dd data-testid="release-state">{rel.state}</dd>
                   </dl>
                   {isAdmin && rel.state === "active" && (
                     <div className="buttons">
+                      <UrgentButton product={product} release={rel} done={r.reload} />
                       <ActionButton
                         label="Revoke…"
                         title={`Revoke ${rel.version}?`}
