@@ -805,3 +805,110 @@ async fn a_chunked_release_is_pulled_partially_as_the_server_estimates(pool: PgP
     assert_eq!(dev.reboot(), Slot::A);
     assert_eq!(tree(&dev.path("a")), umoci_tree(&f.image_1_1).await);
 }
+
+/// Download-only staging and a coordinated reboot in the window, with the
+/// real agent and server (the server's clock injected): outside the
+/// Saturday window both Berlin devices write 1.1.0 and wait, GRUB still
+/// boots A, and a power cut changes nothing; inside it the first takes the
+/// site's one reboot lease and reboots, the second waits for the lease and
+/// reboots once the first passed its assessment and gave the lease back.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn devices_stage_at_once_and_reboot_in_their_window_one_lease_at_a_time(pool: PgPool) {
+    let f = fleet(pool, 60, true).await;
+    let (s, b) = f
+        .app
+        .call(
+            Method::PUT,
+            "/v1/products/acme/channels/stable/reboot-policy",
+            Some(&f.app.admin),
+            Some(json!({
+                "windows": [{"days": "Sat", "start": "02:00", "end": "04:00", "time_zone": "Europe/Berlin"}],
+                "lease": {"max_devices": 1, "per_label": "site"},
+            })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let devices: Vec<Device> = (0..2)
+        .map(|_| {
+            let d = f.device(SlotKind::Dir, Health::Passes);
+            d.edit_config(|c| {
+                c.labels = [("site".to_string(), "berlin".to_string())].into();
+            });
+            d
+        })
+        .collect();
+    let (first, second) = (&devices[0], &devices[1]);
+
+    // Friday noon: written at once, rebooted later.
+    f.app
+        .state
+        .clock
+        .set(time::macros::datetime!(2027-07-09 12:00 UTC));
+    for dev in &devices {
+        let out = ok(&dev.run(&["apply"]).await);
+        assert!(
+            out.contains("waits for window Sat 02:00–04:00 Europe/Berlin"),
+            "{out}"
+        );
+        assert_eq!(dev.reboots(), 0);
+        assert_ne!(dev.ab().next_boot(), Some(Slot::B), "B is not armed");
+        let status = dev.status().await;
+        assert_eq!(status["state"], "ready", "{status}");
+        let (view, _) = f.server_view(dev).await;
+        assert_eq!(
+            (view["status"].as_str(), view["status_version"].as_str()),
+            (Some("staged"), Some("1.1.0")),
+            "{view}"
+        );
+    }
+    assert_eq!(
+        tree(&first.path("b")),
+        umoci_tree(&f.image_1_1).await,
+        "the staged slot holds 1.1.0 already"
+    );
+    let id = device_id(first).await;
+    let why = f.app.get_ok(&format!("/v1/devices/{id}")).await;
+    assert_eq!(why["head_status"]["reason"], "staged", "{why}");
+    // A power cut before the window: A boots, nothing is fetched again.
+    assert_eq!(first.reboot(), Slot::A);
+    let out = ok(&first.run(&["apply"]).await);
+    assert!(out.contains("waits for window"), "{out}");
+    let (_, events) = f.server_view(first).await;
+    assert_eq!(
+        events.iter().filter(|e| *e == "download_started").count(),
+        1,
+        "{events:?}"
+    );
+
+    // Saturday 02:30 in Berlin: one lease for the site.
+    f.app
+        .state
+        .clock
+        .set(time::macros::datetime!(2027-07-10 00:30 UTC));
+    let out = ok(&first.run(&["apply"]).await);
+    assert!(out.contains("applied 1.1.0"), "{out}");
+    assert_eq!(
+        (first.reboots(), first.ab().next_boot()),
+        (1, Some(Slot::B))
+    );
+    let out = ok(&second.run(&["apply"]).await);
+    assert!(
+        out.contains("waits for reboot lease") && out.contains("1 of 1"),
+        "{out}"
+    );
+    assert_eq!(second.reboots(), 0);
+    let leases = f
+        .app
+        .get_ok("/v1/products/acme/channels/stable/leases")
+        .await;
+    assert!(leases.to_string().contains(&id), "{leases}");
+
+    // The first boots B, passes, and gives the lease back on its next turn.
+    assert_eq!(first.reboot(), Slot::B);
+    ok(&first.run(&["mark-good"]).await);
+    assert!(ok(&first.run(&["apply"]).await).contains("up to date"));
+    let out = ok(&second.run(&["apply"]).await);
+    assert!(out.contains("applied 1.1.0"), "{out}");
+    assert_eq!(second.reboots(), 1);
+    assert_eq!(second.reboot(), Slot::B);
+}
