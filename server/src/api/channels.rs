@@ -9,7 +9,9 @@ use crate::infra::registry::PlatformImage;
 use crate::paging::{Page, PageParams};
 use crate::rules::channel::{ChannelState, PromotePlan, ReleaseRef};
 pub use crate::rules::channel::{GateSpec, RampSpec};
-use crate::rules::policy::{Labels, RebootPolicy, RebootPolicySpec, WavePlan, WaveSpec};
+use crate::rules::policy::{
+    Labels, LeaseSpec, RebootPolicy, RebootPolicySpec, WavePlan, WaveSpec, WindowSpec,
+};
 use crate::rules::rollout::{self, Gate};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -146,9 +148,10 @@ pub struct WavesState {
 /// A channel's reboot policy.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RebootPolicyState {
-    /// The policy as set (`PUT .../reboot-policy`).
-    #[serde(flatten)]
-    pub policy: RebootPolicySpec,
+    /// The maintenance windows as set (`PUT .../reboot-policy`).
+    pub windows: Vec<WindowSpec>,
+    /// The reboot leases as set.
+    pub lease: Option<LeaseSpec>,
     /// Each window in words (`Sat 02:00–04:00 Europe/Berlin`).
     pub windows_described: Vec<String>,
 }
@@ -719,7 +722,8 @@ async fn view(
         waves,
         reboot_policy: RebootPolicyState {
             windows_described: reboot.windows.iter().map(|w| w.describe()).collect(),
-            policy: reboot.spec(),
+            windows: reboot.windows.iter().map(|w| w.spec()).collect(),
+            lease: reboot.lease.clone(),
         },
         rollout: RolloutState {
             percent: r.percent,
