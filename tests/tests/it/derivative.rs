@@ -385,7 +385,7 @@ async fn expect_write(vm: &mut Vm, version: &str, slot: &str) {
         .await;
     vm.expect(&format!("into slot {slot}"), BOOT).await;
     let started = Instant::now();
-    vm.expect("writing -> staged", WRITE).await;
+    vm.expect("ready -> staged", WRITE).await;
     say(&format!(
         "derivative: {version} written into slot {slot} in {:.1?}",
         started.elapsed()
@@ -468,7 +468,7 @@ async fn derivative_os_upgrades_and_lives_through_failures(pool: PgPool) {
     let rest = vm.rest();
     vm.kill().await;
     assert!(
-        !rest.contains("writing -> staged") && !rest.contains("-> rebooting"),
+        !rest.contains("ready -> staged") && !rest.contains("-> rebooting"),
         "the write finished before the cut: {rest}"
     );
     let (_, events) = f.device().await;

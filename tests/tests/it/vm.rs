@@ -300,7 +300,7 @@ async fn vm_power_cut_during_write_recovers(pool: PgPool) {
     while !has_data(&disk, b_start, b_end) {
         let rest = vm.rest();
         assert!(
-            !rest.contains("writing -> staged"),
+            !rest.contains("ready -> staged"),
             "the write finished before any of it reached the disk: {rest}"
         );
         assert!(Instant::now() < deadline, "{}", vm.tail());
@@ -309,7 +309,7 @@ async fn vm_power_cut_during_write_recovers(pool: PgPool) {
     let rest = vm.rest();
     vm.kill().await;
     assert!(
-        !rest.contains("writing -> staged") && !rest.contains("SLUICE-VM: rebooting"),
+        !rest.contains("ready -> staged") && !rest.contains("SLUICE-VM: rebooting"),
         "the write finished before the cut: {rest}"
     );
     let (view, events) = f.device().await;
