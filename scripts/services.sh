@@ -196,3 +196,99 @@ prepare_build_db() {
   done
   export BUILD_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/sluice_build"
 }
+
+# haproxy_config FILE PORT SOCKET BACKEND...: an HAProxy configuration in FILE
+# that listens on 127.0.0.1:PORT and balances HTTP over the BACKENDs
+# (`host:port`, named sluice1, sluice2, ... in order). A server is taken out
+# after two failed `GET /readyz` a second apart and back after two good ones;
+# a request that cannot reach its server, or whose server dies before
+# answering, goes to another one, but after a server saw it only a GET or
+# HEAD is sent again (an event POSTed twice would be recorded twice). The
+# admin socket SOCKET answers `show servers state` (tests wait on it).
+# docker-compose.yml's balancer reads deploy/haproxy.cfg, the same settings.
+haproxy_config() {
+  local file=$1 port=$2 socket=$3 i=0 b
+  shift 3
+  {
+    cat <<CFG
+# Made by scripts/services.sh haproxy_config; rewritten at each start.
+global
+  # No maxconn: HAProxy takes it from the open-files limit (ulimit -n). No
+  # log either: in the foreground (-db) it says on stderr when a server goes
+  # DOWN or UP, and nothing per request.
+  stats socket $socket mode 600 level user
+
+defaults
+  mode http
+  timeout connect 2s
+  # A client that sends no whole request head in 10 s is dropped (slowloris).
+  timeout http-request 10s
+  timeout http-keep-alive 30s
+  timeout client 60s
+  # Publishing reads the registry and pushes signatures: give it time.
+  timeout server 120s
+  timeout queue 10s
+  timeout check 2s
+  # Every retry goes to another server; requests a dead server saw but never
+  # answered are retried too, for GET and HEAD only (see below).
+  retries 3
+  option redispatch 1
+  retry-on conn-failure empty-response junk-response
+  # The client's address for the server, replacing any it sent itself.
+  option forwardfor
+  default-server inter 1s fastinter 500ms downinter 1s fall 2 rise 2 check
+
+frontend sluice
+  bind 127.0.0.1:$port
+  http-request del-header X-Forwarded-For
+  http-request disable-l7-retry unless METH_GET || METH_HEAD
+  default_backend sluice
+
+backend sluice
+  balance roundrobin
+  option httpchk GET /readyz
+  http-check expect status 200
+  # Which server answered: for debugging and the tests (the signature covers
+  # the body only, so the header changes nothing a device checks).
+  http-response set-header X-Sluice-Server %[srv_name]
+CFG
+    for b in "$@"; do
+      i=$((i + 1))
+      echo "  server sluice$i $b"
+    done
+  } >"$file"
+}
+
+# start_haproxy PORT BACKEND...: HAProxy on 127.0.0.1:PORT in front of the
+# BACKENDs (`host:port`), configuration $STATE/haproxy.cfg, output to
+# $STATE/haproxy.log; waits until PORT accepts connections. Sets HAPROXY_PID.
+start_haproxy() {
+  local port=$1 bin
+  shift
+  bin=$(command -v haproxy || echo /usr/sbin/haproxy)
+  haproxy_config "$STATE/haproxy.cfg" "$port" "$STATE/haproxy.sock" "$@"
+  "$bin" -c -q -f "$STATE/haproxy.cfg" || { echo "error: $bin refused $STATE/haproxy.cfg" >&2; return 1; }
+  # -db: in the foreground of its own process, so $! is HAProxy itself.
+  "$bin" -db -f "$STATE/haproxy.cfg" >>"$STATE/haproxy.log" 2>&1 9>&- &
+  HAPROXY_PID=$!
+  echo "$HAPROXY_PID" >"$STATE/haproxy.pid"
+  for _ in $(seq 1 100); do
+    port_free "$port" || return 0
+    kill -0 "$HAPROXY_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  tail -20 "$STATE/haproxy.log" >&2
+  echo "error: haproxy did not listen on 127.0.0.1:$port (log: $STATE/haproxy.log)" >&2
+  return 1
+}
+
+stop_haproxy() {
+  local pid
+  pid=$(cat "$STATE/haproxy.pid" 2>/dev/null || true)
+  # Only our own balancer: a stale pid file may name some other process by now.
+  if [ -n "$pid" ] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF "$STATE/haproxy.cfg"; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$STATE/haproxy.pid"
+}

@@ -317,6 +317,7 @@ impl Device {
                 current.as_ref().map(|t| t.digest.as_str()),
                 &nonce,
                 self.trust.version(),
+                self.store.data.last_serial,
             ) {
                 // The token was refused (reset, server restarted with a new
                 // secret): renew it with the device key, once.

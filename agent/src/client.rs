@@ -133,6 +133,7 @@ impl Server {
         current: Option<&str>,
         nonce: &str,
         keys_version: Option<u64>,
+        serial: Option<i64>,
     ) -> anyhow::Result<(Vec<u8>, String)> {
         let url = format!(
             "{}/v1/products/{product}/channels/{channel}/resolve",
@@ -149,6 +150,11 @@ impl Server {
         }
         if let Some(v) = keys_version {
             req = req.query("keys_version", v.to_string());
+        }
+        // The last serial accepted: a server behind the one that answered
+        // before catches up instead of answering a lower serial.
+        if let Some(s) = serial {
+            req = req.query("serial", s.to_string());
         }
         let mut resp = req
             .call()

@@ -255,7 +255,6 @@ pub fn router(state: AppState) -> Router {
         )
     })
     .layer(DefaultBodyLimit::max(BODY_LIMIT))
-    .layer(axum::middleware::from_fn(deadline))
     .layer(axum::middleware::from_fn_with_state(
         state.clone(),
         health::track,
@@ -266,20 +265,77 @@ pub fn router(state: AppState) -> Router {
 /// Longest a request may take (publishing talks to the registry with 15 s limits).
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Answers 503 when a request takes longer than [`REQUEST_TIMEOUT`], instead of hanging.
-async fn deadline(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the request took longer than {} s; retry later",
-                REQUEST_TIMEOUT.as_secs()
-            ),
-        ),
+/// The router under a deadline: answers 503 when a request takes longer than
+/// [`REQUEST_TIMEOUT`], instead of hanging. It wraps the whole router (in
+/// [`serve`]) rather than being one of its layers, which axum applies to
+/// each route, boxing the future and cloning the service of every request;
+/// and a request whose answer is ready at its first poll arms no timer.
+#[derive(Clone)]
+struct Deadline<S>(S);
+
+impl<S> tower::Service<axum::extract::Request> for Deadline<S>
+where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Unpin,
+{
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = DeadlineFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        DeadlineFuture {
+            inner: self.0.call(req),
+            timer: None,
+        }
+    }
+}
+
+/// [`Deadline`]'s answer: the router's, or a 503 once the timer fires.
+struct DeadlineFuture<F> {
+    inner: F,
+    /// Armed when the answer was not ready at the first poll.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(r) = std::pin::Pin::new(&mut this.inner).poll(cx) {
+            return Poll::Ready(r);
+        }
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(REQUEST_TIMEOUT)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Ok(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the request took longer than {} s; retry later",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -413,7 +469,9 @@ where
     L::Addr: std::fmt::Debug,
     ClientAddr: for<'a> Connected<IncomingStream<'a, L>>,
 {
-    let app = router(state.clone()).into_make_service_with_connect_info::<ClientAddr>();
+    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+        ClientAddr,
+    >(Deadline(router(state.clone())));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -437,17 +495,19 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
     use anyhow::Context;
     config.check()?;
     std::fs::create_dir_all(&config.data_dir)?;
-    let keys = {
-        let (dir, pass) = (config.data_dir.clone(), config.key_passphrase.clone());
-        tokio::task::spawn_blocking(move || {
-            crate::infra::keystore::KeyStore::load_or_create(&dir, &pass)
-        })
-        .await??
-    };
-    keys.sync(&db)
+    // Every change that alters an answer is told to the other servers on this database.
+    let notify = crate::infra::notify::Publisher::spawn(db.clone());
+    let keys = crate::infra::keystore::KeyStore::open(
+        &db,
+        &config.data_dir,
+        &config.key_passphrase,
+        notify.clone(),
+    )
+    .await
+    .context("loading the signing keys and the key list")?;
+    let jwt = crate::infra::jwt::JwtKeys::open(&db, &config.data_dir, &config.key_passphrase)
         .await
-        .context("making or reading the signed key list")?;
-    let jwt = crate::infra::jwt::JwtKeys::load_or_create(&config.data_dir)?;
+        .context("loading the session-token secret")?;
     let registry = registry::Registry::new(&config)?;
     let checkins = resolve::Checkins::spawn(
         db.clone(),
@@ -468,7 +528,8 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
             per_second: config.enroll_product_rate,
         },
     );
-    let revocations = crate::infra::revocations::Revocations::spawn(db.clone()).await?;
+    let revocations =
+        crate::infra::revocations::Revocations::spawn_with(db.clone(), notify.clone()).await?;
     let state = AppState::new(Inner {
         db,
         config,
@@ -476,7 +537,7 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         jwt,
         registry,
         metrics: Default::default(),
-        cache: Default::default(),
+        cache: resolve::Cache::new(notify.clone()),
         checkins,
         answers: Default::default(),
         limits,
@@ -484,18 +545,65 @@ pub async fn state_with_pool(config: Config, db: PgPool) -> anyhow::Result<AppSt
         transfer: Default::default(),
         clock: Default::default(),
     });
-    // Renews the key list at half its life even if the server never restarts.
+    let weak = Arc::downgrade(&state.0);
+    crate::infra::notify::listen(&state.db, &notify, move |event| {
+        let Some(inner) = weak.upgrade() else {
+            return false;
+        };
+        on_change(AppState(inner), event);
+        true
+    })
+    .await;
+    // Reloads the keys as a safety net for a missed notification, and renews
+    // the key list at half its life even if no server restarts: one server
+    // of all (an advisory lock), the others reload when told.
     let weak = Arc::downgrade(&state.0);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
-        tick.tick().await;
-        loop {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for n in 1u64.. {
             tick.tick().await;
             let Some(inner) = weak.upgrade() else { return };
-            if let Err(e) = inner.keys.sync(&inner.db).await {
-                tracing::warn!(error = %e, "renewing the key list failed; will retry");
+            let done = if n % 60 == 0 {
+                inner.keys.renew(&inner.db).await.map(|_| ())
+            } else {
+                inner.keys.reload(&inner.db).await
+            };
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "reloading or renewing the key list failed; will retry");
             }
         }
     });
     Ok(state)
+}
+
+/// What this server does when another one changed something.
+fn on_change(state: AppState, event: crate::infra::notify::Event) {
+    use crate::infra::notify::{Change, Event};
+    state
+        .metrics
+        .notifications
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (keys, devices) = match event {
+        Event::Changed(Change::Product(p)) => {
+            state.cache.invalidate_here(&p);
+            (false, false)
+        }
+        Event::Changed(Change::Keys) => (true, false),
+        Event::Changed(Change::Devices) => (false, true),
+        Event::Missed => {
+            state.cache.expire_all();
+            (true, true)
+        }
+    };
+    if keys || devices {
+        tokio::spawn(async move {
+            if keys && let Err(e) = state.keys.reload(&state.db).await {
+                tracing::warn!(error = %e, "reloading the keys another server changed failed");
+            }
+            if devices && let Err(e) = state.revocations.reload().await {
+                tracing::warn!(error = %e, "reloading the device revocations failed");
+            }
+        });
+    }
 }

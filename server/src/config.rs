@@ -29,6 +29,12 @@ pub struct Config {
         default_value = ""
     )]
     pub insecure_registries: Vec<String>,
+    /// Balancers in front of the server (addresses or CIDR blocks,
+    /// comma-separated): for a request from one of them the client is the
+    /// last address of its `X-Forwarded-For` header, which the per-address
+    /// limits (login, enrollment) count. Empty: the peer is the client.
+    #[arg(long, env = "SLUICE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpBlock>,
     /// Docker `config.json` with registry credentials.
     #[arg(long, env = "SLUICE_REGISTRY_AUTH")]
     pub registry_auth: Option<PathBuf>,
@@ -95,5 +101,87 @@ impl Config {
         self.insecure_registries
             .iter()
             .any(|h| !h.is_empty() && h == host)
+    }
+}
+
+/// An address or a CIDR block (`10.0.0.0/8`, `::1`): one of
+/// [`Config::trusted_proxies`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpBlock {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpBlock {
+    /// Whether `ip` is in the block (an IPv4 address mapped into IPv6 is
+    /// taken as the IPv4 one).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (a >> shift) == (b >> shift)
+    }
+}
+
+impl std::str::FromStr for IpBlock {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or a CIDR block like 10.0.0.0/8"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            max
+        } else {
+            prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?
+        };
+        Ok(IpBlock { addr, prefix })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IpBlock;
+
+    #[test]
+    fn ip_blocks_hold_what_their_prefix_says() {
+        let b = |s: &str| s.parse::<IpBlock>().unwrap();
+        let ip = |s: &str| s.parse().unwrap();
+        assert!(b("127.0.0.1").contains(ip("127.0.0.1")));
+        assert!(!b("127.0.0.1").contains(ip("127.0.0.2")));
+        assert!(b("10.0.0.0/8").contains(ip("10.255.1.2")));
+        assert!(!b("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(b("0.0.0.0/0").contains(ip("192.0.2.1")));
+        assert!(!b("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(b("10.0.0.0/8").contains(ip("::ffff:10.1.2.3")), "mapped");
+        assert!(b("2001:db8::/32").contains(ip("2001:db8:1::1")));
+        assert!(!b("2001:db8::/32").contains(ip("2001:db9::1")));
+        assert!(b("::1").contains(ip("::1")));
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "host",
+            "10.0.0.0/x",
+        ] {
+            let err = bad.parse::<IpBlock>().unwrap_err();
+            assert!(err.contains(bad) || bad.is_empty(), "{bad}: {err}");
+        }
     }
 }

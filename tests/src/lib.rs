@@ -26,7 +26,7 @@ pub fn agent_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| match std::env::var_os("SLUICE_AGENT_BIN") {
         Some(p) => PathBuf::from(p),
-        None => build_agent(false),
+        None => cargo_bin("sluice-agent", "sluice-agent", false),
     })
 }
 
@@ -38,19 +38,31 @@ pub fn agent_release_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| match std::env::var_os("SLUICE_VM_AGENT_BIN") {
         Some(p) => PathBuf::from(p),
-        None => build_agent(true),
+        None => cargo_bin("sluice-agent", "sluice-agent", true),
     })
 }
 
-fn build_agent(release: bool) -> PathBuf {
+/// The `sluice` executable (the server and CLI): `SLUICE_SERVER_BIN` when
+/// set, else built once per test process like [`agent_bin`].
+pub fn server_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("SLUICE_SERVER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => cargo_bin("sluice-server", "sluice", false),
+    })
+}
+
+/// Builds `bin` of `package` with the test's cargo, target folder and
+/// profile (`release`: always in release) and answers its path.
+fn cargo_bin(package: &str, bin: &str, release: bool) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args([
         "build",
         "-p",
-        "sluice-agent",
+        package,
         "--bin",
-        "sluice-agent",
+        bin,
         "--message-format=json-render-diagnostics",
         "--manifest-path",
         concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"),
@@ -80,14 +92,14 @@ fn build_agent(release: bool) -> PathBuf {
     let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
-        .expect("running cargo to build sluice-agent");
-    assert!(out.status.success(), "cargo build -p sluice-agent failed");
+        .unwrap_or_else(|e| panic!("running cargo to build {bin}: {e}"));
+    assert!(out.status.success(), "cargo build -p {package} failed");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "sluice-agent")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reported no sluice-agent executable")
+        .unwrap_or_else(|| panic!("cargo reported no {bin} executable"))
 }
 
 #[path = "../../agent/tests/it/common/device.rs"]

@@ -344,10 +344,11 @@ pub fn router() -> OpenApiRouter<AppState> {
     responses((status = 200, body = LoginResponse), Problems<401, 429>))]
 async fn login(
     axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
     extensions: axum::http::Extensions,
     Json(req): Json<LoginRequest>,
 ) -> Result<impl IntoResponse> {
-    let addr = client_ip(&extensions);
+    let addr = client_ip(&state.config, &headers, &extensions);
     let limits = &state.limits;
     limits.login_addr.check(&addr)?;
     // Failures count per address and per (user, address): a wrong guess from
@@ -400,13 +401,32 @@ async fn login(
     ))
 }
 
-/// The client's address (the unspecified address when the server was not
-/// started with connection info, as in router-level tests).
-pub fn client_ip(extensions: &axum::http::Extensions) -> std::net::IpAddr {
-    extensions
+/// The client's address: the peer's, or for a peer among
+/// `SLUICE_TRUSTED_PROXIES` the last address of `X-Forwarded-For` (the one
+/// that proxy appended; those before it are the client's to make up). The
+/// unspecified address when the server was not started with connection
+/// info, as in router-level tests.
+pub fn client_ip(
+    config: &crate::config::Config,
+    headers: &axum::http::HeaderMap,
+    extensions: &axum::http::Extensions,
+) -> std::net::IpAddr {
+    let peer = extensions
         .get::<axum::extract::ConnectInfo<crate::infra::tls::ClientAddr>>()
         .map(|axum::extract::ConnectInfo(crate::infra::tls::ClientAddr(a))| a.ip())
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    if !config.trusted_proxies.iter().any(|b| b.contains(peer)) {
+        return peer;
+    }
+    // Several headers count as one list, in order.
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer)
 }
 
 /// Clears the dashboard's cookie.

@@ -251,10 +251,12 @@ fn proof_refused(e: ProofError) -> Error {
     responses((status = 200, body = EnrollResponse), Problems<400, 401, 403, 404, 409, 429>))]
 async fn enroll(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     extensions: axum::http::Extensions,
     Json(req): Json<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>> {
-    state.limits.enroll_addr.check(&client_ip(&extensions))?;
+    let addr = client_ip(&state.config, &headers, &extensions);
+    state.limits.enroll_addr.check(&addr)?;
     check_text("machine_id", &req.machine_id, 256)?;
     check_text("arch", &req.arch, 32)?;
     check_text("channel", &req.channel, 63)?;
@@ -315,8 +317,6 @@ async fn enroll(
     use_proof(&state.db, &proof.signature).await?;
     let labels = serde_json::to_value(&req.labels).map_err(anyhow::Error::from)?;
     let mut tx = state.db.begin().await?;
-    // The device's labels select its waves, windows and lease group.
-    state.cache.invalidate(&req.product);
     let existing = sqlx::query!(
         r#"SELECT id, public_key, rebind_allowed, revoked_at IS NOT NULL AS "revoked!",
                   ceil(extract(epoch FROM tokens_not_before))::bigint AS not_before
@@ -395,6 +395,12 @@ async fn enroll(
         }
     };
     tx.commit().await?;
+    // Labels select a device's waves, windows and lease group: a labelled
+    // device must be seen by the next answer (a new unlabelled one changes
+    // nothing the snapshot holds, so enrollments do not reload every server).
+    if !req.labels.is_empty() {
+        state.cache.invalidate(&req.product);
+    }
     let (token, expires_at) = device_token(&state, id, &req.product, &public_key, not_before);
     Ok(Json(EnrollResponse {
         device_id: id.to_string(),

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub resolves: AtomicU64,
     /// Releases published.
     pub publishes: AtomicU64,
+    /// Change notifications received from other servers (and reconnections
+    /// of the listening connection).
+    pub notifications: AtomicU64,
 }
 
 /// Counts every response by status class.
@@ -142,6 +145,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     out.push_str(&format!(
         "# HELP sluice_publishes_total Releases published.\n# TYPE sluice_publishes_total counter\nsluice_publishes_total {}\n",
         m.publishes.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!(
+        "# HELP sluice_notifications_total Change notifications received from other servers.\n# TYPE sluice_notifications_total counter\nsluice_notifications_total {}\n",
+        m.notifications.load(Ordering::Relaxed)
     ));
     out.push_str(&format!("# HELP sluice_db_pool_connections Open database connections.\n# TYPE sluice_db_pool_connections gauge\nsluice_db_pool_connections {}\n", state.db.size()));
     (

@@ -1,12 +1,26 @@
 //! The server's signing keys and the signed key lists that tell devices which
-//! of them to trust. Private keys are cosign-encrypted PEM files under
-//! `<data_dir>/keys/<role>/<key_id>.key` (roles `image`, `response`, `root`);
-//! which key of a role is next, current or retired is said by the newest key
-//! list (table `key_lists`), each signed by the root keys of the one before.
-//! Rotation is two-phase: `rotate` publishes a `next` key, `activate` signs
-//! with it once the fleet holds it; `revoke` drops a key from the list.
+//! of them to trust. Private keys live in table `signing_keys` as cosign's
+//! encrypted PEM, sealed with `SLUICE_KEY_PASSPHRASE` (the database alone
+//! holds no usable key), so every server on one database signs with the same
+//! keys (roles `image`, `response`, `root`); which key of a role is next,
+//! current or retired is said by the newest key list (table `key_lists`),
+//! each signed by the root keys of the one before. Rotation is two-phase:
+//! `rotate` publishes a `next` key, `activate` signs with it once the fleet
+//! holds it; `revoke` drops a key from the list. Every change of the list
+//! runs under one PostgreSQL advisory lock and is told to the other servers
+//! (`infra/notify.rs`), which reload.
+//!
+//! Before the keys moved to the database they were files under
+//! `<data_dir>/keys/<role>/<key_id>.key`. A server whose data folder still
+//! has such files imports them at start (once: a key already in the table
+//! is not read again), so upgrading an install is starting one server with
+//! its old data folder before the others; the files stay as they are (a
+//! backup), and `sluice keys generate` still writes one for the next start
+//! to import. [`KeyStore::load_or_create`] reads such a folder alone, for
+//! tools and tests without a database.
 
 use crate::error::{Error, Result};
+use crate::infra::notify::{self, Publisher};
 use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -54,19 +68,29 @@ impl KeyEntry {
     }
 }
 
+/// The advisory lock (`pg_advisory_xact_lock`) every change of the key list
+/// takes, so servers on one database make the first keys once, renew once
+/// and never race two rotations.
+const KEYS_LOCK: i64 = 0x736c_7569_6365_4b31;
+
 /// The keys in use and every key still trusted.
 pub struct KeyStore {
+    /// `<data_dir>/keys`: key files from before the database held them
+    /// (imported at start); a revoked key's file moves to `revoked/`.
     dir: PathBuf,
     passphrase: String,
     inner: RwLock<Keys>,
-    /// One change of the key list at a time in this process.
+    /// One change or reload of the keys at a time in this process (the
+    /// advisory lock orders the servers).
     change: tokio::sync::Mutex<()>,
+    /// Tells the other servers when this one changed the keys.
+    notify: Publisher,
 }
 
 pub(crate) struct Keys {
-    /// Every key file of every role.
+    /// Every private key not revoked.
     entries: Vec<Arc<KeyEntry>>,
-    /// The newest key list, once [`KeyStore::sync`] ran.
+    /// The newest key list (always, once read from the database).
     list: Option<(KeyList, SignedKeyList)>,
     image_current: Arc<KeyEntry>,
     response: ResponseSigner,
@@ -133,9 +157,10 @@ pub fn parse_role(role: &str) -> std::result::Result<KeyRole, String> {
     }
 }
 
-/// Makes a new key of `role` and writes it encrypted. Before the first key
-/// list it also becomes the role's current key (`<role>/current`); once
-/// lists exist the server lists it as `next` at its next start.
+/// Makes a new key of `role` and writes it encrypted into `dir` (a data
+/// folder's `keys/`), for the next server start with that folder to
+/// import. Before the first key list it also becomes the role's current key
+/// (`<role>/current`); once lists exist it is listed as `next`.
 pub fn generate(dir: &FsPath, passphrase: &str, role: KeyRole) -> anyhow::Result<PublicKey> {
     let public = write_new_key(dir, passphrase, role)?;
     write_private(
@@ -145,6 +170,26 @@ pub fn generate(dir: &FsPath, passphrase: &str, role: KeyRole) -> anyhow::Result
     Ok(public)
 }
 
+/// A new key of `role`, and its private half encrypted with `passphrase`
+/// (scrypt: slow on purpose, so call it off the async threads).
+fn new_key(passphrase: &str, role: KeyRole) -> anyhow::Result<(KeyEntry, String)> {
+    let pair = scheme(role).create_signer()?.to_sigstore_keypair()?;
+    let public = public_of(&pair, role)?;
+    let pem = pair.private_key_to_encrypted_pem(passphrase.as_bytes())?;
+    Ok((KeyEntry { pair, public }, pem.to_string()))
+}
+
+/// Decrypts one key; `what` names it in the error (a file, a table row).
+fn decrypt(pem: &[u8], passphrase: &str, role: KeyRole, what: &str) -> anyhow::Result<KeyEntry> {
+    let pair = SigStoreKeyPair::from_encrypted_pem(pem, passphrase.as_bytes()).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot decrypt {what}: {e}; is SLUICE_KEY_PASSPHRASE the one it was made with?"
+        )
+    })?;
+    let public = public_of(&pair, role)?;
+    Ok(KeyEntry { pair, public })
+}
+
 pub(crate) fn write_new_key(
     dir: &FsPath,
     passphrase: &str,
@@ -152,20 +197,32 @@ pub(crate) fn write_new_key(
 ) -> anyhow::Result<PublicKey> {
     let rdir = role_dir(dir, role);
     std::fs::create_dir_all(&rdir).with_context(|| format!("creating {}", rdir.display()))?;
-    let pair = scheme(role).create_signer()?.to_sigstore_keypair()?;
-    let public = public_of(&pair, role)?;
-    let pem = pair.private_key_to_encrypted_pem(passphrase.as_bytes())?;
-    write_private(&rdir.join(format!("{}.key", public.key_id)), pem.as_bytes())?;
-    Ok(public)
+    let (entry, pem) = new_key(passphrase, role)?;
+    write_private(
+        &rdir.join(format!("{}.key", entry.public.key_id)),
+        pem.as_bytes(),
+    )?;
+    Ok(entry.public)
 }
 
-/// Every key of `role` in the folder, and the id its `current` file names.
-/// Keys in `known` are not decrypted again (scrypt is slow on purpose).
+/// The key files of `role` in the folder, sorted.
+fn key_files(rdir: &FsPath) -> anyhow::Result<Vec<PathBuf>> {
+    let mut names: Vec<_> = std::fs::read_dir(rdir)
+        .with_context(|| format!("reading {}", rdir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "key"))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Every key of `role` in the folder, and the id its `current` file names;
+/// makes one if there is none.
 pub(crate) fn load_role(
     dir: &FsPath,
     passphrase: &str,
     role: KeyRole,
-    known: &[Arc<KeyEntry>],
 ) -> anyhow::Result<(Vec<Arc<KeyEntry>>, String)> {
     let rdir = role_dir(dir, role);
     if !rdir.join("current").exists() {
@@ -175,31 +232,10 @@ pub(crate) fn load_role(
         .trim()
         .to_string();
     let mut entries = Vec::new();
-    let mut names: Vec<_> = std::fs::read_dir(&rdir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "key"))
-        .collect();
-    names.sort();
-    for path in names {
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-        if let Some(k) = known
-            .iter()
-            .find(|k| k.public.key_id == stem && k.public.role == role)
-        {
-            entries.push(k.clone());
-            continue;
-        }
+    for path in key_files(&rdir)? {
         let pem = std::fs::read(&path)?;
-        let pair =
-            SigStoreKeyPair::from_encrypted_pem(&pem, passphrase.as_bytes()).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot decrypt {}: {e}; is SLUICE_KEY_PASSPHRASE the one it was made with?",
-                    path.display()
-                )
-            })?;
-        let public = public_of(&pair, role)?;
-        entries.push(Arc::new(KeyEntry { pair, public }));
+        let what = path.display().to_string();
+        entries.push(Arc::new(decrypt(&pem, passphrase, role, &what)?));
     }
     anyhow::ensure!(
         entries.iter().any(|e| e.public.key_id == current),
@@ -221,10 +257,36 @@ pub(crate) fn response_signer(entry: &KeyEntry) -> anyhow::Result<ResponseSigner
 /// for tools and tests that must sign as a key did, e.g. a revoked one.
 pub fn read_ed25519_signer(path: &FsPath, passphrase: &str) -> anyhow::Result<ResponseSigner> {
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let pair = SigStoreKeyPair::from_encrypted_pem(&pem, passphrase.as_bytes())
-        .map_err(|e| anyhow::anyhow!("cannot decrypt {}: {e}", path.display()))?;
-    let public = public_of(&pair, KeyRole::Response)?;
-    response_signer(&KeyEntry { pair, public })
+    let entry = decrypt(
+        &pem,
+        passphrase,
+        KeyRole::Response,
+        &path.display().to_string(),
+    )?;
+    response_signer(&entry)
+}
+
+/// The Ed25519 signer of a response or root key the database holds, revoked
+/// or not: for tools and tests that must sign as a key did (a stolen one).
+pub async fn stored_ed25519_signer(
+    db: &PgPool,
+    key_id: &str,
+    passphrase: &str,
+) -> anyhow::Result<ResponseSigner> {
+    let pem = sqlx::query_scalar!(
+        "SELECT encrypted_pem FROM signing_keys WHERE key_id = $1",
+        key_id
+    )
+    .fetch_optional(db)
+    .await?
+    .with_context(|| format!("no key {key_id} in table signing_keys"))?;
+    let entry = decrypt(
+        pem.as_bytes(),
+        passphrase,
+        KeyRole::Response,
+        &format!("key {key_id}"),
+    )?;
+    response_signer(&entry)
 }
 
 pub(crate) fn listed(public: &PublicKey, state: KeyState) -> ListedKey {
@@ -414,50 +476,22 @@ pub(crate) fn sign_list(
     Ok(signed)
 }
 
-impl KeyStore {
-    /// Loads the keys from `<data_dir>/keys`, making any that are missing.
-    /// Until [`KeyStore::sync`] reads the key lists, the `current` files
-    /// say which keys sign.
-    pub fn load_or_create(data_dir: &FsPath, passphrase: &str) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            !passphrase.is_empty(),
-            "SLUICE_KEY_PASSPHRASE is empty: set it to encrypt the keys at rest"
-        );
-        let dir = data_dir.join("keys");
-        let keys = Self::read(&dir, passphrase, None, &[])?;
-        Ok(KeyStore {
-            dir,
-            passphrase: passphrase.to_string(),
-            inner: RwLock::new(keys),
-            change: tokio::sync::Mutex::new(()),
-        })
-    }
-
-    fn read(
-        dir: &FsPath,
-        passphrase: &str,
+impl Keys {
+    /// The keys in force: `list`'s current keys, or (a folder without a
+    /// list) the keys `file_current` names.
+    fn new(
+        entries: Vec<Arc<KeyEntry>>,
         list: Option<(KeyList, SignedKeyList)>,
-        known: &[Arc<KeyEntry>],
+        file_current: impl Fn(KeyRole) -> Option<String>,
     ) -> anyhow::Result<Keys> {
-        let mut entries = Vec::new();
-        let mut file_current = Vec::new();
-        for role in [KeyRole::Image, KeyRole::Response, KeyRole::Root] {
-            let (e, current) = load_role(dir, passphrase, role, known)?;
-            entries.extend(e);
-            file_current.push(current);
-        }
         let current = |role: KeyRole| -> anyhow::Result<Arc<KeyEntry>> {
             let id = match &list {
                 Some((l, _)) => l
                     .current(role)
                     .map(|k| k.key_id.clone())
                     .with_context(|| format!("the key list names no current {role} key"))?,
-                None => file_current[match role {
-                    KeyRole::Image => 0,
-                    KeyRole::Response => 1,
-                    KeyRole::Root => 2,
-                }]
-                .clone(),
+                None => file_current(role)
+                    .with_context(|| format!("no current {role} key in the folder"))?,
             };
             entries
                 .iter()
@@ -465,8 +499,9 @@ impl KeyStore {
                 .cloned()
                 .with_context(|| {
                     format!(
-                        "the current {role} key {id} has no file in {}: restore it from a backup",
-                        role_dir(dir, role).display()
+                        "the current {role} key {id} has no private key in the database: start a \
+                         server whose data folder still has keys/{role}/{id}.key (it is imported), \
+                         or restore table signing_keys from a backup"
                     )
                 })
         };
@@ -488,6 +523,309 @@ impl KeyStore {
             image_current,
             response,
             trusted,
+        })
+    }
+}
+
+/// A key row of table `signing_keys`.
+struct StoredKey {
+    key_id: String,
+    role: String,
+    encrypted_pem: String,
+}
+
+/// The keys not revoked, oldest first.
+async fn stored_keys<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result<Vec<StoredKey>> {
+    Ok(sqlx::query_as!(
+        StoredKey,
+        "SELECT key_id, role, encrypted_pem FROM signing_keys WHERE revoked_at IS NULL ORDER BY created_at, key_id"
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// The stored keys as signers: the ones in `known` are not decrypted again
+/// (scrypt is slow on purpose), the others on a blocking thread.
+async fn decrypt_all(
+    rows: Vec<StoredKey>,
+    passphrase: &str,
+    known: &[Arc<KeyEntry>],
+) -> anyhow::Result<Vec<Arc<KeyEntry>>> {
+    let known = known.to_vec();
+    let passphrase = passphrase.to_string();
+    tokio::task::spawn_blocking(move || {
+        rows.into_iter()
+            .map(|r| {
+                if let Some(k) = known.iter().find(|k| k.public.key_id == r.key_id) {
+                    return Ok(k.clone());
+                }
+                let role = parse_role(&r.role).map_err(anyhow::Error::msg)?;
+                let what = format!("{role} key {} stored in the database", r.key_id);
+                let entry = decrypt(r.encrypted_pem.as_bytes(), &passphrase, role, &what)?;
+                anyhow::ensure!(
+                    entry.public.key_id == r.key_id,
+                    "{what} decrypts to key {}: the row was altered",
+                    entry.public.key_id
+                );
+                Ok(Arc::new(entry))
+            })
+            .collect()
+    })
+    .await?
+}
+
+/// Imports the key files of an old data folder the table does not hold yet;
+/// answers the key ids the `current` files name, by role.
+async fn import_files(
+    tx: &mut sqlx::PgConnection,
+    dir: &FsPath,
+    passphrase: &str,
+) -> anyhow::Result<Vec<(KeyRole, String)>> {
+    let mut current = Vec::new();
+    for role in [KeyRole::Image, KeyRole::Response, KeyRole::Root] {
+        let rdir = role_dir(dir, role);
+        if !rdir.is_dir() {
+            continue;
+        }
+        if let Ok(id) = std::fs::read_to_string(rdir.join("current")) {
+            current.push((role, id.trim().to_string()));
+        }
+        for path in key_files(&rdir)? {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            let held = sqlx::query_scalar!(
+                r#"SELECT EXISTS (SELECT 1 FROM signing_keys WHERE key_id = $1) AS "held!""#,
+                stem
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            if held {
+                continue;
+            }
+            let pem = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let (p, what, pass) = (
+                pem.clone(),
+                path.display().to_string(),
+                passphrase.to_string(),
+            );
+            let entry =
+                tokio::task::spawn_blocking(move || decrypt(p.as_bytes(), &pass, role, &what))
+                    .await??;
+            sqlx::query!(
+                "INSERT INTO signing_keys (key_id, role, encrypted_pem, imported_from) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (key_id) DO NOTHING",
+                entry.public.key_id,
+                role.to_string(),
+                pem,
+                path.display().to_string()
+            )
+            .execute(&mut *tx)
+            .await?;
+            tracing::info!(key_id = entry.public.key_id, %role, file = %path.display(), "imported a key file into the database");
+        }
+    }
+    Ok(current)
+}
+
+/// Stores a new key's encrypted private half.
+async fn insert_key(
+    tx: &mut sqlx::PgConnection,
+    entry: &KeyEntry,
+    encrypted_pem: &str,
+) -> anyhow::Result<()> {
+    sqlx::query!(
+        "INSERT INTO signing_keys (key_id, role, encrypted_pem) VALUES ($1, $2, $3)",
+        entry.public.key_id,
+        entry.public.role.to_string(),
+        encrypted_pem
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The key list and keys as [`settle`] left them.
+struct Settled {
+    list: KeyList,
+    signed: SignedKeyList,
+    entries: Vec<Arc<KeyEntry>>,
+    /// Whether this call stored a new list.
+    stored: bool,
+}
+
+/// Under the keys' advisory lock (waiting for it, or giving up at once when
+/// `wait` is false: `None`): imports an old folder's key files, makes the
+/// first keys and list on an empty database, lists unlisted keys as `next`
+/// and renews a list past half its life.
+async fn settle(
+    db: &PgPool,
+    dir: &FsPath,
+    passphrase: &str,
+    known: &[Arc<KeyEntry>],
+    wait: bool,
+) -> anyhow::Result<Option<Settled>> {
+    let mut tx = db.begin().await?;
+    if wait {
+        sqlx::query!("SELECT pg_advisory_xact_lock($1)", KEYS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+    } else {
+        let got = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_xact_lock($1) AS "got!""#,
+            KEYS_LOCK
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if !got {
+            return Ok(None);
+        }
+    }
+    let file_current = import_files(&mut tx, dir, passphrase).await?;
+    let newest = newest_list(&mut *tx).await?;
+    if newest.is_none() {
+        // The first start on this database: one key of each role. Never
+        // once a list exists: a key the list needs is restored, not remade.
+        let held = stored_keys(&mut *tx).await?;
+        for role in [KeyRole::Image, KeyRole::Response, KeyRole::Root] {
+            if held.iter().all(|k| k.role != role.to_string()) {
+                let pass = passphrase.to_string();
+                let (entry, pem) =
+                    tokio::task::spawn_blocking(move || new_key(&pass, role)).await??;
+                insert_key(&mut tx, &entry, &pem).await?;
+            }
+        }
+    }
+    let mut entries = decrypt_all(stored_keys(&mut *tx).await?, passphrase, known).await?;
+    let now = OffsetDateTime::now_utc();
+    let (list, signed, stored) = match newest {
+        None => {
+            // The first list: an imported folder's `current` files say
+            // which keys sign, else the oldest key of each role.
+            let current: Vec<String> = [KeyRole::Image, KeyRole::Response, KeyRole::Root]
+                .into_iter()
+                .filter_map(|role| {
+                    file_current
+                        .iter()
+                        .find(|(r, id)| {
+                            *r == role && entries.iter().any(|e| &e.public.key_id == id)
+                        })
+                        .map(|(_, id)| id.clone())
+                        .or_else(|| {
+                            entries
+                                .iter()
+                                .find(|e| e.public.role == role)
+                                .map(|e| e.public.key_id.clone())
+                        })
+                })
+                .collect();
+            let files: Vec<(PublicKey, bool)> = entries
+                .iter()
+                .map(|e| (e.public.clone(), current.contains(&e.public.key_id)))
+                .collect();
+            let list = first_list(&files, now);
+            let signed = sign_list(&list, None, &entries)?;
+            store_list(&mut tx, &list, &signed, "system", "keys.list.create").await?;
+            (list, signed, true)
+        }
+        Some(signed) => {
+            let (_, newest) = signed.open()?;
+            let ever_listed = ever_listed(&mut *tx).await?;
+            // A key some list named and the newest does not was revoked
+            // (its file imported again, say): it never signs again.
+            let gone: Vec<String> = entries
+                .iter()
+                .map(|e| e.public.key_id.clone())
+                .filter(|id| ever_listed.contains(id) && newest.find(id).is_none())
+                .collect();
+            if !gone.is_empty() {
+                sqlx::query!(
+                    "UPDATE signing_keys SET revoked_at = now() WHERE key_id = ANY($1) AND revoked_at IS NULL",
+                    &gone
+                )
+                .execute(&mut *tx)
+                .await?;
+                entries.retain(|e| !gone.contains(&e.public.key_id));
+            }
+            let publics: Vec<PublicKey> = entries.iter().map(|e| e.public.clone()).collect();
+            match list_at_start(&newest, &ever_listed, &publics, now) {
+                None => (newest, signed, false),
+                Some(list) => {
+                    let signed = sign_list(&list, Some(&newest), &entries)?;
+                    store_list(&mut tx, &list, &signed, "system", "keys.list.renew").await?;
+                    (list, signed, true)
+                }
+            }
+        }
+    };
+    tx.commit().await?;
+    Ok(Some(Settled {
+        list,
+        signed,
+        entries,
+        stored,
+    }))
+}
+
+impl KeyStore {
+    /// Reads the keys of a data folder alone (`<data_dir>/keys`), making any
+    /// that are missing; no database, no key list: the `current` files say
+    /// which keys sign. For tools and tests; a server uses [`KeyStore::open`].
+    pub fn load_or_create(data_dir: &FsPath, passphrase: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !passphrase.is_empty(),
+            "SLUICE_KEY_PASSPHRASE is empty: set it to encrypt the keys at rest"
+        );
+        let dir = data_dir.join("keys");
+        let mut entries = Vec::new();
+        let mut current = Vec::new();
+        for role in [KeyRole::Image, KeyRole::Response, KeyRole::Root] {
+            let (e, id) = load_role(&dir, passphrase, role)?;
+            entries.extend(e);
+            current.push((role, id));
+        }
+        let keys = Keys::new(entries, None, |role| {
+            current
+                .iter()
+                .find(|(r, _)| *r == role)
+                .map(|(_, id)| id.clone())
+        })?;
+        Ok(KeyStore {
+            dir,
+            passphrase: passphrase.to_string(),
+            inner: RwLock::new(keys),
+            change: tokio::sync::Mutex::new(()),
+            notify: Publisher::none(),
+        })
+    }
+
+    /// The keys from the database: imports the key files of `data_dir`'s
+    /// old `keys/` folder, makes the first keys and key list on an empty
+    /// database (once, whichever of several servers starts first), lists
+    /// unlisted keys as `next` and renews a list past half its life.
+    pub async fn open(
+        db: &PgPool,
+        data_dir: &FsPath,
+        passphrase: &str,
+        notify: Publisher,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !passphrase.is_empty(),
+            "SLUICE_KEY_PASSPHRASE is empty: set it to encrypt the keys at rest"
+        );
+        let dir = data_dir.join("keys");
+        let s = settle(db, &dir, passphrase, &[], true)
+            .await?
+            .context("the keys' lock was not taken")?;
+        if s.stored {
+            notify.publish(notify::Change::Keys);
+        }
+        let keys = Keys::new(s.entries, Some((s.list, s.signed)), |_| None)?;
+        Ok(KeyStore {
+            dir,
+            passphrase: passphrase.to_string(),
+            inner: RwLock::new(keys),
+            change: tokio::sync::Mutex::new(()),
+            notify,
         })
     }
 
@@ -521,64 +859,68 @@ impl KeyStore {
         self.inner.read().expect("key lock").list.clone()
     }
 
-    fn install(&self, list: KeyList, signed: SignedKeyList) -> anyhow::Result<()> {
-        // The `current` files follow the list, for `sluice keys generate`
-        // and for a reader of the folder; the list is what counts.
-        for role in [KeyRole::Image, KeyRole::Response, KeyRole::Root] {
-            if let Some(k) = list.current(role) {
-                write_private(
-                    &role_dir(&self.dir, role).join("current"),
-                    k.key_id.as_bytes(),
-                )?;
-            }
+    fn entries(&self) -> Vec<Arc<KeyEntry>> {
+        self.inner.read().expect("key lock").entries.clone()
+    }
+
+    /// Puts a list and its keys in force, unless a newer list already is
+    /// (two reloads may finish out of order).
+    fn install(
+        &self,
+        list: KeyList,
+        signed: SignedKeyList,
+        entries: Vec<Arc<KeyEntry>>,
+    ) -> anyhow::Result<()> {
+        let version = list.version;
+        let keys = Keys::new(entries, Some((list, signed)), |_| None)?;
+        let mut inner = self.inner.write().expect("key lock");
+        if inner
+            .list
+            .as_ref()
+            .is_none_or(|(l, _)| l.version <= version)
+        {
+            *inner = keys;
         }
-        let known = self.inner.read().expect("key lock").entries.clone();
-        let keys = Self::read(&self.dir, &self.passphrase, Some((list, signed)), &known)?;
-        *self.inner.write().expect("key lock") = keys;
         Ok(())
     }
 
-    /// Reads the newest key list; makes the first one, lists new key files
-    /// and renews a list past half its life. Runs at start and every hour.
-    pub async fn sync(&self, db: &PgPool) -> anyhow::Result<()> {
+    /// Reads the newest key list and the keys again if another server
+    /// changed them: on its notification, and periodically as a safety net.
+    pub async fn reload(&self, db: &PgPool) -> anyhow::Result<()> {
+        // One reload at a time: a rotation's new key is decrypted once.
         let _one = self.change.lock().await;
-        let newest = newest_list(db).await?;
-        let now = OffsetDateTime::now_utc();
-        let entries = self.inner.read().expect("key lock").entries.clone();
-        let (list, signed) = match newest {
-            None => {
-                // The first list: the `current` files say which keys sign.
-                let current: Vec<String> = [KeyRole::Image, KeyRole::Response, KeyRole::Root]
-                    .iter()
-                    .filter_map(|r| {
-                        std::fs::read_to_string(role_dir(&self.dir, *r).join("current")).ok()
-                    })
-                    .map(|id| id.trim().to_string())
-                    .collect();
-                let files: Vec<(PublicKey, bool)> = entries
-                    .iter()
-                    .map(|e| (e.public.clone(), current.contains(&e.public.key_id)))
-                    .collect();
-                let list = first_list(&files, now);
-                let signed = sign_list(&list, None, &entries)?;
-                store_list(db, &list, &signed, "system", "keys.list.create").await?;
-                (list, signed)
-            }
-            Some(signed) => {
-                let (_, newest) = signed.open()?;
-                let publics: Vec<PublicKey> = entries.iter().map(|e| e.public.clone()).collect();
-                let ever_listed = ever_listed(db).await?;
-                match list_at_start(&newest, &ever_listed, &publics, now) {
-                    None => (newest, signed),
-                    Some(list) => {
-                        let signed = sign_list(&list, Some(&newest), &entries)?;
-                        store_list(db, &list, &signed, "system", "keys.list.renew").await?;
-                        (list, signed)
-                    }
-                }
-            }
+        let Some(signed) = newest_list(db).await? else {
+            return Ok(());
         };
-        self.install(list, signed)
+        let (_, list) = signed.open()?;
+        if self.list_version() >= Some(list.version) {
+            return Ok(());
+        }
+        // Read after the list: a rotation stores its key and its list at
+        // once, so every key this list needs is here.
+        let entries =
+            decrypt_all(stored_keys(db).await?, &self.passphrase, &self.entries()).await?;
+        tracing::info!(
+            version = list.version,
+            "key list changed by another server: reloaded"
+        );
+        self.install(list, signed, entries)
+    }
+
+    /// Lists unlisted keys as `next` and renews a list past half its life,
+    /// if no other server is at it right now (`pg_try_advisory_xact_lock`):
+    /// one renewal for the whole fleet of servers. Answers whether this one
+    /// did the work. Runs every hour.
+    pub async fn renew(&self, db: &PgPool) -> anyhow::Result<bool> {
+        let _one = self.change.lock().await;
+        let Some(s) = settle(db, &self.dir, &self.passphrase, &self.entries(), false).await? else {
+            return Ok(false);
+        };
+        self.install(s.list, s.signed, s.entries)?;
+        if s.stored {
+            self.notify.publish(notify::Change::Keys);
+        }
+        Ok(true)
     }
 
     /// Makes a change to the key list; answers the key it is about and the
@@ -592,7 +934,12 @@ impl KeyStore {
         fleet_ok: impl AsyncFnOnce(&KeyList, &ListedKey) -> Result<()>,
     ) -> Result<(ListedKey, u64)> {
         let _one = self.change.lock().await;
-        let newest = newest_list(db).await?.ok_or_else(|| {
+        let mut tx = db.begin().await?;
+        // Every server changes the list one at a time, from the newest.
+        sqlx::query!("SELECT pg_advisory_xact_lock($1)", KEYS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let newest = newest_list(&mut *tx).await?.ok_or_else(|| {
             Error::Unavailable("the key list is not made yet: retry in a moment".into())
         })?;
         let (_, prev) = newest.open().map_err(anyhow::Error::from)?;
@@ -604,8 +951,13 @@ impl KeyStore {
         {
             fleet_ok(&prev, next).await?;
         }
-        // A rotation's key is written first: a crash before the list is
-        // stored leaves an unlisted file, listed as `next` at the next start.
+        // Another server may have rotated since this one loaded its keys.
+        let mut entries = decrypt_all(
+            stored_keys(&mut *tx).await?,
+            &self.passphrase,
+            &self.entries(),
+        )
+        .await?;
         let new_key = match &change {
             Change::Rotate(role)
                 if prev
@@ -613,9 +965,9 @@ impl KeyStore {
                     .iter()
                     .all(|k| k.role != *role || k.state != KeyState::Next) =>
             {
-                let (dir, pass, role) = (self.dir.clone(), self.passphrase.clone(), *role);
+                let (pass, role) = (self.passphrase.clone(), *role);
                 Some(
-                    tokio::task::spawn_blocking(move || write_new_key(&dir, &pass, role))
+                    tokio::task::spawn_blocking(move || new_key(&pass, role))
                         .await
                         .map_err(|e| Error::Internal(e.into()))??,
                 )
@@ -623,11 +975,26 @@ impl KeyStore {
             _ => None,
         };
         let now = OffsetDateTime::now_utc();
-        let (list, about) = apply_change(&prev, &change, new_key.as_ref(), now)?;
-        let mut entries = self.inner.read().expect("key lock").entries.clone();
-        if new_key.is_some() {
-            // The new file, read before signing with it.
-            entries = Self::read(&self.dir, &self.passphrase, None, &entries)?.entries;
+        let (list, about) = apply_change(
+            &prev,
+            &change,
+            new_key.as_ref().map(|(k, _)| &k.public),
+            now,
+        )?;
+        if let Some((entry, pem)) = new_key {
+            // The key and the list that names it commit together.
+            insert_key(&mut tx, &entry, &pem).await?;
+            entries.push(Arc::new(entry));
+        }
+        if let Change::Revoke(_, id) = &change {
+            // Never loaded again, by any server; the row stays for forensics.
+            sqlx::query!(
+                "UPDATE signing_keys SET revoked_at = now() WHERE key_id = $1",
+                id
+            )
+            .execute(&mut *tx)
+            .await?;
+            entries.retain(|e| &e.public.key_id != id);
         }
         let signed = sign_list(&list, Some(&prev), &entries)?;
         let action = match &change {
@@ -635,21 +1002,6 @@ impl KeyStore {
             Change::Activate(_) => "keys.activate",
             Change::Revoke(..) => "keys.revoke",
         };
-        if let Change::Revoke(role, id) = &change {
-            // Out of the folder before the list says so, so it never signs
-            // again even if the list then fails to store (a retry finishes
-            // the revocation); kept for forensics.
-            let from = role_dir(&self.dir, *role).join(format!("{id}.key"));
-            let to_dir = role_dir(&self.dir, *role).join("revoked");
-            if from.exists() {
-                std::fs::create_dir_all(&to_dir).map_err(anyhow::Error::from)?;
-                std::fs::rename(&from, to_dir.join(format!("{id}.key")))
-                    .and_then(|()| std::fs::File::open(&to_dir)?.sync_all())
-                    .and_then(|()| std::fs::File::open(role_dir(&self.dir, *role))?.sync_all())
-                    .map_err(anyhow::Error::from)?;
-            }
-        }
-        let mut tx = db.begin().await?;
         insert_list(&mut *tx, &list, &signed, actor).await?;
         crate::infra::audit::record_as(
             &mut *tx,
@@ -661,14 +1013,39 @@ impl KeyStore {
         )
         .await?;
         tx.commit().await?;
+        if let Change::Revoke(role, id) = &change {
+            self.retire_file(*role, id);
+        }
         let version = list.version;
-        self.install(list, signed)?;
+        self.install(list, signed, entries)?;
+        self.notify.publish(notify::Change::Keys);
         Ok((about, version))
+    }
+
+    /// Moves a revoked key's file, if this server's folder still has one
+    /// from before the database held the keys, to `revoked/` (kept for
+    /// forensics; the import never reads that folder).
+    fn retire_file(&self, role: KeyRole, id: &str) {
+        let from = role_dir(&self.dir, role).join(format!("{id}.key"));
+        if !from.exists() {
+            return;
+        }
+        let to_dir = role_dir(&self.dir, role).join("revoked");
+        let moved = std::fs::create_dir_all(&to_dir)
+            .and_then(|()| std::fs::rename(&from, to_dir.join(format!("{id}.key"))))
+            .and_then(|()| std::fs::File::open(&to_dir)?.sync_all())
+            .and_then(|()| std::fs::File::open(role_dir(&self.dir, role))?.sync_all());
+        if let Err(e) = moved {
+            // The database says revoked: the file is never imported again.
+            tracing::warn!(error = %e, file = %from.display(), "moving a revoked key's file aside failed");
+        }
     }
 }
 
 /// Every key id any list has named.
-pub(crate) async fn ever_listed(db: &PgPool) -> anyhow::Result<std::collections::HashSet<String>> {
+pub(crate) async fn ever_listed<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+) -> anyhow::Result<std::collections::HashSet<String>> {
     let rows = sqlx::query_scalar!(
         r#"SELECT envelope AS "envelope: sqlx::types::Json<SignedKeyList>" FROM key_lists ORDER BY version DESC"#
     )
@@ -682,7 +1059,9 @@ pub(crate) async fn ever_listed(db: &PgPool) -> anyhow::Result<std::collections:
     Ok(ids)
 }
 
-pub(crate) async fn newest_list(db: &PgPool) -> anyhow::Result<Option<SignedKeyList>> {
+pub(crate) async fn newest_list<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+) -> anyhow::Result<Option<SignedKeyList>> {
     let row = sqlx::query_scalar!(
         r#"SELECT envelope AS "envelope: sqlx::types::Json<SignedKeyList>" FROM key_lists ORDER BY version DESC LIMIT 1"#
     )
@@ -716,14 +1095,14 @@ pub(crate) async fn insert_list<'e>(
     }
 }
 
+/// Stores a list the system made, with its audit entry, in the caller's transaction.
 pub(crate) async fn store_list(
-    db: &PgPool,
+    tx: &mut sqlx::PgConnection,
     list: &KeyList,
     signed: &SignedKeyList,
     actor: &str,
     action: &str,
 ) -> anyhow::Result<()> {
-    let mut tx = db.begin().await?;
     insert_list(&mut *tx, list, signed, actor)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -737,7 +1116,6 @@ pub(crate) async fn store_list(
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    tx.commit().await?;
     Ok(())
 }
 

@@ -3,7 +3,12 @@
 //! enrollments per address and per product, device requests per device.
 //! Refusals are 429 with `Retry-After`. Idle buckets are dropped, and each
 //! limiter holds at most [`MAX_KEYS`] of them, so memory stays bounded
-//! whatever keys callers make up.
+//! whatever keys callers make up. The buckets live in each server process:
+//! behind a balancer that spreads a caller over N servers, the caller gets
+//! up to N times each limit; the per-address limits key on the address the
+//! server sees, which behind a balancer is the balancer's unless it passes
+//! the client's on in `X-Forwarded-For` and is named in
+//! `SLUICE_TRUSTED_PROXIES` (see `api::auth::client_ip`).
 
 use crate::error::Error;
 use std::collections::HashMap;

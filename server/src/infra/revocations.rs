@@ -1,11 +1,13 @@
 //! Devices whose tokens are refused, held in memory so the device extractor
 //! checks them without a database round trip: revoked and deleted devices
 //! (every token) and reset ones (tokens issued before the reset). Loaded at
-//! start, changed here with every revoke, reset and delete, and reloaded
-//! every few seconds so a change made through another server instance shows
-//! up. The same tick forgets proofs of possession too old to be replayed.
+//! start, changed here with every revoke, reset and delete (and told to the
+//! other servers, which reload at once: `infra/notify.rs`), and reloaded
+//! every few seconds as the safety net for a notification missed. The same
+//! tick forgets proofs of possession too old to be replayed.
 
 use crate::error::{Error, Result};
+use crate::infra::notify::{self, Publisher};
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,16 +42,24 @@ struct Shared {
     /// Bumped by every local change, so a reload that read the database
     /// before the change does not drop it.
     changes: AtomicU64,
+    /// Tells the other servers of every change.
+    notify: Publisher,
 }
 
 impl Revocations {
     /// Loads the list and starts reloading it; the task ends once every
     /// handle is dropped.
     pub async fn spawn(db: PgPool) -> Result<Self> {
+        Self::spawn_with(db, Publisher::none()).await
+    }
+
+    /// Like [`Revocations::spawn`], telling the other servers of every change.
+    pub async fn spawn_with(db: PgPool, notify: Publisher) -> Result<Self> {
         let shared = Arc::new(Shared {
             db,
             map: RwLock::default(),
             changes: AtomicU64::new(0),
+            notify,
         });
         shared.reload().await?;
         let weak = Arc::downgrade(&shared);
@@ -90,14 +100,23 @@ impl Revocations {
         }
     }
 
-    /// Records a change made in the database (committed before this call).
+    /// Records a change made in the database (committed before this call),
+    /// and tells the other servers.
     pub fn set(&self, id: Uuid, why: Option<Revoked>) {
-        let mut map = self.shared.map.write().expect("revocation lock");
-        match why {
-            Some(w) => map.insert(id, w),
-            None => map.remove(&id),
-        };
-        self.shared.changes.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut map = self.shared.map.write().expect("revocation lock");
+            match why {
+                Some(w) => map.insert(id, w),
+                None => map.remove(&id),
+            };
+            self.shared.changes.fetch_add(1, Ordering::AcqRel);
+        }
+        self.shared.notify.publish(notify::Change::Devices);
+    }
+
+    /// Reads the list again: another server changed it.
+    pub async fn reload(&self) -> Result<()> {
+        self.shared.reload().await
     }
 
     /// How many devices the list holds.

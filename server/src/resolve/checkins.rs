@@ -97,7 +97,11 @@ pub(crate) async fn write(
     if pending.is_empty() {
         return Ok(());
     }
-    let batch: Vec<(Uuid, Checkin)> = pending.into_iter().collect();
+    // In id order: servers writing overlapping batches (a device whose
+    // polls the balancer spread over several) then lock rows in the same
+    // order, and wait for each other instead of deadlocking.
+    let mut batch: Vec<(Uuid, Checkin)> = pending.into_iter().collect();
+    batch.sort_unstable_by_key(|(id, _)| *id);
     let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
     let ats: Vec<OffsetDateTime> = batch.iter().map(|(_, c)| c.at).collect();
     let channels: Vec<String> = batch.iter().map(|(_, c)| c.channel.clone()).collect();

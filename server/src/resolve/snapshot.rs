@@ -1,10 +1,13 @@
 //! The in-memory snapshot of a product resolve answers from (releases,
 //! channels, pins and the image signatures), loaded from PostgreSQL and
-//! reloaded when a change invalidates it or after `SNAPSHOT_TTL`.
+//! reloaded when a change invalidates it (here, or on another server: the
+//! invalidation is told to every server through `infra/notify.rs`), when a
+//! device shows it saw a newer serial, or after `SNAPSHOT_TTL`.
 
 use crate::api::devices::PinPlatform;
 use crate::app::AppState;
 use crate::error::Result;
+use crate::infra::notify::{self, Publisher};
 use crate::infra::registry::PlatformImage;
 use crate::rules::policy::{Labels, RebootPolicy};
 use crate::rules::rollout::{Rel, Rollout};
@@ -17,8 +20,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-/// How long a snapshot serves before it is reloaded, so changes made by
-/// another server instance show up even without an invalidation here.
+/// How long a snapshot serves before it is reloaded: the safety net for a
+/// change notification another server sent and this one missed.
 pub(crate) const SNAPSHOT_TTL: Duration = Duration::from_secs(5);
 
 /// A platform of a release, ready to offer.
@@ -80,6 +83,13 @@ pub struct Snapshot {
     pub(crate) labels: HashMap<Uuid, Labels>,
 }
 
+impl Snapshot {
+    /// The serial every answer from this snapshot carries.
+    pub fn serial(&self) -> i64 {
+        self.serial
+    }
+}
+
 /// Product snapshots, dropped whenever something they hold changes.
 ///
 /// One request loads a missing snapshot while the others wait for it; an
@@ -89,6 +99,8 @@ pub struct Snapshot {
 #[derive(Default)]
 pub struct Cache {
     pub(crate) products: RwLock<HashMap<String, Entry>>,
+    /// Tells the other servers of every invalidation.
+    notify: Option<Publisher>,
 }
 
 #[derive(Default)]
@@ -98,15 +110,124 @@ pub(crate) struct Entry {
     pub(crate) generation: u64,
     /// Held by whoever loads this product's snapshot.
     pub(crate) loading: Arc<tokio::sync::Mutex<()>>,
+    /// When the database's newest serial was last compared with a device's
+    /// claim (see [`Cache::get_at_least`]); reset by an invalidation.
+    checked_at: Option<Instant>,
+    /// The snapshot is to be reloaded on its next use, as if past its TTL
+    /// ([`Cache::expire_all`]).
+    expired: bool,
 }
 
 impl Cache {
-    /// Drops a product's snapshot: the next resolution reloads it.
+    /// An empty cache whose invalidations are told to the other servers.
+    pub fn new(notify: Publisher) -> Cache {
+        Cache {
+            products: RwLock::default(),
+            notify: Some(notify),
+        }
+    }
+
+    /// Drops a product's snapshot after a change committed: the next
+    /// resolution reloads it, here and (told right after, not in the
+    /// change's transaction) on every other server.
     pub fn invalidate(&self, product: &str) {
+        self.invalidate_here(product);
+        if let Some(n) = &self.notify {
+            n.publish(notify::Change::Product(product.to_string()));
+        }
+    }
+
+    /// Drops a product's snapshot on this server only (another server told us).
+    pub fn invalidate_here(&self, product: &str) {
         let mut products = self.products.write().expect("cache lock");
         let e = products.entry(product.to_string()).or_default();
         e.generation += 1;
         e.snapshot = None;
+        e.checked_at = None;
+    }
+
+    /// Marks every snapshot on this server expired: after a lost
+    /// notification connection, when any product may have changed. Each is
+    /// reloaded on its next use and, like one past its TTL, still answers
+    /// meanwhile: the connection is often lost because the database is, and
+    /// a device is better served by the last answer than by a 503.
+    pub fn expire_all(&self) {
+        let mut products = self.products.write().expect("cache lock");
+        for e in products.values_mut() {
+            // A load that started before is not kept: it may predate the change.
+            e.generation += 1;
+            e.expired = true;
+            e.checked_at = None;
+        }
+    }
+
+    /// Like [`Cache::get`], but never older than `min_serial`, the serial
+    /// the device last accepted (perhaps from another server that saw a
+    /// change first): a snapshot below it is reloaded before answering, so
+    /// a device's serial never goes down whichever server answers. A claim
+    /// above the database's newest serial (a hostile or confused device)
+    /// reloads nothing; the check is one cheap query, made at most once for
+    /// all the requests that arrived before it.
+    pub async fn get_at_least(
+        state: &AppState,
+        product: &str,
+        min_serial: Option<i64>,
+    ) -> Result<Arc<Snapshot>> {
+        let arrived = Instant::now();
+        let snap = Self::get(state, product).await?;
+        match min_serial {
+            Some(min) if snap.serial < min => {
+                state.cache.catch_up(&state.db, product, min, arrived).await
+            }
+            _ => Ok(snap),
+        }
+    }
+
+    /// Reloads a snapshot older than serial `min`, if the database holds it.
+    async fn catch_up(
+        &self,
+        db: &PgPool,
+        product: &str,
+        min: i64,
+        arrived: Instant,
+    ) -> Result<Arc<Snapshot>> {
+        let loading = self.loading(product);
+        let _guard = loading.lock().await;
+        let (current, checked_at, generation) = {
+            let products = self.products.read().expect("cache lock");
+            let e = products.get(product);
+            (
+                e.and_then(|e| e.snapshot.clone()),
+                e.and_then(|e| e.checked_at),
+                e.map_or(0, |e| e.generation),
+            )
+        };
+        if let Some(s) = &current
+            && (s.serial >= min || checked_at.is_some_and(|c| c >= arrived))
+        {
+            // Reloaded meanwhile, or the database was asked after this
+            // request came: what it found stands.
+            return Ok(s.clone());
+        }
+        let checking = Instant::now();
+        let newest = sqlx::query_scalar!(
+            "SELECT max(c.serial) FROM channels c JOIN products p ON p.id = c.product_id WHERE p.name = $1",
+            product
+        )
+        .fetch_one(db)
+        .await?
+        .unwrap_or(0);
+        let s = match current {
+            // No serial that high was ever given: nothing to catch up on.
+            Some(s) if newest < min => s,
+            _ => self.load(db, product).await?,
+        };
+        if let Some(e) = self.products.write().expect("cache lock").get_mut(product)
+            && e.generation == generation
+        {
+            e.checked_at = Some(checking);
+        }
+        Ok(s)
     }
 
     pub(crate) async fn get(state: &AppState, product: &str) -> Result<Arc<Snapshot>> {
@@ -115,23 +236,15 @@ impl Cache {
             let products = cache.products.read().expect("cache lock");
             match products.get(product) {
                 Some(e) => match &e.snapshot {
-                    Some(s) if s.loaded_at.elapsed() < SNAPSHOT_TTL => return Ok(s.clone()),
+                    Some(s) if !e.expired && s.loaded_at.elapsed() < SNAPSHOT_TTL => {
+                        return Ok(s.clone());
+                    }
                     s => (s.clone(), Some(e.loading.clone())),
                 },
                 None => (None, None),
             }
         };
-        let loading = match loading {
-            Some(l) => l,
-            None => cache
-                .products
-                .write()
-                .expect("cache lock")
-                .entry(product.to_string())
-                .or_default()
-                .loading
-                .clone(),
-        };
+        let loading = loading.unwrap_or_else(|| cache.loading(product));
         if let Some(stale) = stale {
             // Expired: serve it while one task reloads.
             if let Ok(guard) = loading.try_lock_owned() {
@@ -159,6 +272,17 @@ impl Cache {
         cache.load(&state.db, product).await
     }
 
+    /// The lock whoever loads `product`'s snapshot holds.
+    fn loading(&self, product: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.products
+            .write()
+            .expect("cache lock")
+            .entry(product.to_string())
+            .or_default()
+            .loading
+            .clone()
+    }
+
     /// Loads a snapshot and keeps it, unless the product changed meanwhile.
     pub(crate) async fn load(&self, db: &PgPool, product: &str) -> Result<Arc<Snapshot>> {
         let generation = self
@@ -172,6 +296,7 @@ impl Cache {
         let e = products.entry(product.to_string()).or_default();
         if e.generation == generation {
             e.snapshot = Some(s.clone());
+            e.expired = false;
         }
         Ok(s)
     }

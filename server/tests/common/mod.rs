@@ -62,6 +62,7 @@ pub fn config(data_dir: PathBuf) -> Config {
             .map(|r| vec![r])
             .unwrap_or_default(),
         registry_auth: None,
+        trusted_proxies: vec![],
         poll_after_s: 60,
         response_ttl_s: 600,
         checkin_flush_ms: 1000,
@@ -79,6 +80,16 @@ pub fn config(data_dir: PathBuf) -> Config {
 }
 
 impl TestApp {
+    /// The secret this server's tokens are signed with (from the database).
+    pub async fn jwt_secret(&self) -> Vec<u8> {
+        sluice_server::infra::jwt::JwtKeys::stored_secret(
+            &self.state.db,
+            &self.state.config.key_passphrase,
+        )
+        .await
+        .unwrap()
+    }
+
     /// Starts a server on the test's database.
     pub async fn spawn(pool: PgPool) -> TestApp {
         let dir = tempfile::tempdir().unwrap();

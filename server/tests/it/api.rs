@@ -16,10 +16,6 @@ async fn count(db: &PgPool, table: &str) -> i64 {
         .unwrap()
 }
 
-fn jwt_secret(app: &TestApp) -> Vec<u8> {
-    std::fs::read(app.data_dir.join("jwt.key")).unwrap()
-}
-
 fn claims(sub: &str, kind: &str, role: &str, exp_in: i64, aud: &str) -> Value {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     json!({"sub": sub, "kind": kind, "role": role, "products": [], "aud": aud, "iat": now, "nbf": now - 1, "exp": now + exp_in})
@@ -101,7 +97,7 @@ async fn malformed_bodies_are_refused(pool: PgPool) {
 #[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
 async fn bad_tokens_are_refused(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let secret = jwt_secret(&app);
+    let secret = app.jwt_secret().await;
     let (s, _) = app.call(Method::GET, "/v1/products", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 

@@ -384,7 +384,7 @@ async fn an_old_device_binds_a_key_once(pool: PgPool) {
         .execute(&app.state.db)
         .await
         .unwrap();
-    let secret_key = std::fs::read(app.data_dir.join("jwt.key")).unwrap();
+    let secret_key = app.jwt_secret().await;
     let now = now_s();
     let old_token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -463,6 +463,54 @@ async fn enrollment_is_rate_limited(pool: PgPool) {
     assert_eq!(from("127.0.0.2", 1).await, StatusCode::OK);
     assert_eq!(from("127.0.0.2", 2).await, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(from("127.0.0.3", 0).await, StatusCode::TOO_MANY_REQUESTS);
+}
+
+/// Behind a balancer named in `SLUICE_TRUSTED_PROXIES` the limits count the
+/// client its `X-Forwarded-For` names (the last entry, which the balancer
+/// appended); anyone else's `X-Forwarded-For` is ignored, so a client cannot
+/// make up addresses to escape its limit.
+#[sqlx::test(migrator = "sluice_server::db::MIGRATOR")]
+async fn enrollment_limits_count_the_client_a_trusted_proxy_names(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path().join("data"));
+    config.enroll_burst = 2;
+    config.enroll_rate = 0.001;
+    config.trusted_proxies = vec!["127.0.0.5/32".parse().unwrap()];
+    let app = TestApp::spawn_with(pool, config, dir).await;
+    let secret = app.product("acme", "r.example/acme").await;
+    app.channel("acme", "stable").await;
+    let counter = std::sync::atomic::AtomicU32::new(0);
+    let from = |ip: &str, forwarded: &str| {
+        let client = reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap();
+        let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let machine = format!("m-{i}");
+        let body = enroll_body(&secret, &machine, &device_key("acme", &machine));
+        let req = client
+            .post(format!("{}/v1/devices/enroll", app.url))
+            .header("x-forwarded-for", forwarded)
+            .json(&body);
+        async move { req.send().await.unwrap().status() }
+    };
+    // Through the proxy: two clients, each with its own allowance, whatever
+    // they put before the proxy's entry.
+    for made_up in ["10.9.9.9, 198.51.100.1", "198.51.100.1"] {
+        assert_eq!(from("127.0.0.5", made_up).await, StatusCode::OK);
+    }
+    assert_eq!(
+        from("127.0.0.5", "10.1.1.1, 198.51.100.1").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(from("127.0.0.5", "198.51.100.2").await, StatusCode::OK);
+    // Straight to the server: the header is the client's to make up and counts for nothing.
+    assert_eq!(from("127.0.0.6", "203.0.113.1").await, StatusCode::OK);
+    assert_eq!(from("127.0.0.6", "203.0.113.2").await, StatusCode::OK);
+    assert_eq!(
+        from("127.0.0.6", "203.0.113.3").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 /// Someone guessing the admin's password from one address is stopped there;

@@ -19,6 +19,7 @@ mod identity;
 mod keys;
 mod openapi;
 mod registry;
+mod replicas;
 mod run_script;
 mod stats;
 mod tls;

@@ -58,18 +58,22 @@ fn help_is_the_header_and_nothing_else() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown argument --frobnicate"));
 }
 
-#[tokio::test]
-async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines() {
-    let state = tempfile::tempdir().unwrap();
-    let (pg, reg, port) = (free_port(), free_port(), free_port());
+/// `scripts/run ARGS` with its state in `state` and the sluice binary under
+/// test, on ports (PostgreSQL, registry, server); answers it running and its
+/// output's lines.
+fn start_run(
+    state: &Path,
+    args: &[&str],
+    (pg, reg, port): (u16, u16, u16),
+) -> (Running, mpsc::Receiver<String>) {
     // SIGINT as a terminal gives it: a shell without job control starts its
     // background jobs with SIGINT ignored, and bash cannot trap a signal
     // ignored when it started.
     let mut child = Command::new("env")
         .args(["--default-signal=INT", "bash"])
         .arg(root().join("scripts/run"))
-        .arg("--demo")
-        .env("SLUICE_STATE_DIR", state.path())
+        .args(args)
+        .env("SLUICE_STATE_DIR", state)
         .env("SLUICE_BIN", env!("CARGO_BIN_EXE_sluice"))
         .env("SLUICE_PG_PORT", pg.to_string())
         .env("SLUICE_REGISTRY_PORT", reg.to_string())
@@ -81,7 +85,6 @@ async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines(
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let run = Running(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -90,15 +93,42 @@ async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines(
             }
         }
     });
+    (Running(child), rx)
+}
+
+/// The lines up to the banner's last one (`servers` with `--replicas`, else `CLI`).
+fn banner(rx: &mpsc::Receiver<String>, last: &str) -> Vec<String> {
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !lines.iter().any(|l: &String| l.contains("CLI ")) {
+    while !lines
+        .iter()
+        .any(|l: &String| l.trim_start().starts_with(last))
+    {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) => lines.push(l),
             Err(e) => panic!("scripts/run printed no banner ({e}): {lines:#?}"),
         }
     }
+    lines
+}
+
+/// The lines after Ctrl-C, up to the end of the output.
+fn stopped(run: Running, rx: &mpsc::Receiver<String>) -> String {
+    drop(run);
+    let mut rest = Vec::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(30)) {
+        rest.push(l);
+    }
+    rest.join("\n")
+}
+
+#[tokio::test]
+async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines() {
+    let state = tempfile::tempdir().unwrap();
+    let (pg, reg, port) = (free_port(), free_port(), free_port());
+    let (run, rx) = start_run(state.path(), &["--demo"], (pg, reg, port));
+    let lines = banner(&rx, "CLI ");
     let text = lines.join("\n");
     let api = format!("http://127.0.0.1:{port}");
     let has = |want: &str| {
@@ -162,14 +192,82 @@ async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines(
     }
 
     // Ctrl-C: everything stops, the data stays.
-    drop(run);
-    let mut rest = Vec::new();
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(30)) {
-        rest.push(l);
-    }
-    let rest = rest.join("\n");
+    let rest = stopped(run, &rx);
     assert!(rest.contains("stopped; data kept in"), "{rest}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     assert!(std::net::TcpStream::connect(("127.0.0.1", pg)).is_err());
     assert!(state.path().join("postgres/PG_VERSION").exists());
+}
+
+/// `scripts/run --replicas 2`: two servers on SLUICE_PORT + 1 and + 2
+/// behind HAProxy on SLUICE_PORT, which sends requests to both; a token
+/// issued through the balancer is good on each server (they share the JWT
+/// secret); Ctrl-C stops the servers and the balancer.
+#[tokio::test]
+async fn run_replicas_puts_two_servers_behind_haproxy() {
+    let state = tempfile::tempdir().unwrap();
+    let (pg, reg, port) = (free_port(), free_port(), free_port());
+    let (run, rx) = start_run(state.path(), &["--replicas", "2"], (pg, reg, port));
+    let lines = banner(&rx, "servers ");
+    let text = lines.join("\n");
+    let api = format!("http://127.0.0.1:{port}");
+    let servers = [port + 1, port + 2].map(|p| format!("http://127.0.0.1:{p}"));
+    assert!(text.contains(&format!("API       {api}/v1")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "servers   2 behind HAProxy on {api}: 127.0.0.1:{} 127.0.0.1:{}",
+            port + 1,
+            port + 2
+        )),
+        "{text}"
+    );
+
+    // Round robin: both servers answer through the balancer.
+    let client = reqwest::Client::new();
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let r = client.get(format!("{api}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        answered.insert(r.headers()["x-sluice-server"].to_str().unwrap().to_string());
+    }
+    assert_eq!(
+        answered.into_iter().collect::<Vec<_>>(),
+        ["sluice1", "sluice2"]
+    );
+    let password = std::fs::read_to_string(state.path().join("admin-password")).unwrap();
+    let login: serde_json::Value = client
+        .post(format!("{api}/v1/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": password.trim()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"]
+        .as_str()
+        .expect("the printed password logs in");
+    for s in &servers {
+        let r = client
+            .get(format!("{s}/v1/products"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "{s} takes the token issued through the balancer"
+        );
+    }
+
+    let rest = stopped(run, &rx);
+    assert!(rest.contains("stopped; data kept in"), "{rest}");
+    for p in [port, port + 1, port + 2, pg] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", p)).is_err(),
+            "port {p} still open"
+        );
+    }
+    assert!(!state.path().join("haproxy.pid").exists());
 }

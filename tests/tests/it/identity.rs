@@ -53,8 +53,8 @@ impl Setup {
         b
     }
 
-    fn jwt(&self, claims: Value) -> String {
-        let secret = std::fs::read(self.app.data_dir.join("jwt.key")).unwrap();
+    async fn jwt(&self, claims: Value) -> String {
+        let secret = self.app.jwt_secret().await;
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
             &claims,
@@ -167,10 +167,12 @@ async fn an_ageing_token_is_renewed(pool: PgPool) {
     let id = creds["device_id"].as_str().unwrap().to_string();
     let key_id = claims(creds["token"].as_str().unwrap())["key_id"].clone();
     let now = now_s();
-    let old = s.jwt(
-        json!({"sub": id, "role": "device", "kind": "device", "products": ["acme"],
+    let old = s
+        .jwt(
+            json!({"sub": id, "role": "device", "kind": "device", "products": ["acme"],
         "aud": "sluice", "iat": now - 5000, "nbf": now - 5000, "exp": now + 600, "key_id": key_id}),
-    );
+        )
+        .await;
     creds["token"] = json!(old);
     std::fs::write(dev.path("state/device.json"), creds.to_string()).unwrap();
     assert!(checked(&dev.run(&["check"]).await).contains("up to date"));
@@ -203,10 +205,12 @@ async fn an_old_enrollment_binds_a_key(pool: PgPool) {
         .await
         .unwrap();
     let now = now_s();
-    let old = s.jwt(
-        json!({"sub": id, "role": "device", "kind": "device", "products": ["acme"],
+    let old = s
+        .jwt(
+            json!({"sub": id, "role": "device", "kind": "device", "products": ["acme"],
         "aud": "sluice", "iat": now, "nbf": now - 1, "exp": now + 10 * 365 * 86_400}),
-    );
+        )
+        .await;
     std::fs::write(
         dev.path("state/device.json"),
         json!({"device_id": id, "token": old}).to_string(),

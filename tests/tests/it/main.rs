@@ -11,6 +11,7 @@ mod kit;
 mod machine;
 
 mod agent;
+mod balancer;
 mod derivative;
 mod identity;
 mod tls;

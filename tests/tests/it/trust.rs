@@ -535,10 +535,12 @@ async fn a_revoked_response_key_is_refused(pool: PgPool) {
         .await;
     let app = &s.app;
     let stolen_id = current(&status(app).await, "response");
-    let stolen = sluice_server::infra::keystore::read_ed25519_signer(
-        &app.data_dir.join(format!("keys/response/{stolen_id}.key")),
+    let stolen = sluice_server::infra::keystore::stored_ed25519_signer(
+        &app.state.db,
+        &stolen_id,
         &common::config(app.data_dir.clone()).key_passphrase,
     )
+    .await
     .unwrap();
     let proxy = Proxy::start(&app.url);
     let dev = s.device(&proxy.url, "stable").await;
@@ -558,11 +560,13 @@ async fn a_revoked_response_key_is_refused(pool: PgPool) {
         json!({"key_id": stolen_id}),
     )
     .await;
-    assert!(
-        app.data_dir
-            .join(format!("keys/response/revoked/{stolen_id}.key"))
-            .exists()
-    );
+    let revoked: bool =
+        sqlx::query_scalar("SELECT revoked_at IS NOT NULL FROM signing_keys WHERE key_id = $1")
+            .bind(&stolen_id)
+            .fetch_one(&app.state.db)
+            .await
+            .unwrap();
+    assert!(revoked, "the revoked key is marked in the database");
     // The device learns the new list from a genuine answer...
     proxy.set(|r| r.resign = None);
     checked(&dev.run(&["check"]).await);
@@ -601,10 +605,12 @@ async fn a_key_list_not_signed_by_the_held_root_is_refused(pool: PgPool) {
     let kept = std::fs::read(dev.path("state/keylist.json")).unwrap();
 
     let stolen_id = current(&status(app).await, "response");
-    let stolen = sluice_server::infra::keystore::read_ed25519_signer(
-        &app.data_dir.join(format!("keys/response/{stolen_id}.key")),
+    let stolen = sluice_server::infra::keystore::stored_ed25519_signer(
+        &app.state.db,
+        &stolen_id,
         &common::config(app.data_dir.clone()).key_passphrase,
     )
+    .await
     .unwrap();
     let (evil_root, evil_resp) = (
         ResponseSigner::from_seed(&[7; 32]),
