@@ -6,7 +6,6 @@
   publish API TOKEN REGISTRY REPO PRODUCT DEVICE_TOKEN SLUICE VERSION...
                                         time `sluice release publish` until the release is
                                         signed, in the registry and resolvable (one line of JSON)
-  report RESULTS_DIR OUT.md             write BENCHMARKS.md from the results (and bench/NOTES.md)
 
 Device ids are md5('bench-<i>')::uuid, the same ids server.sh inserts with SQL.
 """
@@ -19,7 +18,6 @@ import io
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -152,137 +150,6 @@ def publish(api, token, registry, repo, product, device_tok, sluice, versions):
                           "resolve_polls": polls}), flush=True)
 
 
-def jsonl(path):
-    if not os.path.exists(path):
-        return []
-    return [json.loads(l) for l in open(path) if l.strip().startswith("{")]
-
-
-def mmm(values, fmt="{:.0f}"):
-    """`median (min–max)` of some numbers."""
-    v = list(values)
-    if not v:
-        return "–"
-    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}–{fmt.format(max(v))})"
-
-
-def verdict(ok):
-    return "**met**" if ok else "**missed**"
-
-
-def machine():
-    cpu = "?"
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))
-    kernel = os.uname().release
-    load = open("/proc/loadavg").read().split()[:3]
-    return cpu, int(mem) // 1024, kernel, " ".join(load)
-
-
-def report(results, out):
-    env = os.environ
-    main_fleet = int(env["BENCH_MAIN"])
-    fleets = [int(f) for f in env["BENCH_FLEETS"].split()]
-    ceiling = jsonl(f"{results}/ceiling.jsonl")
-    resolve = {n: jsonl(f"{results}/resolve-{n}.jsonl") for n in fleets}
-    rss = {r["fleet"]: r for r in jsonl(f"{results}/rss.jsonl")}
-    seen = {r["fleet"]: r["devices_seen"] for r in jsonl(f"{results}/checkins.jsonl")}
-    setup = {r["fleet"]: r["setup_s"] for r in jsonl(f"{results}/setup.jsonl")}
-    publish = jsonl(f"{results}/publish.jsonl")
-    cpu, mem_mb, kernel, load = machine()
-    rounds = len(ceiling)
-    w = []
-    w.append("# Benchmarks\n")
-    w.append("Written by `" + env["BENCH_CMD"] + "` on " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-             + "; do not edit by hand (the notes at the end come from `bench/NOTES.md`). "
-             "The agent benchmarks (issue 5, items 4–6) are in [bench/AGENT.md](bench/AGENT.md).\n")
-    w.append("Figures are medians over " + str(rounds) + " rounds, (min–max) beside them. "
-             "**The machine is shared** (a virtual machine whose neighbours come and go; "
-             "the ceiling alone moved between 42 000 and 86 000 requests/s across runs), "
-             "so absolute numbers are noisy; each round measures every variant back to back, "
-             "in an order rotated each round, so the per-round ratios are the figures to trust. "
-             "wrk and the server share the same cores.\n")
-    w.append("## Machine\n")
-    w.append(f"- `nproc`: {os.cpu_count()}; CPU: {cpu}")
-    w.append(f"- memory: {mem_mb} MB; kernel {kernel}; load average at the end: {load}")
-    w.append(f"- server: `sluice serve`, {env['BENCH_PROFILE']} build (symbols kept), "
-             "PostgreSQL 15 on loopback TCP (fsync and synchronous_commit on, shared_buffers 512MB), "
-             "Debian's `docker-registry`\n")
-    w.append("## Commands\n")
-    w.append("```sh\n" + env["BENCH_CMD"] + "\n# each round, for the ceiling and for each fleet:\n"
-             + "BENCH_PATH=... BENCH_TOKENS=tokens.txt BENCH_DIGESTS=<base>,<head> \\\n  "
-             + env["BENCH_WRK"] + " http://127.0.0.1:PORT\n```\n")
-    w.append(f"Each fleet has its own server and database (per-device rate limit raised with `SLUICE_DEVICE_BURST=1000000 SLUICE_DEVICE_RATE=1000`, since wrk plays each device several times a second; the limiter still runs): product `bench`, channel `stable` with head "
-             f"1.1.0 at 50 % ramping to 100 % over 10 h (base 1.0.0), devices inserted with SQL "
-             f"(half on the base, half on the head). wrk cycles through {env['BENCH_NTOKENS']} device "
-             "tokens sampled from the whole fleet, a fresh nonce per request and the base or head digest "
-             "as `current`. Every resolve answer is signed (Ed25519) and its check-in batched into the "
-             f"database. The ceiling is `GET /bench/ceiling` (`SLUICE_BENCH_CEILING={env['BENCH_SIZE']}`) "
-             f"in the same binary as fleet {main_fleet:,}'s server: the same wrk requests, answered with "
-             f"a fixed {env['BENCH_SIZE']}-byte body, as large as a resolve answer with its signature "
-             "header.\n")
-
-    def row(name, runs):
-        bad = sum(r["non2xx"] + r["socket_errors"] for r in runs)
-        return (f"| {name} | {mmm(r['rps'] for r in runs)} | {mmm((r['p50_ms'] for r in runs), '{:.2f}')} "
-                f"| {mmm((r['p99_ms'] for r in runs), '{:.2f}')} | {bad} |")
-
-    head = "| | requests/s | p50 ms | p99 ms | non-2xx or socket errors |\n|---|---|---|---|---|"
-    main = resolve.get(main_fleet, [])
-    w.append(f"## 1. Resolve against the ceiling ({main_fleet:,} devices)\n")
-    w.append(head)
-    w.append(row("ceiling (`/bench/ceiling`)", ceiling))
-    w.append(row(f"resolve, {main_fleet:,} devices", main))
-    ratios = [r["rps"] / c["rps"] for r, c in zip(main, ceiling)]
-    p99 = [r["p99_ms"] for r in main]
-    w.append("")
-    if ratios:
-        w.append(f"resolve / ceiling, per round: {mmm(ratios, '{:.2f}')}. "
-                 f"Target ≥ 0.50: {verdict(statistics.median(ratios) >= 0.5)}. "
-                 f"p99 < 10 ms: {verdict(statistics.median(p99) < 10)} (worst round {max(p99):.2f} ms).\n")
-
-    small, large = fleets[0], fleets[-1]
-    w.append(f"## 2. Fleet size: {small:,} to {large:,} devices\n")
-    w.append(head)
-    for n in fleets:
-        w.append(row(f"resolve, {n:,} devices", resolve[n]))
-    w.append("")
-    fr = [b["rps"] / a["rps"] for a, b in zip(resolve[small], resolve[large])]
-    if fr:
-        w.append(f"{large:,} / {small:,} devices, per round: {mmm(fr, '{:.2f}')}. "
-                 f"Target ≥ 0.90: {verdict(statistics.median(fr) >= 0.9)}.\n")
-    w.append("| devices | server RSS after the runs | peak RSS (VmHWM) | devices checked in (DB) | setup s |\n"
-             "|---|---|---|---|---|")
-    for n in fleets:
-        r = rss.get(n, {})
-        w.append(f"| {n:,} | {r.get('rss_mb', 0):.0f} MB | {r.get('hwm_mb', 0):.0f} MB | {seen.get(n, '?')} "
-                 f"| {setup.get(n, 0):.0f} |")
-    w.append("")
-    if large in rss:
-        w.append(f"RSS at {large:,} devices < 300 MB: {verdict(rss[large]['hwm_mb'] < 300)} "
-                 f"(peak {rss[large]['hwm_mb']:.0f} MB).\n")
-
-    w.append(f"## 3. Publish ({len(publish)} publishes, {main_fleet:,}-device server)\n")
-    w.append("From starting `sluice release publish --channel publish-bench` (image already pushed) to: "
-             "the CLI has the answer; then the cosign signature tag is in the registry and a device "
-             "resolving the channel is offered the new, signed release.\n")
-    w.append("| | seconds |\n|---|---|")
-    w.append(f"| CLI returns | {mmm((p['cli_s'] for p in publish), '{:.3f}')} |")
-    w.append(f"| signed, in the registry and resolvable | {mmm((p['total_s'] for p in publish), '{:.3f}')} |")
-    w.append("")
-    if publish:
-        w.append(f"Target < 1 s: {verdict(statistics.median(p['total_s'] for p in publish) < 1)}.\n")
-
-    notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")
-    if os.path.exists(notes):
-        w.append(open(notes).read().rstrip() + "\n")
-    with open(out, "w") as f:
-        f.write("\n".join(w))
-
-
 def main(argv):
     cmd, args = argv[1], argv[2:]
     if cmd == "push-image":
@@ -291,8 +158,6 @@ def main(argv):
         tokens(args[0], args[1], int(args[2]), int(args[3]), args[4])
     elif cmd == "publish":
         publish(*args[:7], args[7:])
-    elif cmd == "report":
-        report(args[0], args[1])
     else:
         raise SystemExit(f"unknown command {cmd}")
 

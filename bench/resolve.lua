@@ -1,12 +1,16 @@
 -- wrk script for bench/server.sh: GET $BENCH_PATH?arch=amd64&current=<digest>&nonce=<fresh>
 -- with `Authorization: Bearer <token>`, cycling through the device tokens in
 -- $BENCH_TOKENS (one a line) and the digests in $BENCH_DIGESTS (comma-separated).
--- The ceiling run sends the very same requests to /bench/ceiling.
--- At the end it prints one line: BENCH {"rps":..,"p50_ms":..,"p99_ms":..,...}.
+-- The ceiling run sends the very same requests to bench/ceiling, which
+-- answers any path. At the end it prints one line:
+-- BENCH {"rps":..,"p50_ms":..,"p99_ms":..,"bytes":<per answer, headers included>,...}.
 
 local path = os.getenv("BENCH_PATH")
 local tokens_file = os.getenv("BENCH_TOKENS")
 local salt = os.getenv("BENCH_SALT") or tostring(os.time())
+-- BENCH_CLOSE=1: a new connection for every request, as a device polling
+-- every few minutes opens (its idle connection is long closed by then).
+local close = os.getenv("BENCH_CLOSE") == "1"
 local digests = {}
 for d in string.gmatch(os.getenv("BENCH_DIGESTS") or "", "[^,]+") do
   digests[#digests + 1] = d
@@ -33,15 +37,17 @@ function request()
   local token = tokens[(counter % #tokens) + 1]
   local current = digests[(math.floor(counter / 7) % #digests) + 1]
   local nonce = string.format("n%s-%d-%d", salt, tid or 0, counter)
-  return wrk.format("GET", path .. "?arch=amd64&current=" .. current .. "&nonce=" .. nonce,
-    { ["Authorization"] = "Bearer " .. token })
+  local headers = { ["Authorization"] = "Bearer " .. token }
+  if close then headers["Connection"] = "close" end
+  return wrk.format("GET", path .. "?arch=amd64&current=" .. current .. "&nonce=" .. nonce, headers)
 end
 
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    'BENCH {"rps":%.1f,"p50_ms":%.3f,"p99_ms":%.3f,"max_ms":%.3f,"requests":%d,"non2xx":%d,"socket_errors":%d}\n',
+    'BENCH {"rps":%.1f,"p50_ms":%.3f,"p99_ms":%.3f,"max_ms":%.3f,"requests":%d,"non2xx":%d,"socket_errors":%d,"bytes":%.1f}\n',
     summary.requests / (summary.duration / 1e6),
     latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.max / 1000,
-    summary.requests, e.status, e.connect + e.read + e.write + e.timeout))
+    summary.requests, e.status, e.connect + e.read + e.write + e.timeout,
+    summary.bytes / math.max(summary.requests, 1)))
 end

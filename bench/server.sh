@@ -1,21 +1,37 @@
 #!/usr/bin/env bash
-# Server benchmarks (issue 5, items 1-3), side by side in one run:
-#   1. resolve throughput and latency with 100 000 devices mid-rollout, against
-#      the ceiling: the same requests to a trivial handler in the same binary;
-#   2. the same resolve figure with 10 000 and 1 000 000 devices, and the RSS;
+# Server benchmarks, side by side in one run:
+#   1. resolve throughput, latency and CPU per answer with 100 000 devices
+#      mid-rollout, against a bare axum ceiling (bench/ceiling: one route, no
+#      middleware) answering as many bytes (the same body size and a
+#      Sluice-Signature header of the same size), in interleaved rounds;
+#   2. the same resolve figures with 10 000 and 1 000 000 devices, the RSS and
+#      the devices table's bytes per device;
 #   3. publish: `sluice release publish` until signed, in the registry, resolvable.
 # One server per fleet size, each with its own database in one private
 # PostgreSQL; rounds interleave them so machine noise hits all alike.
-# Rewrites BENCHMARKS.md.
+# With --replicas instead: one fleet on one database, resolve straight to one
+# server and through HAProxy to 1, 2 and 3 servers, and PostgreSQL's CPU and
+# writes per 1 000 check-ins. Each mode saves its figures in
+# bench/results/<mode>.json and rewrites BENCHMARKS.md from all of them
+# (bench/partition.sh adds the partitioned devices table's).
 #
-#   bench/server.sh            the full run (release build; about 10 minutes)
-#   bench/server.sh --smoke    seconds: tiny fleet, 1 s wrk runs, one publish,
-#                              debug build; checks that it runs and reports,
-#                              writes its report to the temp folder, not BENCHMARKS.md
+#   bench/server.sh              the full run (release build; about 12 minutes)
+#   bench/server.sh --replicas   the balancer run (about 8 minutes)
+#   bench/server.sh --smoke      seconds: tiny fleet, 1 s wrk runs, one publish,
+#                                debug build; checks that it runs and reports,
+#                                writes its report to the temp folder, not BENCHMARKS.md
+#   bench/server.sh --replicas --smoke   the same for the balancer run
 #
 # Knobs (environment): BENCH_ROUNDS (5), BENCH_DURATION (10s), BENCH_FLEETS
-# ("10000 100000 1000000"), BENCH_TOKENS (10000), BENCH_PUBLISHES (7),
-# BENCH_PERF=FILE (after the rounds, profile the server with perf into FILE).
+# ("10000 100000 1000000"; --replicas: 1000000), BENCH_TOKENS (10000),
+# BENCH_CHECKIN_DEVICES (--replicas: distinct devices for the check-in cost,
+# 200000), BENCH_PUBLISHES (7), BENCH_SLUICE=BIN (a built `sluice` instead of
+# building one), BENCH_PERF=FILE (after the rounds, profile the server with
+# perf into FILE, its data in FILE.data; BENCH_PERF_CALLS=dwarf for call
+# graphs through code built without frame pointers), BENCH_VARIANTS="LABEL=BIN[@VAR=VALUE,...] ..." (more
+# servers on the main fleet's database, each another build or setting,
+# measured in every round beside the rest: a change and what it replaces,
+# side by side).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -23,20 +39,31 @@ cd "$ROOT"
 . "$ROOT/scripts/services.sh"
 
 SMOKE=0
+MODE=server
 for arg in "$@"; do
   case "$arg" in
     --smoke) SMOKE=1 ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "error: unknown argument $arg (usage: bench/server.sh [--smoke])" >&2; exit 2 ;;
+    --replicas) MODE=replicas ;;
+    -h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument $arg (usage: bench/server.sh [--replicas] [--smoke])" >&2; exit 2 ;;
   esac
 done
 
-if [ "$SMOKE" = 1 ]; then
-  ROUNDS=${BENCH_ROUNDS:-1}; DURATION=${BENCH_DURATION:-1s}; FLEETS=${BENCH_FLEETS:-"2000 5000"}
-  NTOKENS=${BENCH_TOKENS:-2000}; PUBLISHES=${BENCH_PUBLISHES:-1}; PROFILE=${BENCH_PROFILE:-debug}
+if [ "$MODE" = replicas ]; then
+  DEFAULT_FLEETS=1000000
+  [ "$SMOKE" = 1 ] && DEFAULT_FLEETS=5000
 else
-  ROUNDS=${BENCH_ROUNDS:-5}; DURATION=${BENCH_DURATION:-10s}; FLEETS=${BENCH_FLEETS:-"10000 100000 1000000"}
+  DEFAULT_FLEETS="10000 100000 1000000"
+  [ "$SMOKE" = 1 ] && DEFAULT_FLEETS="2000 5000"
+fi
+if [ "$SMOKE" = 1 ]; then
+  ROUNDS=${BENCH_ROUNDS:-1}; DURATION=${BENCH_DURATION:-1s}; FLEETS=${BENCH_FLEETS:-$DEFAULT_FLEETS}
+  NTOKENS=${BENCH_TOKENS:-2000}; PUBLISHES=${BENCH_PUBLISHES:-1}; PROFILE=${BENCH_PROFILE:-debug}
+  CHECKIN_DEVICES=${BENCH_CHECKIN_DEVICES:-4000}
+else
+  ROUNDS=${BENCH_ROUNDS:-5}; DURATION=${BENCH_DURATION:-10s}; FLEETS=${BENCH_FLEETS:-$DEFAULT_FLEETS}
   NTOKENS=${BENCH_TOKENS:-10000}; PUBLISHES=${BENCH_PUBLISHES:-7}; PROFILE=${BENCH_PROFILE:-release}
+  CHECKIN_DEVICES=${BENCH_CHECKIN_DEVICES:-200000}
 fi
 read -r -a FLEET <<<"$FLEETS"
 # The fleet the ceiling and the publish run against: the middle one (100 000).
@@ -44,14 +71,17 @@ MAIN=${FLEET[$(((${#FLEET[@]} - 1) / 2))]}
 WRK_ARGS=(-t2 -c64 -d"$DURATION" --latency)
 
 need_apt wrk python3 gcc libc6-dev pkg-config ca-certificates
+[ "$MODE" = replicas ] && { command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt haproxy; }
 need_rust
 
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 OUT="$STATE/results"
 mkdir -p "$OUT"
 declare -A PID PORT
+HAPROXY_STATES=()
 cleanup() {
-  local p
+  local p s
+  for s in "${HAPROXY_STATES[@]}"; do STATE=$s stop_haproxy; done
   for p in "${PID[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${PID[@]}"; do wait "$p" 2>/dev/null || true; done
   stop_registry
@@ -79,40 +109,71 @@ su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -D '$STATE/postgres' -w restart" >/dev
 start_registry
 prepare_build_db
 
-log "building the server ($PROFILE)"
-BUILD=(cargo build -p sluice-server)
-[ "$PROFILE" = release ] && BUILD+=(--release)
-# Symbols kept (the code is the same as a stripped release build) so perf can name functions.
-CARGO_PROFILE_RELEASE_STRIP=false DATABASE_URL=$BUILD_DATABASE_URL "${BUILD[@]}" >&2
-SLUICE="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/sluice"
+CEILING_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+if [ -n "${BENCH_SLUICE:-}" ]; then
+  SLUICE=$BENCH_SLUICE
+  log "using $SLUICE"
+else
+  log "building the server ($PROFILE)"
+  BUILD=(cargo build -p sluice-server)
+  [ "$PROFILE" = release ] && BUILD+=(--release)
+  # Symbols kept (the code is the same as a stripped release build) so perf can name functions.
+  CARGO_PROFILE_RELEASE_STRIP=false DATABASE_URL=$BUILD_DATABASE_URL "${BUILD[@]}" >&2
+  SLUICE="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/sluice"
+fi
 [ -x "$SLUICE" ] || { echo "error: $SLUICE was not built" >&2; exit 1; }
+if [ "$MODE" = server ]; then
+  # The ceiling is its own small workspace, built from the same registry cache.
+  log "building the bare axum ceiling ($PROFILE)"
+  CBUILD=(cargo build --offline --manifest-path bench/ceiling/Cargo.toml)
+  [ "$PROFILE" = release ] && CBUILD+=(--release)
+  "${CBUILD[@]}" >&2
+  CEILING_BIN="$CEILING_DIR/$PROFILE/sluice-bench-ceiling"
+fi
 
 PASS=bench-admin-password
 export SLUICE_KEY_PASSPHRASE=bench-passphrase
 
+# cpu_ticks PID...: user + system CPU of the processes (all their threads) and
+# of their children that have exited, in clock ticks.
+cpu_ticks() {
+  local p t=0 v
+  for p in "$@"; do
+    v=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$p/stat" 2>/dev/null || echo 0)
+    t=$((t + v))
+  done
+  echo "$t"
+}
+TICK=$(getconf CLK_TCK)
+# PostgreSQL: the postmaster and every process it started.
+pg_pids() {
+  local pm
+  pm=$(head -1 "$STATE/postgres/postmaster.pid")
+  echo "$pm" $(pgrep -P "$pm" || true)
+}
+
 # wrk plays each of its devices several times a second, which the per-device
 # rate limit (60 at once, 1/s after) would answer 429: the limits are raised
 # so every answer is a real one; the limiter still runs on every request.
-start_server() { # fleet [ceiling-bytes]
-  local n=$1 port
+start_server() { # key database data-dir
+  local key=$1 db=$2 data=$3 port
   port=$(free_port "$PG_PORT" "$REG_PORT" "${PORT[@]}")
-  PORT[$n]=$port
-  DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/bench_$n" SLUICE_LISTEN="127.0.0.1:$port" \
-    SLUICE_DATA_DIR="$STATE/data-$n" SLUICE_INSECURE_REGISTRIES="$REGISTRY" RUST_LOG=warn \
+  PORT[$key]=$port
+  # The bench makes device tokens itself (bench/helper.py tokens) with this
+  # secret; the server imports it into its database at the first start.
+  mkdir -p "$data"
+  [ -s "$data/jwt.key" ] || (umask 077 && head -c 32 /dev/urandom >"$data/jwt.key")
+  DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/$db" SLUICE_LISTEN="127.0.0.1:$port" \
+    SLUICE_DATA_DIR="$data" SLUICE_INSECURE_REGISTRIES="$REGISTRY" RUST_LOG=warn \
     SLUICE_DEVICE_BURST=1000000 SLUICE_DEVICE_RATE=1000 SLUICE_DEVICE_TOKEN_TTL_S=21600 \
-    SLUICE_BENCH_CEILING="${2:-}" start_sluice "$SLUICE" "$STATE/server-$n.log" || {
-    echo "error: the server for fleet $n did not start" >&2
+    start_sluice "$SLUICE" "$STATE/server-$key.log" || {
+    echo "error: the server $key did not start" >&2
     return 1
   }
-  PID[$n]=$SLUICE_PID
+  PID[$key]=$SLUICE_PID
 }
 
-stop_server() { # fleet
-  kill -TERM "${PID[$1]}" && wait "${PID[$1]}" || true
-  unset "PID[$1]"
-}
-
-api() { # fleet method path [json]
+api() { # key method path [json]
   local n=$1 method=$2 path=$3
   curl -fsS -X "$method" "http://127.0.0.1:${PORT[$n]}$path" -H "Authorization: Bearer ${ADMIN[$n]}" \
     -H 'Content-Type: application/json' ${4:+--data "$4"}
@@ -126,7 +187,7 @@ setup_fleet() { # fleet
   DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/$db" "$SLUICE" migrate >/dev/null
   DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/$db" SLUICE_NEW_PASSWORD=$PASS \
     "$SLUICE" admin create --username admin --role admin >/dev/null
-  start_server "$n"
+  start_server "$n" "$db" "$STATE/data-$n"
   export SLUICE_SERVER="http://127.0.0.1:${PORT[$n]}"
   ADMIN[$n]=$(SLUICE_PASSWORD=$PASS "$SLUICE" login --username admin)
   api "$n" POST /v1/products "{\"name\":\"bench\",\"repository\":\"$REGISTRY/$repo\"}" >/dev/null
@@ -152,7 +213,6 @@ FROM generate_series(1, $n) AS i;
 VACUUM ANALYZE devices;
 SQL
   python3 bench/helper.py tokens "$STATE/data-$n" bench "$NTOKENS" "$n" "$STATE/tokens-$n.txt"
-  python3 bench/helper.py tokens "$STATE/data-$n" bench 1 "$n" "$STATE/probe-token-$n.txt"
 }
 
 for n in "${FLEET[@]}"; do
@@ -161,54 +221,135 @@ for n in "${FLEET[@]}"; do
   echo "{\"fleet\":$n,\"setup_s\":$((($(date +%s%N) - t0) / 1000000))e-3}" >>"$OUT/setup.jsonl"
 done
 
-# The ceiling's body is as large as a resolve answer plus its signature header.
-probe_resolve() { # fleet -> the answer's size in bytes (body + Sluice-Signature header)
-  local n=$1
-  curl -fsS -D "$STATE/probe.h" -o "$STATE/probe.json" \
-    -H "Authorization: Bearer $(cat "$STATE/probe-token-$n.txt")" \
-    "http://127.0.0.1:${PORT[$n]}/v1/products/bench/channels/stable/resolve?arch=amd64&current=${DIGESTS[$n]%%,*}&nonce=probe-$RANDOM$RANDOM"
-  echo $(($(stat -c %s "$STATE/probe.json") + $(grep -i '^sluice-signature:' "$STATE/probe.h" | wc -c)))
+RESOLVE=/v1/products/bench/channels/stable/resolve
+# run_wrk LABEL URL TOKENS DIGESTS [DURATION] [PIDS] [LB_PIDS]: one wrk run
+# of resolve requests (bench/resolve.lua) against URL; prints its BENCH line
+# as JSON, with the CPU seconds the PIDS (cpu_s), the LB_PIDS (lb_cpu_s) and
+# PostgreSQL (pg_cpu_s) spent meanwhile.
+run_wrk() {
+  local label=$1 url=$2 tokens=$3 digests=$4 out args=("${WRK_ARGS[@]}") c0 c1 l0 l1 g0 g1 line pids lbs
+  [ -n "${5:-}" ] && args=(-t2 -c64 -d"$5" --latency)
+  read -r -a pids <<<"${6:-}"
+  read -r -a lbs <<<"${7:-}"
+  c0=$(cpu_ticks "${pids[@]}"); l0=$(cpu_ticks "${lbs[@]}"); g0=$(cpu_ticks $(pg_pids))
+  out=$(BENCH_PATH=${WRK_PATH:-$RESOLVE} BENCH_TOKENS=$tokens BENCH_DIGESTS=$digests BENCH_SALT="$label$RANDOM" \
+    wrk "${args[@]}" -s bench/resolve.lua "$url")
+  c1=$(cpu_ticks "${pids[@]}"); l1=$(cpu_ticks "${lbs[@]}"); g1=$(cpu_ticks $(pg_pids))
+  echo "$out" >>"$OUT/wrk-$label.txt"
+  line=$(echo "$out" | sed -n 's/^BENCH //p')
+  [ -n "$line" ] || { echo "$out" >&2; echo "error: wrk printed no BENCH line" >&2; return 1; }
+  echo "$line" | jq -c --argjson cpu "$((c1 - c0))" --argjson lb "$((l1 - l0))" --argjson pg "$((g1 - g0))" \
+    --argjson tck "$TICK" '. + {cpu_s: ($cpu / $tck), lb_cpu_s: ($lb / $tck), pg_cpu_s: ($pg / $tck)}'
 }
-SIZE=$(probe_resolve "$MAIN")
+
+# probe_sizes URL TOKENS DIGEST: the median body size, and header bytes
+# other than the Sluice-Signature value, of 21 resolve answers for devices
+# across the token file; run while wrk loads the server.
+probe_sizes() {
+  local url=$1 tokens=$2 digest=$3 i tok total
+  total=$(wc -l <"$tokens")
+  for i in $(seq 0 20); do
+    tok=$(sed -n "$((1 + i * total / 21))p" "$tokens")
+    curl -fsS -D "$STATE/probe.h" -o "$STATE/probe.json" -w '%{size_download} %{size_header}' \
+      -H "Authorization: Bearer $tok" "$url$RESOLVE?arch=amd64&current=$digest&nonce=probe-$i-$RANDOM$RANDOM" || return 1
+    echo " $(sed -n 's/^sluice-signature: //Ip' "$STATE/probe.h" | tr -d '\r\n' | wc -c)"
+  done | awk '{print $1, $2 - $3}' >"$STATE/probes"
+  echo "$(cut -d' ' -f1 "$STATE/probes" | sort -n | sed -n 11p) $(cut -d' ' -f2 "$STATE/probes" | sort -n | sed -n 11p)"
+}
+
+if [ "$MODE" = replicas ]; then
+  . "$ROOT/bench/replicas.sh"
+  exit 0
+fi
+
+# The ceiling answers as many bytes as resolve does under load: wrk's mean
+# bytes per answer (headers and body), with the median body; the rest is the
+# Sluice-Signature header (its length follows the batch size, so the load).
+log "warm-up with size probes on fleet $MAIN"
+( sleep 0.3; probe_sizes "http://127.0.0.1:${PORT[$MAIN]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]%%,*}" >"$STATE/sizes" ) &
+probe=$!
+warm=$(run_wrk warmup "http://127.0.0.1:${PORT[$MAIN]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" \
+  "$([ "$SMOKE" = 1 ] && echo 2s || echo 5s)")
+wait "$probe" || { echo "error: probing resolve's answer size failed" >&2; exit 1; }
+read -r BODY OTHER <"$STATE/sizes"
 jq -e '.release.version and .device_id and .nonce' "$STATE/probe.json" >/dev/null \
   || { cat "$STATE/probe.json" >&2; echo "error: resolve gave no release" >&2; exit 1; }
-log "resolve answers $SIZE bytes (body + signature header); restarting fleet $MAIN's server with the ceiling route"
-stop_server "$MAIN"
-start_server "$MAIN" "$SIZE"
+SIGVAL=$(($(echo "$warm" | jq '.bytes | round') - BODY - OTHER))
+log "resolve answers $(echo "$warm" | jq .bytes) bytes: a $BODY-byte body, a $SIGVAL-byte signature; starting the ceiling with the same"
+CEIL_PORT=$(free_port "$PG_PORT" "$REG_PORT" "${PORT[@]}")
+"$CEILING_BIN" "127.0.0.1:$CEIL_PORT" "$BODY" "$SIGVAL" >"$STATE/ceiling.log" 2>&1 &
+PID[ceiling]=$!
+for _ in $(seq 1 100); do port_free "$CEIL_PORT" || break; sleep 0.1; done
+echo "{\"body\":$BODY,\"signature\":$SIGVAL}" >"$OUT/sizes.jsonl"
 
-run_wrk() { # fleet path label [duration]
-  local n=$1 path=$2 label=$3 out args=("${WRK_ARGS[@]}")
-  [ -n "${4:-}" ] && args=(-t2 -c64 -d"$4")
-  out=$(BENCH_PATH=$path BENCH_TOKENS="$STATE/tokens-$n.txt" BENCH_DIGESTS=${DIGESTS[$n]} BENCH_SALT="$label$RANDOM" \
-    wrk "${args[@]}" -s bench/resolve.lua "http://127.0.0.1:${PORT[$n]}")
-  echo "$out" >>"$OUT/wrk-$label.txt"
-  echo "$out" | sed -n 's/^BENCH //p'
-}
-RESOLVE=/v1/products/bench/channels/stable/resolve
+# A second server on fleet $MAIN's database and folder, over HTTPS: a device
+# that polls every few minutes opens a new connection, with a full TLS
+# handshake, for each poll; this measures what such a poll costs.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=127.0.0.1 \
+  -addext subjectAltName=IP:127.0.0.1 -keyout "$STATE/tls.key" -out "$STATE/tls.crt" 2>/dev/null
+TLS_PORT=$(free_port "$PG_PORT" "$REG_PORT" "$CEIL_PORT" "${PORT[@]}")
+DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/bench_$MAIN" SLUICE_LISTEN="127.0.0.1:$TLS_PORT" \
+  SLUICE_DATA_DIR="$STATE/data-$MAIN" SLUICE_INSECURE_REGISTRIES="$REGISTRY" RUST_LOG=warn \
+  SLUICE_DEVICE_BURST=1000000 SLUICE_DEVICE_RATE=1000 SLUICE_TLS_CERT="$STATE/tls.crt" SLUICE_TLS_KEY="$STATE/tls.key" \
+  "$SLUICE" serve >>"$STATE/server-tls.log" 2>&1 9>&- &
+PID[tls]=$!
+for _ in $(seq 1 300); do curl -fsSk --http1.1 "https://127.0.0.1:$TLS_PORT/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fsSk --http1.1 "https://127.0.0.1:$TLS_PORT/healthz" >/dev/null || { tail "$STATE/server-tls.log" >&2; exit 1; }
+# BENCH_VARIANTS: more servers on fleet $MAIN's database and folder.
+VARIANTS=()
+declare -A VPATH
+for v in ${BENCH_VARIANTS:-}; do
+  label=${v%%=*} rest=${v#*=}
+  bin=${rest%%@*} vars=()
+  [ "$rest" != "$bin" ] && IFS=, read -r -a vars <<<"${rest#*@}"
+  [ -x "$bin" ] || { echo "error: BENCH_VARIANTS: $bin is not an executable" >&2; exit 2; }
+  log "variant $label: $bin ${vars[*]}"
+  # In a subshell, so the variables stay the variant's.
+  (
+    SLUICE=$bin
+    for a in "${vars[@]}"; do export "${a?}"; done
+    start_server "v-$label" "bench_$MAIN" "$STATE/data-$MAIN"
+    echo "$SLUICE_PID ${PORT[v-$label]}" >"$STATE/variant-$label"
+  )
+  read -r PID["v-$label"] PORT["v-$label"] <"$STATE/variant-$label"
+  VARIANTS+=("v-$label")
+  # A variant may ask for another path (BENCH_PATH=...), e.g. a route of its own.
+  for a in "${vars[@]}"; do [ "${a%%=*}" = BENCH_PATH ] && VPATH[v-$label]=${a#*=}; done
+done
 
 if [ "$SMOKE" = 0 ]; then
-  log "warm-up"
-  for n in "${FLEET[@]}"; do
-    run_wrk "$n" "$RESOLVE" warmup 1s >/dev/null
+  for n in "${FLEET[@]}" "${VARIANTS[@]}"; do
+    [ "${n#v-}" != "$n" ] && { run_wrk warmup "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 1s >/dev/null; continue; }
+    run_wrk warmup "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$n.txt" "${DIGESTS[$n]}" 1s >/dev/null
   done
-  run_wrk "$MAIN" /bench/ceiling warmup 1s >/dev/null
+  run_wrk warmup "http://127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 1s >/dev/null
+  BENCH_CLOSE=1 run_wrk warmup "https://127.0.0.1:$TLS_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 1s >/dev/null
 fi
 
 # Each round runs the ceiling and every fleet once, in an order rotated by
 # one each round, so no variant always follows the same neighbour (a previous
-# run's autovacuum or check-in flush, the machine warming up).
-RUNS=(ceiling "${FLEET[@]}")
+# run's autovacuum or check-in flush, the machine warming up). The ceiling
+# gets the very same requests (path, query, token) as resolve.
+RUNS=(ceiling "${FLEET[@]}" tls "${VARIANTS[@]}")
 for r in $(seq 1 "$ROUNDS"); do
   log "round $r/$ROUNDS"
   for k in "${!RUNS[@]}"; do
     n=${RUNS[$(((k + r - 1) % ${#RUNS[@]}))]}
     if [ "$n" = ceiling ]; then
-      line=$(run_wrk "$MAIN" /bench/ceiling ceiling)
-      echo "$line" >>"$OUT/ceiling.jsonl"
+      line=$(run_wrk ceiling "http://127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[ceiling]}")
+      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/ceiling.jsonl"
       log "  ceiling          $line"
+    elif [ "$n" = tls ]; then
+      line=$(BENCH_CLOSE=1 run_wrk tls "https://127.0.0.1:$TLS_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[tls]}")
+      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-tls.jsonl"
+      log "  resolve, TLS, a connection per request $line"
+    elif [ "${n#v-}" != "$n" ]; then
+      line=$(WRK_PATH=${VPATH[$n]:-} run_wrk "$n" "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[$n]}")
+      echo "$line" | jq -c --argjson r "$r" --arg v "${n#v-}" '. + {round: $r, variant: $v}' >>"$OUT/variants.jsonl"
+      log "  variant $(printf '%-8s' "${n#v-}") $line"
     else
-      line=$(run_wrk "$n" "$RESOLVE" "resolve-$n")
-      echo "$line" >>"$OUT/resolve-$n.jsonl"
+      line=$(run_wrk "resolve-$n" "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$n.txt" "${DIGESTS[$n]}" "" "${PID[$n]}")
+      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-$n.jsonl"
       log "  resolve $(printf '%-8s' "$n") $line"
     fi
   done
@@ -217,12 +358,20 @@ done
 if [ -n "${BENCH_PERF:-}" ]; then
   # A profile of the server under the resolve load, written to $BENCH_PERF.
   log "perf: one more resolve run on fleet $MAIN, profiled"
-  perf record -q -F 499 -g -o "$STATE/perf.data" -p "${PID[$MAIN]}" -- sleep 8 2>/dev/null &
+  perf record -q -F 499 ${BENCH_PERF_CALLS:+--call-graph "$BENCH_PERF_CALLS"} -g -o "$STATE/perf.data" \
+    -p "${PID[$MAIN]}" -- sleep 8 2>/dev/null &
   perf_pid=$!
-  run_wrk "$MAIN" "$RESOLVE" perf 10s >/dev/null
+  run_wrk perf "http://127.0.0.1:${PORT[$MAIN]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 10s >/dev/null
   wait "$perf_pid" || true
   perf report -i "$STATE/perf.data" --no-children --percent-limit 0.7 --stdio -g none >"$BENCH_PERF" 2>/dev/null
   perf report -i "$STATE/perf.data" --children --percent-limit 3 --stdio -g none >"$BENCH_PERF.children" 2>/dev/null
+  cp "$STATE/perf.data" "$BENCH_PERF.data"
+  # And the ceiling under the same load, for comparison.
+  perf record -q -F 499 -g -o "$STATE/perf-ceiling.data" -p "${PID[ceiling]}" -- sleep 8 2>/dev/null &
+  perf_pid=$!
+  run_wrk perf "http://127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 10s >/dev/null
+  wait "$perf_pid" || true
+  perf report -i "$STATE/perf-ceiling.data" --no-children --percent-limit 0.7 --stdio -g none >"$BENCH_PERF.ceiling" 2>/dev/null
 fi
 
 for n in "${FLEET[@]}"; do
@@ -233,22 +382,31 @@ done
 # Check-ins reach the database within a couple of seconds.
 sleep 2
 for n in "${FLEET[@]}"; do
-  seen=$("${PSQL[@]}" -d "bench_$n" -tAc "SELECT count(*) FROM devices WHERE last_seen > now() - interval '9 minutes'")
-  echo "{\"fleet\":$n,\"devices_seen\":$seen}" >>"$OUT/checkins.jsonl"
+  # The devices table with its indexes and TOAST, per enrolled device.
+  "${PSQL[@]}" -d "bench_$n" -tAc "SELECT json_build_object('fleet', $n,
+      'devices_seen', (SELECT count(*) FROM devices WHERE last_seen > now() - interval '9 minutes'),
+      'table_bytes', pg_total_relation_size('devices'), 'heap_bytes', pg_relation_size('devices'))" \
+    >>"$OUT/checkins.jsonl"
 done
 
 log "publish x$PUBLISHES on fleet $MAIN"
+python3 bench/helper.py tokens "$STATE/data-$MAIN" bench 1 "$MAIN" "$STATE/probe-token-$MAIN.txt"
 versions=()
 for i in $(seq 1 "$PUBLISHES"); do versions+=("3.0.$i"); done
 python3 bench/helper.py publish "http://127.0.0.1:${PORT[$MAIN]}" "${PUBLISHER[$MAIN]}" "$REGISTRY" "bench-$MAIN/os" \
   bench "$(cat "$STATE/probe-token-$MAIN.txt")" "$SLUICE" "${versions[@]}" >"$OUT/publish.jsonl"
 cat "$OUT/publish.jsonl" >&2
 
+RESULTS="$ROOT/bench/results"
 REPORT="$ROOT/BENCHMARKS.md"
-[ "$SMOKE" = 1 ] && REPORT="$STATE/BENCHMARKS.md"
+if [ "$SMOKE" = 1 ]; then
+  mkdir -p "$STATE/report" && cp -r "$RESULTS/." "$STATE/report/" 2>/dev/null || true
+  RESULTS="$STATE/report" REPORT="$STATE/BENCHMARKS.md"
+fi
 BENCH_CMD="bench/server.sh$([ "$SMOKE" = 1 ] && echo ' --smoke')" BENCH_WRK="wrk ${WRK_ARGS[*]} -s bench/resolve.lua" \
-  BENCH_MAIN=$MAIN BENCH_FLEETS="${FLEET[*]}" BENCH_PROFILE=$PROFILE BENCH_SIZE=$SIZE BENCH_NTOKENS=$NTOKENS \
-  python3 bench/helper.py report "$OUT" "$REPORT"
+  BENCH_MAIN=$MAIN BENCH_FLEETS="${FLEET[*]}" BENCH_PROFILE=$PROFILE BENCH_NTOKENS=$NTOKENS \
+  python3 bench/server_report.py save server "$OUT" "$RESULTS/server.json"
+python3 bench/server_report.py render "$RESULTS" "$REPORT"
 log "report written to $REPORT"
 [ "$SMOKE" = 1 ] && cat "$REPORT"
 exit 0
