@@ -265,14 +265,7 @@ async fn set_urgent(
         )
         .execute(&mut *tx)
         .await?;
-        // Devices must see a new serial: their answer changes.
-        sqlx::query!(
-            "UPDATE channels SET serial = nextval('channel_serial'), updated_at = now()
-             WHERE head_release_id = $1 OR base_release_id = $1",
-            r.id
-        )
-        .execute(&mut *tx)
-        .await?;
+        new_serials(&mut tx, r.id).await?;
         crate::api::audit::record(
             &mut *tx,
             &who,
@@ -620,14 +613,7 @@ async fn revoke_release(
         )
         .execute(&mut *tx)
         .await?;
-        // Devices must see a new serial: their answer changes.
-        sqlx::query!(
-            "UPDATE channels SET serial = nextval('channel_serial'), updated_at = now()
-             WHERE head_release_id = $1 OR base_release_id = $1",
-            r.id
-        )
-        .execute(&mut *tx)
-        .await?;
+        new_serials(&mut tx, r.id).await?;
         crate::api::audit::record(
             &mut *tx,
             who,
@@ -640,5 +626,18 @@ async fn revoke_release(
     }
     tx.commit().await?;
     state.cache.invalidate(product);
+    Ok(())
+}
+
+/// Gives every channel whose head or base is `release` a new serial: the
+/// answer its devices get changes, and they must see that it did.
+async fn new_serials(tx: &mut sqlx::PgConnection, release: Uuid) -> Result<()> {
+    sqlx::query!(
+        "UPDATE channels SET serial = nextval('channel_serial'), updated_at = now()
+             WHERE head_release_id = $1 OR base_release_id = $1",
+        release
+    )
+    .execute(tx)
+    .await?;
     Ok(())
 }
