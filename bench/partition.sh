@@ -154,7 +154,9 @@ QUERIES=(
   "a label selector (site), first page|SELECT d.id FROM TBL d WHERE d.labels @> '{\"site\": \"site-42\"}' ORDER BY d.id LIMIT 50"
   "the channel view's counts by version and status|SELECT current_version, status, count(*) FROM TBL
    WHERE product_id = '00000000-0000-0000-0000-0000000000aa' AND channel = 'stable' GROUP BY current_version, status"
-  "the health gate's counts|SELECT count(*), count(*) FILTER (WHERE status = 'failed') FROM TBL
+  "the health gate's tally (one row of gate_tallies, kept by triggers; the same for both tables)|SELECT reports, failures FROM gate_tallies
+   WHERE product_id = '00000000-0000-0000-0000-0000000000aa' AND channel = 'stable' AND version = '1.1.0'"
+  "the health gate's count over the devices (what it read before gate_tallies)|SELECT count(*), count(*) FILTER (WHERE status = 'failed') FROM TBL
    WHERE product_id = '00000000-0000-0000-0000-0000000000aa' AND channel = 'stable' AND status_version = '1.1.0'
      AND status = ANY('{healthy,failed,rolled_back}') AND status_offered"
   "the snapshot's pinned devices|SELECT id, pin_version FROM TBL

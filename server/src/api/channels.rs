@@ -795,19 +795,17 @@ pub async fn gate_counts(
     head: Option<&str>,
 ) -> Result<(i64, i64)> {
     let Some(head) = head else { return Ok((0, 0)) };
+    // Kept by triggers on `devices` (migration 20261203000300): one row,
+    // however many devices the channel has.
     let r = sqlx::query!(
-        r#"SELECT count(*) AS "reports!", count(*) FILTER (WHERE status = ANY($5)) AS "failures!"
-           FROM devices WHERE product_id = $1 AND channel = $2 AND status_version = $3
-             AND status = ANY($4) AND status_offered"#,
+        "SELECT reports, failures FROM gate_tallies WHERE product_id = $1 AND channel = $2 AND version = $3",
         product_id,
         channel,
-        head,
-        &EventKind::names(&EventKind::OUTCOMES) as &[&str],
-        &EventKind::names(&EventKind::FAILURES) as &[&str]
+        head
     )
-    .fetch_one(&mut *db)
+    .fetch_optional(&mut *db)
     .await?;
-    Ok((r.reports, r.failures))
+    Ok(r.map_or((0, 0), |r| (r.reports, r.failures)))
 }
 
 /// Halts the channel's rollout if its health gate trips

@@ -14,6 +14,7 @@ mod e2e;
 mod faults;
 mod fleet_policy;
 mod fleetlock;
+mod gate;
 mod head_status;
 mod identity;
 mod keys;
