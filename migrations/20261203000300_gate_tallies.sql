@@ -7,6 +7,9 @@
 -- names of EventKind::OUTCOMES and ::FAILURES, which a test keeps in step).
 -- Triggers keep the tallies for every write to devices, whichever path
 -- makes it (events, check-ins moving channels, reset, delete, SQL by hand).
+-- They update a tally row per device written: a bulk load of millions of
+-- devices in one transaction should disable them (ALTER TABLE devices
+-- DISABLE TRIGGER USER) and rebuild the tallies with the INSERT at the end.
 CREATE TABLE gate_tallies (
     product_id uuid   NOT NULL,
     channel    text   NOT NULL,
