@@ -31,13 +31,22 @@ BEGIN
         SET reports = t.reports + EXCLUDED.reports, failures = t.failures + EXCLUDED.failures;
 END $$;
 
+-- An update touches its two tally rows in key order, so two devices moving
+-- opposite ways at once (one to the head, one rolled back) wait for each
+-- other instead of deadlocking.
 CREATE FUNCTION gate_tally_devices() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+    IF TG_OP = 'DELETE' THEN
         PERFORM gate_tally_add(OLD.product_id, OLD.channel, OLD.status_version, OLD.status_offered, OLD.status, -1);
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+    ELSIF TG_OP = 'INSERT' THEN
         PERFORM gate_tally_add(NEW.product_id, NEW.channel, NEW.status_version, NEW.status_offered, NEW.status, 1);
+    ELSIF ROW(OLD.product_id, OLD.channel, coalesce(OLD.status_version, ''))
+          <= ROW(NEW.product_id, NEW.channel, coalesce(NEW.status_version, '')) THEN
+        PERFORM gate_tally_add(OLD.product_id, OLD.channel, OLD.status_version, OLD.status_offered, OLD.status, -1);
+        PERFORM gate_tally_add(NEW.product_id, NEW.channel, NEW.status_version, NEW.status_offered, NEW.status, 1);
+    ELSE
+        PERFORM gate_tally_add(NEW.product_id, NEW.channel, NEW.status_version, NEW.status_offered, NEW.status, 1);
+        PERFORM gate_tally_add(OLD.product_id, OLD.channel, OLD.status_version, OLD.status_offered, OLD.status, -1);
     END IF;
     RETURN NULL;
 END $$;
