@@ -99,12 +99,7 @@ FROM generate_series(1, $ROWS) AS i,
 ALTER TABLE devices ADD CONSTRAINT devices_product_machine_key UNIQUE (product_id, machine_id);
 SELECT indexdef FROM idx \gexec
 ALTER TABLE devices ENABLE TRIGGER USER;
-INSERT INTO gate_tallies (product_id, channel, version, reports, failures)
-SELECT product_id, channel, status_version, count(*),
-       count(*) FILTER (WHERE status IN ('failed', 'rolled_back'))
-FROM devices
-WHERE status_offered AND status_version IS NOT NULL AND status IN ('healthy', 'failed', 'rolled_back')
-GROUP BY product_id, channel, status_version;
+SELECT gate_tallies_rebuild();
 SQL
 load_ms=$(ms "$t0")
 "${PSQL[@]}" -d fleet -c "VACUUM (ANALYZE) devices" >/dev/null

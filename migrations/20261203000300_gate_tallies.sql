@@ -9,7 +9,7 @@
 -- makes it (events, check-ins moving channels, reset, delete, SQL by hand).
 -- They update a tally row per device written: a bulk load of millions of
 -- devices in one transaction should disable them (ALTER TABLE devices
--- DISABLE TRIGGER USER) and rebuild the tallies with the INSERT at the end.
+-- DISABLE TRIGGER USER) and rebuild the tallies: SELECT gate_tallies_rebuild().
 CREATE TABLE gate_tallies (
     product_id uuid   NOT NULL,
     channel    text   NOT NULL,
@@ -63,9 +63,15 @@ CREATE TRIGGER devices_gate_update AFTER UPDATE ON devices FOR EACH ROW
 CREATE TRIGGER devices_gate_delete AFTER DELETE ON devices
     FOR EACH ROW EXECUTE FUNCTION gate_tally_devices();
 
-INSERT INTO gate_tallies (product_id, channel, version, reports, failures)
-SELECT product_id, channel, status_version, count(*),
-       count(*) FILTER (WHERE status IN ('failed', 'rolled_back'))
-FROM devices
-WHERE status_offered AND status_version IS NOT NULL AND status IN ('healthy', 'failed', 'rolled_back')
-GROUP BY product_id, channel, status_version;
+-- Counts every tally anew from the devices: here, and after a bulk load
+-- made with the triggers off.
+CREATE FUNCTION gate_tallies_rebuild() RETURNS void LANGUAGE sql AS $$
+    DELETE FROM gate_tallies;
+    INSERT INTO gate_tallies (product_id, channel, version, reports, failures)
+    SELECT product_id, channel, status_version, count(*),
+           count(*) FILTER (WHERE status IN ('failed', 'rolled_back'))
+    FROM devices
+    WHERE status_offered AND status_version IS NOT NULL AND status IN ('healthy', 'failed', 'rolled_back')
+    GROUP BY product_id, channel, status_version;
+$$;
+SELECT gate_tallies_rebuild();
