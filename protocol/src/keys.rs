@@ -320,19 +320,28 @@ impl ResponseSigner {
         if leaves.is_empty() {
             return Vec::new();
         }
+        use std::fmt::Write;
         let size = leaves.len() as u64;
         let mut paths = vec![Vec::new(); leaves.len()];
         let root = subtree(leaves, &mut paths);
-        let sig = B64.encode(self.sign(&batch_message(size, &root)));
+        // What every header of the batch starts with, written once.
+        let head = format!(
+            "keyid={}; sig={}; batch=",
+            self.key_id,
+            B64.encode(self.sign(&batch_message(size, &root)))
+        );
+        let mut hashes = Vec::new();
         paths
             .iter()
             .enumerate()
             .map(|(i, path)| {
-                format!(
-                    "keyid={}; sig={sig}; batch={i}/{size}; path={}",
-                    self.key_id,
-                    B64.encode(path.concat())
-                )
+                hashes.clear();
+                hashes.extend(path.iter().flatten());
+                let mut h = String::with_capacity(head.len() + 32 + hashes.len().div_ceil(3) * 4);
+                h.push_str(&head);
+                write!(h, "{i}/{size}; path=").expect("writing to a String");
+                B64.encode_string(&hashes, &mut h);
+                h
             })
             .collect()
     }

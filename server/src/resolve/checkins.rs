@@ -15,11 +15,13 @@ pub(crate) struct Checkin {
     pub(crate) channel: String,
     pub(crate) arch: String,
     pub(crate) digest: Option<String>,
-    pub(crate) version: Option<String>,
+    /// The version of `digest`, shared with the snapshot.
+    pub(crate) version: Option<Arc<str>>,
     /// The key list version the device holds, if it said.
     pub(crate) keys_version: Option<i64>,
-    /// `<version>@<digest>` the answer told the device to install, for the health gate.
-    pub(crate) offered: Option<String>,
+    /// `<version>@<digest>` the answer told the device to install, for the
+    /// health gate; shared with the snapshot.
+    pub(crate) offered: Option<Arc<str>>,
 }
 
 /// Batches check-ins (last seen, current digest) and writes them every
@@ -74,42 +76,74 @@ impl Checkins {
     }
 }
 
+/// Most check-ins one statement writes: the writer builds and encodes a
+/// batch on a server thread, and a second's worth of a busy server's polls in
+/// one go would hold that thread (and the requests queued on it) for
+/// milliseconds.
+const CHUNK: usize = 2000;
+
 impl CheckinsShared {
     pub(crate) async fn write(&self) {
         let _one = self.writing.lock().await;
-        let batch = std::mem::take(&mut *self.pending.lock().expect("check-in lock"));
-        if let Err(batch) = write(&self.db, batch).await {
-            // Put them back: last-seen may lag, never be lost. A newer poll
-            // of the same device, made meanwhile, wins.
+        let batch = {
             let mut pending = self.pending.lock().expect("check-in lock");
-            for (id, c) in batch {
-                pending.entry(id).or_insert(c);
+            // The next second's map starts at this one's size: it is not
+            // grown (and rehashed) again under the polls' lock.
+            let room = pending.len();
+            std::mem::replace(&mut *pending, HashMap::with_capacity(room))
+        };
+        if batch.is_empty() {
+            return;
+        }
+        // In id order: servers writing overlapping batches (a device whose
+        // polls the balancer spread over several) then lock rows in the same
+        // order, and wait for each other instead of deadlocking.
+        let mut batch: Vec<(Uuid, Checkin)> = batch.into_iter().collect();
+        batch.sort_unstable_by_key(|(id, _)| *id);
+        let mut rest = batch.into_iter();
+        loop {
+            let chunk: Vec<(Uuid, Checkin)> = rest.by_ref().take(CHUNK).collect();
+            if chunk.is_empty() {
+                return;
+            }
+            if let Err(failed) = write(&self.db, chunk).await {
+                // Put them back: last-seen may lag, never be lost. A newer
+                // poll of the same device, made meanwhile, wins.
+                let mut pending = self.pending.lock().expect("check-in lock");
+                for (id, c) in failed.into_iter().chain(rest) {
+                    pending.entry(id).or_insert(c);
+                }
+                return;
             }
         }
     }
 }
 
-/// One UPDATE for a batch; the batch comes back when it failed.
+/// One UPDATE for a chunk of check-ins in id order; the chunk comes back
+/// when it failed.
 pub(crate) async fn write(
     db: &PgPool,
-    pending: HashMap<Uuid, Checkin>,
-) -> std::result::Result<(), HashMap<Uuid, Checkin>> {
-    if pending.is_empty() {
-        return Ok(());
+    batch: Vec<(Uuid, Checkin)>,
+) -> std::result::Result<(), Vec<(Uuid, Checkin)>> {
+    let n = batch.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut ats = Vec::with_capacity(n);
+    let mut channels = Vec::with_capacity(n);
+    let mut arches = Vec::with_capacity(n);
+    let mut digests = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut keys_versions = Vec::with_capacity(n);
+    let mut offered = Vec::with_capacity(n);
+    for (id, c) in &batch {
+        ids.push(*id);
+        ats.push(c.at);
+        channels.push(c.channel.as_str());
+        arches.push(c.arch.as_str());
+        digests.push(c.digest.as_deref());
+        versions.push(c.version.as_deref());
+        keys_versions.push(c.keys_version);
+        offered.push(c.offered.as_deref());
     }
-    // In id order: servers writing overlapping batches (a device whose
-    // polls the balancer spread over several) then lock rows in the same
-    // order, and wait for each other instead of deadlocking.
-    let mut batch: Vec<(Uuid, Checkin)> = pending.into_iter().collect();
-    batch.sort_unstable_by_key(|(id, _)| *id);
-    let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
-    let ats: Vec<OffsetDateTime> = batch.iter().map(|(_, c)| c.at).collect();
-    let channels: Vec<String> = batch.iter().map(|(_, c)| c.channel.clone()).collect();
-    let arches: Vec<String> = batch.iter().map(|(_, c)| c.arch.clone()).collect();
-    let digests: Vec<Option<String>> = batch.iter().map(|(_, c)| c.digest.clone()).collect();
-    let versions: Vec<Option<String>> = batch.iter().map(|(_, c)| c.version.clone()).collect();
-    let keys_versions: Vec<Option<i64>> = batch.iter().map(|(_, c)| c.keys_version).collect();
-    let offered: Vec<Option<String>> = batch.iter().map(|(_, c)| c.offered.clone()).collect();
     // A report written after the poll (last_seen later) wins over the poll.
     // The last 8 offers are kept.
     let r = sqlx::query!(
@@ -125,20 +159,126 @@ pub(crate) async fn write(
            WHERE d.id = u.id AND d.last_seen <= u.at"#,
         &ids,
         &ats,
-        &channels,
-        &arches,
-        &digests as &[Option<String>],
-        &versions as &[Option<String>],
+        &channels as &[&str],
+        &arches as &[&str],
+        &digests as &[Option<&str>],
+        &versions as &[Option<&str>],
         &keys_versions as &[Option<i64>],
-        &offered as &[Option<String>]
+        &offered as &[Option<&str>]
     )
     .execute(db)
     .await;
     match r {
         Ok(_) => Ok(()),
         Err(e) => {
-            tracing::warn!(error = %e, n = batch.len(), "writing check-ins failed; will retry");
-            Err(batch.into_iter().collect())
+            tracing::warn!(error = %e, n, "writing check-ins failed; will retry");
+            Err(batch)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkin(at: OffsetDateTime) -> Checkin {
+        Checkin {
+            at,
+            channel: "stable".into(),
+            arch: "arm64".into(),
+            digest: None,
+            version: None,
+            keys_version: Some(1),
+            offered: Some("1.1.0@sha256:00".into()),
+        }
+    }
+
+    /// More check-ins than one statement takes are written in chunks; when a
+    /// chunk fails (here a trigger refuses one device), the chunks before it
+    /// stay written, that chunk and every later one go back to pending, and
+    /// the next write takes them: none is lost, none is written twice.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn a_failed_chunk_and_those_after_it_are_written_later(db: PgPool) {
+        let n = 2 * CHUNK + 1;
+        sqlx::raw_sql(
+            "INSERT INTO products (id, name, repository, enrollment_secret_hash)
+             VALUES ('00000000-0000-0000-0000-0000000000aa', 'p', 'r.example/p', '\\x00');
+             INSERT INTO devices (id, product_id, machine_id, channel, arch, status, last_seen)
+             SELECT ('00000000-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid,
+                    '00000000-0000-0000-0000-0000000000aa', 'm-' || i, 'old', 'amd64', 'healthy',
+                    now() - interval '1 hour'
+             FROM generate_series(0, 5000) AS i",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let id = |i: usize| Uuid::parse_str(&format!("00000000-0000-4000-8000-{i:012}")).unwrap();
+        // The device in the middle of the second chunk cannot be written.
+        let refused = id(CHUNK + CHUNK / 2);
+        sqlx::raw_sql(
+            "CREATE TABLE refused (id uuid);
+             CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF NEW.id IN (SELECT id FROM refused) THEN RAISE EXCEPTION 'refused'; END IF;
+             RETURN NEW; END $$;
+             CREATE TRIGGER refuse BEFORE UPDATE ON devices FOR EACH ROW EXECUTE FUNCTION refuse()",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO refused VALUES ($1)")
+            .bind(refused)
+            .execute(&db)
+            .await
+            .unwrap();
+        let checkins = Checkins::spawn(db.clone(), Duration::from_secs(3600));
+        let at = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        for i in (0..n).rev() {
+            checkins.seen(id(i), checkin(at));
+        }
+        let written = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM devices WHERE channel = 'stable' AND last_seen = $1",
+            )
+            .bind(at)
+            .fetch_one(&db)
+            .await
+            .unwrap() as usize
+        };
+        checkins.flush().await;
+        assert_eq!(written().await, CHUNK, "the first chunk, in id order");
+        let pending = checkins.shared.pending.lock().unwrap().len();
+        assert_eq!(pending, n - CHUNK, "the failed chunk and the one after it");
+        assert!(
+            checkins
+                .shared
+                .pending
+                .lock()
+                .unwrap()
+                .contains_key(&id(n - 1))
+        );
+
+        // A newer poll made meanwhile wins over the one put back.
+        let later = at + time::Duration::seconds(5);
+        checkins.seen(id(n - 1), checkin(later));
+        sqlx::query("DROP TRIGGER refuse ON devices")
+            .execute(&db)
+            .await
+            .unwrap();
+        checkins.flush().await;
+        assert!(checkins.shared.pending.lock().unwrap().is_empty());
+        assert_eq!(written().await, n - 1);
+        let last: OffsetDateTime =
+            sqlx::query_scalar("SELECT last_seen FROM devices WHERE id = $1")
+                .bind(id(n - 1))
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        assert_eq!(last, later);
+        let untouched: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM devices WHERE channel = 'old'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        assert_eq!(untouched as usize, 5001 - n, "devices that never polled");
     }
 }

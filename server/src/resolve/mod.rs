@@ -11,9 +11,10 @@ use crate::rules::rollout;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sluice_protocol::keys::SIGNATURE_HEADER;
-use sluice_protocol::{Offer, ResolveResponse, WIRE_VERSION, is_sha256_digest};
+use sluice_protocol::{RebootAdvice, ResolveResponse, WIRE_VERSION, is_sha256_digest};
 use time::OffsetDateTime;
 use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -128,7 +129,7 @@ async fn resolve(
     State(state): State<AppState>,
     device: DeviceAuth,
     ChannelPath { product, channel }: ChannelPath,
-    ResolveParams(q): ResolveParams,
+    ResolveParams(mut q): ResolveParams,
 ) -> Result<Response> {
     if device.product != product {
         return Err(Error::Forbidden(format!(
@@ -153,7 +154,7 @@ async fn resolve(
             "current must be the running image's digest, `sha256:<64 hex>`".into(),
         ));
     }
-    let arch = q.arch.clone().unwrap_or_else(|| "amd64".into());
+    let arch = q.arch.take().unwrap_or_else(|| "amd64".into());
     if arch.is_empty() || arch.len() > 32 {
         return Err(Error::BadRequest("arch must be 1–32 characters".into()));
     }
@@ -192,36 +193,24 @@ async fn resolve(
     };
     let decision = rollout::decide(&input);
     let mut urgent = false;
+    // The platform offered: the target's best fit for the device, if signed.
     let offer = decision.target.and_then(|t| {
-        let (version, platforms) = match pin {
-            Some(PinSnap::Image { rel, platforms }) if std::ptr::eq(t, rel) => {
-                (t.version.to_string(), platforms)
-            }
+        let platforms = match pin {
+            Some(PinSnap::Image { rel, platforms }) if std::ptr::eq(t, rel) => platforms,
             _ => {
                 let i = snap.rels.iter().position(|r| std::ptr::eq(r, t))?;
                 urgent = snap.releases[i].urgent;
-                (
-                    snap.releases[i].version.clone(),
-                    &snap.releases[i].platforms,
-                )
+                &snap.releases[i].platforms
             }
         };
         // `arm/v7` asks for architecture `arm`, variant `v7`.
         let pl = crate::infra::registry::best_fit(platforms, &arch, |p| {
             (p.architecture.as_str(), p.variant.as_deref())
         })?;
-        Some(Offer {
-            version,
-            image: format!("{}@{}", snap.repository, pl.digest),
-            digest: pl.digest.clone(),
-            size: pl.size,
-            signature: pl.signature.clone()?,
-        })
+        Some((pl, pl.offer.as_deref()?))
     });
     // Rule 5: the device already runs the target's digest.
-    let running = offer
-        .as_ref()
-        .is_some_and(|o| q.current.as_deref() == Some(o.digest.as_str()));
+    let running = offer.is_some_and(|(pl, _)| q.current.as_deref() == Some(pl.digest.as_str()));
     let update = decision.update && offer.is_some() && !running;
     let labels = input.labels;
     let reboot = (!ch.reboot.windows.is_empty() || ch.reboot.lease.is_some()).then(|| {
@@ -235,27 +224,31 @@ async fn resolve(
         }
         _ => state.config.poll_after_s,
     };
-    let answer = ResolveResponse {
+    let keys_version = state.keys.list_version();
+    let answer = Answer {
         update,
         downgrade: update && decision.downgrade,
-        release: offer,
+        release: offer.map(|(_, json)| json),
         poll_after_s,
-        device_id,
-        nonce: q.nonce,
+        device_id: &device_id,
+        nonce: &q.nonce,
         serial: snap.serial,
         issued_at: now,
         expires_at: now + time::Duration::seconds(state.config.response_ttl_s as i64),
         // What was asked, so the device can tell that this answers its own
         // question and not one a proxy rewrote.
         wire: WIRE_VERSION,
-        product: Some(product),
-        channel: Some(channel.clone()),
-        arch: Some(arch.clone()),
-        current: q.current.clone(),
-        keys_version: state.keys.list_version(),
-        retry: snap.retries.get(&device.id).cloned().unwrap_or_default(),
-        reboot,
+        product: Some(&product),
+        channel: Some(&channel),
+        arch: Some(&arch),
+        current: q.current.as_deref(),
+        keys_version,
+        retry: snap.retries.get(&device.id).map_or(&[], Vec::as_slice),
+        reboot: reboot.as_ref(),
     };
+    // Room for a whole answer (about 1.2 KB), so it is written without regrowing.
+    let mut body = Vec::with_capacity(2048);
+    serde_json::to_writer(&mut body, &answer).map_err(anyhow::Error::from)?;
     state.checkins.seen(
         device.id,
         Checkin {
@@ -267,22 +260,15 @@ async fn resolve(
             // A device may only claim lists that exist.
             keys_version: q
                 .keys_version
-                .filter(|v| Some(*v) <= state.keys.list_version())
+                .filter(|v| Some(*v) <= keys_version)
                 .and_then(|v| i64::try_from(v).ok()),
-            offered: answer
-                .release
-                .as_ref()
-                .filter(|_| answer.update)
-                .map(|r| format!("{}@{}", r.version, r.digest)),
+            offered: offer.filter(|_| update).map(|(pl, _)| pl.offered.clone()),
         },
     );
     state
         .metrics
         .resolves
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // Room for a whole answer (about 1.2 KB), so it is written without regrowing.
-    let mut body = Vec::with_capacity(2048);
-    serde_json::to_writer(&mut body, &answer).map_err(anyhow::Error::from)?;
     let sig = state.answers.sign(&state, &body).await?;
     let mut response = body.into_response();
     let headers = response.headers_mut();
@@ -296,6 +282,35 @@ async fn resolve(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+/// A [`ResolveResponse`] as the resolve path writes it: the same fields in
+/// the same order, borrowed rather than copied, with the offer written once
+/// per snapshot ([`PlatformOffer`]). A test checks that both write the same
+/// bytes.
+#[derive(Serialize)]
+struct Answer<'a> {
+    update: bool,
+    downgrade: bool,
+    release: Option<&'a RawValue>,
+    poll_after_s: u64,
+    device_id: &'a str,
+    nonce: &'a str,
+    serial: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: OffsetDateTime,
+    wire: u32,
+    product: Option<&'a str>,
+    channel: Option<&'a str>,
+    arch: Option<&'a str>,
+    current: Option<&'a str>,
+    keys_version: Option<u64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    retry: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reboot: Option<&'a RebootAdvice>,
 }
 
 static NO_LABELS: Labels = Labels::new();
@@ -329,6 +344,86 @@ mod tests {
         axum::extract::Query::<ResolveQuery>::try_from_uri(&uri)
             .ok()
             .map(|q| q.0)
+    }
+
+    /// The resolve path's [`Answer`] writes the very bytes [`ResolveResponse`]
+    /// does (every field set, and with the optional ones left out), so the
+    /// borrowed copy cannot drift from the protocol's type. The response is
+    /// built with every field spelled out: a field added to it fails to
+    /// compile here until the answer has it too.
+    #[test]
+    fn the_answer_writes_what_the_protocol_type_writes() {
+        use sluice_protocol::{ImageSignature, Offer, RebootReason};
+        let at = OffsetDateTime::from_unix_timestamp_nanos(1_790_000_000_123_456_789).unwrap();
+        let offer = Offer {
+            version: "1.2.3-rc.1".into(),
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            image: format!(
+                "registry.example:5000/os/\"odd\"@sha256:{}",
+                "ab".repeat(32)
+            ),
+            size: 123_456_789,
+            signature: ImageSignature {
+                payload: "eyJjcml0aWNhbCI6e319".into(),
+                signature: "MEUCIQ+/==".into(),
+                key_id: "image-key-1".into(),
+            },
+        };
+        let advice = RebootAdvice {
+            allowed: false,
+            reason: RebootReason::OutsideWindow,
+            window: Some("Sat 02:00–04:00 Europe/Berlin".into()),
+            opens_at: Some(at + time::Duration::hours(30)),
+            closes_at: Some(at + time::Duration::hours(32)),
+            lease_group: Some("product/stable/rack-7".into()),
+        };
+        let retry = vec![format!("sha256:{}", "cd".repeat(32))];
+        for full in [true, false] {
+            let expected = ResolveResponse {
+                update: full,
+                downgrade: full,
+                release: full.then(|| offer.clone()),
+                poll_after_s: 900,
+                device_id: "0f0e0d0c-0b0a-4908-8706-050403020100".into(),
+                nonce: "n0nce_-x".into(),
+                serial: 42,
+                issued_at: at,
+                expires_at: at + time::Duration::seconds(300),
+                wire: WIRE_VERSION,
+                product: Some("os".into()),
+                channel: Some("stable".into()),
+                arch: Some("arm/v7".into()),
+                current: full.then(|| format!("sha256:{}", "ef".repeat(32))),
+                keys_version: full.then_some(7),
+                retry: if full { retry.clone() } else { Vec::new() },
+                reboot: full.then(|| advice.clone()),
+            };
+            let json = serde_json::value::to_raw_value(&offer).unwrap();
+            let ours = Answer {
+                update: expected.update,
+                downgrade: expected.downgrade,
+                release: full.then_some(&*json),
+                poll_after_s: expected.poll_after_s,
+                device_id: &expected.device_id,
+                nonce: &expected.nonce,
+                serial: expected.serial,
+                issued_at: expected.issued_at,
+                expires_at: expected.expires_at,
+                wire: expected.wire,
+                product: expected.product.as_deref(),
+                channel: expected.channel.as_deref(),
+                arch: expected.arch.as_deref(),
+                current: expected.current.as_deref(),
+                keys_version: expected.keys_version,
+                retry: &expected.retry,
+                reboot: expected.reboot.as_ref(),
+            };
+            assert_eq!(
+                String::from_utf8(serde_json::to_vec(&ours).unwrap()).unwrap(),
+                serde_json::to_string(&expected).unwrap(),
+                "full: {full}"
+            );
+        }
     }
 
     /// The hand reader accepts only what the extractor accepts, reads it

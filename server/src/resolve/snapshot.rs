@@ -12,7 +12,8 @@ use crate::infra::registry::PlatformImage;
 use crate::rules::policy::{Labels, RebootPolicy};
 use crate::rules::rollout::{Rel, Rollout};
 use serde::Deserialize;
-use sluice_protocol::ImageSignature;
+use serde_json::value::RawValue;
+use sluice_protocol::{ImageSignature, Offer};
 use sqlx::PgPool;
 use sqlx::types::Json as SqlJson;
 use std::collections::HashMap;
@@ -24,19 +25,51 @@ use uuid::Uuid;
 /// change notification another server sent and this one missed.
 pub(crate) const SNAPSHOT_TTL: Duration = Duration::from_secs(5);
 
-/// A platform of a release, ready to offer.
-#[derive(Debug, Clone)]
+/// A platform of a release, ready to offer: the offer is written once, when
+/// the snapshot loads, and every answer that makes it copies its bytes.
+#[derive(Debug)]
 pub(crate) struct PlatformOffer {
     pub(crate) architecture: String,
     pub(crate) variant: Option<String>,
     pub(crate) digest: String,
-    pub(crate) size: u64,
-    pub(crate) signature: Option<ImageSignature>,
+    /// The [`Offer`] as JSON; `None` while the platform has no signature
+    /// (such a platform is never offered).
+    pub(crate) offer: Option<Box<RawValue>>,
+    /// `<version>@<digest>`, what a check-in records as offered.
+    pub(crate) offered: Arc<str>,
+}
+
+impl PlatformOffer {
+    fn new(
+        version: &str,
+        repository: &str,
+        image: PlatformImage,
+        signature: Option<ImageSignature>,
+    ) -> PlatformOffer {
+        let offer = signature.map(|signature| {
+            let offer = Offer {
+                version: version.to_string(),
+                image: format!("{repository}@{}", image.digest),
+                digest: image.digest.clone(),
+                size: image.size,
+                signature,
+            };
+            serde_json::value::to_raw_value(&offer).expect("an offer serializes")
+        });
+        PlatformOffer {
+            offered: format!("{version}@{}", image.digest).into(),
+            architecture: image.architecture,
+            variant: image.variant,
+            digest: image.digest,
+            offer,
+        }
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct ReleaseSnap {
-    pub(crate) version: String,
+    /// Shared with the check-ins that record it.
+    pub(crate) version: Arc<str>,
     /// Devices reboot into it outside their maintenance windows.
     pub(crate) urgent: bool,
     pub(crate) platforms: Vec<PlatformOffer>,
@@ -65,7 +98,6 @@ pub(crate) enum PinSnap {
 #[derive(Debug)]
 pub struct Snapshot {
     pub(crate) loaded_at: Instant,
-    pub(crate) repository: String,
     pub(crate) releases: Vec<ReleaseSnap>,
     pub(crate) rels: Vec<Rel>,
     pub(crate) by_digest: HashMap<String, usize>,
@@ -332,22 +364,17 @@ pub(crate) async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
             .into_iter()
             .map(|pl| {
                 by_digest.insert(pl.digest.clone(), i);
-                PlatformOffer {
-                    signature: r
-                        .sigs
-                        .0
-                        .iter()
-                        .find(|s| s.digest == pl.digest)
-                        .map(SigRow::to_signature),
-                    architecture: pl.architecture,
-                    variant: pl.variant,
-                    digest: pl.digest,
-                    size: pl.size,
-                }
+                let signature = r
+                    .sigs
+                    .0
+                    .iter()
+                    .find(|s| s.digest == pl.digest)
+                    .map(SigRow::to_signature);
+                PlatformOffer::new(&r.version, &p.repository, pl, signature)
             })
             .collect();
         releases.push(ReleaseSnap {
-            version: r.version,
+            version: r.version.into(),
             urgent: r.urgent,
             platforms,
         });
@@ -394,24 +421,25 @@ pub(crate) async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
     .filter_map(|d| {
         let pin = match (d.release_id, d.pin_platforms, d.pin_digest) {
             (Some(rid), _, _) => PinSnap::Release(*by_id.get(&rid)?),
-            (None, Some(platforms), Some(digest)) => PinSnap::Image {
-                rel: Rel {
-                    version: semver::Version::parse(&crate::api::devices::pin_version_label(&digest)).ok()?,
-                    floor: false,
-                    revoked: false,
-                },
-                platforms: platforms
-                    .0
-                    .into_iter()
-                    .map(|pl| PlatformOffer {
-                        architecture: pl.image.architecture,
-                        variant: pl.image.variant,
-                        digest: pl.image.digest,
-                        size: pl.image.size,
-                        signature: Some(pl.signature),
-                    })
-                    .collect(),
-            },
+            (None, Some(platforms), Some(digest)) => {
+                let version =
+                    semver::Version::parse(&crate::api::devices::pin_version_label(&digest)).ok()?;
+                let shown = version.to_string();
+                PinSnap::Image {
+                    platforms: platforms
+                        .0
+                        .into_iter()
+                        .map(|pl| {
+                            PlatformOffer::new(&shown, &p.repository, pl.image, Some(pl.signature))
+                        })
+                        .collect(),
+                    rel: Rel {
+                        version,
+                        floor: false,
+                        revoked: false,
+                    },
+                }
+            }
             _ => return None,
         };
         Some((d.id, pin))
@@ -446,7 +474,6 @@ pub(crate) async fn load(db: &PgPool, product: &str) -> Result<Snapshot> {
     Ok(Snapshot {
         labels,
         loaded_at: Instant::now(),
-        repository: p.repository,
         releases,
         rels,
         by_digest,
