@@ -31,7 +31,9 @@
 # graphs through code built without frame pointers), BENCH_VARIANTS="LABEL=BIN[@VAR=VALUE,...] ..." (more
 # servers on the main fleet's database, each another build or setting,
 # measured in every round beside the rest: a change and what it replaces,
-# side by side).
+# side by side), BENCH_WRK_CPUS=LIST (wrk on these CPUs and the servers,
+# the ceiling and PostgreSQL on the others, as `taskset -c` takes them: the
+# client off the server's cores, as on a machine of its own).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -49,6 +51,10 @@ for arg in "$@"; do
   esac
 done
 
+if [ "$MODE" = replicas ] && [ -n "${BENCH_WRK_CPUS:-}" ]; then
+  echo "error: BENCH_WRK_CPUS is for the one-server run, not --replicas" >&2
+  exit 2
+fi
 if [ "$MODE" = replicas ]; then
   DEFAULT_FLEETS=1000000
   [ "$SMOKE" = 1 ] && DEFAULT_FLEETS=5000
@@ -69,6 +75,22 @@ read -r -a FLEET <<<"$FLEETS"
 # The fleet the ceiling and the publish run against: the middle one (100 000).
 MAIN=${FLEET[$(((${#FLEET[@]} - 1) / 2))]}
 WRK_ARGS=(-t2 -c64 -d"$DURATION" --latency)
+WRK=(wrk)
+if [ -n "${BENCH_WRK_CPUS:-}" ]; then
+  WRK=(taskset -c "$BENCH_WRK_CPUS" wrk)
+  # The servers' CPUs: every online one that wrk does not get.
+  SERVER_CPUS=$(python3 -c 'import os, sys
+def cpus(spec):
+    out = set()
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+rest = sorted(os.sched_getaffinity(0) - cpus(sys.argv[1]))
+if not rest:
+    sys.exit("error: BENCH_WRK_CPUS leaves no CPU for the servers")
+print(",".join(map(str, rest)))' "$BENCH_WRK_CPUS")
+fi
 
 need_apt wrk python3 gcc libc6-dev pkg-config ca-certificates
 [ "$MODE" = replicas ] && { command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt haproxy; }
@@ -233,7 +255,7 @@ run_wrk() {
   read -r -a lbs <<<"${7:-}"
   c0=$(cpu_ticks "${pids[@]}"); l0=$(cpu_ticks "${lbs[@]}"); g0=$(cpu_ticks $(pg_pids))
   out=$(BENCH_PATH=${WRK_PATH:-$RESOLVE} BENCH_TOKENS=$tokens BENCH_DIGESTS=$digests BENCH_SALT="$label$RANDOM" \
-    wrk "${args[@]}" -s bench/resolve.lua "$url")
+    "${WRK[@]}" "${args[@]}" -s bench/resolve.lua "$url")
   c1=$(cpu_ticks "${pids[@]}"); l1=$(cpu_ticks "${lbs[@]}"); g1=$(cpu_ticks $(pg_pids))
   echo "$out" >>"$OUT/wrk-$label.txt"
   line=$(echo "$out" | sed -n 's/^BENCH //p')
@@ -317,6 +339,11 @@ for v in ${BENCH_VARIANTS:-}; do
   for a in "${vars[@]}"; do [ "${a%%=*}" = BENCH_PATH ] && VPATH[v-$label]=${a#*=}; done
 done
 
+if [ -n "${SERVER_CPUS:-}" ]; then
+  log "wrk on CPUs $BENCH_WRK_CPUS; the servers, the ceiling and PostgreSQL on $SERVER_CPUS"
+  # Every thread of each, and (through the postmaster) the backends it starts later.
+  for p in "${PID[@]}" $(pg_pids); do taskset -a -cp "$SERVER_CPUS" "$p" >/dev/null; done
+fi
 if [ "$SMOKE" = 0 ]; then
   for n in "${FLEET[@]}" "${VARIANTS[@]}"; do
     [ "${n#v-}" != "$n" ] && { run_wrk warmup "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 1s >/dev/null; continue; }
@@ -403,7 +430,7 @@ if [ "$SMOKE" = 1 ]; then
   mkdir -p "$STATE/report" && cp -r "$RESULTS/." "$STATE/report/" 2>/dev/null || true
   RESULTS="$STATE/report" REPORT="$STATE/BENCHMARKS.md"
 fi
-BENCH_CMD="bench/server.sh$([ "$SMOKE" = 1 ] && echo ' --smoke')" BENCH_WRK="wrk ${WRK_ARGS[*]} -s bench/resolve.lua" \
+BENCH_CMD="bench/server.sh$([ "$SMOKE" = 1 ] && echo ' --smoke')" BENCH_WRK="${WRK[*]} ${WRK_ARGS[*]} -s bench/resolve.lua" \
   BENCH_MAIN=$MAIN BENCH_FLEETS="${FLEET[*]}" BENCH_PROFILE=$PROFILE BENCH_NTOKENS=$NTOKENS \
   python3 bench/server_report.py save server "$OUT" "$RESULTS/server.json"
 python3 bench/server_report.py render "$RESULTS" "$REPORT"

@@ -39,6 +39,9 @@ pub(crate) struct CheckinsShared {
     /// One write at a time (the tick and a flush), as the single writer task
     /// did: two UPDATEs of overlapping rows could deadlock each other.
     pub(crate) writing: tokio::sync::Mutex<()>,
+    /// How long a timed write may spread its statements over (half the
+    /// interval between writes).
+    pace: Duration,
 }
 
 impl Checkins {
@@ -48,15 +51,17 @@ impl Checkins {
             db,
             pending: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
+            pace: every / 2,
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            // The first write one interval after the start: nothing is pending before.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(shared) = weak.upgrade() else { return };
-                shared.write().await;
+                shared.write(true).await;
             }
         });
         Checkins { shared }
@@ -70,20 +75,24 @@ impl Checkins {
             .insert(id, c);
     }
 
-    /// Writes every pending check-in now.
+    /// Writes every pending check-in now, statement after statement.
     pub async fn flush(&self) {
-        self.shared.write().await;
+        self.shared.write(false).await;
     }
 }
 
-/// Most check-ins one statement writes: the writer builds and encodes a
-/// batch on a server thread, and a second's worth of a busy server's polls in
-/// one go would hold that thread (and the requests queued on it) for
-/// milliseconds.
-const CHUNK: usize = 2000;
+/// Most check-ins one statement writes. A second's worth of a busy server's
+/// polls in one statement is one long burst of work, on a server thread
+/// (building and encoding it) and then in PostgreSQL (about 10 µs a row):
+/// where they share cores, the polls answered meanwhile wait behind it.
+const CHUNK: usize = 1000;
 
 impl CheckinsShared {
-    pub(crate) async fn write(&self) {
+    /// Writes what is pending, [`CHUNK`] devices to a statement. `paced`
+    /// (the timed write): the statements are spread over [`Self::pace`]
+    /// rather than sent back to back, so neither this server nor
+    /// PostgreSQL spends a long burst on them.
+    pub(crate) async fn write(&self, paced: bool) {
         let _one = self.writing.lock().await;
         let batch = {
             let mut pending = self.pending.lock().expect("check-in lock");
@@ -100,12 +109,18 @@ impl CheckinsShared {
         // order, and wait for each other instead of deadlocking.
         let mut batch: Vec<(Uuid, Checkin)> = batch.into_iter().collect();
         batch.sort_unstable_by_key(|(id, _)| *id);
+        let chunks = batch.len().div_ceil(CHUNK) as u32;
+        let gap = if paced {
+            self.pace / chunks
+        } else {
+            Duration::ZERO
+        };
         let mut rest = batch.into_iter();
-        loop {
-            let chunk: Vec<(Uuid, Checkin)> = rest.by_ref().take(CHUNK).collect();
-            if chunk.is_empty() {
-                return;
+        for i in 0..chunks {
+            if i > 0 && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
             }
+            let chunk: Vec<(Uuid, Checkin)> = rest.by_ref().take(CHUNK).collect();
             if let Err(failed) = write(&self.db, chunk).await {
                 // Put them back: last-seen may lag, never be lost. A newer
                 // poll of the same device, made meanwhile, wins.
@@ -235,17 +250,20 @@ mod tests {
         for i in (0..n).rev() {
             checkins.seen(id(i), checkin(at));
         }
-        let written = || async {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM devices WHERE channel = 'stable' AND last_seen = $1",
-            )
-            .bind(at)
-            .fetch_one(&db)
-            .await
-            .unwrap() as usize
+        let written = |at: OffsetDateTime| {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM devices WHERE channel = 'stable' AND last_seen = $1",
+                )
+                .bind(at)
+                .fetch_one(&db)
+                .await
+                .unwrap() as usize
+            }
         };
         checkins.flush().await;
-        assert_eq!(written().await, CHUNK, "the first chunk, in id order");
+        assert_eq!(written(at).await, CHUNK, "the first chunk, in id order");
         let pending = checkins.shared.pending.lock().unwrap().len();
         assert_eq!(pending, n - CHUNK, "the failed chunk and the one after it");
         assert!(
@@ -266,7 +284,7 @@ mod tests {
             .unwrap();
         checkins.flush().await;
         assert!(checkins.shared.pending.lock().unwrap().is_empty());
-        assert_eq!(written().await, n - 1);
+        assert_eq!(written(at).await, n - 1);
         let last: OffsetDateTime =
             sqlx::query_scalar("SELECT last_seen FROM devices WHERE id = $1")
                 .bind(id(n - 1))
@@ -280,5 +298,22 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(untouched as usize, 5001 - n, "devices that never polled");
+
+        // The timed writer spreads its statements over half its interval,
+        // and writes every one of them.
+        let timed = Checkins::spawn(db.clone(), Duration::from_millis(200));
+        let at = at + time::Duration::seconds(60);
+        for i in 0..n {
+            timed.seen(id(i), checkin(at));
+        }
+        let mut all = false;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if written(at).await == n {
+                all = true;
+                break;
+            }
+        }
+        assert!(all, "the timed writer wrote {} of {n}", written(at).await);
     }
 }
