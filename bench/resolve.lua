@@ -11,6 +11,14 @@ local salt = os.getenv("BENCH_SALT") or tostring(os.time())
 -- BENCH_CLOSE=1: a new connection for every request, as a device polling
 -- every few minutes opens (its idle connection is long closed by then).
 local close = os.getenv("BENCH_CLOSE") == "1"
+-- BENCH_DELAY_MS=N: each connection waits N ms after an answer before it
+-- asks again, so the load is a fixed rate (about connections / N per ms)
+-- rather than as fast as the server answers; latency is then read at that
+-- rate instead of at saturation.
+local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "")
+if delay_ms then
+  function delay() return delay_ms end
+end
 local digests = {}
 for d in string.gmatch(os.getenv("BENCH_DIGESTS") or "", "[^,]+") do
   digests[#digests + 1] = d

@@ -33,7 +33,10 @@
 # measured in every round beside the rest: a change and what it replaces,
 # side by side), BENCH_WRK_CPUS=LIST (wrk on these CPUs and the servers,
 # the ceiling and PostgreSQL on the others, as `taskset -c` takes them: the
-# client off the server's cores, as on a machine of its own).
+# client off the server's cores, as on a machine of its own), BENCH_DELAY_MS=N
+# (each wrk connection waits N ms between answer and next request: a fixed
+# load, about 64 / N requests per ms, instead of saturation; latency at that
+# load, and the ratios then mean nothing).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
