@@ -13,34 +13,39 @@ use std::collections::BTreeMap;
 
 type Tally = BTreeMap<(String, String), (i64, i64)>;
 
-/// Reports and failures per (channel, version), counted over the devices.
-async fn counted(db: &PgPool) -> Tally {
-    let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-        "SELECT channel, status_version, count(*), count(*) FILTER (WHERE status = ANY($2))
-         FROM devices WHERE status_offered AND status_version IS NOT NULL AND status = ANY($1)
-         GROUP BY channel, status_version",
-    )
-    .bind(EventKind::names(&EventKind::OUTCOMES))
-    .bind(EventKind::names(&EventKind::FAILURES))
-    .fetch_all(db)
-    .await
-    .unwrap();
+/// Rows of (channel, version, reports, failures) as a [`Tally`].
+fn tally(rows: Vec<(String, String, i64, i64)>) -> Tally {
     rows.into_iter()
         .map(|(c, v, r, f)| ((c, v), (r, f)))
         .collect()
 }
 
+/// Reports and failures per (channel, version), counted over the devices.
+async fn counted(db: &PgPool) -> Tally {
+    tally(
+        sqlx::query_as(
+            "SELECT channel, status_version, count(*), count(*) FILTER (WHERE status = ANY($2))
+             FROM devices WHERE status_offered AND status_version IS NOT NULL AND status = ANY($1)
+             GROUP BY channel, status_version",
+        )
+        .bind(EventKind::names(&EventKind::OUTCOMES))
+        .bind(EventKind::names(&EventKind::FAILURES))
+        .fetch_all(db)
+        .await
+        .unwrap(),
+    )
+}
+
 /// The same, as the triggers kept it.
 async fn kept(db: &PgPool) -> Tally {
-    let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-        "SELECT channel, version, reports, failures FROM gate_tallies WHERE reports <> 0 OR failures <> 0",
+    tally(
+        sqlx::query_as(
+            "SELECT channel, version, reports, failures FROM gate_tallies WHERE reports <> 0 OR failures <> 0",
+        )
+        .fetch_all(db)
+        .await
+        .unwrap(),
     )
-    .fetch_all(db)
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(c, v, r, f)| ((c, v), (r, f)))
-        .collect()
 }
 
 /// One random write to the devices table, as the event handler, a check-in
