@@ -36,7 +36,10 @@
 # client off the server's cores, as on a machine of its own), BENCH_DELAY_MS=N
 # (each wrk connection waits N ms between answer and next request: a fixed
 # load, about 64 / N requests per ms, instead of saturation; latency at that
-# load, and the ratios then mean nothing).
+# load, and the ratios then mean nothing), BENCH_LOAD_DELAY_MS (2: the same
+# wait in the fixed-load rounds that follow the saturated ones, where the
+# p99 target is read; BENCH_ROUNDS of them, the ceiling and resolve on the
+# main fleet).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -150,7 +153,7 @@ fi
 if [ "$MODE" = server ]; then
   # The ceiling is its own small workspace, built from the same registry cache.
   log "building the bare axum ceiling ($PROFILE)"
-  CBUILD=(cargo build --offline --manifest-path bench/ceiling/Cargo.toml)
+  CBUILD=(cargo build --offline --manifest-path bench/ceiling/Cargo.toml --target-dir "$CEILING_DIR")
   [ "$PROFILE" = release ] && CBUILD+=(--release)
   "${CBUILD[@]}" >&2
   CEILING_BIN="$CEILING_DIR/$PROFILE/sluice-bench-ceiling"
@@ -381,6 +384,28 @@ for r in $(seq 1 "$ROUNDS"); do
       line=$(run_wrk "resolve-$n" "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$n.txt" "${DIGESTS[$n]}" "" "${PID[$n]}")
       echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-$n.jsonl"
       log "  resolve $(printf '%-8s' "$n") $line"
+    fi
+  done
+done
+
+# Latency at a fixed load: each wrk connection waits LOAD_DELAY ms between
+# an answer and its next request, so the ceiling and resolve get about the
+# same rate (64 connections: about 20 000 requests/s at 2 ms), well below
+# what either answers at saturation. The p99 target is read here: at
+# saturation the latency is the queue of 64 connections (their number
+# divided by the throughput), not the time a request takes.
+LOAD_DELAY=${BENCH_LOAD_DELAY_MS:-2}
+for r in $(seq 1 "$ROUNDS"); do
+  log "fixed load, round $r/$ROUNDS: each connection waits $LOAD_DELAY ms between requests"
+  for k in 0 1; do
+    if [ $(((k + r) % 2)) = 0 ]; then
+      line=$(BENCH_DELAY_MS=$LOAD_DELAY run_wrk ceiling-load "http://127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[ceiling]}")
+      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/ceiling-load.jsonl"
+      log "  ceiling          $line"
+    else
+      line=$(BENCH_DELAY_MS=$LOAD_DELAY run_wrk resolve-load "http://127.0.0.1:${PORT[$MAIN]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[$MAIN]}")
+      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-load.jsonl"
+      log "  resolve $(printf '%-8s' "$MAIN") $line"
     fi
   done
 done
