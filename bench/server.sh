@@ -36,10 +36,10 @@
 # client off the server's cores, as on a machine of its own), BENCH_DELAY_MS=N
 # (each wrk connection waits N ms between answer and next request: a fixed
 # load, about 64 / N requests per ms, instead of saturation; latency at that
-# load, and the ratios then mean nothing), BENCH_LOAD_DELAY_MS (2: the same
-# wait in the fixed-load rounds that follow the saturated ones, where the
-# p99 target is read; BENCH_ROUNDS of them, the ceiling and resolve on the
-# main fleet).
+# load, and the ratios then mean nothing), BENCH_LOAD_RATE (20000: requests/s
+# of the open-loop rounds that follow the saturated ones, where the p99
+# target is read; BENCH_ROUNDS of them, the ceiling and resolve on the main
+# fleet, sent by bench/ceiling's openload).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -157,6 +157,7 @@ if [ "$MODE" = server ]; then
   [ "$PROFILE" = release ] && CBUILD+=(--release)
   "${CBUILD[@]}" >&2
   CEILING_BIN="$CEILING_DIR/$PROFILE/sluice-bench-ceiling"
+  OPENLOAD="$CEILING_DIR/$PROFILE/openload"
 fi
 
 PASS=bench-admin-password
@@ -268,6 +269,22 @@ run_wrk() {
   [ -n "$line" ] || { echo "$out" >&2; echo "error: wrk printed no BENCH line" >&2; return 1; }
   echo "$line" | jq -c --argjson cpu "$((c1 - c0))" --argjson lb "$((l1 - l0))" --argjson pg "$((g1 - g0))" \
     --argjson tck "$TICK" '. + {cpu_s: ($cpu / $tck), lb_cpu_s: ($lb / $tck), pg_cpu_s: ($pg / $tck)}'
+}
+
+# run_load LABEL ADDR TOKENS DIGESTS PIDS: one open-loop run (openload) at
+# LOAD_RATE requests/s over 64 connections; prints its BENCH line as JSON,
+# with the CPU seconds as run_wrk's.
+run_load() {
+  local label=$1 addr=$2 tokens=$3 digests=$4 out c0 c1 g0 g1 line pids
+  read -r -a pids <<<"$5"
+  c0=$(cpu_ticks "${pids[@]}"); g0=$(cpu_ticks $(pg_pids))
+  out=$("$OPENLOAD" "$addr" "$RESOLVE" "$tokens" "$digests" "$LOAD_RATE" 64 "${DURATION%s}")
+  c1=$(cpu_ticks "${pids[@]}"); g1=$(cpu_ticks $(pg_pids))
+  echo "$out" >>"$OUT/load-$label.txt"
+  line=$(echo "$out" | sed -n 's/^BENCH //p')
+  [ -n "$line" ] || { echo "$out" >&2; echo "error: openload printed no BENCH line" >&2; return 1; }
+  echo "$line" | jq -c --argjson cpu "$((c1 - c0))" --argjson pg "$((g1 - g0))" \
+    --argjson tck "$TICK" '. + {cpu_s: ($cpu / $tck), lb_cpu_s: 0, pg_cpu_s: ($pg / $tck)}'
 }
 
 # probe_sizes URL TOKENS DIGEST: the median body size, and header bytes
@@ -388,22 +405,24 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
-# Latency at a fixed load: each wrk connection waits LOAD_DELAY ms between
-# an answer and its next request, so the ceiling and resolve get about the
-# same rate (64 connections: about 20 000 requests/s at 2 ms), well below
-# what either answers at saturation. The p99 target is read here: at
-# saturation the latency is the queue of 64 connections (their number
+# Latency at a fixed load, where the p99 target is read: openload (an open
+# loop, as wrk2) sends LOAD_RATE requests/s to the ceiling and to resolve,
+# well below what either answers at saturation, and times each request from
+# when it was due, so a stall delays every request due meanwhile. At
+# saturation the latency is the queue of wrk's 64 connections (their number
 # divided by the throughput), not the time a request takes.
-LOAD_DELAY=${BENCH_LOAD_DELAY_MS:-2}
+# (--smoke: 2 000, which its debug build answers.)
+export BENCH_LOAD_RATE=${BENCH_LOAD_RATE:-$([ "$SMOKE" = 1 ] && echo 2000 || echo 20000)}
+LOAD_RATE=$BENCH_LOAD_RATE
 for r in $(seq 1 "$ROUNDS"); do
-  log "fixed load, round $r/$ROUNDS: each connection waits $LOAD_DELAY ms between requests"
+  log "fixed load, round $r/$ROUNDS: $LOAD_RATE requests/s, open loop"
   for k in 0 1; do
     if [ $(((k + r) % 2)) = 0 ]; then
-      line=$(BENCH_DELAY_MS=$LOAD_DELAY run_wrk ceiling-load "http://127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[ceiling]}")
+      line=$(run_load ceiling "127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "${PID[ceiling]}")
       echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/ceiling-load.jsonl"
       log "  ceiling          $line"
     else
-      line=$(BENCH_DELAY_MS=$LOAD_DELAY run_wrk resolve-load "http://127.0.0.1:${PORT[$MAIN]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[$MAIN]}")
+      line=$(run_load resolve "127.0.0.1:${PORT[$MAIN]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "${PID[$MAIN]}")
       echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-load.jsonl"
       log "  resolve $(printf '%-8s' "$MAIN") $line"
     fi

@@ -162,12 +162,14 @@ def server_sections(doc, w):
                  "mostly the queue of 64 connections, so the p99 target is read at a fixed load, below.\n")
     load, cload = d.get("resolve-load", []), d.get("ceiling-load", [])
     if load:
-        delay = s.get("load_delay_ms", "2")
+        rate = int(s.get("load_rate", "20000"))
         w.append(f"### Latency at a fixed load ({main_fleet:,} devices)\n")
-        w.append(f"The same requests, but each of wrk's 64 connections waits {delay} ms between an answer and its "
-                 "next request, so both servers get about the same rate, well under what either answers at "
-                 "saturation (a server in the capacity model below runs at most half busy). Ceiling and resolve "
-                 "alternate, one of each per round.\n")
+        w.append(f"The same requests at a set rate of {rate:,} a second over 64 connections, well under what "
+                 "either server answers at saturation (a server in the capacity model below runs at most half "
+                 "busy), sent by `openload` (`bench/ceiling/src/bin/openload.rs`), an open loop as wrk2 is: "
+                 "each request is timed from when it was due, so a stall of the server delays every request "
+                 "due meanwhile, as it would a fleet's polls. Ceiling and resolve alternate, one of each per "
+                 "round.\n")
         w.append(HEAD)
         w.append(row("ceiling (`bench/ceiling`)", cload))
         w.append(row(f"resolve, {main_fleet:,} devices", load))
