@@ -38,8 +38,8 @@
 # load, about 64 / N requests per ms, instead of saturation; latency at that
 # load, and the ratios then mean nothing), BENCH_LOAD_RATE (20000: requests/s
 # of the open-loop rounds that follow the saturated ones, where the p99
-# target is read; BENCH_ROUNDS of them, the ceiling and resolve on the main
-# fleet, sent by bench/ceiling's openload).
+# target is read; BENCH_ROUNDS of them, the ceiling, resolve on the main
+# fleet and the variants, sent by bench/ceiling's openload).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -414,17 +414,23 @@ done
 # (--smoke: 2 000, which its debug build answers.)
 export BENCH_LOAD_RATE=${BENCH_LOAD_RATE:-$([ "$SMOKE" = 1 ] && echo 2000 || echo 20000)}
 LOAD_RATE=$BENCH_LOAD_RATE
+LOAD_RUNS=(ceiling "$MAIN" "${VARIANTS[@]}")
 for r in $(seq 1 "$ROUNDS"); do
   log "fixed load, round $r/$ROUNDS: $LOAD_RATE requests/s, open loop"
-  for k in 0 1; do
-    if [ $(((k + r) % 2)) = 0 ]; then
+  for k in "${!LOAD_RUNS[@]}"; do
+    n=${LOAD_RUNS[$(((k + r - 1) % ${#LOAD_RUNS[@]}))]}
+    if [ "$n" = ceiling ]; then
       line=$(run_load ceiling "127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "${PID[ceiling]}")
       echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/ceiling-load.jsonl"
       log "  ceiling          $line"
+    elif [ "${n#v-}" != "$n" ]; then
+      line=$(run_load "$n" "127.0.0.1:${PORT[$n]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "${PID[$n]}")
+      echo "$line" | jq -c --argjson r "$r" --arg v "${n#v-}" '. + {round: $r, variant: $v}' >>"$OUT/variants-load.jsonl"
+      log "  variant $(printf '%-8s' "${n#v-}") $line"
     else
-      line=$(run_load resolve "127.0.0.1:${PORT[$MAIN]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "${PID[$MAIN]}")
+      line=$(run_load resolve "127.0.0.1:${PORT[$n]}" "$STATE/tokens-$n.txt" "${DIGESTS[$n]}" "${PID[$n]}")
       echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-load.jsonl"
-      log "  resolve $(printf '%-8s' "$MAIN") $line"
+      log "  resolve $(printf '%-8s' "$n") $line"
     fi
   done
 done
