@@ -38,7 +38,7 @@
 # load, about 64 / N requests per ms, instead of saturation; latency at that
 # load, and the ratios then mean nothing), BENCH_LOAD_RATE (20000: requests/s
 # of the open-loop rounds that follow the saturated ones, where the p99
-# target is read; BENCH_ROUNDS of them, the ceiling, resolve on the main
+# target is read a second time; BENCH_ROUNDS of them, the ceiling, resolve on the main
 # fleet and the variants, sent by bench/ceiling's openload).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -272,13 +272,13 @@ run_wrk() {
 }
 
 # run_load LABEL ADDR TOKENS DIGESTS PIDS: one open-loop run (openload) at
-# LOAD_RATE requests/s over 64 connections; prints its BENCH line as JSON,
-# with the CPU seconds as run_wrk's.
+# LOAD_RATE requests/s over 64 connections (to WRK_PATH if set, as
+# run_wrk); prints its BENCH line as JSON, with the CPU seconds as run_wrk's.
 run_load() {
   local label=$1 addr=$2 tokens=$3 digests=$4 out c0 c1 g0 g1 line pids
   read -r -a pids <<<"$5"
   c0=$(cpu_ticks "${pids[@]}"); g0=$(cpu_ticks $(pg_pids))
-  out=$("$OPENLOAD" "$addr" "$RESOLVE" "$tokens" "$digests" "$LOAD_RATE" 64 "${DURATION%s}")
+  out=$("$OPENLOAD" "$addr" "${WRK_PATH:-$RESOLVE}" "$tokens" "$digests" "$LOAD_RATE" 64 "${DURATION%s}")
   c1=$(cpu_ticks "${pids[@]}"); g1=$(cpu_ticks $(pg_pids))
   echo "$out" >>"$OUT/load-$label.txt"
   line=$(echo "$out" | sed -n 's/^BENCH //p')
@@ -405,8 +405,8 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
-# Latency at a fixed load, where the p99 target is read: openload (an open
-# loop, as wrk2) sends LOAD_RATE requests/s to the ceiling and to resolve,
+# Latency at a fixed load, the p99 target's second reading beside the
+# saturated one (docs/DECISIONS.md): openload (an open loop, as wrk2) sends LOAD_RATE requests/s to the ceiling and to resolve,
 # well below what either answers at saturation, and times each request from
 # when it was due, so a stall delays every request due meanwhile. At
 # saturation the latency is the queue of wrk's 64 connections (their number
@@ -424,7 +424,7 @@ for r in $(seq 1 "$ROUNDS"); do
       echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/ceiling-load.jsonl"
       log "  ceiling          $line"
     elif [ "${n#v-}" != "$n" ]; then
-      line=$(run_load "$n" "127.0.0.1:${PORT[$n]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "${PID[$n]}")
+      line=$(WRK_PATH=${VPATH[$n]:-} run_load "$n" "127.0.0.1:${PORT[$n]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "${PID[$n]}")
       echo "$line" | jq -c --argjson r "$r" --arg v "${n#v-}" '. + {round: $r, variant: $v}' >>"$OUT/variants-load.jsonl"
       log "  variant $(printf '%-8s' "${n#v-}") $line"
     else
