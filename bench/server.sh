@@ -38,8 +38,8 @@
 # load, about 64 / N requests per ms, instead of saturation; latency at that
 # load, and the ratios then mean nothing), BENCH_LOAD_RATE (20000: requests/s
 # of the open-loop rounds that follow the saturated ones, where the p99
-# target is read a second time; BENCH_ROUNDS of them, the ceiling, resolve on the main
-# fleet and the variants, sent by bench/ceiling's openload).
+# target is read a second time; BENCH_ROUNDS of them, the ceiling, resolve
+# on the main fleet and the variants, sent by bench/ceiling's openload).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -271,14 +271,15 @@ run_wrk() {
     --argjson tck "$TICK" '. + {cpu_s: ($cpu / $tck), lb_cpu_s: ($lb / $tck), pg_cpu_s: ($pg / $tck)}'
 }
 
-# run_load LABEL ADDR TOKENS DIGESTS PIDS: one open-loop run (openload) at
-# LOAD_RATE requests/s over 64 connections (to WRK_PATH if set, as
-# run_wrk); prints its BENCH line as JSON, with the CPU seconds as run_wrk's.
+# run_load LABEL URL TOKENS DIGESTS _ PIDS: run_wrk's arguments (its
+# duration unused), but one open-loop run (openload) at LOAD_RATE requests/s
+# over 64 connections, to WRK_PATH if set; prints its BENCH line as JSON,
+# with the CPU seconds as run_wrk's.
 run_load() {
-  local label=$1 addr=$2 tokens=$3 digests=$4 out c0 c1 g0 g1 line pids
-  read -r -a pids <<<"$5"
+  local label=$1 url=$2 tokens=$3 digests=$4 out c0 c1 g0 g1 line pids
+  read -r -a pids <<<"${6:-}"
   c0=$(cpu_ticks "${pids[@]}"); g0=$(cpu_ticks $(pg_pids))
-  out=$("$OPENLOAD" "$addr" "${WRK_PATH:-$RESOLVE}" "$tokens" "$digests" "$LOAD_RATE" 64 "${DURATION%s}")
+  out=$("$OPENLOAD" "${url#http://}" "${WRK_PATH:-$RESOLVE}" "$tokens" "$digests" "$LOAD_RATE" 64 "${DURATION%s}")
   c1=$(cpu_ticks "${pids[@]}"); g1=$(cpu_ticks $(pg_pids))
   echo "$out" >>"$OUT/load-$label.txt"
   line=$(echo "$out" | sed -n 's/^BENCH //p')
@@ -376,63 +377,55 @@ if [ "$SMOKE" = 0 ]; then
   BENCH_CLOSE=1 run_wrk warmup "https://127.0.0.1:$TLS_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 1s >/dev/null
 fi
 
-# Each round runs the ceiling and every fleet once, in an order rotated by
-# one each round, so no variant always follows the same neighbour (a previous
-# run's autovacuum or check-in flush, the machine warming up). The ceiling
-# gets the very same requests (path, query, token) as resolve.
-RUNS=(ceiling "${FLEET[@]}" tls "${VARIANTS[@]}")
-for r in $(seq 1 "$ROUNDS"); do
-  log "round $r/$ROUNDS"
-  for k in "${!RUNS[@]}"; do
-    n=${RUNS[$(((k + r - 1) % ${#RUNS[@]}))]}
+# run_round RUNNER SUFFIX ROUND RUN...: one round, each RUN (ceiling, tls, a
+# fleet or a variant v-LABEL) measured by RUNNER (run_wrk or run_load) in
+# an order rotated by one each round, so no variant always follows the same
+# neighbour (a previous run's autovacuum or check-in flush, the machine
+# warming up). Each line goes to $OUT/ceiling, resolve-tls, variants or
+# resolve-FLEET (resolve with a SUFFIX) .jsonl, SUFFIX appended. The
+# ceiling gets the very same requests (path, query, token) as resolve.
+run_round() {
+  local runner=$1 suffix=$2 r=$3 runs=("${@:4}") k n line
+  for k in "${!runs[@]}"; do
+    n=${runs[$(((k + r - 1) % ${#runs[@]}))]}
     if [ "$n" = ceiling ]; then
-      line=$(run_wrk ceiling "http://127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[ceiling]}")
-      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/ceiling.jsonl"
+      line=$($runner ceiling "http://127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[ceiling]}")
+      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/ceiling$suffix.jsonl"
       log "  ceiling          $line"
     elif [ "$n" = tls ]; then
-      line=$(BENCH_CLOSE=1 run_wrk tls "https://127.0.0.1:$TLS_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[tls]}")
-      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-tls.jsonl"
+      line=$(BENCH_CLOSE=1 $runner tls "https://127.0.0.1:$TLS_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[tls]}")
+      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-tls$suffix.jsonl"
       log "  resolve, TLS, a connection per request $line"
     elif [ "${n#v-}" != "$n" ]; then
-      line=$(WRK_PATH=${VPATH[$n]:-} run_wrk "$n" "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[$n]}")
-      echo "$line" | jq -c --argjson r "$r" --arg v "${n#v-}" '. + {round: $r, variant: $v}' >>"$OUT/variants.jsonl"
+      line=$(WRK_PATH=${VPATH[$n]:-} $runner "$n" "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "" "${PID[$n]}")
+      echo "$line" | jq -c --argjson r "$r" --arg v "${n#v-}" '. + {round: $r, variant: $v}' >>"$OUT/variants$suffix.jsonl"
       log "  variant $(printf '%-8s' "${n#v-}") $line"
     else
-      line=$(run_wrk "resolve-$n" "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$n.txt" "${DIGESTS[$n]}" "" "${PID[$n]}")
-      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-$n.jsonl"
+      line=$($runner "resolve-$n" "http://127.0.0.1:${PORT[$n]}" "$STATE/tokens-$n.txt" "${DIGESTS[$n]}" "" "${PID[$n]}")
+      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve${suffix:--$n}.jsonl"
       log "  resolve $(printf '%-8s' "$n") $line"
     fi
   done
+}
+
+for r in $(seq 1 "$ROUNDS"); do
+  log "round $r/$ROUNDS"
+  run_round run_wrk "" "$r" ceiling "${FLEET[@]}" tls "${VARIANTS[@]}"
 done
 
 # Latency at a fixed load, the p99 target's second reading beside the
-# saturated one (docs/DECISIONS.md): openload (an open loop, as wrk2) sends LOAD_RATE requests/s to the ceiling and to resolve,
-# well below what either answers at saturation, and times each request from
-# when it was due, so a stall delays every request due meanwhile. At
-# saturation the latency is the queue of wrk's 64 connections (their number
-# divided by the throughput), not the time a request takes.
+# saturated one (docs/DECISIONS.md): openload (an open loop, as wrk2) sends
+# LOAD_RATE requests/s to the ceiling, resolve on the main fleet and the
+# variants, well below what either answers at saturation, and times each
+# request from when it was due, so a stall delays every request due
+# meanwhile. At saturation the latency is the queue of wrk's 64 connections
+# (their number divided by the throughput), not the time a request takes.
 # (--smoke: 2 000, which its debug build answers.)
 export BENCH_LOAD_RATE=${BENCH_LOAD_RATE:-$([ "$SMOKE" = 1 ] && echo 2000 || echo 20000)}
 LOAD_RATE=$BENCH_LOAD_RATE
-LOAD_RUNS=(ceiling "$MAIN" "${VARIANTS[@]}")
 for r in $(seq 1 "$ROUNDS"); do
   log "fixed load, round $r/$ROUNDS: $LOAD_RATE requests/s, open loop"
-  for k in "${!LOAD_RUNS[@]}"; do
-    n=${LOAD_RUNS[$(((k + r - 1) % ${#LOAD_RUNS[@]}))]}
-    if [ "$n" = ceiling ]; then
-      line=$(run_load ceiling "127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "${PID[ceiling]}")
-      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/ceiling-load.jsonl"
-      log "  ceiling          $line"
-    elif [ "${n#v-}" != "$n" ]; then
-      line=$(WRK_PATH=${VPATH[$n]:-} run_load "$n" "127.0.0.1:${PORT[$n]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" "${PID[$n]}")
-      echo "$line" | jq -c --argjson r "$r" --arg v "${n#v-}" '. + {round: $r, variant: $v}' >>"$OUT/variants-load.jsonl"
-      log "  variant $(printf '%-8s' "${n#v-}") $line"
-    else
-      line=$(run_load resolve "127.0.0.1:${PORT[$n]}" "$STATE/tokens-$n.txt" "${DIGESTS[$n]}" "${PID[$n]}")
-      echo "$line" | jq -c --argjson r "$r" '. + {round: $r}' >>"$OUT/resolve-load.jsonl"
-      log "  resolve $(printf '%-8s' "$n") $line"
-    fi
-  done
+  run_round run_load -load "$r" ceiling "$MAIN" "${VARIANTS[@]}"
 done
 
 if [ -n "${BENCH_PERF:-}" ]; then
