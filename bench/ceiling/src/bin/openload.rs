@@ -176,7 +176,6 @@ async fn connection(
 ) -> Tally {
     let mut tally = Tally::default();
     let mut buf = Vec::with_capacity(16 * 1024);
-    let mut req = Vec::with_capacity(1024);
     // Staggered, so the connections' requests are spread over each interval.
     let offset = plan.interval.mul_f64(c as f64 / plan.connections as f64);
     for k in 0u64.. {
@@ -196,15 +195,11 @@ async fn connection(
         let i = c as u64 + k * plan.connections as u64;
         let token = &plan.tokens[(i % plan.tokens.len() as u64) as usize];
         let digest = &plan.digests[((i / 7) % plan.digests.len() as u64) as usize];
-        req.clear();
-        req.extend_from_slice(
-            format!(
-                "GET {}?arch=amd64&current={digest}&nonce=o{}-{c}-{k} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\r\n",
-                plan.path, plan.salt, plan.addr
-            )
-            .as_bytes(),
+        let req = format!(
+            "GET {}?arch=amd64&current={digest}&nonce=o{}-{c}-{k} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\r\n",
+            plan.path, plan.salt, plan.addr
         );
-        match exchange(&mut stream, &req, &mut buf).await {
+        match exchange(&mut stream, req.as_bytes(), &mut buf).await {
             Ok((status, bytes)) => {
                 tally
                     .latencies
