@@ -104,11 +104,6 @@ impl CheckinsShared {
         if batch.is_empty() {
             return;
         }
-        // In id order: servers writing overlapping batches (a device whose
-        // polls the balancer spread over several) then lock rows in the same
-        // order, and wait for each other instead of deadlocking.
-        let mut batch: Vec<(Uuid, Checkin)> = batch.into_iter().collect();
-        batch.sort_unstable_by_key(|(id, _)| *id);
         let chunks = batch.len().div_ceil(CHUNK) as u32;
         let gap = if paced {
             self.pace / chunks
@@ -120,7 +115,13 @@ impl CheckinsShared {
             if i > 0 && !gap.is_zero() {
                 tokio::time::sleep(gap).await;
             }
-            let chunk: Vec<(Uuid, Checkin)> = rest.by_ref().take(CHUNK).collect();
+            // Each statement is its own transaction and locks its rows in id
+            // order: servers writing overlapping chunks (a device whose polls
+            // the balancer spread over several) wait for each other instead
+            // of deadlocking. Sorting a chunk at a time, not the whole batch,
+            // keeps the work between two statements short.
+            let mut chunk: Vec<(Uuid, Checkin)> = rest.by_ref().take(CHUNK).collect();
+            chunk.sort_unstable_by_key(|(id, _)| *id);
             if let Err(failed) = write(&self.db, chunk).await {
                 // Put them back: last-seen may lag, never be lost. A newer
                 // poll of the same device, made meanwhile, wins.
@@ -134,7 +135,7 @@ impl CheckinsShared {
     }
 }
 
-/// One UPDATE for a chunk of check-ins in id order; the chunk comes back
+/// One UPDATE for a chunk of check-ins, sorted by id; the chunk comes back
 /// when it failed.
 pub(crate) async fn write(
     db: &PgPool,
@@ -214,7 +215,9 @@ mod tests {
     /// the next write takes them: none is lost, none is written twice.
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]
     async fn a_failed_chunk_and_those_after_it_are_written_later(db: PgPool) {
-        let n = 2 * CHUNK + 1;
+        // Whole chunks, so that the failed one and those after it are at
+        // least a chunk: some device besides the refused one is put back.
+        let n = 3 * CHUNK;
         sqlx::raw_sql(
             "INSERT INTO products (id, name, repository, enrollment_secret_hash)
              VALUES ('00000000-0000-0000-0000-0000000000aa', 'p', 'r.example/p', '\\x00');
@@ -228,7 +231,8 @@ mod tests {
         .await
         .unwrap();
         let id = |i: usize| Uuid::parse_str(&format!("00000000-0000-4000-8000-{i:012}")).unwrap();
-        // The device in the middle of the second chunk cannot be written.
+        // One device cannot be written; which chunk it falls in depends on
+        // the pending map's order.
         let refused = id(CHUNK + CHUNK / 2);
         sqlx::raw_sql(
             "CREATE TABLE refused (id uuid);
@@ -247,7 +251,7 @@ mod tests {
             .unwrap();
         let checkins = Checkins::spawn(db.clone(), Duration::from_secs(3600));
         let at = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
-        for i in (0..n).rev() {
+        for i in 0..n {
             checkins.seen(id(i), checkin(at));
         }
         let written = |at: OffsetDateTime| {
@@ -263,21 +267,38 @@ mod tests {
             }
         };
         checkins.flush().await;
-        assert_eq!(written(at).await, CHUNK, "the first chunk, in id order");
-        let pending = checkins.shared.pending.lock().unwrap().len();
-        assert_eq!(pending, n - CHUNK, "the failed chunk and the one after it");
-        assert!(
-            checkins
-                .shared
-                .pending
-                .lock()
-                .unwrap()
-                .contains_key(&id(n - 1))
+        let first = written(at).await;
+        let pending: Vec<Uuid> = checkins
+            .shared
+            .pending
+            .lock()
+            .unwrap()
+            .keys()
+            .copied()
+            .collect();
+        assert_eq!(first % CHUNK, 0, "whole chunks are written: {first}");
+        assert_eq!(
+            first + pending.len(),
+            n,
+            "every device is written or pending"
         );
+        assert!(pending.contains(&refused));
+        let pending_n = pending.len();
+        let still: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM devices WHERE id = ANY($1) AND channel = 'old'",
+        )
+        .bind(&pending)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        // No pending device's row changed: the failed statement wrote none
+        // of its chunk.
+        assert_eq!(still as usize, pending_n);
 
         // A newer poll made meanwhile wins over the one put back.
+        let newer = *pending.iter().find(|p| **p != refused).unwrap();
         let later = at + time::Duration::seconds(5);
-        checkins.seen(id(n - 1), checkin(later));
+        checkins.seen(newer, checkin(later));
         sqlx::query("DROP TRIGGER refuse ON devices")
             .execute(&db)
             .await
@@ -287,7 +308,7 @@ mod tests {
         assert_eq!(written(at).await, n - 1);
         let last: OffsetDateTime =
             sqlx::query_scalar("SELECT last_seen FROM devices WHERE id = $1")
-                .bind(id(n - 1))
+                .bind(newer)
                 .fetch_one(&db)
                 .await
                 .unwrap();
@@ -315,5 +336,54 @@ mod tests {
             }
         }
         assert!(all, "the timed writer wrote {} of {n}", written(at).await);
+    }
+
+    /// Two servers whose polls share devices (a balancer spreading a
+    /// device's polls) write overlapping chunks at the same moment. Each
+    /// statement locks its rows in id order, so one waits for the other and
+    /// neither fails with a deadlock: nothing is left pending. Taken in the
+    /// pending map's order instead, the two statements lock the same rows in
+    /// different orders and PostgreSQL aborts one of them.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn two_servers_writing_the_same_devices_do_not_deadlock(db: PgPool) {
+        let n = 2 * CHUNK;
+        sqlx::raw_sql(
+            "INSERT INTO products (id, name, repository, enrollment_secret_hash)
+             VALUES ('00000000-0000-0000-0000-0000000000aa', 'p', 'r.example/p', '\\x00');
+             INSERT INTO devices (id, product_id, machine_id, channel, arch, status, last_seen)
+             SELECT ('00000000-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid,
+                    '00000000-0000-0000-0000-0000000000aa', 'm-' || i, 'old', 'amd64', 'healthy',
+                    now() - interval '1 hour'
+             FROM generate_series(0, 1999) AS i",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let id = |i: usize| Uuid::parse_str(&format!("00000000-0000-4000-8000-{i:012}")).unwrap();
+        let servers = [
+            Checkins::spawn(db.clone(), Duration::from_secs(3600)),
+            Checkins::spawn(db.clone(), Duration::from_secs(3600)),
+        ];
+        let start = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        for round in 0..10 {
+            let at = start + time::Duration::seconds(round);
+            for s in &servers {
+                for i in 0..n {
+                    s.seen(id(i), checkin(at));
+                }
+            }
+            tokio::join!(servers[0].flush(), servers[1].flush());
+            for s in &servers {
+                let left = s.shared.pending.lock().unwrap().len();
+                assert_eq!(left, 0, "round {round}: a statement failed");
+            }
+            let written: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM devices WHERE last_seen = $1")
+                    .bind(at)
+                    .fetch_one(&db)
+                    .await
+                    .unwrap();
+            assert_eq!(written as usize, n);
+        }
     }
 }
