@@ -209,6 +209,32 @@ mod tests {
         }
     }
 
+    /// Devices `id(0)` to `id(n - 1)` on channel `old`, last seen an hour ago.
+    async fn fleet(db: &PgPool, n: usize) {
+        sqlx::raw_sql(
+            "INSERT INTO products (id, name, repository, enrollment_secret_hash)
+             VALUES ('00000000-0000-0000-0000-0000000000aa', 'p', 'r.example/p', '\\x00')",
+        )
+        .execute(db)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO devices (id, product_id, machine_id, channel, arch, status, last_seen)
+             SELECT ('00000000-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid,
+                    '00000000-0000-0000-0000-0000000000aa', 'm-' || i, 'old', 'amd64', 'healthy',
+                    now() - interval '1 hour'
+             FROM generate_series(0, $1 - 1) AS i",
+        )
+        .bind(n as i64)
+        .execute(db)
+        .await
+        .unwrap();
+    }
+
+    fn id(i: usize) -> Uuid {
+        Uuid::parse_str(&format!("00000000-0000-4000-8000-{i:012}")).unwrap()
+    }
+
     /// More check-ins than one statement takes are written in chunks; when a
     /// chunk fails (here a trigger refuses one device), the chunks before it
     /// stay written, that chunk and every later one go back to pending, and
@@ -218,19 +244,7 @@ mod tests {
         // Whole chunks, so that the failed one and those after it are at
         // least a chunk: some device besides the refused one is put back.
         let n = 3 * CHUNK;
-        sqlx::raw_sql(
-            "INSERT INTO products (id, name, repository, enrollment_secret_hash)
-             VALUES ('00000000-0000-0000-0000-0000000000aa', 'p', 'r.example/p', '\\x00');
-             INSERT INTO devices (id, product_id, machine_id, channel, arch, status, last_seen)
-             SELECT ('00000000-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid,
-                    '00000000-0000-0000-0000-0000000000aa', 'm-' || i, 'old', 'amd64', 'healthy',
-                    now() - interval '1 hour'
-             FROM generate_series(0, 5000) AS i",
-        )
-        .execute(&db)
-        .await
-        .unwrap();
-        let id = |i: usize| Uuid::parse_str(&format!("00000000-0000-4000-8000-{i:012}")).unwrap();
+        fleet(&db, 5001).await;
         // One device cannot be written; which chunk it falls in depends on
         // the pending map's order.
         let refused = id(CHUNK + CHUNK / 2);
@@ -347,19 +361,7 @@ mod tests {
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]
     async fn two_servers_writing_the_same_devices_do_not_deadlock(db: PgPool) {
         let n = 2 * CHUNK;
-        sqlx::raw_sql(
-            "INSERT INTO products (id, name, repository, enrollment_secret_hash)
-             VALUES ('00000000-0000-0000-0000-0000000000aa', 'p', 'r.example/p', '\\x00');
-             INSERT INTO devices (id, product_id, machine_id, channel, arch, status, last_seen)
-             SELECT ('00000000-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid,
-                    '00000000-0000-0000-0000-0000000000aa', 'm-' || i, 'old', 'amd64', 'healthy',
-                    now() - interval '1 hour'
-             FROM generate_series(0, 1999) AS i",
-        )
-        .execute(&db)
-        .await
-        .unwrap();
-        let id = |i: usize| Uuid::parse_str(&format!("00000000-0000-4000-8000-{i:012}")).unwrap();
+        fleet(&db, 2000).await;
         let servers = [
             Checkins::spawn(db.clone(), Duration::from_secs(3600)),
             Checkins::spawn(db.clone(), Duration::from_secs(3600)),
