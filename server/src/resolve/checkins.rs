@@ -231,6 +231,17 @@ mod tests {
         .unwrap();
     }
 
+    /// How many devices a check-in (`checkin(at)`) has been written for.
+    async fn written(db: &PgPool, at: OffsetDateTime) -> usize {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM devices WHERE channel = 'stable' AND last_seen = $1",
+        )
+        .bind(at)
+        .fetch_one(db)
+        .await
+        .unwrap() as usize
+    }
+
     fn id(i: usize) -> Uuid {
         Uuid::parse_str(&format!("00000000-0000-4000-8000-{i:012}")).unwrap()
     }
@@ -268,20 +279,8 @@ mod tests {
         for i in 0..n {
             checkins.seen(id(i), checkin(at));
         }
-        let written = |at: OffsetDateTime| {
-            let db = db.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT count(*) FROM devices WHERE channel = 'stable' AND last_seen = $1",
-                )
-                .bind(at)
-                .fetch_one(&db)
-                .await
-                .unwrap() as usize
-            }
-        };
         checkins.flush().await;
-        let first = written(at).await;
+        let first = written(&db, at).await;
         let pending: Vec<Uuid> = checkins
             .shared
             .pending
@@ -297,7 +296,6 @@ mod tests {
             "every device is written or pending"
         );
         assert!(pending.contains(&refused));
-        let pending_n = pending.len();
         let still: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM devices WHERE id = ANY($1) AND channel = 'old'",
         )
@@ -307,7 +305,7 @@ mod tests {
         .unwrap();
         // No pending device's row changed: the failed statement wrote none
         // of its chunk.
-        assert_eq!(still as usize, pending_n);
+        assert_eq!(still as usize, pending.len());
 
         // A newer poll made meanwhile wins over the one put back.
         let newer = *pending.iter().find(|p| **p != refused).unwrap();
@@ -319,7 +317,7 @@ mod tests {
             .unwrap();
         checkins.flush().await;
         assert!(checkins.shared.pending.lock().unwrap().is_empty());
-        assert_eq!(written(at).await, n - 1);
+        assert_eq!(written(&db, at).await, n - 1);
         let last: OffsetDateTime =
             sqlx::query_scalar("SELECT last_seen FROM devices WHERE id = $1")
                 .bind(newer)
@@ -344,12 +342,16 @@ mod tests {
         let mut all = false;
         for _ in 0..200 {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            if written(at).await == n {
+            if written(&db, at).await == n {
                 all = true;
                 break;
             }
         }
-        assert!(all, "the timed writer wrote {} of {n}", written(at).await);
+        assert!(
+            all,
+            "the timed writer wrote {} of {n}",
+            written(&db, at).await
+        );
     }
 
     /// Two servers whose polls share devices (a balancer spreading a
@@ -361,7 +363,7 @@ mod tests {
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]
     async fn two_servers_writing_the_same_devices_do_not_deadlock(db: PgPool) {
         let n = 2 * CHUNK;
-        fleet(&db, 2000).await;
+        fleet(&db, n).await;
         let servers = [
             Checkins::spawn(db.clone(), Duration::from_secs(3600)),
             Checkins::spawn(db.clone(), Duration::from_secs(3600)),
@@ -379,13 +381,7 @@ mod tests {
                 let left = s.shared.pending.lock().unwrap().len();
                 assert_eq!(left, 0, "round {round}: a statement failed");
             }
-            let written: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM devices WHERE last_seen = $1")
-                    .bind(at)
-                    .fetch_one(&db)
-                    .await
-                    .unwrap();
-            assert_eq!(written as usize, n);
+            assert_eq!(written(&db, at).await, n);
         }
     }
 }
