@@ -28,18 +28,26 @@
 # 200000), BENCH_PUBLISHES (7), BENCH_SLUICE=BIN (a built `sluice` instead of
 # building one), BENCH_PERF=FILE (after the rounds, profile the server with
 # perf into FILE, its data in FILE.data; BENCH_PERF_CALLS=dwarf for call
-# graphs through code built without frame pointers), BENCH_VARIANTS="LABEL=BIN[@VAR=VALUE,...] ..." (more
+# graphs through code built without frame pointers; BENCH_PERF_OPEN=1 to
+# profile under the open-loop load instead of wrk's saturation), BENCH_VARIANTS="LABEL=BIN[@VAR=VALUE,...] ..." (more
 # servers on the main fleet's database, each another build or setting,
 # measured in every round beside the rest: a change and what it replaces,
-# side by side), BENCH_WRK_CPUS=LIST (wrk on these CPUs and the servers,
-# the ceiling and PostgreSQL on the others, as `taskset -c` takes them: the
-# client off the server's cores, as on a machine of its own), BENCH_DELAY_MS=N
+# side by side), BENCH_WRK_CPUS=LIST (wrk and openload on these CPUs and the
+# servers, the ceiling and PostgreSQL on the others, as `taskset -c` takes
+# them: the client off the server's cores, as on a machine of its own),
+# BENCH_PG_CPUS=LIST (with BENCH_WRK_CPUS: PostgreSQL on these CPUs instead
+# of the servers'; the same as BENCH_WRK_CPUS leaves the servers and the
+# ceiling cores of their own, as in production, where the database and the
+# devices are other machines), BENCH_DELAY_MS=N
 # (each wrk connection waits N ms between answer and next request: a fixed
 # load, about 64 / N requests per ms, instead of saturation; latency at that
 # load, and the ratios then mean nothing), BENCH_LOAD_RATE (20000: requests/s
 # of the open-loop rounds that follow the saturated ones, where the p99
 # target is read a second time; BENCH_ROUNDS of them, the ceiling, resolve
-# on the main fleet and the variants, sent by bench/ceiling's openload).
+# on the main fleet and the variants, sent by bench/ceiling's openload),
+# OPENLOAD_TRACE_DIR=DIR (openload writes each request's due time and
+# latency there, a file per run; `python3 bench/trace.py FILE...` shows
+# when the slow ones came).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -52,7 +60,7 @@ for arg in "$@"; do
   case "$arg" in
     --smoke) SMOKE=1 ;;
     --replicas) MODE=replicas ;;
-    -h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "error: unknown argument $arg (usage: bench/server.sh [--replicas] [--smoke])" >&2; exit 2 ;;
   esac
 done
@@ -82,8 +90,14 @@ read -r -a FLEET <<<"$FLEETS"
 MAIN=${FLEET[$(((${#FLEET[@]} - 1) / 2))]}
 WRK_ARGS=(-t2 -c64 -d"$DURATION" --latency)
 WRK=(wrk)
+LOADER=()
+if [ -n "${BENCH_PG_CPUS:-}" ] && [ -z "${BENCH_WRK_CPUS:-}" ]; then
+  echo "error: BENCH_PG_CPUS goes with BENCH_WRK_CPUS" >&2
+  exit 2
+fi
 if [ -n "${BENCH_WRK_CPUS:-}" ]; then
   WRK=(taskset -c "$BENCH_WRK_CPUS" wrk)
+  LOADER=(taskset -c "$BENCH_WRK_CPUS")
   # The servers' CPUs: every online one that wrk does not get.
   SERVER_CPUS=$(python3 -c 'import os, sys
 def cpus(spec):
@@ -279,7 +293,7 @@ run_load() {
   local label=$1 url=$2 tokens=$3 digests=$4 out c0 c1 g0 g1 line pids
   read -r -a pids <<<"${6:-}"
   c0=$(cpu_ticks "${pids[@]}"); g0=$(cpu_ticks $(pg_pids))
-  out=$("$OPENLOAD" "${url#http://}" "${WRK_PATH:-$RESOLVE}" "$tokens" "$digests" "$LOAD_RATE" 64 "${DURATION%s}")
+  out=$("${LOADER[@]}" "$OPENLOAD" "${url#http://}" "${WRK_PATH:-$RESOLVE}" "$tokens" "$digests" "$LOAD_RATE" 64 "${DURATION%s}")
   c1=$(cpu_ticks "${pids[@]}"); g1=$(cpu_ticks $(pg_pids))
   echo "$out" >>"$OUT/load-$label.txt"
   line=$(echo "$out" | sed -n 's/^BENCH //p')
@@ -364,9 +378,11 @@ for v in ${BENCH_VARIANTS:-}; do
 done
 
 if [ -n "${SERVER_CPUS:-}" ]; then
-  log "wrk on CPUs $BENCH_WRK_CPUS; the servers, the ceiling and PostgreSQL on $SERVER_CPUS"
+  PG_CPUS=${BENCH_PG_CPUS:-$SERVER_CPUS}
+  log "wrk and openload on CPUs $BENCH_WRK_CPUS; the servers and the ceiling on $SERVER_CPUS; PostgreSQL on $PG_CPUS"
   # Every thread of each, and (through the postmaster) the backends it starts later.
-  for p in "${PID[@]}" $(pg_pids); do taskset -a -cp "$SERVER_CPUS" "$p" >/dev/null; done
+  for p in "${PID[@]}"; do taskset -a -cp "$SERVER_CPUS" "$p" >/dev/null; done
+  for p in $(pg_pids); do taskset -a -cp "$PG_CPUS" "$p" >/dev/null; done
 fi
 if [ "$SMOKE" = 0 ]; then
   for n in "${FLEET[@]}" "${VARIANTS[@]}"; do
@@ -430,11 +446,13 @@ done
 
 if [ -n "${BENCH_PERF:-}" ]; then
   # A profile of the server under the resolve load, written to $BENCH_PERF.
-  log "perf: one more resolve run on fleet $MAIN, profiled"
+  PERF_RUN=run_wrk
+  [ -n "${BENCH_PERF_OPEN:-}" ] && PERF_RUN=run_load
+  log "perf: one more resolve run on fleet $MAIN, profiled ($PERF_RUN)"
   perf record -q -F 499 ${BENCH_PERF_CALLS:+--call-graph "$BENCH_PERF_CALLS"} -g -o "$STATE/perf.data" \
     -p "${PID[$MAIN]}" -- sleep 8 2>/dev/null &
   perf_pid=$!
-  run_wrk perf "http://127.0.0.1:${PORT[$MAIN]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 10s >/dev/null
+  $PERF_RUN perf "http://127.0.0.1:${PORT[$MAIN]}" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 10s >/dev/null
   wait "$perf_pid" || true
   perf report -i "$STATE/perf.data" --no-children --percent-limit 0.7 --stdio -g none >"$BENCH_PERF" 2>/dev/null
   perf report -i "$STATE/perf.data" --children --percent-limit 3 --stdio -g none >"$BENCH_PERF.children" 2>/dev/null
@@ -442,7 +460,7 @@ if [ -n "${BENCH_PERF:-}" ]; then
   # And the ceiling under the same load, for comparison.
   perf record -q -F 499 -g -o "$STATE/perf-ceiling.data" -p "${PID[ceiling]}" -- sleep 8 2>/dev/null &
   perf_pid=$!
-  run_wrk perf "http://127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 10s >/dev/null
+  $PERF_RUN perf "http://127.0.0.1:$CEIL_PORT" "$STATE/tokens-$MAIN.txt" "${DIGESTS[$MAIN]}" 10s >/dev/null
   wait "$perf_pid" || true
   perf report -i "$STATE/perf-ceiling.data" --no-children --percent-limit 0.7 --stdio -g none >"$BENCH_PERF.ceiling" 2>/dev/null
 fi

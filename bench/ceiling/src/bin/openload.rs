@@ -19,7 +19,9 @@
 //! server's doing). Prints one line:
 //! `BENCH {"rps":..,"p50_ms":..,"p99_ms":..,"max_ms":..,"requests":..,
 //! "non2xx":..,"socket_errors":..,"bytes":..}`, the same fields as
-//! bench/resolve.lua's.
+//! bench/resolve.lua's. With `OPENLOAD_TRACE_DIR` set, it also writes
+//! `<addr>-<salt>.tsv` there: for each answered request, microseconds from
+//! the start to when it was due, and its latency (`bench/trace.py` reads it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +45,8 @@ struct Plan {
 struct Tally {
     /// Microseconds from when each answered request was due to its answer.
     latencies: Vec<u32>,
+    /// Microseconds from the start to when each answered request was due.
+    dues: Vec<u32>,
     non2xx: u64,
     socket_errors: u64,
     bytes: u64,
@@ -106,6 +110,14 @@ fn main() {
         .build()
         .expect("a runtime");
     let total = rt.block_on(run(plan.clone()));
+    if let Ok(dir) = std::env::var("OPENLOAD_TRACE_DIR") {
+        let name = format!("{dir}/{}-{}.tsv", addr.replace(':', "_"), plan.salt);
+        let mut out = String::new();
+        for (d, l) in total.dues.iter().zip(&total.latencies) {
+            out.push_str(&format!("{d}\t{l}\n"));
+        }
+        std::fs::write(&name, out).expect("writing the trace");
+    }
     let mut l = total.latencies;
     l.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -152,6 +164,7 @@ async fn run(plan: Arc<Plan>) -> Tally {
     for t in tasks {
         let t = t.await.expect("a connection task");
         total.latencies.extend(t.latencies);
+        total.dues.extend(t.dues);
         total.non2xx += t.non2xx;
         total.socket_errors += t.socket_errors;
         total.bytes += t.bytes;
@@ -204,6 +217,9 @@ async fn connection(
                 tally
                     .latencies
                     .push(from.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                tally
+                    .dues
+                    .push(due.duration_since(start).as_micros().min(u32::MAX as u128) as u32);
                 tally.bytes += bytes as u64;
                 if !(200..300).contains(&status) {
                     tally.non2xx += 1;
