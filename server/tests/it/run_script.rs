@@ -4,12 +4,36 @@
 //! dashboard, seeds the demo without putting the admin password on any
 //! command line, and stops everything on Ctrl-C.
 
-use crate::common::free_port;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// Loopback ports for one `scripts/run`: PostgreSQL's, the registry's and
+/// the server's, then `replicas` more after the server's (`--replicas`
+/// puts server i on SLUICE_PORT + i). All are free now and below the
+/// kernel's ephemeral range (32768 and up here), where no outgoing
+/// connection of a test running beside this one can take one meanwhile:
+/// a port from `free_port` comes from that range, and once a server of a
+/// `--replicas` run failed to listen on one that a connection had taken.
+fn run_ports(replicas: u16) -> (u16, u16, u16) {
+    let bindable = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    let span = 3 + replicas;
+    // Test binaries running at once start their search at different places.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let start = (std::process::id() ^ nanos) % 10_000;
+    for k in 0..10_000u32 {
+        let base = 20_000 + ((start + k * u32::from(span)) % 10_000) as u16;
+        if (base..base + span).all(bindable) {
+            return (base, base + 1, base + 2);
+        }
+    }
+    panic!("no {span} free loopback ports in a row between 20000 and 30000");
+}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -126,7 +150,7 @@ fn stopped(run: Running, rx: &mpsc::Receiver<String>) -> String {
 #[tokio::test]
 async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines() {
     let state = tempfile::tempdir().unwrap();
-    let (pg, reg, port) = (free_port(), free_port(), free_port());
+    let (pg, reg, port) = run_ports(0);
     let (run, rx) = start_run(state.path(), &["--demo"], (pg, reg, port));
     let lines = banner(&rx, "CLI ");
     let text = lines.join("\n");
@@ -206,7 +230,7 @@ async fn run_demo_prints_the_dashboard_and_keeps_the_password_off_command_lines(
 #[tokio::test]
 async fn run_replicas_puts_two_servers_behind_haproxy() {
     let state = tempfile::tempdir().unwrap();
-    let (pg, reg, port) = (free_port(), free_port(), free_port());
+    let (pg, reg, port) = run_ports(2);
     let (run, rx) = start_run(state.path(), &["--replicas", "2"], (pg, reg, port));
     let lines = banner(&rx, "servers ");
     let text = lines.join("\n");
