@@ -307,8 +307,37 @@ impl StateLock {
             }
             Err(e) => return Err(e).with_context(|| format!("locking {}", path.display())),
         }
+        remove_leftover_temporaries(state_dir)?;
         Ok(StateLock { _file: file })
     }
+}
+
+/// Removes the temporaries ([`crate::fsutil::stage`]: `.NAME.sluice-new`)
+/// that an agent killed between writing one and renaming it left in the
+/// state folder. Only the holder of the lock writes there, so none of them
+/// is in use; each would be removed before its next write anyway, but one
+/// whose file is not written again (the state file of an agent killed once
+/// and then left alone) would stay for good. `remove_file` removes a link,
+/// never what it points to.
+fn remove_leftover_temporaries(state_dir: &Path) -> anyhow::Result<()> {
+    let entries = std::fs::read_dir(state_dir)
+        .with_context(|| format!("reading state dir {}", state_dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading state dir {}", state_dir.display()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && name.ends_with(".sluice-new")) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing {}", entry.path().display()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes the state folder if it is missing: private (0700), as it holds
@@ -390,6 +419,29 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn taking_the_lock_removes_leftover_temporaries_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(state.join("state.json"), b"{}").unwrap();
+        std::fs::write(state.join(".state.json.sluice-new"), b"{\"half").unwrap();
+        std::fs::write(state.join(".device.json.sluice-new"), b"").unwrap();
+        std::fs::write(state.join("notes.sluice-new"), b"kept").unwrap();
+        // A planted link goes; what it points to stays.
+        let outside = d.path().join("outside");
+        std::fs::write(&outside, b"precious").unwrap();
+        std::os::unix::fs::symlink(&outside, state.join(".keylist.json.sluice-new")).unwrap();
+        let _lock = StateLock::take(&state).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["agent.lock", "notes.sluice-new", "state.json"]);
+        assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+    }
 
     #[test]
     fn failed_digests_are_bounded_and_unique() {

@@ -45,32 +45,6 @@ fn read_keys_file(path: &Path) -> anyhow::Result<(KeySet, Option<(KeyList, Signe
     Ok((keys, None))
 }
 
-/// Writes `bytes` as `path`, mode 0600, as the state file is written: a new
-/// file made exclusively, fsynced, renamed over the old one, then the folder
-/// fsynced. A crash leaves the old list or the new one, never a mix.
-fn write_private_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(".keylist.json.sluice-new");
-    // Left by a crash in the middle of an earlier write.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    crate::fsutil::sync_dir(dir)
-}
-
 impl Trust {
     /// The trust of a device with this `keys` file and state folder.
     pub fn open(keys_file: &Path, state_dir: &Path) -> anyhow::Result<Trust> {
@@ -126,7 +100,9 @@ impl Trust {
     }
 
     fn hold(&mut self, list: KeyList, signed: SignedKeyList) -> anyhow::Result<()> {
-        write_private_atomic(&self.path, &serde_json::to_vec(&signed)?)
+        // Private (0600) and atomic: a crash leaves the old list or the new
+        // one, never a mix.
+        crate::fsutil::write_atomic(&self.path, &serde_json::to_vec(&signed)?)
             .with_context(|| format!("writing {}", self.path.display()))?;
         self.keys = list.key_set();
         self.held = Some((list, signed));
@@ -430,6 +406,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("keys.json");
         std::fs::write(&f, serde_json::to_vec(&lists.0[1]).unwrap()).unwrap();
+        // The agent's state folder exists before its trust is opened.
+        std::fs::create_dir(d.path().join("state")).unwrap();
         let mut t = Trust::open(&f, &d.path().join("state")).unwrap();
         assert_eq!(t.version(), Some(2));
         assert_eq!(t.update(lists.fetch(100)).unwrap(), Some(4));
