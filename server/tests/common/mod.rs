@@ -25,13 +25,37 @@ pub fn registry() -> String {
     )
 }
 
-/// A loopback port free right now, for a process the test starts.
+/// A loopback port free right now, for a process the test starts
+/// ([`free_ports`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    free_ports(1)
+}
+
+/// The first of `n` loopback ports in a row, all free now, for processes a
+/// test starts. They lie below the kernel's ephemeral range (32768 and up
+/// here), where no outgoing connection of a test running beside this one
+/// can take one before the process listens: a port the kernel hands out
+/// for port 0 comes from that range, and once a server of a `--replicas`
+/// run failed to listen on one a connection had taken meanwhile.
+pub fn free_ports(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Calls in one test binary move on from each other's ports; test
+    // binaries running at once start their search at different places.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let bindable = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .subsec_nanos();
+    let start =
+        (std::process::id() ^ nanos) % 10_000 + NEXT.fetch_add(u32::from(n), Ordering::Relaxed);
+    for k in 0..10_000u32 {
+        let base = 20_000 + ((start + k * u32::from(n)) % (10_000 - u32::from(n))) as u16;
+        if (base..base + n).all(bindable) {
+            return base;
+        }
+    }
+    panic!("no {n} free loopback ports in a row between 20000 and 30000");
 }
 
 /// A running server.

@@ -588,10 +588,7 @@ impl Drop for OwnRegistry {
 /// Starts `docker-registry` (or `SLUICE_TEST_REGISTRY_BIN`) with htpasswd
 /// authentication on a free port; returns it with its `host:port`.
 async fn start_registry_with_password(dir: &Path) -> (OwnRegistry, String) {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = crate::common::free_port();
     let addr = format!("127.0.0.1:{port}");
     std::fs::write(dir.join("htpasswd"), HTPASSWD).unwrap();
     let config = format!(

@@ -4,6 +4,7 @@
 //! dashboard, seeds the demo without putting the admin password on any
 //! command line, and stops everything on Ctrl-C.
 
+use crate::common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,50 +13,81 @@ use std::time::{Duration, Instant};
 
 /// Loopback ports for one `scripts/run`: PostgreSQL's, the registry's and
 /// the server's, then `replicas` more after the server's (`--replicas`
-/// puts server i on SLUICE_PORT + i). All are free now and below the
-/// kernel's ephemeral range (32768 and up here), where no outgoing
-/// connection of a test running beside this one can take one meanwhile:
-/// a port from `free_port` comes from that range, and once a server of a
-/// `--replicas` run failed to listen on one that a connection had taken.
+/// puts server i on SLUICE_PORT + i), all free now and below the ephemeral
+/// range ([`common::free_ports`]).
 fn run_ports(replicas: u16) -> (u16, u16, u16) {
-    let bindable = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-    let span = 3 + replicas;
-    // Test binaries running at once start their search at different places.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let start = (std::process::id() ^ nanos) % 10_000;
-    for k in 0..10_000u32 {
-        let base = 20_000 + ((start + k * u32::from(span)) % 10_000) as u16;
-        if (base..base + span).all(bindable) {
-            return (base, base + 1, base + 2);
-        }
-    }
-    panic!("no {span} free loopback ports in a row between 20000 and 30000");
+    let base = common::free_ports(3 + replicas);
+    (base, base + 1, base + 2)
 }
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Ctrl-C for `scripts/run` when the test ends, however it ends.
-struct Running(Child);
+/// Ctrl-C for `scripts/run` when the test ends, however it ends; then
+/// SIGKILL for whatever it started that outlived it ([`leftovers`]), so a
+/// failing test leaves no service behind holding cargo's output open.
+struct Running {
+    child: Child,
+    state: PathBuf,
+}
 
-impl Drop for Running {
-    fn drop(&mut self) {
+impl Running {
+    /// Ctrl-C, then waits up to a minute for the script to end.
+    fn interrupt(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
+            .args(["-INT", &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
+            if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = self.0.kill();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.interrupt();
+        for (pid, _) in leftovers(&self.state) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// The live processes that name `state` on their command line or in their
+/// environment: what a `scripts/run` with that state folder started.
+fn leftovers(state: &Path) -> Vec<(u32, String)> {
+    let needle = state.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let read = |f: &str| {
+            String::from_utf8_lossy(&std::fs::read(entry.path().join(f)).unwrap_or_default())
+                .replace('\0', " ")
+        };
+        // A zombie has an empty command line; it holds nothing.
+        let cmdline = read("cmdline");
+        if !cmdline.is_empty() && (cmdline.contains(&needle) || read("environ").contains(&needle)) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
 }
 
 #[test]
@@ -88,7 +120,19 @@ fn help_is_the_header_and_nothing_else() {
 fn start_run(
     state: &Path,
     args: &[&str],
+    ports: (u16, u16, u16),
+) -> (Running, mpsc::Receiver<String>) {
+    start_run_reading_until(state, args, ports, None)
+}
+
+/// [`start_run`], but when `last` is given the output is read only up to
+/// the first line starting with it (trimmed), then the pipe is closed, as
+/// a terminal that went away would.
+fn start_run_reading_until(
+    state: &Path,
+    args: &[&str],
     (pg, reg, port): (u16, u16, u16),
+    last: Option<&'static str>,
 ) -> (Running, mpsc::Receiver<String>) {
     // SIGINT as a terminal gives it: a shell without job control starts its
     // background jobs with SIGINT ignored, and bash cannot trap a signal
@@ -112,12 +156,15 @@ fn start_run(
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
+            let line = line.unwrap_or_default();
+            let done = last.is_some_and(|l| line.trim_start().starts_with(l));
+            if tx.send(line).is_err() || done {
                 break;
             }
         }
     });
-    (Running(child), rx)
+    let state = state.to_path_buf();
+    (Running { child, state }, rx)
 }
 
 /// The lines up to the banner's last one (`servers` with `--replicas`, else `CLI`).
@@ -294,4 +341,33 @@ async fn run_replicas_puts_two_servers_behind_haproxy() {
         );
     }
     assert!(!state.path().join("haproxy.pid").exists());
+}
+
+/// Ctrl-C still stops everything when nobody reads the output any more (a
+/// closed terminal, `scripts/run | head`), and a second Ctrl-C while it
+/// stops does not cut the stop short: either would otherwise end the script
+/// (on SIGPIPE, on SIGINT) and leave the server, the registry and
+/// PostgreSQL running.
+#[test]
+fn ctrl_c_with_nobody_reading_stops_everything() {
+    let state = tempfile::tempdir().unwrap();
+    let (pg, reg, port) = run_ports(0);
+    let (mut run, rx) = start_run_reading_until(state.path(), &[], (pg, reg, port), Some("CLI "));
+    banner(&rx, "CLI ");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    // The reader has closed its end of the pipe.
+    while rx.recv_timeout(Duration::from_secs(5)).is_ok() {}
+    let _ = Command::new("kill")
+        .args(["-INT", &run.child.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(300));
+    run.interrupt();
+    let left = leftovers(state.path());
+    assert!(left.is_empty(), "still running after Ctrl-C: {left:#?}");
+    for p in [port, reg, pg] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", p)).is_err(),
+            "port {p} still open"
+        );
+    }
 }
