@@ -45,9 +45,11 @@
 # of the open-loop rounds that follow the saturated ones, where the p99
 # target is read a second time; BENCH_ROUNDS of them, the ceiling, resolve
 # on the main fleet and the variants, sent by bench/ceiling's openload),
-# OPENLOAD_TRACE_DIR=DIR (openload writes each request's due time and
-# latency there, a file per run; `python3 bench/trace.py FILE...` shows
-# when the slow ones came).
+# BENCH_PLACED=0 (skip the open-loop rounds run again with the machine
+# split as production splits it: the servers alone on half the CPUs,
+# PostgreSQL and openload on the rest), OPENLOAD_TRACE_DIR=DIR (openload
+# writes each request's due time and latency there, a file per run;
+# `python3 bench/trace.py FILE...` shows when the slow ones came).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -443,6 +445,38 @@ for r in $(seq 1 "$ROUNDS"); do
   log "fixed load, round $r/$ROUNDS: $LOAD_RATE requests/s, open loop"
   run_round run_load -load "$r" ceiling "$MAIN" "${VARIANTS[@]}"
 done
+
+# The same load once more with the machine split as production splits it
+# (docs/DECISIONS.md): the servers and the ceiling alone on the upper half
+# of the CPUs; PostgreSQL and openload, which stand for other machines (the
+# database, the fleet), on the lower half, openload at real-time priority
+# where the kernel allows it so that PostgreSQL's statements do not delay
+# its sends. Skipped on one CPU, with BENCH_PLACED=0, and when
+# BENCH_WRK_CPUS already placed the whole run.
+ALL_CPUS=$(python3 -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0)))))')
+NCPU=$(python3 -c 'import os; print(len(os.sched_getaffinity(0)))')
+if [ "${BENCH_PLACED:-1}" != 0 ] && [ -z "${SERVER_CPUS:-}" ] && [ "$NCPU" -ge 2 ]; then
+  read -r PLACED_OTHERS PLACED_SERVERS < <(python3 -c 'import os
+c = sorted(os.sched_getaffinity(0)); h = len(c) // 2
+print(",".join(map(str, c[:h])), ",".join(map(str, c[h:])))')
+  LOADER=(taskset -c "$PLACED_OTHERS")
+  prio="at real-time priority"
+  if chrt -f 10 true 2>/dev/null; then
+    LOADER+=(chrt -f 10)
+  else
+    prio="at normal priority (chrt -f was refused here)"
+  fi
+  log "fixed load, placed: servers and ceiling on CPUs $PLACED_SERVERS; PostgreSQL and openload ($prio) on $PLACED_OTHERS"
+  export BENCH_PLACED_SPLIT="servers on CPUs $PLACED_SERVERS; PostgreSQL and openload $prio on $PLACED_OTHERS"
+  for p in "${PID[@]}"; do taskset -a -cp "$PLACED_SERVERS" "$p" >/dev/null; done
+  for p in $(pg_pids); do taskset -a -cp "$PLACED_OTHERS" "$p" >/dev/null; done
+  for r in $(seq 1 "$ROUNDS"); do
+    log "fixed load, placed, round $r/$ROUNDS: $LOAD_RATE requests/s, open loop"
+    run_round run_load -placed "$r" ceiling "$MAIN" "${VARIANTS[@]}"
+  done
+  for p in "${PID[@]}" $(pg_pids); do taskset -a -cp "$ALL_CPUS" "$p" >/dev/null; done
+  LOADER=()
+fi
 
 if [ -n "${BENCH_PERF:-}" ]; then
   # A profile of the server under the resolve load, written to $BENCH_PERF.
