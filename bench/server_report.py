@@ -92,6 +92,24 @@ def n(x):
     return f"{x:,.0f}"
 
 
+def load_table(d, suffix, main_fleet):
+    """The lines of one set of open-loop rounds (the files ending in SUFFIX):
+    the ceiling, resolve and any variants, then a blank line."""
+    lines = [HEAD, row("ceiling (`bench/ceiling`)", d.get(f"ceiling{suffix}", [])),
+             row(f"resolve, {main_fleet:,} devices", d.get(f"resolve{suffix}", []))]
+    variants = d.get(f"variants{suffix}", [])
+    for v in dict.fromkeys(x["variant"] for x in variants):
+        lines.append(row(f"variant `{v}` (`BENCH_VARIANTS`)", [x for x in variants if x["variant"] == v]))
+    return lines + [""]
+
+
+def p99_verdict(runs, ceiling):
+    """The p99 < 5 ms verdict of some open-loop runs, with the ceiling's p99 beside it."""
+    p99 = [r["p99_ms"] for r in runs]
+    return (f"{verdict(statistics.median(p99) < 5)} (median {statistics.median(p99):.2f} ms, worst round "
+            f"{max(p99):.2f} ms; the ceiling's: {med(r['p99_ms'] for r in ceiling):.2f} ms)")
+
+
 def by_round(a, b):
     """Pairs of runs from the same round."""
     rb = {r.get("round"): r for r in b}
@@ -171,19 +189,10 @@ def server_sections(doc, w):
                  "each request is timed from when it was due, so a stall of the server delays every request "
                  "due meanwhile, as it would a fleet's polls. The ceiling and resolve (and any variants) take "
                  "turns, in an order rotated each round.\n")
-        w.append(HEAD)
-        w.append(row("ceiling (`bench/ceiling`)", cload))
-        w.append(row(f"resolve, {main_fleet:,} devices", load))
-        vload = d.get("variants-load", [])
-        for v in dict.fromkeys(x["variant"] for x in vload):
-            w.append(row(f"variant `{v}` (`BENCH_VARIANTS`)", [x for x in vload if x["variant"] == v]))
-        w.append("")
+        w.extend(load_table(d, "-load", main_fleet))
         share = med(r["rps"] for r in load) / med(r["rps"] for r in main) if main else float("nan")
-        lp99 = [r["p99_ms"] for r in load]
         w.append(f"The load is {share:.2f} of resolve's saturated throughput above. "
-                 f"p99 < 5 ms at this load, every process on every CPU: "
-                 f"{verdict(statistics.median(lp99) < 5)} (median {statistics.median(lp99):.2f} ms, "
-                 f"worst round {max(lp99):.2f} ms; the ceiling's: {med(r['p99_ms'] for r in cload):.2f} ms).\n")
+                 f"p99 < 5 ms at this load, every process on every CPU: {p99_verdict(load, cload)}.\n")
     placed, cplaced = d.get("resolve-placed", []), d.get("ceiling-placed", [])
     if placed:
         w.append("### The same load, the machine split as production splits it\n")
@@ -193,17 +202,8 @@ def server_sections(doc, w):
                  "per 1 000 devices, which the ceiling does not write) run on the server's own cores and "
                  "preempt its workers; a server in production has no database on its cores. This is where "
                  "the target is read (`docs/DECISIONS.md`); `BENCH_PLACED=0` skips it.\n")
-        w.append(HEAD)
-        w.append(row("ceiling (`bench/ceiling`)", cplaced))
-        w.append(row(f"resolve, {main_fleet:,} devices", placed))
-        vplaced = d.get("variants-placed", [])
-        for v in dict.fromkeys(x["variant"] for x in vplaced):
-            w.append(row(f"variant `{v}` (`BENCH_VARIANTS`)", [x for x in vplaced if x["variant"] == v]))
-        w.append("")
-        pp99 = [r["p99_ms"] for r in placed]
-        w.append(f"p99 < 5 ms at this load, the machine split: {verdict(statistics.median(pp99) < 5)} "
-                 f"(median {statistics.median(pp99):.2f} ms, worst round {max(pp99):.2f} ms; the ceiling's: "
-                 f"{med(r['p99_ms'] for r in cplaced):.2f} ms).\n")
+        w.extend(load_table(d, "-placed", main_fleet))
+        w.append(f"p99 < 5 ms at this load, the machine split: {p99_verdict(placed, cplaced)}.\n")
     small, large = fleets[0], fleets[-1]
     w.append(f"## 2. Fleet size: {small:,} to {large:,} devices\n")
     w.append(HEAD)
