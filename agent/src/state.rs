@@ -316,9 +316,9 @@ impl StateLock {
 /// that an agent killed between writing one and renaming it left in the
 /// state folder. Only the holder of the lock writes there, so none of them
 /// is in use; each would be removed before its next write anyway, but one
-/// whose file is not written again (the state file of an agent killed once
-/// and then left alone) would stay for good. `remove_file` removes a link,
-/// never what it points to.
+/// whose file is seldom written again (the credentials, written at
+/// enrolment and at renewal) would stay until then. `remove_file` removes a
+/// link, never what it points to.
 fn remove_leftover_temporaries(state_dir: &Path) -> anyhow::Result<()> {
     let entries = std::fs::read_dir(state_dir)
         .with_context(|| format!("reading state dir {}", state_dir.display()))?;
