@@ -9,6 +9,9 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+/// How [`stage`] names the file it writes beside `NAME`: `.NAME` and this.
+const TEMPORARY_SUFFIX: &str = ".sluice-new";
+
 /// Replaces `path` with `bytes` atomically and durably, mode 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     stage(path, |f| f.write_all(bytes))?.commit()
@@ -33,7 +36,7 @@ pub fn stage(
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
-    let tmp = dir.join(format!(".{}.sluice-new", name.to_string_lossy()));
+    let tmp = dir.join(format!(".{}{TEMPORARY_SUFFIX}", name.to_string_lossy()));
     // A temporary left by a crash (or planted) is removed, never opened:
     // unlink does not follow a link, and O_EXCL | O_NOFOLLOW then refuse
     // anything that appears in its place.
@@ -86,6 +89,29 @@ impl Drop for Staged {
             let _ = fs::remove_file(tmp);
         }
     }
+}
+
+/// Removes from `dir` the temporaries [`stage`] left there: those of a
+/// process killed between writing one and renaming it. Only for a folder
+/// whose writers are all stopped (or locked out): a live writer's
+/// temporary would go too. Each would be removed before its own file's next
+/// write anyway, but that may be long in coming. `remove_file` removes a
+/// link, never what it points to.
+pub fn remove_temporaries(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && name.ends_with(TEMPORARY_SUFFIX)) {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Removes `path` (absent is fine) and syncs its directory, so a reboot

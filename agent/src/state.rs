@@ -307,37 +307,13 @@ impl StateLock {
             }
             Err(e) => return Err(e).with_context(|| format!("locking {}", path.display())),
         }
-        remove_leftover_temporaries(state_dir)?;
+        // Only the lock's holder writes in the folder, so a temporary there
+        // now is one a killed agent left; the credentials' may otherwise
+        // wait long for their next write.
+        fsutil::remove_temporaries(state_dir)
+            .with_context(|| format!("removing temporaries left in {}", state_dir.display()))?;
         Ok(StateLock { _file: file })
     }
-}
-
-/// Removes the temporaries ([`crate::fsutil::stage`]: `.NAME.sluice-new`)
-/// that an agent killed between writing one and renaming it left in the
-/// state folder. Only the holder of the lock writes there, so none of them
-/// is in use; each would be removed before its next write anyway, but one
-/// whose file is seldom written again (the credentials, written at
-/// enrolment and at renewal) would stay until then. `remove_file` removes a
-/// link, never what it points to.
-fn remove_leftover_temporaries(state_dir: &Path) -> anyhow::Result<()> {
-    let entries = std::fs::read_dir(state_dir)
-        .with_context(|| format!("reading state dir {}", state_dir.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("reading state dir {}", state_dir.display()))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if !(name.starts_with('.') && name.ends_with(".sluice-new")) {
-            continue;
-        }
-        match std::fs::remove_file(entry.path()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("removing {}", entry.path().display()));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Makes the state folder if it is missing: private (0700), as it holds
