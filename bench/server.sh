@@ -379,12 +379,19 @@ for v in ${BENCH_VARIANTS:-}; do
   for a in "${vars[@]}"; do [ "${a%%=*}" = BENCH_PATH ] && VPATH[v-$label]=${a#*=}; done
 done
 
+# place SERVER_CPUS PG_CPUS: every thread of the servers and the ceiling on
+# the first CPUs, PostgreSQL's processes (and, through the postmaster, the
+# backends it starts later) on the second, as `taskset -c` takes them.
+place() {
+  local p
+  for p in "${PID[@]}"; do taskset -a -cp "$1" "$p" >/dev/null; done
+  for p in $(pg_pids); do taskset -a -cp "$2" "$p" >/dev/null; done
+}
+
 if [ -n "${SERVER_CPUS:-}" ]; then
   PG_CPUS=${BENCH_PG_CPUS:-$SERVER_CPUS}
   log "wrk and openload on CPUs $BENCH_WRK_CPUS; the servers and the ceiling on $SERVER_CPUS; PostgreSQL on $PG_CPUS"
-  # Every thread of each, and (through the postmaster) the backends it starts later.
-  for p in "${PID[@]}"; do taskset -a -cp "$SERVER_CPUS" "$p" >/dev/null; done
-  for p in $(pg_pids); do taskset -a -cp "$PG_CPUS" "$p" >/dev/null; done
+  place "$SERVER_CPUS" "$PG_CPUS"
 fi
 if [ "$SMOKE" = 0 ]; then
   for n in "${FLEET[@]}" "${VARIANTS[@]}"; do
@@ -453,12 +460,11 @@ done
 # where the kernel allows it so that PostgreSQL's statements do not delay
 # its sends. Skipped on one CPU, with BENCH_PLACED=0, and when
 # BENCH_WRK_CPUS already placed the whole run.
-ALL_CPUS=$(python3 -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0)))))')
-NCPU=$(python3 -c 'import os; print(len(os.sched_getaffinity(0)))')
-if [ "${BENCH_PLACED:-1}" != 0 ] && [ -z "${SERVER_CPUS:-}" ] && [ "$NCPU" -ge 2 ]; then
-  read -r PLACED_OTHERS PLACED_SERVERS < <(python3 -c 'import os
+# The lower half, the upper half and all of the CPUs (nothing on one CPU).
+read -r PLACED_OTHERS PLACED_SERVERS ALL_CPUS < <(python3 -c 'import os
 c = sorted(os.sched_getaffinity(0)); h = len(c) // 2
-print(",".join(map(str, c[:h])), ",".join(map(str, c[h:])))')
+if h: print(*(",".join(map(str, x)) for x in (c[:h], c[h:], c)))') || true
+if [ "${BENCH_PLACED:-1}" != 0 ] && [ -z "${SERVER_CPUS:-}" ] && [ -n "$PLACED_SERVERS" ]; then
   LOADER=(taskset -c "$PLACED_OTHERS")
   prio="at real-time priority"
   if chrt -f 10 true 2>/dev/null; then
@@ -468,13 +474,12 @@ print(",".join(map(str, c[:h])), ",".join(map(str, c[h:])))')
   fi
   log "fixed load, placed: servers and ceiling on CPUs $PLACED_SERVERS; PostgreSQL and openload ($prio) on $PLACED_OTHERS"
   export BENCH_PLACED_SPLIT="servers on CPUs $PLACED_SERVERS; PostgreSQL and openload $prio on $PLACED_OTHERS"
-  for p in "${PID[@]}"; do taskset -a -cp "$PLACED_SERVERS" "$p" >/dev/null; done
-  for p in $(pg_pids); do taskset -a -cp "$PLACED_OTHERS" "$p" >/dev/null; done
+  place "$PLACED_SERVERS" "$PLACED_OTHERS"
   for r in $(seq 1 "$ROUNDS"); do
     log "fixed load, placed, round $r/$ROUNDS: $LOAD_RATE requests/s, open loop"
     run_round run_load -placed "$r" ceiling "$MAIN" "${VARIANTS[@]}"
   done
-  for p in "${PID[@]}" $(pg_pids); do taskset -a -cp "$ALL_CPUS" "$p" >/dev/null; done
+  place "$ALL_CPUS" "$ALL_CPUS"
   LOADER=()
 fi
 

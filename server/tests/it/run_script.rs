@@ -33,14 +33,19 @@ struct Running {
 }
 
 impl Running {
+    /// Ctrl-C, as a terminal sends it.
+    fn ctrl_c(&self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+    }
+
     /// Ctrl-C, then waits up to a minute for the script to end.
     fn interrupt(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
+        self.ctrl_c();
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -357,9 +362,7 @@ fn ctrl_c_with_nobody_reading_stops_everything() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     // The reader has closed its end of the pipe.
     while rx.recv_timeout(Duration::from_secs(5)).is_ok() {}
-    let _ = Command::new("kill")
-        .args(["-INT", &run.child.id().to_string()])
-        .status();
+    run.ctrl_c();
     std::thread::sleep(Duration::from_millis(300));
     run.interrupt();
     let left = leftovers(state.path());
